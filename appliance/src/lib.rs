@@ -1,0 +1,1 @@
+//! The appliance multi-call binary (being written).

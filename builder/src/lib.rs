@@ -1,0 +1,15 @@
+//! The image builder: turns an image definition plus content-addressed inputs
+//! into a GPT disk image, a UKI, an initramfs and PXE artifacts, with no root,
+//! no loop devices and no external programs. Same inputs, same bytes.
+
+pub mod cpio;
+pub mod digest;
+pub mod ext4;
+pub mod fat;
+pub mod gpt;
+pub mod initramfs;
+pub mod sink;
+pub mod tree;
+pub mod uki;
+
+pub use digest::Digest;

@@ -1,0 +1,1 @@
+//! The bundle: content-addressed store and release machinery (being written).
