@@ -3,13 +3,16 @@
 //! no loop devices and no external programs. Same inputs, same bytes.
 
 pub mod cpio;
+pub mod definition;
 pub mod digest;
 pub mod ext4;
 pub mod fat;
 pub mod gpt;
 pub mod initramfs;
+pub mod kmod;
 pub mod sink;
 pub mod tree;
+pub mod treefile;
 pub mod uki;
 
 pub use digest::Digest;
