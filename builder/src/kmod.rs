@@ -1,32 +1,21 @@
-//! Kernel module selection at build time: from `modules.dep` (plus
-//! `modules.softdep`, `modules.alias` and `modules.builtin`), the closure of the
-//! modules an image asks for, in an order where every module comes after
-//! everything it needs. The booted appliance loads exactly this list with
-//! `finit_module`, so no depmod/modprobe logic runs at boot.
+//! Kernel module selection at build time: the closure of the modules an
+//! image asks for, ordered so every module comes after everything it needs.
+//! The booted appliance loads exactly this list with `finit_module`, so no
+//! depmod/modprobe logic runs at boot.
+//!
+//! Debian's `linux-image-*` packages ship no `modules.dep` (depmod runs in
+//! the postinst), so dependencies come from each module's own `.modinfo` ELF
+//! section (`depends=` and `softdep=pre:`), read only for the modules in the
+//! closure. `modules.builtin` (shipped) says which names need no file.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-/// The parsed module metadata of one kernel version.
-#[derive(Debug, Default, Clone)]
-pub struct ModuleIndex {
-    /// Module path (relative to `lib/modules/<ver>/`) → its direct dependencies.
-    deps: BTreeMap<String, Vec<String>>,
-    /// Normalised module name → path.
-    by_name: BTreeMap<String, String>,
-    /// Normalised module name → modules to load before it (`softdep ... pre:`).
-    soft_pre: BTreeMap<String, Vec<String>>,
-    /// alias → normalised module name.
-    aliases: BTreeMap<String, String>,
-    /// Normalised names of modules built into the kernel.
-    builtin: BTreeSet<String>,
-}
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KmodError {
-    #[error("kernel module {0:?} is neither in modules.dep nor built in")]
+    #[error("kernel module {0:?} is neither a module file nor built in")]
     Unknown(String),
-    #[error("modules.dep line {line}: {why}")]
-    Malformed { line: usize, why: String },
+    #[error("kernel module {path}: {why}")]
+    BadModule { path: String, why: String },
     #[error("module dependency cycle through {0}")]
     Cycle(String),
 }
@@ -41,80 +30,55 @@ pub fn module_name(s: &str) -> String {
     base.replace('-', "_")
 }
 
+/// The module files of one kernel version.
+#[derive(Debug, Default, Clone)]
+pub struct ModuleIndex {
+    /// Normalised module name → path relative to `lib/modules/<ver>/`.
+    by_name: BTreeMap<String, String>,
+    builtin: BTreeSet<String>,
+}
+
+/// What a module's `.modinfo` says about loading it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ModInfo {
+    pub depends: Vec<String>,
+    pub soft_pre: Vec<String>,
+}
+
 impl ModuleIndex {
-    /// Parse the depmod outputs. Only `modules_dep` is required.
-    pub fn parse(
-        modules_dep: &str,
-        softdep: &str,
-        alias: &str,
-        builtin: &str,
-    ) -> Result<ModuleIndex, KmodError> {
-        let mut ix = ModuleIndex::default();
-        for (i, line) in modules_dep.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let (m, rest) = line.split_once(':').ok_or_else(|| KmodError::Malformed {
-                line: i + 1,
-                why: format!("no ':' in {line:?}"),
-            })?;
-            let m = m.trim().to_string();
-            ix.by_name.insert(module_name(&m), m.clone());
-            ix.deps
-                .insert(m, rest.split_whitespace().map(str::to_string).collect());
+    /// `paths`: every module file, relative to `lib/modules/<ver>/`;
+    /// `builtin`: the text of `modules.builtin`.
+    pub fn new<'a>(paths: impl IntoIterator<Item = &'a str>, builtin: &str) -> ModuleIndex {
+        ModuleIndex {
+            by_name: paths
+                .into_iter()
+                .filter(|p| p.contains(".ko"))
+                .map(|p| (module_name(p), p.to_string()))
+                .collect(),
+            builtin: builtin
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(module_name)
+                .collect(),
         }
-        for line in softdep.lines() {
-            let mut w = line.split_whitespace();
-            if w.next() != Some("softdep") {
-                continue;
-            }
-            let Some(m) = w.next() else { continue };
-            let mut pre = Vec::new();
-            let mut in_pre = false;
-            for t in w {
-                match t {
-                    "pre:" => in_pre = true,
-                    "post:" => in_pre = false,
-                    t if in_pre => pre.push(t.to_string()),
-                    _ => {}
-                }
-            }
-            ix.soft_pre.entry(module_name(m)).or_default().extend(pre);
-        }
-        for line in alias.lines() {
-            let mut w = line.split_whitespace();
-            if let (Some("alias"), Some(a), Some(m)) = (w.next(), w.next(), w.next()) {
-                ix.aliases
-                    .entry(a.to_string())
-                    .or_insert_with(|| module_name(m));
-            }
-        }
-        ix.builtin = builtin
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(module_name)
-            .collect();
-        Ok(ix)
     }
 
-    fn lookup(&self, name: &str) -> Option<&String> {
-        let n = module_name(name);
-        self.by_name
-            .get(&n)
-            .or_else(|| self.aliases.get(name).and_then(|a| self.by_name.get(a)))
-    }
-
-    /// The load order (paths relative to `lib/modules/<ver>/`) for `wanted`:
-    /// every dependency before its user, soft "pre" dependencies included
-    /// when present, built-in modules skipped, each module once.
-    pub fn load_order(&self, wanted: &[String]) -> Result<Vec<String>, KmodError> {
+    /// The load order (paths) for `wanted`: dependencies before users, soft
+    /// "pre" dependencies included when they exist, built-ins skipped, each
+    /// module once. `modinfo` returns a module file's bytes' `.modinfo`.
+    pub fn load_order(
+        &self,
+        wanted: &[String],
+        mut modinfo: impl FnMut(&str) -> Result<ModInfo, KmodError>,
+    ) -> Result<Vec<String>, KmodError> {
         let mut out = Vec::new();
         let mut done = BTreeSet::new();
         let mut active = BTreeSet::new();
         for w in wanted {
-            match self.lookup(w) {
-                Some(p) => self.visit(p, &mut out, &mut done, &mut active)?,
-                None if self.builtin.contains(&module_name(w)) => {}
+            let n = module_name(w);
+            match self.by_name.get(&n) {
+                Some(p) => self.visit(p, &mut out, &mut done, &mut active, &mut modinfo)?,
+                None if self.builtin.contains(&n) => {}
                 None => return Err(KmodError::Unknown(w.clone())),
             }
         }
@@ -127,6 +91,7 @@ impl ModuleIndex {
         out: &mut Vec<String>,
         done: &mut BTreeSet<String>,
         active: &mut BTreeSet<String>,
+        modinfo: &mut dyn FnMut(&str) -> Result<ModInfo, KmodError>,
     ) -> Result<(), KmodError> {
         if done.contains(path) {
             return Ok(());
@@ -134,18 +99,26 @@ impl ModuleIndex {
         if !active.insert(path.to_string()) {
             return Err(KmodError::Cycle(path.to_string()));
         }
-        // Optional soft dependencies first; unknown ones are skipped.
-        if let Some(pre) = self.soft_pre.get(&module_name(path)) {
-            for s in pre {
-                if let Some(p) = self.lookup(s) {
-                    if !active.contains(p) {
-                        self.visit(&p.clone(), out, done, active)?;
-                    }
+        let info = modinfo(path)?;
+        for s in &info.soft_pre {
+            if let Some(p) = self.by_name.get(&module_name(s)) {
+                if !active.contains(p) {
+                    self.visit(p, out, done, active, modinfo)?;
                 }
             }
         }
-        for d in self.deps.get(path).into_iter().flatten() {
-            self.visit(d, out, done, active)?;
+        for d in &info.depends {
+            let n = module_name(d);
+            match self.by_name.get(&n) {
+                Some(p) => self.visit(p, out, done, active, modinfo)?,
+                None if self.builtin.contains(&n) => {}
+                None => {
+                    return Err(KmodError::BadModule {
+                        path: path.to_string(),
+                        why: format!("depends on {d:?}, which is not in the module tree"),
+                    })
+                }
+            }
         }
         active.remove(path);
         done.insert(path.to_string());
@@ -154,36 +127,117 @@ impl ModuleIndex {
     }
 }
 
+/// Parse the NUL-separated `key=value` strings of a `.modinfo` section.
+pub fn parse_modinfo(section: &[u8]) -> ModInfo {
+    let mut info = ModInfo::default();
+    for kv in section.split(|&b| b == 0) {
+        let Ok(kv) = std::str::from_utf8(kv) else {
+            continue;
+        };
+        if let Some(d) = kv.strip_prefix("depends=") {
+            info.depends
+                .extend(d.split(',').filter(|s| !s.is_empty()).map(str::to_string));
+        } else if let Some(s) = kv.strip_prefix("softdep=") {
+            let mut in_pre = false;
+            for t in s.split_whitespace() {
+                match t {
+                    "pre:" => in_pre = true,
+                    "post:" => in_pre = false,
+                    t if in_pre => info.soft_pre.push(t.to_string()),
+                    _ => {}
+                }
+            }
+        }
+    }
+    info
+}
+
+/// The `.modinfo` section of an ELF64 little-endian relocatable module.
+pub fn modinfo_section(elf: &[u8]) -> Result<&[u8], String> {
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
+    if elf.get(..4) != Some(b"\x7fELF") || elf.get(4) != Some(&2) || elf.get(5) != Some(&1) {
+        return Err(
+            "not an ELF64 little-endian file (compressed modules are not supported)".into(),
+        );
+    }
+    let bad = || "truncated ELF headers".to_string();
+    let shoff = u64_at(0x28).ok_or_else(bad)? as usize;
+    let shentsize = u16_at(0x3a).ok_or_else(bad)? as usize;
+    let shnum = u16_at(0x3c).ok_or_else(bad)? as usize;
+    let shstrndx = u16_at(0x3e).ok_or_else(bad)? as usize;
+    let sh = |i: usize| -> Option<(u32, usize, usize)> {
+        let o = shoff.checked_add(i.checked_mul(shentsize)?)?;
+        Some((
+            u32_at(o)?,
+            u64_at(o + 0x18)? as usize,
+            u64_at(o + 0x20)? as usize,
+        ))
+    };
+    let (_, stroff, strsize) = sh(shstrndx).ok_or_else(bad)?;
+    let strtab = elf
+        .get(stroff..stroff.saturating_add(strsize))
+        .ok_or_else(bad)?;
+    for i in 0..shnum {
+        let (name, off, size) = sh(i).ok_or_else(bad)?;
+        let name = strtab.get(name as usize..).unwrap_or(&[]);
+        let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+        if name == b".modinfo" {
+            return elf.get(off..off.saturating_add(size)).ok_or_else(bad);
+        }
+    }
+    Err("no .modinfo section".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const DEP: &str = "kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko
-kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
-kernel/net/core/failover.ko:
-kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko
-kernel/lib/crc16.ko:
-kernel/fs/mbcache.ko:
-kernel/fs/jbd2/jbd2.ko:
-kernel/crypto/crc32c_generic.ko:
-";
+    fn info(dep: &str, soft: &str) -> ModInfo {
+        parse_modinfo(format!("license=GPL\0depends={dep}\0softdep={soft}\0name=x\0").as_bytes())
+    }
 
     #[test]
     fn dependencies_come_first_once() {
-        let ix = ModuleIndex::parse(
-            DEP,
-            "softdep ext4 pre: crc32c\n",
-            "alias crc32c crc32c_generic\n",
-            "kernel/drivers/virtio/virtio_pci.ko\n",
-        )
-        .unwrap();
+        let paths = [
+            "kernel/drivers/net/virtio_net.ko",
+            "kernel/drivers/net/net_failover.ko",
+            "kernel/net/core/failover.ko",
+            "kernel/fs/ext4/ext4.ko",
+            "kernel/lib/crc16.ko",
+            "kernel/fs/mbcache.ko",
+            "kernel/fs/jbd2/jbd2.ko",
+            "kernel/crypto/crc32c_generic.ko",
+        ];
+        let ix = ModuleIndex::new(paths, "kernel/drivers/virtio/virtio_pci.ko\n");
+        let mi = |p: &str| {
+            Ok(match module_name(p).as_str() {
+                "virtio_net" => info("net_failover,failover", ""),
+                "net_failover" => info("failover", ""),
+                "ext4" => info(
+                    "crc16,mbcache,jbd2,virtio_pci",
+                    "pre: crc32c_generic post: foo",
+                ),
+                _ => info("", "pre: nonexistent"),
+            })
+        };
         let order = ix
-            .load_order(&[
-                "virtio-net".into(),
-                "ext4".into(),
-                "virtio_pci".into(),
-                "failover".into(),
-            ])
+            .load_order(
+                &[
+                    "virtio-net".into(),
+                    "ext4".into(),
+                    "virtio_pci".into(),
+                    "failover".into(),
+                ],
+                mi,
+            )
             .unwrap();
         assert_eq!(
             order,
@@ -202,16 +256,64 @@ kernel/crypto/crc32c_generic.ko:
 
     #[test]
     fn unknown_and_cycles() {
-        let ix = ModuleIndex::parse(DEP, "", "", "").unwrap();
+        let ix = ModuleIndex::new(["a.ko", "b.ko"], "");
         assert_eq!(
-            ix.load_order(&["e1000".into()]),
+            ix.load_order(&["e1000".into()], |_| Ok(ModInfo::default())),
             Err(KmodError::Unknown("e1000".into()))
         );
-        let cyc = ModuleIndex::parse("a.ko: b.ko\nb.ko: a.ko\n", "", "", "").unwrap();
+        let cyc = |p: &str| {
+            Ok(if p == "a.ko" {
+                info("b", "")
+            } else {
+                info("a", "")
+            })
+        };
         assert!(matches!(
-            cyc.load_order(&["a".into()]),
+            ix.load_order(&["a".into()], cyc),
             Err(KmodError::Cycle(_))
         ));
-        assert!(ModuleIndex::parse("garbage\n", "", "", "").is_err());
+        let missing = |_: &str| Ok(info("zzz", ""));
+        assert!(matches!(
+            ix.load_order(&["a".into()], missing),
+            Err(KmodError::BadModule { .. })
+        ));
+    }
+
+    #[test]
+    fn modinfo_from_a_minimal_elf() {
+        // ELF64 header + 3 sections: null, .modinfo, .shstrtab.
+        let modinfo = b"depends=foo,bar\0softdep=pre: baz\0";
+        let shstr = b"\0.modinfo\0.shstrtab\0";
+        let mut elf = vec![0u8; 64];
+        elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        let mi_off = elf.len();
+        elf.extend_from_slice(modinfo);
+        let ss_off = elf.len();
+        elf.extend_from_slice(shstr);
+        let shoff = elf.len();
+        let mut sh = |name: u32, off: usize, size: usize| {
+            let mut s = vec![0u8; 64];
+            s[0..4].copy_from_slice(&name.to_le_bytes());
+            s[0x18..0x20].copy_from_slice(&(off as u64).to_le_bytes());
+            s[0x20..0x28].copy_from_slice(&(size as u64).to_le_bytes());
+            elf.extend_from_slice(&s);
+        };
+        sh(0, 0, 0);
+        sh(1, mi_off, modinfo.len());
+        sh(10, ss_off, shstr.len());
+        elf[0x28..0x30].copy_from_slice(&(shoff as u64).to_le_bytes());
+        elf[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        elf[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
+        elf[0x3e..0x40].copy_from_slice(&2u16.to_le_bytes());
+        let sec = modinfo_section(&elf).unwrap();
+        assert_eq!(
+            parse_modinfo(sec),
+            ModInfo {
+                depends: vec!["foo".into(), "bar".into()],
+                soft_pre: vec!["baz".into()]
+            }
+        );
+        assert!(modinfo_section(b"\x28\xb5\x2f\xfd").is_err());
+        assert!(modinfo_section(&elf[..100]).is_err());
     }
 }

@@ -10,6 +10,8 @@ pub mod fat;
 pub mod gpt;
 pub mod initramfs;
 pub mod kmod;
+pub mod manifest;
+pub mod plan;
 pub mod sink;
 pub mod tree;
 pub mod treefile;

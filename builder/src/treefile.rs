@@ -308,6 +308,87 @@ impl TreeFile {
     }
 }
 
+/// Describe a host directory as a tree document. Regular files are handed to
+/// `put`, which stores them and returns their digest. Entries are visited in
+/// sorted order; metadata is taken from the files except `mtime`, which is
+/// left unset (the build epoch applies) so the result does not depend on
+/// when the files were written. Hardlinks within the directory are kept.
+pub fn import_dir(
+    dir: &std::path::Path,
+    put: &mut dyn FnMut(&std::path::Path) -> std::io::Result<Digest>,
+) -> std::io::Result<TreeFile> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut entries = Vec::new();
+    let mut links: HashMap<(u64, u64), String> = HashMap::new();
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    while let Some((abs, rel)) = stack.pop() {
+        let mut names: Vec<_> = std::fs::read_dir(&abs)?.collect::<Result<_, _>>()?;
+        names.sort_by_key(|e| e.file_name());
+        for e in names {
+            let name = e.file_name().into_string().map_err(|n| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("non-UTF-8 file name {n:?} in {}", abs.display()),
+                )
+            })?;
+            let path = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let md = std::fs::symlink_metadata(e.path())?;
+            let ft = md.file_type();
+            let kind = if ft.is_dir() {
+                stack.push((e.path(), path.clone()));
+                TreeFileKind::Dir
+            } else if ft.is_symlink() {
+                let t = std::fs::read_link(e.path())?;
+                TreeFileKind::Symlink {
+                    target: t.to_string_lossy().into_owned(),
+                }
+            } else if ft.is_file() {
+                match links.get(&(md.dev(), md.ino())) {
+                    Some(first) if md.nlink() > 1 => TreeFileKind::Hardlink {
+                        target: first.clone(),
+                    },
+                    _ => {
+                        if md.nlink() > 1 {
+                            links.insert((md.dev(), md.ino()), path.clone());
+                        }
+                        TreeFileKind::File {
+                            size: md.len(),
+                            digest: put(&e.path())?,
+                        }
+                    }
+                }
+            } else if ft.is_char_device() || ft.is_block_device() {
+                let (major, minor) = (
+                    (md.rdev() >> 8) as u32 & 0xfff,
+                    (md.rdev() & 0xff) as u32 | ((md.rdev() >> 12) as u32 & !0xff),
+                );
+                if ft.is_char_device() {
+                    TreeFileKind::Char { major, minor }
+                } else {
+                    TreeFileKind::Block { major, minor }
+                }
+            } else if ft.is_fifo() {
+                TreeFileKind::Fifo
+            } else {
+                continue; // sockets cannot be stored
+            };
+            entries.push(TreeFileEntry {
+                path,
+                kind,
+                mode: (md.mode() & 0o7777) as u16,
+                uid: md.uid(),
+                gid: md.gid(),
+                mtime: None,
+            });
+        }
+    }
+    Ok(TreeFile::new(entries))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
