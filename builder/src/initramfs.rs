@@ -11,6 +11,9 @@
 //! is inserted before a compressed archive, so `gzip -dc` and multi-member
 //! gzip decoders still read a run of gzip archives.
 //!
+//! Early CPU microcode must be the first archive and uncompressed (the
+//! kernel's early loader looks only there); that is the caller's ordering.
+//!
 //! Gzip output is reproducible: header mtime 0, OS byte 3 (Unix), no file
 //! name or comment; the same tree and level give the same bytes.
 
@@ -151,44 +154,41 @@ fn copy_prebuilt<W: Write>(
     w: &mut Counting<W>,
 ) -> Result<(), InitramfsError> {
     let read_err = |source| InitramfsError::ReadPrebuilt { index, source };
+    let write_err = InitramfsError::Write;
     let expected = content.len();
+    // Read at most one byte more than declared, to notice overlong content.
     let mut r = content.open().map_err(read_err)?.take(expected + 1);
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut got = 0u64;
-    loop {
-        let n = match r.read(&mut buf[..]) {
+
+    // Peek at the magic: an uncompressed cpio must start 4-aligned.
+    let mut head = [0u8; 4];
+    let mut got = 0usize;
+    while got < head.len() {
+        match r.read(&mut head[got..]) {
             Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(read_err(e)),
-        };
-        if got == 0 {
-            // Peek at the first bytes: an uncompressed cpio must start aligned.
-            // A read shorter than the magic is completed first.
-            let mut n = n;
-            while n < 4 {
-                match r.read(&mut buf[n..]) {
-                    Ok(0) => break,
-                    Ok(k) => n += k,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(read_err(e)),
-                }
-            }
-            if buf[..n].starts_with(b"0707") {
-                w.align4().map_err(InitramfsError::Write)?;
-            }
-            got += n as u64;
-            if got > expected {
-                break;
-            }
-            w.write_all(&buf[..n]).map_err(InitramfsError::Write)?;
-            continue;
         }
-        got += n as u64;
+    }
+    if head[..got] == *b"0707" {
+        w.align4().map_err(write_err)?;
+    }
+    let mut got = got as u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = (got as usize).min(buf.len());
+    buf[..n].copy_from_slice(&head[..n]);
+    loop {
         if got > expected {
             break;
         }
-        w.write_all(&buf[..n]).map_err(InitramfsError::Write)?;
+        w.write_all(&buf[..n]).map_err(write_err)?;
+        n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(read_err(e)),
+        };
+        got += n as u64;
     }
     if got != expected {
         return Err(InitramfsError::PrebuiltLength {

@@ -524,6 +524,20 @@ mod tests {
             .map(|s| (s.name.clone(), s.data.len() as u64))
             .collect();
         assert_eq!(tail, want, "{text}");
+
+        // objcopy finds each section's bytes where the headers say.
+        for s in &sections {
+            let dump = dir.path().join(format!("dump{}", s.name));
+            let o = Command::new("objcopy")
+                .arg("--dump-section")
+                .arg(format!("{}={}", s.name, dump.display()))
+                .arg(&f)
+                .arg(dir.path().join("copy.efi"))
+                .output()
+                .unwrap_or_else(|e| panic!("running objcopy (install binutils): {e}"));
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            assert!(std::fs::read(&dump).unwrap() == s.data, "{}", s.name);
+        }
     }
 
     #[test]
