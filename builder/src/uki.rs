@@ -495,6 +495,10 @@ mod tests {
         // Nothing after the last section (symbols and signatures are dropped).
         let last = listed.last().unwrap();
         assert_eq!(out.len() as u32, last.raw_offset + last.raw_size);
+        let coff = Pe::parse(&out).unwrap().coff;
+        assert_ne!(u32_at(&stub, coff + 8).unwrap(), 0, "the stub has symbols");
+        assert_eq!(u32_at(&out, coff + 8).unwrap(), 0, "symbol table pointer");
+        assert_eq!(u32_at(&out, coff + 12).unwrap(), 0, "number of symbols");
         // Same inputs, same bytes.
         assert!(out == assemble_uki(&stub, &sections).unwrap());
 
