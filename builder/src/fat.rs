@@ -186,7 +186,7 @@ fn fat16_sectors_per_cluster(sectors: u64) -> u64 {
 /// Compute the layout of a volume of `size` bytes whose FAT16 root directory
 /// would need `root_slots` entries.
 fn plan_layout(size: u64, root_slots: u64) -> Result<Layout, FatError> {
-    if size == 0 || size % SECTOR != 0 {
+    if size == 0 || size & (SECTOR - 1) != 0 {
         return Err(FatError::BadSize(size));
     }
     let total = size / SECTOR;
@@ -928,6 +928,7 @@ mod tests {
     fn fsck(img: &Path) -> String {
         let out = run("fsck.fat", &["-n", "-v", img.to_str().unwrap()]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!("{text}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "fsck.fat failed:\n{text}\n{err}");
         assert!(err.trim().is_empty(), "fsck.fat stderr: {err}");
@@ -1176,7 +1177,15 @@ mod tests {
         assert!(mdir(&img, "EFI/BOOT").contains("BOOTX64  EFI"));
         let info = run("minfo", &["-i", img.to_str().unwrap()]);
         let info = String::from_utf8_lossy(&info.stdout);
-        assert!(info.contains("free_clusters="), "{info}");
+        let free = stats.clusters_total - stats.clusters_used;
+        assert!(info.contains(&format!("free clusters={free}\n")), "{info}");
+        assert!(
+            info.contains(&format!(
+                "last allocated cluster={}\n",
+                stats.clusters_used + 2
+            )),
+            "{info}"
+        );
     }
 
     #[test]
@@ -1341,6 +1350,39 @@ mod tests {
         );
         let err = write_fat(&t, &opts(8 << 20), &mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains("\"f\""), "{err}");
+    }
+
+    #[test]
+    fn dotdot_of_top_level_dir_names_cluster_zero() {
+        // Regression: fatfs 0.3.6 points `..` of a top-level directory at
+        // the root cluster; fsck.fat rejects that.
+        let dir = tempfile::tempdir().unwrap();
+        let t = esp_tree();
+        let (img, stats) = build(dir.path(), &t, &opts(64 << 20));
+        let mut bytes = std::fs::read(&img).unwrap();
+        let l = plan_layout(64 << 20, 0).unwrap();
+        // Walk order: root (cluster 2), then EFI (cluster 3).
+        let efi = l.cluster_offset(3) as usize;
+        assert_eq!(&bytes[efi..efi + 11], b".          ");
+        assert_eq!(&bytes[efi + 26..efi + 28], &[3, 0]);
+        assert_eq!(&bytes[efi + 32..efi + 43], b"..         ");
+        assert_eq!(&bytes[efi + 32 + 20..efi + 32 + 22], &[0, 0]);
+        assert_eq!(&bytes[efi + 32 + 26..efi + 32 + 28], &[0, 0]);
+        assert_eq!(stats.fat_type, FatType::Fat32);
+        let listing = mdir(&img, "EFI/BOOT");
+        // Meta.mtime 1_700_000_000 is 2023-11-14 22:13:20 UTC.
+        assert!(
+            listing.contains("BOOTX64  EFI    300000 2023-11-14  22:13"),
+            "{listing}"
+        );
+        bytes[efi + 32 + 26] = 2;
+        std::fs::write(&img, &bytes).unwrap();
+        let out = run("fsck.fat", &["-n", img.to_str().unwrap()]);
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "fsck.fat accepted `..` = root cluster"
+        );
     }
 
     #[test]
