@@ -171,15 +171,12 @@ fn fat32_sectors_per_cluster(sectors: u64) -> u64 {
 
 /// FAT16 cluster size: 512 B up to 16 MiB (fatgen103 says FAT12 or 1 KiB
 /// there; 512 B keeps volumes down to ~2.1 MiB above the FAT16 minimum),
-/// then fatgen103's table.
+/// 2 KiB above; [`plan_layout`] doubles it if there would be too many clusters.
 fn fat16_sectors_per_cluster(sectors: u64) -> u64 {
-    match sectors {
-        0..=32_768 => 1,
-        32_769..=262_144 => 4,
-        262_145..=524_288 => 8,
-        524_289..=1_048_576 => 16,
-        1_048_577..=2_097_152 => 32,
-        _ => 64,
+    if sectors <= 32_768 {
+        1
+    } else {
+        4
     }
 }
 
@@ -604,11 +601,15 @@ fn collect(tree: &Tree) -> Result<Vec<Item<'_>>, FatError> {
                 0
             };
         }
-        if slots > 65536 {
+        // The FAT16 root's entry count is a u16 (a multiple of 16), and
+        // the root may also need a label entry.
+        let max = if d == 0 { 65519 } else { 65536 };
+        if slots > max {
+            let path = if d == 0 { "/" } else { items[d].path };
             return Err(FatError::TooManyEntries {
-                path: items[d].path.to_string(),
+                path: path.to_string(),
                 slots,
-                max: 65536,
+                max,
             });
         }
         items[d].slots = slots;
@@ -972,7 +973,8 @@ mod tests {
     }
 
     /// Read every file of `tree` back with mcopy and compare.
-    fn check_files(img: &Path, tree: &Tree) {
+    fn check_files(img: &Path, tree: &Tree) -> usize {
+        let mut n = 0;
         for (path, e) in tree.iter() {
             let c = match &e.node {
                 Node::File(c) => c,
@@ -983,7 +985,9 @@ mod tests {
                 _ => continue,
             };
             assert!(mread(img, path) == c.read_all().unwrap(), "{path} differs");
+            n += 1;
         }
+        n
     }
 
     #[test]
@@ -1224,7 +1228,7 @@ mod tests {
         assert_eq!(stats.fat_type, FatType::Fat32);
         let report = fsck(&img);
         assert!(report.contains("32 bit entries"), "{report}");
-        check_files(&img, &t);
+        assert_eq!(check_files(&img, &t), 511);
 
         let listing = mdir(&img, "");
         for name in [
@@ -1263,6 +1267,22 @@ mod tests {
         assert!(report.contains("16 bit entries"), "{report}");
         check_files(&img, &t);
         assert!(mdir(&img, "sub/dir").contains("Mixed Case.Txt"));
+    }
+
+    #[test]
+    fn empty_trees_pass_fsck() {
+        let dir = tempfile::tempdir().unwrap();
+        for (size, ty) in [(64 << 20, FatType::Fat32), (3 << 20, FatType::Fat16)] {
+            for label in ["", "EMPTY"] {
+                let o = FatOptions {
+                    label: label.into(),
+                    ..opts(size)
+                };
+                let (img, stats) = build(dir.path(), &Tree::new(), &o);
+                assert_eq!(stats.fat_type, ty);
+                fsck(&img);
+            }
+        }
     }
 
     #[test]
