@@ -416,8 +416,12 @@ fn validate(def: &Definition, src: &Source) -> Result<(), DefinitionError> {
     let check_files = |files: &[FileSpec], field: &str| -> Result<(), DefinitionError> {
         for (i, f) in files.iter().enumerate() {
             let field = format!("{field}[{i}]");
-            if let Err(e) = crate::tree::normalize_path(f.path.get_ref()) {
-                return Err(src.error(f.path.span(), &format!("{field}.path"), e.to_string()));
+            // A tree may be placed at the root with `path = "."`.
+            let tree_at_root = f.tree.is_some() && f.path.get_ref() == ".";
+            if !tree_at_root {
+                if let Err(e) = crate::tree::normalize_path(f.path.get_ref()) {
+                    return Err(src.error(f.path.span(), &format!("{field}.path"), e.to_string()));
+                }
             }
             let kinds = [
                 f.input.is_some(),

@@ -638,16 +638,18 @@ fn add_files(
         } else if let Some(t) = &f.tree {
             let d = req.inputs[t.get_ref()].digest;
             let tf = TreeFile::load(req.blobs, &d).map_err(|e| at(e.to_string()))?;
-            let prefix = crate::tree::normalize_path(path).map_err(|e| at(e.to_string()))?;
-            tree.insert(
-                &prefix,
-                Entry {
+            let prefix = if path == "." {
+                String::new()
+            } else {
+                let p = crate::tree::normalize_path(path).map_err(|e| at(e.to_string()))?;
+                let dir = Entry {
                     meta: meta(0o755),
                     node: Node::Dir,
-                },
-                dir_meta,
-            )
-            .map_err(|e| at(e.to_string()))?;
+                };
+                tree.insert(&p, dir, dir_meta)
+                    .map_err(|e| at(e.to_string()))?;
+                p
+            };
             tf.add_to(&d, req.blobs, tree, &prefix, f.subdir.as_deref(), dir_meta)
                 .map_err(|e| at(e.to_string()))?;
             continue;

@@ -1,1 +1,126 @@
-fn main() {}
+//! `cargo xtask`: project automation. `test` runs the whole suite with its
+//! set-up, `bench <name>` runs a benchmark against its peer in the same run.
+
+mod bench;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["test", rest @ ..] => test(rest),
+        ["bench", name, rest @ ..] => bench::run(name, rest),
+        ["deps"] => install_deps(),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n\
+                 commands:\n  \
+                 test [ARGS]      install missing test tools, then run every test (ARGS go to cargo test)\n  \
+                 bench builder    the builder against mkfs.ext4/mkfs.fat/mcopy/sgdisk/dd/cpio|gzip\n  \
+                 deps             install the Debian packages tests need (as root)"
+            );
+            bail!("unknown or missing command");
+        }
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Run a command, failing with its name when it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn packages() -> Vec<String> {
+    include_str!("../debian-packages.txt")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Tools the tests call; a missing one means the packages are not installed.
+const TOOLS: &[&str] = &[
+    "e2fsck",
+    "debugfs",
+    "fsck.fat",
+    "mcopy",
+    "sgdisk",
+    "sfdisk",
+    "cpio",
+    "objdump",
+    "xorriso",
+    "skopeo",
+    "dpkg-deb",
+    "qemu-system-x86_64",
+];
+
+fn missing_tools() -> Vec<&'static str> {
+    TOOLS
+        .iter()
+        .copied()
+        .filter(|t| {
+            !std::env::var_os("PATH")
+                .map(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn install_deps() -> Result<()> {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false);
+    if !is_root {
+        bail!(
+            "installing packages needs root: sudo apt-get install -y {}",
+            packages().join(" ")
+        );
+    }
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(packages())
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn test(extra: &[&str]) -> Result<()> {
+    if !missing_tools().is_empty() {
+        eprintln!(
+            "xtask: missing test tools {:?}; installing Debian packages",
+            missing_tools()
+        );
+        install_deps()?;
+    }
+    if let Some(t) = missing_tools().first() {
+        bail!(
+            "{t} is still missing after installing {}",
+            packages().join(" ")
+        );
+    }
+    run(Command::new(cargo())
+        .current_dir(root())
+        .args(["test", "--workspace", "--release"])
+        .args(extra))
+}
