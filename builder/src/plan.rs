@@ -461,7 +461,8 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
                     let opts = fat::FatOptions {
                         size: pl.len(),
                         volume_id: *vol,
-                        label: fs_label,
+                        label: fs_label.to_uppercase(),
+                        hidden_sectors: (pl.offset() / 512) as u32,
                     };
                     fat::write_fat(&tree, &opts, &mut window).map_err(step(field))?;
                 }
