@@ -66,6 +66,9 @@ pub struct InputSpec {
     pub path: Option<String>,
     /// A file on the build host (imported into the store by the caller).
     pub file: Option<PathBuf>,
+    /// Produced by the caller at build time (for example the bundle
+    /// snapshot); the text says what it is.
+    pub generated: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -391,7 +394,7 @@ fn validate(def: &Definition, src: &Source) -> Result<(), DefinitionError> {
                 file: src.file.clone(),
                 line,
                 field: format!("inputs.{name}"),
-                message: "an input needs `digest`, `deb` or `file`".into(),
+                message: "an input needs `digest`, `deb`, `file` or `generated`".into(),
             });
         }
     }

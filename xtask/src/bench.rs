@@ -11,16 +11,15 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use builder::Digest;
 
-use crate::{root, run};
+use crate::root;
 
-pub fn run_bench(name: &str, _rest: &[&str]) -> Result<()> {
+pub fn run(name: &str, _rest: &[&str]) -> Result<()> {
     match name {
         "builder" => builder_bench(),
         other => bail!("unknown benchmark {other:?}; available: builder"),
     }
 }
 
-pub use run_bench as run;
 
 /// Print the closing JSON line.
 pub fn report(bench: &str, ours: f64, peer: &str, peer_value: f64, unit: &str, better: &str) {
@@ -158,7 +157,7 @@ fn timed(what: &str, f: impl FnOnce() -> Result<()>) -> Result<f64> {
 }
 
 fn sh(script: &str) -> Result<()> {
-    run(Command::new("bash").args(["-euo", "pipefail", "-c", script]))
+    crate::run(Command::new("bash").args(["-euo", "pipefail", "-c", script]))
 }
 
 fn builder_bench() -> Result<()> {
@@ -180,7 +179,7 @@ fn builder_bench() -> Result<()> {
     }
 
     // Build our release binary first (not timed).
-    run(Command::new(crate::cargo()).current_dir(root()).args([
+    crate::run(Command::new(crate::cargo()).current_dir(root()).args([
         "build",
         "--release",
         "-q",
@@ -255,7 +254,7 @@ sha256sum disk.img > disk.img.sha256
         let out = work.join("ours");
         let _ = fs::remove_dir_all(&out);
         ours_runs.push(timed("ours (builder build)", || {
-            run(Command::new(&builder_bin)
+            crate::run(Command::new(&builder_bin)
                 .args(["build"])
                 .arg(&def)
                 .arg("--store")
@@ -268,7 +267,7 @@ sha256sum disk.img > disk.img.sha256
         let cp_dst = work.join("cp");
         let _ = fs::remove_dir_all(&cp_dst);
         cp_runs.push(timed("cp -r of the same files", || {
-            run(Command::new("cp").arg("-r").arg(&src).arg(&cp_dst))
+            crate::run(Command::new("cp").arg("-r").arg(&src).arg(&cp_dst))
         })?);
     }
     // Sanity: our image must be valid, or the timing means nothing.
