@@ -73,7 +73,7 @@ fn dataset(dir: &Path) -> Result<()> {
         }
         Ok(())
     };
-    for (i, mib) in [120usize, 90, 60, 30].iter().enumerate() {
+    for (i, mib) in [128usize, 96, 64, 32].iter().enumerate() {
         write(
             dir.join(format!("data/large/blob{i}.bin")),
             mib << 20,
