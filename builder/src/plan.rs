@@ -5,6 +5,9 @@
 //! disk layout → manifest → partitions and GPT → disk digest. Everything is
 //! written into a temporary directory beside the outputs and renamed into
 //! place only when complete, so a failed build leaves nothing behind.
+//! Outputs are not fsynced: a build is re-runnable and its outputs are
+//! verified by digest wherever they are used; the writers that put an image
+//! on a real disk (install, flash) sync and verify.
 //! Identifiers (disk and partition GUIDs, filesystem UUIDs, the ext4 hash
 //! seed, the FAT volume id) derive from a seed that hashes the definition,
 //! every input digest and the epoch.
@@ -20,7 +23,7 @@ use crate::gpt::{self, Guid};
 use crate::manifest::{
     self, DiskRecord, InputRecord, KernelRecord, Manifest, OutputRecord, PartitionRecord,
 };
-use crate::sink::Window;
+use crate::sink::{Tracked, Window};
 use crate::tree::{Content, Entry, Meta, Node, Tree};
 use crate::treefile::{BlobSource, TreeFile};
 use crate::{ext4, fat, initramfs, kmod, uki};
@@ -445,9 +448,16 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
     let mut disk_digest = None;
     if let Some(layout) = &disk_plan {
         let path = tmp.path().join(&disk_file);
-        let mut f = File::create(&path).map_err(step(format!("creating {}", path.display())))?;
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(step(format!("creating {}", path.display())))?;
         f.set_len(layout.disk_size)
             .map_err(step(format!("sizing {}", path.display())))?;
+        let mut f = Tracked::new(f);
         for ((pl, p), (g, vol)) in layout.partitions.iter().zip(&def.partitions).zip(&fs_ids) {
             let label = p.label.get_ref();
             let field = format!("partition {label:?}");
@@ -481,10 +491,8 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
             }
         }
         gpt::write(layout, &mut f).map_err(step("writing the partition table"))?;
-        f.sync_all()
-            .map_err(step(format!("syncing {}", path.display())))?;
-        drop(f);
-        let (d, _) = hash_file(&path).map_err(step(format!("hashing {}", path.display())))?;
+        let (d, _) = hash_sparse(&f.inner, &f.extents(), layout.disk_size)
+            .map_err(step(format!("hashing {}", path.display())))?;
         let sum = format!("{}  {disk_file}\n", d.hex());
         std::fs::write(tmp.path().join(format!("{disk_file}.sha256")), sum)
             .map_err(step("writing the disk digest"))?;
@@ -494,7 +502,7 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
     files.push((manifest_file.clone(), manifest_bytes.clone()));
     for (f, data) in &files {
         let p = tmp.path().join(f);
-        write_synced(&p, data).map_err(step(format!("writing {}", p.display())))?;
+        write_file(&p, data).map_err(step(format!("writing {}", p.display())))?;
     }
     // Rename: disk first, manifest last (its presence marks a complete build).
     let mut names: Vec<String> = Vec::new();
@@ -516,15 +524,47 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
     })
 }
 
-fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
-    let mut f = File::create(path)?;
-    f.write_all(data)?;
-    f.sync_all()
+fn write_file(path: &Path, data: &[u8]) -> io::Result<()> {
+    File::create(path)?.write_all(data)
 }
 
-/// sha256 of a whole file and its length.
-pub fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
-    Digest::of_reader(File::open(path)?)
+/// sha256 of a file of `size` bytes whose only non-zero bytes lie in
+/// `extents`: the written ranges are read, the holes hashed as zeros
+/// without reading them (reading a hole would fill the page cache with
+/// zero pages).
+pub fn hash_sparse(file: &File, extents: &[(u64, u64)], size: u64) -> io::Result<(Digest, u64)> {
+    use sha2::{Digest as _, Sha256};
+    use std::os::unix::fs::FileExt;
+    const BUF: usize = 4 << 20;
+    let mut h = Sha256::new();
+    let zeros = vec![0u8; BUF];
+    let mut buf = vec![0u8; BUF];
+    let mut pos = 0u64;
+    let zero_until = |h: &mut Sha256, from: u64, to: u64| {
+        let mut left = to - from;
+        while left > 0 {
+            let n = left.min(BUF as u64) as usize;
+            h.update(&zeros[..n]);
+            left -= n as u64;
+        }
+    };
+    for &(start, end) in extents {
+        let end = end.min(size);
+        if start >= end {
+            continue;
+        }
+        zero_until(&mut h, pos, start);
+        let mut off = start;
+        while off < end {
+            let n = ((end - off) as usize).min(BUF);
+            file.read_exact_at(&mut buf[..n], off)?;
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        pos = end;
+    }
+    zero_until(&mut h, pos, size);
+    Ok((Digest(h.finalize().into()), size))
 }
 
 /// The kernel version directory in a tree document and the module load order.

@@ -66,6 +66,55 @@ impl Sink for Window<'_> {
     }
 }
 
+/// A sink that remembers which byte ranges were written, so a reader can
+/// skip the holes (everything else is zero by the sink contract).
+pub struct Tracked<S> {
+    pub inner: S,
+    /// start → end of written ranges, merged when they touch.
+    extents: std::collections::BTreeMap<u64, u64>,
+}
+
+impl<S: Sink> Tracked<S> {
+    pub fn new(inner: S) -> Self {
+        Tracked {
+            inner,
+            extents: Default::default(),
+        }
+    }
+
+    /// The written ranges, sorted and disjoint.
+    pub fn extents(&self) -> Vec<(u64, u64)> {
+        self.extents.iter().map(|(&s, &e)| (s, e)).collect()
+    }
+
+    fn record(&mut self, start: u64, end: u64) {
+        let (mut start, mut end) = (start, end);
+        // Merge with a range that begins at or before `start` and reaches it.
+        if let Some((&s, &e)) = self.extents.range(..=start).next_back() {
+            if e >= start {
+                start = s;
+                end = end.max(e);
+            }
+        }
+        // Absorb every range that begins inside [start, end].
+        let inside: Vec<u64> = self.extents.range(start..=end).map(|(&s, _)| s).collect();
+        for s in inside {
+            end = end.max(self.extents.remove(&s).unwrap_or(end));
+        }
+        self.extents.insert(start, end);
+    }
+}
+
+impl<S: Sink> Sink for Tracked<S> {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.inner.write_at(offset, data)?;
+        if !data.is_empty() {
+            self.record(offset, offset + data.len() as u64);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +128,22 @@ mod tests {
             assert!(w.write_at(1, b"abcd").is_err());
         }
         assert_eq!(&v[10..14], b"abcd");
+    }
+
+    #[test]
+    fn tracked_merges_extents() {
+        let mut t = Tracked::new(Vec::new());
+        for (o, n) in [
+            (10u64, 5usize),
+            (0, 3),
+            (15, 5),
+            (30, 1),
+            (2, 9),
+            (100, 0),
+            (29, 2),
+        ] {
+            t.write_at(o, &vec![1; n]).unwrap();
+        }
+        assert_eq!(t.extents(), vec![(0, 20), (29, 31)]);
     }
 }

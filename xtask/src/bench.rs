@@ -20,7 +20,6 @@ pub fn run(name: &str, _rest: &[&str]) -> Result<()> {
     }
 }
 
-
 /// Print the closing JSON line.
 pub fn report(bench: &str, ours: f64, peer: &str, peer_value: f64, unit: &str, better: &str) {
     let line = serde_json::json!({
@@ -241,7 +240,6 @@ truncate -s 2113M disk.img
 sgdisk -q -n 1:2048:+64M -t 1:ef00 -c 1:esp -n 2:0:0 -t 2:8300 -c 2:data disk.img
 dd if=esp.img of=disk.img bs=1M seek=1 conv=notrunc,sparse status=none
 dd if=data.img of=disk.img bs=1M seek=65 conv=notrunc,sparse status=none
-sha256sum disk.img > disk.img.sha256
 "#,
         w = work.display(),
         s = src.display()
@@ -254,14 +252,16 @@ sha256sum disk.img > disk.img.sha256
         let out = work.join("ours");
         let _ = fs::remove_dir_all(&out);
         ours_runs.push(timed("ours (builder build)", || {
-            crate::run(Command::new(&builder_bin)
-                .args(["build"])
-                .arg(&def)
-                .arg("--store")
-                .arg(&store)
-                .arg("--out")
-                .arg(&out)
-                .stdout(std::process::Stdio::null()))
+            crate::run(
+                Command::new(&builder_bin)
+                    .args(["build"])
+                    .arg(&def)
+                    .arg("--store")
+                    .arg(&store)
+                    .arg("--out")
+                    .arg(&out)
+                    .stdout(std::process::Stdio::null()),
+            )
         })?);
         peer_runs.push(timed("peer (mkfs pipeline)", || sh(&peer_sh))?);
         let cp_dst = work.join("cp");
