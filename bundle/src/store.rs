@@ -590,6 +590,26 @@ impl Store {
         Ok(removed)
     }
 
+    /// Write a set document (`{"blobs":[...]}`, [`SET_MEDIA_TYPE`]) listing
+    /// `blobs` sorted by digest, store it and point the ref `name` at it, so
+    /// [`Store::gc`] keeps every listed blob. Returns the set's descriptor.
+    pub fn put_set(&self, name: &str, blobs: &[Descriptor]) -> Result<Descriptor, StoreError> {
+        let mut blobs = blobs.to_vec();
+        blobs.sort_by_key(|b| b.digest);
+        blobs.dedup_by(|a, b| a.digest == b.digest);
+        let doc = serde_json::json!({ "blobs": blobs });
+        let mut bytes = serde_json::to_vec_pretty(&doc).expect("set serialises");
+        bytes.push(b'\n');
+        let (digest, size) = self.put_bytes(&bytes)?;
+        let desc = Descriptor {
+            media_type: SET_MEDIA_TYPE.into(),
+            digest,
+            size,
+        };
+        self.set_ref(name, desc.clone())?;
+        Ok(desc)
+    }
+
     /// Blobs reachable from the descriptors in `index.json` (named or not).
     pub fn reachable(&self) -> Result<BTreeSet<Digest>, StoreError> {
         let mut seen = BTreeSet::new();
@@ -935,6 +955,16 @@ mod tests {
         for d in [m.digest, config, layer, file, tree_d, set_d] {
             assert!(s.contains(&d), "{d} was collected");
         }
+        // put_set roots its members.
+        let (extra, extra_n) = s.put_bytes(b"kept by a set").unwrap();
+        let member = Descriptor {
+            media_type: OCTET_STREAM.into(),
+            digest: extra,
+            size: extra_n,
+        };
+        let set2 = s.put_set("debs", &[member.clone(), member]).unwrap();
+        assert!(s.gc().unwrap().blobs.is_empty());
+        assert!(s.contains(&extra) && s.contains(&set2.digest));
         // Dropping the image ref frees its three blobs.
         s.remove_ref("image").unwrap();
         let report = s.gc().unwrap();
