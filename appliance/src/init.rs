@@ -35,6 +35,10 @@ use crate::contract::{
     FW_CFG_CONFIG, MODULES_LIST, RUN_DIR,
 };
 
+/// Test hook: when set, init keeps the stdio it was started with instead of
+/// attaching `/dev/console` (for namespace-based tests on a host).
+pub const ENV_KEEP_STDIO: &str = "APPLIANCE_INIT_KEEP_STDIO";
+
 /// How long to wait for the data partition to appear.
 const DATA_WAIT: Duration = Duration::from_secs(10);
 /// How long DHCP keeps trying before the network is declared degraded.
@@ -87,8 +91,10 @@ fn last_resort() -> ! {
 
 fn boot_and_supervise(set_log: SetLogFilter<'_>) -> Result<std::convert::Infallible> {
     let early = crate::mount::mount_early();
-    if let Err(e) = crate::mount::attach_console() {
-        tracing::error!("{e:#}");
+    if std::env::var_os(ENV_KEEP_STDIO).is_none() {
+        if let Err(e) = crate::mount::attach_console() {
+            tracing::error!("{e:#}");
+        }
     }
     marker("init started");
     let _ = std::fs::create_dir_all(RUN_DIR);

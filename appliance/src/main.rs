@@ -1,6 +1,7 @@
 //! The `appliance` binary: sets up tracing and hands each subcommand to the
 //! library. Invoked as `init` (or as PID 1) it runs [`appliance::init`].
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -41,12 +42,13 @@ enum Command {
 type FilterHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
 /// Sets up tracing on stderr with `RUST_LOG` (default `info`).
-fn init_tracing() -> FilterHandle {
+/// ANSI colours only on a terminal, never on the serial console of init.
+fn init_tracing(ansi: bool) -> FilterHandle {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
-        .with(fmt::layer().with_writer(std::io::stderr))
+        .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
         .init();
     handle
 }
@@ -70,7 +72,8 @@ fn run_init(handle: &FilterHandle) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let handle = init_tracing();
+    let as_init = is_init_invocation() || std::env::args().nth(1).as_deref() == Some("init");
+    let handle = init_tracing(!as_init && std::io::stderr().is_terminal());
     if is_init_invocation() {
         return run_init(&handle);
     }
