@@ -62,6 +62,9 @@ const WANTED: [OptionCode; 5] = [
     OptionCode::AddressLeaseTime,
 ];
 
+/// Minimum BOOTP message size.
+const MIN_PACKET: usize = 300;
+
 fn base_request(xid: u32, mac: &[u8; 6], kind: MessageType) -> Message {
     let unspecified = Ipv4Addr::UNSPECIFIED;
     let mut msg =
@@ -82,6 +85,11 @@ fn encode(msg: &Message) -> Vec<u8> {
     let mut buf = Vec::with_capacity(300);
     msg.encode(&mut Encoder::new(&mut buf))
         .expect("encoding a DHCP message into a Vec cannot fail");
+    // RFC 1542 §3.3 / BOOTP: pad to at least 300 bytes; some servers
+    // (busybox udhcpd among them) ignore shorter requests.
+    if buf.len() < MIN_PACKET {
+        buf.resize(MIN_PACKET, 0);
+    }
     buf
 }
 
@@ -329,6 +337,7 @@ mod tests {
         let msg = Message::decode(&mut Decoder::new(&bytes)).unwrap();
         assert_eq!(msg.opcode(), Opcode::BootRequest);
         assert_eq!(msg.xid(), 0x1234_5678);
+        assert!(bytes.len() >= 300, "{}", bytes.len());
         assert!(msg.flags().broadcast());
         assert_eq!(&msg.chaddr()[..6], &MAC);
         assert_eq!(msg.opts().msg_type(), Some(MessageType::Discover));
