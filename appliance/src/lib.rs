@@ -1,1 +1,23 @@
-//! The appliance multi-call binary (being written).
+//! The appliance: one multi-call binary that is PID 1 on the booted image
+//! (`init`), the provisioning server (`serve`), and later the agent and the
+//! operator CLI.
+//!
+//! The binary (`main.rs`) only sets up tracing and dispatches; everything
+//! lives here so it can be tested without a VM. Modules are named after the
+//! format, protocol or concern they own; parsing is kept apart from I/O.
+
+pub mod api;
+pub mod cmdline;
+pub mod config;
+pub mod console;
+pub mod contract;
+pub mod degraded;
+pub mod dhcp;
+pub mod init;
+pub mod modules;
+pub mod mount;
+pub mod net;
+pub mod node;
+pub mod partition;
+pub mod power;
+pub mod serve;

@@ -1,1 +1,101 @@
-fn main() {}
+//! The `appliance` binary: sets up tracing and hands each subcommand to the
+//! library. Invoked as `init` (or as PID 1) it runs [`appliance::init`].
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tracing_subscriber::{fmt, prelude::*, reload, EnvFilter};
+
+/// Bootable, self-replicating provisioning appliance.
+#[derive(Debug, Parser)]
+#[command(version, about, term_width = 80)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP API server.
+    Serve {
+        /// Address to listen on; port 0 picks a free port (printed on stdout).
+        #[arg(long, default_value = "0.0.0.0:80")]
+        listen: SocketAddr,
+        /// Data directory (the mounted data partition).
+        #[arg(long, default_value = appliance::contract::DATA_DIR)]
+        data: PathBuf,
+        /// File with degraded reasons from init, one per line.
+        #[arg(long)]
+        degraded_file: Option<PathBuf>,
+        /// Forward power requests to PID 1 even when not started by our init.
+        #[arg(long)]
+        allow_power: bool,
+    },
+    /// Run as PID 1 on the appliance image (refuses to run otherwise).
+    Init,
+}
+
+/// A handle that swaps the log filter at run time.
+type FilterHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+/// Sets up tracing on stderr with `RUST_LOG` (default `info`).
+/// ANSI colours only on a terminal, never on the serial console of init.
+fn init_tracing(ansi: bool) -> FilterHandle {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
+        .init();
+    handle
+}
+
+fn is_init_invocation() -> bool {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let name = std::path::Path::new(&argv0)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name == "init" || std::process::id() == 1
+}
+
+fn run_init(handle: &FilterHandle) -> Result<()> {
+    let set_log = |directives: &str| -> Result<()> {
+        let filter = EnvFilter::try_new(directives)
+            .with_context(|| format!("parsing log filter {directives:?}"))?;
+        handle.reload(filter).context("reloading the log filter")
+    };
+    match appliance::init::run(&set_log)? {}
+}
+
+fn main() -> Result<()> {
+    let as_init = is_init_invocation() || std::env::args().nth(1).as_deref() == Some("init");
+    let handle = init_tracing(!as_init && std::io::stderr().is_terminal());
+    if is_init_invocation() {
+        return run_init(&handle);
+    }
+    match Cli::parse().command {
+        Command::Serve {
+            listen,
+            data,
+            degraded_file,
+            allow_power,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("building the tokio runtime")?;
+            rt.block_on(appliance::serve::run(appliance::serve::ServeOptions {
+                listen,
+                data,
+                degraded_file,
+                allow_power,
+            }))
+        }
+        Command::Init => run_init(&handle),
+    }
+}

@@ -1,0 +1,58 @@
+//! Paths, signals and environment variables other components rely on.
+//!
+//! These are the appliance's external contracts: the image builder writes
+//! some of these files, the boot tests parse the console markers, and `serve`
+//! and `init` talk to each other through them. Change them only together with
+//! their users.
+
+use rustix::process::Signal;
+
+/// Module load list written by the image builder: one absolute path to an
+/// uncompressed `.ko` per line, in dependency order. `#` starts a comment.
+pub const MODULES_LIST: &str = "/etc/appliance/modules.list";
+
+/// Degraded reasons known to init, one per line; `serve` re-reads it on every
+/// `/api/v1/version` request, so init may append reasons later.
+pub const DEGRADED_FILE: &str = "/run/appliance/degraded";
+
+/// Directory for init's runtime state (tmpfs).
+pub const RUN_DIR: &str = "/run/appliance";
+
+/// Where the data partition is mounted (a tmpfs when it is missing).
+pub const DATA_DIR: &str = "/data";
+
+/// GPT partition name (PARTNAME) of the data partition.
+pub const DATA_PARTNAME: &str = "appliance-data";
+
+/// GPT partition names accepted for the EFI system partition, first wins.
+pub const ESP_PARTNAMES: &[&str] = &[
+    "appliance-esp",
+    "ESP",
+    "EFI System Partition",
+    "EFI system partition",
+];
+
+/// Where the ESP is mounted read-only while init reads its config.
+pub const ESP_MOUNT: &str = "/run/appliance/esp";
+
+/// First-boot config file on the ESP (relative to the ESP root).
+pub const ESP_CONFIG: &str = "appliance/config.json";
+
+/// First-boot config from QEMU `-fw_cfg name=opt/appliance/config,...`.
+pub const FW_CFG_CONFIG: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/appliance/config/raw";
+
+/// Release manifest inside the data directory (hashed for `release`).
+pub const RELEASE_MANIFEST: &str = "release/manifest.json";
+
+/// Node identity inside the data directory.
+pub const NODE_FILE: &str = "state/node.json";
+
+/// Set to `1` by init in the environment of the supervised `serve` child.
+pub const ENV_UNDER_INIT: &str = "APPLIANCE_UNDER_INIT";
+
+/// Signal to PID 1 asking for a clean power-off.
+pub const SIGNAL_POWEROFF: Signal = Signal::USR1;
+
+/// Signal to PID 1 asking for a clean reboot (SIGTERM and SIGINT, which the
+/// kernel sends on ctrl-alt-del, also reboot).
+pub const SIGNAL_REBOOT: Signal = Signal::USR2;

@@ -1,0 +1,422 @@
+//! `appliance init`: PID 1 on the booted image.
+//!
+//! Boot sequence: mount the pseudo filesystems and attach the console, read
+//! the kernel command line, load the modules in `modules.list`, read the
+//! first-boot config (fw_cfg, then the ESP), wait up to 10 s for the
+//! `appliance-data` partition and mount it at `/data` (a tmpfs when it is
+//! missing or unmountable, so the server still runs, with a degraded reason
+//! saying state is not persistent), start `serve` as a supervised child, and
+//! bring up the network beside it (the server binds `0.0.0.0` and does not
+//! need to wait for an address).
+//!
+//! Then it reaps zombies, restarts the server with backoff when it dies, and
+//! waits for SIGUSR1 (power off), SIGUSR2 or SIGTERM (reboot), or SIGINT
+//! (ctrl-alt-del, reboot). Shutdown stops the server (SIGTERM, 5 s, then
+//! SIGKILL), syncs, unmounts `/data` (read-only remount if busy) and calls
+//! `reboot(2)`.
+//!
+//! PID 1 never exits: failures are logged, printed as console markers and
+//! recorded in [`crate::contract::DEGRADED_FILE`]; a panic drops init into a
+//! last-resort loop that keeps reaping zombies.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rustix::process::{kill_process, waitpid, Pid, Signal, WaitOptions};
+use rustix::system::{reboot, RebootCommand};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::{self, BootConfig, Mode, Problem, Setting, Source};
+use crate::console::marker;
+use crate::contract::{
+    DATA_DIR, DATA_PARTNAME, DEGRADED_FILE, ENV_UNDER_INIT, ESP_CONFIG, ESP_MOUNT, ESP_PARTNAMES,
+    FW_CFG_CONFIG, MODULES_LIST, RUN_DIR,
+};
+
+/// Test hook: when set, init keeps the stdio it was started with instead of
+/// attaching `/dev/console` (for namespace-based tests on a host).
+pub const ENV_KEEP_STDIO: &str = "APPLIANCE_INIT_KEEP_STDIO";
+
+/// How long to wait for the data partition to appear.
+const DATA_WAIT: Duration = Duration::from_secs(10);
+/// How long DHCP keeps trying before the network is declared degraded.
+const DHCP_TOTAL: Duration = Duration::from_secs(60);
+/// How long the server gets to stop at shutdown.
+const SERVER_STOP: Duration = Duration::from_secs(5);
+
+/// Changes the log filter at run time (`appliance.log=`).
+pub type SetLogFilter<'a> = &'a dyn Fn(&str) -> Result<()>;
+
+/// Records a degraded reason: logged, and appended to the degraded file.
+fn degrade(reason: &str) {
+    tracing::error!("degraded: {reason}");
+    if let Err(e) = crate::degraded::append(Path::new(DEGRADED_FILE), reason) {
+        tracing::error!(error = %e, "recording degraded reason failed");
+    }
+}
+
+/// Runs init. Never returns; refuses to start unless this process is PID 1.
+pub fn run(set_log: SetLogFilter<'_>) -> Result<std::convert::Infallible> {
+    if rustix::process::getpid() != Pid::INIT {
+        bail!("init must run as PID 1 (it mounts filesystems and reboots the machine)");
+    }
+    let outcome =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| boot_and_supervise(set_log)));
+    match outcome {
+        Ok(Err(e)) => {
+            marker("init failed");
+            tracing::error!("init failed: {e:#}");
+        }
+        Ok(Ok(never)) => match never {},
+        Err(_) => {
+            marker("init panicked");
+            tracing::error!("init panicked");
+        }
+    }
+    last_resort()
+}
+
+/// Keeps PID 1 alive and reaping after an unrecoverable init error.
+fn last_resort() -> ! {
+    degrade("init failed; supervision and clean shutdown are unavailable");
+    loop {
+        match waitpid(None, WaitOptions::empty()) {
+            Ok(_) => {}
+            Err(_) => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
+}
+
+fn boot_and_supervise(set_log: SetLogFilter<'_>) -> Result<std::convert::Infallible> {
+    let early = crate::mount::mount_early();
+    if std::env::var_os(ENV_KEEP_STDIO).is_none() {
+        if let Err(e) = crate::mount::attach_console() {
+            tracing::error!("{e:#}");
+        }
+    }
+    marker("init started");
+    let _ = std::fs::create_dir_all(RUN_DIR);
+    for reason in early {
+        degrade(&reason);
+    }
+    if let Err(e) = reboot(RebootCommand::CadOff) {
+        tracing::warn!(error = %e, "disabling ctrl-alt-del failed");
+    }
+
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_else(|e| {
+        degrade(&format!("reading /proc/cmdline: {e}"));
+        String::new()
+    });
+    // Apply appliance.log as early as possible, before module loading.
+    let cmdline_settings = config::settings_from_cmdline(&cmdline);
+    let (early_cfg, _) = config::resolve(&cmdline_settings);
+    apply_log_filter(set_log, early_cfg.log.as_deref());
+
+    for reason in crate::modules::load_all(Path::new(MODULES_LIST)) {
+        degrade(&reason);
+    }
+
+    let data_dev = crate::partition::wait_for_partname(
+        Path::new("/sys/class/block"),
+        &[DATA_PARTNAME],
+        DATA_WAIT,
+    );
+    let cfg = read_config(&cmdline_settings);
+    apply_log_filter(set_log, cfg.log.as_deref());
+    tracing::info!(?cfg, "boot configuration");
+    if cfg.mode != Mode::Serve {
+        degrade(&format!(
+            "mode {:?} is not implemented in this build; serving instead",
+            cfg.mode
+        ));
+    }
+
+    let data_is_partition = mount_data(data_dev.as_deref());
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the init runtime")?;
+    let action = rt.block_on(supervise(&cfg))?;
+    drop(rt);
+    shutdown(action, data_is_partition)
+}
+
+fn apply_log_filter(set_log: SetLogFilter<'_>, filter: Option<&str>) {
+    if let Some(f) = filter {
+        if let Err(e) = set_log(f) {
+            degrade(&format!("bad appliance.log filter {f:?}: {e:#}"));
+        }
+    }
+}
+
+/// Reads fw_cfg and ESP config and resolves them with the command line.
+fn read_config(cmdline: &[Setting]) -> BootConfig {
+    let mut settings = Vec::new();
+    if let Some(bytes) = read_esp_config() {
+        match config::settings_from_json(&bytes, Source::Esp) {
+            Ok(s) => settings.extend(s),
+            Err(e) => degrade(&e),
+        }
+    }
+    match std::fs::read(FW_CFG_CONFIG) {
+        Ok(bytes) => match config::settings_from_json(&bytes, Source::FwCfg) {
+            Ok(s) => settings.extend(s),
+            Err(e) => degrade(&e),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => degrade(&format!("reading {FW_CFG_CONFIG}: {e}")),
+    }
+    settings.extend_from_slice(cmdline);
+    let (cfg, problems) = config::resolve(&settings);
+    for p in problems {
+        match p {
+            Problem::Warning(w) => tracing::warn!("{w}"),
+            Problem::Error(e) => degrade(&e),
+        }
+    }
+    cfg
+}
+
+/// Mounts the ESP read-only for a moment and reads `appliance/config.json`.
+fn read_esp_config() -> Option<Vec<u8>> {
+    let dev = crate::partition::find_by_partname(Path::new("/sys/class/block"), ESP_PARTNAMES)?;
+    let mnt = Path::new(ESP_MOUNT);
+    if let Err(e) = crate::mount::mount_vfat_ro(&dev, mnt) {
+        tracing::warn!("{e:#}");
+        return None;
+    }
+    let path = mnt.join(ESP_CONFIG);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            degrade(&format!("reading {}: {e}", path.display()));
+            None
+        }
+    };
+    if let Err(e) = crate::mount::unmount_lazy(mnt) {
+        tracing::warn!("{e:#}");
+    }
+    bytes
+}
+
+/// Mounts the data partition, or a tmpfs in its place. Returns whether the
+/// real partition is mounted.
+fn mount_data(dev: Option<&Path>) -> bool {
+    let target = Path::new(DATA_DIR);
+    let reason = match dev {
+        Some(dev) => match crate::mount::mount_ext4(dev, target) {
+            Ok(()) => {
+                marker(&format!("data mounted {}", dev.display()));
+                return true;
+            }
+            Err(e) => format!("{e:#}"),
+        },
+        None => format!(
+            "data partition {DATA_PARTNAME:?} not found after {}s",
+            DATA_WAIT.as_secs()
+        ),
+    };
+    degrade(&format!(
+        "{reason}; /data is a tmpfs and state is not persistent"
+    ));
+    match crate::mount::mount_tmpfs(target) {
+        Ok(()) => marker("data on tmpfs"),
+        Err(e) => degrade(&format!("{e:#}")),
+    }
+    false
+}
+
+/// What ended supervision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    PowerOff,
+    Reboot,
+}
+
+/// The supervised `serve` child.
+struct Server {
+    args: Vec<String>,
+    log: Option<String>,
+    pid: Option<Pid>,
+    started: Instant,
+    backoff: Duration,
+    restart_at: Option<tokio::time::Instant>,
+}
+
+impl Server {
+    fn spawn(&mut self) {
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.args(&self.args)
+            .env(ENV_UNDER_INIT, "1")
+            .stdin(Stdio::null());
+        if let Some(filter) = &self.log {
+            cmd.env("RUST_LOG", filter);
+        }
+        self.started = Instant::now();
+        match cmd.spawn() {
+            Ok(child) => {
+                let pid = Pid::from_raw(child.id() as i32);
+                tracing::info!(pid = child.id(), "server started");
+                self.pid = pid;
+                self.restart_at = None;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "starting the server failed");
+                self.schedule_restart();
+            }
+        }
+    }
+
+    fn schedule_restart(&mut self) {
+        // A server that ran a while gets a fresh backoff.
+        if self.started.elapsed() > Duration::from_secs(60) {
+            self.backoff = Duration::from_secs(1);
+        }
+        tracing::warn!(in_s = self.backoff.as_secs(), "restarting the server");
+        self.restart_at = Some(tokio::time::Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+    }
+
+    /// Called for every reaped child.
+    fn reaped(&mut self, pid: Pid, status: &str) {
+        if self.pid == Some(pid) {
+            self.pid = None;
+            marker(&format!("server exited {status}"));
+            self.schedule_restart();
+        }
+    }
+}
+
+/// Reaps every finished child; tells the server about its own.
+fn reap(server: &mut Server) {
+    loop {
+        match waitpid(None, WaitOptions::NOHANG) {
+            Ok(Some((pid, status))) => {
+                let text = if let Some(code) = status.exit_status() {
+                    format!("status {code}")
+                } else if let Some(sig) = status.terminating_signal() {
+                    format!("signal {sig}")
+                } else {
+                    "unknown".to_owned()
+                };
+                tracing::debug!(pid = pid.as_raw_nonzero().get(), %text, "reaped");
+                server.reaped(pid, &text);
+            }
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+async fn supervise(cfg: &BootConfig) -> Result<Action> {
+    // Handlers first, so no signal is lost while booting.
+    let mut chld = signal(SignalKind::child()).context("installing SIGCHLD handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing SIGUSR2 handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+
+    let listen = format!("0.0.0.0:{}", cfg.http_port);
+    let mut server = Server {
+        args: [
+            "serve",
+            "--listen",
+            &listen,
+            "--data",
+            DATA_DIR,
+            "--degraded-file",
+            DEGRADED_FILE,
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        log: cfg.log.clone(),
+        pid: None,
+        started: Instant::now(),
+        backoff: Duration::from_secs(1),
+        restart_at: None,
+    };
+    server.spawn();
+
+    let uplink = cfg.uplink.clone();
+    let ip = cfg.ip.clone();
+    tokio::spawn(async move {
+        let (up, problems) = crate::net::bring_up(uplink.as_deref(), &ip, DHCP_TOTAL).await;
+        for p in &problems {
+            degrade(p);
+        }
+        match up {
+            Some(u) => marker(&format!("network up {} {}/{}", u.iface, u.addr, u.prefix)),
+            None => marker("network degraded"),
+        }
+    });
+
+    loop {
+        let restart = server.restart_at;
+        tokio::select! {
+            _ = chld.recv() => reap(&mut server),
+            _ = async { tokio::time::sleep_until(restart.unwrap()).await }, if restart.is_some() => {
+                server.spawn();
+            }
+            _ = usr1.recv() => return Ok(stop(&mut server, Action::PowerOff)),
+            _ = usr2.recv() => return Ok(stop(&mut server, Action::Reboot)),
+            _ = term.recv() => return Ok(stop(&mut server, Action::Reboot)),
+            _ = int.recv() => return Ok(stop(&mut server, Action::Reboot)),
+        }
+    }
+}
+
+/// Stops the server: SIGTERM, wait, SIGKILL.
+fn stop(server: &mut Server, action: Action) -> Action {
+    marker(match action {
+        Action::PowerOff => "powering off",
+        Action::Reboot => "rebooting",
+    });
+    server.restart_at = None;
+    let Some(pid) = server.pid else {
+        return action;
+    };
+    let _ = kill_process(pid, Signal::TERM);
+    let deadline = Instant::now() + SERVER_STOP;
+    while server.pid.is_some() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        reap_for_shutdown(server);
+    }
+    if server.pid.is_some() {
+        tracing::warn!("server did not stop; killing it");
+        let _ = kill_process(pid, Signal::KILL);
+        std::thread::sleep(Duration::from_millis(100));
+        reap_for_shutdown(server);
+    }
+    action
+}
+
+fn reap_for_shutdown(server: &mut Server) {
+    while let Ok(Some((pid, _))) = waitpid(None, WaitOptions::NOHANG) {
+        if server.pid == Some(pid) {
+            server.pid = None;
+        }
+    }
+}
+
+/// Syncs, releases /data and powers off or reboots. Never returns.
+fn shutdown(action: Action, data_is_partition: bool) -> Result<std::convert::Infallible> {
+    rustix::fs::sync();
+    if data_is_partition {
+        match crate::mount::unmount_or_readonly(&PathBuf::from(DATA_DIR)) {
+            Ok(()) => tracing::info!("data unmounted"),
+            Err(e) => tracing::error!("{e:#}"),
+        }
+    }
+    rustix::fs::sync();
+    let cmd = match action {
+        Action::PowerOff => RebootCommand::PowerOff,
+        Action::Reboot => RebootCommand::Restart,
+    };
+    match reboot(cmd) {
+        Ok(()) => bail!("reboot({action:?}) returned"),
+        Err(e) => bail!("calling reboot({action:?}): {e}"),
+    }
+}

@@ -1,0 +1,141 @@
+//! `appliance serve`: builds the API state from the data directory and runs
+//! the HTTP server until SIGTERM or SIGINT.
+//!
+//! Startup never fails on a bad data directory: a missing or unwritable data
+//! dir (the node id then lives only in memory) or a missing release manifest
+//! becomes a degraded reason instead. Once bound, it prints
+//! `listening on <addr>` on stdout (the real port when given port 0), and
+//! under our init also the console marker `serving on <addr>`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::api::{self, AppState};
+use crate::contract::RELEASE_MANIFEST;
+
+/// Options of `appliance serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub data: PathBuf,
+    pub degraded_file: Option<PathBuf>,
+    pub allow_power: bool,
+}
+
+/// `sha256:<hex>` of the exact bytes of a file.
+pub fn file_digest(path: &Path) -> std::io::Result<String> {
+    let bytes = std::fs::read(path)?;
+    Ok(format!("sha256:{}", hex::encode(Sha256::digest(&bytes))))
+}
+
+/// Builds the API state; every problem becomes a degraded reason.
+pub fn build_state(opts: &ServeOptions) -> AppState {
+    let mut degraded = Vec::new();
+    let node_id = match crate::node::load_or_create(&opts.data) {
+        Ok(id) => id.to_string(),
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "node id not persisted");
+            degraded.push(format!("node id not persisted: {e:#}"));
+            uuid::Uuid::new_v4().to_string()
+        }
+    };
+    let manifest = opts.data.join(RELEASE_MANIFEST);
+    let release = match file_digest(&manifest) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::warn!(path = %manifest.display(), error = %e, "release manifest unreadable");
+            degraded.push(format!("release manifest {}: {e}", manifest.display()));
+            None
+        }
+    };
+    AppState {
+        version: env!("CARGO_PKG_VERSION"),
+        node_id,
+        started: Instant::now(),
+        release,
+        degraded,
+        degraded_file: opts.degraded_file.clone(),
+        power: crate::power::for_serve(opts.allow_power),
+    }
+}
+
+/// Runs the server until SIGTERM/SIGINT.
+pub async fn run(opts: ServeOptions) -> Result<()> {
+    let state = Arc::new(build_state(&opts));
+    tracing::info!(node_id = %state.node_id, release = ?state.release, "starting server");
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("binding {}", opts.listen))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on {addr}").context("writing to stdout")?;
+        out.flush().context("flushing stdout")?;
+    }
+    if crate::power::under_our_init() {
+        crate::console::marker(&format!("serving on {addr}"));
+    }
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("installing signal handlers failed; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(data: &Path) -> ServeOptions {
+        ServeOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data: data.to_owned(),
+            degraded_file: None,
+            allow_power: false,
+        }
+    }
+
+    #[test]
+    fn release_is_the_sha256_of_the_manifest_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("release")).unwrap();
+        std::fs::write(dir.path().join(RELEASE_MANIFEST), b"abc").unwrap();
+        let state = build_state(&opts(dir.path()));
+        assert_eq!(
+            state.release.as_deref(),
+            Some("sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        );
+        assert!(state.degraded.is_empty(), "{:?}", state.degraded);
+    }
+
+    #[test]
+    fn missing_data_dir_degrades_but_still_has_an_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = build_state(&opts(&dir.path().join("missing")));
+        assert!(state.release.is_none());
+        assert_eq!(state.degraded.len(), 2, "{:?}", state.degraded);
+        assert!(uuid::Uuid::parse_str(&state.node_id).is_ok());
+    }
+}

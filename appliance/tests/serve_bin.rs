@@ -1,0 +1,119 @@
+//! Runs the built `appliance serve` binary on an ephemeral loopback port and
+//! talks to it with a plain TCP HTTP/1.1 client.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn http(addr: &str, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status: u16 = resp.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = resp.split_once("\r\n\r\n").unwrap().1.to_owned();
+    (status, body)
+}
+
+#[test]
+fn serve_binary_answers_version_on_loopback() {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(data.path().join("release")).unwrap();
+    std::fs::write(data.path().join("release/manifest.json"), b"{}\n").unwrap();
+    let degraded = data.path().join("degraded");
+    std::fs::write(&degraded, "from init\n").unwrap();
+
+    let child = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data.path())
+        .arg("--degraded-file")
+        .arg(&degraded)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+
+    let (status, body) = http(
+        &addr,
+        "GET /api/v1/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        v["release"],
+        "sha256:ca3d163bab055381827226140568f3bef7eaac187cebd76878e0b63e9e442356"
+    );
+    assert_eq!(v["degraded"], serde_json::json!(["from init"]));
+    let node_id = v["node_id"].as_str().unwrap();
+    let stored = std::fs::read_to_string(data.path().join("state/node.json")).unwrap();
+    assert!(stored.contains(node_id));
+
+    let (status, body) = http(
+        &addr,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!((status, body.as_str()), (200, "ok"));
+
+    // Not under our init and no --allow-power: power requests are refused.
+    let payload = r#"{"action":"poweroff"}"#;
+    let (status, body) = http(
+        &addr,
+        &format!(
+            "POST /api/v1/power HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+            payload.len()
+        ),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("power_unavailable"), "{body}");
+}
+
+#[test]
+fn init_refuses_to_run_when_not_pid_1() {
+    let out = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .arg("init")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("PID 1"), "{stderr}");
+}
+
+#[test]
+fn help_fits_80_columns() {
+    for args in [&["--help"][..], &["serve", "--help"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_appliance"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        for line in text.lines() {
+            assert!(line.chars().count() <= 80, "too wide: {line:?}");
+        }
+    }
+}
