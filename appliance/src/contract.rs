@@ -26,6 +26,7 @@ pub const DATA_PARTNAME: &str = "appliance-data";
 
 /// GPT partition names accepted for the EFI system partition, first wins.
 pub const ESP_PARTNAMES: &[&str] = &[
+    "esp",
     "appliance-esp",
     "ESP",
     "EFI System Partition",

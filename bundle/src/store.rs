@@ -52,7 +52,8 @@ pub const OCTET_STREAM: &str = "application/octet-stream";
 
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const OCI_LAYOUT: &str = "{\"imageLayoutVersion\":\"1.0.0\"}";
+/// The `oci-layout` file's content.
+pub const OCI_LAYOUT: &str = "{\"imageLayoutVersion\":\"1.0.0\"}";
 /// Temp files older than this are removed by [`Store::gc`].
 const STALE_TEMP: Duration = Duration::from_secs(3600);
 
@@ -159,6 +160,43 @@ impl IndexEntry {
     fn name(&self) -> Option<&str> {
         self.annotations.get(REF_ANNOTATION).map(String::as_str)
     }
+}
+
+/// Canonical `index.json` bytes: descriptors sorted by ref name (unnamed
+/// last, by digest), pretty JSON, trailing newline.
+fn index_bytes(
+    mut manifests: Vec<IndexEntry>,
+    extra: BTreeMap<String, serde_json::Value>,
+) -> Vec<u8> {
+    manifests.sort_by(|a, b| {
+        (a.name().is_none(), a.name(), a.digest).cmp(&(b.name().is_none(), b.name(), b.digest))
+    });
+    let index = IndexJson {
+        schema_version: 2,
+        media_type: OCI_INDEX.into(),
+        manifests,
+        extra,
+    };
+    let mut bytes = serde_json::to_vec_pretty(&index).expect("index serialises");
+    bytes.push(b'\n');
+    bytes
+}
+
+/// The `index.json` of a layout holding exactly these named references,
+/// byte-identical to what [`Store::set_ref`] would write for them. Used to
+/// describe a bundle snapshot without writing a second store.
+pub fn index_document(refs: &[(String, Descriptor)]) -> Vec<u8> {
+    let manifests = refs
+        .iter()
+        .map(|(name, d)| IndexEntry {
+            media_type: d.media_type.clone(),
+            digest: d.digest,
+            size: d.size,
+            annotations: BTreeMap::from([(REF_ANNOTATION.to_string(), name.clone())]),
+            extra: BTreeMap::new(),
+        })
+        .collect();
+    index_bytes(manifests, BTreeMap::new())
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -499,21 +537,10 @@ impl Store {
 
     fn write_index(
         &self,
-        mut manifests: Vec<IndexEntry>,
+        manifests: Vec<IndexEntry>,
         extra: BTreeMap<String, serde_json::Value>,
     ) -> Result<(), StoreError> {
-        manifests.sort_by(|a, b| {
-            (a.name().is_none(), a.name(), a.digest).cmp(&(b.name().is_none(), b.name(), b.digest))
-        });
-        let index = IndexJson {
-            schema_version: 2,
-            media_type: OCI_INDEX.into(),
-            manifests,
-            extra,
-        };
-        let mut bytes = serde_json::to_vec_pretty(&index).expect("index serialises");
-        bytes.push(b'\n');
-        self.write_atomic(&self.index_path(), &bytes)
+        self.write_atomic(&self.index_path(), &index_bytes(manifests, extra))
     }
 
     /// Point the reference `name` at `desc`, replacing any previous

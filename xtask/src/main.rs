@@ -2,6 +2,8 @@
 //! set-up, `bench <name>` runs a benchmark against its peer in the same run.
 
 mod bench;
+mod image;
+mod qemu;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,11 +17,15 @@ fn main() -> Result<()> {
         ["test", rest @ ..] => test(rest),
         ["bench", name, rest @ ..] => bench::run(name, rest),
         ["deps"] => install_deps(),
+        ["image", rest @ ..] => image::image(&image::ImageOptions::from_args(rest)?).map(drop),
+        ["qemu", rest @ ..] => qemu::qemu(rest),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
-                 test [ARGS]      install missing test tools, then run every test (ARGS go to cargo test)\n  \
+                 image [--refresh] build target/appliance/ (fetching inputs once into cache/store)\n  \
+                 qemu [--port N]  build the image if needed and boot it under OVMF\n  \
+                 test [ARGS]      install missing test tools, build the image, run every test\n  \
                  bench builder    the builder against mkfs.ext4/mkfs.fat/mcopy/sgdisk/dd/cpio|gzip\n  \
                  deps             install the Debian packages tests need (as root)"
             );

@@ -1,0 +1,185 @@
+//! Boot a disk image in QEMU (q35, OVMF, virtio disk and NIC on user
+//! networking with `restrict=on` and a loopback-only port forward).
+//!
+//! The accelerator is TCG unless `APPLIANCE_QEMU_ACCEL` says otherwise: on
+//! these machines `/dev/kvm` exists but is a paravirtual KVM about 100×
+//! slower than TCG for an unmodified kernel, so KVM is only used when asked
+//! for (`APPLIANCE_QEMU_ACCEL=kvm`) or when a probe boot proves it works
+//! (`APPLIANCE_QEMU_ACCEL=auto`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// How to boot.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub disk: PathBuf,
+    /// Keep the disk unchanged (writes go to a temporary overlay).
+    pub snapshot: bool,
+    pub memory_mb: u32,
+    /// Loopback port forwarded to the guest's port 80.
+    pub api_port: u16,
+    /// Where the VM's files (OVMF variables, serial log) go.
+    pub dir: PathBuf,
+    /// Extra QEMU arguments.
+    pub extra: Vec<String>,
+}
+
+/// A running VM, killed on drop if still running.
+pub struct Vm {
+    child: Child,
+    pub serial_log: PathBuf,
+    pub api_port: u16,
+    pub started: Instant,
+}
+
+/// The accelerator to use: `tcg` by default, `kvm` when asked for.
+pub fn accel() -> String {
+    match std::env::var("APPLIANCE_QEMU_ACCEL").as_deref() {
+        Ok("kvm") => "kvm".into(),
+        Ok("auto") if Path::new("/dev/kvm").exists() => "kvm:tcg".into(),
+        _ => "tcg".into(),
+    }
+}
+
+impl Vm {
+    pub fn boot(cfg: &VmConfig) -> std::io::Result<Vm> {
+        fs::create_dir_all(&cfg.dir)?;
+        for f in [OVMF_CODE, OVMF_VARS] {
+            if !Path::new(f).exists() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{f} is missing: install the ovmf package (xtask/debian-packages.txt)"),
+                ));
+            }
+        }
+        let vars = cfg.dir.join("OVMF_VARS.fd");
+        fs::copy(OVMF_VARS, &vars)?;
+        let serial_log = cfg.dir.join("serial.log");
+        let _ = fs::remove_file(&serial_log);
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-machine",
+            "q35",
+            "-accel",
+            &accel(),
+            "-smp",
+            "2",
+            "-m",
+            &cfg.memory_mb.to_string(),
+        ])
+        .args(["-display", "none", "-no-reboot", "-monitor", "none"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial_log.display()))
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            vars.display()
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "if=virtio,format=raw,file={},snapshot={}",
+            cfg.disk.display(),
+            if cfg.snapshot { "on" } else { "off" }
+        ))
+        .arg("-netdev")
+        .arg(format!(
+            "user,id=up,restrict=on,hostfwd=tcp:127.0.0.1:{}-:80",
+            cfg.api_port
+        ))
+        .args(["-device", "virtio-net-pci,netdev=up"])
+        .args(["-device", "virtio-rng-pci"])
+        .args(&cfg.extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+        let child = cmd.spawn().map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("starting qemu-system-x86_64 ({e}); install qemu-system-x86"),
+            )
+        })?;
+        Ok(Vm {
+            child,
+            serial_log,
+            api_port: cfg.api_port,
+            started: Instant::now(),
+        })
+    }
+
+    /// The serial console output so far.
+    pub fn serial(&self) -> String {
+        fs::read(&self.serial_log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Poll `GET path` until it answers 200 or `timeout` passes.
+    pub fn wait_http(
+        &mut self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<crate::http::Response, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Err(format!(
+                    "QEMU exited ({st}) before {path} answered; serial log:\n{}",
+                    self.serial()
+                ));
+            }
+            if let Ok(r) = crate::http::get(self.api_port, path) {
+                if r.status == 200 {
+                    return Ok(r);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{path} did not answer within {timeout:?}; serial log:\n{}",
+                    self.serial()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Wait for QEMU to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        None
+    }
+
+    /// Wait until QEMU exits (used by `cargo xtask qemu`).
+    pub fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait()
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
