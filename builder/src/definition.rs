@@ -387,6 +387,7 @@ fn validate(def: &Definition, src: &Source) -> Result<(), DefinitionError> {
             spec.digest.is_some(),
             spec.deb.is_some(),
             spec.file.is_some(),
+            spec.generated.is_some(),
         ];
         if sources.iter().filter(|&&b| b).count() == 0 {
             let line = text_line_of_key(&src.text, name);
