@@ -2,6 +2,7 @@
 //! set-up, `bench <name>` runs a benchmark against its peer in the same run.
 
 mod bench;
+mod bench_boot;
 mod image;
 mod qemu;
 
