@@ -118,19 +118,22 @@ fn boot_and_supervise(set_log: SetLogFilter<'_>) -> Result<std::convert::Infalli
         degrade(&reason);
     }
 
-    let data_dev = crate::partition::wait_for_partname(
-        Path::new("/sys/class/block"),
-        &[DATA_PARTNAME],
-        DATA_WAIT,
-    );
+    // A PXE-booted agent runs from its initramfs alone: no data partition
+    // to wait for (its disks are what it works on).
+    let data_dev = if early_cfg.mode == Mode::Agent {
+        None
+    } else {
+        crate::partition::wait_for_partname(
+            Path::new("/sys/class/block"),
+            &[DATA_PARTNAME],
+            DATA_WAIT,
+        )
+    };
     let cfg = read_config(&cmdline_settings);
     apply_log_filter(set_log, cfg.log.as_deref());
     tracing::info!(?cfg, "boot configuration");
-    if cfg.mode != Mode::Serve {
-        degrade(&format!(
-            "mode {:?} is not implemented in this build; serving instead",
-            cfg.mode
-        ));
+    if cfg.mode == Mode::Install {
+        degrade("mode Install is not implemented in this build; running as an agent instead");
     }
 
     let data_is_partition = mount_data(data_dev.as_deref());
@@ -320,8 +323,9 @@ async fn supervise(cfg: &BootConfig) -> Result<Action> {
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
 
     let listen = format!("0.0.0.0:{}", cfg.http_port);
-    let mut server = Server {
-        args: [
+    // The supervised child: the server, or in agent/install mode the agent.
+    let args: Vec<String> = if cfg.mode == Mode::Serve {
+        [
             "serve",
             "--listen",
             &listen,
@@ -331,7 +335,16 @@ async fn supervise(cfg: &BootConfig) -> Result<Action> {
             DEGRADED_FILE,
         ]
         .map(str::to_owned)
-        .to_vec(),
+        .to_vec()
+    } else {
+        vec![
+            "agent".into(),
+            "--server".into(),
+            cfg.server.clone().unwrap_or_default(),
+        ]
+    };
+    let mut server = Server {
+        args,
         log: cfg.log.clone(),
         pid: None,
         started: Instant::now(),

@@ -6,6 +6,8 @@
 //! lives here so it can be tested without a VM. Modules are named after the
 //! format, protocol or concern they own; parsing is kept apart from I/O.
 
+pub mod agent;
+pub mod agents;
 pub mod api;
 pub mod cmdline;
 pub mod config;
@@ -13,6 +15,8 @@ pub mod console;
 pub mod contract;
 pub mod degraded;
 pub mod dhcp;
+pub mod events;
+pub mod hwinfo;
 pub mod init;
 pub mod modules;
 pub mod mount;
@@ -20,4 +24,5 @@ pub mod net;
 pub mod node;
 pub mod partition;
 pub mod power;
+pub mod pxe;
 pub mod serve;

@@ -36,6 +36,13 @@ enum Command {
     },
     /// Run as PID 1 on the appliance image (refuses to run otherwise).
     Init,
+    /// Report this machine's hardware to a server and wait for work
+    /// (what PXE-booted targets run).
+    Agent {
+        /// The server's base URL, e.g. http://10.77.0.1
+        #[arg(long)]
+        server: String,
+    },
 }
 
 /// A handle that swaps the log filter at run time.
@@ -97,5 +104,10 @@ fn main() -> Result<()> {
             }))
         }
         Command::Init => run_init(&handle),
+        Command::Agent { server } => {
+            let release =
+                appliance::serve::file_digest(std::path::Path::new("/etc/appliance/release")).ok();
+            appliance::agent::run(&server, release)
+        }
     }
 }

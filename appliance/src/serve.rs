@@ -19,6 +19,9 @@ use sha2::{Digest, Sha256};
 use crate::api::{self, AppState};
 use crate::contract::RELEASE_MANIFEST;
 
+/// Kernel arguments every PXE-booted agent gets besides its mode and server.
+pub const AGENT_CMDLINE: &str = "console=tty0 console=ttyS0,115200 loglevel=4";
+
 /// Options of `appliance serve`.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -81,10 +84,26 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     if crate::power::under_our_init() {
         crate::console::marker(&format!("serving on {addr}"));
     }
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    let events = crate::events::Events::new();
+    let app = api::router(state)
+        .merge(crate::events::router(events.clone()))
+        .merge(crate::agents::router(crate::agents::Agents::open(
+            &opts.data,
+            events.clone(),
+        )))
+        .merge(crate::pxe::router(crate::pxe::PxeState {
+            data: opts.data.clone(),
+            events,
+            policy: None,
+            agent_cmdline: AGENT_CMDLINE.into(),
+        }));
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .context("serving HTTP")?;
     tracing::info!("server stopped");
     Ok(())
 }

@@ -1,0 +1,89 @@
+//! `appliance agent`: what a PXE-booted target runs (started by init when
+//! the kernel command line says `appliance.mode=agent`). It reports its
+//! hardware to the server that booted it (`appliance.server=<url>`), then
+//! polls for work. Later capabilities give it work (install itself,
+//! capture, deploy); today the only work is `wait`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::agents::{CheckIn, Work};
+
+/// The MAC of the interface that has the default route, else the first NIC.
+pub fn boot_mac(hw: &crate::hwinfo::Hardware) -> Option<String> {
+    let route = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    let iface = route.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&"00000000")).then(|| f[0].to_string())
+    });
+    iface
+        .and_then(|i| hw.nics.iter().find(|n| n.name == i))
+        .or_else(|| hw.nics.first())
+        .map(|n| n.mac.clone())
+}
+
+fn agent_client() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+/// Check in once; returns the server's answer body.
+pub fn check_in(server: &str, checkin: &CheckIn) -> Result<String> {
+    let url = format!("{}/api/v1/agents", server.trim_end_matches('/'));
+    let mut resp = agent_client()
+        .post(&url)
+        .header("content-type", "application/json")
+        .send(serde_json::to_string(checkin)?)
+        .with_context(|| format!("checking in at {url}"))?;
+    resp.body_mut()
+        .read_to_string()
+        .with_context(|| format!("reading the answer of {url}"))
+}
+
+/// Run the agent loop: check in (retrying until the server answers), then
+/// ask for work forever.
+pub fn run(server: &str, release: Option<String>) -> Result<()> {
+    if server.is_empty() {
+        bail!("agent mode needs appliance.server=<url> on the kernel command line");
+    }
+    let hw = crate::hwinfo::collect(Path::new("/"));
+    let mac = boot_mac(&hw).context("no network interface to report")?;
+    let ci = CheckIn {
+        mac: mac.clone(),
+        hardware: hw,
+        release,
+    };
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match check_in(server, &ci) {
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "check-in failed; retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    crate::console::marker(&format!("agent checked in with {server} as {mac}"));
+    let url = format!("{}/api/v1/agents/{mac}/work", server.trim_end_matches('/'));
+    loop {
+        let next = match agent_client().get(&url).call() {
+            Ok(mut r) => match r.body_mut().read_json::<Work>() {
+                Ok(Work::Wait { retry_secs }) => retry_secs.clamp(1, 300),
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable work answer");
+                    10
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "asking for work failed");
+                10
+            }
+        };
+        std::thread::sleep(Duration::from_secs(next));
+    }
+}

@@ -1,0 +1,318 @@
+//! The server side of agent mode: machines PXE-booted into
+//! `appliance.mode=agent` check in with their hardware inventory
+//! (`POST /api/v1/agents`), are listed at `GET /api/v1/agents`, and ask for
+//! work at `GET /api/v1/agents/{mac}/work` (for now always `wait`; install,
+//! capture and deploy come with the replication and cloning work).
+//!
+//! Check-ins are node-local state, kept in `<data>/state/agents.json`
+//! (written temp + rename) so a restart keeps the list.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::api::ApiError;
+use crate::events::Events;
+use crate::hwinfo::Hardware;
+
+/// What an agent sends when it checks in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckIn {
+    /// The MAC of the interface it booted from (lowercase, `:`-separated).
+    pub mac: String,
+    pub hardware: Hardware,
+    /// The release the agent is running.
+    #[serde(default)]
+    pub release: Option<String>,
+}
+
+/// A known agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub mac: String,
+    pub hardware: Hardware,
+    pub release: Option<String>,
+    pub first_seen: f64,
+    pub last_seen: f64,
+    pub checkins: u64,
+}
+
+/// Work handed to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
+pub enum Work {
+    /// Nothing to do yet; ask again later.
+    Wait { retry_secs: u64 },
+}
+
+#[derive(Clone)]
+pub struct Agents {
+    inner: Arc<Mutex<BTreeMap<String, AgentRecord>>>,
+    file: Option<PathBuf>,
+    events: Events,
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Lowercase `aa:bb:cc:dd:ee:ff`, or `None` if not a MAC address.
+pub fn normalize_mac(s: &str) -> Option<String> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6
+        || !parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        return None;
+    }
+    Some(parts.join(":").to_ascii_lowercase())
+}
+
+impl Agents {
+    /// Load the registry from `<data>/state/agents.json` (missing = empty).
+    pub fn open(data: &Path, events: Events) -> Agents {
+        let file = data.join("state/agents.json");
+        let map = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Vec<AgentRecord>>(&b).ok())
+            .map(|v| v.into_iter().map(|a| (a.mac.clone(), a)).collect())
+            .unwrap_or_default();
+        Agents {
+            inner: Arc::new(Mutex::new(map)),
+            file: Some(file),
+            events,
+        }
+    }
+
+    pub fn in_memory(events: Events) -> Agents {
+        Agents {
+            inner: Default::default(),
+            file: None,
+            events,
+        }
+    }
+
+    pub fn list(&self) -> Vec<AgentRecord> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn check_in(&self, c: CheckIn) -> Result<AgentRecord, ApiError> {
+        let mac = normalize_mac(&c.mac).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_mac",
+                format!("{:?} is not a MAC address", c.mac),
+            )
+        })?;
+        let t = now();
+        let (rec, all) = {
+            let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let rec = g
+                .entry(mac.clone())
+                .and_modify(|r| {
+                    r.hardware = c.hardware.clone();
+                    r.release = c.release.clone();
+                    r.last_seen = t;
+                    r.checkins += 1;
+                })
+                .or_insert_with(|| AgentRecord {
+                    mac: mac.clone(),
+                    hardware: c.hardware.clone(),
+                    release: c.release.clone(),
+                    first_seen: t,
+                    last_seen: t,
+                    checkins: 1,
+                })
+                .clone();
+            (rec, g.values().cloned().collect::<Vec<_>>())
+        };
+        if let Some(f) = &self.file {
+            if let Err(e) = persist(f, &all) {
+                tracing::error!(file = %f.display(), error = %e, "saving agents failed");
+            }
+        }
+        self.events.publish(
+            "agent.checkin",
+            Some(&mac),
+            serde_json::json!({
+                "disks": rec.hardware.disks.len(),
+                "memory_bytes": rec.hardware.memory_bytes,
+                "firmware": rec.hardware.firmware,
+                "release": rec.release,
+            }),
+        );
+        Ok(rec)
+    }
+}
+
+fn persist(file: &Path, all: &[AgentRecord]) -> std::io::Result<()> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = file.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(all)?)?;
+    std::fs::rename(&tmp, file)
+}
+
+pub fn router(agents: Agents) -> Router {
+    Router::new()
+        .route("/api/v1/agents", get(list).post(check_in))
+        .route("/api/v1/agents/{mac}/work", get(work))
+        .with_state(agents)
+}
+
+async fn list(State(a): State<Agents>) -> Json<Vec<AgentRecord>> {
+    Json(a.list())
+}
+
+async fn check_in(
+    State(a): State<Agents>,
+    body: Result<Json<CheckIn>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<AgentRecord>), ApiError> {
+    let Json(c) = body?;
+    Ok((StatusCode::OK, Json(a.check_in(c)?)))
+}
+
+async fn work(
+    State(a): State<Agents>,
+    UrlPath(mac): UrlPath<String>,
+) -> Result<Json<Work>, ApiError> {
+    let mac = normalize_mac(&mac).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_mac",
+            format!("{mac:?} is not a MAC address"),
+        )
+    })?;
+    if !a
+        .inner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains_key(&mac)
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_agent",
+            format!("{mac} has not checked in"),
+        ));
+    }
+    Ok(Json(Work::Wait { retry_secs: 10 }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    fn hw() -> Hardware {
+        Hardware {
+            firmware: "uefi".into(),
+            cpus: 2,
+            cpu_model: Some("QEMU".into()),
+            memory_bytes: 1 << 30,
+            nics: vec![],
+            disks: vec![],
+            vendor: None,
+            product: None,
+            serial: None,
+        }
+    }
+
+    #[test]
+    fn macs_are_normalised() {
+        assert_eq!(
+            normalize_mac("52-54-00-AB-CD-EF").as_deref(),
+            Some("52:54:00:ab:cd:ef")
+        );
+        assert_eq!(normalize_mac("52:54:00:ab:cd"), None);
+        assert_eq!(normalize_mac("52:54:00:ab:cd:zz"), None);
+    }
+
+    #[tokio::test]
+    async fn check_in_lists_persists_and_emits_an_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = Events::new();
+        let agents = Agents::open(dir.path(), events.clone());
+        let app = router(agents);
+        let body = serde_json::to_string(&CheckIn {
+            mac: "52:54:00:12:34:56".into(),
+            hardware: hw(),
+            release: None,
+        })
+        .unwrap();
+        let resp = app
+            .clone()
+            .oneshot(
+                Request::post("/api/v1/agents")
+                    .header("content-type", "application/json")
+                    .body(Body::from(body))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let resp = app
+            .clone()
+            .oneshot(Request::get("/api/v1/agents").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let list: Vec<AgentRecord> =
+            serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(events.page(0, 10)[0].kind, "agent.checkin");
+        let reopened = Agents::open(dir.path(), Events::new());
+        assert_eq!(reopened.list()[0].mac, "52:54:00:12:34:56");
+        let resp = app
+            .oneshot(
+                Request::get("/api/v1/agents/52:54:00:00:00:09/work")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn bad_mac_is_a_json_error() {
+        let app = router(Agents::in_memory(Events::new()));
+        let body = serde_json::to_string(&CheckIn {
+            mac: "nope".into(),
+            hardware: hw(),
+            release: None,
+        })
+        .unwrap();
+        let resp = app
+            .oneshot(
+                Request::post("/api/v1/agents")
+                    .header("content-type", "application/json")
+                    .body(Body::from(body))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let e: serde_json::Value =
+            serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(e["code"], "invalid_mac");
+    }
+}
