@@ -15,6 +15,15 @@ use std::time::{Duration, Instant};
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
+/// Firmware to boot with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Firmware {
+    /// OVMF (UEFI), the default.
+    Ovmf,
+    /// SeaBIOS, QEMU's default BIOS (PXE through the NIC's iPXE option ROM).
+    SeaBios,
+}
+
 /// How to boot.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -28,6 +37,71 @@ pub struct VmConfig {
     pub dir: PathBuf,
     /// Extra QEMU arguments.
     pub extra: Vec<String>,
+}
+
+impl VmConfig {
+    /// A VM booting `disk` under OVMF with the API on `api_port`.
+    pub fn new(disk: impl Into<PathBuf>, api_port: u16, dir: impl Into<PathBuf>) -> VmConfig {
+        VmConfig { disk: disk.into(), snapshot: true, memory_mb: 1024, api_port, dir: dir.into(), extra: vec![] }
+    }
+
+    /// Add a virtio NIC on a point-to-point "wire" made of a unix socket
+    /// (QEMU's `-netdev stream`); the `listen` side must start first.
+    pub fn wire(mut self, id: &str, socket: &Path, listen: bool, mac: &str, bootindex: Option<u32>) -> VmConfig {
+        self.extra.push("-netdev".into());
+        self.extra.push(format!(
+            "stream,id={id},server={},addr.type=unix,addr.path={}",
+            if listen { "on" } else { "off" },
+            socket.display()
+        ));
+        self.extra.push("-device".into());
+        let boot = bootindex.map(|b| format!(",bootindex={b}")).unwrap_or_default();
+        self.extra.push(format!("virtio-net-pci,netdev={id},mac={mac}{boot}"));
+        self
+    }
+}
+
+/// A blank machine that boots from the network: no uplink, one NIC on
+/// `socket`, a blank (sparse) disk of `disk_bytes`.
+pub fn boot_blank(
+    firmware: Firmware,
+    socket: &Path,
+    mac: &str,
+    disk_bytes: u64,
+    dir: &Path,
+) -> std::io::Result<Vm> {
+    fs::create_dir_all(dir)?;
+    let disk = dir.join("blank.img");
+    fs::File::create(&disk)?.set_len(disk_bytes)?;
+    let serial_log = dir.join("serial.log");
+    let _ = fs::remove_file(&serial_log);
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-machine", "q35", "-accel", &accel(), "-smp", "2", "-m", "1024"])
+        .args(["-display", "none", "-no-reboot", "-monitor", "none"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial_log.display()));
+    if firmware == Firmware::Ovmf {
+        let vars = dir.join("OVMF_VARS.fd");
+        fs::copy(OVMF_VARS, &vars)?;
+        cmd.arg("-drive")
+            .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"))
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
+    } else {
+        cmd.args(["-boot", "n"]);
+    }
+    cmd.arg("-drive")
+        .arg(format!("if=none,id=d0,format=raw,file={}", disk.display()))
+        .args(["-device", "virtio-blk-pci,drive=d0,bootindex=2"])
+        .arg("-netdev")
+        .arg(format!("stream,id=p,server=off,addr.type=unix,addr.path={}", socket.display()))
+        .args(["-device", &format!("virtio-net-pci,netdev=p,mac={mac},bootindex=1")])
+        .args(["-device", "virtio-rng-pci"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let child = cmd.spawn()?;
+    Ok(Vm { child, serial_log, api_port: 0, started: Instant::now() })
 }
 
 /// A running VM, killed on drop if still running.
