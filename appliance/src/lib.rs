@@ -21,3 +21,4 @@ pub mod node;
 pub mod partition;
 pub mod power;
 pub mod serve;
+pub mod tftp;

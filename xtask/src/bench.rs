@@ -16,7 +16,8 @@ use crate::root;
 pub fn run(name: &str, _rest: &[&str]) -> Result<()> {
     match name {
         "builder" => builder_bench(),
-        other => bail!("unknown benchmark {other:?}; available: builder"),
+        "tftp" => crate::bench_tftp::run(),
+        other => bail!("unknown benchmark {other:?}; available: builder, tftp"),
     }
 }
 

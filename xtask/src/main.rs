@@ -2,6 +2,7 @@
 //! set-up, `bench <name>` runs a benchmark against its peer in the same run.
 
 mod bench;
+mod bench_tftp;
 mod image;
 mod qemu;
 
@@ -27,6 +28,7 @@ fn main() -> Result<()> {
                  qemu [--port N]  build the image if needed and boot it under OVMF\n  \
                  test [ARGS]      install missing test tools, build the image, run every test\n  \
                  bench builder    the builder against mkfs.ext4/mkfs.fat/mcopy/sgdisk/dd/cpio|gzip\n  \
+                 bench tftp       our TFTP server against tftpd-hpa, 64 MiB over loopback\n  \
                  deps             install the Debian packages tests need (as root)"
             );
             bail!("unknown or missing command");
