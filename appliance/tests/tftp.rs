@@ -104,7 +104,19 @@ fn read_out(out: &Path) -> Vec<u8> {
     std::fs::read(out).unwrap_or_default()
 }
 
-const SIZES: &[usize] = &[0, 1, 511, 512, 513, 1024, 1468, 512 * 7, 8192 * 3, 100_003, 3 << 20];
+const SIZES: &[usize] = &[
+    0,
+    1,
+    511,
+    512,
+    513,
+    1024,
+    1468,
+    512 * 7,
+    8192 * 3,
+    100_003,
+    3 << 20,
+];
 
 #[test]
 fn tftp_hpa_fetches_every_size() {
@@ -144,7 +156,9 @@ fn tftp_hpa_fetches_every_size() {
 fn curl_fetches_every_size_and_blksize() {
     let srv = start(TftpConfig::default());
     let out = tempfile::tempdir().unwrap();
-    for (i, &len) in SIZES.iter().enumerate() {
+    // curl 7.88.1 fails every empty file with "(71) getpeername() failed",
+    // against tftpd-hpa too; tftp-hpa covers the empty file.
+    for (i, &len) in SIZES.iter().enumerate().filter(|(_, &l)| l > 0) {
         let data = content(len, i as u64 + 100);
         let name = format!("dir/g{len}");
         srv.put(&name, &data);
@@ -176,7 +190,9 @@ fn block_numbers_wrap_with_curl() {
 fn twenty_parallel_fetches() {
     let srv = start(TftpConfig::default());
     let out = Arc::new(tempfile::tempdir().unwrap());
-    let files: Vec<Vec<u8>> = (0..4).map(|i| content(300_000 + i * 1001, i as u64 + 9)).collect();
+    let files: Vec<Vec<u8>> = (0..4)
+        .map(|i| content(300_000 + i * 1001, i as u64 + 9))
+        .collect();
     for (i, d) in files.iter().enumerate() {
         srv.put(&format!("p{i}"), d);
     }
@@ -265,8 +281,11 @@ fn hostile_requests_get_errors_and_serving_continues() {
     let srv = start(TftpConfig::default());
     let outside = tempfile::tempdir().unwrap();
     std::fs::write(outside.path().join("secret"), b"secret").unwrap();
-    std::os::unix::fs::symlink(outside.path().join("secret"), srv.root.path().join("escape"))
-        .unwrap();
+    std::os::unix::fs::symlink(
+        outside.path().join("secret"),
+        srv.root.path().join("escape"),
+    )
+    .unwrap();
     srv.put("ok", &content(5000, 3));
     let s = raw();
     let mut truncated = rrq(b"ok", &[]);
@@ -309,14 +328,21 @@ fn windowsize_sends_a_window_and_rewinds_on_early_ack() {
     srv.put("w", &data);
     let s = raw();
     s.send_to(
-        &rrq(b"w", &[("blksize", "512"), ("windowsize", "8"), ("tsize", "0")]),
+        &rrq(
+            b"w",
+            &[("blksize", "512"), ("windowsize", "8"), ("tsize", "0")],
+        ),
         srv.addr,
     )
     .unwrap();
     let (oack, tid) = recv(&s);
     assert_eq!(
         oack,
-        format!("\0\x06blksize\x00512\0tsize\0{}\0windowsize\x008\0", data.len()).into_bytes()
+        format!(
+            "\0\x06blksize\x00512\0tsize\0{}\0windowsize\x008\0",
+            data.len()
+        )
+        .into_bytes()
     );
     ack(&s, tid, 0);
     let mut got = Vec::new();
@@ -348,7 +374,13 @@ fn windowsize_sends_a_window_and_rewinds_on_early_ack() {
     assert_eq!(got, data);
     let done = loop {
         match srv.events.blocking_recv().unwrap() {
-            TftpEvent::Completed { file, bytes, blocks, options, .. } => break (file, bytes, blocks, options),
+            TftpEvent::Completed {
+                file,
+                bytes,
+                blocks,
+                options,
+                ..
+            } => break (file, bytes, blocks, options),
             _ => continue,
         }
     };

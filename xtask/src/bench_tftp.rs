@@ -54,7 +54,10 @@ pub fn run() -> Result<()> {
     drop(peer);
 
     eprintln!("\nTFTP, 64 MiB over loopback, MiB/s (median of {RUNS}, same client)");
-    eprintln!("{:<16} {:>7} {:>10} {:>10} {:>12}", "case", "blksize", "ours", "tftpd-hpa", "ours/peer");
+    eprintln!(
+        "{:<16} {:>7} {:>10} {:>10} {:>12}",
+        "case", "blksize", "ours", "tftpd-hpa", "ours/peer"
+    );
     for &(what, bs, _, o, p) in &rows {
         let (ps, rs) = match p {
             Some(p) => (format!("{p:.1}"), format!("{:.2}", o / p)),
@@ -220,7 +223,12 @@ pub fn fetch(server: SocketAddr, name: &str, bs: u16, w: u16, expect: &[u8]) -> 
     loop {
         let n = match s.recv(&mut buf) {
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 timeouts += 1;
                 if timeouts > 10 {
                     bail!("timed out at block {next}");
@@ -262,7 +270,10 @@ pub fn fetch(server: SocketAddr, name: &str, bs: u16, w: u16, expect: &[u8]) -> 
     }
     let t = started.elapsed();
     if len != expect.len() || out[..len] != *expect {
-        bail!("received {len} bytes that differ from the {} expected", expect.len());
+        bail!(
+            "received {len} bytes that differ from the {} expected",
+            expect.len()
+        );
     }
     Ok(t)
 }

@@ -276,7 +276,9 @@ impl MapBackend {
         let p = normalize(path)?;
         let files = self.files.read().unwrap_or_else(|e| e.into_inner());
         let key = (Some(client), p);
-        let data = files.get(&key).or_else(|| files.get(&(None, key.1.clone())));
+        let data = files
+            .get(&key)
+            .or_else(|| files.get(&(None, key.1.clone())));
         data.map(|d| TftpFile::from_bytes(d.clone()))
             .ok_or_else(|| TftpError::NotFound {
                 path: path.to_string(),
@@ -306,7 +308,13 @@ mod tests {
             Path::new("boot/x86/wdsnbp.com")
         );
         assert_eq!(normalize("a/./b//c").unwrap(), Path::new("a/b/c"));
-        for bad in ["../etc/passwd", "a/../../b", "//etc/passwd", "a\0b", "..\\x"] {
+        for bad in [
+            "../etc/passwd",
+            "a/../../b",
+            "//etc/passwd",
+            "a\0b",
+            "..\\x",
+        ] {
             let e = normalize(bad).unwrap_err();
             assert_eq!(e.code(), ErrorCode::AccessViolation, "{bad:?}");
         }

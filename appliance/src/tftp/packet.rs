@@ -467,8 +467,15 @@ mod tests {
 
     #[test]
     fn netascii_is_accepted_mail_is_not() {
-        let p = Packet::parse(&rrq(b"f", b"netascii", &[])).unwrap();
-        assert!(matches!(p, Packet::Rrq(Request { mode: Mode::Netascii, .. })));
+        let b = rrq(b"f", b"netascii", &[]);
+        let p = Packet::parse(&b).unwrap();
+        assert!(matches!(
+            p,
+            Packet::Rrq(Request {
+                mode: Mode::Netascii,
+                ..
+            })
+        ));
         assert_eq!(
             Packet::parse(&rrq(b"f", b"mail", &[])),
             Err(PacketError::BadMode("mail".into()))
@@ -477,10 +484,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_requests() {
-        assert_eq!(
-            Packet::parse(&[0]),
-            Err(PacketError::TooShort { len: 1 })
-        );
+        assert_eq!(Packet::parse(&[0]), Err(PacketError::TooShort { len: 1 }));
         assert_eq!(
             Packet::parse(b"\0\x01file"),
             Err(PacketError::Unterminated { field: "file name" })
@@ -507,7 +511,10 @@ mod tests {
             Packet::parse(&rrq(b"a\0b", b"octet", &[])),
             Err(PacketError::BadMode("b".into()))
         );
-        assert_eq!(Packet::parse(&[0, 9, 0, 0]), Err(PacketError::UnknownOpcode(9)));
+        assert_eq!(
+            Packet::parse(&[0, 9, 0, 0]),
+            Err(PacketError::UnknownOpcode(9))
+        );
         // Option without its value.
         assert_eq!(
             Packet::parse(b"\0\x01f\0octet\0blksize\0"),
@@ -565,7 +572,10 @@ mod tests {
         );
         assert_eq!(
             Packet::parse(b"\0\x03\0\x07").unwrap(),
-            Packet::Data { block: 7, data: b"" }
+            Packet::Data {
+                block: 7,
+                data: b""
+            }
         );
         assert_eq!(
             Packet::parse(b"\0\x04\xff\xff").unwrap(),

@@ -263,8 +263,7 @@ impl Transfer {
     /// client. With an unspecified listening address the kernel picks the
     /// source address by route.
     fn socket(&self) -> io::Result<UdpSocket> {
-        let ip = if self.local.is_unspecified() || self.local.is_ipv4() != self.client.is_ipv4()
-        {
+        let ip = if self.local.is_unspecified() || self.local.is_ipv4() != self.client.is_ipv4() {
             match self.client {
                 SocketAddr::V4(_) => IpAddr::from([0u8; 4]),
                 SocketAddr::V6(_) => IpAddr::from([0u16; 8]),
@@ -317,7 +316,12 @@ impl Transfer {
                 match self.recv_ack(sock, &mut rbuf, timeout, 0, 0).await? {
                     Some(_) => break,
                     None if tries < self.cfg.retries => tries += 1,
-                    None => return Err(TransferError::TimedOut { block: 0, retries: tries }),
+                    None => {
+                        return Err(TransferError::TimedOut {
+                            block: 0,
+                            retries: tries,
+                        })
+                    }
                 }
             }
         }
