@@ -9,7 +9,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use appliance::tftp::{serve, DirBackend, TftpConfig, TftpEvent};
+use appliance::tftp::{
+    serve, DirBackend, TftpBackend, TftpConfig, TftpContent, TftpError, TftpEvent, TftpFile,
+};
+use futures_util::future::BoxFuture;
 use tokio::sync::broadcast;
 
 /// Path of a tool, or a failing test saying which package to install.
@@ -48,12 +51,16 @@ struct Server {
 /// Starts a server on its own runtime thread, serving a fresh directory.
 fn start(cfg: TftpConfig) -> Server {
     let root = tempfile::tempdir().unwrap();
+    let backend = Arc::new(DirBackend::new(root.path()).unwrap());
+    start_with(backend, root, cfg)
+}
+
+fn start_with(backend: Arc<dyn TftpBackend>, root: tempfile::TempDir, cfg: TftpConfig) -> Server {
     let (tx, rx) = broadcast::channel(1024);
     let cfg = TftpConfig {
         events: Some(tx),
         ..cfg
     };
-    let backend = Arc::new(DirBackend::new(root.path()).unwrap());
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -446,4 +453,73 @@ fn gives_up_after_the_retries() {
             break;
         }
     }
+}
+
+/// Serves every name as a stream of unknown size (generated content).
+struct StreamBackend(Vec<u8>);
+
+impl TftpBackend for StreamBackend {
+    fn open<'a>(
+        &'a self,
+        _client: SocketAddr,
+        _path: &'a str,
+    ) -> BoxFuture<'a, Result<TftpFile, TftpError>> {
+        let data = self.0.clone();
+        Box::pin(async move {
+            Ok(TftpFile {
+                size: None,
+                content: TftpContent::Stream(Box::new(std::io::Cursor::new(data))),
+            })
+        })
+    }
+}
+
+#[test]
+fn stream_of_unknown_size_rewinds_within_the_window() {
+    let data = content(512 * 20, 13); // a multiple: ends with an empty block
+    let srv = start_with(
+        Arc::new(StreamBackend(data.clone())),
+        tempfile::tempdir().unwrap(),
+        TftpConfig::default(),
+    );
+    let s = raw();
+    s.send_to(
+        &rrq(b"gen", &[("windowsize", "4"), ("tsize", "0")]),
+        srv.addr,
+    )
+    .unwrap();
+    let (oack, tid) = recv(&s);
+    // No tsize: the size is not known.
+    assert_eq!(oack, b"\0\x06windowsize\x004\0");
+    ack(&s, tid, 0);
+    let mut got = Vec::new();
+    for b in 1..=4 {
+        got.extend(expect_data(&s, b).0);
+    }
+    ack(&s, tid, 2);
+    got.truncate(2 * 512);
+    let mut next = 3;
+    loop {
+        let mut last = false;
+        for _ in 0..4 {
+            let (d, _) = expect_data(&s, next);
+            last = d.len() < 512;
+            got.extend(d);
+            next += 1;
+            if last {
+                break;
+            }
+        }
+        ack(&s, tid, next - 1);
+        if last {
+            break;
+        }
+    }
+    assert_eq!(next - 1, 21, "20 full blocks and an empty one");
+    assert_eq!(got, data);
+    // And a real client.
+    let out = tempfile::tempdir().unwrap();
+    let dst = out.path().join("gen");
+    curl_get(srv.addr, "gen", Some(1468), &dst);
+    assert_eq!(read_out(&dst), data);
 }
