@@ -26,3 +26,4 @@ pub mod partition;
 pub mod power;
 pub mod pxe;
 pub mod serve;
+pub mod tftp;

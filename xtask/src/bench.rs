@@ -17,7 +17,8 @@ pub fn run(name: &str, _rest: &[&str]) -> Result<()> {
     match name {
         "builder" => builder_bench(),
         "boot" => crate::bench_boot::run(),
-        other => bail!("unknown benchmark {other:?}; available: builder, boot"),
+        "tftp" => crate::bench_tftp::run(),
+        other => bail!("unknown benchmark {other:?}; available: builder, boot, tftp"),
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_boot;
+mod bench_tftp;
 mod image;
 mod qemu;
 
@@ -28,6 +29,7 @@ fn main() -> Result<()> {
                  qemu [--port N]  build the image if needed and boot it under OVMF\n  \
                  test [ARGS]      install missing test tools, build the image, run every test\n  \
                  bench builder    the builder against mkfs.ext4/mkfs.fat/mcopy/sgdisk/dd/cpio|gzip\n  \
+                 bench tftp       our TFTP server against tftpd-hpa, 64 MiB over loopback\n  \
                  deps             install the Debian packages tests need (as root)"
             );
             bail!("unknown or missing command");
