@@ -62,8 +62,8 @@ const WANTED: [OptionCode; 5] = [
     OptionCode::AddressLeaseTime,
 ];
 
-/// Minimum BOOTP message size.
-const MIN_PACKET: usize = 300;
+/// Minimum BOOTP message size (shared with the server).
+const MIN_PACKET: usize = super::packet::MIN_SEND;
 
 fn base_request(xid: u32, mac: &[u8; 6], kind: MessageType) -> Message {
     let unspecified = Ipv4Addr::UNSPECIFIED;
