@@ -781,3 +781,395 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::boot::DefaultBootBackend;
+    use super::*;
+
+    const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+    const CLIENT_SRC: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68);
+
+    fn mac(n: u8) -> MacAddr {
+        MacAddr([2, 0, 0, 0, 0, n])
+    }
+    fn ip(n: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, n)
+    }
+
+    fn auth_cfg(pool: (u8, u8), reservations: Vec<(MacAddr, Ipv4Addr)>) -> DhcpServerConfig {
+        DhcpServerConfig::new(
+            "lo",
+            SERVER,
+            DhcpMode::Authoritative {
+                pool: (ip(pool.0), ip(pool.1)),
+                subnet: 24,
+                router: Some(SERVER),
+                dns: vec![ip(53)],
+                lease_secs: 3600,
+                reservations,
+            },
+            PathBuf::from("/nonexistent"),
+        )
+    }
+
+    fn handler(cfg: &DhcpServerConfig) -> Handler {
+        Handler::new(cfg, Arc::new(DefaultBootBackend::new("http://10.0.0.1"))).unwrap()
+    }
+
+    fn pkt(kind: MessageType, m: MacAddr, opts: &[(u8, &[u8])]) -> Builder {
+        let mut b = Builder::request(0x1000 + m.0[5] as u32, m, kind);
+        for (c, v) in opts {
+            b.option(*c, v);
+        }
+        b
+    }
+
+    fn send(h: &mut Handler, mut b: Builder, now: u64) -> Outcome {
+        h.handle(&b.finish(), Port::Dhcp, CLIENT_SRC, now).unwrap()
+    }
+
+    fn reply(out: &Outcome) -> Packet<'_> {
+        Packet::parse(&out.reply.as_ref().expect("a reply").bytes).unwrap()
+    }
+
+    fn kinds(out: &Outcome) -> Vec<DhcpEventKind> {
+        out.events.iter().map(|e| e.kind).collect()
+    }
+
+    /// DISCOVER → OFFER → REQUEST → ACK for `m`; returns the address.
+    fn dora(h: &mut Handler, m: MacAddr, opts: &[(u8, &[u8])], now: u64) -> Ipv4Addr {
+        let out = send(h, pkt(MessageType::Discover, m, opts), now);
+        assert_eq!(kinds(&out), [DhcpEventKind::Discover, DhcpEventKind::Offer]);
+        let offer = reply(&out);
+        assert_eq!(offer.msg_type(), Some(MessageType::Offer));
+        let addr = offer.yiaddr();
+        let mut req = pkt(MessageType::Request, m, opts);
+        req.option_ip(opt::REQUESTED_IP, addr)
+            .option_ip(opt::SERVER_ID, SERVER);
+        let out = send(h, req, now);
+        assert_eq!(kinds(&out), [DhcpEventKind::Request, DhcpEventKind::Ack]);
+        let ack = reply(&out);
+        assert_eq!(ack.msg_type(), Some(MessageType::Ack));
+        assert_eq!(ack.yiaddr(), addr);
+        addr
+    }
+
+    #[test]
+    fn dora_gives_network_and_boot_options() {
+        let mut h = handler(&auth_cfg((100, 200), vec![]));
+        let pxe: &[u8] = b"PXEClient:Arch:00000:UNDI:002001";
+        let out = send(&mut h, pkt(MessageType::Discover, mac(1), &[(60, pxe)]), 0);
+        let offer = reply(&out);
+        assert_eq!(offer.op(), super::super::packet::BOOTREPLY);
+        assert_eq!(offer.xid(), 0x1001);
+        assert_eq!(offer.yiaddr(), ip(100));
+        assert_eq!(offer.siaddr(), SERVER);
+        assert_eq!(offer.file(), b"undionly.kpxe");
+        assert_eq!(offer.server_id(), Some(SERVER));
+        assert_eq!(offer.subnet_mask(), Some(Ipv4Addr::new(255, 255, 255, 0)));
+        assert_eq!(offer.option(opt::ROUTER), Some(&[10, 0, 0, 1][..]));
+        assert_eq!(offer.option(opt::DNS), Some(&[10, 0, 0, 53][..]));
+        assert_eq!(offer.lease_time(), Some(3600));
+        assert_eq!(offer.option(opt::BOOTFILE), Some(&b"undionly.kpxe"[..]));
+        assert_eq!(offer.option(opt::TFTP_SERVER), Some(&b"10.0.0.1"[..]));
+        assert_eq!(offer.option(opt::VENDOR_CLASS), Some(&b"PXEClient"[..]));
+        assert_eq!(offer.option(opt::VENDOR_OPTS), None, "only in proxy mode");
+        // Broadcast: the client has no address.
+        assert_eq!(
+            out.reply.as_ref().unwrap().dest,
+            SocketAddrV4::new(Ipv4Addr::BROADCAST, 68)
+        );
+        assert_eq!(out.events[1].detail.as_deref(), Some("undionly.kpxe"));
+        assert_eq!(dora(&mut h, mac(1), &[(60, pxe)], 0), ip(100));
+        // A plain client gets an address and no boot file.
+        let out = send(&mut h, pkt(MessageType::Discover, mac(2), &[]), 0);
+        let offer = reply(&out);
+        assert_eq!(offer.yiaddr(), ip(101));
+        assert_eq!(offer.file(), b"");
+        assert_eq!(offer.option(opt::BOOTFILE), None);
+    }
+
+    #[test]
+    fn boot_answers_per_class() {
+        let mut h = handler(&auth_cfg((100, 200), vec![]));
+        let out = send(
+            &mut h,
+            pkt(
+                MessageType::Discover,
+                mac(3),
+                &[(60, b"PXEClient"), (93, &[0, 7])],
+            ),
+            0,
+        );
+        assert_eq!(reply(&out).file(), b"ipxe.efi");
+        let out = send(
+            &mut h,
+            pkt(
+                MessageType::Discover,
+                mac(4),
+                &[(60, b"HTTPClient:Arch:00016:UNDI:003001"), (93, &[0, 16])],
+            ),
+            0,
+        );
+        let r = reply(&out);
+        assert_eq!(r.file(), b"http://10.0.0.1/boot/ipxe.efi");
+        assert_eq!(r.option(opt::VENDOR_CLASS), Some(&b"HTTPClient"[..]));
+        let out = send(
+            &mut h,
+            pkt(
+                MessageType::Discover,
+                mac(5),
+                &[(60, b"PXEClient:Arch:00000"), (77, b"iPXE")],
+            ),
+            0,
+        );
+        let r = reply(&out);
+        assert_eq!(r.file(), b"http://10.0.0.1/boot/02:00:00:00:00:05.ipxe");
+        assert_eq!(r.option(opt::IPXE_ENCAP), Some(&[176, 1, 1][..]));
+    }
+
+    #[test]
+    fn same_mac_keeps_its_address_and_two_macs_never_share() {
+        let mut h = handler(&auth_cfg((100, 104), vec![]));
+        let a = dora(&mut h, mac(1), &[], 0);
+        let b = dora(&mut h, mac(2), &[], 0);
+        assert_ne!(a, b);
+        assert_eq!(dora(&mut h, mac(1), &[], 10), a);
+        // mac(2) asks for mac(1)'s address: it gets another one, and a
+        // REQUEST for it is NAKed.
+        let out = send(
+            &mut h,
+            {
+                let mut p = pkt(MessageType::Discover, mac(2), &[]);
+                p.option_ip(opt::REQUESTED_IP, a);
+                p
+            },
+            20,
+        );
+        assert_ne!(reply(&out).yiaddr(), a);
+        let mut req = pkt(MessageType::Request, mac(2), &[]);
+        req.option_ip(opt::REQUESTED_IP, a);
+        let out = send(&mut h, req, 20);
+        assert_eq!(reply(&out).msg_type(), Some(MessageType::Nak));
+        assert_eq!(kinds(&out), [DhcpEventKind::Request, DhcpEventKind::Nak]);
+        h.leases_mut().unwrap().check_invariant();
+    }
+
+    #[test]
+    fn reservations_win() {
+        let mut h = handler(&auth_cfg((100, 110), vec![(mac(7), ip(50))]));
+        assert_eq!(dora(&mut h, mac(7), &[], 0), ip(50));
+        assert_eq!(dora(&mut h, mac(8), &[], 0), ip(100));
+        // Nobody else may take the reserved address.
+        let mut req = pkt(MessageType::Request, mac(9), &[]);
+        req.option_ip(opt::REQUESTED_IP, ip(50));
+        let out = send(&mut h, req, 0);
+        assert_eq!(reply(&out).msg_type(), Some(MessageType::Nak));
+    }
+
+    #[test]
+    fn leases_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LEASE_FILE);
+        let cfg = auth_cfg((100, 200), vec![]);
+        let mut h = handler(&cfg);
+        let a = dora(&mut h, mac(1), &[], 0);
+        let b = dora(&mut h, mac(2), &[], 0);
+        h.leases_mut().unwrap().save(&path).unwrap();
+        drop(h);
+        let mut h = handler(&cfg);
+        h.leases_mut().unwrap().load(&path).unwrap();
+        // Renewal (ciaddr set, no server id) keeps the address.
+        let mut renew = pkt(MessageType::Request, mac(2), &[]);
+        renew.ciaddr(b).flags(0);
+        let out = send(&mut h, renew, 100);
+        assert_eq!(reply(&out).msg_type(), Some(MessageType::Ack));
+        assert_eq!(reply(&out).yiaddr(), b);
+        assert_eq!(
+            out.reply.as_ref().unwrap().dest,
+            SocketAddrV4::new(b, 68),
+            "renewals are answered by unicast"
+        );
+        assert_eq!(dora(&mut h, mac(1), &[], 100), a);
+        let c = dora(&mut h, mac(3), &[], 100);
+        assert!(c != a && c != b);
+    }
+
+    #[test]
+    fn exhaustion_is_an_event_and_no_offer() {
+        let mut h = handler(&auth_cfg((100, 101), vec![]));
+        dora(&mut h, mac(1), &[], 0);
+        dora(&mut h, mac(2), &[], 0);
+        let out = send(&mut h, pkt(MessageType::Discover, mac(3), &[]), 0);
+        assert!(out.reply.is_none());
+        assert_eq!(
+            kinds(&out),
+            [DhcpEventKind::Discover, DhcpEventKind::Exhausted]
+        );
+        // An expired lease is reclaimed.
+        let out = send(&mut h, pkt(MessageType::Discover, mac(3), &[]), 4000);
+        assert!(out.reply.is_some());
+    }
+
+    #[test]
+    fn decline_quarantines_and_release_frees() {
+        let mut cfg = auth_cfg((100, 100), vec![]);
+        cfg.decline_secs = 600;
+        let mut h = handler(&cfg);
+        let a = dora(&mut h, mac(1), &[], 0);
+        let mut d = pkt(MessageType::Decline, mac(1), &[]);
+        d.option_ip(opt::REQUESTED_IP, a)
+            .option_ip(opt::SERVER_ID, SERVER);
+        let out = send(&mut h, d, 0);
+        assert!(out.reply.is_none());
+        assert_eq!(kinds(&out), [DhcpEventKind::Decline]);
+        // The only address is quarantined: nobody gets it.
+        let out = send(&mut h, pkt(MessageType::Discover, mac(2), &[]), 10);
+        assert_eq!(
+            kinds(&out),
+            [DhcpEventKind::Discover, DhcpEventKind::Exhausted]
+        );
+        // After the quarantine it is usable again.
+        assert_eq!(dora(&mut h, mac(2), &[], 700), a);
+        let mut r = pkt(MessageType::Release, mac(2), &[]);
+        r.ciaddr(a).option_ip(opt::SERVER_ID, SERVER);
+        let out = send(&mut h, r, 700);
+        assert!(out.reply.is_none());
+        assert_eq!(kinds(&out), [DhcpEventKind::Release]);
+        assert_eq!(dora(&mut h, mac(3), &[], 701), a, "released address is free");
+    }
+
+    #[test]
+    fn nak_cases() {
+        let mut h = handler(&auth_cfg((100, 110), vec![]));
+        let nak = |h: &mut Handler, b: Builder| {
+            let out = send(h, b, 0);
+            let r = reply(&out);
+            assert_eq!(r.msg_type(), Some(MessageType::Nak));
+            assert_eq!(out.reply.as_ref().unwrap().dest.ip(), &Ipv4Addr::BROADCAST);
+            out.events.last().unwrap().detail.clone().unwrap()
+        };
+        // Another network.
+        let mut r = pkt(MessageType::Request, mac(1), &[]);
+        r.option_ip(opt::REQUESTED_IP, Ipv4Addr::new(192, 168, 1, 5));
+        assert!(nak(&mut h, r).contains("not on this network"));
+        // Ours but outside the pool.
+        let mut r = pkt(MessageType::Request, mac(1), &[]);
+        r.option_ip(opt::REQUESTED_IP, ip(250));
+        assert!(nak(&mut h, r).contains("not available"));
+        // Nothing requested.
+        assert!(nak(&mut h, pkt(MessageType::Request, mac(1), &[])).contains("no address"));
+        // Someone else's.
+        let a = dora(&mut h, mac(2), &[], 0);
+        let mut r = pkt(MessageType::Request, mac(1), &[]);
+        r.ciaddr(a);
+        assert!(nak(&mut h, r).contains("another client"));
+        // A REQUEST for another server's offer is not for us: silence, and
+        // our offer is withdrawn.
+        send(&mut h, pkt(MessageType::Discover, mac(3), &[]), 0);
+        let mut r = pkt(MessageType::Request, mac(3), &[]);
+        r.option_ip(opt::REQUESTED_IP, ip(1))
+            .option_ip(opt::SERVER_ID, Ipv4Addr::new(10, 0, 0, 2));
+        let out = send(&mut h, r, 0);
+        assert!(out.reply.is_none());
+        assert!(h.leases_mut().unwrap().lease_of(mac(3)).is_none());
+    }
+
+    #[test]
+    fn inform_is_answered_without_a_lease() {
+        let mut h = handler(&auth_cfg((100, 110), vec![]));
+        let mut i = pkt(MessageType::Inform, mac(1), &[]);
+        i.ciaddr(ip(77)).flags(0);
+        let out = send(&mut h, i, 0);
+        let r = reply(&out);
+        assert_eq!(r.msg_type(), Some(MessageType::Ack));
+        assert_eq!(r.yiaddr(), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(r.lease_time(), None);
+        assert_eq!(r.option(opt::ROUTER), Some(&[10, 0, 0, 1][..]));
+        assert_eq!(out.reply.as_ref().unwrap().dest, SocketAddrV4::new(ip(77), 68));
+    }
+
+    #[test]
+    fn proxy_mode_gives_boot_info_only_to_pxe_clients() {
+        let cfg = DhcpServerConfig::new("lo", SERVER, DhcpMode::Proxy, PathBuf::from("/x"));
+        let mut h = handler(&cfg);
+        let pxe: &[(u8, &[u8])] = &[(60, b"PXEClient:Arch:00007:UNDI:003016"), (93, &[0, 7])];
+        let out = send(&mut h, pkt(MessageType::Discover, mac(1), pxe), 0);
+        let r = reply(&out);
+        assert_eq!(r.msg_type(), Some(MessageType::Offer));
+        assert_eq!(r.yiaddr(), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(r.siaddr(), SERVER);
+        assert_eq!(r.file(), b"ipxe.efi");
+        assert_eq!(r.option(opt::VENDOR_CLASS), Some(&b"PXEClient"[..]));
+        assert_eq!(r.option(opt::VENDOR_OPTS), Some(&[6, 1, 8, 255][..]));
+        assert_eq!(r.lease_time(), None);
+        assert_eq!(r.server_id(), Some(SERVER));
+        // Port 4011: the REQUEST comes from the client's new address and is
+        // answered there.
+        let mut b = pkt(MessageType::Request, mac(1), pxe);
+        b.ciaddr(ip(150)).flags(0);
+        let src = SocketAddrV4::new(ip(150), 68);
+        let out = h.handle(&b.finish(), Port::Pxe, src, 0).unwrap();
+        assert_eq!(out.reply.as_ref().unwrap().dest, src);
+        let r = reply(&out);
+        assert_eq!(r.msg_type(), Some(MessageType::Ack));
+        assert_eq!(r.yiaddr(), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(r.file(), b"ipxe.efi");
+        // Non-PXE clients and REQUESTs for the real server are ignored.
+        let out = send(&mut h, pkt(MessageType::Discover, mac(2), &[]), 0);
+        assert_eq!(out, Outcome::default());
+        let mut r = pkt(MessageType::Request, mac(1), pxe);
+        r.option_ip(opt::SERVER_ID, ip(2));
+        assert!(send(&mut h, r, 0).reply.is_none());
+    }
+
+    #[test]
+    fn hostile_packets_are_dropped_and_serving_continues() {
+        let mut h = handler(&auth_cfg((100, 110), vec![]));
+        let good = pkt(MessageType::Discover, mac(1), &[(60, b"PXEClient")]).finish();
+        let mut bad: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![1],
+            good[..239].to_vec(),
+            vec![0xff; 1501],
+            vec![0; 4000],
+        ];
+        for (at, val) in [(0, 2u8), (1, 6), (2, 16), (236, 0), (242, 2), (241, 0), (240, 60)] {
+            let mut b = good.clone();
+            b[at] = val;
+            bad.push(b);
+        }
+        // Every truncation and every single-byte corruption of the options.
+        for n in 0..good.len() {
+            bad.push(good[..n].to_vec());
+        }
+        for at in 236..260 {
+            for v in [0u8, 1, 53, 255, 0x80] {
+                let mut b = good.clone();
+                b[at] = v;
+                bad.push(b);
+            }
+        }
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            let mut b = good.clone();
+            for _ in 0..4 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = 236 + (x as usize % (b.len() - 236));
+                b[at] = (x >> 32) as u8;
+            }
+            bad.push(b);
+        }
+        for b in &bad {
+            for port in [Port::Dhcp, Port::Pxe] {
+                let _ = h.handle(b, port, CLIENT_SRC, 0);
+            }
+        }
+        h.leases_mut().unwrap().check_invariant();
+        // Still serving.
+        assert!(h.handle(&good, Port::Dhcp, CLIENT_SRC, 0).unwrap().reply.is_some());
+    }
+}
