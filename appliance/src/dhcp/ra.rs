@@ -59,22 +59,14 @@ pub fn build_router_advertisement(mac: Option<MacAddr>) -> Vec<u8> {
     p
 }
 
-fn ifindex(iface: &str) -> anyhow::Result<u32> {
-    let path = format!("/sys/class/net/{iface}/ifindex");
-    std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {path}"))?
-        .trim()
-        .parse()
-        .with_context(|| format!("parsing {path}"))
-}
-
 /// Answers router solicitations on `iface` until an error.
 pub async fn serve_router_advertisements(iface: &str) -> anyhow::Result<()> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let index = ifindex(iface)?;
     let mac = super::server::iface_mac(iface).ok();
     let s = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))
         .context("opening a raw ICMPv6 socket (needs CAP_NET_RAW)")?;
+    let index = rustix::net::netdevice::name_to_index(&s, iface)
+        .with_context(|| format!("looking up the index of {iface}"))?;
     s.bind_device(Some(iface.as_bytes()))
         .with_context(|| format!("binding the ICMPv6 socket to {iface}"))?;
     s.set_multicast_hops_v6(255)?;

@@ -588,7 +588,13 @@ pub fn iface_mac(iface: &str) -> anyhow::Result<MacAddr> {
 /// second). Binds UDP port 68, so run it before a DHCP client starts.
 pub async fn probe_other_servers(iface: &str, timeout: Duration) -> anyhow::Result<Vec<Ipv4Addr>> {
     let sock = async_udp(iface, CLIENT_PORT)?;
-    let mac = iface_mac(iface)?;
+    // The interface's own MAC when sysfs shows it (it does not for a thread
+    // that entered another network namespace); otherwise a random locally
+    // administered one. Replies are broadcast either way.
+    let mac = iface_mac(iface).unwrap_or_else(|_| {
+        let b = uuid::Uuid::new_v4().into_bytes();
+        MacAddr([(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]])
+    });
     let xid = u32::from_be_bytes(uuid::Uuid::new_v4().as_bytes()[..4].try_into()?);
     let discover = {
         let mut b = Builder::request(xid, mac, MessageType::Discover);
@@ -1037,7 +1043,11 @@ mod tests {
         let out = send(&mut h, r, 700);
         assert!(out.reply.is_none());
         assert_eq!(kinds(&out), [DhcpEventKind::Release]);
-        assert_eq!(dora(&mut h, mac(3), &[], 701), a, "released address is free");
+        assert_eq!(
+            dora(&mut h, mac(3), &[], 701),
+            a,
+            "released address is free"
+        );
     }
 
     #[test]
@@ -1087,7 +1097,10 @@ mod tests {
         assert_eq!(r.yiaddr(), Ipv4Addr::UNSPECIFIED);
         assert_eq!(r.lease_time(), None);
         assert_eq!(r.option(opt::ROUTER), Some(&[10, 0, 0, 1][..]));
-        assert_eq!(out.reply.as_ref().unwrap().dest, SocketAddrV4::new(ip(77), 68));
+        assert_eq!(
+            out.reply.as_ref().unwrap().dest,
+            SocketAddrV4::new(ip(77), 68)
+        );
     }
 
     #[test]
@@ -1135,7 +1148,15 @@ mod tests {
             vec![0xff; 1501],
             vec![0; 4000],
         ];
-        for (at, val) in [(0, 2u8), (1, 6), (2, 16), (236, 0), (242, 2), (241, 0), (240, 60)] {
+        for (at, val) in [
+            (0, 2u8),
+            (1, 6),
+            (2, 16),
+            (236, 0),
+            (242, 2),
+            (241, 0),
+            (240, 60),
+        ] {
             let mut b = good.clone();
             b[at] = val;
             bad.push(b);
@@ -1170,6 +1191,10 @@ mod tests {
         }
         h.leases_mut().unwrap().check_invariant();
         // Still serving.
-        assert!(h.handle(&good, Port::Dhcp, CLIENT_SRC, 0).unwrap().reply.is_some());
+        assert!(h
+            .handle(&good, Port::Dhcp, CLIENT_SRC, 0)
+            .unwrap()
+            .reply
+            .is_some());
     }
 }
