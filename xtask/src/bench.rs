@@ -16,6 +16,7 @@ use crate::root;
 pub fn run(name: &str, _rest: &[&str]) -> Result<()> {
     match name {
         "builder" => builder_bench(),
+        "dhcp" => crate::bench_dhcp::run(),
         other => bail!("unknown benchmark {other:?}; available: builder"),
     }
 }

@@ -2,6 +2,7 @@
 //! set-up, `bench <name>` runs a benchmark against its peer in the same run.
 
 mod bench;
+mod bench_dhcp;
 mod image;
 mod qemu;
 
