@@ -19,6 +19,7 @@ pub mod events;
 pub mod hwinfo;
 pub mod init;
 pub mod modules;
+pub mod network;
 pub mod mount;
 pub mod net;
 pub mod node;

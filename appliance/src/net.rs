@@ -1,6 +1,6 @@
 //! Network bring-up: interface discovery through sysfs, link/address/route
 //! changes through rtnetlink, and the uplink's address from DHCP
-//! ([`crate::dhcp`]) or the static `ip` setting.
+//! ([`crate::dhcp::client`]) or the static `ip` setting.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -213,11 +213,12 @@ async fn configure(
             let mac = parse_mac(&mac_text)
                 .ok_or_else(|| anyhow!("bad MAC address {mac_text:?} on {iface}"))?;
             let name = iface.to_owned();
-            let lease =
-                tokio::task::spawn_blocking(move || crate::dhcp::acquire(&name, mac, dhcp_total))
-                    .await
-                    .context("joining the DHCP task")??;
-            if let Some(text) = crate::dhcp::resolv_conf(&lease) {
+            let lease = tokio::task::spawn_blocking(move || {
+                crate::dhcp::client::acquire(&name, mac, dhcp_total)
+            })
+            .await
+            .context("joining the DHCP task")??;
+            if let Some(text) = crate::dhcp::client::resolv_conf(&lease) {
                 let _ = std::fs::create_dir_all("/etc");
                 if let Err(e) = std::fs::write("/etc/resolv.conf", text) {
                     tracing::warn!(error = %e, "writing /etc/resolv.conf failed");

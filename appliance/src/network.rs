@@ -265,7 +265,8 @@ impl Networks {
         std_sock.set_nonblocking(true).ok();
         let sock = tokio::net::UdpSocket::from_std(std_sock)
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "tftp_bind", e.to_string()))?;
-        let (cfg, rx) = crate::tftp::TftpConfig::with_events();
+        let (tx, rx) = broadcast::channel(1024);
+        let cfg = crate::tftp::TftpConfig { events: Some(tx), ..Default::default() };
         let events = self.events.clone();
         let ip_mac = self.ip_mac.clone();
         tokio::spawn(bridge_tftp(rx, events, ip_mac));
@@ -304,12 +305,28 @@ async fn bridge_tftp(
     loop {
         match rx.recv().await {
             Ok(e) => {
-                let client = e.client();
+                use crate::tftp::TftpEvent;
+                let (kind, client, detail) = match &e {
+                    TftpEvent::Started { client, file, .. } => ("tftp.start", *client, serde_json::json!({ "file": file })),
+                    TftpEvent::Completed { client, file, bytes, blocks, duration, options } => (
+                        "tftp.transfer",
+                        *client,
+                        serde_json::json!({
+                            "file": file, "bytes": bytes, "blocks": blocks,
+                            "ms": duration.as_millis() as u64, "options": format!("{options:?}"),
+                        }),
+                    ),
+                    TftpEvent::Failed { client, file, error } => {
+                        ("tftp.failed", *client, serde_json::json!({ "file": file, "error": error }))
+                    }
+                };
                 let mac = match client.ip() {
                     std::net::IpAddr::V4(v4) => ip_mac.lock().unwrap_or_else(|p| p.into_inner()).get(&v4).cloned(),
                     _ => None,
                 };
-                events.publish(&format!("tftp.{}", e.kind()), mac.as_deref(), serde_json::to_value(&e).unwrap_or_default());
+                let mut detail = detail;
+                detail["client"] = serde_json::json!(client.to_string());
+                events.publish(kind, mac.as_deref(), detail);
             }
             Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => return,

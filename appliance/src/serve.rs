@@ -85,7 +85,10 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         crate::console::marker(&format!("serving on {addr}"));
     }
     let events = crate::events::Events::new();
+    let networks = crate::network::Networks::new(&opts.data, events.clone());
+    networks.restore().await;
     let app = api::router(state)
+        .merge(crate::network::router(networks))
         .merge(crate::events::router(events.clone()))
         .merge(crate::agents::router(crate::agents::Agents::open(
             &opts.data,

@@ -17,8 +17,9 @@ pub fn run(name: &str, _rest: &[&str]) -> Result<()> {
     match name {
         "builder" => builder_bench(),
         "boot" => crate::bench_boot::run(),
+        "dhcp" => crate::bench_dhcp::run(),
         "tftp" => crate::bench_tftp::run(),
-        other => bail!("unknown benchmark {other:?}; available: builder, boot, tftp"),
+        other => bail!("unknown benchmark {other:?}; available: builder, boot, dhcp, tftp"),
     }
 }
 

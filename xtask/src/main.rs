@@ -4,6 +4,7 @@
 mod bench;
 mod bench_boot;
 mod bench_tftp;
+mod bench_dhcp;
 mod image;
 mod qemu;
 

@@ -62,8 +62,8 @@ const WANTED: [OptionCode; 5] = [
     OptionCode::AddressLeaseTime,
 ];
 
-/// Minimum BOOTP message size.
-const MIN_PACKET: usize = 300;
+/// Minimum BOOTP message size (shared with the server).
+const MIN_PACKET: usize = super::packet::MIN_SEND;
 
 fn base_request(xid: u32, mac: &[u8; 6], kind: MessageType) -> Message {
     let unspecified = Ipv4Addr::UNSPECIFIED;
@@ -216,6 +216,22 @@ fn open_socket(iface: &str) -> std::io::Result<std::net::UdpSocket> {
     Ok(sock.into())
 }
 
+/// The source address the kernel would put on a broadcast from `iface`.
+/// A DHCP client must send from 0.0.0.0 (RFC 2131 §4.1); with a UDP socket
+/// the kernel picks the address of another interface when there is one,
+/// and a server on this host then drops the DISCOVER as a martian (that is
+/// why busybox udhcpd in the same namespace never answered).
+fn kernel_source(iface: &str) -> std::io::Result<Ipv4Addr> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_broadcast(true)?;
+    s.bind_device(Some(iface.as_bytes()))?;
+    s.connect(&SocketAddrV4::new(Ipv4Addr::BROADCAST, 67).into())?;
+    Ok(s.local_addr()?
+        .as_socket_ipv4()
+        .map_or(Ipv4Addr::UNSPECIFIED, |a| *a.ip()))
+}
+
 /// Sends `packet` and waits up to `wait` for a reply accepted by `accept`.
 fn exchange(
     sock: &std::net::UdpSocket,
@@ -255,6 +271,14 @@ fn exchange(
 pub fn acquire(iface: &str, mac: [u8; 6], total: Duration) -> anyhow::Result<Lease> {
     use anyhow::Context;
     let sock = open_socket(iface).with_context(|| format!("opening DHCP socket on {iface}"))?;
+    match kernel_source(iface) {
+        Ok(src) if !src.is_unspecified() => tracing::warn!(
+            %src,
+            "DHCP requests on {iface} leave with source {src}, not 0.0.0.0; a server on this host will ignore them"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "cannot tell the source address"),
+    }
     let start = Instant::now();
     let mut wait = Duration::from_secs(1);
     let mut attempt = 0u32;
