@@ -14,6 +14,7 @@ pub mod contract;
 pub mod degraded;
 pub mod dhcp;
 pub mod init;
+pub mod modalias;
 pub mod modules;
 pub mod mount;
 pub mod net;
