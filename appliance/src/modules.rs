@@ -375,7 +375,7 @@ pub fn load_parallel(
             match pick {
                 Some(i) => break Some(i),
                 None if !pending => break None,
-                None if states.iter().any(|s| *s == State::Running) => {
+                None if states.contains(&State::Running) => {
                     guard = changed.wait(guard).unwrap_or_else(|e| e.into_inner());
                 }
                 // Only unreachable dependencies left (a cycle in bad input):
