@@ -6,7 +6,8 @@
 //! timestamps, so markers and kernel lines can be compared directly. Parse
 //! with the regex `^\[\s*(\d+\.\d+)\] appliance: (.*)$`.
 //!
-//! Events printed by init: `init started`, `network up <iface> <addr>/<prefix>`,
+//! Events printed by init: `init started`, `modules loaded <n>/<planned>`,
+//! `network up <iface> <addr>/<prefix>`,
 //! `network degraded <reason>`, `data mounted <dev>`, `data on tmpfs`,
 //! `serving on <addr>` (printed by the `serve` child once bound),
 //! `server exited <status>`, `powering off`, `rebooting`.

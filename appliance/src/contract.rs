@@ -11,6 +11,14 @@ use rustix::process::Signal;
 /// uncompressed `.ko` per line, in dependency order. `#` starts a comment.
 pub const MODULES_LIST: &str = "/etc/appliance/modules.list";
 
+/// Module load plan written by the image builder (format in
+/// [`crate::modules`]): each module with whether the image names it, its
+/// dependencies and its aliases, so init loads only what the devices need.
+pub const MODULES_PLAN: &str = "/etc/appliance/modules.plan";
+
+/// Where init looks for device modaliases (`<bus>/devices/*/modalias`).
+pub const SYS_BUS: &str = "/sys/bus";
+
 /// Degraded reasons known to init, one per line; `serve` re-reads it on every
 /// `/api/v1/version` request, so init may append reasons later.
 pub const DEGRADED_FILE: &str = "/run/appliance/degraded";

@@ -1,7 +1,9 @@
 //! `appliance init`: PID 1 on the booted image.
 //!
 //! Boot sequence: mount the pseudo filesystems and attach the console, read
-//! the kernel command line, load the modules in `modules.list`, read the
+//! the kernel command line, load the modules `modules.plan` selects for the
+//! devices present (every module in `modules.list` when there is no plan;
+//! a background thread keeps loading for devices that appear late), read the
 //! first-boot config (fw_cfg, then the ESP), wait up to 10 s for the
 //! `appliance-data` partition and mount it at `/data` (a tmpfs when it is
 //! missing or unmountable, so the server still runs, with a degraded reason
@@ -32,7 +34,7 @@ use crate::config::{self, BootConfig, Mode, Problem, Setting, Source};
 use crate::console::marker;
 use crate::contract::{
     DATA_DIR, DATA_PARTNAME, DEGRADED_FILE, ENV_UNDER_INIT, ESP_CONFIG, ESP_MOUNT, ESP_PARTNAMES,
-    FW_CFG_CONFIG, MODULES_LIST, RUN_DIR,
+    FW_CFG_CONFIG, MODULES_LIST, MODULES_PLAN, RUN_DIR, SYS_BUS,
 };
 
 /// Test hook: when set, init keeps the stdio it was started with instead of
@@ -41,6 +43,10 @@ pub const ENV_KEEP_STDIO: &str = "APPLIANCE_INIT_KEEP_STDIO";
 
 /// How long to wait for the data partition to appear.
 const DATA_WAIT: Duration = Duration::from_secs(10);
+/// How often and how long to look for devices that appear after boot-time
+/// module loading (USB enumeration, SCSI scans, usb-storage's settle delay).
+const LATE_EVERY: Duration = Duration::from_millis(250);
+const LATE_FOR: Duration = Duration::from_secs(15);
 /// How long DHCP keeps trying before the network is declared degraded.
 const DHCP_TOTAL: Duration = Duration::from_secs(60);
 /// How long the server gets to stop at shutdown.
@@ -114,9 +120,7 @@ fn boot_and_supervise(set_log: SetLogFilter<'_>) -> Result<std::convert::Infalli
     let (early_cfg, _) = config::resolve(&cmdline_settings);
     apply_log_filter(set_log, early_cfg.log.as_deref());
 
-    for reason in crate::modules::load_all(Path::new(MODULES_LIST)) {
-        degrade(&reason);
-    }
+    load_modules();
 
     // A PXE-booted agent runs from its initramfs alone: no data partition
     // to wait for (its disks are what it works on).
@@ -145,6 +149,34 @@ fn boot_and_supervise(set_log: SetLogFilter<'_>) -> Result<std::convert::Infalli
     let action = rt.block_on(supervise(&cfg))?;
     drop(rt);
     shutdown(action, data_is_partition)
+}
+
+/// Loads the modules the present devices need and starts the thread that
+/// loads more for devices appearing later (USB, SCSI disks).
+fn load_modules() {
+    let state = crate::modules::load_for_devices(
+        Path::new(MODULES_PLAN),
+        Path::new(MODULES_LIST),
+        Path::new(SYS_BUS),
+    );
+    let names = state.loaded_names();
+    marker(&format!(
+        "modules loaded {}/{}",
+        state.loaded.len(),
+        state.planned
+    ));
+    tracing::info!(modules = %names.join(" "), "modules loaded");
+    for reason in &state.failures {
+        degrade(reason);
+    }
+    if let Some(late) = crate::modules::LateDevices::new(state) {
+        let spawned = std::thread::Builder::new()
+            .name("late-modules".into())
+            .spawn(|| late.watch(Path::new(SYS_BUS), LATE_EVERY, LATE_FOR, &degrade));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "starting the late module loader failed");
+        }
+    }
 }
 
 fn apply_log_filter(set_log: SetLogFilter<'_>, filter: Option<&str>) {

@@ -18,6 +18,7 @@ pub mod dhcp;
 pub mod events;
 pub mod hwinfo;
 pub mod init;
+pub mod modalias;
 pub mod modules;
 pub mod network;
 pub mod mount;

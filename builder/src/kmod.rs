@@ -7,6 +7,22 @@
 //! the postinst), so dependencies come from each module's own `.modinfo` ELF
 //! section (`depends=` and `softdep=pre:`), read only for the modules in the
 //! closure. `modules.builtin` (shipped) says which names need no file.
+//!
+//! Besides the flat order, [`ModuleIndex::load_plan`] keeps what PID 1 needs
+//! to load only the modules the machine's devices ask for: whether the image
+//! definition names a module, its direct dependencies and its `alias=`
+//! patterns. [`format_plan`] writes that as `modules.plan`:
+//!
+//! ```text
+//! # appliance.modules.plan.v1
+//! <abs path>\t<named: 0|1>\t<dep abs paths, comma-separated>\t<aliases, space-separated>
+//! ```
+//!
+//! One line per module, dependencies before dependents; every dependency is
+//! an earlier line; empty fields are empty strings; lines starting with `#`
+//! are comments. Dependencies are `depends=` plus the `softdep=pre:` modules
+//! that are in the closure. Aliases containing whitespace (none in Linux
+//! today) are left out, since they could not be written unambiguously.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -43,6 +59,43 @@ pub struct ModuleIndex {
 pub struct ModInfo {
     pub depends: Vec<String>,
     pub soft_pre: Vec<String>,
+    /// `alias=` values: device match patterns (`pci:v00001AF4d00001000sv*…`)
+    /// and other names (`fs-ext4`, `crypto-crc32c`), in `.modinfo` order.
+    pub aliases: Vec<String>,
+}
+
+/// One module of the load plan ([`ModuleIndex::load_plan`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedModule {
+    /// Path relative to `lib/modules/<ver>/`.
+    pub path: String,
+    /// Whether the image definition names it (rather than only needing it).
+    pub named: bool,
+    /// Direct dependencies (paths as above), each an earlier entry.
+    pub deps: Vec<String>,
+    /// `alias=` patterns, without ones that contain whitespace.
+    pub aliases: Vec<String>,
+}
+
+/// First line of `modules.plan`.
+pub const PLAN_HEADER: &str = "# appliance.modules.plan.v1";
+
+/// Writes `modules.plan` (format in the module docs); `base` is the module
+/// directory without slashes around it, e.g. `lib/modules/6.1.0-1-amd64`.
+pub fn format_plan(base: &str, plan: &[PlannedModule]) -> String {
+    let abs = |p: &str| format!("/{base}/{p}");
+    let mut out = format!("{PLAN_HEADER}\n");
+    for m in plan {
+        let deps: Vec<String> = m.deps.iter().map(|d| abs(d)).collect();
+        out.push_str(&format!(
+            "{}\t{}\t{}\t{}\n",
+            abs(&m.path),
+            u8::from(m.named),
+            deps.join(","),
+            m.aliases.join(" ")
+        ));
+    }
+    out
 }
 
 impl ModuleIndex {
@@ -69,18 +122,39 @@ impl ModuleIndex {
     pub fn load_order(
         &self,
         wanted: &[String],
-        mut modinfo: impl FnMut(&str) -> Result<ModInfo, KmodError>,
+        modinfo: impl FnMut(&str) -> Result<ModInfo, KmodError>,
     ) -> Result<Vec<String>, KmodError> {
+        Ok(self
+            .load_plan(wanted, modinfo)?
+            .into_iter()
+            .map(|m| m.path)
+            .collect())
+    }
+
+    /// [`ModuleIndex::load_order`] with, for every module, whether `wanted`
+    /// names it, its direct dependencies in the closure and its aliases.
+    pub fn load_plan(
+        &self,
+        wanted: &[String],
+        mut modinfo: impl FnMut(&str) -> Result<ModInfo, KmodError>,
+    ) -> Result<Vec<PlannedModule>, KmodError> {
         let mut out = Vec::new();
         let mut done = BTreeSet::new();
         let mut active = BTreeSet::new();
+        let mut named = BTreeSet::new();
         for w in wanted {
             let n = module_name(w);
             match self.by_name.get(&n) {
-                Some(p) => self.visit(p, &mut out, &mut done, &mut active, &mut modinfo)?,
+                Some(p) => {
+                    named.insert(p.clone());
+                    self.visit(p, &mut out, &mut done, &mut active, &mut modinfo)?
+                }
                 None if self.builtin.contains(&n) => {}
                 None => return Err(KmodError::Unknown(w.clone())),
             }
+        }
+        for m in &mut out {
+            m.named = named.contains(&m.path);
         }
         Ok(out)
     }
@@ -88,7 +162,7 @@ impl ModuleIndex {
     fn visit(
         &self,
         path: &str,
-        out: &mut Vec<String>,
+        out: &mut Vec<PlannedModule>,
         done: &mut BTreeSet<String>,
         active: &mut BTreeSet<String>,
         modinfo: &mut dyn FnMut(&str) -> Result<ModInfo, KmodError>,
@@ -100,17 +174,28 @@ impl ModuleIndex {
             return Err(KmodError::Cycle(path.to_string()));
         }
         let info = modinfo(path)?;
+        let mut deps: Vec<String> = Vec::new();
         for s in &info.soft_pre {
             if let Some(p) = self.by_name.get(&module_name(s)) {
                 if !active.contains(p) {
                     self.visit(p, out, done, active, modinfo)?;
+                }
+                // A soft dependency still being visited (a cycle through a
+                // softdep) comes later, so it cannot be a dependency.
+                if done.contains(p) && !deps.contains(p) {
+                    deps.push(p.clone());
                 }
             }
         }
         for d in &info.depends {
             let n = module_name(d);
             match self.by_name.get(&n) {
-                Some(p) => self.visit(p, out, done, active, modinfo)?,
+                Some(p) => {
+                    self.visit(p, out, done, active, modinfo)?;
+                    if !deps.contains(p) {
+                        deps.push(p.clone());
+                    }
+                }
                 None if self.builtin.contains(&n) => {}
                 None => {
                     return Err(KmodError::BadModule {
@@ -120,9 +205,20 @@ impl ModuleIndex {
                 }
             }
         }
+        let mut aliases: Vec<String> = Vec::new();
+        for a in info.aliases {
+            if !a.is_empty() && !a.chars().any(char::is_whitespace) && !aliases.contains(&a) {
+                aliases.push(a);
+            }
+        }
         active.remove(path);
         done.insert(path.to_string());
-        out.push(path.to_string());
+        out.push(PlannedModule {
+            path: path.to_string(),
+            named: false,
+            deps,
+            aliases,
+        });
         Ok(())
     }
 }
@@ -134,7 +230,9 @@ pub fn parse_modinfo(section: &[u8]) -> ModInfo {
         let Ok(kv) = std::str::from_utf8(kv) else {
             continue;
         };
-        if let Some(d) = kv.strip_prefix("depends=") {
+        if let Some(a) = kv.strip_prefix("alias=") {
+            info.aliases.push(a.to_string());
+        } else if let Some(d) = kv.strip_prefix("depends=") {
             info.depends
                 .extend(d.split(',').filter(|s| !s.is_empty()).map(str::to_string));
         } else if let Some(s) = kv.strip_prefix("softdep=") {
@@ -310,10 +408,65 @@ mod tests {
             parse_modinfo(sec),
             ModInfo {
                 depends: vec!["foo".into(), "bar".into()],
-                soft_pre: vec!["baz".into()]
+                soft_pre: vec!["baz".into()],
+                aliases: vec![],
             }
         );
         assert!(modinfo_section(b"\x28\xb5\x2f\xfd").is_err());
         assert!(modinfo_section(&elf[..100]).is_err());
+    }
+
+    #[test]
+    fn modinfo_aliases_in_order() {
+        let mi = parse_modinfo(
+            b"alias=virtio:d00000001v*\0depends=net_failover\0alias=pci:v00001AF4d00001000sv*sd*bc*sc*i*\0\0",
+        );
+        assert_eq!(
+            mi.aliases,
+            ["virtio:d00000001v*", "pci:v00001AF4d00001000sv*sd*bc*sc*i*"]
+        );
+        assert_eq!(mi.depends, ["net_failover"]);
+    }
+
+    #[test]
+    fn plan_records_named_deps_and_aliases() {
+        let paths = [
+            "kernel/drivers/net/virtio_net.ko",
+            "kernel/drivers/net/net_failover.ko",
+            "kernel/net/core/failover.ko",
+            "kernel/fs/ext4/ext4.ko",
+            "kernel/crypto/crc32c_generic.ko",
+        ];
+        let ix = ModuleIndex::new(paths, "kernel/lib/crc16.ko\n");
+        let mi = |p: &str| {
+            Ok(match module_name(p).as_str() {
+                "virtio_net" => parse_modinfo(
+                    b"alias=virtio:d00000001v*\0alias=virtio:d00000001v*\0alias=bad alias\0depends=net_failover,failover\0",
+                ),
+                "net_failover" => info("failover", ""),
+                "ext4" => parse_modinfo(
+                    b"alias=fs-ext4\0alias=ext3\0depends=crc16\0softdep=pre: crc32c_generic\0",
+                ),
+                _ => ModInfo::default(),
+            })
+        };
+        let plan = ix
+            .load_plan(&["virtio_net".into(), "ext4".into()], mi)
+            .unwrap();
+        let text = format_plan("lib/modules/6.1", &plan);
+        assert_eq!(
+            text,
+            "# appliance.modules.plan.v1\n\
+             /lib/modules/6.1/kernel/net/core/failover.ko\t0\t\t\n\
+             /lib/modules/6.1/kernel/drivers/net/net_failover.ko\t0\t/lib/modules/6.1/kernel/net/core/failover.ko\t\n\
+             /lib/modules/6.1/kernel/drivers/net/virtio_net.ko\t1\t/lib/modules/6.1/kernel/drivers/net/net_failover.ko,/lib/modules/6.1/kernel/net/core/failover.ko\tvirtio:d00000001v*\n\
+             /lib/modules/6.1/kernel/crypto/crc32c_generic.ko\t0\t\t\n\
+             /lib/modules/6.1/kernel/fs/ext4/ext4.ko\t1\t/lib/modules/6.1/kernel/crypto/crc32c_generic.ko\tfs-ext4 ext3\n"
+        );
+        assert_eq!(
+            ix.load_order(&["virtio_net".into(), "ext4".into()], mi)
+                .unwrap(),
+            plan.iter().map(|m| m.path.clone()).collect::<Vec<_>>()
+        );
     }
 }

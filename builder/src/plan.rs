@@ -181,9 +181,10 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
         let mut loaded = Vec::new();
         if let Some(m) = &k.modules_from {
             let (_, tf) = tree_doc(m.get_ref())?;
-            let (ver, order) = select_modules(&tf, req.blobs, &k.modules).map_err(|e| {
+            let (ver, plan) = select_modules(&tf, req.blobs, &k.modules).map_err(|e| {
                 BuildError::Invalid(format!("kernel modules from input {:?}: {e}", m.get_ref()))
             })?;
+            let order: Vec<&String> = plan.iter().map(|m| &m.path).collect();
             let base = format!("lib/modules/{ver}");
             for p in &order {
                 let full = format!("{base}/{p}");
@@ -212,17 +213,27 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
                     )
                     .map_err(step("initramfs"))?;
             }
+            // The full closure in load order (for reference, and for an
+            // init without plan support) and the load plan PID 1 uses.
             let list: String = order.iter().map(|p| format!("/{base}/{p}\n")).collect();
-            init_tree
-                .insert(
-                    "etc/appliance/modules.list",
-                    Entry {
-                        meta: Meta::new(0o644, req.epoch),
-                        node: Node::File(Content::bytes(list)),
-                    },
-                    meta_dir,
-                )
-                .map_err(step("initramfs"))?;
+            for (path, text) in [
+                ("etc/appliance/modules.list", list),
+                (
+                    "etc/appliance/modules.plan",
+                    kmod::format_plan(&base, &plan),
+                ),
+            ] {
+                init_tree
+                    .insert(
+                        path,
+                        Entry {
+                            meta: Meta::new(0o644, req.epoch),
+                            node: Node::File(Content::bytes(text)),
+                        },
+                        meta_dir,
+                    )
+                    .map_err(step("initramfs"))?;
+            }
             loaded = order.iter().map(|p| kmod::module_name(p)).collect();
             release = Some(ver);
         }
@@ -567,12 +578,12 @@ pub fn hash_sparse(file: &File, extents: &[(u64, u64)], size: u64) -> io::Result
     Ok((Digest(h.finalize().into()), size))
 }
 
-/// The kernel version directory in a tree document and the module load order.
+/// The kernel version directory in a tree document and the module load plan.
 fn select_modules(
     tf: &TreeFile,
     blobs: &dyn BlobSource,
     wanted: &[String],
-) -> Result<(String, Vec<String>), String> {
+) -> Result<(String, Vec<kmod::PlannedModule>), String> {
     let mut versions: Vec<&str> = tf
         .entries
         .iter()
@@ -614,8 +625,8 @@ fn select_modules(
         .filter_map(|e| e.path.strip_prefix(&base))
         .collect();
     let ix = kmod::ModuleIndex::new(paths, &builtin);
-    let order = ix
-        .load_order(wanted, |rel| {
+    let plan = ix
+        .load_plan(wanted, |rel| {
             let bad = |why: String| kmod::KmodError::BadModule {
                 path: rel.to_string(),
                 why,
@@ -633,7 +644,7 @@ fn select_modules(
             ))
         })
         .map_err(|e| e.to_string())?;
-    Ok((ver, order))
+    Ok((ver, plan))
 }
 
 /// Add the entries a definition lists to a tree.
