@@ -47,6 +47,9 @@ pub struct Events {
 struct Inner {
     ring: Mutex<(u64, VecDeque<Event>)>,
     tx: broadcast::Sender<Event>,
+    /// Client address → MAC, learnt from DHCP, so TFTP and HTTP events
+    /// (which only see an address) can name the machine.
+    neighbours: Mutex<std::collections::HashMap<std::net::IpAddr, String>>,
 }
 
 impl Default for Events {
@@ -62,8 +65,28 @@ impl Events {
             inner: Arc::new(Inner {
                 ring: Mutex::new((0, VecDeque::new())),
                 tx,
+                neighbours: Default::default(),
             }),
         }
+    }
+
+    /// Remember that `ip` belongs to `mac` (from a DHCP ack).
+    pub fn learn(&self, ip: std::net::IpAddr, mac: &str) {
+        self.inner
+            .neighbours
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ip, mac.to_string());
+    }
+
+    /// The MAC last seen with `ip`.
+    pub fn mac_of(&self, ip: std::net::IpAddr) -> Option<String> {
+        self.inner
+            .neighbours
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ip)
+            .cloned()
     }
 
     /// Record an event.

@@ -9,10 +9,10 @@
 //! main server on port 80. The choice is node-local state, persisted in
 //! `<data>/state/networks.json` and restored at start.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path as UrlPath, State};
@@ -73,20 +73,40 @@ pub fn plan(spec: &NetworkSpec) -> Result<Plan, ApiError> {
     if spec.iface.is_empty() || spec.iface.len() > 15 || spec.iface.contains(['/', '\0', ' ']) {
         return Err(bad(format!("{:?} is not an interface name", spec.iface)));
     }
-    let (a, p) = spec.cidr.split_once('/').ok_or_else(|| bad(format!("cidr {:?}: expected ADDR/PREFIX", spec.cidr)))?;
-    let addr: Ipv4Addr = a.parse().map_err(|_| bad(format!("cidr {:?}: bad address", spec.cidr)))?;
-    let prefix: u8 = p.parse().ok().filter(|p| (8..=30).contains(p)).ok_or_else(|| bad(format!("cidr {:?}: prefix must be 8-30", spec.cidr)))?;
+    let (a, p) = spec
+        .cidr
+        .split_once('/')
+        .ok_or_else(|| bad(format!("cidr {:?}: expected ADDR/PREFIX", spec.cidr)))?;
+    let addr: Ipv4Addr = a
+        .parse()
+        .map_err(|_| bad(format!("cidr {:?}: bad address", spec.cidr)))?;
+    let prefix: u8 = p
+        .parse()
+        .ok()
+        .filter(|p| (8..=30).contains(p))
+        .ok_or_else(|| bad(format!("cidr {:?}: prefix must be 8-30", spec.cidr)))?;
     let mask = u32::MAX << (32 - prefix);
     let net = u32::from(addr) & mask;
     let bcast = net | !mask;
     if u32::from(addr) == net || u32::from(addr) == bcast {
-        return Err(bad(format!("{addr} is the network or broadcast address of {}", spec.cidr)));
+        return Err(bad(format!(
+            "{addr} is the network or broadcast address of {}",
+            spec.cidr
+        )));
     }
     let pool = match &spec.pool {
         Some(p) => {
-            let (s, e) = p.split_once('-').ok_or_else(|| bad(format!("pool {p:?}: expected A-B")))?;
-            let s: Ipv4Addr = s.trim().parse().map_err(|_| bad(format!("pool {p:?}: bad start")))?;
-            let e: Ipv4Addr = e.trim().parse().map_err(|_| bad(format!("pool {p:?}: bad end")))?;
+            let (s, e) = p
+                .split_once('-')
+                .ok_or_else(|| bad(format!("pool {p:?}: expected A-B")))?;
+            let s: Ipv4Addr = s
+                .trim()
+                .parse()
+                .map_err(|_| bad(format!("pool {p:?}: bad start")))?;
+            let e: Ipv4Addr = e
+                .trim()
+                .parse()
+                .map_err(|_| bad(format!("pool {p:?}: bad end")))?;
             (s, e)
         }
         None => {
@@ -96,10 +116,16 @@ pub fn plan(spec: &NetworkSpec) -> Result<Plan, ApiError> {
     };
     let (s, e) = (u32::from(pool.0), u32::from(pool.1));
     if s > e || s & mask != net || e & mask != net || s == net || e == bcast {
-        return Err(bad(format!("pool {}-{} is not inside {}", pool.0, pool.1, spec.cidr)));
+        return Err(bad(format!(
+            "pool {}-{} is not inside {}",
+            pool.0, pool.1, spec.cidr
+        )));
     }
     if (s..=e).contains(&u32::from(addr)) {
-        return Err(bad(format!("pool {}-{} contains our own address {addr}", pool.0, pool.1)));
+        return Err(bad(format!(
+            "pool {}-{} contains our own address {addr}",
+            pool.0, pool.1
+        )));
     }
     Ok(Plan { addr, prefix, pool })
 }
@@ -115,8 +141,6 @@ pub struct Networks {
     inner: Arc<tokio::sync::Mutex<BTreeMap<String, Running>>>,
     data: PathBuf,
     events: Events,
-    /// Client IP → MAC, learnt from DHCP acks, to name TFTP clients.
-    ip_mac: Arc<Mutex<HashMap<Ipv4Addr, String>>>,
 }
 
 /// A network in `GET /api/v1/networks`.
@@ -134,7 +158,6 @@ impl Networks {
             inner: Default::default(),
             data: data.to_path_buf(),
             events,
-            ip_mac: Default::default(),
         }
     }
 
@@ -158,7 +181,9 @@ impl Networks {
 
     /// Start every network saved in node state (at server start).
     pub async fn restore(&self) {
-        let Ok(bytes) = std::fs::read(self.file()) else { return };
+        let Ok(bytes) = std::fs::read(self.file()) else {
+            return;
+        };
         let specs: Vec<NetworkSpec> = match serde_json::from_slice(&bytes) {
             Ok(s) => s,
             Err(e) => {
@@ -180,20 +205,28 @@ impl Networks {
             .lock()
             .await
             .values()
-            .map(|r| NetworkStatus { spec: r.spec.clone(), running: r.tasks.iter().all(|t| !t.is_finished()) })
+            .map(|r| NetworkStatus {
+                spec: r.spec.clone(),
+                running: r.tasks.iter().all(|t| !t.is_finished()),
+            })
             .collect()
     }
 
     pub async fn stop(&self, iface: &str) -> Result<(), ApiError> {
         let mut g = self.inner.lock().await;
-        let r = g
-            .remove(iface)
-            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_network", format!("{iface} is not served")))?;
+        let r = g.remove(iface).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_network",
+                format!("{iface} is not served"),
+            )
+        })?;
         for t in r.tasks {
             t.abort();
         }
         self.persist(&g).await;
-        self.events.publish("network.stop", None, serde_json::json!({ "iface": iface }));
+        self.events
+            .publish("network.stop", None, serde_json::json!({ "iface": iface }));
         Ok(())
     }
 
@@ -207,11 +240,18 @@ impl Networks {
         }
         configure_address(&spec.iface, plan.addr, plan.prefix)
             .await
-            .map_err(|e| ApiError::new(StatusCode::CONFLICT, "iface_unavailable", format!("{}: {e:#}", spec.iface)))?;
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "iface_unavailable",
+                    format!("{}: {e:#}", spec.iface),
+                )
+            })?;
         if spec.mode == Mode::Authoritative && !spec.force {
-            let others = crate::dhcp::server::probe_other_servers(&spec.iface, Duration::from_secs(3))
-                .await
-                .unwrap_or_default();
+            let others =
+                crate::dhcp::server::probe_other_servers(&spec.iface, Duration::from_secs(3))
+                    .await
+                    .unwrap_or_default();
             let others: Vec<_> = others.into_iter().filter(|ip| *ip != plan.addr).collect();
             if !others.is_empty() {
                 return Err(ApiError::new(
@@ -235,7 +275,12 @@ impl Networks {
             },
             Mode::Proxy => DhcpMode::Proxy,
         };
-        let mut cfg = DhcpServerConfig::new(&spec.iface, plan.addr, mode, self.data.join("state").join(&spec.iface));
+        let mut cfg = DhcpServerConfig::new(
+            &spec.iface,
+            plan.addr,
+            mode,
+            self.data.join("state").join(&spec.iface),
+        );
         cfg.force = true; // probed above
         let base = cfg.http_base_url.clone();
         let (tx, rx) = broadcast::channel::<DhcpEvent>(1024);
@@ -247,29 +292,57 @@ impl Networks {
                 tracing::error!(%iface, error = format!("{e:#}"), "DHCP server stopped");
             }
         }));
-        tasks.push(tokio::spawn(bridge_dhcp(rx, self.events.clone(), self.ip_mac.clone())));
+        tasks.push(tokio::spawn(bridge_dhcp(rx, self.events.clone())));
         tasks.push(self.spawn_tftp(plan.addr)?);
-        g.insert(spec.iface.clone(), Running { spec: spec.clone(), tasks });
+        g.insert(
+            spec.iface.clone(),
+            Running {
+                spec: spec.clone(),
+                tasks,
+            },
+        );
         self.persist(&g).await;
-        self.events.publish("network.serve", None, serde_json::to_value(&spec).unwrap_or_default());
-        Ok(NetworkStatus { spec, running: true })
+        self.events.publish(
+            "network.serve",
+            None,
+            serde_json::to_value(&spec).unwrap_or_default(),
+        );
+        Ok(NetworkStatus {
+            spec,
+            running: true,
+        })
     }
 
     fn spawn_tftp(&self, addr: Ipv4Addr) -> Result<JoinHandle<()>, ApiError> {
         let root = self.data.join("release/boot");
         let backend = crate::tftp::DirBackend::new(&root).map_err(|e| {
-            ApiError::new(StatusCode::CONFLICT, "no_boot_files", format!("{}: {e}", root.display()))
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "no_boot_files",
+                format!("{}: {e}", root.display()),
+            )
         })?;
-        let std_sock = std::net::UdpSocket::bind(SocketAddr::from((addr, 69)))
-            .map_err(|e| ApiError::new(StatusCode::CONFLICT, "tftp_bind", format!("binding {addr}:69: {e}")))?;
+        let std_sock = std::net::UdpSocket::bind(SocketAddr::from((addr, 69))).map_err(|e| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "tftp_bind",
+                format!("binding {addr}:69: {e}"),
+            )
+        })?;
         std_sock.set_nonblocking(true).ok();
-        let sock = tokio::net::UdpSocket::from_std(std_sock)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "tftp_bind", e.to_string()))?;
+        let sock = tokio::net::UdpSocket::from_std(std_sock).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "tftp_bind",
+                e.to_string(),
+            )
+        })?;
         let (tx, rx) = broadcast::channel(1024);
-        let cfg = crate::tftp::TftpConfig { events: Some(tx), ..Default::default() };
-        let events = self.events.clone();
-        let ip_mac = self.ip_mac.clone();
-        tokio::spawn(bridge_tftp(rx, events, ip_mac));
+        let cfg = crate::tftp::TftpConfig {
+            events: Some(tx),
+            ..Default::default()
+        };
+        tokio::spawn(bridge_tftp(rx, self.events.clone()));
         Ok(tokio::spawn(async move {
             if let Err(e) = crate::tftp::serve(sock, Arc::new(backend), cfg).await {
                 tracing::error!(error = %e, "TFTP server stopped");
@@ -278,37 +351,47 @@ impl Networks {
     }
 }
 
-async fn bridge_dhcp(mut rx: broadcast::Receiver<DhcpEvent>, events: Events, ip_mac: Arc<Mutex<HashMap<Ipv4Addr, String>>>) {
+async fn bridge_dhcp(mut rx: broadcast::Receiver<DhcpEvent>, events: Events) {
     loop {
         match rx.recv().await {
             Ok(e) => {
                 let mac = e.mac.to_string();
                 if let Some(ip) = e.addr {
                     if matches!(e.kind, crate::dhcp::server::DhcpEventKind::Ack) {
-                        ip_mac.lock().unwrap_or_else(|p| p.into_inner()).insert(ip, mac.clone());
+                        events.learn(ip.into(), &mac);
                     }
                 }
-                let kind = serde_json::to_value(e.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+                let kind = serde_json::to_value(e.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
                 events.publish(&format!("dhcp.{kind}"), Some(&mac), serde_json::json!({ "xid": format!("{:#010x}", e.xid), "addr": e.addr, "detail": e.detail }));
             }
-            Err(broadcast::error::RecvError::Lagged(n)) => tracing::warn!(missed = n, "DHCP events lagged"),
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "DHCP events lagged")
+            }
             Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }
 
-async fn bridge_tftp(
-    mut rx: broadcast::Receiver<crate::tftp::TftpEvent>,
-    events: Events,
-    ip_mac: Arc<Mutex<HashMap<Ipv4Addr, String>>>,
-) {
+async fn bridge_tftp(mut rx: broadcast::Receiver<crate::tftp::TftpEvent>, events: Events) {
     loop {
         match rx.recv().await {
             Ok(e) => {
                 use crate::tftp::TftpEvent;
                 let (kind, client, detail) = match &e {
-                    TftpEvent::Started { client, file, .. } => ("tftp.start", *client, serde_json::json!({ "file": file })),
-                    TftpEvent::Completed { client, file, bytes, blocks, duration, options } => (
+                    TftpEvent::Started { client, file, .. } => {
+                        ("tftp.start", *client, serde_json::json!({ "file": file }))
+                    }
+                    TftpEvent::Completed {
+                        client,
+                        file,
+                        bytes,
+                        blocks,
+                        duration,
+                        options,
+                    } => (
                         "tftp.transfer",
                         *client,
                         serde_json::json!({
@@ -316,14 +399,17 @@ async fn bridge_tftp(
                             "ms": duration.as_millis() as u64, "options": format!("{options:?}"),
                         }),
                     ),
-                    TftpEvent::Failed { client, file, error } => {
-                        ("tftp.failed", *client, serde_json::json!({ "file": file, "error": error }))
-                    }
+                    TftpEvent::Failed {
+                        client,
+                        file,
+                        error,
+                    } => (
+                        "tftp.failed",
+                        *client,
+                        serde_json::json!({ "file": file, "error": error }),
+                    ),
                 };
-                let mac = match client.ip() {
-                    std::net::IpAddr::V4(v4) => ip_mac.lock().unwrap_or_else(|p| p.into_inner()).get(&v4).cloned(),
-                    _ => None,
-                };
+                let mac = events.mac_of(client.ip());
                 let mut detail = detail;
                 detail["client"] = serde_json::json!(client.to_string());
                 events.publish(kind, mac.as_deref(), detail);
@@ -365,7 +451,10 @@ async fn serve(
     Ok((StatusCode::CREATED, Json(n.start(spec).await?)))
 }
 
-async fn stop(State(n): State<Networks>, UrlPath(iface): UrlPath<String>) -> Result<StatusCode, ApiError> {
+async fn stop(
+    State(n): State<Networks>,
+    UrlPath(iface): UrlPath<String>,
+) -> Result<StatusCode, ApiError> {
     n.stop(&iface).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -375,14 +464,31 @@ mod tests {
     use super::*;
 
     fn spec(cidr: &str, pool: Option<&str>) -> NetworkSpec {
-        NetworkSpec { iface: "eth1".into(), cidr: cidr.into(), mode: Mode::Authoritative, pool: pool.map(str::to_string), force: false }
+        NetworkSpec {
+            iface: "eth1".into(),
+            cidr: cidr.into(),
+            mode: Mode::Authoritative,
+            pool: pool.map(str::to_string),
+            force: false,
+        }
     }
 
     #[test]
     fn plans_are_checked() {
         let p = plan(&spec("10.77.0.1/24", None)).unwrap();
-        assert_eq!(p.pool, ("10.77.0.128".parse().unwrap(), "10.77.0.254".parse().unwrap()));
-        assert_eq!(plan(&spec("10.77.0.1/24", Some("10.77.0.100-10.77.0.199"))).unwrap().prefix, 24);
+        assert_eq!(
+            p.pool,
+            (
+                "10.77.0.128".parse().unwrap(),
+                "10.77.0.254".parse().unwrap()
+            )
+        );
+        assert_eq!(
+            plan(&spec("10.77.0.1/24", Some("10.77.0.100-10.77.0.199")))
+                .unwrap()
+                .prefix,
+            24
+        );
         for (cidr, pool) in [
             ("10.77.0.1", None),
             ("10.77.0.0/24", None),

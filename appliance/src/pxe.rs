@@ -169,9 +169,13 @@ async fn serve(
                 .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
+            let mac = client
+                .as_ref()
+                .and_then(|c| c.parse().ok())
+                .and_then(|ip| st.events.mac_of(ip));
             st.events.publish(
                 "http.file",
-                None,
+                mac.as_deref(),
                 serde_json::json!({
                     "path": what, "client": client, "status": resp.status().as_u16(),
                     "bytes": bytes, "range": range, "ms": t.elapsed().as_millis() as u64,

@@ -42,12 +42,26 @@ pub struct VmConfig {
 impl VmConfig {
     /// A VM booting `disk` under OVMF with the API on `api_port`.
     pub fn new(disk: impl Into<PathBuf>, api_port: u16, dir: impl Into<PathBuf>) -> VmConfig {
-        VmConfig { disk: disk.into(), snapshot: true, memory_mb: 1024, api_port, dir: dir.into(), extra: vec![] }
+        VmConfig {
+            disk: disk.into(),
+            snapshot: true,
+            memory_mb: 1024,
+            api_port,
+            dir: dir.into(),
+            extra: vec![],
+        }
     }
 
     /// Add a virtio NIC on a point-to-point "wire" made of a unix socket
     /// (QEMU's `-netdev stream`); the `listen` side must start first.
-    pub fn wire(mut self, id: &str, socket: &Path, listen: bool, mac: &str, bootindex: Option<u32>) -> VmConfig {
+    pub fn wire(
+        mut self,
+        id: &str,
+        socket: &Path,
+        listen: bool,
+        mac: &str,
+        bootindex: Option<u32>,
+    ) -> VmConfig {
         self.extra.push("-netdev".into());
         self.extra.push(format!(
             "stream,id={id},server={},addr.type=unix,addr.path={}",
@@ -55,8 +69,11 @@ impl VmConfig {
             socket.display()
         ));
         self.extra.push("-device".into());
-        let boot = bootindex.map(|b| format!(",bootindex={b}")).unwrap_or_default();
-        self.extra.push(format!("virtio-net-pci,netdev={id},mac={mac}{boot}"));
+        let boot = bootindex
+            .map(|b| format!(",bootindex={b}"))
+            .unwrap_or_default();
+        self.extra
+            .push(format!("virtio-net-pci,netdev={id},mac={mac}{boot}"));
         self
     }
 }
@@ -76,17 +93,31 @@ pub fn boot_blank(
     let serial_log = dir.join("serial.log");
     let _ = fs::remove_file(&serial_log);
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-machine", "q35", "-accel", &accel(), "-smp", "2", "-m", "1024"])
-        .args(["-display", "none", "-no-reboot", "-monitor", "none"])
-        .arg("-serial")
-        .arg(format!("file:{}", serial_log.display()));
+    cmd.args([
+        "-machine",
+        "q35",
+        "-accel",
+        &accel(),
+        "-smp",
+        "2",
+        "-m",
+        "1024",
+    ])
+    .args(["-display", "none", "-no-reboot", "-monitor", "none"])
+    .arg("-serial")
+    .arg(format!("file:{}", serial_log.display()));
     if firmware == Firmware::Ovmf {
         let vars = dir.join("OVMF_VARS.fd");
         fs::copy(OVMF_VARS, &vars)?;
         cmd.arg("-drive")
-            .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"))
+            .arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+            ))
             .arg("-drive")
-            .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ));
     } else {
         cmd.args(["-boot", "n"]);
     }
@@ -94,14 +125,25 @@ pub fn boot_blank(
         .arg(format!("if=none,id=d0,format=raw,file={}", disk.display()))
         .args(["-device", "virtio-blk-pci,drive=d0,bootindex=2"])
         .arg("-netdev")
-        .arg(format!("stream,id=p,server=off,addr.type=unix,addr.path={}", socket.display()))
-        .args(["-device", &format!("virtio-net-pci,netdev=p,mac={mac},bootindex=1")])
+        .arg(format!(
+            "stream,id=p,server=off,addr.type=unix,addr.path={}",
+            socket.display()
+        ))
+        .args([
+            "-device",
+            &format!("virtio-net-pci,netdev=p,mac={mac},bootindex=1"),
+        ])
         .args(["-device", "virtio-rng-pci"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     let child = cmd.spawn()?;
-    Ok(Vm { child, serial_log, api_port: 0, started: Instant::now() })
+    Ok(Vm {
+        child,
+        serial_log,
+        api_port: 0,
+        started: Instant::now(),
+    })
 }
 
 /// A running VM, killed on drop if still running.

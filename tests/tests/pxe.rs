@@ -12,7 +12,11 @@ use integration_tests::{free_port, http, workspace_root};
 
 fn image() -> std::path::PathBuf {
     let p = workspace_root().join("target/appliance/appliance.img");
-    assert!(p.exists(), "{} missing: run `cargo xtask image` (cargo xtask test does)", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask image` (cargo xtask test does)",
+        p.display()
+    );
     p
 }
 
@@ -39,39 +43,79 @@ fn pxe_boot(firmware: Firmware, mac: &str) {
     let work = tempfile::tempdir().unwrap();
     let wire = work.path().join("wire.sock");
     let port = free_port();
-    let cfg = VmConfig::new(image(), port, work.path().join("a")).wire("prov", &wire, true, "52:54:00:77:00:01", None);
+    let cfg = VmConfig::new(image(), port, work.path().join("a")).wire(
+        "prov",
+        &wire,
+        true,
+        "52:54:00:77:00:01",
+        None,
+    );
     let mut a = Vm::boot(&cfg).unwrap();
-    a.wait_http("/api/v1/version", Duration::from_secs(300)).unwrap();
+    a.wait_http("/api/v1/version", Duration::from_secs(300))
+        .unwrap();
     let r = http::post(
         port,
         "/api/v1/networks",
         r#"{"iface":"eth1","cidr":"10.77.0.1/24","mode":"authoritative","pool":"10.77.0.100-10.77.0.199"}"#,
     )
     .unwrap();
-    assert!(r.status == 200 || r.status == 201, "serving the provisioning network: {} {}", r.status, r.body);
+    assert!(
+        r.status == 200 || r.status == 201,
+        "serving the provisioning network: {} {}",
+        r.status,
+        r.body
+    );
     let r = http::get(port, "/api/v1/networks").unwrap();
-    assert!(r.body.contains("eth1") && r.body.contains("10.77.0.1/24"), "{}", r.body);
+    assert!(
+        r.body.contains("eth1") && r.body.contains("10.77.0.1/24"),
+        "{}",
+        r.body
+    );
 
     let b = boot_blank(firmware, &wire, mac, 4 << 30, &work.path().join("b")).unwrap();
     wait_for_agent(&mut a, &b, mac, Duration::from_secs(420));
 
     // Every step is in the event log for B's MAC.
-    let ev = http::get(port, &format!("/api/v1/events?mac={mac}&limit=500")).unwrap().body;
+    let ev = http::get(port, &format!("/api/v1/events?mac={mac}&limit=500"))
+        .unwrap()
+        .body;
     // QEMU's option ROM is iPXE, so under SeaBIOS the client asks for its
     // script at once; OVMF's own PXE client chainloads ipxe.efi over TFTP.
-    let mut kinds = vec!["dhcp.discover", "dhcp.ack", "http.ipxe", "http.file", "agent.checkin"];
+    let mut kinds = vec![
+        "dhcp.discover",
+        "dhcp.ack",
+        "http.ipxe",
+        "http.file",
+        "agent.checkin",
+    ];
     if firmware == Firmware::Ovmf {
         kinds.push("tftp.transfer");
     }
     for kind in kinds {
-        assert!(ev.contains(&format!("\"kind\":\"{kind}\"")), "no {kind} event for {mac}: {ev}");
+        assert!(
+            ev.contains(&format!("\"kind\":\"{kind}\"")),
+            "no {kind} event for {mac}: {ev}"
+        );
     }
     let agents = http::get(port, "/api/v1/agents").unwrap().body;
     let v: serde_json::Value = serde_json::from_str(&agents).unwrap();
-    let rec = v.as_array().unwrap().iter().find(|a| a["mac"] == mac).unwrap();
-    let expected_fw = if firmware == Firmware::Ovmf { "uefi" } else { "bios" };
+    let rec = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["mac"] == mac)
+        .unwrap();
+    let expected_fw = if firmware == Firmware::Ovmf {
+        "uefi"
+    } else {
+        "bios"
+    };
     assert_eq!(rec["hardware"]["firmware"], expected_fw, "{rec}");
-    assert_eq!(rec["hardware"]["disks"][0]["size_bytes"], 4u64 << 30, "{rec}");
+    assert_eq!(
+        rec["hardware"]["disks"][0]["size_bytes"],
+        4u64 << 30,
+        "{rec}"
+    );
     drop(b);
     let _ = http::post(port, "/api/v1/power", r#"{"action":"poweroff"}"#);
     a.wait_exit(Duration::from_secs(60));

@@ -3,8 +3,8 @@
 
 mod bench;
 mod bench_boot;
-mod bench_tftp;
 mod bench_dhcp;
+mod bench_tftp;
 mod image;
 mod qemu;
 
