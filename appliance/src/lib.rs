@@ -7,6 +7,8 @@
 //! format, protocol or concern they own; parsing is kept apart from I/O.
 
 pub mod api;
+pub mod auth;
+pub mod cli;
 pub mod cmdline;
 pub mod config;
 pub mod console;
@@ -14,6 +16,7 @@ pub mod contract;
 pub mod degraded;
 pub mod dhcp;
 pub mod init;
+pub mod inventory;
 pub mod modules;
 pub mod mount;
 pub mod net;

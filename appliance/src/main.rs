@@ -33,9 +33,16 @@ enum Command {
         /// Forward power requests to PID 1 even when not started by our init.
         #[arg(long)]
         allow_power: bool,
+        /// Require a token for inventory reads too.
+        #[arg(long)]
+        private_reads: bool,
     },
     /// Run as PID 1 on the appliance image (refuses to run otherwise).
     Init,
+    #[command(flatten)]
+    Ops(appliance::cli::Ops),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
 }
 
 /// A handle that swaps the log filter at run time.
@@ -83,6 +90,7 @@ fn main() -> Result<()> {
             data,
             degraded_file,
             allow_power,
+            private_reads,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -94,8 +102,15 @@ fn main() -> Result<()> {
                 data,
                 degraded_file,
                 allow_power,
+                private_reads,
             }))
         }
         Command::Init => run_init(&handle),
+        Command::Ops(op) => appliance::cli::run(op),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "appliance", &mut std::io::stdout());
+            Ok(())
+        }
     }
 }

@@ -26,6 +26,8 @@ pub struct ServeOptions {
     pub data: PathBuf,
     pub degraded_file: Option<PathBuf>,
     pub allow_power: bool,
+    /// Inventory reads need a token too (default: reads are public).
+    pub private_reads: bool,
 }
 
 /// `sha256:<hex>` of the exact bytes of a file.
@@ -67,7 +69,18 @@ pub fn build_state(opts: &ServeOptions) -> AppState {
 
 /// Runs the server until SIGTERM/SIGINT.
 pub async fn run(opts: ServeOptions) -> Result<()> {
-    let state = Arc::new(build_state(&opts));
+    let mut state = build_state(&opts);
+    // The inventory (issue 6): `<data>/inventory` and `<data>/state/tokens.json`.
+    let (inventory, first_token) =
+        match crate::inventory::api::open_state(&opts.data, !opts.private_reads) {
+            Ok((inv, token)) => (Some(inv), token),
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "inventory unavailable");
+                state.degraded.push(format!("inventory unavailable: {e:#}"));
+                (None, None)
+            }
+        };
+    let state = Arc::new(state);
     tracing::info!(node_id = %state.node_id, release = ?state.release, "starting server");
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -76,12 +89,22 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {addr}").context("writing to stdout")?;
+        if let Some(token) = &first_token {
+            writeln!(out, "first API token (shown once, keep it): {token}")
+                .context("writing to stdout")?;
+        }
         out.flush().context("flushing stdout")?;
     }
     if crate::power::under_our_init() {
         crate::console::marker(&format!("serving on {addr}"));
     }
-    axum::serve(listener, api::router(state))
+    let mut app = api::router(state);
+    if let Some(inv) = inventory {
+        app = app.merge(
+            crate::inventory::api::router(inv).layer(tower_http::trace::TraceLayer::new_for_http()),
+        );
+    }
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving HTTP")?;
@@ -114,6 +137,7 @@ mod tests {
             data: data.to_owned(),
             degraded_file: None,
             allow_power: false,
+            private_reads: false,
         }
     }
 
