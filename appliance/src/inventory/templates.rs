@@ -171,13 +171,21 @@ impl RenderJob {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_keep_trailing_newline(true);
+        // Autoinstall files are not HTML; never escape (minijinja would
+        // JSON-quote every value in `.yaml` and `.json` templates).
+        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         let sources = self.sources.clone();
         env.set_loader(move |name| Ok(sources.get(name).cloned()));
         let tmpl = env.get_template(&self.template).map_err(|e| self.explain(e))?;
         tmpl.render(&self.context).map_err(|e| self.explain(e))
     }
 
-    fn explain(&self, e: minijinja::Error) -> RenderError {
+    fn explain(&self, outer: minijinja::Error) -> RenderError {
+        // An error inside an include is wrapped; report the innermost.
+        let mut e = &outer;
+        while let Some(inner) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<minijinja::Error>()) {
+            e = inner;
+        }
         let file = e.name().unwrap_or(&self.template).to_owned();
         let file = if file.starts_with("snippets/") {
             file

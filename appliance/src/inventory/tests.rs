@@ -269,7 +269,7 @@ fn template_errors_name_file_line_and_variable() {
     let mut s = inv.system("web1").unwrap().clone();
     s.variables.insert("disk_layout".into(), json!("auto"));
     inv.update(Object::System(s), &who()).unwrap();
-    assert_eq!(render(&inv, Kind::System, "web1", Document::Autoinstall, "http://s").unwrap(), "# web1.lab\npart auto\n");
+    assert_eq!(render(&inv, Kind::System, "web1", Document::Autoinstall, "http://s").unwrap(), "# web1.lab\npart auto\n\n");
     // Kickstart needs `tree`: the error says so.
     let mut d = inv.distro("deb").unwrap().clone();
     d.breed = "redhat".into();
