@@ -319,7 +319,9 @@ impl Repo {
             .and_then(|_| z.write_all(body))
             .map_err(io("compressing", &path))?;
         let bytes = z.finish().map_err(io("compressing", &path))?;
-        write_atomic(&path, &bytes, self.durable)?;
+        // Not synced one by one: `commit` syncs the file system once before
+        // the ref moves.
+        write_atomic(&path, &bytes, false)?;
         Ok(oid)
     }
 
@@ -413,9 +415,7 @@ impl Repo {
         // start-up rewrites the work tree from HEAD).
         for c in changes {
             match c {
-                Change::Write(path, bytes) => {
-                    write_atomic(&self.root.join(path), bytes, self.durable)?
-                }
+                Change::Write(path, bytes) => write_atomic(&self.root.join(path), bytes, false)?,
                 Change::Delete(path) => {
                     let p = self.root.join(path);
                     match fs::remove_file(&p) {
@@ -425,6 +425,12 @@ impl Repo {
                     }
                 }
             }
+        }
+        // Everything written so far must be on disk before the ref names
+        // it: one syncfs instead of an fsync per object.
+        if self.durable {
+            let r = fs::File::open(&self.git).and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from));
+            r.map_err(io("syncing", &self.git))?;
         }
         // The commit point.
         let refpath = self.git.join("refs/heads").join(BRANCH);
