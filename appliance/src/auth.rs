@@ -53,23 +53,35 @@ fn random_hex(bytes: usize) -> String {
 impl TokenStore {
     /// Tokens in `path` (created on first write).
     pub fn open(path: &Path) -> Self {
-        Self { path: Some(path.to_owned()), cache: Mutex::new((None, Vec::new())) }
+        Self {
+            path: Some(path.to_owned()),
+            cache: Mutex::new((None, Vec::new())),
+        }
     }
 
     /// Tokens in memory only (tests).
     pub fn memory() -> Self {
-        Self { path: None, cache: Mutex::new((None, Vec::new())) }
+        Self {
+            path: None,
+            cache: Mutex::new((None, Vec::new())),
+        }
     }
 
     fn load(&self) -> Result<Vec<TokenRecord>> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(path) = &self.path else { return Ok(cache.1.clone()) };
+        let Some(path) = &self.path else {
+            return Ok(cache.1.clone());
+        };
         let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
         if mtime.is_some() && mtime == cache.0 {
             return Ok(cache.1.clone());
         }
         let tokens = match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice::<TokenFile>(&b).with_context(|| format!("parsing {}", path.display()))?.tokens,
+            Ok(b) => {
+                serde_json::from_slice::<TokenFile>(&b)
+                    .with_context(|| format!("parsing {}", path.display()))?
+                    .tokens
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
@@ -79,7 +91,9 @@ impl TokenStore {
 
     fn save(&self, tokens: Vec<TokenRecord>) -> Result<()> {
         if let Some(path) = &self.path {
-            let mut bytes = serde_json::to_vec_pretty(&TokenFile { tokens: tokens.clone() })?;
+            let mut bytes = serde_json::to_vec_pretty(&TokenFile {
+                tokens: tokens.clone(),
+            })?;
             bytes.push(b'\n');
             crate::inventory::git::write_atomic(path, &bytes, true)?;
             #[cfg(unix)]
@@ -107,7 +121,12 @@ impl TokenStore {
         let id = random_hex(4);
         let token = format!("apl_{id}_{}", random_hex(32));
         let created = crate::inventory::status::now();
-        let rec = TokenRecord { id, name: name.to_owned(), sha256: hash(&token), created };
+        let rec = TokenRecord {
+            id,
+            name: name.to_owned(),
+            sha256: hash(&token),
+            created,
+        };
         tokens.push(rec.clone());
         self.save(tokens)?;
         Ok((rec, token))
@@ -131,7 +150,10 @@ impl TokenStore {
         let tokens = match self.load() {
             Ok(t) => t,
             Err(e) => {
-                tracing::error!(error = format!("{e:#}"), "token file unreadable; refusing writes");
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "token file unreadable; refusing writes"
+                );
                 return None;
             }
         };

@@ -109,7 +109,12 @@ fn main() -> Result<()> {
         Command::Ops(op) => appliance::cli::run(op),
         Command::Completions { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(shell, &mut Cli::command(), "appliance", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "appliance",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
     }

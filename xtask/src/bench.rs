@@ -16,6 +16,7 @@ use crate::root;
 pub fn run(name: &str, _rest: &[&str]) -> Result<()> {
     match name {
         "builder" => builder_bench(),
+        "inventory" => crate::bench_inventory::run(),
         other => bail!("unknown benchmark {other:?}; available: builder"),
     }
 }

@@ -2,6 +2,7 @@
 //! set-up, `bench <name>` runs a benchmark against its peer in the same run.
 
 mod bench;
+mod bench_inventory;
 mod image;
 mod qemu;
 
@@ -27,6 +28,7 @@ fn main() -> Result<()> {
                  qemu [--port N]  build the image if needed and boot it under OVMF\n  \
                  test [ARGS]      install missing test tools, build the image, run every test\n  \
                  bench builder    the builder against mkfs.ext4/mkfs.fat/mcopy/sgdisk/dd/cpio|gzip\n  \
+                 bench inventory  the inventory API against Cobbler 3.3.10 (XML-RPC)\n  \
                  deps             install the Debian packages tests need (as root)"
             );
             bail!("unknown or missing command");

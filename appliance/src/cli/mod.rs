@@ -23,7 +23,12 @@ use client::Client;
 #[derive(Debug, Clone, Args)]
 pub struct Conn {
     /// Server base URL.
-    #[arg(long, global = true, env = "APPLIANCE_URL", default_value = "http://127.0.0.1:80")]
+    #[arg(
+        long,
+        global = true,
+        env = "APPLIANCE_URL",
+        default_value = "http://127.0.0.1:80"
+    )]
     pub url: String,
     /// API bearer token (needed for changes).
     #[arg(long, global = true, env = "APPLIANCE_TOKEN", hide_env_values = true)]
@@ -317,7 +322,8 @@ pub fn apply_fields(kind: Kind, v: &mut Value, f: &Fields) -> Result<()> {
         m.insert("netboot".into(), nb.into());
     }
     if let Some(file) = &f.file {
-        let body = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let body =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
         m.insert("body".into(), body.into());
     }
     // Setting a profile clears an image and the other way round.
@@ -333,14 +339,27 @@ pub fn apply_fields(kind: Kind, v: &mut Value, f: &Fields) -> Result<()> {
     if f.parent.is_some() {
         m.remove("distro");
     }
-    if kind == Kind::System && (f.mac.is_some() || f.ip.is_some() || f.netmask.is_some() || f.gateway.is_some() || !f.dns.is_empty()) {
+    if kind == Kind::System
+        && (f.mac.is_some()
+            || f.ip.is_some()
+            || f.netmask.is_some()
+            || f.gateway.is_some()
+            || !f.dns.is_empty())
+    {
         let ifaces = m.entry("interfaces").or_insert_with(|| json!([]));
         let arr = ifaces.as_array_mut().context("interfaces is a list")?;
         if arr.is_empty() {
             arr.push(json!({"name": "eth0"}));
         }
-        let first = arr[0].as_object_mut().context("an interface is an object")?;
-        for (k, x) in [("mac", &f.mac), ("ip", &f.ip), ("netmask", &f.netmask), ("gateway", &f.gateway)] {
+        let first = arr[0]
+            .as_object_mut()
+            .context("an interface is an object")?;
+        for (k, x) in [
+            ("mac", &f.mac),
+            ("ip", &f.ip),
+            ("netmask", &f.netmask),
+            ("gateway", &f.gateway),
+        ] {
             if let Some(x) = x {
                 first.insert(k.into(), x.clone().into());
             }
@@ -352,13 +371,19 @@ pub fn apply_fields(kind: Kind, v: &mut Value, f: &Fields) -> Result<()> {
     if !f.vars.is_empty() {
         let vars = m.entry("variables").or_insert_with(|| json!({}));
         for kv in &f.vars {
-            let (k, val) = kv.split_once('=').with_context(|| format!("--var {kv:?}: use KEY=VALUE"))?;
+            let (k, val) = kv
+                .split_once('=')
+                .with_context(|| format!("--var {kv:?}: use KEY=VALUE"))?;
             let val = serde_json::from_str(val).unwrap_or_else(|_| Value::String(val.to_owned()));
-            vars.as_object_mut().context("variables is an object")?.insert(k.to_owned(), val);
+            vars.as_object_mut()
+                .context("variables is an object")?
+                .insert(k.to_owned(), val);
         }
     }
     for kv in &f.set {
-        let (k, val) = kv.split_once('=').with_context(|| format!("--set {kv:?}: use FIELD=VALUE"))?;
+        let (k, val) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv:?}: use FIELD=VALUE"))?;
         let val = serde_json::from_str(val).unwrap_or_else(|_| Value::String(val.to_owned()));
         m.insert(k.to_owned(), val);
     }
@@ -370,15 +395,35 @@ fn summary(kind: Kind, o: &Value) -> String {
     let s = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
     let name = s("name");
     match kind {
-        Kind::Distro => format!("{name:<24} {} {} {}", s("breed"), s("os_version"), s("arch")),
+        Kind::Distro => format!(
+            "{name:<24} {} {} {}",
+            s("breed"),
+            s("os_version"),
+            s("arch")
+        ),
         Kind::Profile => {
-            let base = o.get("distro").or(o.get("parent")).and_then(Value::as_str).unwrap_or("");
+            let base = o
+                .get("distro")
+                .or(o.get("parent"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
             format!("{name:<24} {base}")
         }
         Kind::System => {
-            let target = o.get("profile").or(o.get("image")).and_then(Value::as_str).unwrap_or("");
-            let mac = o.pointer("/interfaces/0/mac").and_then(Value::as_str).unwrap_or("");
-            let nb = if o.get("netboot").and_then(Value::as_bool).unwrap_or(false) { "netboot" } else { "" };
+            let target = o
+                .get("profile")
+                .or(o.get("image"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let mac = o
+                .pointer("/interfaces/0/mac")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let nb = if o.get("netboot").and_then(Value::as_bool).unwrap_or(false) {
+                "netboot"
+            } else {
+                ""
+            };
             format!("{name:<24} {target:<16} {mac:<17} {nb}")
         }
         Kind::Repo => format!("{name:<24} {}", s("mirror")),
@@ -412,7 +457,9 @@ fn confirm(what: &str, yes: bool) -> Result<()> {
     }
     eprint!("{what}? [y/N] ");
     let mut line = String::new();
-    std::io::stdin().read_line(&mut line).context("reading the answer")?;
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the answer")?;
     if !matches!(line.trim(), "y" | "Y" | "yes") {
         bail!("not confirmed");
     }
@@ -451,10 +498,22 @@ fn noun(kind: Kind, n: Noun) -> Result<()> {
             apply_fields(kind, &mut v, &fields)?;
             out(&c.json("PUT", &format!("{base}/{name}"), Some(&v))?);
         }
-        Verb::Remove { name, recursive, yes } => {
-            let what = if recursive { format!("remove {kind} {name} and everything using it") } else { format!("remove {kind} {name}") };
+        Verb::Remove {
+            name,
+            recursive,
+            yes,
+        } => {
+            let what = if recursive {
+                format!("remove {kind} {name} and everything using it")
+            } else {
+                format!("remove {kind} {name}")
+            };
             confirm(&what, yes)?;
-            let v = c.json("DELETE", &format!("{base}/{name}?recursive={recursive}"), None)?;
+            let v = c.json(
+                "DELETE",
+                &format!("{base}/{name}?recursive={recursive}"),
+                None,
+            )?;
             if n.conn.json {
                 print_json(&v);
             } else {
@@ -463,14 +522,28 @@ fn noun(kind: Kind, n: Noun) -> Result<()> {
                 }
             }
         }
-        Verb::Copy { name, new_name } => out(&c.json("POST", &format!("{base}/{name}/copy"), Some(&json!({"new_name": new_name})))?),
-        Verb::Rename { name, new_name } => out(&c.json("POST", &format!("{base}/{name}/rename"), Some(&json!({"new_name": new_name})))?),
+        Verb::Copy { name, new_name } => out(&c.json(
+            "POST",
+            &format!("{base}/{name}/copy"),
+            Some(&json!({"new_name": new_name})),
+        )?),
+        Verb::Rename { name, new_name } => out(&c.json(
+            "POST",
+            &format!("{base}/{name}/rename"),
+            Some(&json!({"new_name": new_name})),
+        )?),
     }
     Ok(())
 }
 
 fn parse_kind(s: &str) -> Result<Kind> {
-    Kind::from_name(s).or_else(|| Kind::from_plural(s)).with_context(|| format!("unknown kind {s:?}: use distro, profile, system, repo, image, template or snippet"))
+    Kind::from_name(s)
+        .or_else(|| Kind::from_plural(s))
+        .with_context(|| {
+            format!(
+                "unknown kind {s:?}: use distro, profile, system, repo, image, template or snippet"
+            )
+        })
 }
 
 fn report(r: Report) -> Result<()> {
@@ -483,10 +556,20 @@ fn report(r: Report) -> Result<()> {
     for kind in kinds {
         let names: Vec<String> = match &r.name {
             Some(n) => vec![n.clone()],
-            None => c.json("GET", &format!("/api/v1/{}", kind.plural()), None)?.as_array().into_iter().flatten().filter_map(|o| o["name"].as_str().map(str::to_owned)).collect(),
+            None => c
+                .json("GET", &format!("/api/v1/{}", kind.plural()), None)?
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o["name"].as_str().map(str::to_owned))
+                .collect(),
         };
         for name in names {
-            let path = format!("/api/v1/{}/{name}{}", kind.plural(), if r.blended { "/blended" } else { "" });
+            let path = format!(
+                "/api/v1/{}/{name}{}",
+                kind.plural(),
+                if r.blended { "/blended" } else { "" }
+            );
             let v = c.json("GET", &path, None)?;
             if r.conn.json {
                 all.push(v);
@@ -494,13 +577,25 @@ fn report(r: Report) -> Result<()> {
             }
             println!("{kind} {name}");
             if r.blended {
-                println!("  layers: {}", v["layers"].as_array().into_iter().flatten().filter_map(Value::as_str).collect::<Vec<_>>().join(" -> "));
+                println!(
+                    "  layers: {}",
+                    v["layers"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(" -> ")
+                );
                 for (k, sv) in v["variables"].as_object().into_iter().flatten() {
                     let val = match &sv["value"] {
                         Value::String(s) => s.clone(),
                         other => other.to_string(),
                     };
-                    println!("  {k:<16} = {val:<30} ({})", sv["from"].as_str().unwrap_or(""));
+                    println!(
+                        "  {k:<16} = {val:<30} ({})",
+                        sv["from"].as_str().unwrap_or("")
+                    );
                 }
             } else {
                 print_object(kind, &v);
@@ -536,9 +631,16 @@ fn status(s: StatusCmd) -> Result<()> {
         print_json(&v);
         return Ok(());
     }
-    println!("{:<24} {:<10} {:<8} {:<10} {:<10} {:<10} NETBOOT", "SYSTEM", "STATE", "EVENT", "AT", "STARTED", "FINISHED");
+    println!(
+        "{:<24} {:<10} {:<8} {:<10} {:<10} {:<10} NETBOOT",
+        "SYSTEM", "STATE", "EVENT", "AT", "STARTED", "FINISHED"
+    );
     for row in v.as_array().into_iter().flatten() {
-        let quiet = if row["quiet"].as_bool().unwrap_or(false) { "  QUIET: no report for over an hour" } else { "" };
+        let quiet = if row["quiet"].as_bool().unwrap_or(false) {
+            "  QUIET: no report for over an hour"
+        } else {
+            ""
+        };
         println!(
             "{:<24} {:<10} {:<8} {:<10} {:<10} {:<10} {}{quiet}",
             row["system"].as_str().unwrap_or(""),
@@ -547,7 +649,11 @@ fn status(s: StatusCmd) -> Result<()> {
             fmt_time(&row["last_event_at"]),
             fmt_time(&row["started_at"]),
             fmt_time(&row["finished_at"]),
-            if row["netboot"].as_bool().unwrap_or(false) { "on" } else { "off" },
+            if row["netboot"].as_bool().unwrap_or(false) {
+                "on"
+            } else {
+                "off"
+            },
         );
     }
     Ok(())
@@ -556,9 +662,16 @@ fn status(s: StatusCmd) -> Result<()> {
 fn settings(s: SettingsCmd) -> Result<()> {
     let c = s.conn.client();
     let mut v = c.json("GET", "/api/v1/settings", None)?;
-    let changing = s.default_boot.is_some() || s.default_profile.is_some() || s.kernel_options.is_some() || !s.vars.is_empty();
+    let changing = s.default_boot.is_some()
+        || s.default_profile.is_some()
+        || s.kernel_options.is_some()
+        || !s.vars.is_empty();
     if changing {
-        let f = Fields { kernel_options: s.kernel_options.clone(), vars: s.vars.clone(), ..Default::default() };
+        let f = Fields {
+            kernel_options: s.kernel_options.clone(),
+            vars: s.vars.clone(),
+            ..Default::default()
+        };
         apply_fields(Kind::Distro, &mut v, &f)?;
         if let Some(b) = s.default_boot {
             v["default_boot"] = b.into();
@@ -583,10 +696,17 @@ fn import(i: Import) -> Result<()> {
     let p = serde_json::to_value(&profile)?;
     if i.offline {
         let root = i.data.join("inventory");
-        let mut inv = crate::inventory::Inventory::open(&root).with_context(|| format!("opening {}", root.display()))?;
+        let mut inv = crate::inventory::Inventory::open(&root)
+            .with_context(|| format!("opening {}", root.display()))?;
         let who = crate::inventory::Author::new("import");
-        inv.create(crate::inventory::model::Object::Distro(distro.clone()), &who)?;
-        inv.create(crate::inventory::model::Object::Profile(profile.clone()), &who)?;
+        inv.create(
+            crate::inventory::model::Object::Distro(distro.clone()),
+            &who,
+        )?;
+        inv.create(
+            crate::inventory::model::Object::Profile(profile.clone()),
+            &who,
+        )?;
     } else {
         let c = i.conn.client();
         c.json("POST", "/api/v1/distros", Some(&d))?;
@@ -597,7 +717,13 @@ fn import(i: Import) -> Result<()> {
     } else {
         println!(
             "imported distro {} ({} {} {}) and profile {}\n  kernel {}\n  initrd {}",
-            distro.name, distro.breed, distro.os_version, distro.arch, profile.name, distro.kernel, distro.initrd
+            distro.name,
+            distro.breed,
+            distro.os_version,
+            distro.arch,
+            profile.name,
+            distro.kernel,
+            distro.initrd
         );
     }
     Ok(())
@@ -612,7 +738,10 @@ fn token(t: TokenCmd) -> Result<()> {
                 print_json(&json!({"id": rec.id, "name": rec.name, "token": secret}));
             } else {
                 println!("{secret}");
-                eprintln!("token {} ({}) created; it is shown only now", rec.id, rec.name);
+                eprintln!(
+                    "token {} ({}) created; it is shown only now",
+                    rec.id, rec.name
+                );
             }
         }
         TokenVerb::List => {
@@ -621,7 +750,12 @@ fn token(t: TokenCmd) -> Result<()> {
                 print_json(&serde_json::to_value(&list)?);
             } else {
                 for r in list {
-                    println!("{} {:<24} created {}", r.id, r.name, fmt_time(&json!(r.created)));
+                    println!(
+                        "{} {:<24} created {}",
+                        r.id,
+                        r.name,
+                        fmt_time(&json!(r.created))
+                    );
                 }
             }
         }

@@ -49,7 +49,13 @@ struct Layers {
 
 impl Layers {
     fn set(&mut self, from: &str, key: &str, value: serde_json::Value) {
-        self.vars.insert(key.to_owned(), Sourced { value, from: from.to_owned() });
+        self.vars.insert(
+            key.to_owned(),
+            Sourced {
+                value,
+                from: from.to_owned(),
+            },
+        );
     }
     fn set_str(&mut self, from: &str, key: &str, value: &str) {
         if !value.is_empty() {
@@ -71,8 +77,15 @@ impl Layers {
 
 /// Blends the variables of `kind`/`name`.
 pub fn blend(inv: &Inventory, kind: Kind, name: &str) -> Result<Blended, InvError> {
-    let obj = inv.get(kind, name).ok_or_else(|| InvError::NotFound { kind, name: name.to_owned() })?;
-    let mut l = Layers { layers: Vec::new(), vars: BTreeMap::new(), kopts: Vec::new() };
+    let obj = inv.get(kind, name).ok_or_else(|| InvError::NotFound {
+        kind,
+        name: name.to_owned(),
+    })?;
+    let mut l = Layers {
+        layers: Vec::new(),
+        vars: BTreeMap::new(),
+        kopts: Vec::new(),
+    };
     let s = inv.settings();
     l.vars("settings", &s.variables);
     l.layer("settings".into(), &s.kernel_options);
@@ -88,7 +101,10 @@ pub fn blend(inv: &Inventory, kind: Kind, name: &str) -> Result<Blended, InvErro
     let chain = profile.map(|p| inv.profile_chain(p)).unwrap_or_default();
     let distro = match obj {
         Object::Distro(d) => Some(d),
-        _ => chain.last().and_then(|p| p.distro.as_deref()).and_then(|d| inv.distro(d)),
+        _ => chain
+            .last()
+            .and_then(|p| p.distro.as_deref())
+            .and_then(|d| inv.distro(d)),
     };
     if let Some(d) = distro {
         let from = format!("distro:{}", d.name);
@@ -124,12 +140,20 @@ pub fn blend(inv: &Inventory, kind: Kind, name: &str) -> Result<Blended, InvErro
         let from = format!("system:{}", sys.name);
         l.set_str(&from, "system_name", &sys.name);
         let hostname = if sys.hostname.is_empty() {
-            sys.interfaces.iter().find(|i| !i.hostname.is_empty()).map(|i| i.hostname.clone()).unwrap_or_else(|| sys.name.clone())
+            sys.interfaces
+                .iter()
+                .find(|i| !i.hostname.is_empty())
+                .map(|i| i.hostname.clone())
+                .unwrap_or_else(|| sys.name.clone())
         } else {
             sys.hostname.clone()
         };
         l.set(&from, "hostname", hostname.into());
-        l.set(&from, "interfaces", serde_json::to_value(&sys.interfaces).expect("serialises"));
+        l.set(
+            &from,
+            "interfaces",
+            serde_json::to_value(&sys.interfaces).expect("serialises"),
+        );
         if let Some(first) = sys.interfaces.first() {
             l.set_str(&from, "mac", &first.mac);
             l.set_str(&from, "ip", &first.ip);
@@ -143,12 +167,23 @@ pub fn blend(inv: &Inventory, kind: Kind, name: &str) -> Result<Blended, InvErro
         l.vars(&from, &sys.variables);
         l.layer(from, &sys.kernel_options);
     }
-    if !matches!(obj, Object::Distro(_) | Object::Profile(_) | Object::System(_) | Object::Image(_)) {
+    if !matches!(
+        obj,
+        Object::Distro(_) | Object::Profile(_) | Object::System(_) | Object::Image(_)
+    ) {
         l.layers.push(format!("{kind}:{name}"));
     }
     let kopts: Vec<&str> = l.kopts.iter().map(|(_, k)| k.as_str()).collect();
     let merged = merge_kernel_options(&kopts);
-    let from = l.kopts.last().map(|(f, _)| f.clone()).unwrap_or_else(|| "settings".into());
+    let from = l
+        .kopts
+        .last()
+        .map(|(f, _)| f.clone())
+        .unwrap_or_else(|| "settings".into());
     l.set(&from, "kernel_options", merged.into());
-    Ok(Blended { object: format!("{kind}/{name}"), layers: l.layers, variables: l.vars })
+    Ok(Blended {
+        object: format!("{kind}/{name}"),
+        layers: l.layers,
+        variables: l.vars,
+    })
 }

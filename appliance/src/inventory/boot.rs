@@ -40,7 +40,11 @@ pub enum BootDecision {
     /// Exit iPXE; the firmware boots the next device (the local disk).
     Local { why: String },
     /// A menu; local boot is always the first item.
-    Menu { why: String, entries: Vec<BootEntry>, default: Option<usize> },
+    Menu {
+        why: String,
+        entries: Vec<BootEntry>,
+        default: Option<usize>,
+    },
 }
 
 /// Normalises `server` (`host:port` or a URL) to `http://host:port`.
@@ -65,16 +69,26 @@ pub fn blob_url(location: &str, server_url: &str) -> String {
 pub fn autoinstall_args(breed: &str, template: &str, system_url: &str) -> String {
     let ai = format!("{system_url}/autoinstall");
     match breed {
-        "redhat" | "fedora" | "centos" | "rhel" | "rocky" | "alma" | "almalinux" => format!("inst.ks={ai}"),
+        "redhat" | "fedora" | "centos" | "rhel" | "rocky" | "alma" | "almalinux" => {
+            format!("inst.ks={ai}")
+        }
         "debian" => format!("auto=true priority=critical url={ai}"),
         "ubuntu" => format!("autoinstall ds=nocloud-net;s={system_url}/nocloud/"),
-        "coreos" | "fcos" | "flatcar" => format!("ignition.config.url={ai} ignition.platform.id=metal"),
+        "coreos" | "fcos" | "flatcar" => {
+            format!("ignition.config.url={ai} ignition.platform.id=metal")
+        }
         _ if template.starts_with("ignition") => format!("ignition.config.url={ai}"),
         _ => format!("ds=nocloud-net;s={system_url}/nocloud/"),
     }
 }
 
-fn profile_entry(inv: &Inventory, kind: Kind, name: &str, profile: &str, server_url: &str) -> Option<BootEntry> {
+fn profile_entry(
+    inv: &Inventory,
+    kind: Kind,
+    name: &str,
+    profile: &str,
+    server_url: &str,
+) -> Option<BootEntry> {
     let distro = inv.profile_distro(profile)?;
     let blended = super::blend::blend(inv, kind, name).ok()?;
     let kopts = blended
@@ -86,7 +100,12 @@ fn profile_entry(inv: &Inventory, kind: Kind, name: &str, profile: &str, server_
     let template = super::templates::template_name(inv, profile);
     let url = format!("{server_url}/api/v1/{}/{name}", kind.plural());
     let auto = autoinstall_args(&distro.breed, &template, &url);
-    let cmdline = [kopts.as_str(), auto.as_str()].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>().join(" ");
+    let cmdline = [kopts.as_str(), auto.as_str()]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
     Some(BootEntry {
         label: format!("{} {name}", kind.name()),
         kernel: blob_url(&distro.kernel, server_url),
@@ -97,12 +116,16 @@ fn profile_entry(inv: &Inventory, kind: Kind, name: &str, profile: &str, server_
 
 fn agent_entry(inv: &Inventory, server_url: &str, extra: &str) -> BootEntry {
     let base = inv.settings().agent_kernel_options.clone();
-    let cmdline = [base.as_str(), &format!("appliance.mode=agent appliance.server={server_url}"), extra]
-        .iter()
-        .filter(|s| !s.is_empty())
-        .copied()
-        .collect::<Vec<_>>()
-        .join(" ");
+    let cmdline = [
+        base.as_str(),
+        &format!("appliance.mode=agent appliance.server={server_url}"),
+        extra,
+    ]
+    .iter()
+    .filter(|s| !s.is_empty())
+    .copied()
+    .collect::<Vec<_>>()
+    .join(" ");
     BootEntry {
         label: "appliance agent".into(),
         kernel: format!("{server_url}/boot/appliance/vmlinuz"),
@@ -116,27 +139,63 @@ pub fn decide(inv: &Inventory, mac: &str, server: &str) -> BootDecision {
     let url = server_url(server);
     if let Some(sys) = inv.system_by_mac(mac) {
         if !sys.netboot {
-            return BootDecision::Local { why: format!("system {}: netboot off", sys.name) };
+            return BootDecision::Local {
+                why: format!("system {}: netboot off", sys.name),
+            };
         }
         if let Some(p) = &sys.profile {
             return match profile_entry(inv, Kind::System, &sys.name, p, &url) {
-                Some(entry) => BootDecision::Boot { why: format!("system {}: install profile {p}", sys.name), entry },
-                None => BootDecision::Local { why: format!("system {}: profile {p} has no distro", sys.name) },
+                Some(entry) => BootDecision::Boot {
+                    why: format!("system {}: install profile {p}", sys.name),
+                    entry,
+                },
+                None => BootDecision::Local {
+                    why: format!("system {}: profile {p} has no distro", sys.name),
+                },
             };
         }
         if let Some(i) = &sys.image {
-            let mut entry = agent_entry(inv, &url, &format!("appliance.deploy={i} appliance.system={}", sys.name));
+            let mut entry = agent_entry(
+                inv,
+                &url,
+                &format!("appliance.deploy={i} appliance.system={}", sys.name),
+            );
             entry.label = format!("deploy image {i}");
-            return BootDecision::Boot { why: format!("system {}: deploy image {i}", sys.name), entry };
+            return BootDecision::Boot {
+                why: format!("system {}: deploy image {i}", sys.name),
+                entry,
+            };
         }
     }
     let s = inv.settings();
     match s.default_boot {
-        DefaultBoot::Local => BootDecision::Local { why: "unknown MAC: default local boot".into() },
-        DefaultBoot::Agent => BootDecision::Boot { why: "unknown MAC: default agent".into(), entry: agent_entry(inv, &url, "") },
-        DefaultBoot::Install => match profile_entry(inv, Kind::Profile, &s.default_profile, &s.default_profile, &url) {
-            Some(entry) => BootDecision::Boot { why: format!("unknown MAC: default install of profile {}", s.default_profile), entry },
-            None => BootDecision::Local { why: format!("unknown MAC: default profile {:?} unusable", s.default_profile) },
+        DefaultBoot::Local => BootDecision::Local {
+            why: "unknown MAC: default local boot".into(),
+        },
+        DefaultBoot::Agent => BootDecision::Boot {
+            why: "unknown MAC: default agent".into(),
+            entry: agent_entry(inv, &url, ""),
+        },
+        DefaultBoot::Install => match profile_entry(
+            inv,
+            Kind::Profile,
+            &s.default_profile,
+            &s.default_profile,
+            &url,
+        ) {
+            Some(entry) => BootDecision::Boot {
+                why: format!(
+                    "unknown MAC: default install of profile {}",
+                    s.default_profile
+                ),
+                entry,
+            },
+            None => BootDecision::Local {
+                why: format!(
+                    "unknown MAC: default profile {:?} unusable",
+                    s.default_profile
+                ),
+            },
         },
         DefaultBoot::Menu => {
             let mut entries = Vec::new();
@@ -152,7 +211,11 @@ pub fn decide(inv: &Inventory, mac: &str, server: &str) -> BootDecision {
                 }
             }
             entries.push(agent_entry(inv, &url, ""));
-            BootDecision::Menu { why: "unknown MAC: default menu".into(), entries, default }
+            BootDecision::Menu {
+                why: "unknown MAC: default menu".into(),
+                entries,
+                default,
+            }
         }
     }
 }
@@ -168,13 +231,23 @@ pub fn ipxe_script(d: &BootDecision) -> String {
             s.push_str(&format!("# {why}\n"));
             push_entry(&mut s, entry);
         }
-        BootDecision::Menu { why, entries, default } => {
-            s.push_str(&format!("# {why}\nmenu Appliance network boot\nitem local Boot from local disk\n"));
+        BootDecision::Menu {
+            why,
+            entries,
+            default,
+        } => {
+            s.push_str(&format!(
+                "# {why}\nmenu Appliance network boot\nitem local Boot from local disk\n"
+            ));
             for (i, e) in entries.iter().enumerate() {
                 s.push_str(&format!("item e{i} {}\n", e.label));
             }
-            let def = default.map(|i| format!("e{i}")).unwrap_or_else(|| "local".into());
-            s.push_str(&format!("choose --default {def} --timeout 20000 target && goto ${{target}} || goto local\n"));
+            let def = default
+                .map(|i| format!("e{i}"))
+                .unwrap_or_else(|| "local".into());
+            s.push_str(&format!(
+                "choose --default {def} --timeout 20000 target && goto ${{target}} || goto local\n"
+            ));
             s.push_str(":local\nexit\n");
             for (i, e) in entries.iter().enumerate() {
                 s.push_str(&format!(":e{i}\n"));
@@ -186,7 +259,11 @@ pub fn ipxe_script(d: &BootDecision) -> String {
 }
 
 fn push_entry(s: &mut String, e: &BootEntry) {
-    let args = if e.cmdline.is_empty() { String::new() } else { format!(" {}", e.cmdline) };
+    let args = if e.cmdline.is_empty() {
+        String::new()
+    } else {
+        format!(" {}", e.cmdline)
+    };
     s.push_str(&format!("kernel {} initrd=initrd.img{args}\n", e.kernel));
     s.push_str(&format!("initrd --name initrd.img {}\n", e.initrd));
     s.push_str("boot\n");

@@ -38,7 +38,9 @@ pub enum GitError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("git object {0} is missing (packed by `git gc`? run `git unpack-objects` or restore it)")]
+    #[error(
+        "git object {0} is missing (packed by `git gc`? run `git unpack-objects` or restore it)"
+    )]
     Missing(String),
     #[error("git object {oid} is corrupt: {why}")]
     Corrupt { oid: String, why: String },
@@ -131,12 +133,12 @@ impl Repo {
                   \tlogallrefupdates = true\n[gc]\n\tauto = 0\n",
                 false,
             )?;
+            write_atomic(&git.join("description"), b"appliance inventory\n", false)?;
             write_atomic(
-                &git.join("description"),
-                b"appliance inventory\n",
-                false,
+                &head,
+                format!("ref: refs/heads/{BRANCH}\n").as_bytes(),
+                true,
             )?;
-            write_atomic(&head, format!("ref: refs/heads/{BRANCH}\n").as_bytes(), true)?;
         }
         let mut repo = Self {
             root: root.to_owned(),
@@ -429,12 +431,17 @@ impl Repo {
         // Everything written so far must be on disk before the ref names
         // it: one syncfs instead of an fsync per object.
         if self.durable {
-            let r = fs::File::open(&self.git).and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from));
+            let r = fs::File::open(&self.git)
+                .and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from));
             r.map_err(io("syncing", &self.git))?;
         }
         // The commit point.
         let refpath = self.git.join("refs/heads").join(BRANCH);
-        write_atomic(&refpath, format!("{}\n", hex(&commit)).as_bytes(), self.durable)?;
+        write_atomic(
+            &refpath,
+            format!("{}\n", hex(&commit)).as_bytes(),
+            self.durable,
+        )?;
         self.append_reflog(author, self.head, commit, message);
         self.head = Some(commit);
         self.files = files;
@@ -648,7 +655,10 @@ mod tests {
         .unwrap();
         git(dir.path(), &["fsck", "--strict", "--no-dangling"]);
         let log = git(dir.path(), &["log", "--format=%an <%ae>|%s"]);
-        assert_eq!(log, "Ada <ada@example.org>|edit a\nAda <ada@example.org>|add a\n");
+        assert_eq!(
+            log,
+            "Ada <ada@example.org>|edit a\nAda <ada@example.org>|add a\n"
+        );
         let show = git(dir.path(), &["show", "HEAD:systems/a.json"]);
         assert_eq!(show, "{\"a\":2}\n");
         let diff = git(dir.path(), &["diff", "HEAD~1", "HEAD", "--stat"]);
@@ -657,7 +667,15 @@ mod tests {
         // Stock git can revert, and we read its commit back.
         git(
             dir.path(),
-            &["-c", "user.name=Op", "-c", "user.email=op@x", "revert", "--no-edit", "HEAD"],
+            &[
+                "-c",
+                "user.name=Op",
+                "-c",
+                "user.email=op@x",
+                "revert",
+                "--no-edit",
+                "HEAD",
+            ],
         );
         let repo = Repo::init(dir.path()).unwrap();
         let files = repo.head_files().unwrap();
@@ -670,12 +688,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut repo = Repo::init(dir.path()).unwrap();
         repo.durable = false;
-        repo.commit(
-            &[Change::Write("d/a".into(), b"1".to_vec())],
-            &sig(),
-            "one",
-        )
-        .unwrap();
+        repo.commit(&[Change::Write("d/a".into(), b"1".to_vec())], &sig(), "one")
+            .unwrap();
         fs::write(dir.path().join("d/a"), b"torn").unwrap();
         fs::write(dir.path().join("d/new"), b"uncommitted").unwrap();
         fs::write(dir.path().join("d/.tmp-x-1"), b"tmp").unwrap();

@@ -45,7 +45,11 @@ fn deb_arch(a: &str) -> String {
 /// First `N.N` or `N` looking token after `key` words (e.g. "12", "22.04.3").
 fn version_in(text: &str) -> String {
     text.split(|c: char| c.is_whitespace() || c == '-' || c == '"' || c == '(')
-        .find(|w| !w.is_empty() && w.chars().next().is_some_and(|c| c.is_ascii_digit()) && w.chars().all(|c| c.is_ascii_digit() || c == '.'))
+        .find(|w| {
+            !w.is_empty()
+                && w.chars().next().is_some_and(|c| c.is_ascii_digit())
+                && w.chars().all(|c| c.is_ascii_digit() || c == '.')
+        })
         .unwrap_or("")
         .to_owned()
 }
@@ -83,10 +87,17 @@ fn breed_of(family: &str) -> String {
 /// Recognises the tree at `dir`.
 pub fn detect(dir: &Path) -> Result<Detected> {
     // Debian/Ubuntu netboot.
-    for (top, breed) in [("debian-installer", "debian"), ("ubuntu-installer", "ubuntu")] {
+    for (top, breed) in [
+        ("debian-installer", "debian"),
+        ("ubuntu-installer", "ubuntu"),
+    ] {
         let base = dir.join(top);
         if let Ok(entries) = std::fs::read_dir(&base) {
-            let mut arches: Vec<String> = entries.flatten().filter(|e| e.path().join("linux").is_file()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+            let mut arches: Vec<String> = entries
+                .flatten()
+                .filter(|e| e.path().join("linux").is_file())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
             arches.sort();
             if let Some(a) = arches.first() {
                 let d = base.join(a);
@@ -95,7 +106,9 @@ pub fn detect(dir: &Path) -> Result<Detected> {
                     kernel: d.join("linux"),
                     initrd: d.join("initrd.gz"),
                     breed: breed.into(),
-                    os_version: version_in(info.split_once("version:").map(|x| x.1).unwrap_or(&info)),
+                    os_version: version_in(
+                        info.split_once("version:").map(|x| x.1).unwrap_or(&info),
+                    ),
                     arch: deb_arch(a),
                 });
             }
@@ -104,15 +117,36 @@ pub fn detect(dir: &Path) -> Result<Detected> {
     let disk_info = read(&dir.join(".disk/info"));
     // Debian installer media.
     if let Ok(entries) = std::fs::read_dir(dir) {
-        let mut installs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("install.")) && p.join("vmlinuz").is_file()).collect();
+        let mut installs: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("install."))
+                    && p.join("vmlinuz").is_file()
+            })
+            .collect();
         installs.sort();
         if let Some(d) = installs.first() {
-            let suffix = d.file_name().unwrap().to_string_lossy().trim_start_matches("install.").to_owned();
-            let arch = disk_info.split_whitespace().find(|w| ["amd64", "arm64", "i386"].contains(w)).map(deb_arch).unwrap_or_else(|| deb_arch(&suffix));
+            let suffix = d
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .trim_start_matches("install.")
+                .to_owned();
+            let arch = disk_info
+                .split_whitespace()
+                .find(|w| ["amd64", "arm64", "i386"].contains(w))
+                .map(deb_arch)
+                .unwrap_or_else(|| deb_arch(&suffix));
             return Ok(Detected {
                 kernel: d.join("vmlinuz"),
                 initrd: d.join("initrd.gz"),
-                breed: if disk_info.to_ascii_lowercase().contains("ubuntu") { "ubuntu".into() } else { "debian".into() },
+                breed: if disk_info.to_ascii_lowercase().contains("ubuntu") {
+                    "ubuntu".into()
+                } else {
+                    "debian".into()
+                },
                 os_version: version_in(&disk_info),
                 arch,
             });
@@ -120,31 +154,59 @@ pub fn detect(dir: &Path) -> Result<Detected> {
     }
     // Ubuntu live server.
     if dir.join("casper/vmlinuz").is_file() {
-        let initrd = ["casper/initrd", "casper/initrd.gz", "casper/initrd.lz"].iter().map(|p| dir.join(p)).find(|p| p.is_file()).unwrap_or_else(|| dir.join("casper/initrd"));
-        let arch = disk_info.split_whitespace().find(|w| ["amd64", "arm64"].contains(w)).map(deb_arch).unwrap_or_else(|| "x86_64".into());
-        return Ok(Detected { kernel: dir.join("casper/vmlinuz"), initrd, breed: "ubuntu".into(), os_version: version_in(&disk_info), arch });
+        let initrd = ["casper/initrd", "casper/initrd.gz", "casper/initrd.lz"]
+            .iter()
+            .map(|p| dir.join(p))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| dir.join("casper/initrd"));
+        let arch = disk_info
+            .split_whitespace()
+            .find(|w| ["amd64", "arm64"].contains(w))
+            .map(deb_arch)
+            .unwrap_or_else(|| "x86_64".into());
+        return Ok(Detected {
+            kernel: dir.join("casper/vmlinuz"),
+            initrd,
+            breed: "ubuntu".into(),
+            os_version: version_in(&disk_info),
+            arch,
+        });
     }
     // Fedora / RHEL family.
     if dir.join("images/pxeboot/vmlinuz").is_file() {
         let ti = read(&dir.join(".treeinfo"));
         let (family, version, arch) = if !ti.is_empty() {
             (
-                ini_get(&ti, "release", "name").or_else(|| ini_get(&ti, "general", "family")).unwrap_or_default(),
-                ini_get(&ti, "release", "version").or_else(|| ini_get(&ti, "general", "version")).unwrap_or_default(),
-                ini_get(&ti, "tree", "arch").or_else(|| ini_get(&ti, "general", "arch")).unwrap_or_default(),
+                ini_get(&ti, "release", "name")
+                    .or_else(|| ini_get(&ti, "general", "family"))
+                    .unwrap_or_default(),
+                ini_get(&ti, "release", "version")
+                    .or_else(|| ini_get(&ti, "general", "version"))
+                    .unwrap_or_default(),
+                ini_get(&ti, "tree", "arch")
+                    .or_else(|| ini_get(&ti, "general", "arch"))
+                    .unwrap_or_default(),
             )
         } else {
             let di = read(&dir.join(".discinfo"));
             let lines: Vec<&str> = di.lines().collect();
             let fam = lines.get(1).copied().unwrap_or("");
-            (fam.to_owned(), version_in(fam), lines.get(2).copied().unwrap_or("").to_owned())
+            (
+                fam.to_owned(),
+                version_in(fam),
+                lines.get(2).copied().unwrap_or("").to_owned(),
+            )
         };
         return Ok(Detected {
             kernel: dir.join("images/pxeboot/vmlinuz"),
             initrd: dir.join("images/pxeboot/initrd.img"),
             breed: breed_of(&family),
             os_version: version,
-            arch: if arch.is_empty() { "x86_64".into() } else { arch },
+            arch: if arch.is_empty() {
+                "x86_64".into()
+            } else {
+                arch
+            },
         });
     }
     bail!(
@@ -157,19 +219,24 @@ pub fn detect(dir: &Path) -> Result<Detected> {
 /// Returns `sha256:<hex>`.
 pub fn put_blob(blobs: &Path, src: &Path) -> Result<String> {
     std::fs::create_dir_all(blobs).with_context(|| format!("creating {}", blobs.display()))?;
-    let mut input = std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let mut input =
+        std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
     let tmp = blobs.join(format!(".tmp-import-{}", std::process::id()));
     let result = (|| -> Result<String> {
-        let mut out = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut out =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = input.read(&mut buf).with_context(|| format!("reading {}", src.display()))?;
+            let n = input
+                .read(&mut buf)
+                .with_context(|| format!("reading {}", src.display()))?;
             if n == 0 {
                 break;
             }
             h.update(&buf[..n]);
-            out.write_all(&buf[..n]).with_context(|| format!("writing {}", tmp.display()))?;
+            out.write_all(&buf[..n])
+                .with_context(|| format!("writing {}", tmp.display()))?;
         }
         out.sync_all().context("syncing the blob")?;
         let hex = hex::encode(h.finalize());
@@ -212,7 +279,11 @@ pub fn import(path: &Path, name: &str, blobs: &Path) -> Result<(Distro, Profile)
         comment: format!("imported from {}", path.display()),
         ..Default::default()
     };
-    let profile = Profile { name: name.to_owned(), distro: Some(name.to_owned()), ..Default::default() };
+    let profile = Profile {
+        name: name.to_owned(),
+        distro: Some(name.to_owned()),
+        ..Default::default()
+    };
     Ok((distro, profile))
 }
 
@@ -235,20 +306,39 @@ mod tests {
         let t = tree(&[
             ("debian-installer/amd64/linux", "kernel"),
             ("debian-installer/amd64/initrd.gz", "initrd"),
-            ("version.info", "Debian version:  12 (bookworm)\nInstaller build: 20230607+deb12u5\n"),
+            (
+                "version.info",
+                "Debian version:  12 (bookworm)\nInstaller build: 20230607+deb12u5\n",
+            ),
         ]);
         let d = detect(t.path()).unwrap();
-        assert_eq!((d.breed.as_str(), d.os_version.as_str(), d.arch.as_str()), ("debian", "12", "x86_64"));
+        assert_eq!(
+            (d.breed.as_str(), d.os_version.as_str(), d.arch.as_str()),
+            ("debian", "12", "x86_64")
+        );
     }
 
     #[test]
     fn ubuntu_live_and_debian_media() {
-        let t = tree(&[("casper/vmlinuz", "k"), ("casper/initrd", "i"), (".disk/info", "Ubuntu-Server 22.04.3 LTS \"Jammy Jellyfish\" - Release amd64 (20230810)")]);
+        let t = tree(&[
+            ("casper/vmlinuz", "k"),
+            ("casper/initrd", "i"),
+            (
+                ".disk/info",
+                "Ubuntu-Server 22.04.3 LTS \"Jammy Jellyfish\" - Release amd64 (20230810)",
+            ),
+        ]);
         let d = detect(t.path()).unwrap();
-        assert_eq!((d.breed.as_str(), d.os_version.as_str(), d.arch.as_str()), ("ubuntu", "22.04.3", "x86_64"));
+        assert_eq!(
+            (d.breed.as_str(), d.os_version.as_str(), d.arch.as_str()),
+            ("ubuntu", "22.04.3", "x86_64")
+        );
         let t = tree(&[("install.amd/vmlinuz", "k"), ("install.amd/initrd.gz", "i"), (".disk/info", "Debian GNU/Linux 12.5.0 \"Bookworm\" - Official amd64 NETINST with firmware 20240210-11:27")]);
         let d = detect(t.path()).unwrap();
-        assert_eq!((d.breed.as_str(), d.os_version.as_str(), d.arch.as_str()), ("debian", "12.5.0", "x86_64"));
+        assert_eq!(
+            (d.breed.as_str(), d.os_version.as_str(), d.arch.as_str()),
+            ("debian", "12.5.0", "x86_64")
+        );
     }
 
     #[test]
@@ -259,15 +349,31 @@ mod tests {
             (".treeinfo", "[general]\nfamily = Fedora\nversion = 39\narch = x86_64\n[release]\nname = Fedora\nversion = 39\n[tree]\narch = x86_64\n"),
         ]);
         let d = detect(t.path()).unwrap();
-        assert_eq!((d.breed.as_str(), d.os_version.as_str(), d.arch.as_str()), ("fedora", "39", "x86_64"));
-        let t = tree(&[("images/pxeboot/vmlinuz", "k"), ("images/pxeboot/initrd.img", "i"), (".discinfo", "1700000000.0\nRed Hat Enterprise Linux 9.3\naarch64\n")]);
+        assert_eq!(
+            (d.breed.as_str(), d.os_version.as_str(), d.arch.as_str()),
+            ("fedora", "39", "x86_64")
+        );
+        let t = tree(&[
+            ("images/pxeboot/vmlinuz", "k"),
+            ("images/pxeboot/initrd.img", "i"),
+            (
+                ".discinfo",
+                "1700000000.0\nRed Hat Enterprise Linux 9.3\naarch64\n",
+            ),
+        ]);
         let d = detect(t.path()).unwrap();
-        assert_eq!((d.breed.as_str(), d.os_version.as_str(), d.arch.as_str()), ("redhat", "9.3", "aarch64"));
+        assert_eq!(
+            (d.breed.as_str(), d.os_version.as_str(), d.arch.as_str()),
+            ("redhat", "9.3", "aarch64")
+        );
     }
 
     #[test]
     fn import_copies_blobs_by_digest() {
-        let t = tree(&[("debian-installer/arm64/linux", "kernel"), ("debian-installer/arm64/initrd.gz", "initrd")]);
+        let t = tree(&[
+            ("debian-installer/arm64/linux", "kernel"),
+            ("debian-installer/arm64/initrd.gz", "initrd"),
+        ]);
         let blobs = tempfile::tempdir().unwrap();
         let (d, p) = import(t.path(), "deb12", blobs.path()).unwrap();
         assert_eq!(d.arch, "aarch64");
@@ -275,9 +381,16 @@ mod tests {
         assert_eq!(std::fs::read(blobs.path().join(hex)).unwrap(), b"kernel");
         assert_eq!(hex, hex::encode(Sha256::digest(b"kernel")));
         assert_eq!(p.distro.as_deref(), Some("deb12"));
-        let names: Vec<_> = std::fs::read_dir(blobs.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(blobs.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         assert_eq!(names.len(), 2, "no temp files left: {names:?}");
         let empty = tempfile::tempdir().unwrap();
-        assert!(import(empty.path(), "x", blobs.path()).unwrap_err().to_string().contains("not a recognised"));
+        assert!(import(empty.path(), "x", blobs.path())
+            .unwrap_err()
+            .to_string()
+            .contains("not a recognised"));
     }
 }

@@ -168,8 +168,12 @@ impl Inventory {
                 }
                 continue;
             }
-            let Some((dir, file)) = path.split_once('/') else { continue };
-            let Some(kind) = Kind::from_plural(dir) else { continue };
+            let Some((dir, file)) = path.split_once('/') else {
+                continue;
+            };
+            let Some(kind) = Kind::from_plural(dir) else {
+                continue;
+            };
             let name = if kind.is_text() {
                 Some(file)
             } else {
@@ -179,7 +183,10 @@ impl Inventory {
             match Object::from_file(kind, name, bytes) {
                 Ok(obj) => {
                     me.index(&obj);
-                    me.objects.get_mut(&kind).expect("all kinds").insert(name.to_owned(), obj);
+                    me.objects
+                        .get_mut(&kind)
+                        .expect("all kinds")
+                        .insert(name.to_owned(), obj);
                 }
                 Err(e) => me.load_errors.push(format!("{path}: {e}")),
             }
@@ -189,10 +196,14 @@ impl Inventory {
         }
         let healed = me.repo.checkout_head(&files)?;
         if healed > 0 {
-            tracing::warn!(files = healed, "inventory work tree did not match HEAD; restored it");
+            tracing::warn!(
+                files = healed,
+                "inventory work tree did not match HEAD; restored it"
+            );
         }
         if me.repo.head().is_none() {
-            let mut settings = serde_json::to_string_pretty(&me.settings).expect("settings serialise");
+            let mut settings =
+                serde_json::to_string_pretty(&me.settings).expect("settings serialise");
             settings.push('\n');
             me.repo.commit(
                 &[
@@ -213,10 +224,17 @@ impl Inventory {
     /// Replaces the global settings.
     pub fn set_settings(&mut self, settings: Settings, author: &Author) -> Result<(), InvError> {
         if settings.default_boot == DefaultBoot::Install && settings.default_profile.is_empty() {
-            return Err(InvError::Conflict("default_boot \"install\" needs default_profile".into()));
+            return Err(InvError::Conflict(
+                "default_boot \"install\" needs default_profile".into(),
+            ));
         }
-        if !settings.default_profile.is_empty() && self.get(Kind::Profile, &settings.default_profile).is_none() {
-            return Err(InvError::NotFound { kind: Kind::Profile, name: settings.default_profile.clone() });
+        if !settings.default_profile.is_empty()
+            && self.get(Kind::Profile, &settings.default_profile).is_none()
+        {
+            return Err(InvError::NotFound {
+                kind: Kind::Profile,
+                name: settings.default_profile.clone(),
+            });
         }
         let mut text = serde_json::to_string_pretty(&settings).expect("settings serialise");
         text.push('\n');
@@ -319,11 +337,13 @@ impl Inventory {
                     self.by_ip.insert(i.ip.clone(), s.name.clone());
                 }
                 if !i.hostname.is_empty() {
-                    self.by_host.insert(i.hostname.to_ascii_lowercase(), s.name.clone());
+                    self.by_host
+                        .insert(i.hostname.to_ascii_lowercase(), s.name.clone());
                 }
             }
             if !s.hostname.is_empty() {
-                self.by_host.insert(s.hostname.to_ascii_lowercase(), s.name.clone());
+                self.by_host
+                    .insert(s.hostname.to_ascii_lowercase(), s.name.clone());
             }
         }
     }
@@ -348,14 +368,18 @@ impl Inventory {
     /// object(s) it replaces (their MACs etc. do not count as taken).
     fn check(&self, obj: &Object, replacing: &[&str]) -> Result<(), InvError> {
         let kind = obj.kind();
-        let missing = |k: Kind, n: &str| InvError::NotFound { kind: k, name: n.to_owned() };
+        let missing = |k: Kind, n: &str| InvError::NotFound {
+            kind: k,
+            name: n.to_owned(),
+        };
         match obj {
             Object::Profile(p) => {
                 if let Some(d) = &p.distro {
                     self.distro(d).ok_or_else(|| missing(Kind::Distro, d))?;
                 }
                 if let Some(parent) = &p.parent {
-                    self.profile(parent).ok_or_else(|| missing(Kind::Profile, parent))?;
+                    self.profile(parent)
+                        .ok_or_else(|| missing(Kind::Profile, parent))?;
                     // Walk up from the parent; meeting ourselves is a cycle.
                     let mut seen = vec![p.name.as_str()];
                     let mut cur = Some(parent.as_str());
@@ -364,7 +388,10 @@ impl Inventory {
                             return Err(InvError::Invalid(
                                 Invalid {
                                     field: "parent".into(),
-                                    message: format!("inheritance cycle: {} -> {n}", seen.join(" -> ")),
+                                    message: format!(
+                                        "inheritance cycle: {} -> {n}",
+                                        seen.join(" -> ")
+                                    ),
                                 },
                                 kind,
                             ));
@@ -374,7 +401,8 @@ impl Inventory {
                     }
                 }
                 for r in &p.repos {
-                    self.get(Kind::Repo, r).ok_or_else(|| missing(Kind::Repo, r))?;
+                    self.get(Kind::Repo, r)
+                        .ok_or_else(|| missing(Kind::Repo, r))?;
                 }
                 if !p.autoinstall.is_empty()
                     && self.get(Kind::Template, &p.autoinstall).is_none()
@@ -390,10 +418,15 @@ impl Inventory {
                 if let Some(i) = &s.image {
                     self.image(i).ok_or_else(|| missing(Kind::Image, i))?;
                 }
-                let taken = |m: &HashMap<String, String>, key: &str, what: &str| -> Result<(), InvError> {
+                let taken = |m: &HashMap<String, String>,
+                             key: &str,
+                             what: &str|
+                 -> Result<(), InvError> {
                     match m.get(key) {
                         Some(owner) if owner != &s.name && !replacing.contains(&owner.as_str()) => {
-                            Err(InvError::Conflict(format!("{what} {key} is already used by system {owner:?}")))
+                            Err(InvError::Conflict(format!(
+                                "{what} {key} is already used by system {owner:?}"
+                            )))
                         }
                         _ => Ok(()),
                     }
@@ -417,7 +450,10 @@ impl Inventory {
                 let mut seen = std::collections::HashSet::new();
                 for m in &mine {
                     if !seen.insert(m) {
-                        return Err(InvError::Conflict(format!("{} {} appears twice in system {:?}", m.0, m.1, s.name)));
+                        return Err(InvError::Conflict(format!(
+                            "{} {} appears twice in system {:?}",
+                            m.0, m.1, s.name
+                        )));
                     }
                 }
             }
@@ -447,7 +483,9 @@ impl Inventory {
         if matches!(kind, Kind::Profile | Kind::Image) {
             for o in self.list(Kind::System) {
                 if let Object::System(s) = o {
-                    if (kind == Kind::Profile && s.profile == n) || (kind == Kind::Image && s.image == n) {
+                    if (kind == Kind::Profile && s.profile == n)
+                        || (kind == Kind::Image && s.image == n)
+                    {
                         out.push((Kind::System, s.name.clone()));
                     }
                 }
@@ -461,7 +499,12 @@ impl Inventory {
 
     /// Commits `changes` (kind, name, new value or removal) in one commit and
     /// applies them to memory. Validation has already happened.
-    fn apply(&mut self, changes: Vec<(Kind, String, Option<Object>)>, author: &Author, message: &str) -> Result<(), InvError> {
+    fn apply(
+        &mut self,
+        changes: Vec<(Kind, String, Option<Object>)>,
+        author: &Author,
+        message: &str,
+    ) -> Result<(), InvError> {
         let git_changes: Vec<Change> = changes
             .iter()
             .map(|(k, n, o)| match o {
@@ -469,7 +512,8 @@ impl Inventory {
                 None => Change::Delete(k.file(n)),
             })
             .collect();
-        self.repo.commit(&git_changes, &author.signature(), message)?;
+        self.repo
+            .commit(&git_changes, &author.signature(), message)?;
         for (k, n, o) in changes {
             if let Some(old) = self.objects.get_mut(&k).expect("all kinds").remove(&n) {
                 self.unindex(&old);
@@ -487,11 +531,18 @@ impl Inventory {
         let kind = obj.kind();
         obj.normalize_and_check().map_err(inv(kind))?;
         if self.get(kind, obj.name()).is_some() {
-            return Err(InvError::Exists { kind, name: obj.name().to_owned() });
+            return Err(InvError::Exists {
+                kind,
+                name: obj.name().to_owned(),
+            });
         }
         self.check(&obj, &[])?;
         let name = obj.name().to_owned();
-        self.apply(vec![(kind, name.clone(), Some(obj))], author, &format!("Add {kind} {name}"))
+        self.apply(
+            vec![(kind, name.clone(), Some(obj))],
+            author,
+            &format!("Add {kind} {name}"),
+        )
     }
 
     /// Replaces an existing object (same name).
@@ -499,17 +550,33 @@ impl Inventory {
         let kind = obj.kind();
         obj.normalize_and_check().map_err(inv(kind))?;
         let name = obj.name().to_owned();
-        let old = self.get(kind, &name).ok_or_else(|| InvError::NotFound { kind, name: name.clone() })?;
+        let old = self.get(kind, &name).ok_or_else(|| InvError::NotFound {
+            kind,
+            name: name.clone(),
+        })?;
         if *old == obj {
             return Ok(()); // Nothing changed: no empty commit.
         }
         self.check(&obj, &[])?;
-        self.apply(vec![(kind, name.clone(), Some(obj))], author, &format!("Edit {kind} {name}"))
+        self.apply(
+            vec![(kind, name.clone(), Some(obj))],
+            author,
+            &format!("Edit {kind} {name}"),
+        )
     }
 
     /// Merges a JSON object into an existing object (RFC 7386 merge patch).
-    pub fn patch(&mut self, kind: Kind, name: &str, patch: &serde_json::Value, author: &Author) -> Result<Object, InvError> {
-        let old = self.get(kind, name).ok_or_else(|| InvError::NotFound { kind, name: name.to_owned() })?;
+    pub fn patch(
+        &mut self,
+        kind: Kind,
+        name: &str,
+        patch: &serde_json::Value,
+        author: &Author,
+    ) -> Result<Object, InvError> {
+        let old = self.get(kind, name).ok_or_else(|| InvError::NotFound {
+            kind,
+            name: name.to_owned(),
+        })?;
         let mut v = old.to_json();
         merge_patch(&mut v, patch);
         if let Some(m) = v.as_object_mut() {
@@ -523,13 +590,26 @@ impl Inventory {
     /// Removes an object; refused while others use it unless `recursive`,
     /// which removes profiles and systems below it and drops repo and
     /// template references from profiles.
-    pub fn remove(&mut self, kind: Kind, name: &str, recursive: bool, author: &Author) -> Result<Vec<String>, InvError> {
+    pub fn remove(
+        &mut self,
+        kind: Kind,
+        name: &str,
+        recursive: bool,
+        author: &Author,
+    ) -> Result<Vec<String>, InvError> {
         if self.get(kind, name).is_none() {
-            return Err(InvError::NotFound { kind, name: name.to_owned() });
+            return Err(InvError::NotFound {
+                kind,
+                name: name.to_owned(),
+            });
         }
         let users = self.users(kind, name);
         if users.iter().any(|(_, n)| n.starts_with('(')) {
-            return Err(InvError::InUse { kind, name: name.to_owned(), users: vec!["settings.default_profile".into()] });
+            return Err(InvError::InUse {
+                kind,
+                name: name.to_owned(),
+                users: vec!["settings.default_profile".into()],
+            });
         }
         if !users.is_empty() && !recursive {
             return Err(InvError::InUse {
@@ -574,8 +654,20 @@ impl Inventory {
 
     /// Copies an object under a new name. A system copy has its MACs, IPs
     /// and host names cleared (they must stay unique).
-    pub fn copy(&mut self, kind: Kind, name: &str, new: &str, author: &Author) -> Result<(), InvError> {
-        let mut obj = self.get(kind, name).cloned().ok_or_else(|| InvError::NotFound { kind, name: name.to_owned() })?;
+    pub fn copy(
+        &mut self,
+        kind: Kind,
+        name: &str,
+        new: &str,
+        author: &Author,
+    ) -> Result<(), InvError> {
+        let mut obj = self
+            .get(kind, name)
+            .cloned()
+            .ok_or_else(|| InvError::NotFound {
+                kind,
+                name: name.to_owned(),
+            })?;
         obj.set_name(new);
         if let Object::System(s) = &mut obj {
             s.hostname.clear();
@@ -583,24 +675,53 @@ impl Inventory {
         }
         obj.normalize_and_check().map_err(inv(kind))?;
         if self.get(kind, new).is_some() {
-            return Err(InvError::Exists { kind, name: new.to_owned() });
+            return Err(InvError::Exists {
+                kind,
+                name: new.to_owned(),
+            });
         }
         self.check(&obj, &[])?;
-        self.apply(vec![(kind, new.to_owned(), Some(obj))], author, &format!("Copy {kind} {name} to {new}"))
+        self.apply(
+            vec![(kind, new.to_owned(), Some(obj))],
+            author,
+            &format!("Copy {kind} {name} to {new}"),
+        )
     }
 
     /// Renames an object and every reference to it, in one commit.
-    pub fn rename(&mut self, kind: Kind, name: &str, new: &str, author: &Author) -> Result<(), InvError> {
-        let mut obj = self.get(kind, name).cloned().ok_or_else(|| InvError::NotFound { kind, name: name.to_owned() })?;
+    pub fn rename(
+        &mut self,
+        kind: Kind,
+        name: &str,
+        new: &str,
+        author: &Author,
+    ) -> Result<(), InvError> {
+        let mut obj = self
+            .get(kind, name)
+            .cloned()
+            .ok_or_else(|| InvError::NotFound {
+                kind,
+                name: name.to_owned(),
+            })?;
         model::check_name(new).map_err(inv(kind))?;
         if self.get(kind, new).is_some() {
-            return Err(InvError::Exists { kind, name: new.to_owned() });
+            return Err(InvError::Exists {
+                kind,
+                name: new.to_owned(),
+            });
         }
         if kind == Kind::Profile && self.settings.default_profile == name {
-            return Err(InvError::InUse { kind, name: name.to_owned(), users: vec!["settings.default_profile".into()] });
+            return Err(InvError::InUse {
+                kind,
+                name: name.to_owned(),
+                users: vec!["settings.default_profile".into()],
+            });
         }
         obj.set_name(new);
-        let mut changes = vec![(kind, name.to_owned(), None), (kind, new.to_owned(), Some(obj))];
+        let mut changes = vec![
+            (kind, name.to_owned(), None),
+            (kind, new.to_owned(), Some(obj)),
+        ];
         for (uk, un) in self.users(kind, name) {
             let mut u = self.get(uk, &un).cloned().expect("users exist");
             let n = Some(name.to_owned());
@@ -639,7 +760,12 @@ impl Inventory {
     }
 
     /// Creates or replaces many objects in one commit (bulk import).
-    pub fn put_many(&mut self, objs: Vec<Object>, author: &Author, message: &str) -> Result<usize, InvError> {
+    pub fn put_many(
+        &mut self,
+        objs: Vec<Object>,
+        author: &Author,
+        message: &str,
+    ) -> Result<usize, InvError> {
         // Validate in order against a scratch copy of the indexes by applying
         // to memory tentatively is costly; instead check each object and
         // also against earlier objects of the same batch.
@@ -650,7 +776,10 @@ impl Inventory {
             let kind = obj.kind();
             obj.normalize_and_check().map_err(inv(kind))?;
             if !names.insert((kind, obj.name().to_owned())) {
-                return Err(InvError::Conflict(format!("{kind} {} appears twice in the batch", obj.name())));
+                return Err(InvError::Conflict(format!(
+                    "{kind} {} appears twice in the batch",
+                    obj.name()
+                )));
             }
             if matches!(kind, Kind::Profile) {
                 // Profiles may refer to profiles earlier in the batch; check after.
@@ -664,7 +793,10 @@ impl Inventory {
             if let Object::System(s) = &obj {
                 for i in &s.interfaces {
                     if let Some(other) = batch_macs.insert(i.mac.clone(), s.name.clone()) {
-                        return Err(InvError::Conflict(format!("MAC {} is used by {other:?} and {:?} in the batch", i.mac, s.name)));
+                        return Err(InvError::Conflict(format!(
+                            "MAC {} is used by {other:?} and {:?} in the batch",
+                            i.mac, s.name
+                        )));
                     }
                 }
             }

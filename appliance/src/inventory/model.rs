@@ -15,7 +15,9 @@ use utoipa::ToSchema;
 pub type Vars = BTreeMap<String, serde_json::Value>;
 
 /// The kinds of object, in dependency order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Distro,
@@ -399,7 +401,12 @@ impl Object {
                     (Some(_), Some(_)) => {
                         return Err(invalid("parent", "set either distro or parent, not both"))
                     }
-                    (None, None) => return Err(invalid("distro", "a distro or a parent profile is required")),
+                    (None, None) => {
+                        return Err(invalid(
+                            "distro",
+                            "a distro or a parent profile is required",
+                        ))
+                    }
                     _ => {}
                 }
                 check_kernel_options("kernel_options", &p.kernel_options)?;
@@ -410,7 +417,9 @@ impl Object {
                     (Some(_), Some(_)) => {
                         return Err(invalid("image", "set either profile or image, not both"))
                     }
-                    (None, None) => return Err(invalid("profile", "a profile or an image is required")),
+                    (None, None) => {
+                        return Err(invalid("profile", "a profile or an image is required"))
+                    }
                     _ => {}
                 }
                 if !s.hostname.is_empty() {
@@ -423,17 +432,27 @@ impl Object {
                         iface.name = format!("eth{i}");
                     }
                     if !names.insert(iface.name.clone()) {
-                        return Err(invalid(f("name"), format!("duplicate interface {}", iface.name)));
+                        return Err(invalid(
+                            f("name"),
+                            format!("duplicate interface {}", iface.name),
+                        ));
                     }
                     iface.mac = normalize_mac(&iface.mac).map_err(|m| invalid(f("mac"), m))?;
-                    for (field, v) in [("ip", &iface.ip), ("netmask", &iface.netmask), ("gateway", &iface.gateway)] {
+                    for (field, v) in [
+                        ("ip", &iface.ip),
+                        ("netmask", &iface.netmask),
+                        ("gateway", &iface.gateway),
+                    ] {
                         if !v.is_empty() && v.parse::<IpAddr>().is_err() {
                             return Err(invalid(f(field), format!("{v:?} is not an IP address")));
                         }
                     }
                     for (j, d) in iface.dns.iter().enumerate() {
                         if d.parse::<IpAddr>().is_err() {
-                            return Err(invalid(f(&format!("dns[{j}]")), format!("{d:?} is not an IP address")));
+                            return Err(invalid(
+                                f(&format!("dns[{j}]")),
+                                format!("{d:?} is not an IP address"),
+                            ));
                         }
                     }
                     if !iface.hostname.is_empty() {
@@ -442,8 +461,14 @@ impl Object {
                 }
                 check_kernel_options("kernel_options", &s.kernel_options)?;
                 check_vars(&s.variables)?;
-                if !matches!(s.power.kind.as_str(), "" | "redfish" | "ipmi" | "qmp" | "wol") {
-                    return Err(invalid("power.type", format!("{:?}: use redfish, ipmi, qmp or wol", s.power.kind)));
+                if !matches!(
+                    s.power.kind.as_str(),
+                    "" | "redfish" | "ipmi" | "qmp" | "wol"
+                ) {
+                    return Err(invalid(
+                        "power.type",
+                        format!("{:?}: use redfish, ipmi, qmp or wol", s.power.kind),
+                    ));
                 }
             }
             Object::Repo(_) | Object::Template(_) | Object::Snippet(_) => {}
@@ -476,8 +501,13 @@ pub fn check_name(name: &str) -> Result<(), Invalid> {
 /// Accepts `aa:bb:cc:dd:ee:ff`, `AA-BB-…` or `aabb.ccdd.eeff`; returns
 /// lowercase colon form.
 pub fn normalize_mac(mac: &str) -> Result<String, String> {
-    let hexdigits: String = mac.chars().filter(|c| !matches!(c, ':' | '-' | '.')).collect();
-    let seps_ok = mac.len() == 17 && (mac.chars().filter(|&c| c == ':').count() == 5 || mac.chars().filter(|&c| c == '-').count() == 5)
+    let hexdigits: String = mac
+        .chars()
+        .filter(|c| !matches!(c, ':' | '-' | '.'))
+        .collect();
+    let seps_ok = mac.len() == 17
+        && (mac.chars().filter(|&c| c == ':').count() == 5
+            || mac.chars().filter(|&c| c == '-').count() == 5)
         || mac.len() == 14 && mac.chars().filter(|&c| c == '.').count() == 2
         || mac.len() == 12;
     if !seps_ok || hexdigits.len() != 12 || !hexdigits.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -506,13 +536,20 @@ fn check_hostname(field: &str, h: &str) -> Result<(), Invalid> {
 
 fn check_location(field: &str, v: &str) -> Result<(), Invalid> {
     if let Some(hex) = v.strip_prefix("sha256:") {
-        if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        if hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
             return Ok(());
         }
     } else if v.starts_with("http://") || v.starts_with("https://") {
         return Ok(());
     }
-    Err(invalid(field, format!("{v:?}: use sha256:<64 hex> (a blob on this appliance) or an http(s) URL")))
+    Err(invalid(
+        field,
+        format!("{v:?}: use sha256:<64 hex> (a blob on this appliance) or an http(s) URL"),
+    ))
 }
 
 fn check_kernel_options(field: &str, v: &str) -> Result<(), Invalid> {
@@ -528,7 +565,10 @@ fn check_vars(v: &Vars) -> Result<(), Invalid> {
             && k.as_bytes()[0].is_ascii_alphabetic() | (k.as_bytes()[0] == b'_')
             && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !ok {
-            return Err(invalid(format!("variables.{k}"), "variable names are identifiers (letters, digits, '_')"));
+            return Err(invalid(
+                format!("variables.{k}"),
+                "variable names are identifiers (letters, digits, '_')",
+            ));
         }
     }
     Ok(())
@@ -570,8 +610,14 @@ mod tests {
 
     #[test]
     fn macs_normalise() {
-        assert_eq!(normalize_mac("AA-BB-CC-DD-EE-0F").unwrap(), "aa:bb:cc:dd:ee:0f");
-        assert_eq!(normalize_mac("aabb.ccdd.eeff").unwrap(), "aa:bb:cc:dd:ee:ff");
+        assert_eq!(
+            normalize_mac("AA-BB-CC-DD-EE-0F").unwrap(),
+            "aa:bb:cc:dd:ee:0f"
+        );
+        assert_eq!(
+            normalize_mac("aabb.ccdd.eeff").unwrap(),
+            "aa:bb:cc:dd:ee:ff"
+        );
         assert!(normalize_mac("aa:bb:cc:dd:ee").is_err());
         assert!(normalize_mac("zz:bb:cc:dd:ee:ff").is_err());
         assert!(normalize_mac("aa:bb:cc:dd:ee:ff:00").is_err());

@@ -80,13 +80,17 @@ impl StatusBook {
         use anyhow::Context;
         let records = match path {
             Some(p) => match std::fs::read(p) {
-                Ok(b) => serde_json::from_slice(&b).with_context(|| format!("parsing {}", p.display()))?,
+                Ok(b) => serde_json::from_slice(&b)
+                    .with_context(|| format!("parsing {}", p.display()))?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
                 Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
             },
             None => BTreeMap::new(),
         };
-        Ok(Self { path: path.map(Path::to_owned), records })
+        Ok(Self {
+            path: path.map(Path::to_owned),
+            records,
+        })
     }
 
     pub fn get(&self, system: &str) -> Option<&Record> {
@@ -98,7 +102,14 @@ impl StatusBook {
     }
 
     /// Records an event at time `at` and persists the book.
-    pub fn record(&mut self, system: &str, event: Event, at: i64, from: &str, message: &str) -> anyhow::Result<Record> {
+    pub fn record(
+        &mut self,
+        system: &str,
+        event: Event,
+        at: i64,
+        from: &str,
+        message: &str,
+    ) -> anyhow::Result<Record> {
         let r = self.records.entry(system.to_owned()).or_default();
         r.last_event = Some(event);
         r.last_event_at = Some(at);
@@ -158,7 +169,8 @@ mod tests {
         b.record("web1", Event::Start, 100, "10.0.0.5", "").unwrap();
         assert!(is_quiet(b.get("web1").unwrap(), 100 + QUIET_AFTER_S + 1));
         assert!(!is_quiet(b.get("web1").unwrap(), 200));
-        b.record("web1", Event::Finish, 300, "10.0.0.5", "").unwrap();
+        b.record("web1", Event::Finish, 300, "10.0.0.5", "")
+            .unwrap();
         let b = StatusBook::open(Some(&p)).unwrap();
         let r = b.get("web1").unwrap();
         assert_eq!(r.state, State::Installed);

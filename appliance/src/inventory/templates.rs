@@ -24,19 +24,43 @@ use super::{InvError, Inventory};
 pub const SHIPPED: &[(&str, &str)] = &[
     ("kickstart.ks", include_str!("templates/kickstart.ks")),
     ("preseed.cfg", include_str!("templates/preseed.cfg")),
-    ("autoinstall.yaml", include_str!("templates/autoinstall.yaml")),
-    ("cloud-init-user-data", include_str!("templates/cloud-init-user-data")),
-    ("cloud-init-meta-data", include_str!("templates/cloud-init-meta-data")),
+    (
+        "autoinstall.yaml",
+        include_str!("templates/autoinstall.yaml"),
+    ),
+    (
+        "cloud-init-user-data",
+        include_str!("templates/cloud-init-user-data"),
+    ),
+    (
+        "cloud-init-meta-data",
+        include_str!("templates/cloud-init-meta-data"),
+    ),
     ("ignition.json", include_str!("templates/ignition.json")),
 ];
 
 /// Shipped snippets: (name, source).
 pub const SHIPPED_SNIPPETS: &[(&str, &str)] = &[
-    ("status_start", include_str!("templates/snippets/status_start")),
-    ("status_finish", include_str!("templates/snippets/status_finish")),
-    ("status_failure", include_str!("templates/snippets/status_failure")),
-    ("status_start_wget", include_str!("templates/snippets/status_start_wget")),
-    ("status_finish_wget", include_str!("templates/snippets/status_finish_wget")),
+    (
+        "status_start",
+        include_str!("templates/snippets/status_start"),
+    ),
+    (
+        "status_finish",
+        include_str!("templates/snippets/status_finish"),
+    ),
+    (
+        "status_failure",
+        include_str!("templates/snippets/status_failure"),
+    ),
+    (
+        "status_start_wget",
+        include_str!("templates/snippets/status_start_wget"),
+    ),
+    (
+        "status_finish_wget",
+        include_str!("templates/snippets/status_finish_wget"),
+    ),
 ];
 
 /// A shipped template by name.
@@ -92,24 +116,45 @@ pub fn template_name(inv: &Inventory, profile: &str) -> String {
             return p.autoinstall.clone();
         }
     }
-    let breed = inv.profile_distro(profile).map(|d| d.breed.clone()).unwrap_or_default();
+    let breed = inv
+        .profile_distro(profile)
+        .map(|d| d.breed.clone())
+        .unwrap_or_default();
     default_for_breed(&breed).to_owned()
 }
 
 /// Prepares the render of `doc` for system `name` (or profile when
 /// `kind` is Profile) as served from `server_url` (`http://host:port`).
-pub fn prepare(inv: &Inventory, kind: Kind, name: &str, doc: Document, server_url: &str) -> Result<RenderJob, RenderError> {
+pub fn prepare(
+    inv: &Inventory,
+    kind: Kind,
+    name: &str,
+    doc: Document,
+    server_url: &str,
+) -> Result<RenderJob, RenderError> {
     let blended = blend(inv, kind, name)?;
     let profile = match inv.get(kind, name) {
-        Some(Object::System(s)) => s.profile.clone().ok_or_else(|| RenderError::NoTemplate(name.to_owned()))?,
+        Some(Object::System(s)) => s
+            .profile
+            .clone()
+            .ok_or_else(|| RenderError::NoTemplate(name.to_owned()))?,
         Some(Object::Profile(p)) => p.name.clone(),
-        _ => return Err(InvError::NotFound { kind, name: name.to_owned() }.into()),
+        _ => {
+            return Err(InvError::NotFound {
+                kind,
+                name: name.to_owned(),
+            }
+            .into())
+        }
     };
     let template = match doc {
         Document::MetaData => "cloud-init-meta-data".to_owned(),
         Document::UserData => {
             let t = template_name(inv, &profile);
-            if t.ends_with(".yaml") || t.starts_with("cloud-init") || inv.get(Kind::Template, &t).is_some() {
+            if t.ends_with(".yaml")
+                || t.starts_with("cloud-init")
+                || inv.get(Kind::Template, &t).is_some()
+            {
                 t
             } else {
                 "cloud-init-user-data".to_owned()
@@ -120,11 +165,16 @@ pub fn prepare(inv: &Inventory, kind: Kind, name: &str, doc: Document, server_ur
     let mut context = blended.values();
     let base = format!("{server_url}/api/v1/{}/{name}", kind.plural());
     context.insert("server_url".into(), server_url.into());
-    context.insert("autoinstall_url".into(), format!("{base}/autoinstall").into());
+    context.insert(
+        "autoinstall_url".into(),
+        format!("{base}/autoinstall").into(),
+    );
     context.insert("status_url".into(), format!("{base}/status").into());
     context.entry("system_name").or_insert_with(|| name.into());
     context.entry("hostname").or_insert_with(|| name.into());
-    context.entry("interfaces").or_insert_with(|| serde_json::Value::Array(vec![]));
+    context
+        .entry("interfaces")
+        .or_insert_with(|| serde_json::Value::Array(vec![]));
     let repos: Vec<serde_json::Value> = inv
         .profile(&profile)
         .map(|_| inv.profile_chain(&profile))
@@ -132,7 +182,9 @@ pub fn prepare(inv: &Inventory, kind: Kind, name: &str, doc: Document, server_ur
         .iter()
         .flat_map(|p| p.repos.iter())
         .filter_map(|r| match inv.get(Kind::Repo, r) {
-            Some(Object::Repo(r)) => Some(serde_json::json!({"name": r.name, "mirror": r.mirror, "breed": r.breed})),
+            Some(Object::Repo(r)) => {
+                Some(serde_json::json!({"name": r.name, "mirror": r.mirror, "breed": r.breed}))
+            }
             _ => None,
         })
         .collect();
@@ -155,9 +207,17 @@ pub fn prepare(inv: &Inventory, kind: Kind, name: &str, doc: Document, server_ur
         }
     }
     if !sources.contains_key(&template) {
-        return Err(InvError::NotFound { kind: Kind::Template, name: template }.into());
+        return Err(InvError::NotFound {
+            kind: Kind::Template,
+            name: template,
+        }
+        .into());
     }
-    Ok(RenderJob { template, sources: Arc::new(sources), context })
+    Ok(RenderJob {
+        template,
+        sources: Arc::new(sources),
+        context,
+    })
 }
 
 impl RenderJob {
@@ -176,14 +236,18 @@ impl RenderJob {
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         let sources = self.sources.clone();
         env.set_loader(move |name| Ok(sources.get(name).cloned()));
-        let tmpl = env.get_template(&self.template).map_err(|e| self.explain(e))?;
+        let tmpl = env
+            .get_template(&self.template)
+            .map_err(|e| self.explain(e))?;
         tmpl.render(&self.context).map_err(|e| self.explain(e))
     }
 
     fn explain(&self, outer: minijinja::Error) -> RenderError {
         // An error inside an include is wrapped; report the innermost.
         let mut e = &outer;
-        while let Some(inner) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<minijinja::Error>()) {
+        while let Some(inner) =
+            std::error::Error::source(e).and_then(|s| s.downcast_ref::<minijinja::Error>())
+        {
             e = inner;
         }
         let file = e.name().unwrap_or(&self.template).to_owned();
@@ -209,13 +273,23 @@ impl RenderJob {
             }
             msg.push_str(" (set it in variables of the system, profile, distro or settings)");
         } else {
-            msg.push_str(&e.detail().map(str::to_owned).unwrap_or_else(|| e.kind().to_string()));
+            msg.push_str(
+                &e.detail()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| e.kind().to_string()),
+            );
         }
         RenderError::Template(msg)
     }
 }
 
 /// Renders one document in one call.
-pub fn render(inv: &Inventory, kind: Kind, name: &str, doc: Document, server_url: &str) -> Result<String, RenderError> {
+pub fn render(
+    inv: &Inventory,
+    kind: Kind,
+    name: &str,
+    doc: Document,
+    server_url: &str,
+) -> Result<String, RenderError> {
     prepare(inv, kind, name, doc, server_url)?.render()
 }
