@@ -40,7 +40,7 @@ enum Command {
     /// Run as PID 1 on the appliance image (refuses to run otherwise).
     Init,
     #[command(flatten)]
-    Ops(appliance::cli::Ops),
+    Ops(Box<appliance::cli::Ops>),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -106,7 +106,7 @@ fn main() -> Result<()> {
             }))
         }
         Command::Init => run_init(&handle),
-        Command::Ops(op) => appliance::cli::run(op),
+        Command::Ops(op) => appliance::cli::run(*op),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(

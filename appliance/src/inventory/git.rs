@@ -501,11 +501,10 @@ impl Repo {
             for e in fs::read_dir(&dir).map_err(io("listing", &dir))?.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let rel = format!("{d}/{name}");
-                if name.starts_with(".tmp-") || !contents.contains_key(&rel) {
-                    if e.path().is_file() {
-                        fs::remove_file(e.path()).map_err(io("removing", &e.path()))?;
-                        fixed += 1;
-                    }
+                if (name.starts_with(".tmp-") || !contents.contains_key(&rel)) && e.path().is_file()
+                {
+                    fs::remove_file(e.path()).map_err(io("removing", &e.path()))?;
+                    fixed += 1;
                 }
             }
         }
