@@ -9,6 +9,8 @@
 pub mod agent;
 pub mod agents;
 pub mod api;
+pub mod auth;
+pub mod cli;
 pub mod cmdline;
 pub mod config;
 pub mod console;
@@ -18,6 +20,7 @@ pub mod dhcp;
 pub mod events;
 pub mod hwinfo;
 pub mod init;
+pub mod inventory;
 pub mod modalias;
 pub mod modules;
 pub mod mount;

@@ -33,6 +33,9 @@ enum Command {
         /// Forward power requests to PID 1 even when not started by our init.
         #[arg(long)]
         allow_power: bool,
+        /// Require a token for inventory reads too.
+        #[arg(long)]
+        private_reads: bool,
     },
     /// Run as PID 1 on the appliance image (refuses to run otherwise).
     Init,
@@ -43,6 +46,10 @@ enum Command {
         #[arg(long)]
         server: String,
     },
+    #[command(flatten)]
+    Ops(Box<appliance::cli::Ops>),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
 }
 
 /// A handle that swaps the log filter at run time.
@@ -90,6 +97,7 @@ fn main() -> Result<()> {
             data,
             degraded_file,
             allow_power,
+            private_reads,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -101,6 +109,7 @@ fn main() -> Result<()> {
                 data,
                 degraded_file,
                 allow_power,
+                private_reads,
             }))
         }
         Command::Init => run_init(&handle),
@@ -108,6 +117,17 @@ fn main() -> Result<()> {
             let release =
                 appliance::serve::file_digest(std::path::Path::new("/etc/appliance/release")).ok();
             appliance::agent::run(&server, release)
+        }
+        Command::Ops(op) => appliance::cli::run(*op),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "appliance",
+                &mut std::io::stdout(),
+            );
+            Ok(())
         }
     }
 }

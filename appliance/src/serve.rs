@@ -29,6 +29,8 @@ pub struct ServeOptions {
     pub data: PathBuf,
     pub degraded_file: Option<PathBuf>,
     pub allow_power: bool,
+    /// Inventory reads need a token too (default: reads are public).
+    pub private_reads: bool,
 }
 
 /// `sha256:<hex>` of the exact bytes of a file.
@@ -70,7 +72,18 @@ pub fn build_state(opts: &ServeOptions) -> AppState {
 
 /// Runs the server until SIGTERM/SIGINT.
 pub async fn run(opts: ServeOptions) -> Result<()> {
-    let state = Arc::new(build_state(&opts));
+    let mut state = build_state(&opts);
+    // The inventory (issue 6): `<data>/inventory` and `<data>/state/tokens.json`.
+    let (inventory, first_token) =
+        match crate::inventory::api::open_state(&opts.data, !opts.private_reads) {
+            Ok((inv, token)) => (Some(inv), token),
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "inventory unavailable");
+                state.degraded.push(format!("inventory unavailable: {e:#}"));
+                (None, None)
+            }
+        };
+    let state = Arc::new(state);
     tracing::info!(node_id = %state.node_id, release = ?state.release, "starting server");
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -79,6 +92,10 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {addr}").context("writing to stdout")?;
+        if let Some(token) = &first_token {
+            writeln!(out, "first API token (shown once, keep it): {token}")
+                .context("writing to stdout")?;
+        }
         out.flush().context("flushing stdout")?;
     }
     if crate::power::under_our_init() {
@@ -87,19 +104,44 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     let events = crate::events::Events::new();
     let networks = crate::network::Networks::new(&opts.data, events.clone());
     networks.restore().await;
-    let app = api::router(state)
+    let tokens = Arc::new(crate::auth::TokenStore::open(
+        &opts.data.join("state/tokens.json"),
+    ));
+    // Operator writes (power, networks) need a bearer token like the
+    // inventory's; agent check-ins and PXE fetches come from targets, which
+    // carry none.
+    let guarded = api::router(state)
         .merge(crate::network::router(networks))
-        .merge(crate::events::router(events.clone()))
-        .merge(crate::agents::router(crate::agents::Agents::open(
-            &opts.data,
-            events.clone(),
-        )))
-        .merge(crate::pxe::router(crate::pxe::PxeState {
-            data: opts.data.clone(),
-            events,
-            policy: None,
-            agent_cmdline: AGENT_CMDLINE.into(),
-        }));
+        .layer(axum::middleware::from_fn_with_state(
+            tokens,
+            require_token_for_writes,
+        ));
+    let mut app =
+        guarded
+            .merge(crate::events::router(events.clone()))
+            .merge(crate::agents::router(crate::agents::Agents::open(
+                &opts.data,
+                events.clone(),
+            )));
+    let policy: Option<crate::pxe::BootPolicy> = inventory.as_ref().map(|inv| {
+        let inv = inv.boot_policy();
+        let p: crate::pxe::BootPolicy = Arc::new(move |mac: &str, server: &str| {
+            use crate::inventory::boot::BootPolicy as _;
+            inv.ipxe_for_mac(mac, server)
+        });
+        p
+    });
+    app = app.merge(crate::pxe::router(crate::pxe::PxeState {
+        data: opts.data.clone(),
+        events,
+        policy,
+        agent_cmdline: AGENT_CMDLINE.into(),
+    }));
+    if let Some(inv) = inventory {
+        app = app.merge(
+            crate::inventory::api::router(inv).layer(tower_http::trace::TraceLayer::new_for_http()),
+        );
+    }
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -109,6 +151,35 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     .context("serving HTTP")?;
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// Refuse non-GET requests without a valid `Authorization: Bearer` token.
+async fn require_token_for_writes(
+    axum::extract::State(tokens): axum::extract::State<Arc<crate::auth::TokenStore>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    ) {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented.and_then(|t| tokens.verify(t)) {
+        Some(_) => next.run(req).await,
+        None => api::ApiError::new(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this request needs a valid bearer token (appliance token create)",
+        )
+        .into_response(),
+    }
 }
 
 async fn shutdown_signal() {
@@ -136,6 +207,7 @@ mod tests {
             data: data.to_owned(),
             degraded_file: None,
             allow_power: false,
+            private_reads: false,
         }
     }
 

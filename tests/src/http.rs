@@ -19,12 +19,26 @@ pub fn request(
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<Response> {
+    request_with_token(port, method, path, body, None)
+}
+
+/// [`request`] with an `Authorization: Bearer` token.
+pub fn request_with_token(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> std::io::Result<Response> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
     let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: appliance\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: appliance\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut raw = Vec::new();
@@ -53,4 +67,8 @@ pub fn get(port: u16, path: &str) -> std::io::Result<Response> {
 
 pub fn post(port: u16, path: &str, body: &str) -> std::io::Result<Response> {
     request(port, "POST", path, Some(body))
+}
+
+pub fn post_auth(port: u16, path: &str, body: &str, token: &str) -> std::io::Result<Response> {
+    request_with_token(port, "POST", path, Some(body), Some(token))
 }

@@ -106,6 +106,11 @@ pub fn boot_blank(
     .args(["-display", "none", "-no-reboot", "-monitor", "none"])
     .arg("-serial")
     .arg(format!("file:{}", serial_log.display()));
+    let rom = if firmware == Firmware::Ovmf {
+        ",romfile="
+    } else {
+        ""
+    };
     if firmware == Firmware::Ovmf {
         let vars = dir.join("OVMF_VARS.fd");
         fs::copy(OVMF_VARS, &vars)?;
@@ -129,9 +134,12 @@ pub fn boot_blank(
             "stream,id=p,server=off,addr.type=unix,addr.path={}",
             socket.display()
         ))
+        // Under OVMF, no option ROM: OVMF's own virtio-net driver and PXE
+        // client do the first stage (so iPXE is chainloaded over TFTP, as
+        // on real UEFI machines); under SeaBIOS, QEMU's iPXE ROM does PXE.
         .args([
             "-device",
-            &format!("virtio-net-pci,netdev=p,mac={mac},bootindex=1"),
+            &format!("virtio-net-pci,netdev=p,mac={mac},bootindex=1{rom}"),
         ])
         .args(["-device", "virtio-rng-pci"])
         .stdin(Stdio::null())
@@ -266,6 +274,13 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+
+    /// The API token a fresh appliance prints once on its console.
+    pub fn first_token(&self) -> Option<String> {
+        let serial = self.serial();
+        let line = serial.lines().find(|l| l.contains("first API token"))?;
+        line.split_whitespace().last().map(str::to_string)
     }
 
     /// Wait for QEMU to exit by itself.

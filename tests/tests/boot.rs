@@ -72,7 +72,13 @@ fn appliance_boots_under_ovmf_reports_its_release_and_powers_off() {
         );
     }
 
+    // Writes need the token printed once on the console at first start.
     let r = http::post(port, "/api/v1/power", r#"{"action":"poweroff"}"#).unwrap();
+    assert_eq!(r.status, 401, "power without a token: {}", r.body);
+    let token = vm
+        .first_token()
+        .unwrap_or_else(|| panic!("no first API token on the console:\n{}", vm.serial()));
+    let r = http::post_auth(port, "/api/v1/power", r#"{"action":"poweroff"}"#, &token).unwrap();
     assert_eq!(r.status, 202, "{}", r.body);
     let st = vm.wait_exit(Duration::from_secs(60));
     assert!(

@@ -53,10 +53,14 @@ fn pxe_boot(firmware: Firmware, mac: &str) {
     let mut a = Vm::boot(&cfg).unwrap();
     a.wait_http("/api/v1/version", Duration::from_secs(300))
         .unwrap();
-    let r = http::post(
+    let token = a
+        .first_token()
+        .unwrap_or_else(|| panic!("no first API token on A's console:\n{}", a.serial()));
+    let r = http::post_auth(
         port,
         "/api/v1/networks",
         r#"{"iface":"eth1","cidr":"10.77.0.1/24","mode":"authoritative","pool":"10.77.0.100-10.77.0.199"}"#,
+        &token,
     )
     .unwrap();
     assert!(
@@ -117,7 +121,7 @@ fn pxe_boot(firmware: Firmware, mac: &str) {
         "{rec}"
     );
     drop(b);
-    let _ = http::post(port, "/api/v1/power", r#"{"action":"poweroff"}"#);
+    let _ = http::post_auth(port, "/api/v1/power", r#"{"action":"poweroff"}"#, &token);
     a.wait_exit(Duration::from_secs(60));
 }
 

@@ -18,8 +18,11 @@ pub fn run(name: &str, _rest: &[&str]) -> Result<()> {
         "builder" => builder_bench(),
         "boot" => crate::bench_boot::run(),
         "dhcp" => crate::bench_dhcp::run(),
+        "inventory" => crate::bench_inventory::run(),
         "tftp" => crate::bench_tftp::run(),
-        other => bail!("unknown benchmark {other:?}; available: builder, boot, dhcp, tftp"),
+        other => {
+            bail!("unknown benchmark {other:?}; available: builder, boot, dhcp, inventory, tftp")
+        }
     }
 }
 

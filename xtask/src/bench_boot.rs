@@ -70,7 +70,9 @@ fn boot_ours(disk: &Path, work: &Path) -> Result<Sample> {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let _ = http::post(port, "/api/v1/power", r#"{"action":"poweroff"}"#);
+    if let Some(token) = vm.first_token() {
+        let _ = http::post_auth(port, "/api/v1/power", r#"{"action":"poweroff"}"#, &token);
+    }
     vm.wait_exit(Duration::from_secs(60));
     let fw = fw.context("OVMF's BdsDxe line never appeared on the serial console")?;
     let init = init.unwrap_or(api);

@@ -217,7 +217,7 @@ pub fn fetch(server: SocketAddr, name: &str, bs: u16, w: u16, expect: &[u8]) -> 
     let ack = |b: u64| s.send(&[0, 4, (b >> 8) as u8, b as u8]);
     ack(0)?;
     let mut next: u64 = 1; // expected block
-    let mut len = 0usize;
+    let mut len: usize;
     let mut in_window = 0u64;
     let mut timeouts = 0;
     loop {

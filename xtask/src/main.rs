@@ -4,6 +4,7 @@
 mod bench;
 mod bench_boot;
 mod bench_dhcp;
+mod bench_inventory;
 mod bench_tftp;
 mod image;
 mod qemu;
@@ -31,6 +32,7 @@ fn main() -> Result<()> {
                  test [ARGS]      install missing test tools, build the image, run every test\n  \
                  bench builder    the builder against mkfs.ext4/mkfs.fat/mcopy/sgdisk/dd/cpio|gzip\n  \
                  bench tftp       our TFTP server against tftpd-hpa, 64 MiB over loopback\n  \
+                 bench inventory  the inventory API against Cobbler 3.3.10 (XML-RPC)\n  \
                  deps             install the Debian packages tests need (as root)"
             );
             bail!("unknown or missing command");

@@ -43,7 +43,11 @@ pub fn qemu(args: &[&str]) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     println!("appliance API: http://127.0.0.1:{port}/api/v1/version");
     println!("{}", r.body);
-    println!("power it off with: curl -X POST -d '{{\"action\":\"poweroff\"}}' -H 'Content-Type: application/json' http://127.0.0.1:{port}/api/v1/power");
+    let token = vm
+        .first_token()
+        .unwrap_or_else(|| "<token from the console>".into());
+    println!("API token (printed once by the appliance): {token}");
+    println!("power it off with: curl -X POST -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d '{{\"action\":\"poweroff\"}}' http://127.0.0.1:{port}/api/v1/power");
     let st = vm.wait()?;
     println!("QEMU exited: {st}");
     Ok(())

@@ -280,7 +280,6 @@ impl Handler {
         p: &Packet<'_>,
         class: ClientClass,
         decision: &BootDecision,
-        proxy: bool,
     ) -> Option<String> {
         let file = match decision {
             BootDecision::Ignore | BootDecision::LocalBoot => return None,
@@ -305,11 +304,11 @@ impl Handler {
             b.option(opt::VENDOR_CLASS, b"HTTPClient");
         } else if vc.starts_with(b"PXEClient") {
             b.option(opt::VENDOR_CLASS, b"PXEClient");
-            if proxy {
-                // PXE_DISCOVERY_CONTROL = 8: boot the file named here, no
-                // boot server discovery.
-                b.option(opt::VENDOR_OPTS, &[6, 1, 8, 255]);
-            }
+            // PXE_DISCOVERY_CONTROL = 8: boot the file named here, no boot
+            // server discovery. In both modes: without it EDK2 (OVMF, most
+            // UEFI firmware) files the offer as "BINL" and waits for a boot
+            // server on port 4011 that an authoritative server never runs.
+            b.option(opt::VENDOR_OPTS, &[6, 1, 8, 255]);
         }
         if matches!(class, ClientClass::Ipxe { .. }) {
             b.option(opt::IPXE_ENCAP, &[opt::IPXE_NO_PXEDHCP, 1, 1]);
@@ -358,7 +357,7 @@ impl Handler {
         let decision = self.decision(p, class);
         let mut b = Builder::reply(p, reply_kind);
         b.option_ip(opt::SERVER_ID, self.server_ip);
-        let Some(file) = self.add_boot(&mut b, p, class, &decision, true) else {
+        let Some(file) = self.add_boot(&mut b, p, class, &decision) else {
             tracing::debug!(?decision, "no boot for this client; not answering");
             return Outcome {
                 reply: None,
@@ -416,7 +415,7 @@ impl Handler {
             b.option_ips(opt::DNS, &auth.dns);
         }
         let decision = self.decision(p, class);
-        let file = self.add_boot(&mut b, p, class, &decision, false);
+        let file = self.add_boot(&mut b, p, class, &decision);
         (b, file)
     }
 
@@ -880,7 +879,11 @@ mod tests {
         assert_eq!(offer.option(opt::BOOTFILE), Some(&b"undionly.kpxe"[..]));
         assert_eq!(offer.option(opt::TFTP_SERVER), Some(&b"10.0.0.1"[..]));
         assert_eq!(offer.option(opt::VENDOR_CLASS), Some(&b"PXEClient"[..]));
-        assert_eq!(offer.option(opt::VENDOR_OPTS), None, "only in proxy mode");
+        assert_eq!(
+            offer.option(opt::VENDOR_OPTS),
+            Some(&[6, 1, 8, 255][..]),
+            "EDK2 needs it in every mode"
+        );
         // Broadcast: the client has no address.
         assert_eq!(
             out.reply.as_ref().unwrap().dest,

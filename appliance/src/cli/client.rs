@@ -1,0 +1,101 @@
+//! A small blocking HTTP client for the operator CLI (ureq, plain HTTP):
+//! JSON in and out, bearer token, and the API's `{code, message}` errors
+//! turned into readable failures.
+
+use anyhow::{bail, Context, Result};
+
+/// Where the server is and how to authenticate.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub url: String,
+    pub token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(url: &str, token: Option<String>) -> Self {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build();
+        let url = if url.starts_with("http://") || url.starts_with("https://") {
+            url.to_owned()
+        } else {
+            format!("http://{url}")
+        };
+        Self {
+            url: url.trim_end_matches('/').to_owned(),
+            token,
+            agent: ureq::Agent::new_with_config(config),
+        }
+    }
+
+    /// Sends a request; returns the body text of a 2xx answer.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<String> {
+        let url = format!("{}{path}", self.url);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let result = match (method, body) {
+            ("GET" | "DELETE", _) => {
+                let mut req = if method == "GET" {
+                    self.agent.get(&url)
+                } else {
+                    self.agent.delete(&url)
+                };
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.call()
+            }
+            (_, body) => {
+                let mut req = match method {
+                    "POST" => self.agent.post(&url),
+                    "PUT" => self.agent.put(&url),
+                    _ => self.agent.patch(&url),
+                };
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                let text = body.map(|b| b.to_string()).unwrap_or_default();
+                req.header("Content-Type", "application/json").send(text)
+            }
+        };
+        let mut resp =
+            result.with_context(|| format!("connecting to {} ({method} {path})", self.url))?;
+        let status = resp.status();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("reading the answer to {method} {path}"))?;
+        if status.is_success() {
+            return Ok(text);
+        }
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(v) if v.get("code").is_some() => bail!(
+                "{} ({}, HTTP {})",
+                v["message"].as_str().unwrap_or(""),
+                v["code"].as_str().unwrap_or(""),
+                status.as_u16()
+            ),
+            _ => bail!(
+                "HTTP {} from {method} {path}: {}",
+                status.as_u16(),
+                text.trim()
+            ),
+        }
+    }
+
+    pub fn json(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let text = self.request(method, path, body)?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("parsing the answer to {method} {path}"))
+    }
+}

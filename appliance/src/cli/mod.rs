@@ -1,0 +1,772 @@
+//! The operator CLI: Cobbler's nouns and verbs against a server's API
+//! (`appliance system add NAME --profile P --mac M`, `… list --json`,
+//! `appliance report --blended system NAME`, `appliance status`), plus the
+//! node-local `appliance token` and `appliance import`.
+//!
+//! The server is `--url` or `APPLIANCE_URL` (default
+//! `http://127.0.0.1:80`), the token `--token` or `APPLIANCE_TOKEN`.
+//! Every command takes `--json` and then prints the API's JSON.
+
+pub mod client;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use crate::inventory::model::Kind;
+use client::Client;
+
+/// How to reach the server.
+#[derive(Debug, Clone, Args)]
+pub struct Conn {
+    /// Server base URL.
+    #[arg(
+        long,
+        global = true,
+        env = "APPLIANCE_URL",
+        default_value = "http://127.0.0.1:80"
+    )]
+    pub url: String,
+    /// API bearer token (needed for changes).
+    #[arg(long, global = true, env = "APPLIANCE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Conn {
+    fn client(&self) -> Client {
+        Client::new(&self.url, self.token.clone())
+    }
+}
+
+/// The operator commands `main.rs` flattens into its own.
+#[derive(Debug, Subcommand)]
+pub enum Ops {
+    /// Distros: a kernel and initrd to boot an installer.
+    Distro(Noun),
+    /// Profiles: a distro or parent profile plus template and options.
+    Profile(Noun),
+    /// Systems: machines by MAC, with profile or image and netboot flag.
+    System(Noun),
+    /// Repos: package mirrors targets install from.
+    Repo(Noun),
+    /// Images: disk captures or OCI images to deploy.
+    Image(Noun),
+    /// Templates: autoinstall files (minijinja).
+    Template(Noun),
+    /// Snippets: pieces templates include.
+    Snippet(Noun),
+    /// Show objects in detail, or blended variables with their sources.
+    Report(Report),
+    /// Install status of every system; flags installs that went quiet.
+    Status(StatusCmd),
+    /// Global settings: variables, kernel options, default boot action.
+    Settings(SettingsCmd),
+    /// Import an installer tree as a distro and a default profile.
+    Import(Import),
+    /// Manage API tokens (on the server's data directory).
+    Token(TokenCmd),
+}
+
+/// A noun's verbs.
+#[derive(Debug, Args)]
+pub struct Noun {
+    #[command(subcommand)]
+    pub verb: Verb,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// Verbs every noun has.
+#[derive(Debug, Subcommand)]
+pub enum Verb {
+    /// List objects.
+    List,
+    /// Show one object.
+    Show { name: String },
+    /// Add an object.
+    Add {
+        name: String,
+        #[command(flatten)]
+        fields: Fields,
+    },
+    /// Change fields of an object.
+    Edit {
+        name: String,
+        #[command(flatten)]
+        fields: Fields,
+    },
+    /// Remove an object.
+    Remove {
+        name: String,
+        /// Also remove objects that use it (profiles, systems).
+        #[arg(long)]
+        recursive: bool,
+        /// Do not ask (required when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Copy an object under a new name.
+    Copy { name: String, new_name: String },
+    /// Rename an object and every reference to it.
+    Rename { name: String, new_name: String },
+}
+
+/// Field flags for add and edit (each applies to the kinds that have it).
+#[derive(Debug, Clone, Default, Args)]
+pub struct Fields {
+    /// Distro of a profile.
+    #[arg(long)]
+    pub distro: Option<String>,
+    /// Parent profile of a profile.
+    #[arg(long)]
+    pub parent: Option<String>,
+    /// Profile of a system.
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Image of a system.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Kernel of a distro (sha256:<hex> or URL).
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// Initrd of a distro (sha256:<hex> or URL).
+    #[arg(long)]
+    pub initrd: Option<String>,
+    #[arg(long)]
+    pub arch: Option<String>,
+    #[arg(long)]
+    pub breed: Option<String>,
+    #[arg(long)]
+    pub os_version: Option<String>,
+    /// Kernel options (`key=value ...`, `!key` drops an inherited one).
+    #[arg(long, allow_hyphen_values = true)]
+    pub kernel_options: Option<String>,
+    /// Autoinstall template of a profile.
+    #[arg(long)]
+    pub autoinstall: Option<String>,
+    /// Repos of a profile (repeat).
+    #[arg(long = "repo")]
+    pub repos: Vec<String>,
+    /// MAC of the system's first interface.
+    #[arg(long)]
+    pub mac: Option<String>,
+    /// IP address of the first interface.
+    #[arg(long)]
+    pub ip: Option<String>,
+    #[arg(long)]
+    pub netmask: Option<String>,
+    #[arg(long)]
+    pub gateway: Option<String>,
+    /// DNS servers of the first interface (repeat).
+    #[arg(long)]
+    pub dns: Vec<String>,
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Boot the installer on the next network boot.
+    #[arg(long)]
+    pub netboot: Option<bool>,
+    /// Mirror URL of a repo.
+    #[arg(long)]
+    pub mirror: Option<String>,
+    /// Template or snippet text from a file.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    #[arg(long)]
+    pub comment: Option<String>,
+    /// Variable KEY=VALUE (VALUE as JSON if it parses); repeat.
+    #[arg(long = "var", value_name = "KEY=VALUE")]
+    pub vars: Vec<String>,
+    /// Any field: FIELD=JSON (e.g. power='{"type":"ipmi"}'); repeat.
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// `appliance report`.
+#[derive(Debug, Args)]
+pub struct Report {
+    /// Kind (distro, profile, system, …); all kinds when absent.
+    pub kind: Option<String>,
+    /// Object name; every object of the kind when absent.
+    pub name: Option<String>,
+    /// Show blended variables and where each came from.
+    #[arg(long)]
+    pub blended: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `appliance status`.
+#[derive(Debug, Args)]
+pub struct StatusCmd {
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `appliance settings`.
+#[derive(Debug, Args)]
+pub struct SettingsCmd {
+    /// Boot action for unknown MACs: local, menu, agent or install.
+    #[arg(long)]
+    pub default_boot: Option<String>,
+    /// Profile for `install` (and the menu's default).
+    #[arg(long)]
+    pub default_profile: Option<String>,
+    /// Global kernel options.
+    #[arg(long, allow_hyphen_values = true)]
+    pub kernel_options: Option<String>,
+    /// Global variable KEY=VALUE; repeat.
+    #[arg(long = "var", value_name = "KEY=VALUE")]
+    pub vars: Vec<String>,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `appliance import`.
+#[derive(Debug, Args)]
+pub struct Import {
+    /// Installer tree (a directory).
+    #[arg(long)]
+    pub path: PathBuf,
+    /// Name of the new distro and profile.
+    #[arg(long)]
+    pub name: String,
+    /// Data directory holding `blobs/` (and `inventory/` without --url).
+    #[arg(long, default_value = crate::contract::DATA_DIR)]
+    pub data: PathBuf,
+    /// Write the inventory directly instead of through a server's API.
+    #[arg(long)]
+    pub offline: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `appliance token`.
+#[derive(Debug, Args)]
+pub struct TokenCmd {
+    #[command(subcommand)]
+    pub verb: TokenVerb,
+    /// Data directory of the server (tokens are in state/tokens.json).
+    #[arg(long, global = true, default_value = crate::contract::DATA_DIR)]
+    pub data: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenVerb {
+    /// Create a token; it is printed once.
+    Create { name: String },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke tokens by id or name.
+    Revoke { id_or_name: String },
+}
+
+/// Runs one operator command.
+pub fn run(op: Ops) -> Result<()> {
+    match op {
+        Ops::Distro(n) => noun(Kind::Distro, n),
+        Ops::Profile(n) => noun(Kind::Profile, n),
+        Ops::System(n) => noun(Kind::System, n),
+        Ops::Repo(n) => noun(Kind::Repo, n),
+        Ops::Image(n) => noun(Kind::Image, n),
+        Ops::Template(n) => noun(Kind::Template, n),
+        Ops::Snippet(n) => noun(Kind::Snippet, n),
+        Ops::Report(r) => report(r),
+        Ops::Status(s) => status(s),
+        Ops::Settings(s) => settings(s),
+        Ops::Import(i) => import(i),
+        Ops::Token(t) => token(t),
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Applies field flags to an object's JSON.
+pub fn apply_fields(kind: Kind, v: &mut Value, f: &Fields) -> Result<()> {
+    let m = v.as_object_mut().context("objects are JSON objects")?;
+    let mut set = |k: &str, x: &Option<String>| {
+        if let Some(x) = x {
+            m.insert(k.into(), x.clone().into());
+        }
+    };
+    set("distro", &f.distro);
+    set("parent", &f.parent);
+    set("profile", &f.profile);
+    set("image", &f.image);
+    set("kernel", &f.kernel);
+    set("initrd", &f.initrd);
+    set("arch", &f.arch);
+    set("breed", &f.breed);
+    set("os_version", &f.os_version);
+    set("kernel_options", &f.kernel_options);
+    set("autoinstall", &f.autoinstall);
+    set("mirror", &f.mirror);
+    set("comment", &f.comment);
+    if kind == Kind::System {
+        set("hostname", &f.hostname);
+    }
+    if !f.repos.is_empty() {
+        m.insert("repos".into(), json!(f.repos));
+    }
+    if let Some(nb) = f.netboot {
+        m.insert("netboot".into(), nb.into());
+    }
+    if let Some(file) = &f.file {
+        let body =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        m.insert("body".into(), body.into());
+    }
+    // Setting a profile clears an image and the other way round.
+    if f.profile.is_some() {
+        m.remove("image");
+    }
+    if f.image.is_some() {
+        m.remove("profile");
+    }
+    if f.distro.is_some() {
+        m.remove("parent");
+    }
+    if f.parent.is_some() {
+        m.remove("distro");
+    }
+    if kind == Kind::System
+        && (f.mac.is_some()
+            || f.ip.is_some()
+            || f.netmask.is_some()
+            || f.gateway.is_some()
+            || !f.dns.is_empty())
+    {
+        let ifaces = m.entry("interfaces").or_insert_with(|| json!([]));
+        let arr = ifaces.as_array_mut().context("interfaces is a list")?;
+        if arr.is_empty() {
+            arr.push(json!({"name": "eth0"}));
+        }
+        let first = arr[0]
+            .as_object_mut()
+            .context("an interface is an object")?;
+        for (k, x) in [
+            ("mac", &f.mac),
+            ("ip", &f.ip),
+            ("netmask", &f.netmask),
+            ("gateway", &f.gateway),
+        ] {
+            if let Some(x) = x {
+                first.insert(k.into(), x.clone().into());
+            }
+        }
+        if !f.dns.is_empty() {
+            first.insert("dns".into(), json!(f.dns));
+        }
+    }
+    if !f.vars.is_empty() {
+        let vars = m.entry("variables").or_insert_with(|| json!({}));
+        for kv in &f.vars {
+            let (k, val) = kv
+                .split_once('=')
+                .with_context(|| format!("--var {kv:?}: use KEY=VALUE"))?;
+            let val = serde_json::from_str(val).unwrap_or_else(|_| Value::String(val.to_owned()));
+            vars.as_object_mut()
+                .context("variables is an object")?
+                .insert(k.to_owned(), val);
+        }
+    }
+    for kv in &f.set {
+        let (k, val) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv:?}: use FIELD=VALUE"))?;
+        let val = serde_json::from_str(val).unwrap_or_else(|_| Value::String(val.to_owned()));
+        m.insert(k.to_owned(), val);
+    }
+    Ok(())
+}
+
+/// One line per object for `list`.
+fn summary(kind: Kind, o: &Value) -> String {
+    let s = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    let name = s("name");
+    match kind {
+        Kind::Distro => format!(
+            "{name:<24} {} {} {}",
+            s("breed"),
+            s("os_version"),
+            s("arch")
+        ),
+        Kind::Profile => {
+            let base = o
+                .get("distro")
+                .or(o.get("parent"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            format!("{name:<24} {base}")
+        }
+        Kind::System => {
+            let target = o
+                .get("profile")
+                .or(o.get("image"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let mac = o
+                .pointer("/interfaces/0/mac")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let nb = if o.get("netboot").and_then(Value::as_bool).unwrap_or(false) {
+                "netboot"
+            } else {
+                ""
+            };
+            format!("{name:<24} {target:<16} {mac:<17} {nb}")
+        }
+        Kind::Repo => format!("{name:<24} {}", s("mirror")),
+        Kind::Image => format!("{name:<24} {} {}", s("type"), s("reference")),
+        Kind::Template | Kind::Snippet => name,
+    }
+}
+
+fn print_object(kind: Kind, o: &Value) {
+    if kind.is_text() {
+        print!("{}", o.get("body").and_then(Value::as_str).unwrap_or(""));
+        return;
+    }
+    if let Some(m) = o.as_object() {
+        for (k, v) in m {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            println!("{k:<16}: {text}");
+        }
+    }
+}
+
+fn confirm(what: &str, yes: bool) -> Result<()> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("refusing to {what} without --yes (stdin is not a terminal)");
+    }
+    eprint!("{what}? [y/N] ");
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the answer")?;
+    if !matches!(line.trim(), "y" | "Y" | "yes") {
+        bail!("not confirmed");
+    }
+    Ok(())
+}
+
+fn noun(kind: Kind, n: Noun) -> Result<()> {
+    let c = n.conn.client();
+    let base = format!("/api/v1/{}", kind.plural());
+    let out = |v: &Value| {
+        if n.conn.json {
+            print_json(v)
+        } else {
+            print_object(kind, v)
+        }
+    };
+    match n.verb {
+        Verb::List => {
+            let v = c.json("GET", &base, None)?;
+            if n.conn.json {
+                print_json(&v);
+            } else {
+                for o in v.as_array().into_iter().flatten() {
+                    println!("{}", summary(kind, o).trim_end());
+                }
+            }
+        }
+        Verb::Show { name } => out(&c.json("GET", &format!("{base}/{name}"), None)?),
+        Verb::Add { name, fields } => {
+            let mut v = json!({ "name": name });
+            apply_fields(kind, &mut v, &fields)?;
+            out(&c.json("POST", &base, Some(&v))?);
+        }
+        Verb::Edit { name, fields } => {
+            let mut v = c.json("GET", &format!("{base}/{name}"), None)?;
+            apply_fields(kind, &mut v, &fields)?;
+            out(&c.json("PUT", &format!("{base}/{name}"), Some(&v))?);
+        }
+        Verb::Remove {
+            name,
+            recursive,
+            yes,
+        } => {
+            let what = if recursive {
+                format!("remove {kind} {name} and everything using it")
+            } else {
+                format!("remove {kind} {name}")
+            };
+            confirm(&what, yes)?;
+            let v = c.json(
+                "DELETE",
+                &format!("{base}/{name}?recursive={recursive}"),
+                None,
+            )?;
+            if n.conn.json {
+                print_json(&v);
+            } else {
+                for r in v["removed"].as_array().into_iter().flatten() {
+                    println!("removed {}", r.as_str().unwrap_or(""));
+                }
+            }
+        }
+        Verb::Copy { name, new_name } => out(&c.json(
+            "POST",
+            &format!("{base}/{name}/copy"),
+            Some(&json!({"new_name": new_name})),
+        )?),
+        Verb::Rename { name, new_name } => out(&c.json(
+            "POST",
+            &format!("{base}/{name}/rename"),
+            Some(&json!({"new_name": new_name})),
+        )?),
+    }
+    Ok(())
+}
+
+fn parse_kind(s: &str) -> Result<Kind> {
+    Kind::from_name(s)
+        .or_else(|| Kind::from_plural(s))
+        .with_context(|| {
+            format!(
+                "unknown kind {s:?}: use distro, profile, system, repo, image, template or snippet"
+            )
+        })
+}
+
+fn report(r: Report) -> Result<()> {
+    let c = r.conn.client();
+    let kinds: Vec<Kind> = match &r.kind {
+        Some(k) => vec![parse_kind(k)?],
+        None => Kind::ALL.to_vec(),
+    };
+    let mut all = Vec::new();
+    for kind in kinds {
+        let names: Vec<String> = match &r.name {
+            Some(n) => vec![n.clone()],
+            None => c
+                .json("GET", &format!("/api/v1/{}", kind.plural()), None)?
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o["name"].as_str().map(str::to_owned))
+                .collect(),
+        };
+        for name in names {
+            let path = format!(
+                "/api/v1/{}/{name}{}",
+                kind.plural(),
+                if r.blended { "/blended" } else { "" }
+            );
+            let v = c.json("GET", &path, None)?;
+            if r.conn.json {
+                all.push(v);
+                continue;
+            }
+            println!("{kind} {name}");
+            if r.blended {
+                println!(
+                    "  layers: {}",
+                    v["layers"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(" -> ")
+                );
+                for (k, sv) in v["variables"].as_object().into_iter().flatten() {
+                    let val = match &sv["value"] {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    println!(
+                        "  {k:<16} = {val:<30} ({})",
+                        sv["from"].as_str().unwrap_or("")
+                    );
+                }
+            } else {
+                print_object(kind, &v);
+            }
+            println!();
+        }
+    }
+    if r.conn.json {
+        print_json(&Value::Array(all));
+    }
+    Ok(())
+}
+
+fn fmt_time(t: &Value) -> String {
+    match t.as_i64() {
+        Some(s) => {
+            let ago = crate::inventory::status::now() - s;
+            if ago < 120 {
+                format!("{ago}s ago")
+            } else if ago < 7200 {
+                format!("{}m ago", ago / 60)
+            } else {
+                format!("{}h ago", ago / 3600)
+            }
+        }
+        None => "-".into(),
+    }
+}
+
+fn status(s: StatusCmd) -> Result<()> {
+    let v = s.conn.client().json("GET", "/api/v1/status", None)?;
+    if s.conn.json {
+        print_json(&v);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<10} {:<8} {:<10} {:<10} {:<10} NETBOOT",
+        "SYSTEM", "STATE", "EVENT", "AT", "STARTED", "FINISHED"
+    );
+    for row in v.as_array().into_iter().flatten() {
+        let quiet = if row["quiet"].as_bool().unwrap_or(false) {
+            "  QUIET: no report for over an hour"
+        } else {
+            ""
+        };
+        println!(
+            "{:<24} {:<10} {:<8} {:<10} {:<10} {:<10} {}{quiet}",
+            row["system"].as_str().unwrap_or(""),
+            row["state"].as_str().unwrap_or(""),
+            row["last_event"].as_str().unwrap_or("-"),
+            fmt_time(&row["last_event_at"]),
+            fmt_time(&row["started_at"]),
+            fmt_time(&row["finished_at"]),
+            if row["netboot"].as_bool().unwrap_or(false) {
+                "on"
+            } else {
+                "off"
+            },
+        );
+    }
+    Ok(())
+}
+
+fn settings(s: SettingsCmd) -> Result<()> {
+    let c = s.conn.client();
+    let mut v = c.json("GET", "/api/v1/settings", None)?;
+    let changing = s.default_boot.is_some()
+        || s.default_profile.is_some()
+        || s.kernel_options.is_some()
+        || !s.vars.is_empty();
+    if changing {
+        let f = Fields {
+            kernel_options: s.kernel_options.clone(),
+            vars: s.vars.clone(),
+            ..Default::default()
+        };
+        apply_fields(Kind::Distro, &mut v, &f)?;
+        if let Some(b) = s.default_boot {
+            v["default_boot"] = b.into();
+        }
+        if let Some(p) = s.default_profile {
+            v["default_profile"] = p.into();
+        }
+        v = c.json("PUT", "/api/v1/settings", Some(&v))?;
+    }
+    if s.conn.json {
+        print_json(&v);
+    } else {
+        print_object(Kind::Distro, &v);
+    }
+    Ok(())
+}
+
+fn import(i: Import) -> Result<()> {
+    let blobs = i.data.join("blobs/sha256");
+    let (distro, profile) = crate::inventory::import::import(&i.path, &i.name, &blobs)?;
+    let d = serde_json::to_value(&distro)?;
+    let p = serde_json::to_value(&profile)?;
+    if i.offline {
+        let root = i.data.join("inventory");
+        let mut inv = crate::inventory::Inventory::open(&root)
+            .with_context(|| format!("opening {}", root.display()))?;
+        let who = crate::inventory::Author::new("import");
+        inv.create(
+            crate::inventory::model::Object::Distro(distro.clone()),
+            &who,
+        )?;
+        inv.create(
+            crate::inventory::model::Object::Profile(profile.clone()),
+            &who,
+        )?;
+    } else {
+        let c = i.conn.client();
+        c.json("POST", "/api/v1/distros", Some(&d))?;
+        c.json("POST", "/api/v1/profiles", Some(&p))?;
+    }
+    if i.conn.json {
+        print_json(&json!({"distro": d, "profile": p}));
+    } else {
+        println!(
+            "imported distro {} ({} {} {}) and profile {}\n  kernel {}\n  initrd {}",
+            distro.name,
+            distro.breed,
+            distro.os_version,
+            distro.arch,
+            profile.name,
+            distro.kernel,
+            distro.initrd
+        );
+    }
+    Ok(())
+}
+
+fn token(t: TokenCmd) -> Result<()> {
+    let store = crate::auth::TokenStore::open(&t.data.join("state/tokens.json"));
+    match t.verb {
+        TokenVerb::Create { name } => {
+            let (rec, secret) = store.create(&name)?;
+            if t.json {
+                print_json(&json!({"id": rec.id, "name": rec.name, "token": secret}));
+            } else {
+                println!("{secret}");
+                eprintln!(
+                    "token {} ({}) created; it is shown only now",
+                    rec.id, rec.name
+                );
+            }
+        }
+        TokenVerb::List => {
+            let list = store.list()?;
+            if t.json {
+                print_json(&serde_json::to_value(&list)?);
+            } else {
+                for r in list {
+                    println!(
+                        "{} {:<24} created {}",
+                        r.id,
+                        r.name,
+                        fmt_time(&json!(r.created))
+                    );
+                }
+            }
+        }
+        TokenVerb::Revoke { id_or_name } => {
+            let n = store.revoke(&id_or_name)?;
+            if t.json {
+                print_json(&json!({"revoked": n}));
+            } else {
+                println!("revoked {n} token(s)");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,702 @@
+//! A small git repository writer and reader in pure Rust (the image carries no
+//! `git` binary): loose objects (zlib + SHA-1), trees, commits, a branch ref
+//! updated by temp file + rename, and a version 2 index so stock `git status`
+//! shows a clean work tree.
+//!
+//! Crash safety: objects are content-addressed and written first (temp +
+//! rename), so a crash before the ref moves leaves only unreferenced objects;
+//! the ref is replaced atomically, so HEAD always names a complete commit.
+//! The work tree and the index are conveniences for humans and stock git;
+//! [`Repo::head_files`] (the committed tree) is the truth, and callers
+//! rewrite the work tree from it at start-up.
+//!
+//! Stock git must not pack this repository behind our back (we read only
+//! loose objects), so [`Repo::init`] sets `gc.auto = 0`; when an object is
+//! missing anyway (someone ran `git gc`), reading fails with a clear error.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use flate2::read::ZlibDecoder;
+use flate2::write::ZlibEncoder;
+use sha1::{Digest, Sha1};
+
+/// A git object id (SHA-1).
+pub type Oid = [u8; 20];
+
+/// The branch every commit goes to.
+pub const BRANCH: &str = "main";
+
+/// Errors of the git layer, naming the path or object involved.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "git object {0} is missing (packed by `git gc`? run `git unpack-objects` or restore it)"
+    )]
+    Missing(String),
+    #[error("git object {oid} is corrupt: {why}")]
+    Corrupt { oid: String, why: String },
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> GitError + 'a {
+    move |source| GitError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Who made a change, for the commit's author line.
+#[derive(Debug, Clone)]
+pub struct Signature {
+    pub name: String,
+    pub email: String,
+    /// Seconds since the epoch.
+    pub time: i64,
+}
+
+impl Signature {
+    /// A signature stamped now.
+    pub fn now(name: &str, email: &str) -> Self {
+        let time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        Self {
+            name: sanitize(name),
+            email: sanitize(email),
+            time,
+        }
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .filter(|c| !matches!(c, '<' | '>' | '\n' | '\0'))
+        .collect()
+}
+
+/// Lowercase hex of an object id.
+pub fn hex(oid: &Oid) -> String {
+    hex::encode(oid)
+}
+
+/// The id git gives `body` as an object of `kind`.
+pub fn object_id(kind: &str, body: &[u8]) -> Oid {
+    let mut h = Sha1::new();
+    h.update(format!("{kind} {}\0", body.len()).as_bytes());
+    h.update(body);
+    h.finalize().into()
+}
+
+/// A change to one file of the work tree, relative to the repository root.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Write(String, Vec<u8>),
+    Delete(String),
+}
+
+/// An open repository: its root and the committed file list in memory.
+pub struct Repo {
+    root: PathBuf,
+    git: PathBuf,
+    /// Path (e.g. `systems/a.json`) → blob id, as of HEAD.
+    files: BTreeMap<String, Oid>,
+    head: Option<Oid>,
+    /// fsync files and directories before the ref moves (off only in tests
+    /// that measure nothing but logic).
+    pub durable: bool,
+}
+
+impl Repo {
+    /// Opens the repository at `root`, creating it (with `.git`) if absent.
+    pub fn init(root: &Path) -> Result<Self, GitError> {
+        let git = root.join(".git");
+        for d in ["objects", "refs/heads", "refs/tags", "info"] {
+            let p = git.join(d);
+            fs::create_dir_all(&p).map_err(io("creating", &p))?;
+        }
+        let head = git.join("HEAD");
+        if !head.exists() {
+            let config = git.join("config");
+            write_atomic(
+                &config,
+                b"[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n\
+                  \tlogallrefupdates = true\n[gc]\n\tauto = 0\n",
+                false,
+            )?;
+            write_atomic(&git.join("description"), b"appliance inventory\n", false)?;
+            write_atomic(
+                &head,
+                format!("ref: refs/heads/{BRANCH}\n").as_bytes(),
+                true,
+            )?;
+        }
+        let mut repo = Self {
+            root: root.to_owned(),
+            git,
+            files: BTreeMap::new(),
+            head: None,
+            durable: true,
+        };
+        repo.head = repo.read_head()?;
+        if let Some(head) = repo.head {
+            let tree = repo.commit_tree(&head)?;
+            let mut files = BTreeMap::new();
+            repo.walk_tree(&tree, "", &mut files)?;
+            repo.files = files;
+        }
+        Ok(repo)
+    }
+
+    /// The work tree root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The commit HEAD names, if any.
+    pub fn head(&self) -> Option<Oid> {
+        self.head
+    }
+
+    /// The committed files and their blob ids.
+    pub fn files(&self) -> &BTreeMap<String, Oid> {
+        &self.files
+    }
+
+    /// Reads every committed file's bytes (path → content).
+    pub fn head_files(&self) -> Result<BTreeMap<String, Vec<u8>>, GitError> {
+        let mut out = BTreeMap::new();
+        for (path, oid) in &self.files {
+            let (kind, body) = self.read_object(oid)?;
+            if kind != "blob" {
+                return Err(GitError::Corrupt {
+                    oid: hex(oid),
+                    why: format!("{path} is a {kind}, not a blob"),
+                });
+            }
+            out.insert(path.clone(), body);
+        }
+        Ok(out)
+    }
+
+    fn read_head(&self) -> Result<Option<Oid>, GitError> {
+        let refpath = self.git.join("refs/heads").join(BRANCH);
+        match fs::read_to_string(&refpath) {
+            Ok(s) => parse_oid(s.trim()).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Stock git may have packed the ref.
+                let packed = self.git.join("packed-refs");
+                let text = match fs::read_to_string(&packed) {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(io("reading", &packed)(e)),
+                };
+                let want = format!("refs/heads/{BRANCH}");
+                for line in text.lines() {
+                    if let Some((oid, name)) = line.split_once(' ') {
+                        if name == want {
+                            return parse_oid(oid).map(Some);
+                        }
+                    }
+                }
+                Ok(None)
+            }
+            Err(e) => Err(io("reading", &refpath)(e)),
+        }
+    }
+
+    fn object_path(&self, oid: &Oid) -> PathBuf {
+        let h = hex(oid);
+        self.git.join("objects").join(&h[..2]).join(&h[2..])
+    }
+
+    /// Reads and verifies one loose object: (kind, body).
+    pub fn read_object(&self, oid: &Oid) -> Result<(String, Vec<u8>), GitError> {
+        let path = self.object_path(oid);
+        let raw = match fs::read(&path) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(GitError::Missing(hex(oid)))
+            }
+            Err(e) => return Err(io("reading", &path)(e)),
+        };
+        let corrupt = |why: String| GitError::Corrupt { oid: hex(oid), why };
+        let mut data = Vec::new();
+        ZlibDecoder::new(&raw[..])
+            .read_to_end(&mut data)
+            .map_err(|e| corrupt(format!("inflating: {e}")))?;
+        let nul = data
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or_else(|| corrupt("no header".into()))?;
+        let header = std::str::from_utf8(&data[..nul]).map_err(|e| corrupt(e.to_string()))?;
+        let (kind, len) = header
+            .split_once(' ')
+            .ok_or_else(|| corrupt(format!("bad header {header:?}")))?;
+        let body = data[nul + 1..].to_vec();
+        if len.parse::<usize>().ok() != Some(body.len()) {
+            return Err(corrupt(format!("length {len} but {} bytes", body.len())));
+        }
+        if object_id(kind, &body) != *oid {
+            return Err(corrupt("content does not match its id".into()));
+        }
+        Ok((kind.to_owned(), body))
+    }
+
+    fn commit_tree(&self, commit: &Oid) -> Result<Oid, GitError> {
+        let (kind, body) = self.read_object(commit)?;
+        let text = String::from_utf8_lossy(&body);
+        let tree = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("tree "))
+            .filter(|_| kind == "commit");
+        match tree {
+            Some(t) => parse_oid(t),
+            None => Err(GitError::Corrupt {
+                oid: hex(commit),
+                why: "not a commit with a tree".into(),
+            }),
+        }
+    }
+
+    fn walk_tree(
+        &self,
+        tree: &Oid,
+        prefix: &str,
+        out: &mut BTreeMap<String, Oid>,
+    ) -> Result<(), GitError> {
+        let (kind, body) = self.read_object(tree)?;
+        if kind != "tree" {
+            return Err(GitError::Corrupt {
+                oid: hex(tree),
+                why: format!("expected a tree at {prefix:?}, found a {kind}"),
+            });
+        }
+        let mut rest = &body[..];
+        while !rest.is_empty() {
+            let bad = || GitError::Corrupt {
+                oid: hex(tree),
+                why: "truncated tree entry".into(),
+            };
+            let sp = rest.iter().position(|&b| b == b' ').ok_or_else(bad)?;
+            let nul = rest.iter().position(|&b| b == 0).ok_or_else(bad)?;
+            if rest.len() < nul + 21 {
+                return Err(bad());
+            }
+            let mode = String::from_utf8_lossy(&rest[..sp]).into_owned();
+            let name = String::from_utf8_lossy(&rest[sp + 1..nul]).into_owned();
+            let mut oid = [0u8; 20];
+            oid.copy_from_slice(&rest[nul + 1..nul + 21]);
+            rest = &rest[nul + 21..];
+            let path = format!("{prefix}{name}");
+            if mode == "40000" {
+                self.walk_tree(&oid, &format!("{path}/"), out)?;
+            } else {
+                out.insert(path, oid);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_object(&self, kind: &str, body: &[u8]) -> Result<Oid, GitError> {
+        let oid = object_id(kind, body);
+        let path = self.object_path(&oid);
+        if path.exists() {
+            return Ok(oid);
+        }
+        let dir = path.parent().expect("objects have a fan-out dir");
+        fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        let mut z = ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(format!("{kind} {}\0", body.len()).as_bytes())
+            .and_then(|_| z.write_all(body))
+            .map_err(io("compressing", &path))?;
+        let bytes = z.finish().map_err(io("compressing", &path))?;
+        // Not synced one by one: `commit` syncs the file system once before
+        // the ref moves.
+        write_atomic(&path, &bytes, false)?;
+        Ok(oid)
+    }
+
+    /// Builds the tree objects for `files` and returns the root tree id.
+    fn write_trees(&self, files: &BTreeMap<String, Oid>) -> Result<Oid, GitError> {
+        // Group by directory, deepest first.
+        #[derive(Default)]
+        struct Dir {
+            files: BTreeMap<String, Oid>,
+            dirs: BTreeMap<String, Dir>,
+        }
+        let mut root = Dir::default();
+        for (path, oid) in files {
+            let mut parts: Vec<&str> = path.split('/').collect();
+            let name = parts.pop().expect("split yields one part");
+            let mut d = &mut root;
+            for p in parts {
+                d = d.dirs.entry(p.to_owned()).or_default();
+            }
+            d.files.insert(name.to_owned(), *oid);
+        }
+        fn write(repo: &Repo, d: &Dir) -> Result<Oid, GitError> {
+            // git sorts entries by name, with directories compared as "name/".
+            let mut entries: Vec<(Vec<u8>, &str, String, Oid)> = Vec::new();
+            for (name, oid) in &d.files {
+                entries.push((name.as_bytes().to_vec(), "100644", name.clone(), *oid));
+            }
+            for (name, sub) in &d.dirs {
+                let oid = write(repo, sub)?;
+                let mut key = name.as_bytes().to_vec();
+                key.push(b'/');
+                entries.push((key, "40000", name.clone(), oid));
+            }
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut body = Vec::new();
+            for (_, mode, name, oid) in entries {
+                body.extend_from_slice(mode.as_bytes());
+                body.push(b' ');
+                body.extend_from_slice(name.as_bytes());
+                body.push(0);
+                body.extend_from_slice(&oid);
+            }
+            repo.write_object("tree", &body)
+        }
+        write(self, &root)
+    }
+
+    /// Commits `changes` with `author` and `message`: objects first, then the
+    /// work tree files, then the ref (the commit point), then the index.
+    /// Returns the new commit id. On error HEAD is unchanged.
+    pub fn commit(
+        &mut self,
+        changes: &[Change],
+        author: &Signature,
+        message: &str,
+    ) -> Result<Oid, GitError> {
+        let mut files = self.files.clone();
+        for c in changes {
+            match c {
+                Change::Write(path, bytes) => {
+                    let oid = self.write_object("blob", bytes)?;
+                    files.insert(path.clone(), oid);
+                }
+                Change::Delete(path) => {
+                    files.remove(path);
+                }
+            }
+        }
+        let tree = self.write_trees(&files)?;
+        let mut body = format!("tree {}\n", hex(&tree));
+        if let Some(parent) = self.head {
+            body.push_str(&format!("parent {}\n", hex(&parent)));
+        }
+        let committer = Signature {
+            name: "appliance".into(),
+            email: "appliance@localhost".into(),
+            time: author.time,
+        };
+        body.push_str(&format!(
+            "author {} <{}> {} +0000\ncommitter {} <{}> {} +0000\n\n{}\n",
+            author.name,
+            author.email,
+            author.time,
+            committer.name,
+            committer.email,
+            committer.time,
+            message.trim_end()
+        ));
+        let commit = self.write_object("commit", body.as_bytes())?;
+        // Work tree files: harmless if we crash after them (HEAD still old;
+        // start-up rewrites the work tree from HEAD).
+        for c in changes {
+            match c {
+                Change::Write(path, bytes) => write_atomic(&self.root.join(path), bytes, false)?,
+                Change::Delete(path) => {
+                    let p = self.root.join(path);
+                    match fs::remove_file(&p) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io("removing", &p)(e)),
+                    }
+                }
+            }
+        }
+        // Everything written so far must be on disk before the ref names
+        // it: one syncfs instead of an fsync per object.
+        if self.durable {
+            let r = fs::File::open(&self.git)
+                .and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from));
+            r.map_err(io("syncing", &self.git))?;
+        }
+        // The commit point.
+        let refpath = self.git.join("refs/heads").join(BRANCH);
+        write_atomic(
+            &refpath,
+            format!("{}\n", hex(&commit)).as_bytes(),
+            self.durable,
+        )?;
+        self.append_reflog(author, self.head, commit, message);
+        self.head = Some(commit);
+        self.files = files;
+        if let Err(e) = self.write_index() {
+            tracing::warn!(error = %e, "writing the git index failed (git status may show changes)");
+        }
+        Ok(commit)
+    }
+
+    fn append_reflog(&self, who: &Signature, old: Option<Oid>, new: Oid, message: &str) {
+        let old = old.map(|o| hex(&o)).unwrap_or_else(|| "0".repeat(40));
+        let first = message.lines().next().unwrap_or("");
+        let line = format!(
+            "{old} {} {} <{}> {} +0000\tcommit: {first}\n",
+            hex(&new),
+            who.name,
+            who.email,
+            who.time
+        );
+        for rel in [format!("logs/refs/heads/{BRANCH}"), "logs/HEAD".to_owned()] {
+            let p = self.git.join(rel);
+            let r = p
+                .parent()
+                .map(fs::create_dir_all)
+                .unwrap_or(Ok(()))
+                .and_then(|_| {
+                    fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&p)?
+                        .write_all(line.as_bytes())
+                });
+            if let Err(e) = r {
+                tracing::warn!(path = %p.display(), error = %e, "appending to the reflog failed");
+            }
+        }
+    }
+
+    /// Rewrites work tree files that differ from HEAD and removes files HEAD
+    /// does not have (in the directories HEAD uses), then writes the index.
+    /// Called at start-up so a crash between file write and ref update heals.
+    pub fn checkout_head(&self, contents: &BTreeMap<String, Vec<u8>>) -> Result<usize, GitError> {
+        let mut fixed = 0;
+        for (path, bytes) in contents {
+            let p = self.root.join(path);
+            if fs::read(&p).ok().as_deref() != Some(&bytes[..]) {
+                write_atomic(&p, bytes, self.durable)?;
+                fixed += 1;
+            }
+        }
+        let dirs: std::collections::BTreeSet<&str> = contents
+            .keys()
+            .filter_map(|p| p.rsplit_once('/').map(|(d, _)| d))
+            .collect();
+        for d in dirs {
+            let dir = self.root.join(d);
+            for e in fs::read_dir(&dir).map_err(io("listing", &dir))?.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let rel = format!("{d}/{name}");
+                if (name.starts_with(".tmp-") || !contents.contains_key(&rel)) && e.path().is_file()
+                {
+                    fs::remove_file(e.path()).map_err(io("removing", &e.path()))?;
+                    fixed += 1;
+                }
+            }
+        }
+        self.write_index()?;
+        Ok(fixed)
+    }
+
+    /// Writes `.git/index` (version 2) for the committed files, with stat
+    /// data from the work tree so `git status` needs no rehash.
+    fn write_index(&self) -> Result<(), GitError> {
+        use std::os::unix::fs::MetadataExt;
+        let mut body = Vec::with_capacity(64 + self.files.len() * 96);
+        body.extend_from_slice(b"DIRC");
+        body.extend_from_slice(&2u32.to_be_bytes());
+        body.extend_from_slice(&(self.files.len() as u32).to_be_bytes());
+        // Index entries sort by path bytes (BTreeMap order).
+        for (path, oid) in &self.files {
+            let start = body.len();
+            let meta = fs::symlink_metadata(self.root.join(path)).ok();
+            let field = |f: fn(&fs::Metadata) -> i64| meta.as_ref().map(f).unwrap_or(0) as u32;
+            for v in [
+                field(|m| m.ctime()),
+                field(|m| m.ctime_nsec()),
+                field(|m| m.mtime()),
+                field(|m| m.mtime_nsec()),
+                field(|m| m.dev() as i64),
+                field(|m| m.ino() as i64),
+                0o100644,
+                field(|m| m.uid() as i64),
+                field(|m| m.gid() as i64),
+                field(|m| m.size() as i64),
+            ] {
+                body.extend_from_slice(&v.to_be_bytes());
+            }
+            body.extend_from_slice(oid);
+            let flags = path.len().min(0xfff) as u16;
+            body.extend_from_slice(&flags.to_be_bytes());
+            body.extend_from_slice(path.as_bytes());
+            // NUL-pad to a multiple of 8 (at least one NUL).
+            let len = body.len() - start;
+            let pad = 8 - (len % 8);
+            body.extend(std::iter::repeat_n(0u8, pad));
+        }
+        let sum: [u8; 20] = Sha1::digest(&body).into();
+        body.extend_from_slice(&sum);
+        write_atomic(&self.git.join("index"), &body, false)
+    }
+}
+
+fn parse_oid(s: &str) -> Result<Oid, GitError> {
+    let mut oid = [0u8; 20];
+    hex::decode_to_slice(s, &mut oid).map_err(|e| GitError::Corrupt {
+        oid: s.to_owned(),
+        why: format!("not an object id: {e}"),
+    })?;
+    Ok(oid)
+}
+
+/// Writes `bytes` to `path` via a temporary file in the same directory and a
+/// rename, so readers see the old or the new content, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<(), GitError> {
+    let dir = path.parent().expect("paths have a parent");
+    fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
+    let r = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        if durable {
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, path)?;
+        if durable {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    r.map_err(io("writing", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .expect("stock git is installed");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn sig() -> Signature {
+        Signature {
+            name: "Ada".into(),
+            email: "ada@example.org".into(),
+            time: 1_700_000_000,
+        }
+    }
+
+    #[test]
+    fn blob_ids_match_git() {
+        // `echo -n hello | git hash-object --stdin`
+        assert_eq!(
+            hex(&object_id("blob", b"hello")),
+            "b6fc4c620b67d95f953a5c1c1230aaab5db5a1b0"
+        );
+    }
+
+    #[test]
+    fn stock_git_accepts_our_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut repo = Repo::init(dir.path()).unwrap();
+        repo.durable = false;
+        repo.commit(
+            &[
+                Change::Write("systems/a.json".into(), b"{\"a\":1}\n".to_vec()),
+                Change::Write("settings.json".into(), b"{}\n".to_vec()),
+                Change::Write("systems-x/b".into(), b"x\n".to_vec()),
+            ],
+            &sig(),
+            "add a\n\nwith a body",
+        )
+        .unwrap();
+        repo.commit(
+            &[
+                Change::Write("systems/a.json".into(), b"{\"a\":2}\n".to_vec()),
+                Change::Delete("systems-x/b".into()),
+            ],
+            &sig(),
+            "edit a",
+        )
+        .unwrap();
+        git(dir.path(), &["fsck", "--strict", "--no-dangling"]);
+        let log = git(dir.path(), &["log", "--format=%an <%ae>|%s"]);
+        assert_eq!(
+            log,
+            "Ada <ada@example.org>|edit a\nAda <ada@example.org>|add a\n"
+        );
+        let show = git(dir.path(), &["show", "HEAD:systems/a.json"]);
+        assert_eq!(show, "{\"a\":2}\n");
+        let diff = git(dir.path(), &["diff", "HEAD~1", "HEAD", "--stat"]);
+        assert!(diff.contains("2 files changed"), "{diff}");
+        assert_eq!(git(dir.path(), &["status", "--porcelain"]), "");
+        // Stock git can revert, and we read its commit back.
+        git(
+            dir.path(),
+            &[
+                "-c",
+                "user.name=Op",
+                "-c",
+                "user.email=op@x",
+                "revert",
+                "--no-edit",
+                "HEAD",
+            ],
+        );
+        let repo = Repo::init(dir.path()).unwrap();
+        let files = repo.head_files().unwrap();
+        assert_eq!(files["systems/a.json"], b"{\"a\":1}\n");
+        assert_eq!(files["systems-x/b"], b"x\n");
+    }
+
+    #[test]
+    fn checkout_heals_work_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut repo = Repo::init(dir.path()).unwrap();
+        repo.durable = false;
+        repo.commit(&[Change::Write("d/a".into(), b"1".to_vec())], &sig(), "one")
+            .unwrap();
+        fs::write(dir.path().join("d/a"), b"torn").unwrap();
+        fs::write(dir.path().join("d/new"), b"uncommitted").unwrap();
+        fs::write(dir.path().join("d/.tmp-x-1"), b"tmp").unwrap();
+        let repo = Repo::init(dir.path()).unwrap();
+        let files = repo.head_files().unwrap();
+        assert_eq!(repo.checkout_head(&files).unwrap(), 3);
+        assert_eq!(fs::read(dir.path().join("d/a")).unwrap(), b"1");
+        assert!(!dir.path().join("d/new").exists());
+        assert_eq!(git(dir.path(), &["status", "--porcelain"]), "");
+    }
+}

@@ -1,0 +1,867 @@
+//! Inventory tests: objects and validation, storage checked with stock git,
+//! blending, boot decisions, golden templates, the API through `oneshot`.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex, RwLock};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use super::api::{router, InvState};
+use super::boot::{decide, ipxe_script, BootDecision, BootPolicy};
+use super::model::*;
+use super::status::StatusBook;
+use super::templates::{render, Document};
+use super::*;
+use crate::auth::TokenStore;
+
+const K: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+const I: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+pub(crate) fn who() -> Author {
+    Author::new("tester")
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("stock git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn distro(name: &str, breed: &str) -> Object {
+    Object::Distro(Distro {
+        name: name.into(),
+        kernel: K.into(),
+        initrd: I.into(),
+        arch: "x86_64".into(),
+        breed: breed.into(),
+        os_version: "12".into(),
+        kernel_options: "console=tty0 quiet".into(),
+        variables: [
+            ("tree".to_owned(), json!("http://mirror/tree")),
+            ("timezone".to_owned(), json!("UTC")),
+        ]
+        .into(),
+        ..Default::default()
+    })
+}
+
+fn profile(name: &str, distro: Option<&str>, parent: Option<&str>) -> Object {
+    Object::Profile(Profile {
+        name: name.into(),
+        distro: distro.map(Into::into),
+        parent: parent.map(Into::into),
+        ..Default::default()
+    })
+}
+
+fn system(name: &str, profile: &str, mac: &str, ip: &str) -> Object {
+    Object::System(System {
+        name: name.into(),
+        profile: Some(profile.into()),
+        interfaces: vec![Interface {
+            name: "eth0".into(),
+            mac: mac.into(),
+            ip: ip.into(),
+            netmask: "255.255.255.0".into(),
+            gateway: "10.0.0.1".into(),
+            dns: vec!["10.0.0.2".into()],
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+}
+
+/// A small inventory: distro deb, profiles base → web, system web1.
+pub(crate) fn sample(dir: &Path) -> Inventory {
+    let mut inv = Inventory::open_volatile(dir).unwrap();
+    inv.create(distro("deb", "debian"), &who()).unwrap();
+    inv.create(profile("base", Some("deb"), None), &who())
+        .unwrap();
+    let Object::Profile(mut web) = profile("web", None, Some("base")) else {
+        unreachable!()
+    };
+    web.kernel_options = "console=ttyS0 !quiet".into();
+    web.variables.insert("role".into(), json!("web"));
+    web.variables
+        .insert("timezone".into(), json!("Europe/Paris"));
+    inv.create(Object::Profile(web), &who()).unwrap();
+    let Object::System(mut s) = system("web1", "web", "AA:BB:CC:00:00:01", "10.0.0.11") else {
+        unreachable!()
+    };
+    s.hostname = "web1.lab".into();
+    s.variables.insert("role".into(), json!("frontend"));
+    inv.create(Object::System(s), &who()).unwrap();
+    inv
+}
+
+#[test]
+fn objects_are_files_and_commits_stock_git_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inv = sample(dir.path());
+    let text = std::fs::read_to_string(dir.path().join("systems/web1.json")).unwrap();
+    assert!(text.contains("\"mac\": \"aa:bb:cc:00:00:01\""), "{text}");
+    inv.remove(Kind::System, "web1", false, &who()).unwrap();
+    git(dir.path(), &["fsck", "--strict", "--no-dangling"]);
+    assert_eq!(git(dir.path(), &["status", "--porcelain"]), "");
+    let log = git(dir.path(), &["log", "--format=%an|%s"]);
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        [
+            "tester|Remove system web1",
+            "tester|Add system web1",
+            "tester|Add profile web",
+            "tester|Add profile base",
+            "tester|Add distro deb",
+            "appliance|Initialise the inventory"
+        ]
+    );
+    // Stock git reverts the removal; a reload sees the system again.
+    git(
+        dir.path(),
+        &[
+            "-c",
+            "user.name=op",
+            "-c",
+            "user.email=op@x",
+            "revert",
+            "--no-edit",
+            "HEAD",
+        ],
+    );
+    let inv = Inventory::open_volatile(dir.path()).unwrap();
+    assert_eq!(inv.system("web1").unwrap().hostname, "web1.lab");
+    assert_eq!(inv.system_by_mac("aa-bb-cc-00-00-01").unwrap().name, "web1");
+}
+
+#[test]
+fn validation_refuses_bad_and_conflicting_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inv = sample(dir.path());
+    let head = inv.head();
+    let err = |r: Result<(), InvError>| r.unwrap_err();
+    // Duplicate MAC, IP and host name.
+    assert_eq!(
+        err(inv.create(
+            system("web2", "web", "aa:bb:cc:00:00:01", "10.0.0.12"),
+            &who()
+        ))
+        .code(),
+        "conflict"
+    );
+    assert_eq!(
+        err(inv.create(
+            system("web2", "web", "aa:bb:cc:00:00:02", "10.0.0.11"),
+            &who()
+        ))
+        .code(),
+        "conflict"
+    );
+    let Object::System(mut s) = system("web2", "web", "aa:bb:cc:00:00:02", "10.0.0.12") else {
+        unreachable!()
+    };
+    s.hostname = "WEB1.lab".into();
+    assert_eq!(
+        err(inv.create(Object::System(s), &who())).code(),
+        "conflict"
+    );
+    // Bad formats and missing references.
+    assert_eq!(
+        err(inv.create(system("web2", "web", "aa:bb:cc:00:00", ""), &who())).code(),
+        "invalid_object"
+    );
+    assert_eq!(
+        err(inv.create(system("bad/name", "web", "aa:bb:cc:00:00:09", ""), &who())).code(),
+        "invalid_object"
+    );
+    let e = err(inv.create(system("web2", "nope", "aa:bb:cc:00:00:02", ""), &who()));
+    assert_eq!(e.to_string(), "profile \"nope\" does not exist");
+    assert_eq!(
+        err(inv.create(system("web1", "web", "aa:bb:cc:00:00:03", ""), &who())).code(),
+        "already_exists"
+    );
+    // Inheritance cycle: base -> web -> base.
+    let e = err(inv.update(profile("base", None, Some("web")), &who()));
+    assert!(e.to_string().contains("inheritance cycle"), "{e}");
+    assert_eq!(
+        err(inv.update(profile("base", None, Some("base")), &who())).code(),
+        "invalid_object"
+    );
+    // Nothing was committed.
+    assert_eq!(inv.head(), head);
+    // Editing a system keeps its own MAC.
+    let mut s = inv.system("web1").unwrap().clone();
+    s.kernel_options = "a=1".into();
+    inv.update(Object::System(s), &who()).unwrap();
+}
+
+#[test]
+fn removal_is_refused_while_used_unless_recursive() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inv = sample(dir.path());
+    let e = inv.remove(Kind::Distro, "deb", false, &who()).unwrap_err();
+    assert_eq!(e.code(), "in_use");
+    assert!(e.to_string().contains("profile base"), "{e}");
+    let mut removed = inv.remove(Kind::Distro, "deb", true, &who()).unwrap();
+    removed.sort();
+    assert_eq!(
+        removed,
+        ["distro deb", "profile base", "profile web", "system web1"]
+    );
+    assert_eq!(inv.count(Kind::System), 0);
+    assert!(inv.system_by_mac("aa:bb:cc:00:00:01").is_none());
+    let inv = Inventory::open_volatile(dir.path()).unwrap();
+    assert_eq!(inv.count(Kind::Profile), 0);
+}
+
+#[test]
+fn rename_updates_references_and_copy_clears_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inv = sample(dir.path());
+    inv.rename(Kind::Profile, "base", "linux", &who()).unwrap();
+    assert_eq!(inv.profile("web").unwrap().parent.as_deref(), Some("linux"));
+    inv.rename(Kind::Profile, "web", "www", &who()).unwrap();
+    assert_eq!(inv.system("web1").unwrap().profile.as_deref(), Some("www"));
+    inv.copy(Kind::System, "web1", "web2", &who()).unwrap();
+    assert!(inv.system("web2").unwrap().interfaces.is_empty());
+    assert_eq!(
+        inv.copy(Kind::System, "web1", "web2", &who())
+            .unwrap_err()
+            .code(),
+        "already_exists"
+    );
+    let inv = Inventory::open_volatile(dir.path()).unwrap();
+    assert_eq!(inv.system("web1").unwrap().profile.as_deref(), Some("www"));
+    assert!(!dir.path().join("profiles/web.json").exists());
+}
+
+#[test]
+fn variables_blend_with_provenance() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = sample(dir.path());
+    let b = super::blend::blend(&inv, Kind::System, "web1").unwrap();
+    assert_eq!(
+        b.layers,
+        [
+            "settings",
+            "distro:deb",
+            "profile:base",
+            "profile:web",
+            "system:web1"
+        ]
+    );
+    let v = |k: &str| (b.variables[k].value.clone(), b.variables[k].from.clone());
+    assert_eq!(v("role"), (json!("frontend"), "system:web1".into()));
+    assert_eq!(v("timezone"), (json!("Europe/Paris"), "profile:web".into()));
+    assert_eq!(
+        v("tree"),
+        (json!("http://mirror/tree"), "distro:deb".into())
+    );
+    assert_eq!(v("kernel_options").0, json!("console=ttyS0"));
+    assert_eq!(v("hostname").0, json!("web1.lab"));
+}
+
+#[test]
+fn boot_decisions_follow_the_inventory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inv = sample(dir.path());
+    let d = decide(&inv, "AA:BB:CC:00:00:01", "10.0.0.1:8080");
+    let BootDecision::Boot { entry, .. } = &d else {
+        panic!("{d:?}")
+    };
+    assert_eq!(
+        entry.kernel,
+        format!("http://10.0.0.1:8080/blobs/sha256/{}", &K[7..])
+    );
+    assert_eq!(entry.cmdline, "console=ttyS0 auto=true priority=critical url=http://10.0.0.1:8080/api/v1/systems/web1/autoinstall");
+    let script = ipxe_script(&d);
+    assert!(script.starts_with("#!ipxe\n"));
+    assert!(
+        script.contains("initrd --name initrd.img http://10.0.0.1:8080/blobs/sha256/2222"),
+        "{script}"
+    );
+    assert!(script.ends_with("boot\n"));
+    // Unknown MAC: default local boot, then a menu, then agent.
+    assert!(matches!(
+        decide(&inv, "aa:bb:cc:00:00:99", "s"),
+        BootDecision::Local { .. }
+    ));
+    let mut s = inv.settings().clone();
+    s.default_boot = DefaultBoot::Menu;
+    s.default_profile = "web".into();
+    inv.set_settings(s.clone(), &who()).unwrap();
+    let menu = ipxe_script(&decide(&inv, "aa:bb:cc:00:00:99", "s"));
+    assert!(
+        menu.contains("item e1 profile web") && menu.contains("choose --default e1"),
+        "{menu}"
+    );
+    s.default_boot = DefaultBoot::Agent;
+    inv.set_settings(s, &who()).unwrap();
+    let agent = ipxe_script(&decide(&inv, "aa:bb:cc:00:00:99", "s"));
+    assert!(
+        agent.contains("kernel http://s/boot/vmlinuz initrd=initrd.img appliance.mode=agent"),
+        "{agent}"
+    );
+    // Netboot off: local.
+    let mut sys = inv.system("web1").unwrap().clone();
+    sys.netboot = false;
+    inv.update(Object::System(sys), &who()).unwrap();
+    assert!(matches!(
+        decide(&inv, "aa:bb:cc:00:00:01", "s"),
+        BootDecision::Local { .. }
+    ));
+    // The trait: None only for non-MACs.
+    let shared = RwLock::new(inv);
+    assert!(shared.ipxe_for_mac("nope", "s").is_none());
+    assert!(shared
+        .ipxe_for_mac("aa:bb:cc:00:00:01", "s")
+        .unwrap()
+        .contains("exit"));
+}
+
+fn golden(name: &str, text: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/inventory/templates/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("{} missing; run with UPDATE_GOLDEN=1", path.display()));
+    assert_eq!(
+        text, want,
+        "golden {name} differs; run with UPDATE_GOLDEN=1 and review the diff"
+    );
+}
+
+#[test]
+fn shipped_templates_render_golden() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inv = sample(dir.path());
+    let server = "http://10.0.0.1:8080";
+    inv.create(
+        Object::Repo(model::Repo {
+            name: "extras".into(),
+            mirror: "http://mirror/extras".into(),
+            ..Default::default()
+        }),
+        &who(),
+    )
+    .unwrap();
+    for (breed, template, file) in [
+        ("redhat", "kickstart.ks", "kickstart.ks"),
+        ("debian", "preseed.cfg", "preseed.cfg"),
+        ("ubuntu", "autoinstall.yaml", "ubuntu-autoinstall.yaml"),
+        ("generic", "cloud-init-user-data", "user-data"),
+        ("coreos", "ignition.json", "ignition.json"),
+    ] {
+        let mut d = inv.distro("deb").unwrap().clone();
+        d.breed = breed.into();
+        inv.update(Object::Distro(d), &who()).unwrap();
+        let mut p = inv.profile("base").unwrap().clone();
+        p.repos = if breed == "redhat" {
+            vec!["extras".into()]
+        } else {
+            vec![]
+        };
+        inv.update(Object::Profile(p), &who()).unwrap();
+        assert_eq!(super::templates::template_name(&inv, "web"), template);
+        let text = render(&inv, Kind::System, "web1", Document::Autoinstall, server).unwrap();
+        golden(file, &text);
+        if file == "ignition.json" {
+            let v: Value = serde_json::from_str(&text).expect("ignition is JSON");
+            assert_eq!(v["ignition"]["version"], "3.4.0");
+        }
+    }
+    golden(
+        "meta-data",
+        &render(&inv, Kind::System, "web1", Document::MetaData, server).unwrap(),
+    );
+}
+
+#[test]
+fn template_errors_name_file_line_and_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inv = sample(dir.path());
+    inv.create(
+        Object::Snippet(Text {
+            name: "disk".into(),
+            body: "part {{ disk_layout }}\n".into(),
+        }),
+        &who(),
+    )
+    .unwrap();
+    inv.create(
+        Object::Template(Text {
+            name: "mine.ks".into(),
+            body: "# {{ hostname }}\n{% include \"snippets/disk\" %}\n".into(),
+        }),
+        &who(),
+    )
+    .unwrap();
+    let mut p = inv.profile("web").unwrap().clone();
+    p.autoinstall = "mine.ks".into();
+    inv.update(Object::Profile(p), &who()).unwrap();
+    let e = render(
+        &inv,
+        Kind::System,
+        "web1",
+        Document::Autoinstall,
+        "http://s",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("snippets/disk line 1: undefined variable `disk_layout`"),
+        "{e}"
+    );
+    // Set it on the system: renders.
+    let mut s = inv.system("web1").unwrap().clone();
+    s.variables.insert("disk_layout".into(), json!("auto"));
+    inv.update(Object::System(s), &who()).unwrap();
+    assert_eq!(
+        render(
+            &inv,
+            Kind::System,
+            "web1",
+            Document::Autoinstall,
+            "http://s"
+        )
+        .unwrap(),
+        "# web1.lab\npart auto\n\n"
+    );
+    // Kickstart needs `tree`: the error says so.
+    let mut d = inv.distro("deb").unwrap().clone();
+    d.breed = "redhat".into();
+    d.variables.remove("tree");
+    inv.update(Object::Distro(d), &who()).unwrap();
+    let mut p = inv.profile("web").unwrap().clone();
+    p.autoinstall.clear();
+    inv.update(Object::Profile(p), &who()).unwrap();
+    let e = render(
+        &inv,
+        Kind::System,
+        "web1",
+        Document::Autoinstall,
+        "http://s",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("templates/kickstart.ks line 4: undefined variable `tree`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn ten_thousand_systems_load_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inv = sample(dir.path());
+    let objs: Vec<Object> = (0..10_000u32)
+        .map(|i| {
+            system(
+                &format!("n{i:05}"),
+                "web",
+                &format!(
+                    "02:00:00:{:02x}:{:02x}:{:02x}",
+                    i >> 16,
+                    (i >> 8) & 0xff,
+                    i & 0xff
+                ),
+                &format!("10.{}.{}.{}", 1 + (i >> 16), (i >> 8) & 0xff, i & 0xff),
+            )
+        })
+        .collect();
+    inv.put_many(objs, &who(), "Add 10,000 systems").unwrap();
+    drop(inv);
+    let t = std::time::Instant::now();
+    let inv = Inventory::open_volatile(dir.path()).unwrap();
+    let took = t.elapsed();
+    eprintln!("loaded {} systems in {took:?}", inv.count(Kind::System));
+    assert_eq!(inv.count(Kind::System), 10_001);
+    assert!(inv.system_by_mac("02:00:00:00:27:0f").is_some());
+    git(dir.path(), &["fsck", "--no-dangling"]);
+}
+
+// ---- API through oneshot ----
+
+struct Api {
+    _dir: tempfile::TempDir,
+    app: axum::Router,
+    token: String,
+    state: Arc<InvState>,
+}
+
+fn api() -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = sample(&dir.path().join("inventory"));
+    let tokens = TokenStore::memory();
+    let token = tokens.create("ops").unwrap().1;
+    let state = Arc::new(InvState {
+        inventory: Arc::new(RwLock::new(inv)),
+        status: Mutex::new(StatusBook::open(None).unwrap()),
+        tokens,
+        public_reads: true,
+        blobs: dir.path().join("blobs/sha256"),
+    });
+    Api {
+        app: router(state.clone()),
+        _dir: dir,
+        token,
+        state,
+    }
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<Value>,
+        auth: bool,
+    ) -> (StatusCode, String) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", "10.0.0.1:8080");
+        if auth {
+            req = req.header("authorization", format!("Bearer {}", self.token));
+        }
+        let req = req
+            .header("content-type", "application/json")
+            .body(match body {
+                Some(b) => Body::from(b.to_string()),
+                None => Body::empty(),
+            });
+        let resp = self.app.clone().oneshot(req.unwrap()).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+fn code(body: &str) -> String {
+    serde_json::from_str::<Value>(body).unwrap()["code"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn api_crud_with_tokens_and_stable_errors() {
+    let a = api();
+    let (s, body) = a.call("GET", "/api/v1/systems", None, false).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()[0]["name"],
+        "web1"
+    );
+    // Writes need a token.
+    let new =
+        json!({"name": "db1", "profile": "base", "interfaces": [{"mac": "aa:bb:cc:00:00:02"}]});
+    let (s, body) = a
+        .call("POST", "/api/v1/systems", Some(new.clone()), false)
+        .await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+    let (s, body) = a
+        .call("POST", "/api/v1/systems", Some(new.clone()), true)
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (s, body) = a.call("POST", "/api/v1/systems", Some(new), true).await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::CONFLICT, "already_exists")
+    );
+    let (s, body) = a
+        .call(
+            "POST",
+            "/api/v1/systems",
+            Some(json!({"name": "x", "profile": "base", "bogus": 1})),
+            true,
+        )
+        .await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_object"),
+        "{body}"
+    );
+    let (s, body) = a.call("POST", "/api/v1/systems", None, true).await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+    let (s, body) = a.call("GET", "/api/v1/widgets", None, false).await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    // PATCH, PUT, copy, rename, delete.
+    let (s, body) = a
+        .call(
+            "PATCH",
+            "/api/v1/systems/db1",
+            Some(json!({"kernel_options": "x=1", "variables": {"a": 1}})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["kernel_options"],
+        "x=1"
+    );
+    let (s, _) = a
+        .call(
+            "PUT",
+            "/api/v1/systems/db1",
+            Some(json!({"profile": "web", "interfaces": [{"mac": "aa:bb:cc:00:00:02"}]})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, body) = a
+        .call(
+            "POST",
+            "/api/v1/systems/db1/copy",
+            Some(json!({"new_name": "db2"})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (s, _) = a
+        .call(
+            "POST",
+            "/api/v1/systems/db2/rename",
+            Some(json!({"new_name": "db3"})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, body) = a.call("DELETE", "/api/v1/profiles/web", None, true).await;
+    assert_eq!((s, code(&body).as_str()), (StatusCode::CONFLICT, "in_use"));
+    let (s, body) = a
+        .call("DELETE", "/api/v1/profiles/web?recursive=true", None, true)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let removed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(removed["removed"].as_array().unwrap().len(), 4, "{body}");
+    // Blended report.
+    let (s, body) = a
+        .call("GET", "/api/v1/profiles/base/blended", None, false)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["variables"]["tree"]["from"],
+        "distro:deb"
+    );
+}
+
+#[tokio::test]
+async fn api_private_reads_need_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = TokenStore::memory();
+    let token = tokens.create("ops").unwrap().1;
+    let state = Arc::new(InvState {
+        inventory: Arc::new(RwLock::new(sample(dir.path()))),
+        status: Mutex::new(StatusBook::open(None).unwrap()),
+        tokens,
+        public_reads: false,
+        blobs: dir.path().join("blobs"),
+    });
+    let a = Api {
+        app: router(state.clone()),
+        _dir: dir,
+        token,
+        state,
+    };
+    assert_eq!(
+        a.call("GET", "/api/v1/systems", None, false).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        a.call("GET", "/api/v1/systems", None, true).await.0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn install_finish_turns_netboot_off_and_boot_goes_local() {
+    let a = api();
+    let (_, script) = a
+        .call("GET", "/api/v1/boot/aa:bb:cc:00:00:01", None, false)
+        .await;
+    assert!(
+        script.contains("url=http://10.0.0.1:8080/api/v1/systems/web1/autoinstall"),
+        "{script}"
+    );
+    let (s, text) = a
+        .call("GET", "/api/v1/systems/web1/autoinstall", None, false)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert!(text.contains("d-i netcfg/get_hostname string web1.lab"));
+    let (s, text2) = a
+        .call("GET", "/cblr/svc/op/autoinstall/system/web1", None, false)
+        .await;
+    assert_eq!((s, &text2), (StatusCode::OK, &text));
+    let (s, body) = a
+        .call("POST", "/api/v1/systems/web1/status/start", None, false)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (_, body) = a.call("GET", "/api/v1/status", None, false).await;
+    let rows: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(rows[0]["state"], "installing");
+    assert_eq!(rows[0]["netboot"], true);
+    let (s, _) = a
+        .call(
+            "POST",
+            "/api/v1/systems/web1/status",
+            Some(json!({"event": "finish"})),
+            false,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        !a.state
+            .inventory
+            .read()
+            .unwrap()
+            .system("web1")
+            .unwrap()
+            .netboot
+    );
+    let (_, script) = a
+        .call("GET", "/api/v1/boot/aa:bb:cc:00:00:01", None, false)
+        .await;
+    assert!(
+        script.contains("exit") && script.contains("netboot off"),
+        "{script}"
+    );
+    let (_, body) = a.call("GET", "/api/v1/status", None, false).await;
+    let rows: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (rows[0]["state"].as_str(), rows[0]["netboot"].as_bool()),
+        (Some("installed"), Some(false))
+    );
+    // Cobbler's nopxe on a re-enabled system does the same.
+    let (s, _) = a
+        .call(
+            "PATCH",
+            "/api/v1/systems/web1",
+            Some(json!({"netboot": true})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, body) = a
+        .call("GET", "/cblr/svc/op/nopxe/system/web1", None, false)
+        .await;
+    assert_eq!((s, body.as_str()), (StatusCode::OK, "True"));
+    assert!(
+        !a.state
+            .inventory
+            .read()
+            .unwrap()
+            .system("web1")
+            .unwrap()
+            .netboot
+    );
+    let (s, body) = a
+        .call("POST", "/api/v1/systems/nope/status/start", None, false)
+        .await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+}
+
+#[tokio::test]
+async fn openapi_document_covers_every_route() {
+    let a = api();
+    let (s, body) = a.call("GET", "/api/v1/openapi.json", None, false).await;
+    assert_eq!(s, StatusCode::OK);
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    for kind in Kind::ALL {
+        for suffix in [
+            "",
+            "/{name}",
+            "/{name}/copy",
+            "/{name}/rename",
+            "/{name}/blended",
+        ] {
+            let p = format!("/api/v1/{}{suffix}", kind.plural());
+            assert!(paths.contains_key(&p), "{p} missing");
+        }
+    }
+    assert!(doc["paths"]["/api/v1/systems"]["post"]["security"].is_array());
+    for schema in [
+        "System",
+        "Interface",
+        "Distro",
+        "Profile",
+        "Settings",
+        "Blended",
+        "StatusRow",
+        "Error",
+    ] {
+        assert!(
+            doc["components"]["schemas"][schema].is_object(),
+            "schema {schema} missing"
+        );
+    }
+    // Every documented path answers (not the router's 404 for unknown paths).
+    for (path, item) in paths {
+        let concrete = path
+            .replace("{name}", "web1")
+            .replace("{mac}", "aa:bb:cc:00:00:01")
+            .replace("{doc}", "meta-data")
+            .replace("{event}", "start")
+            .replace("{mode}", "pre")
+            .replace("{hex}", &"0".repeat(64));
+        for method in item.as_object().unwrap().keys() {
+            if method != "get" {
+                continue;
+            }
+            let (s, body) = a.call("GET", &concrete, None, true).await;
+            let no_route = s == StatusCode::NOT_FOUND && body.is_empty();
+            assert!(!no_route, "GET {concrete}: no route");
+        }
+    }
+}
+
+#[tokio::test]
+async fn batch_creates_many_in_one_commit() {
+    let a = api();
+    let head = a.state.inventory.read().unwrap().head();
+    let objects: Vec<Value> = (0..50).map(|i| json!({"kind": "system", "object": {"name": format!("b{i}"), "profile": "web", "interfaces": [{"mac": format!("02:00:00:00:01:{i:02x}")}]}})).collect();
+    let (s, body) = a
+        .call(
+            "POST",
+            "/api/v1/batch",
+            Some(json!({"objects": objects})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let inv = a.state.inventory.read().unwrap();
+    assert_eq!(inv.count(Kind::System), 51);
+    assert_ne!(inv.head(), head);
+}

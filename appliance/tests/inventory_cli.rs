@@ -1,0 +1,316 @@
+//! The operator CLI end to end against `appliance serve` on loopback, its
+//! help width (80 columns) and shell completions.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_appliance"))
+}
+
+/// Starts a server; returns it, its URL and the first token.
+fn server(data: &Path) -> (Killed, String, String) {
+    let child = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let token = line.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(token.starts_with("apl_"), "{line}");
+    (child, format!("http://{addr}"), token)
+}
+
+fn cli(url: &str, token: Option<&str>, args: &[&str]) -> Output {
+    let mut c = bin();
+    c.args(args)
+        .env("APPLIANCE_URL", url)
+        .env_remove("APPLIANCE_TOKEN")
+        .stdin(Stdio::null());
+    if let Some(t) = token {
+        c.env("APPLIANCE_TOKEN", t);
+    }
+    c.output().unwrap()
+}
+
+fn ok(url: &str, token: &str, args: &[&str]) -> String {
+    let o = cli(url, Some(token), args);
+    assert!(
+        o.status.success(),
+        "appliance {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+#[test]
+fn cli_manages_the_inventory_through_the_api() {
+    let data = tempfile::tempdir().unwrap();
+    let (_server, url, token) = server(data.path());
+    let t = token.as_str();
+
+    // Import a fake Debian netboot tree.
+    let tree = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tree.path().join("debian-installer/amd64")).unwrap();
+    std::fs::write(tree.path().join("debian-installer/amd64/linux"), b"kernel").unwrap();
+    std::fs::write(
+        tree.path().join("debian-installer/amd64/initrd.gz"),
+        b"initrd",
+    )
+    .unwrap();
+    std::fs::write(
+        tree.path().join("version.info"),
+        b"Debian version:  12 (bookworm)\n",
+    )
+    .unwrap();
+    let out = ok(
+        &url,
+        t,
+        &[
+            "import",
+            "--path",
+            tree.path().to_str().unwrap(),
+            "--name",
+            "deb12",
+            "--data",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.contains("imported distro deb12 (debian 12 x86_64)"),
+        "{out}"
+    );
+
+    ok(
+        &url,
+        t,
+        &[
+            "profile",
+            "add",
+            "web",
+            "--parent",
+            "deb12",
+            "--var",
+            "role=web",
+            "--kernel-options",
+            "console=ttyS0",
+        ],
+    );
+    ok(
+        &url,
+        t,
+        &[
+            "system",
+            "add",
+            "web1",
+            "--profile",
+            "web",
+            "--mac",
+            "52:54:00:00:00:01",
+            "--ip",
+            "10.0.0.11",
+            "--hostname",
+            "web1.lab",
+        ],
+    );
+    let list = ok(&url, t, &["system", "list"]);
+    assert!(
+        list.starts_with("web1") && list.contains("52:54:00:00:00:01") && list.contains("netboot"),
+        "{list}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&url, t, &["system", "list", "--json"])).unwrap();
+    assert_eq!(json[0]["interfaces"][0]["ip"], "10.0.0.11");
+
+    // Errors are readable and change nothing.
+    let o = cli(
+        &url,
+        Some(t),
+        &[
+            "system",
+            "add",
+            "web2",
+            "--profile",
+            "web",
+            "--mac",
+            "52:54:00:00:00:01",
+        ],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(
+            "MAC 52:54:00:00:00:01 is already used by system \"web1\" (conflict, HTTP 409)"
+        ),
+        "{err}"
+    );
+    let o = cli(&url, None, &["system", "add", "web2", "--profile", "web"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unauthorized"),
+        "no token must be refused"
+    );
+
+    ok(
+        &url,
+        t,
+        &["system", "edit", "web1", "--kernel-options", "debug"],
+    );
+    ok(&url, t, &["system", "copy", "web1", "web2"]);
+    ok(&url, t, &["system", "rename", "web2", "web3"]);
+    let blended = ok(&url, t, &["report", "--blended", "system", "web1"]);
+    assert!(
+        blended.contains("role") && blended.contains("(profile:web)"),
+        "{blended}"
+    );
+    assert!(blended.contains("console=ttyS0 debug"), "{blended}");
+
+    // Status: report a start, then a finish through the Cobbler URL.
+    let c = ureq::Agent::new_with_defaults();
+    c.post(&format!("{url}/api/v1/systems/web1/status/start"))
+        .send_empty()
+        .unwrap();
+    let st = ok(&url, t, &["status"]);
+    assert!(st.contains("web1") && st.contains("installing"), "{st}");
+    c.get(&format!("{url}/cblr/svc/op/nopxe/system/web1"))
+        .call()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_str(&ok(&url, t, &["status", "--json"])).unwrap();
+    let row = st
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["system"] == "web1")
+        .unwrap();
+    assert_eq!(
+        (row["state"].as_str(), row["netboot"].as_bool()),
+        (Some("installed"), Some(false))
+    );
+
+    // Removal asks for --yes without a terminal, and refuses while used.
+    let o = cli(&url, Some(t), &["profile", "remove", "web"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--yes"));
+    let o = cli(&url, Some(t), &["profile", "remove", "web", "--yes"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in_use"));
+    let out = ok(
+        &url,
+        t,
+        &["profile", "remove", "web", "--yes", "--recursive"],
+    );
+    assert!(
+        out.contains("removed system web1") && out.contains("removed system web3"),
+        "{out}"
+    );
+
+    // Tokens: create, use, revoke.
+    let d = data.path().to_str().unwrap();
+    let new = ok(&url, t, &["token", "create", "ci", "--data", d])
+        .trim()
+        .to_owned();
+    ok(
+        &url,
+        &new,
+        &["repo", "add", "extras", "--mirror", "http://mirror/x"],
+    );
+    let list = ok(&url, t, &["token", "list", "--data", d]);
+    assert!(list.contains("admin") && list.contains("ci"), "{list}");
+    ok(&url, t, &["token", "revoke", "ci", "--data", d]);
+    assert!(
+        !cli(&url, Some(&new), &["repo", "remove", "extras", "--yes"])
+            .status
+            .success()
+    );
+
+    // Every change is a commit with its author, readable by stock git.
+    let log = Command::new("git")
+        .arg("-C")
+        .arg(data.path().join("inventory"))
+        .args(["log", "--format=%an|%s"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8(log.stdout).unwrap();
+    assert!(log.starts_with("ci|Add repo extras\n"), "{log}");
+    assert!(log.contains("install-status|Edit system web1"), "{log}");
+    assert!(log.contains("admin|Add system web1"), "{log}");
+}
+
+/// Every command's help, recursively.
+fn all_help(args: &mut Vec<String>, out: &mut Vec<(String, String)>) {
+    let o = bin().args(args.iter()).arg("--help").output().unwrap();
+    let text = String::from_utf8(o.stdout).unwrap();
+    let mut subs = Vec::new();
+    let mut in_cmds = false;
+    for line in text.lines() {
+        if line.starts_with("Commands:") {
+            in_cmds = true;
+            continue;
+        }
+        if in_cmds {
+            if !line.starts_with("  ") {
+                in_cmds = false;
+                continue;
+            }
+            if let Some(w) = line.split_whitespace().next() {
+                if w != "help" && line.starts_with("  ") && !line.starts_with("   ") {
+                    subs.push(w.to_owned());
+                }
+            }
+        }
+    }
+    out.push((args.join(" "), text));
+    for s in subs {
+        args.push(s);
+        all_help(args, out);
+        args.pop();
+    }
+}
+
+#[test]
+fn help_fits_80_columns() {
+    let mut pages = Vec::new();
+    all_help(&mut Vec::new(), &mut pages);
+    assert!(pages.len() > 40, "only {} help pages", pages.len());
+    for (cmd, text) in &pages {
+        for line in text.lines() {
+            assert!(
+                line.chars().count() <= 80,
+                "`appliance {cmd} --help` has a line of {} columns:\n{line}",
+                line.chars().count()
+            );
+        }
+    }
+}
+
+#[test]
+fn shell_completions_are_generated() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = bin().args(["completions", shell]).output().unwrap();
+        assert!(o.status.success());
+        let text = String::from_utf8(o.stdout).unwrap();
+        assert!(
+            text.contains("system") && text.contains("rename"),
+            "{shell}"
+        );
+    }
+}
