@@ -294,12 +294,20 @@ fn boot_decisions_follow_the_inventory() {
         "{script}"
     );
     assert!(script.ends_with("boot\n"));
-    // Unknown MAC: default local boot, then a menu, then agent.
+    // Unknown MAC: the agent by default (enlistment), then local, a menu,
+    // and the agent again.
+    let agent = ipxe_script(&decide(&inv, "aa:bb:cc:00:00:99", "s"));
+    assert!(
+        agent.contains("appliance.mode=agent appliance.server=http://s"),
+        "{agent}"
+    );
+    let mut s = inv.settings().clone();
+    s.default_boot = DefaultBoot::Local;
+    inv.set_settings(s.clone(), &who()).unwrap();
     assert!(matches!(
         decide(&inv, "aa:bb:cc:00:00:99", "s"),
         BootDecision::Local { .. }
     ));
-    let mut s = inv.settings().clone();
     s.default_boot = DefaultBoot::Menu;
     s.default_profile = "web".into();
     inv.set_settings(s.clone(), &who()).unwrap();
@@ -312,7 +320,8 @@ fn boot_decisions_follow_the_inventory() {
     inv.set_settings(s, &who()).unwrap();
     let agent = ipxe_script(&decide(&inv, "aa:bb:cc:00:00:99", "s"));
     assert!(
-        agent.contains("kernel http://s/boot/vmlinuz initrd=initrd.img appliance.mode=agent"),
+        agent.contains("kernel http://s/boot/vmlinuz initrd=initrd.img console=tty0")
+            && agent.contains("appliance.mode=agent"),
         "{agent}"
     );
     // Netboot off: local.
