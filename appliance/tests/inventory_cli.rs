@@ -314,3 +314,51 @@ fn shell_completions_are_generated() {
         );
     }
 }
+
+#[test]
+fn network_cli_needs_a_token_and_names_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_srv, url, token) = server(dir.path());
+    let list = ok(&url, &token, &["network", "list", "--json"]);
+    assert_eq!(list.trim(), "[]");
+    // No token: refused by the server.
+    let o = cli(
+        &url,
+        None,
+        &["network", "serve", "eth9", "--cidr", "10.77.0.1/24"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unauthorized"),
+        "{o:?}"
+    );
+    // A bad CIDR is refused before anything is touched.
+    let o = cli(
+        &url,
+        Some(&token),
+        &["network", "serve", "eth9", "--cidr", "10.77.0.0/24"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("network or broadcast"),
+        "{o:?}"
+    );
+    // An interface that does not exist: a clear error, nothing persisted.
+    let o = cli(
+        &url,
+        Some(&token),
+        &["network", "serve", "nosuch0", "--cidr", "10.77.0.1/24"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("nosuch0"),
+        "{o:?}"
+    );
+    assert_eq!(
+        ok(&url, &token, &["network", "list", "--json"]).trim(),
+        "[]"
+    );
+    assert!(!dir.path().join("state/networks.json").exists());
+    let agents = ok(&url, &token, &["agents", "--json"]);
+    assert_eq!(agents.trim(), "[]");
+}

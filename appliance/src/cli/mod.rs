@@ -9,6 +9,7 @@
 
 pub mod client;
 
+mod network;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -71,6 +72,10 @@ pub enum Ops {
     Import(Import),
     /// Manage API tokens (on the server's data directory).
     Token(TokenCmd),
+    /// Provisioning networks: serve PXE on an interface, list, stop.
+    Network(network::NetworkCmd),
+    /// Machines that PXE-booted into agent mode and reported their hardware.
+    Agents(network::AgentsCmd),
 }
 
 /// A noun's verbs.
@@ -284,6 +289,8 @@ pub fn run(op: Ops) -> Result<()> {
         Ops::Settings(s) => settings(s),
         Ops::Import(i) => import(i),
         Ops::Token(t) => token(t),
+        Ops::Network(n) => network::network(n),
+        Ops::Agents(a) => network::agents(a),
     }
 }
 
