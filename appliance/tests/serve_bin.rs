@@ -46,9 +46,15 @@ fn serve_binary_answers_version_on_loopback() {
         .unwrap();
     let mut child = Killed(child);
     let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
+    stdout.read_line(&mut line).unwrap();
+    let mut token_line = String::new();
+    stdout.read_line(&mut token_line).unwrap();
+    let token = token_line
+        .trim()
+        .strip_prefix("first API token (shown once, keep it): ")
+        .unwrap_or_else(|| panic!("no first token on stdout: {token_line:?}"))
+        .to_owned();
     let addr = line
         .trim()
         .strip_prefix("listening on ")
@@ -78,16 +84,23 @@ fn serve_binary_answers_version_on_loopback() {
     );
     assert_eq!((status, body.as_str()), (200, "ok"));
 
-    // Not under our init and no --allow-power: power requests are refused.
+    // Writes need the bearer token.
     let payload = r#"{"action":"poweroff"}"#;
-    let (status, body) = http(
-        &addr,
-        &format!(
-            "POST /api/v1/power HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
-            payload.len()
-        ),
-    );
+    let post = |auth: &str| {
+        http(
+            &addr,
+            &format!(
+                "POST /api/v1/power HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+                payload.len()
+            ),
+        )
+    };
+    let (status, body) = post("");
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("unauthorized"), "{body}");
+    // Not under our init and no --allow-power: power requests are refused.
+    let (status, body) = post(&format!("Authorization: Bearer {token}\r\n"));
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("power_unavailable"), "{body}");
 }
