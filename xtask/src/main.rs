@@ -131,6 +131,9 @@ fn test(extra: &[&str]) -> Result<()> {
             packages().join(" ")
         );
     }
+    // The QEMU tests boot the shipped image: build it first (offline after
+    // the first time, thanks to the lock in the store).
+    image::image(&image::ImageOptions::from_args(&[])?)?;
     run(Command::new(cargo())
         .current_dir(root())
         .args(["test", "--workspace", "--release"])
