@@ -117,7 +117,8 @@ fn install_deps() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-fn test(extra: &[&str]) -> Result<()> {
+/// Install the Debian packages when a tool the tests or QEMU need is missing.
+pub fn ensure_deps() -> Result<()> {
     if !missing_tools().is_empty() {
         eprintln!(
             "xtask: missing test tools {:?}; installing Debian packages",
@@ -131,6 +132,11 @@ fn test(extra: &[&str]) -> Result<()> {
             packages().join(" ")
         );
     }
+    Ok(())
+}
+
+fn test(extra: &[&str]) -> Result<()> {
+    ensure_deps()?;
     // The QEMU tests boot the shipped image: build it first (offline after
     // the first time, thanks to the lock in the store).
     image::image(&image::ImageOptions::from_args(&[])?)?;

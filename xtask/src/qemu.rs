@@ -22,6 +22,7 @@ pub fn qemu(args: &[&str]) -> Result<()> {
             other => rest.push(other),
         }
     }
+    crate::ensure_deps()?;
     let out = image(&ImageOptions::from_args(&rest)?)?;
     let cfg = VmConfig {
         disk: out.join("appliance.img"),
