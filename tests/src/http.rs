@@ -61,6 +61,36 @@ pub fn request_with_token(
     Ok(Response { status, body })
 }
 
+/// A GET that gives up after `timeout`: for polling through QEMU's user
+/// networking, which holds a forwarded connection open (retrying the guest
+/// with backoff) while nothing listens in the guest yet, so one slow
+/// attempt must not hide that the guest has come up since.
+pub fn get_within(port: u16, path: &str, timeout: Duration) -> std::io::Result<Response> {
+    let mut s =
+        TcpStream::connect_timeout(&std::net::SocketAddr::from(([127, 0, 0, 1], port)), timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: appliance\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not an HTTP response: {text:?}"),
+            )
+        })?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok(Response { status, body })
+}
+
 pub fn get(port: u16, path: &str) -> std::io::Result<Response> {
     request(port, "GET", path, None)
 }

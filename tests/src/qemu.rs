@@ -261,7 +261,8 @@ impl Vm {
                     self.serial()
                 ));
             }
-            if let Ok(r) = crate::http::get(self.api_port, path) {
+            if let Ok(r) = crate::http::get_within(self.api_port, path, Duration::from_millis(500))
+            {
                 if r.status == 200 {
                     return Ok(r);
                 }

@@ -59,7 +59,7 @@ fn boot_ours(disk: &Path, work: &Path) -> Result<Sample> {
             init = Some(t0.elapsed().as_secs_f64());
         }
         if init.is_some() {
-            if let Ok(r) = http::get(port, "/api/v1/version") {
+            if let Ok(r) = http::get_within(port, "/api/v1/version", Duration::from_millis(300)) {
                 if r.status == 200 {
                     break t0.elapsed().as_secs_f64();
                 }
