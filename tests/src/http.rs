@@ -30,35 +30,15 @@ pub fn request_with_token(
     body: Option<&str>,
     token: Option<&str>,
 ) -> std::io::Result<Response> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
     let body = body.unwrap_or("");
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(
-        s,
+    let req = format!(
         "{method} {path} HTTP/1.0\r\nHost: appliance\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("not an HTTP response: {text:?}"),
-            )
-        })?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok(Response { status, body })
+    );
+    exchange(port, &req, Duration::from_secs(20))
 }
 
 /// A GET that gives up after `timeout`: for polling through QEMU's user
@@ -66,14 +46,29 @@ pub fn request_with_token(
 /// with backoff) while nothing listens in the guest yet, so one slow
 /// attempt must not hide that the guest has come up since.
 pub fn get_within(port: u16, path: &str, timeout: Duration) -> std::io::Result<Response> {
+    exchange(
+        port,
+        &format!("GET {path} HTTP/1.0\r\nHost: appliance\r\n\r\n"),
+        timeout,
+    )
+}
+
+/// Send `req` to `127.0.0.1:port` and read the whole response, each step
+/// bounded by `timeout`.
+fn exchange(port: u16, req: &str, timeout: Duration) -> std::io::Result<Response> {
     let mut s =
         TcpStream::connect_timeout(&std::net::SocketAddr::from(([127, 0, 0, 1], port)), timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: appliance\r\n\r\n")?;
+    s.write_all(req.as_bytes())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
+    parse(&raw)
+}
+
+/// Status and body of a raw HTTP response.
+fn parse(raw: &[u8]) -> std::io::Result<Response> {
+    let text = String::from_utf8_lossy(raw).into_owned();
     let status = text
         .split_whitespace()
         .nth(1)
