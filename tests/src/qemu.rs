@@ -78,6 +78,55 @@ impl VmConfig {
     }
 }
 
+/// `qemu-system-x86_64` with what every VM here shares: q35, the
+/// accelerator, 2 vCPUs, `memory_mb`, no display, the serial console in
+/// `<dir>/serial.log`, and the firmware (OVMF gets its own copy of the
+/// variable store).
+fn base_command(
+    firmware: Firmware,
+    dir: &Path,
+    memory_mb: u32,
+) -> std::io::Result<(Command, PathBuf)> {
+    let serial_log = dir.join("serial.log");
+    let _ = fs::remove_file(&serial_log);
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-machine",
+        "q35",
+        "-accel",
+        &accel(),
+        "-smp",
+        "2",
+        "-m",
+        &memory_mb.to_string(),
+    ])
+    .args(["-display", "none", "-no-reboot", "-monitor", "none"])
+    .arg("-serial")
+    .arg(format!("file:{}", serial_log.display()));
+    if firmware == Firmware::Ovmf {
+        for f in [OVMF_CODE, OVMF_VARS] {
+            if !Path::new(f).exists() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{f} is missing: install the ovmf package (xtask/debian-packages.txt)"),
+                ));
+            }
+        }
+        let vars = dir.join("OVMF_VARS.fd");
+        fs::copy(OVMF_VARS, &vars)?;
+        cmd.arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ));
+    }
+    Ok((cmd, serial_log))
+}
+
 /// A blank machine that boots from the network: no uplink, one NIC on
 /// `socket`, a blank (sparse) disk of `disk_bytes`.
 pub fn boot_blank(
@@ -90,40 +139,13 @@ pub fn boot_blank(
     fs::create_dir_all(dir)?;
     let disk = dir.join("blank.img");
     fs::File::create(&disk)?.set_len(disk_bytes)?;
-    let serial_log = dir.join("serial.log");
-    let _ = fs::remove_file(&serial_log);
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-machine",
-        "q35",
-        "-accel",
-        &accel(),
-        "-smp",
-        "2",
-        "-m",
-        "1024",
-    ])
-    .args(["-display", "none", "-no-reboot", "-monitor", "none"])
-    .arg("-serial")
-    .arg(format!("file:{}", serial_log.display()));
+    let (mut cmd, serial_log) = base_command(firmware, dir, 1024)?;
     let rom = if firmware == Firmware::Ovmf {
         ",romfile="
     } else {
         ""
     };
-    if firmware == Firmware::Ovmf {
-        let vars = dir.join("OVMF_VARS.fd");
-        fs::copy(OVMF_VARS, &vars)?;
-        cmd.arg("-drive")
-            .arg(format!(
-                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
-            ))
-            .arg("-drive")
-            .arg(format!(
-                "if=pflash,format=raw,unit=1,file={}",
-                vars.display()
-            ));
-    } else {
+    if firmware == Firmware::SeaBios {
         cmd.args(["-boot", "n"]);
     }
     cmd.arg("-drive")
@@ -174,58 +196,24 @@ pub fn accel() -> String {
 impl Vm {
     pub fn boot(cfg: &VmConfig) -> std::io::Result<Vm> {
         fs::create_dir_all(&cfg.dir)?;
-        for f in [OVMF_CODE, OVMF_VARS] {
-            if !Path::new(f).exists() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("{f} is missing: install the ovmf package (xtask/debian-packages.txt)"),
-                ));
-            }
-        }
-        let vars = cfg.dir.join("OVMF_VARS.fd");
-        fs::copy(OVMF_VARS, &vars)?;
-        let serial_log = cfg.dir.join("serial.log");
-        let _ = fs::remove_file(&serial_log);
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-machine",
-            "q35",
-            "-accel",
-            &accel(),
-            "-smp",
-            "2",
-            "-m",
-            &cfg.memory_mb.to_string(),
-        ])
-        .args(["-display", "none", "-no-reboot", "-monitor", "none"])
-        .arg("-serial")
-        .arg(format!("file:{}", serial_log.display()))
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
-        ))
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,format=raw,unit=1,file={}",
-            vars.display()
-        ))
-        .arg("-drive")
-        .arg(format!(
-            "if=virtio,format=raw,file={},snapshot={}",
-            cfg.disk.display(),
-            if cfg.snapshot { "on" } else { "off" }
-        ))
-        .arg("-netdev")
-        .arg(format!(
-            "user,id=up,restrict=on,hostfwd=tcp:127.0.0.1:{}-:80",
-            cfg.api_port
-        ))
-        .args(["-device", "virtio-net-pci,netdev=up"])
-        .args(["-device", "virtio-rng-pci"])
-        .args(&cfg.extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        let (mut cmd, serial_log) = base_command(Firmware::Ovmf, &cfg.dir, cfg.memory_mb)?;
+        cmd.arg("-drive")
+            .arg(format!(
+                "if=virtio,format=raw,file={},snapshot={}",
+                cfg.disk.display(),
+                if cfg.snapshot { "on" } else { "off" }
+            ))
+            .arg("-netdev")
+            .arg(format!(
+                "user,id=up,restrict=on,hostfwd=tcp:127.0.0.1:{}-:80",
+                cfg.api_port
+            ))
+            .args(["-device", "virtio-net-pci,netdev=up"])
+            .args(["-device", "virtio-rng-pci"])
+            .args(&cfg.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
         let child = cmd.spawn().map_err(|e| {
             std::io::Error::new(
                 e.kind(),
