@@ -471,7 +471,7 @@ impl Source {
                 return Ok(&b[s..e]);
             }
             TftpContent::File(f) => {
-                if !cached && !(self.eof && off >= self.start) {
+                if !(cached || self.eof && off >= self.start) {
                     let from = keep.min(off);
                     let size = (self.chunk as u64).max(want - from) as usize;
                     let f = f.clone();
