@@ -73,9 +73,9 @@ struct Header {
 }
 
 /// A writer that counts the bytes passed through it.
-struct Counting<W> {
-    inner: W,
-    count: u64,
+pub(crate) struct Counting<W> {
+    pub(crate) inner: W,
+    pub(crate) count: u64,
 }
 
 impl<W: Write> Write for Counting<W> {

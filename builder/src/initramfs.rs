@@ -76,22 +76,7 @@ pub enum InitramfsError {
     Write(#[source] io::Error),
 }
 
-/// A writer that counts the bytes passed through it.
-struct Counting<W> {
-    inner: W,
-    count: u64,
-}
-
-impl<W: Write> Write for Counting<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.count += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
+use crate::cpio::Counting;
 
 impl<W: Write> Counting<W> {
     /// Write zeros up to the next multiple of 4 of the total.
