@@ -1,8 +1,9 @@
 //! `appliance agent`: what a PXE-booted target runs (started by init when
 //! the kernel command line says `appliance.mode=agent`). It reports its
 //! hardware to the server that booted it (`appliance.server=<url>`), then
-//! polls for work. Later capabilities give it work (install itself,
-//! capture, deploy); today the only work is `wait`.
+//! polls for work: `wait`, or (booted with `appliance.mode=install`)
+//! `install`, which runs [`crate::install`] and reboots into the installed
+//! appliance. Capture and deploy come with the cloning work.
 
 use std::path::Path;
 use std::time::Duration;
@@ -45,17 +46,30 @@ pub fn check_in(server: &str, checkin: &CheckIn) -> Result<String> {
 }
 
 /// Run the agent loop: check in (retrying until the server answers), then
-/// ask for work forever.
-pub fn run(server: &str, release: Option<String>) -> Result<()> {
+/// ask for work forever. `install`: booted to install this appliance.
+pub fn run(server: &str, release: Option<String>, install: bool) -> Result<()> {
     if server.is_empty() {
         bail!("agent mode needs appliance.server=<url> on the kernel command line");
     }
     let hw = crate::hwinfo::collect(Path::new("/"));
     let mac = boot_mac(&hw).context("no network interface to report")?;
+    let uplink = hw
+        .nics
+        .iter()
+        .find(|n| n.mac == mac)
+        .map(|n| n.name.clone())
+        .unwrap_or_default();
+    let others: Vec<String> = hw
+        .nics
+        .iter()
+        .filter(|n| n.mac != mac)
+        .map(|n| n.name.clone())
+        .collect();
     let ci = CheckIn {
         mac: mac.clone(),
         hardware: hw,
         release,
+        mode: Some(if install { "install" } else { "agent" }.into()),
     };
     let mut delay = Duration::from_secs(1);
     loop {
@@ -74,6 +88,34 @@ pub fn run(server: &str, release: Option<String>) -> Result<()> {
         let next = match agent_client().get(&url).call() {
             Ok(mut r) => match r.body_mut().read_json::<Work>() {
                 Ok(Work::Wait { retry_secs }) => retry_secs.clamp(1, 300),
+                Ok(Work::Install(work)) if install => {
+                    match crate::install::run(&work, &mac, &uplink, &others) {
+                        Ok(report) => {
+                            tracing::info!(%report, "installed");
+                            crate::console::marker("install complete; rebooting");
+                            reboot();
+                            300
+                        }
+                        Err(e) => {
+                            let msg = format!("{e:#}");
+                            crate::console::marker(&format!("install failed: {msg}"));
+                            crate::install::Reporter::new(&work.parent_url, &mac, &work.token)
+                                .send(&crate::install::InstallProgress {
+                                    phase: "failed".into(),
+                                    state: "failed".into(),
+                                    done_bytes: 0,
+                                    total_bytes: 0,
+                                    message: msg,
+                                    report: None,
+                                });
+                            10
+                        }
+                    }
+                }
+                Ok(Work::Install(_)) => {
+                    tracing::warn!("install work ignored: this boot is not in install mode");
+                    30
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "unreadable work answer");
                     10
@@ -85,5 +127,17 @@ pub fn run(server: &str, release: Option<String>) -> Result<()> {
             }
         };
         std::thread::sleep(Duration::from_secs(next));
+    }
+}
+
+/// Asks init (PID 1) to reboot; outside our init, exits.
+fn reboot() {
+    if crate::power::under_our_init() {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::INIT,
+            crate::contract::SIGNAL_REBOOT,
+        );
+    } else {
+        std::process::exit(0);
     }
 }

@@ -31,6 +31,9 @@ pub struct CheckIn {
     /// The release the agent is running.
     #[serde(default)]
     pub release: Option<String>,
+    /// `agent` or `install` (what the boot asked for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 /// A known agent.
@@ -39,6 +42,8 @@ pub struct AgentRecord {
     pub mac: String,
     pub hardware: Hardware,
     pub release: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
     pub first_seen: f64,
     pub last_seen: f64,
     pub checkins: u64,
@@ -50,13 +55,20 @@ pub struct AgentRecord {
 pub enum Work {
     /// Nothing to do yet; ask again later.
     Wait { retry_secs: u64 },
+    /// Install this appliance onto the local disk (replication).
+    Install(crate::install::InstallWork),
 }
+
+/// Decides an agent's work (`None`: wait). Given the agent's record and
+/// the base URL the agent reached us at.
+pub type WorkSource = Arc<dyn Fn(&AgentRecord, &str) -> Option<Work> + Send + Sync>;
 
 #[derive(Clone)]
 pub struct Agents {
     inner: Arc<Mutex<BTreeMap<String, AgentRecord>>>,
     file: Option<PathBuf>,
     events: Events,
+    work: Option<WorkSource>,
 }
 
 fn now() -> f64 {
@@ -92,6 +104,7 @@ impl Agents {
             inner: Arc::new(Mutex::new(map)),
             file: Some(file),
             events,
+            work: None,
         }
     }
 
@@ -100,7 +113,14 @@ impl Agents {
             inner: Default::default(),
             file: None,
             events,
+            work: None,
         }
+    }
+
+    /// Hands out work from `source` instead of always `wait`.
+    pub fn with_work(mut self, source: WorkSource) -> Agents {
+        self.work = Some(source);
+        self
     }
 
     pub fn list(&self) -> Vec<AgentRecord> {
@@ -128,6 +148,7 @@ impl Agents {
                 .and_modify(|r| {
                     r.hardware = c.hardware.clone();
                     r.release = c.release.clone();
+                    r.mode = c.mode.clone();
                     r.last_seen = t;
                     r.checkins += 1;
                 })
@@ -135,6 +156,7 @@ impl Agents {
                     mac: mac.clone(),
                     hardware: c.hardware.clone(),
                     release: c.release.clone(),
+                    mode: c.mode.clone(),
                     first_seen: t,
                     last_seen: t,
                     checkins: 1,
@@ -155,6 +177,7 @@ impl Agents {
                 "memory_bytes": rec.hardware.memory_bytes,
                 "firmware": rec.hardware.firmware,
                 "release": rec.release,
+                "mode": rec.mode,
             }),
         );
         Ok(rec)
@@ -192,6 +215,7 @@ async fn check_in(
 async fn work(
     State(a): State<Agents>,
     UrlPath(mac): UrlPath<String>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Json<Work>, ApiError> {
     let mac = normalize_mac(&mac).ok_or_else(|| {
         ApiError::new(
@@ -200,17 +224,31 @@ async fn work(
             format!("{mac:?} is not a MAC address"),
         )
     })?;
-    if !a
+    let rec = a
         .inner
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .contains_key(&mac)
-    {
+        .get(&mac)
+        .cloned();
+    let Some(rec) = rec else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_agent",
             format!("{mac} has not checked in"),
         ));
+    };
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let base = format!("http://{host}");
+    if let Some(source) = a.work.clone() {
+        let w = tokio::task::spawn_blocking(move || source(&rec, &base))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+        if let Some(w) = w {
+            return Ok(Json(w));
+        }
     }
     Ok(Json(Work::Wait { retry_secs: 10 }))
 }

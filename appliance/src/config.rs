@@ -1,9 +1,11 @@
 //! Boot configuration: what mode to run in and how to reach the network.
 //!
-//! Three sources, each a list of `key = value` settings with the same keys:
-//! `appliance/config.json` on the ESP, QEMU fw_cfg `opt/appliance/config`
-//! (JSON), and the kernel command line (`appliance.<key>=<value>`). Later
-//! sources win: command line over fw_cfg over ESP. Keys:
+//! Four sources, each a list of `key = value` settings with the same keys:
+//! `appliance/config.json` on the ESP, `state/boot.json` on the data
+//! partition (node state the installer writes, e.g. the uplink a replica
+//! was installed through), QEMU fw_cfg `opt/appliance/config` (JSON), and
+//! the kernel command line (`appliance.<key>=<value>`). Later sources win:
+//! command line over fw_cfg over data state over ESP. Keys:
 //!
 //! | key | values | default |
 //! | --- | --- | --- |
@@ -11,6 +13,7 @@
 //! | `server` | `http://…` or `https://…` URL | none |
 //! | `uplink` | interface name | first ethernet interface, sorted |
 //! | `ip` | `dhcp`, or `<addr>/<prefix>[,<gateway>]` (IPv4) | `dhcp` |
+//! | `mgmt` | comma-separated interface names that also get a DHCP address (no default route) | none |
 //! | `http_port` | 1–65535 | 80 |
 //! | `log` | a `tracing` env-filter directive | `info` |
 //!
@@ -48,6 +51,8 @@ pub struct BootConfig {
     pub server: Option<String>,
     pub uplink: Option<String>,
     pub ip: IpConfig,
+    /// Management interfaces: DHCP addresses beside the uplink, no routes.
+    pub mgmt: Vec<String>,
     pub http_port: u16,
     pub log: Option<String>,
 }
@@ -59,6 +64,7 @@ impl Default for BootConfig {
             server: None,
             uplink: None,
             ip: IpConfig::Dhcp,
+            mgmt: Vec::new(),
             http_port: 80,
             log: None,
         }
@@ -69,6 +75,7 @@ impl Default for BootConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Esp,
+    DataState,
     FwCfg,
     Cmdline,
 }
@@ -77,6 +84,7 @@ impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Source::Esp => "ESP config.json",
+            Source::DataState => "data partition state/boot.json",
             Source::FwCfg => "fw_cfg opt/appliance/config",
             Source::Cmdline => "kernel command line",
         })
@@ -177,6 +185,20 @@ pub fn resolve(settings: &[Setting]) -> (BootConfig, Vec<Problem>) {
                     cfg.uplink = Some(s.value.clone());
                 } else {
                     problems.push(bad("expected an interface name"));
+                }
+            }
+            "mgmt" => {
+                let names: Vec<String> = s
+                    .value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if names.iter().all(|n| valid_ifname(n)) {
+                    cfg.mgmt = names;
+                } else {
+                    problems.push(bad("expected comma-separated interface names"));
                 }
             }
             "ip" => match parse_ip(&s.value) {
@@ -357,5 +379,22 @@ mod tests {
         assert!(settings_from_json(b"[1]", Source::FwCfg).is_err());
         assert!(settings_from_json(br#"{"ip": {"a": 1}}"#, Source::FwCfg).is_err());
         assert!(settings_from_json(b"{", Source::FwCfg).is_err());
+    }
+
+    #[test]
+    fn mgmt_interfaces_and_data_state_source() {
+        let mut settings = settings_from_json(
+            br#"{"uplink": "eth0", "mgmt": "eth2, eth3"}"#,
+            Source::DataState,
+        )
+        .unwrap();
+        settings.extend(settings_from_cmdline("appliance.uplink=eth1"));
+        let (cfg, problems) = resolve(&settings);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(cfg.uplink.as_deref(), Some("eth1"));
+        assert_eq!(cfg.mgmt, vec!["eth2".to_string(), "eth3".to_string()]);
+        let (cfg, problems) = resolve(&settings_from_cmdline("appliance.mgmt=a/b"));
+        assert!(cfg.mgmt.is_empty());
+        assert!(matches!(&problems[..], [Problem::Error(e)] if e.contains("mgmt")), "{problems:?}");
     }
 }

@@ -53,6 +53,14 @@ pub const FW_CFG_CONFIG: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/appliance
 /// Release manifest inside the data directory (hashed for `release`).
 pub const RELEASE_MANIFEST: &str = "release/manifest.json";
 
+/// Boot settings kept as node state (JSON object, the keys of
+/// [`crate::config`]); the installer writes the uplink a replica was
+/// installed through.
+pub const BOOT_STATE: &str = "state/boot.json";
+
+/// Signature of the release manifest inside the data directory.
+pub const RELEASE_SIGNATURE: &str = "release/manifest.sig";
+
 /// Node identity inside the data directory.
 pub const NODE_FILE: &str = "state/node.json";
 

@@ -33,7 +33,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::config::{self, BootConfig, Mode, Problem, Setting, Source};
 use crate::console::marker;
 use crate::contract::{
-    DATA_DIR, DATA_PARTNAME, DEGRADED_FILE, ENV_UNDER_INIT, ESP_CONFIG, ESP_MOUNT, ESP_PARTNAMES,
+    BOOT_STATE, DATA_DIR, DATA_PARTNAME, DEGRADED_FILE, ENV_UNDER_INIT, ESP_CONFIG, ESP_MOUNT, ESP_PARTNAMES,
     FW_CFG_CONFIG, MODULES_LIST, MODULES_PLAN, RUN_DIR, SYS_BUS,
 };
 
@@ -124,7 +124,7 @@ fn boot_and_supervise(set_log: SetLogFilter<'_>) -> Result<std::convert::Infalli
 
     // A PXE-booted agent runs from its initramfs alone: no data partition
     // to wait for (its disks are what it works on).
-    let data_dev = if early_cfg.mode == Mode::Agent {
+    let data_dev = if matches!(early_cfg.mode, Mode::Agent | Mode::Install) {
         None
     } else {
         crate::partition::wait_for_partname(
@@ -133,14 +133,10 @@ fn boot_and_supervise(set_log: SetLogFilter<'_>) -> Result<std::convert::Infalli
             DATA_WAIT,
         )
     };
+    let data_is_partition = mount_data(data_dev.as_deref());
     let cfg = read_config(&cmdline_settings);
     apply_log_filter(set_log, cfg.log.as_deref());
     tracing::info!(?cfg, "boot configuration");
-    if cfg.mode == Mode::Install {
-        degrade("mode Install is not implemented in this build; running as an agent instead");
-    }
-
-    let data_is_partition = mount_data(data_dev.as_deref());
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -195,6 +191,15 @@ fn read_config(cmdline: &[Setting]) -> BootConfig {
             Ok(s) => settings.extend(s),
             Err(e) => degrade(&e),
         }
+    }
+    let state = Path::new(DATA_DIR).join(BOOT_STATE);
+    match std::fs::read(&state) {
+        Ok(bytes) => match config::settings_from_json(&bytes, Source::DataState) {
+            Ok(s) => settings.extend(s),
+            Err(e) => degrade(&e),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => degrade(&format!("reading {}: {e}", state.display())),
     }
     match std::fs::read(FW_CFG_CONFIG) {
         Ok(bytes) => match config::settings_from_json(&bytes, Source::FwCfg) {
@@ -369,11 +374,15 @@ async fn supervise(cfg: &BootConfig) -> Result<Action> {
         .map(str::to_owned)
         .to_vec()
     } else {
-        vec![
+        let mut a = vec![
             "agent".into(),
             "--server".into(),
             cfg.server.clone().unwrap_or_default(),
-        ]
+        ];
+        if cfg.mode == Mode::Install {
+            a.push("--install".into());
+        }
+        a
     };
     let mut server = Server {
         args,
@@ -387,8 +396,10 @@ async fn supervise(cfg: &BootConfig) -> Result<Action> {
 
     let uplink = cfg.uplink.clone();
     let ip = cfg.ip.clone();
+    let mgmt = cfg.mgmt.clone();
     tokio::spawn(async move {
-        let (up, problems) = crate::net::bring_up(uplink.as_deref(), &ip, DHCP_TOTAL).await;
+        let (up, problems) =
+            crate::net::bring_up(uplink.as_deref(), &ip, &mgmt, DHCP_TOTAL).await;
         for p in &problems {
             degrade(p);
         }

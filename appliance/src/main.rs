@@ -45,6 +45,10 @@ enum Command {
         /// The server's base URL, e.g. http://10.77.0.1
         #[arg(long)]
         server: String,
+        /// Booted to install this appliance onto the local disk: accept
+        /// install work from the server.
+        #[arg(long)]
+        install: bool,
     },
     #[command(flatten)]
     Ops(Box<appliance::cli::Ops>),
@@ -113,10 +117,10 @@ fn main() -> Result<()> {
             }))
         }
         Command::Init => run_init(&handle),
-        Command::Agent { server } => {
+        Command::Agent { server, install } => {
             let release =
                 appliance::serve::file_digest(std::path::Path::new("/etc/appliance/release")).ok();
-            appliance::agent::run(&server, release)
+            appliance::agent::run(&server, release, install)
         }
         Command::Ops(op) => appliance::cli::run(*op),
         Command::Completions { shell } => {

@@ -155,6 +155,7 @@ pub struct Uplink {
 pub async fn bring_up(
     uplink: Option<&str>,
     ip: &IpConfig,
+    mgmt: &[String],
     dhcp_total: Duration,
 ) -> (Option<Uplink>, Vec<String>) {
     let mut problems = Vec::new();
@@ -185,7 +186,26 @@ pub async fn bring_up(
         });
         return (None, problems);
     };
-    match configure(&nl, &iface, ip, dhcp_total).await {
+    // Management interfaces get a DHCP address beside the uplink (no
+    // default route), in the background.
+    for m in mgmt.iter().filter(|m| **m != iface) {
+        if !ifaces.contains(m) {
+            problems.push(format!("management interface {m} not found (have {ifaces:?})"));
+            continue;
+        }
+        let m = m.clone();
+        tokio::spawn(async move {
+            let Ok(nl) = Netlink::open() else { return };
+            match configure(&nl, &m, &IpConfig::Dhcp, dhcp_total, false).await {
+                Ok(up) => crate::console::marker(&format!(
+                    "management up {} {}/{}",
+                    up.iface, up.addr, up.prefix
+                )),
+                Err(e) => tracing::error!("configuring management interface {m}: {e:#}"),
+            }
+        });
+    }
+    match configure(&nl, &iface, ip, dhcp_total, true).await {
         Ok(up) => (Some(up), problems),
         Err(e) => {
             problems.push(format!("configuring {iface}: {e:#}"));
@@ -199,6 +219,7 @@ async fn configure(
     iface: &str,
     ip: &IpConfig,
     dhcp_total: Duration,
+    default_route: bool,
 ) -> Result<Uplink> {
     let index = nl.index(iface).await?;
     let (addr, prefix, gateway) = match ip {
@@ -218,6 +239,14 @@ async fn configure(
             })
             .await
             .context("joining the DHCP task")??;
+            if !default_route {
+                nl.add_address(index, lease.addr, lease.prefix).await?;
+                return Ok(Uplink {
+                    iface: iface.to_owned(),
+                    addr: lease.addr,
+                    prefix: lease.prefix,
+                });
+            }
             if let Some(text) = crate::dhcp::client::resolv_conf(&lease) {
                 let _ = std::fs::create_dir_all("/etc");
                 if let Err(e) = std::fs::write("/etc/resolv.conf", text) {

@@ -179,6 +179,14 @@ impl Networks {
         }
     }
 
+    /// The served specs as persisted (readable from any thread).
+    pub fn specs(&self) -> Vec<NetworkSpec> {
+        std::fs::read(self.file())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
     /// Start every network saved in node state (at server start).
     pub async fn restore(&self) {
         let Ok(bytes) = std::fs::read(self.file()) else {

@@ -56,6 +56,14 @@ pub fn agent_script(server: &str, extra: &str) -> String {
     )
 }
 
+/// The install script: the same kernel and initramfs in install mode
+/// (the machine installs this appliance onto its disk).
+pub fn install_script(server: &str, extra: &str) -> String {
+    agent_script(server, extra)
+        .replace("appliance.mode=agent", "appliance.mode=install")
+        .replace("the appliance agent", "the appliance installer")
+}
+
 pub fn router(state: PxeState) -> Router {
     Router::new()
         .route("/boot/{file}", get(boot_file))

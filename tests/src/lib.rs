@@ -2,6 +2,7 @@
 //! `cargo xtask qemu`: booting images in QEMU under OVMF, and a tiny HTTP
 //! client for talking to a booted appliance through a loopback port.
 
+pub mod fleet;
 pub mod http;
 pub mod qemu;
 

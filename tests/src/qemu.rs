@@ -82,7 +82,7 @@ impl VmConfig {
 /// accelerator, 2 vCPUs, `memory_mb`, no display, the serial console in
 /// `<dir>/serial.log`, and the firmware (OVMF gets its own copy of the
 /// variable store).
-fn base_command(
+pub fn base_command(
     firmware: Firmware,
     dir: &Path,
     memory_mb: u32,
@@ -226,6 +226,22 @@ impl Vm {
             api_port: cfg.api_port,
             started: Instant::now(),
         })
+    }
+
+    /// Starts a VM from a prepared QEMU command (see [`base_command`]).
+    pub fn spawn(mut cmd: Command, serial_log: PathBuf, api_port: u16) -> std::io::Result<Vm> {
+        let child = cmd.spawn()?;
+        Ok(Vm {
+            child,
+            serial_log,
+            api_port,
+            started: Instant::now(),
+        })
+    }
+
+    /// The exit status once QEMU has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// The serial console output so far.

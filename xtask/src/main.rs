@@ -6,6 +6,7 @@ mod bench_boot;
 mod bench_dhcp;
 mod bench_inventory;
 mod bench_tftp;
+mod fleet;
 mod image;
 mod qemu;
 
@@ -23,13 +24,15 @@ fn main() -> Result<()> {
         ["deps"] => install_deps(),
         ["image", rest @ ..] => image::image(&image::ImageOptions::from_args(rest)?).map(drop),
         ["qemu", rest @ ..] => qemu::qemu(rest),
+        ["fleet", rest @ ..] => fleet::fleet(rest),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
                  image [--refresh] build target/appliance/ (fetching inputs once into cache/store)\n  \
                  qemu [--port N]  build the image if needed and boot it under OVMF\n  \
-                 test [ARGS]      install missing test tools, build the image, run every test\n  \
+                 fleet [N]        replication chain of N machines in QEMU (default 3)
+                   test [ARGS]      install missing test tools, build the image, run every test\n  \
                  bench builder    the builder against mkfs.ext4/mkfs.fat/mcopy/sgdisk/dd/cpio|gzip\n  \
                  bench tftp       our TFTP server against tftpd-hpa, 64 MiB over loopback\n  \
                  bench inventory  the inventory API against Cobbler 3.3.10 (XML-RPC)\n  \

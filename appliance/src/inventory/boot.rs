@@ -114,6 +114,17 @@ fn profile_entry(
     })
 }
 
+/// The appliance's own kernel and initramfs in install mode: the machine
+/// installs this appliance onto its disk ([`crate::install`]).
+pub fn replicate_entry(inv: &Inventory, server_url: &str) -> BootEntry {
+    let mut e = agent_entry(inv, server_url, "");
+    e.cmdline = e
+        .cmdline
+        .replace("appliance.mode=agent", "appliance.mode=install");
+    e.label = "install this appliance (replicate)".into();
+    e
+}
+
 fn agent_entry(inv: &Inventory, server_url: &str, extra: &str) -> BootEntry {
     let base = Some(inv.settings().agent_kernel_options.clone())
         .filter(|b| !b.is_empty())
@@ -177,6 +188,10 @@ pub fn decide(inv: &Inventory, mac: &str, server: &str) -> BootDecision {
         DefaultBoot::Agent => BootDecision::Boot {
             why: "unknown MAC: default agent".into(),
             entry: agent_entry(inv, &url, ""),
+        },
+        DefaultBoot::Replicate => BootDecision::Boot {
+            why: "unknown MAC: default replicate".into(),
+            entry: replicate_entry(inv, &url),
         },
         DefaultBoot::Install => match profile_entry(
             inv,

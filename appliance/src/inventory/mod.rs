@@ -49,6 +49,9 @@ pub enum DefaultBoot {
     Agent,
     /// Install `default_profile` without asking.
     Install,
+    /// Install this appliance onto the machine's disk (self-replication):
+    /// the machine becomes a child appliance of this one.
+    Replicate,
 }
 
 /// Global settings, stored as `settings.json` in the repository.

@@ -1,0 +1,575 @@
+//! The parent side of self-replication: serving this appliance's release
+//! to machines that install it onto their disks.
+//!
+//! A booted appliance's own disk is not the image any more (node state, a
+//! grown data partition), and an image cannot contain itself, so the image
+//! served is rebuilt from the bundle with the embedded builder
+//! ([`crate::rebuild::ensure_cached`], into `<data>/cache/release/`), and
+//! its block map is computed once beside it. Rebuilding is exact, so the
+//! served image is bit for bit the one this appliance was built as.
+//!
+//! - `GET /api/v1/release/manifest`, `/api/v1/release/signature`: the
+//!   booted release manifest and its ed25519 signature.
+//! - `GET /api/v1/release/bmap`, `/api/v1/release/image` (HTTP Range):
+//!   the rebuilt image's block map and bytes (503 while preparing).
+//! - `POST /api/v1/release/prepare`: start preparing now (operator).
+//! - `GET /api/v1/installs`: install attempts by MAC with phase and bytes.
+//! - `POST /api/v1/agents/{mac}/progress`: an installing machine's report,
+//!   with the token issued in its install work; becomes `install.*`
+//!   events and the replica's status.
+//!
+//! Who installs: a machine booted in install mode whose MAC is registered
+//! as a replica, or any unknown machine when the inventory's
+//! `default_boot` is `replicate`. The PXE script for a replica whose
+//! install finished is local boot, so a machine never reinstalls forever.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path as UrlPath, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tower::ServiceExt;
+use tower_http::services::ServeFile;
+
+use crate::agents::{normalize_mac, AgentRecord, Work};
+use crate::api::ApiError;
+use crate::events::Events;
+use crate::install::{ChildNetwork, InstallProgress, InstallWork};
+
+/// Where the served image, its block map and checksum live.
+pub const CACHE_DIR: &str = "cache/release";
+pub const IMAGE_FILE: &str = "appliance.img";
+pub const BMAP_FILE: &str = "appliance.img.bmap";
+
+/// Preparation of the served image.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum Prepared {
+    Idle,
+    Preparing,
+    Ready { disk: String, data_bytes: u64, seconds: f64 },
+    Failed { error: String },
+}
+
+/// One install attempt, by MAC (node-local, `<data>/state/installs.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstallRecord {
+    pub mac: String,
+    pub node_id: String,
+    /// `installing`, `installed` or `failed`.
+    pub state: String,
+    pub phase: String,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    #[serde(default)]
+    pub message: String,
+    pub release: String,
+    pub started: f64,
+    pub updated: f64,
+    /// Bytes of image data this parent sent for the attempt.
+    #[serde(default)]
+    pub bytes_sent: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<serde_json::Value>,
+    /// Token issued with the work (memory only, never persisted).
+    #[serde(skip)]
+    token: String,
+}
+
+struct Inner {
+    prepared: Prepared,
+    installs: BTreeMap<String, InstallRecord>,
+}
+
+/// Shared state of the replication service.
+#[derive(Clone)]
+pub struct Replication {
+    data: PathBuf,
+    events: Events,
+    inner: Arc<Mutex<Inner>>,
+    inventory: Option<Arc<std::sync::RwLock<crate::inventory::Inventory>>>,
+    replicas: crate::replicas::Replicas,
+    networks: crate::network::Networks,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The provisioning networks a child serves by default: for every network
+/// this appliance serves on a /24, the next /24 (third octet + 1), with the
+/// child at `.1` — so a chain A → B → C gets 10.77.1.0/24, 10.77.2.0/24,
+/// 10.77.3.0/24.
+pub fn derive_child_networks(parent: &[crate::network::NetworkSpec]) -> Vec<ChildNetwork> {
+    parent
+        .iter()
+        .filter_map(|n| {
+            let (addr, prefix) = n.cidr.split_once('/')?;
+            if prefix != "24" {
+                return None;
+            }
+            let a: std::net::Ipv4Addr = addr.parse().ok()?;
+            let [o1, o2, o3, _] = a.octets();
+            let next = o3.checked_add(1)?;
+            Some(ChildNetwork {
+                cidr: format!("{o1}.{o2}.{next}.1/24"),
+                pool: None,
+            })
+        })
+        .collect()
+}
+
+impl Replication {
+    pub fn new(
+        data: &Path,
+        events: Events,
+        inventory: Option<Arc<std::sync::RwLock<crate::inventory::Inventory>>>,
+        replicas: crate::replicas::Replicas,
+        networks: crate::network::Networks,
+    ) -> Replication {
+        let installs = std::fs::read(data.join("state/installs.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Vec<InstallRecord>>(&b).ok())
+            .map(|v| v.into_iter().map(|r| (r.mac.clone(), r)).collect())
+            .unwrap_or_default();
+        let prepared = if data.join(CACHE_DIR).join(BMAP_FILE).exists() {
+            // Checked again (and rebuilt if stale) by the first prepare.
+            Prepared::Idle
+        } else {
+            Prepared::Idle
+        };
+        Replication {
+            data: data.to_owned(),
+            events,
+            inner: Arc::new(Mutex::new(Inner {
+                prepared,
+                installs,
+            })),
+            inventory,
+            replicas,
+            networks,
+            sent: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn persist(&self, all: &BTreeMap<String, InstallRecord>) {
+        let f = self.data.join("state/installs.json");
+        let v: Vec<&InstallRecord> = all.values().collect();
+        let res = (|| -> std::io::Result<()> {
+            std::fs::create_dir_all(f.parent().expect("state dir"))?;
+            let tmp = f.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&v)?)?;
+            std::fs::rename(&tmp, &f)
+        })();
+        if let Err(e) = res {
+            tracing::error!(file = %f.display(), error = %e, "saving installs failed");
+        }
+    }
+
+    pub fn prepared(&self) -> Prepared {
+        self.lock().prepared.clone()
+    }
+
+    /// Starts preparing the served image unless it is ready or under way.
+    pub fn prepare(&self) {
+        {
+            let mut g = self.lock();
+            if matches!(g.prepared, Prepared::Preparing | Prepared::Ready { .. }) {
+                return;
+            }
+            g.prepared = Prepared::Preparing;
+        }
+        self.events
+            .publish("release.preparing", None, serde_json::json!({}));
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("prepare-release".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let res = me.prepare_now();
+                let state = match res {
+                    Ok((disk, data_bytes)) => Prepared::Ready {
+                        disk,
+                        data_bytes,
+                        seconds: started.elapsed().as_secs_f64(),
+                    },
+                    Err(e) => Prepared::Failed {
+                        error: format!("{e:#}"),
+                    },
+                };
+                tracing::info!(?state, "release prepared");
+                me.events.publish(
+                    "release.prepared",
+                    None,
+                    serde_json::to_value(&state).unwrap_or_default(),
+                );
+                me.lock().prepared = state;
+            });
+        if let Err(e) = spawned {
+            self.lock().prepared = Prepared::Failed {
+                error: format!("starting the rebuild: {e}"),
+            };
+        }
+    }
+
+    /// Rebuilds the image into the cache if needed and writes its block map.
+    fn prepare_now(&self) -> anyhow::Result<(String, u64)> {
+        use anyhow::Context;
+        let report = crate::rebuild::ensure_cached(&self.data)?;
+        let dir = self.data.join(CACHE_DIR);
+        let image = dir.join(IMAGE_FILE);
+        let bmap_path = dir.join(BMAP_FILE);
+        let bmap = match std::fs::read(&bmap_path)
+            .ok()
+            .and_then(|b| crate::bmap::Bmap::parse(&b).ok())
+        {
+            Some(b) if b.disk_digest == report.disk.to_string() => b,
+            _ => {
+                let b = crate::bmap::Bmap::from_file(&image, crate::bmap::DEFAULT_CHUNK)
+                    .with_context(|| format!("computing the block map of {}", image.display()))?;
+                let tmp = bmap_path.with_extension("bmap.tmp");
+                std::fs::write(&tmp, b.to_bytes())?;
+                std::fs::rename(&tmp, &bmap_path)?;
+                b
+            }
+        };
+        if bmap.disk_digest != report.disk.to_string() {
+            anyhow::bail!(
+                "the block map says {} but the rebuilt image is {}",
+                bmap.disk_digest,
+                report.disk
+            );
+        }
+        Ok((report.disk.to_string(), bmap.mapped_bytes()))
+    }
+
+    /// Whether `mac` should install: a registered replica not yet
+    /// installed, or an unknown machine under the `replicate` policy.
+    fn wants_install(&self, mac: &str) -> bool {
+        if let Some(r) = self.lock().installs.get(mac) {
+            return r.state != "installed";
+        }
+        if self.replicas.by_mac(mac).is_some() {
+            return true;
+        }
+        self.policy_replicates(mac)
+    }
+
+    fn policy_replicates(&self, mac: &str) -> bool {
+        let Some(inv) = &self.inventory else {
+            return false;
+        };
+        let inv = inv.read().unwrap_or_else(|e| e.into_inner());
+        inv.system_by_mac(mac).is_none()
+            && inv.settings().default_boot == crate::inventory::DefaultBoot::Replicate
+    }
+
+    /// The PXE script for `mac`, when replication decides it.
+    pub fn ipxe_for_mac(&self, mac: &str, server: &str) -> Option<String> {
+        let installed = self
+            .lock()
+            .installs
+            .get(mac)
+            .map(|r| r.state == "installed");
+        match installed {
+            Some(true) => Some(format!(
+                "#!ipxe\n# replica {mac}: installed, boot the local disk\necho Booting from local disk\nexit\n"
+            )),
+            _ if self.replicas.by_mac(mac).is_some() || installed == Some(false) => {
+                let url = crate::inventory::boot::server_url(server);
+                Some(crate::pxe::install_script(&url, crate::serve::AGENT_CMDLINE))
+            }
+            _ => None,
+        }
+    }
+
+    /// Work for an agent: install when it booted in install mode and
+    /// should install; `wait` while the image is being prepared.
+    pub fn work_for(&self, rec: &AgentRecord, base: &str) -> Option<Work> {
+        if rec.mode.as_deref() != Some("install") || !self.wants_install(&rec.mac) {
+            return None;
+        }
+        if let Some(r) = self.lock().installs.get(&rec.mac) {
+            if r.state == "failed" {
+                // A failed install waits for the operator (re-register).
+                return Some(Work::Wait { retry_secs: 30 });
+            }
+        }
+        match self.prepared() {
+            Prepared::Ready { .. } => {}
+            Prepared::Failed { error } => {
+                tracing::error!(%error, "cannot serve installs");
+                return Some(Work::Wait { retry_secs: 30 });
+            }
+            _ => {
+                self.prepare();
+                return Some(Work::Wait { retry_secs: 5 });
+            }
+        }
+        let release = crate::serve::file_digest(&self.data.join(crate::contract::RELEASE_MANIFEST)).ok()?;
+        let reg = match self.replicas.register_for_install(&rec.mac) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), mac = %rec.mac, "registering the replica failed");
+                return Some(Work::Wait { retry_secs: 30 });
+            }
+        };
+        let networks = derive_child_networks(&self.networks.specs());
+        let work = InstallWork {
+            release: release.clone(),
+            parent_url: base.to_owned(),
+            parent_node_id: reg.parent_node_id.clone(),
+            node_id: reg.node_id.to_string(),
+            token: reg.token.clone(),
+            networks,
+            disk: None,
+            wipe: false,
+        };
+        let t = now();
+        let all = {
+            let mut g = self.lock();
+            g.installs.insert(
+                rec.mac.clone(),
+                InstallRecord {
+                    mac: rec.mac.clone(),
+                    node_id: work.node_id.clone(),
+                    state: "installing".into(),
+                    phase: "assigned".into(),
+                    done_bytes: 0,
+                    total_bytes: 0,
+                    message: String::new(),
+                    release,
+                    started: t,
+                    updated: t,
+                    bytes_sent: 0,
+                    report: None,
+                    token: work.token.clone(),
+                },
+            );
+            g.installs.clone()
+        };
+        self.persist(&all);
+        self.replicas.set_status(&work.node_id, "installing");
+        self.events.publish(
+            "install.assigned",
+            Some(&rec.mac),
+            serde_json::json!({ "node_id": work.node_id, "release": work.release }),
+        );
+        Some(Work::Install(work))
+    }
+
+    fn progress(&self, mac: &str, token: Option<&str>, p: InstallProgress) -> Result<(), ApiError> {
+        let (all, node_id) = {
+            let mut g = self.lock();
+            let Some(r) = g.installs.get_mut(mac) else {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_install",
+                    format!("{mac} has no install under way"),
+                ));
+            };
+            if r.token.is_empty() || token != Some(r.token.as_str()) {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "progress needs the token issued with the install work",
+                ));
+            }
+            r.phase = p.phase.clone();
+            r.done_bytes = p.done_bytes;
+            r.total_bytes = p.total_bytes;
+            r.message = p.message.clone();
+            r.updated = now();
+            r.bytes_sent = self.sent.load(std::sync::atomic::Ordering::Relaxed);
+            match p.state.as_str() {
+                "done" => {
+                    r.state = "installed".into();
+                    r.report = p.report.clone();
+                }
+                "failed" => r.state = "failed".into(),
+                _ => {}
+            }
+            (g.installs.clone(), r.node_id.clone())
+        };
+        self.persist(&all);
+        let kind = match p.state.as_str() {
+            "done" => "install.done",
+            "failed" => "install.failed",
+            _ => "install.progress",
+        };
+        match p.state.as_str() {
+            "done" => self.replicas.set_status(&node_id, "installed"),
+            "failed" => self.replicas.set_status(&node_id, &format!("failed: {}", p.message)),
+            _ => {}
+        }
+        self.events.publish(
+            kind,
+            Some(mac),
+            serde_json::to_value(&p).unwrap_or_default(),
+        );
+        Ok(())
+    }
+
+    /// Lets an operator retry a failed install (re-registers on next boot).
+    pub fn forget(&self, mac: &str) -> bool {
+        let (removed, all) = {
+            let mut g = self.lock();
+            let removed = g.installs.remove(mac).is_some();
+            (removed, g.installs.clone())
+        };
+        self.persist(&all);
+        removed
+    }
+}
+
+pub fn router(r: Replication) -> Router {
+    Router::new()
+        .route("/api/v1/release/manifest", get(manifest))
+        .route("/api/v1/release/signature", get(signature))
+        .route("/api/v1/release/bmap", get(bmap))
+        .route("/api/v1/release/image", get(image))
+        .route("/api/v1/release/prepare", post(prepare).get(prepared))
+        .route("/api/v1/installs", get(installs))
+        .route("/api/v1/installs/{mac}", axum::routing::delete(forget))
+        .route("/api/v1/agents/{mac}/progress", post(progress))
+        .with_state(r)
+}
+
+/// Routes that stay open to machines carrying no operator token.
+pub fn is_agent_route(path: &str) -> bool {
+    path.starts_with("/api/v1/agents/") && path.ends_with("/progress")
+}
+
+async fn file(path: PathBuf, req: Request) -> Response {
+    match ServeFile::new(&path).oneshot(req).await {
+        Ok(r) => r.into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()).into_response(),
+    }
+}
+
+async fn manifest(State(r): State<Replication>, req: Request) -> Response {
+    file(r.data.join(crate::contract::RELEASE_MANIFEST), req).await
+}
+
+async fn signature(State(r): State<Replication>, req: Request) -> Response {
+    file(r.data.join(crate::contract::RELEASE_SIGNATURE), req).await
+}
+
+fn not_ready(r: &Replication) -> Option<Response> {
+    match r.prepared() {
+        Prepared::Ready { .. } => None,
+        p => {
+            if p == Prepared::Idle {
+                r.prepare();
+            }
+            Some(
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "preparing",
+                    format!("the release image is not ready: {}", serde_json::to_string(&r.prepared()).unwrap_or_default()),
+                )
+                .into_response(),
+            )
+        }
+    }
+}
+
+async fn bmap(State(r): State<Replication>, req: Request) -> Response {
+    if let Some(resp) = not_ready(&r) {
+        return resp;
+    }
+    file(r.data.join(CACHE_DIR).join(BMAP_FILE), req).await
+}
+
+async fn image(State(r): State<Replication>, req: Request) -> Response {
+    if let Some(resp) = not_ready(&r) {
+        return resp;
+    }
+    let resp = file(r.data.join(CACHE_DIR).join(IMAGE_FILE), req).await;
+    if let Some(len) = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if resp.status().is_success() {
+            r.sent.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    resp
+}
+
+async fn prepare(State(r): State<Replication>) -> (StatusCode, Json<Prepared>) {
+    r.prepare();
+    (StatusCode::ACCEPTED, Json(r.prepared()))
+}
+
+async fn prepared(State(r): State<Replication>) -> Json<Prepared> {
+    Json(r.prepared())
+}
+
+async fn installs(State(r): State<Replication>) -> Json<Vec<InstallRecord>> {
+    Json(r.lock().installs.values().cloned().collect())
+}
+
+async fn forget(State(r): State<Replication>, UrlPath(mac): UrlPath<String>) -> Result<StatusCode, ApiError> {
+    let mac = normalize_mac(&mac)
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_mac", format!("{mac:?} is not a MAC address")))?;
+    if r.forget(&mac) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_install", format!("{mac} has no install record")))
+    }
+}
+
+async fn progress(
+    State(r): State<Replication>,
+    UrlPath(mac): UrlPath<String>,
+    headers: HeaderMap,
+    body: Result<Json<InstallProgress>, axum::extract::rejection::JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Json(p) = body?;
+    let mac = normalize_mac(&mac)
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_mac", format!("{mac:?} is not a MAC address")))?;
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    r.progress(&mac, token, p)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(cidr: &str) -> crate::network::NetworkSpec {
+        serde_json::from_value(serde_json::json!({"iface": "eth1", "cidr": cidr})).unwrap()
+    }
+
+    #[test]
+    fn child_networks_are_the_next_slash_24() {
+        let got = derive_child_networks(&[spec("10.77.1.1/24"), spec("10.9.0.1/16"), spec("10.1.255.1/24")]);
+        assert_eq!(
+            got,
+            vec![ChildNetwork {
+                cidr: "10.77.2.1/24".into(),
+                pool: None
+            }]
+        );
+    }
+}

@@ -1,0 +1,356 @@
+//! The replication chain in QEMU (`cargo xtask fleet <N>` and the fleet
+//! integration test): machine 0 boots the appliance image; machine k (a
+//! blank disk) sits on machine k-1's provisioning switch, PXE-boots from
+//! it, installs the appliance onto its own disk, boots from that disk and
+//! serves its own provisioning switch for machine k+1.
+//!
+//! Every VM's provisioning traffic stays on unix-socket wires; each VM also
+//! has a user-networking NIC (`restrict=on`, loopback-only port forward)
+//! through which the harness reads its API, named to the appliance as a
+//! management interface (`mgmt`) by fw_cfg.
+//!
+//! NICs per machine k ≥ 1, in PCI order: eth0 the uplink wire (client side
+//! of wire k-1, PXE), eth1 its own provisioning wire k (listening side),
+//! eth2 management. Machine 0: eth0 management + uplink, eth1 wire 0.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::http;
+use crate::qemu::{base_command, Firmware, Vm};
+
+/// Disk size of each blank machine: bigger than the image, so the data
+/// partition grows on first boot.
+pub const CHILD_DISK: u64 = 5 << 30;
+/// Memory per VM (the parent rebuilds its image while serving).
+pub const MEMORY_MB: u32 = 1536;
+
+/// One generation's figures.
+#[derive(Debug, Clone, Default)]
+pub struct Generation {
+    pub index: usize,
+    /// VM start to install work handed out (PXE, kernel, check-in).
+    pub pxe_boot: f64,
+    /// Work handed out to the image written (stream + write + verify).
+    pub stream: f64,
+    /// Of `stream`: fetch and write, as the child's writer measured it.
+    pub write: f64,
+    /// Install done to the child's API answering from its own disk.
+    pub reboot: f64,
+    pub total: f64,
+    pub bytes_sent: u64,
+    pub data_bytes: u64,
+}
+
+/// What a fleet run found.
+#[derive(Debug, Clone)]
+pub struct FleetReport {
+    pub release: String,
+    pub generations: Vec<Generation>,
+    pub total_seconds: f64,
+    pub ok: bool,
+    pub problems: Vec<String>,
+}
+
+/// Where one machine's things go.
+struct Machine {
+    dir: PathBuf,
+    disk: PathBuf,
+    port: u16,
+    mac_uplink: String,
+    token: Option<String>,
+}
+
+fn mac(k: usize, nic: u8) -> String {
+    format!("52:54:00:f1:{k:02x}:{nic:02x}")
+}
+
+fn wire(dir: &Path, k: usize) -> PathBuf {
+    dir.join(format!("wire{k}.sock"))
+}
+
+/// Boots machine `k` (k = 0: the image; k ≥ 1: its own disk).
+fn start(k: usize, m: &Machine, work: &Path) -> Result<Vm, String> {
+    let firmware = Firmware::Ovmf;
+    let (mut cmd, serial_log) =
+        base_command(firmware, &m.dir, MEMORY_MB).map_err(|e| e.to_string())?;
+    // Keep the OVMF variables of the first boot (the boot order it learnt).
+    let keep_vars = m.dir.join("OVMF_VARS.keep");
+    let vars = m.dir.join("OVMF_VARS.fd");
+    if keep_vars.exists() {
+        std::fs::copy(&keep_vars, &vars).map_err(|e| e.to_string())?;
+    }
+    let mgmt = format!(
+        "user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:{}-:80",
+        m.port
+    );
+    if k == 0 {
+        cmd.arg("-drive")
+            .arg(format!(
+                "if=none,id=d0,format=raw,file={},snapshot=on",
+                m.disk.display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=d0,bootindex=1"])
+            .args(["-netdev", &mgmt])
+            .args(["-device", &format!("virtio-net-pci,netdev=mgmt,mac={},romfile=", mac(k, 2))]);
+    } else {
+        cmd.arg("-drive")
+            .arg(format!("if=none,id=d0,format=raw,file={}", m.disk.display()))
+            .args(["-device", "virtio-blk-pci,drive=d0,bootindex=1"])
+            .arg("-netdev")
+            .arg(format!(
+                "stream,id=up,server=off,addr.type=unix,addr.path={}",
+                wire(work, k - 1).display()
+            ))
+            .args([
+                "-device",
+                &format!("virtio-net-pci,netdev=up,mac={},bootindex=2,romfile=", m.mac_uplink),
+            ]);
+    }
+    // The machine's own provisioning wire (listening side).
+    cmd.arg("-netdev")
+        .arg(format!(
+            "stream,id=prov,server=on,addr.type=unix,addr.path={}",
+            wire(work, k).display()
+        ))
+        .args(["-device", &format!("virtio-net-pci,netdev=prov,mac={},romfile=", mac(k, 1))]);
+    if k > 0 {
+        cmd.args(["-netdev", &mgmt]).args([
+            "-device",
+            &format!("virtio-net-pci,netdev=mgmt,mac={},romfile=", mac(k, 2)),
+        ]);
+        cmd.args(["-fw_cfg", "name=opt/appliance/config,string={\"mgmt\":\"eth2\"}"]);
+    }
+    cmd.args(["-device", "virtio-rng-pci"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let _ = std::fs::remove_file(wire(work, k));
+    Vm::spawn(cmd, serial_log, m.port).map_err(|e| format!("starting machine {k}: {e}"))
+}
+
+fn json(port: u16, path: &str) -> Option<serde_json::Value> {
+    let r = http::get_within(port, path, Duration::from_secs(5)).ok()?;
+    (r.status == 200).then(|| serde_json::from_str(&r.body).ok())?
+}
+
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    vms: &mut [&mut Vm],
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        for vm in vms.iter_mut() {
+            if let Some(st) = vm.exited() {
+                return Err(format!(
+                    "waiting for {what}: a VM exited ({st}); its serial log:\n{}",
+                    tail(&vm.serial(), 80)
+                ));
+            }
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = vms.iter().map(|v| tail(&v.serial(), 60)).collect();
+            return Err(format!(
+                "{what} did not happen within {timeout:?}; serial logs:\n{}",
+                logs.join("\n-----\n")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Boots an appliance and returns its operator token (printed once on its
+/// console the first time it serves).
+fn up(vm: &mut Vm, timeout: Duration) -> Result<String, String> {
+    vm.wait_http("/api/v1/version", timeout)?;
+    wait_for("the first API token", Duration::from_secs(30), &mut [], || vm.first_token())
+}
+
+/// Runs a chain of `n` machines under `work`. `log` gets progress lines.
+pub fn run(image: &Path, n: usize, work: &Path, log: &mut dyn FnMut(&str)) -> Result<FleetReport, String> {
+    assert!(n >= 2, "a fleet needs at least two machines");
+    let started = Instant::now();
+    let mut machines: Vec<Machine> = (0..n)
+        .map(|k| Machine {
+            dir: work.join(format!("m{k}")),
+            disk: if k == 0 {
+                image.to_owned()
+            } else {
+                work.join(format!("m{k}/disk.img"))
+            },
+            port: crate::free_port(),
+            mac_uplink: mac(k, 0),
+            token: None,
+        })
+        .collect();
+    for m in &machines {
+        std::fs::create_dir_all(&m.dir).map_err(|e| e.to_string())?;
+    }
+    let mut vms: Vec<Vm> = Vec::new();
+    let mut gens = Vec::new();
+    let mut problems = Vec::new();
+
+    let mut a = start(0, &machines[0], work)?;
+    let token = up(&mut a, Duration::from_secs(300))?;
+    let release = json(machines[0].port, "/api/v1/version")
+        .and_then(|v| v["release"].as_str().map(str::to_owned))
+        .ok_or("machine 0 reports no release")?;
+    log(&format!("machine 0 up in {:.1}s, release {release}", started.elapsed().as_secs_f64()));
+    machines[0].token = Some(token);
+    vms.push(a);
+
+    for k in 1..n {
+        let parent = k - 1;
+        let pport = machines[parent].port;
+        let ptoken = machines[parent].token.clone().ok_or("no parent token")?;
+        // The parent serves its provisioning wire and knows the child.
+        let cidr = format!("10.77.{}.1/24", k);
+        let body = format!(
+            r#"{{"iface":"eth1","cidr":"{cidr}","mode":"authoritative"}}"#
+        );
+        if parent == 0 {
+            let r = http::post_auth(pport, "/api/v1/networks", &body, &ptoken).map_err(|e| e.to_string())?;
+            if !(200..300).contains(&r.status) {
+                return Err(format!("machine 0: serving eth1: {} {}", r.status, r.body));
+            }
+        }
+        let r = http::post_auth(
+            pport,
+            "/api/v1/replicas",
+            &format!(r#"{{"name":"m{k}","mac":"{}"}}"#, machines[k].mac_uplink),
+            &ptoken,
+        )
+        .map_err(|e| e.to_string())?;
+        if !(200..300).contains(&r.status) {
+            return Err(format!("machine {parent}: registering m{k}: {} {}", r.status, r.body));
+        }
+        // Start preparing the served image before the child asks.
+        let _ = http::post_auth(pport, "/api/v1/release/prepare", "{}", &ptoken);
+
+        std::fs::File::create(&machines[k].disk)
+            .and_then(|f| f.set_len(CHILD_DISK))
+            .map_err(|e| e.to_string())?;
+        let t0 = Instant::now();
+        let mut child = start(k, &machines[k], work)?;
+        let mac_k = machines[k].mac_uplink.clone();
+        let installs = |port: u16| -> Option<serde_json::Value> {
+            json(port, "/api/v1/installs")?
+                .as_array()?
+                .iter()
+                .find(|r| r["mac"] == mac_k.as_str())
+                .cloned()
+        };
+        {
+            let mut all: Vec<&mut Vm> = vms.iter_mut().collect();
+            all.push(&mut child);
+            wait_for(&format!("m{k} install work"), Duration::from_secs(900), &mut all, || installs(pport))?;
+        }
+        let pxe_boot = t0.elapsed().as_secs_f64();
+        log(&format!("m{k}: install assigned after {pxe_boot:.1}s"));
+        let t1 = Instant::now();
+        // The child powers itself off (-no-reboot) when the install is done.
+        let deadline = Instant::now() + Duration::from_secs(1200);
+        let exit = loop {
+            if let Some(st) = child.exited() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("m{k} did not finish installing; serial:\n{}", tail(&child.serial(), 80)));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        let rec = installs(pport).unwrap_or_default();
+        if rec["state"] != "installed" {
+            return Err(format!(
+                "m{k} exited ({exit}) but its parent's install record is {rec}; serial:\n{}",
+                tail(&child.serial(), 80)
+            ));
+        }
+        let stream = t1.elapsed().as_secs_f64();
+        let write = rec["report"]["stream_seconds"].as_f64().unwrap_or(0.0);
+        let bytes_sent = rec["bytes_sent"].as_u64().unwrap_or(0);
+        log(&format!("m{k}: installed in {stream:.1}s ({bytes_sent} bytes sent)"));
+        // Power it on again: it boots from its own disk.
+        let t2 = Instant::now();
+        let _ = std::fs::copy(machines[k].dir.join("OVMF_VARS.fd"), machines[k].dir.join("OVMF_VARS.keep"));
+        drop(child);
+        let mut child = start(k, &machines[k], work)?;
+        let token = up(&mut child, Duration::from_secs(600))?;
+        let reboot = t2.elapsed().as_secs_f64();
+        machines[k].token = Some(token);
+        let data_bytes = json(pport, "/api/v1/release/prepare")
+            .and_then(|v| v["data_bytes"].as_u64())
+            .unwrap_or(0);
+        log(&format!("m{k}: up from its own disk after {reboot:.1}s"));
+        gens.push(Generation {
+            index: k,
+            pxe_boot,
+            stream,
+            write,
+            reboot,
+            total: t0.elapsed().as_secs_f64(),
+            bytes_sent,
+            data_bytes,
+        });
+        vms.push(child);
+    }
+
+    // Every child runs A's release and its parent lists it.
+    for k in 1..n {
+        let port = machines[k].port;
+        let pport = machines[k - 1].port;
+        let v = json(port, "/api/v1/version").unwrap_or_default();
+        if v["release"] != release.as_str() {
+            problems.push(format!("m{k} runs release {} not {release}", v["release"]));
+        }
+        let node = v["node_id"].as_str().unwrap_or_default().to_owned();
+        let listed = wait_for(
+            &format!("m{} listing m{k} as a checked-in replica", k - 1),
+            Duration::from_secs(120),
+            &mut [],
+            || {
+                json(pport, "/api/v1/replicas")?
+                    .as_array()?
+                    .iter()
+                    .find(|r| r["node_id"] == node.as_str() && r["release"] == release.as_str())
+                    .cloned()
+            },
+        );
+        if let Err(e) = listed {
+            problems.push(e);
+        }
+    }
+    Ok(FleetReport {
+        release,
+        ok: problems.is_empty(),
+        generations: gens,
+        total_seconds: started.elapsed().as_secs_f64(),
+        problems,
+    })
+}
+
+/// The report as a table, one row per generation.
+pub fn table(r: &FleetReport) -> String {
+    let mut s = format!(
+        "{:>3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>12}\n",
+        "gen", "pxe_s", "stream_s", "write_s", "reboot_s", "total_s", "bytes_sent", "data_bytes"
+    );
+    for g in &r.generations {
+        s.push_str(&format!(
+            "{:>3} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>12} {:>12}\n",
+            g.index, g.pxe_boot, g.stream, g.write, g.reboot, g.total, g.bytes_sent, g.data_bytes
+        ));
+    }
+    s
+}
