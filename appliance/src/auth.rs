@@ -7,6 +7,12 @@
 //! start and printed once; later ones come from `appliance token create`.
 //! The server re-reads the file when it changes, so tokens made or revoked
 //! by the CLI take effect at once.
+//!
+//! A token carries a scope (`"scope"`, absent in older files and then
+//! `operator`): `operator` tokens may do anything the API guards;
+//! `replica:<node_id>` tokens are issued to a child at replication and may
+//! only call that child's own replica endpoints (check-in, sync). The
+//! operator checks ([`TokenStore::verify`]) never accept a replica token.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -17,6 +23,64 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
+/// What a token may do.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// Everything the API guards (the default, and every token made before
+    /// scopes existed).
+    #[default]
+    Operator,
+    /// Only the replica endpoints of this child node (check-in, sync).
+    Replica(uuid::Uuid),
+}
+
+impl Scope {
+    /// Whether this scope may act for the child `node_id`.
+    pub fn allows_replica(&self, node_id: &uuid::Uuid) -> bool {
+        match self {
+            Scope::Operator => true,
+            Scope::Replica(id) => id == node_id,
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::Operator => f.write_str("operator"),
+            Scope::Replica(id) => write!(f, "replica:{id}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "operator" {
+            return Ok(Scope::Operator);
+        }
+        match s.strip_prefix("replica:").map(uuid::Uuid::parse_str) {
+            Some(Ok(id)) => Ok(Scope::Replica(id)),
+            _ => Err(format!(
+                "token scope {s:?}: expected \"operator\" or \"replica:<uuid>\""
+            )),
+        }
+    }
+}
+
+impl Serialize for Scope {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Scope {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// One stored token (never the secret).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct TokenRecord {
@@ -24,6 +88,10 @@ pub struct TokenRecord {
     pub name: String,
     pub sha256: String,
     pub created: i64,
+    /// `operator` or `replica:<node_id>`.
+    #[serde(default)]
+    #[schema(value_type = String)]
+    pub scope: Scope,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -35,6 +103,15 @@ struct TokenFile {
 pub struct TokenStore {
     path: Option<PathBuf>,
     cache: Mutex<(Option<SystemTime>, Vec<TokenRecord>)>,
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
 }
 
 fn hash(token: &str) -> String {
@@ -116,6 +193,12 @@ impl TokenStore {
     /// Creates a token named `name`; returns the record and the secret
     /// token (shown once).
     pub fn create(&self, name: &str) -> Result<(TokenRecord, String)> {
+        self.create_scoped(name, Scope::Operator)
+    }
+
+    /// Creates a token named `name` with `scope`; returns the record and the
+    /// secret token (shown once).
+    pub fn create_scoped(&self, name: &str, scope: Scope) -> Result<(TokenRecord, String)> {
         crate::inventory::model::check_name(name).map_err(|e| anyhow::anyhow!("token name {e}"))?;
         let mut tokens = self.load()?;
         let id = random_hex(4);
@@ -126,6 +209,7 @@ impl TokenStore {
             name: name.to_owned(),
             sha256: hash(&token),
             created,
+            scope,
         };
         tokens.push(rec.clone());
         self.save(tokens)?;
@@ -145,8 +229,30 @@ impl TokenStore {
         Ok(n)
     }
 
-    /// The name of the token `presented`, if valid.
+    /// The name of the token `presented`, if it is a valid *operator*
+    /// token. Replica tokens are refused here: every operator check goes
+    /// through this.
     pub fn verify(&self, presented: &str) -> Option<String> {
+        match self.authenticate(presented) {
+            Some((name, Scope::Operator)) => Some(name),
+            _ => None,
+        }
+    }
+
+    /// Revokes every token of `scope`; returns how many (0 is not an error).
+    pub fn revoke_scope(&self, scope: &Scope) -> Result<usize> {
+        let mut tokens = self.load()?;
+        let before = tokens.len();
+        tokens.retain(|t| &t.scope != scope);
+        let n = before - tokens.len();
+        if n > 0 {
+            self.save(tokens)?;
+        }
+        Ok(n)
+    }
+
+    /// The name and scope of the token `presented`, if valid.
+    pub fn authenticate(&self, presented: &str) -> Option<(String, Scope)> {
         let tokens = match self.load() {
             Ok(t) => t,
             Err(e) => {
@@ -158,7 +264,10 @@ impl TokenStore {
             }
         };
         let h = hash(presented.trim());
-        tokens.into_iter().find(|t| t.sha256 == h).map(|t| t.name)
+        tokens
+            .into_iter()
+            .find(|t| t.sha256 == h)
+            .map(|t| (t.name, t.scope))
     }
 
     /// Creates the first token if there is none; returns it (to print once).
@@ -199,5 +308,46 @@ mod tests {
         assert_eq!(TokenStore::open(&path).verify(&ci), None);
         assert_eq!(store.verify("apl_nope"), None);
         assert!(other.revoke("nobody").is_err());
+    }
+
+    #[test]
+    fn old_token_files_load_as_operator_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let token = "apl_01234567_secret";
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"tokens":[{{"id":"01234567","name":"admin","sha256":"{}","created":1}}]}}"#,
+                hash(token)
+            ),
+        )
+        .unwrap();
+        let store = TokenStore::open(&path);
+        assert_eq!(store.verify(token).as_deref(), Some("admin"));
+        assert_eq!(store.list().unwrap()[0].scope, Scope::Operator);
+    }
+
+    #[test]
+    fn replica_tokens_are_not_operator_tokens() {
+        let store = TokenStore::memory();
+        let id = uuid::Uuid::new_v4();
+        let (rec, t) = store
+            .create_scoped("replica-a", Scope::Replica(id))
+            .unwrap();
+        assert_eq!(store.verify(&t), None, "a replica token passed as operator");
+        let (name, scope) = store.authenticate(&t).unwrap();
+        assert_eq!(name, "replica-a");
+        assert!(scope.allows_replica(&id));
+        assert!(!scope.allows_replica(&uuid::Uuid::new_v4()));
+        assert!(Scope::Operator.allows_replica(&id));
+        // Round trip through JSON.
+        let v = serde_json::to_value(&rec).unwrap();
+        assert_eq!(v["scope"], format!("replica:{id}"));
+        let back: TokenRecord = serde_json::from_value(v).unwrap();
+        assert_eq!(back.scope, Scope::Replica(id));
+        assert!("replica:nope".parse::<Scope>().is_err());
+        assert_eq!(store.revoke_scope(&Scope::Replica(id)).unwrap(), 1);
+        assert_eq!(store.authenticate(&t), None);
     }
 }

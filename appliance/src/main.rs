@@ -36,6 +36,13 @@ enum Command {
         /// Require a token for inventory reads too.
         #[arg(long)]
         private_reads: bool,
+        /// URL this node is reachable at, reported to its parent
+        /// (default: the listen address unless it is a wildcard).
+        #[arg(long)]
+        advertise_url: Option<String>,
+        /// Seconds between check-ins with the parent (state/parent.json).
+        #[arg(long, default_value_t = 60)]
+        checkin_interval: u64,
     },
     /// Run as PID 1 on the appliance image (refuses to run otherwise).
     Init,
@@ -102,6 +109,8 @@ fn main() -> Result<()> {
             degraded_file,
             allow_power,
             private_reads,
+            advertise_url,
+            checkin_interval,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -109,11 +118,12 @@ fn main() -> Result<()> {
                 .build()
                 .context("building the tokio runtime")?;
             rt.block_on(appliance::serve::run(appliance::serve::ServeOptions {
-                listen,
-                data,
                 degraded_file,
                 allow_power,
                 private_reads,
+                advertise_url,
+                checkin_interval: std::time::Duration::from_secs(checkin_interval.max(1)),
+                ..appliance::serve::ServeOptions::new(listen, data)
             }))
         }
         Command::Init => run_init(&handle),

@@ -18,30 +18,50 @@ pub struct NodeFile {
     pub node_id: uuid::Uuid,
 }
 
-/// Returns the node id stored under `data`, creating it on first use.
-pub fn load_or_create(data: &Path) -> Result<uuid::Uuid> {
+/// The node id stored under `data`, if the file exists.
+pub fn load(data: &Path) -> Result<Option<uuid::Uuid>> {
     let path = data.join(NODE_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => {
             let node: NodeFile = serde_json::from_slice(&bytes)
                 .with_context(|| format!("parsing {}", path.display()))?;
-            return Ok(node.node_id);
+            Ok(Some(node.node_id))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Returns the node id stored under `data`, creating it on first use.
+pub fn load_or_create(data: &Path) -> Result<uuid::Uuid> {
+    load_or_create_with(data, None)
+}
+
+/// As [`load_or_create`], but a missing file is created with `wanted` (the
+/// id a parent registered this node under) when given.
+pub fn load_or_create_with(data: &Path, wanted: Option<uuid::Uuid>) -> Result<uuid::Uuid> {
+    if let Some(id) = load(data)? {
+        return Ok(id);
     }
     if !data.is_dir() {
         bail!("data directory {} does not exist", data.display());
     }
     let node = NodeFile {
-        node_id: uuid::Uuid::new_v4(),
+        node_id: wanted.unwrap_or_else(uuid::Uuid::new_v4),
     };
+    write(data, &node)?;
+    Ok(node.node_id)
+}
+
+/// Writes `state/node.json` (temp + fsync + rename + directory fsync).
+pub fn write(data: &Path, node: &NodeFile) -> Result<()> {
+    let path = data.join(NODE_FILE);
     let dir = path.parent().expect("node file has a parent");
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(".node.json.tmp");
     let mut f =
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut bytes = serde_json::to_vec_pretty(&node).context("encoding node file")?;
+    let mut bytes = serde_json::to_vec_pretty(node).context("encoding node file")?;
     bytes.push(b'\n');
     f.write_all(&bytes)
         .and_then(|()| f.sync_all())
@@ -52,7 +72,7 @@ pub fn load_or_create(data: &Path) -> Result<uuid::Uuid> {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
-    Ok(node.node_id)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -86,5 +106,15 @@ mod tests {
         std::fs::write(dir.path().join(NODE_FILE), b"{garbage").unwrap();
         let err = load_or_create(dir.path()).unwrap_err();
         assert!(format!("{err:#}").contains("parsing"), "{err:#}");
+    }
+
+    #[test]
+    fn wanted_id_is_used_only_when_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let want = uuid::Uuid::new_v4();
+        assert_eq!(load(dir.path()).unwrap(), None);
+        assert_eq!(load_or_create_with(dir.path(), Some(want)).unwrap(), want);
+        let other = uuid::Uuid::new_v4();
+        assert_eq!(load_or_create_with(dir.path(), Some(other)).unwrap(), want);
     }
 }

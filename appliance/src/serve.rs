@@ -11,7 +11,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
@@ -31,6 +31,26 @@ pub struct ServeOptions {
     pub allow_power: bool,
     /// Inventory reads need a token too (default: reads are public).
     pub private_reads: bool,
+    /// The URL this node's API is reachable at, sent to its parent; when
+    /// absent, derived from `listen` unless that is a wildcard address.
+    pub advertise_url: Option<String>,
+    /// How often to check in with the parent (`state/parent.json`).
+    pub checkin_interval: Duration,
+}
+
+impl ServeOptions {
+    /// Defaults for everything but where to listen and the data directory.
+    pub fn new(listen: SocketAddr, data: PathBuf) -> Self {
+        Self {
+            listen,
+            data,
+            degraded_file: None,
+            allow_power: false,
+            private_reads: false,
+            advertise_url: None,
+            checkin_interval: crate::parent::CHECKIN_INTERVAL,
+        }
+    }
 }
 
 /// `sha256:<hex>` of the exact bytes of a file.
@@ -42,8 +62,30 @@ pub fn file_digest(path: &Path) -> std::io::Result<String> {
 /// Builds the API state; every problem becomes a degraded reason.
 pub fn build_state(opts: &ServeOptions) -> AppState {
     let mut degraded = Vec::new();
-    let node_id = match crate::node::load_or_create(&opts.data) {
-        Ok(id) => id.to_string(),
+    // A child's id is the one its parent registered (parent.json); the
+    // installer writes both files, serve fills in a missing node.json.
+    let parent = match crate::parent::load(&opts.data) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "parent link unreadable");
+            degraded.push(format!("parent link unreadable: {e:#}"));
+            None
+        }
+    };
+    let node_id = match crate::node::load_or_create_with(
+        &opts.data,
+        parent.as_ref().map(|p| p.node_id),
+    ) {
+        Ok(id) => {
+            if let Some(p) = parent.as_ref().filter(|p| p.node_id != id) {
+                tracing::error!(node_id = %id, registered = %p.node_id, "node id differs from the parent link");
+                degraded.push(format!(
+                    "node id {id} differs from the id {} the parent registered (state/parent.json)",
+                    p.node_id
+                ));
+            }
+            id.to_string()
+        }
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "node id not persisted");
             degraded.push(format!("node id not persisted: {e:#}"));
@@ -107,6 +149,22 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     let tokens = Arc::new(crate::auth::TokenStore::open(
         &opts.data.join("state/tokens.json"),
     ));
+    let node_uuid = uuid::Uuid::parse_str(&state.node_id).expect("node ids are UUIDs");
+    let replicas = crate::replicas::Replicas::open(
+        &opts.data,
+        tokens.clone(),
+        node_uuid,
+        events.clone(),
+        !opts.private_reads,
+    )
+    .unwrap_or_else(|e| {
+        tracing::error!(
+            error = format!("{e:#}"),
+            "replica registry unreadable; starting empty in memory"
+        );
+        crate::replicas::Replicas::memory(tokens.clone(), node_uuid, events.clone())
+    });
+    start_parent_checkins(&opts, &state, addr);
     // Operator writes (power, networks) need a bearer token like the
     // inventory's; agent check-ins and PXE fetches come from targets, which
     // carry none.
@@ -116,13 +174,14 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
             tokens,
             require_token_for_writes,
         ));
-    let mut app =
-        guarded
-            .merge(crate::events::router(events.clone()))
-            .merge(crate::agents::router(crate::agents::Agents::open(
-                &opts.data,
-                events.clone(),
-            )));
+    // Replica endpoints check operator or child-scoped tokens themselves.
+    let mut app = guarded
+        .merge(crate::replicas::router(replicas))
+        .merge(crate::events::router(events.clone()))
+        .merge(crate::agents::router(crate::agents::Agents::open(
+            &opts.data,
+            events.clone(),
+        )));
     let policy: Option<crate::pxe::BootPolicy> = inventory.as_ref().map(|inv| {
         let inv = inv.boot_policy();
         let p: crate::pxe::BootPolicy = Arc::new(move |mac: &str, server: &str| {
@@ -151,6 +210,43 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     .context("serving HTTP")?;
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// The URL a parent can reach this node at: `advertise_url`, else the bound
+/// address unless it is a wildcard.
+pub fn reachable_url(opts: &ServeOptions, bound: SocketAddr) -> Option<String> {
+    if let Some(u) = &opts.advertise_url {
+        return Some(u.clone());
+    }
+    (!bound.ip().is_unspecified()).then(|| format!("http://{bound}"))
+}
+
+/// Spawns the periodic check-in with the parent when `state/parent.json`
+/// exists.
+fn start_parent_checkins(opts: &ServeOptions, state: &AppState, bound: SocketAddr) {
+    let link = match crate::parent::load(&opts.data) {
+        Ok(Some(l)) => l,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "parent link unreadable; not checking in"
+            );
+            return;
+        }
+    };
+    let report = crate::replicas::CheckinRequest {
+        release: state.release.clone(),
+        image_digest: None,
+        url: reachable_url(opts, bound),
+        status: Some("running".into()),
+    };
+    tracing::info!(parent = %link.url, every_s = opts.checkin_interval.as_secs(), "checking in with the parent");
+    tokio::spawn(crate::parent::run_checkins(
+        link,
+        report,
+        opts.checkin_interval,
+    ));
 }
 
 /// Refuse non-GET requests without a valid `Authorization: Bearer` token.
@@ -202,13 +298,7 @@ mod tests {
     use super::*;
 
     fn opts(data: &Path) -> ServeOptions {
-        ServeOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data: data.to_owned(),
-            degraded_file: None,
-            allow_power: false,
-            private_reads: false,
-        }
+        ServeOptions::new("127.0.0.1:0".parse().unwrap(), data.to_owned())
     }
 
     #[test]
@@ -231,5 +321,35 @@ mod tests {
         assert!(state.release.is_none());
         assert_eq!(state.degraded.len(), 2, "{:?}", state.degraded);
         assert!(uuid::Uuid::parse_str(&state.node_id).is_ok());
+    }
+
+    #[test]
+    fn a_child_takes_the_id_its_parent_registered() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = crate::parent::ParentLink {
+            url: "http://127.0.0.1:1".into(),
+            token: "apl_x_y".into(),
+            node_id: uuid::Uuid::new_v4(),
+            parent_node_id: uuid::Uuid::new_v4(),
+        };
+        crate::parent::save(dir.path(), &link).unwrap();
+        let state = build_state(&opts(dir.path()));
+        assert_eq!(state.node_id, link.node_id.to_string());
+        // A node.json with another id is reported, not silently replaced.
+        crate::parent::save(
+            dir.path(),
+            &crate::parent::ParentLink {
+                node_id: uuid::Uuid::new_v4(),
+                ..link.clone()
+            },
+        )
+        .unwrap();
+        let state = build_state(&opts(dir.path()));
+        assert_eq!(state.node_id, link.node_id.to_string());
+        assert!(
+            state.degraded.iter().any(|d| d.contains("differs")),
+            "{:?}",
+            state.degraded
+        );
     }
 }

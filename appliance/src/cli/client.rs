@@ -14,8 +14,18 @@ pub struct Client {
 
 impl Client {
     pub fn new(url: &str, token: Option<String>) -> Self {
+        Self::with_timeout(url, token, None)
+    }
+
+    /// As [`Client::new`], giving up on any request after `timeout`.
+    pub fn with_timeout(
+        url: &str,
+        token: Option<String>,
+        timeout: Option<std::time::Duration>,
+    ) -> Self {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            .timeout_global(timeout)
             .build();
         let url = if url.starts_with("http://") || url.starts_with("https://") {
             url.to_owned()

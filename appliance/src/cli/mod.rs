@@ -10,6 +10,7 @@
 pub mod client;
 
 mod network;
+mod replica;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -76,6 +77,8 @@ pub enum Ops {
     Network(network::NetworkCmd),
     /// Machines that PXE-booted into agent mode and reported their hardware.
     Agents(network::AgentsCmd),
+    /// Children of this node: register, list, remove; join a parent.
+    Replica(replica::ReplicaCmd),
 }
 
 /// A noun's verbs.
@@ -291,6 +294,7 @@ pub fn run(op: Ops) -> Result<()> {
         Ops::Token(t) => token(t),
         Ops::Network(n) => network::network(n),
         Ops::Agents(a) => network::agents(a),
+        Ops::Replica(r) => replica::replica(r),
     }
 }
 
@@ -455,7 +459,7 @@ fn print_object(kind: Kind, o: &Value) {
     }
 }
 
-fn confirm(what: &str, yes: bool) -> Result<()> {
+pub(crate) fn confirm(what: &str, yes: bool) -> Result<()> {
     if yes {
         return Ok(());
     }
@@ -616,7 +620,7 @@ fn report(r: Report) -> Result<()> {
     Ok(())
 }
 
-fn fmt_time(t: &Value) -> String {
+pub(crate) fn fmt_time(t: &Value) -> String {
     match t.as_i64() {
         Some(s) => {
             let ago = crate::inventory::status::now() - s;

@@ -1,0 +1,145 @@
+//! Replicas end to end: a parent `appliance serve`, a child registered with
+//! `appliance replica register`, joined with `appliance replica join`, and
+//! checking in by itself once started.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_appliance"))
+}
+
+/// Starts a server; returns it, its URL and the first token.
+fn server(data: &Path, extra: &[&str]) -> (Killed, String, String) {
+    let child = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let token = line.trim().rsplit(' ').next().unwrap().to_owned();
+    (child, format!("http://{addr}"), token)
+}
+
+fn cli(url: &str, token: Option<&str>, args: &[&str]) -> Output {
+    let mut c = bin();
+    c.args(args)
+        .env("APPLIANCE_URL", url)
+        .env_remove("APPLIANCE_TOKEN")
+        .stdin(Stdio::null());
+    if let Some(t) = token {
+        c.env("APPLIANCE_TOKEN", t);
+    }
+    c.output().unwrap()
+}
+
+fn ok(url: &str, token: Option<&str>, args: &[&str]) -> String {
+    let o = cli(url, token, args);
+    assert!(
+        o.status.success(),
+        "appliance {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+#[test]
+fn child_registers_joins_and_checks_in() {
+    let pdata = tempfile::tempdir().unwrap();
+    let (_parent, purl, ptoken) = server(pdata.path(), &[]);
+    // Registering needs an operator token.
+    assert!(!cli(&purl, None, &["replica", "register"]).status.success());
+    let reg: serde_json::Value = serde_json::from_str(&ok(
+        &purl,
+        Some(&ptoken),
+        &[
+            "replica",
+            "register",
+            "--name",
+            "child",
+            "--mac",
+            "52:54:00:12:34:56",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    let node_id = reg["node_id"].as_str().unwrap().to_owned();
+    let ctoken = reg["token"].as_str().unwrap().to_owned();
+    // The child's token is not an operator token on the parent.
+    assert!(!cli(&purl, Some(&ctoken), &["replica", "register"])
+        .status
+        .success());
+
+    let cdata = tempfile::tempdir().unwrap();
+    let joined = ok(
+        &purl,
+        Some(&ctoken),
+        &[
+            "replica",
+            "join",
+            "--data",
+            cdata.path().to_str().unwrap(),
+            "--parent",
+            &purl,
+            "--node-id",
+            &node_id,
+        ],
+    );
+    assert!(joined.contains(&node_id), "{joined}");
+    let (_child, curl, _) = server(cdata.path(), &["--checkin-interval", "1"]);
+    // The child took the registered id.
+    let version: serde_json::Value =
+        serde_json::from_str(&ok(&curl, None, &["replica", "list", "--json"])).unwrap();
+    assert_eq!(version, serde_json::json!([]));
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list: serde_json::Value =
+            serde_json::from_str(&ok(&purl, None, &["replica", "list", "--json"])).unwrap();
+        let r = &list[0];
+        if r["url"] == curl.as_str() {
+            assert_eq!(r["node_id"], node_id.as_str());
+            assert_eq!(r["status"], "running");
+            assert_eq!(r["mac"], "52:54:00:12:34:56");
+            assert!(!list.to_string().contains("apl_"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "child never checked in: {list}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let text = ok(&purl, None, &["replica", "list"]);
+    assert!(text.contains("child") && text.contains(&node_id), "{text}");
+    // Removing revokes: the child's next check-in is refused.
+    ok(
+        &purl,
+        Some(&ptoken),
+        &["replica", "remove", &node_id, "--yes"],
+    );
+    let o = cli(&purl, Some(&ctoken), &["replica", "list"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).lines().count() == 1);
+}
