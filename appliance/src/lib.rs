@@ -30,5 +30,6 @@ pub mod node;
 pub mod partition;
 pub mod power;
 pub mod pxe;
+pub mod rebuild;
 pub mod serve;
 pub mod tftp;
