@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use builder::definition::{self, Definition, InputKind, InputSpec};
+use builder::definition::{self, Definition, InputKind};
 use builder::plan::{self, BuildRequest, ResolvedInput};
 use builder::signature::{self, SigningKey};
 use builder::treefile::BlobDir;
