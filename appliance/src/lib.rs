@@ -31,6 +31,7 @@ pub mod parent;
 pub mod partition;
 pub mod power;
 pub mod pxe;
+pub mod rebuild;
 pub mod replicas;
 pub mod serve;
 pub mod tftp;

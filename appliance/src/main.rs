@@ -57,6 +57,19 @@ enum Command {
         #[arg(long)]
         install: bool,
     },
+    /// Rebuild this appliance's image from the bundle on its data
+    /// partition, offline, and check it is bit-identical to the booted one.
+    Rebuild {
+        /// Data directory (the mounted data partition).
+        #[arg(long, default_value = appliance::contract::DATA_DIR)]
+        data: PathBuf,
+        /// Output directory (replaced once the rebuild is complete).
+        #[arg(long)]
+        out: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     #[command(flatten)]
     Ops(Box<appliance::cli::Ops>),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
@@ -132,6 +145,7 @@ fn main() -> Result<()> {
                 appliance::serve::file_digest(std::path::Path::new("/etc/appliance/release")).ok();
             appliance::agent::run(&server, release, install)
         }
+        Command::Rebuild { data, out, json } => appliance::rebuild::run_cli(&data, &out, json),
         Command::Ops(op) => appliance::cli::run(*op),
         Command::Completions { shell } => {
             use clap::CommandFactory;

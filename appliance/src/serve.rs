@@ -165,11 +165,12 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         crate::replicas::Replicas::memory(tokens.clone(), node_uuid, events.clone())
     });
     start_parent_checkins(&opts, &state, addr);
-    // Operator writes (power, networks) need a bearer token like the
+    // Operator writes (power, networks, rebuilds) need a bearer token like the
     // inventory's; agent check-ins and PXE fetches come from targets, which
     // carry none.
     let guarded = api::router(state)
         .merge(crate::network::router(networks))
+        .merge(crate::rebuild::router(opts.data.clone()))
         .layer(axum::middleware::from_fn_with_state(
             tokens,
             require_token_for_writes,

@@ -127,7 +127,7 @@ pub struct FileSpec {
     pub input: Option<Spanned<String>>,
     /// Inline text content.
     pub text: Option<String>,
-    /// A build output: `uki`, `kernel`, `initramfs`, `manifest`.
+    /// A build output: `uki`, `kernel`, `initramfs`, `manifest`, `signature`.
     pub output: Option<Spanned<String>>,
     /// A named tree input, placed under `path` (optionally only its
     /// `subdir`).
@@ -358,7 +358,7 @@ fn field_at(text: &str, offset: usize) -> String {
     }
 }
 
-const OUTPUT_NAMES: [&str; 4] = ["uki", "kernel", "initramfs", "manifest"];
+const OUTPUT_NAMES: [&str; 5] = ["uki", "kernel", "initramfs", "manifest", "signature"];
 
 fn validate(def: &Definition, src: &Source) -> Result<(), DefinitionError> {
     let check_input =

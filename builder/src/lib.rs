@@ -12,6 +12,7 @@ pub mod initramfs;
 pub mod kmod;
 pub mod manifest;
 pub mod plan;
+pub mod signature;
 pub mod sink;
 pub mod tree;
 pub mod treefile;

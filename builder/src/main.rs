@@ -34,6 +34,10 @@ enum Command {
         /// Pin an input: NAME=sha256:HEX (repeatable).
         #[arg(long = "input", value_name = "NAME=DIGEST")]
         inputs: Vec<String>,
+        /// Sign the release manifest with this secret key file
+        /// (`ed25519-seed:<hex>`), for definitions that place `signature`.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
     },
 }
 
@@ -44,6 +48,7 @@ fn main() -> Result<()> {
             store,
             out,
             inputs,
+            key,
         } => {
             let (def, src) = builder::definition::load(&definition)?;
             let mut overrides = BTreeMap::new();
@@ -68,6 +73,20 @@ fn main() -> Result<()> {
             )
             .map_err(anyhow::Error::msg)?;
             let blobs = BlobDir::new(store);
+            let key = match &key {
+                None => None,
+                Some(p) => {
+                    let text = std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    Some(
+                        builder::signature::parse_secret_key(&text)
+                            .with_context(|| format!("parsing {}", p.display()))?,
+                    )
+                }
+            };
+            let signer = key.map(|k| {
+                move |m: &[u8]| -> Result<Vec<u8>, String> { Ok(builder::signature::sign(&k, m)) }
+            });
             let req = BuildRequest {
                 inputs: plan::resolve_inputs(&def, &overrides)?,
                 definition: &def,
@@ -75,6 +94,7 @@ fn main() -> Result<()> {
                 blobs: &blobs,
                 epoch,
                 out_dir: &out,
+                sign: signer.as_ref().map(|s| s as &plan::Signer),
             };
             let r =
                 plan::build(&req).with_context(|| format!("building {}", definition.display()))?;

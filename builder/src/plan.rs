@@ -45,7 +45,14 @@ pub struct BuildRequest<'a> {
     pub blobs: &'a dyn BlobSource,
     pub epoch: i64,
     pub out_dir: &'a Path,
+    /// Signs the release manifest: given its bytes, returns the signature
+    /// file (`crate::signature`). The result is the `signature` output,
+    /// written beside the manifest as `<manifest>.sig`.
+    pub sign: Option<&'a Signer<'a>>,
 }
+
+/// What [`BuildRequest::sign`] calls with the manifest bytes.
+pub type Signer<'a> = dyn Fn(&[u8]) -> Result<Vec<u8>, String> + 'a;
 
 /// What a build produced.
 #[derive(Debug, Clone)]
@@ -54,6 +61,8 @@ pub struct BuildResult {
     pub manifest_path: PathBuf,
     /// sha256 of the manifest file: the release id.
     pub release: Digest,
+    /// The signature file beside the manifest, when the build was signed.
+    pub signature_path: Option<PathBuf>,
     pub disk: Option<(PathBuf, Digest)>,
 }
 
@@ -122,6 +131,7 @@ struct Outputs {
     kernel: Option<Content>,
     initramfs: Option<Vec<u8>>,
     manifest: Option<Vec<u8>>,
+    signature: Option<Vec<u8>>,
 }
 
 /// Run a build.
@@ -250,6 +260,7 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
         kernel: kernel_content.clone(),
         initramfs: None,
         manifest: None,
+        signature: None,
     };
     if let Some(i) = &def.initramfs {
         add_files(
@@ -445,6 +456,12 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
     };
     let manifest_bytes = manifest.to_bytes();
     outputs.manifest = Some(manifest_bytes.clone());
+    // Sign before the long part, so a refusing signer fails fast.
+    if let Some(sign) = req.sign {
+        let sig = sign(&manifest_bytes)
+            .map_err(|e| BuildError::Invalid(format!("signing the release manifest: {e}")))?;
+        outputs.signature = Some(sig);
+    }
 
     // Write everything into a temporary directory, then rename into place.
     std::fs::create_dir_all(req.out_dir)
@@ -510,6 +527,10 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
         disk_digest = Some(d);
     }
     let manifest_file = out_name(&def.outputs.manifest, "manifest.json".into());
+    let signature_file = format!("{manifest_file}.sig");
+    if let Some(sig) = &outputs.signature {
+        files.push((signature_file.clone(), sig.clone()));
+    }
     files.push((manifest_file.clone(), manifest_bytes.clone()));
     for (f, data) in &files {
         let p = tmp.path().join(f);
@@ -531,6 +552,10 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
         release: Digest::of(&manifest_bytes),
         manifest,
         manifest_path: req.out_dir.join(manifest_file),
+        signature_path: outputs
+            .signature
+            .as_ref()
+            .map(|_| req.out_dir.join(signature_file)),
         disk: disk_digest.map(|d| (req.out_dir.join(disk_file), d)),
     })
 }
@@ -682,10 +707,14 @@ fn add_files(
                 "kernel" => outputs.kernel.clone(),
                 "initramfs" => outputs.initramfs.clone().map(Content::bytes),
                 "manifest" => outputs.manifest.clone().map(Content::bytes),
+                "signature" => outputs.signature.clone().map(Content::bytes),
                 _ => None,
             };
             Node::File(
-                c.ok_or_else(|| at(format!("output {:?} is not available here", o.get_ref())))?,
+                c.ok_or_else(|| match o.get_ref().as_str() {
+                    "signature" => at("output \"signature\" needs a signed build (a signing key)".into()),
+                    other => at(format!("output {other:?} is not available here")),
+                })?,
             )
         } else if let Some(t) = &f.tree {
             let d = req.inputs[t.get_ref()].digest;

@@ -81,6 +81,22 @@ impl BlobSource for BlobDir {
     }
 }
 
+/// Several blob sources searched in order: the first that has a blob wins
+/// (e.g. a writable scratch store first, then a read-only bundle).
+pub struct Layered<'a>(pub Vec<&'a dyn BlobSource>);
+
+impl BlobSource for Layered<'_> {
+    fn blob(&self, digest: &Digest) -> Result<Content, BlobError> {
+        for s in &self.0 {
+            match s.blob(digest) {
+                Err(BlobError::Missing(_)) => continue,
+                other => return other,
+            }
+        }
+        Err(BlobError::Missing(*digest))
+    }
+}
+
 /// Blobs held in memory (tests, generated content).
 #[derive(Debug, Default, Clone)]
 pub struct MemBlobs(pub HashMap<Digest, Content>);

@@ -199,6 +199,28 @@ pub fn index_document(refs: &[(String, Descriptor)]) -> Vec<u8> {
     index_bytes(manifests, BTreeMap::new())
 }
 
+/// The named references in `index.json` bytes, sorted by name (for a
+/// layout read without opening it as a [`Store`], e.g. a read-only bundle).
+pub fn parse_index_refs(index: &[u8]) -> Result<Vec<(String, Descriptor)>, serde_json::Error> {
+    let index: IndexJson = serde_json::from_slice(index)?;
+    let mut out: Vec<(String, Descriptor)> = index
+        .manifests
+        .into_iter()
+        .filter_map(|e| {
+            Some((
+                e.name()?.to_string(),
+                Descriptor {
+                    media_type: e.media_type,
+                    digest: e.digest,
+                    size: e.size,
+                },
+            ))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A temp file in `<root>/tmp` that is deleted on drop unless persisted.

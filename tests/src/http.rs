@@ -30,6 +30,19 @@ pub fn request_with_token(
     body: Option<&str>,
     token: Option<&str>,
 ) -> std::io::Result<Response> {
+    request_within(port, method, path, body, token, Duration::from_secs(20))
+}
+
+/// [`request_with_token`] with each step bounded by `timeout` instead of
+/// 20 s: for requests that work for minutes before answering.
+pub fn request_within(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+    timeout: Duration,
+) -> std::io::Result<Response> {
     let body = body.unwrap_or("");
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
@@ -38,7 +51,7 @@ pub fn request_with_token(
         "{method} {path} HTTP/1.0\r\nHost: appliance\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    exchange(port, &req, Duration::from_secs(20))
+    exchange(port, &req, timeout)
 }
 
 /// A GET that gives up after `timeout`: for polling through QEMU's user

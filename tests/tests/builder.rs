@@ -149,6 +149,7 @@ fn build(fx: &Fixture, out: &Path) -> Result<plan::BuildResult, String> {
         blobs: &fx.blobs,
         epoch: 1700000000,
         out_dir: out,
+        sign: None,
     };
     plan::build(&req).map_err(|e| e.to_string())
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask image` a second time: fully offline (the archive is made
 //! unreachable through a dead loopback proxy) and byte-identical to the
-//! first build in `target/appliance/` (which `cargo xtask test` makes).
+//! first build in `target/appliance/` (which `cargo xtask test` makes),
+//! signature included: both builds use the same release key in `cache/keys`.
 
 use std::process::Command;
 
@@ -41,6 +42,7 @@ fn second_image_build_is_offline_and_byte_identical() {
     );
     for f in [
         "manifest.json",
+        "manifest.json.sig",
         "appliance.img.sha256",
         "appliance.efi",
         "initrd.img",

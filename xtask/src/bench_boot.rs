@@ -175,6 +175,7 @@ files = [{{ path = "EFI/BOOT/BOOTX64.EFI", output = "uki" }}]
         blobs: &blobs,
         epoch: m.epoch,
         out_dir: out,
+        sign: None,
     };
     plan::build(&req)?;
     Ok(out.join("floor.img"))

@@ -11,20 +11,26 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use builder::definition::{self, Definition, InputKind, InputSpec};
+use builder::definition::{self, Definition, InputKind};
 use builder::plan::{self, BuildRequest, ResolvedInput};
-use builder::treefile::{BlobDir, TreeFile, TreeFileEntry, TreeFileKind};
+use builder::signature::{self, SigningKey};
+use builder::treefile::BlobDir;
 use builder::Digest;
-use bundle::deb::{self, DebEntry, EntryKind};
+use bundle::deb::{self, DebEntry};
 use bundle::debian::{self, Archive, Package, Refresh};
+use bundle::resolve::{self, Lock, Locked, Selected, DEB_MEDIA_TYPE};
 use bundle::store::{self, Descriptor, Store};
-use serde::{Deserialize, Serialize};
 
 use crate::{cargo, root, run};
 
 pub const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
-const DEB_MEDIA_TYPE: &str = "application/vnd.debian.binary-package";
+/// The release signing key, relative to the workspace, unless
+/// `APPLIANCE_SIGNING_KEY` names another file.
+pub const SIGNING_KEY: &str = "cache/keys/release.ed25519";
+/// The public half the image definition takes as a `file` input; with
+/// `APPLIANCE_SIGNING_KEY` set, `<that file>.pub` is read in its place.
+pub const PUBLIC_KEY: &str = "cache/keys/release.ed25519.pub";
 
 pub struct ImageOptions {
     pub definition: PathBuf,
@@ -60,27 +66,6 @@ impl ImageOptions {
         }
         Ok(o)
     }
-}
-
-/// What an input resolved to, kept in the lock.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-struct Locked {
-    /// The input spec it was resolved from; a changed spec resolves again.
-    spec: String,
-    digest: Digest,
-    origin: String,
-    /// Blobs the bundle must carry for this input (debs it came from).
-    #[serde(default)]
-    carry: Vec<Descriptor>,
-}
-
-type Lock = BTreeMap<String, Locked>;
-
-fn spec_key(spec: &InputSpec) -> String {
-    format!(
-        "{:?}|{:?}|{:?}|{:?}",
-        spec.kind, spec.deb, spec.path, spec.file
-    )
 }
 
 /// Build the static appliance binary (not part of the image's inputs'
@@ -119,12 +104,14 @@ pub fn image(opts: &ImageOptions) -> Result<PathBuf> {
             .with_context(|| format!("reading the lock {lock_ref}"))?,
         _ => Lock::new(),
     };
+    let key = signing_key()?;
     let mut resolver = Resolver {
         store: &store,
         archive: None,
         index: None,
         extracted: BTreeMap::new(),
     };
+    let blobs = BlobDir::new(store.root());
     let mut resolved = BTreeMap::new();
     let mut generated = Vec::new();
     for (name, spec) in &def.inputs {
@@ -135,44 +122,54 @@ pub fn image(opts: &ImageOptions) -> Result<PathBuf> {
             generated.push(name.clone());
             continue;
         }
-        let key = spec_key(spec);
+        let spec_key = resolve::spec_key(spec);
         if let Some(file) = &spec.file {
             // Host files are always taken fresh: they are build products.
-            let path = root().join(file);
+            let path = if file == Path::new(PUBLIC_KEY) {
+                key.public_path.clone()
+            } else {
+                root().join(file)
+            };
             let (d, _) = store
                 .put_file(&path)
                 .with_context(|| format!("storing input {name:?} from {}", path.display()))?;
             lock.insert(
                 name.clone(),
                 Locked {
-                    spec: key,
+                    spec: spec_key,
                     digest: d,
                     origin: format!("file:{}", file.display()),
                     carry: vec![],
                 },
             );
         } else if let Some(pkg) = &spec.deb {
-            let cached = lock
+            // Offline first: the locked blob, or derived again from the
+            // package the lock says it came from.
+            let offline = lock
                 .get(name)
-                .filter(|l| l.spec == key && store.contains(&l.digest))
-                .cloned();
-            let l = match cached {
-                Some(l) => l,
-                None => {
+                .map(|l| resolve::resolve_locked(name, spec, l, &blobs, &store));
+            match offline {
+                Some(Ok(_)) => {}
+                other => {
+                    if let Some(Err(e)) = other {
+                        eprintln!("xtask: {e}; resolving again");
+                    }
                     let path = spec
                         .path
                         .as_deref()
                         .with_context(|| format!("input {name:?}: `deb` needs `path`"))?;
                     let (digest, origin, carry) = resolver.deb_input(pkg, path, spec.kind)?;
-                    Locked {
-                        spec: key,
-                        digest,
-                        origin,
-                        carry,
-                    }
+                    lock.insert(
+                        name.clone(),
+                        Locked {
+                            spec: spec_key,
+                            digest,
+                            origin,
+                            carry,
+                        },
+                    );
                 }
-            };
-            lock.insert(name.clone(), l);
+            }
         }
         let l = &lock[name];
         resolved.insert(
@@ -184,8 +181,7 @@ pub fn image(opts: &ImageOptions) -> Result<PathBuf> {
         );
     }
     lock.retain(|k, _| def.inputs.contains_key(k));
-    let lock_bytes = serde_json::to_vec_pretty(&lock)?;
-    let (ld, ls) = store.put_bytes(&lock_bytes)?;
+    let (ld, ls) = store.put_bytes(&resolve::lock_bytes(&lock))?;
     store.set_ref(
         &lock_ref,
         Descriptor {
@@ -203,14 +199,14 @@ pub fn image(opts: &ImageOptions) -> Result<PathBuf> {
             name,
             ResolvedInput {
                 digest: d,
-                origin: Some("generated:bundle snapshot".into()),
+                origin: Some(resolve::SNAPSHOT_ORIGIN.into()),
             },
         );
     }
 
     let epoch = definition::epoch(&def, std::env::var("SOURCE_DATE_EPOCH").ok().as_deref())
         .map_err(anyhow::Error::msg)?;
-    let blobs = BlobDir::new(store.root());
+    let signer = |m: &[u8]| -> Result<Vec<u8>, String> { Ok(signature::sign(&key.secret, m)) };
     let req = BuildRequest {
         inputs: plan::resolve_inputs(&def, &resolved)?,
         definition: &def,
@@ -218,9 +214,13 @@ pub fn image(opts: &ImageOptions) -> Result<PathBuf> {
         blobs: &blobs,
         epoch,
         out_dir: &opts.out,
+        sign: Some(&signer),
     };
     let r = plan::build(&req).with_context(|| format!("building {}", opts.definition.display()))?;
     eprintln!("release {} ({})", r.release, r.manifest_path.display());
+    if let Some(p) = &r.signature_path {
+        eprintln!("signed  {}", p.display());
+    }
     if let Some((p, d)) = &r.disk {
         eprintln!("disk    {d} ({})", p.display());
     }
@@ -301,83 +301,16 @@ impl Resolver<'_> {
                 size: pkg.size,
             }];
             let origin = format!("deb:{}={}:{path}", pkg.name, pkg.version);
-            match kind {
-                InputKind::Blob => {
-                    let hits: Vec<&DebEntry> = entries
-                        .iter()
-                        .filter(|e| glob_match(path, &e.path))
-                        .collect();
-                    match hits.as_slice() {
-                        [] => continue,
-                        [e] => match &e.kind {
-                            EntryKind::File { digest, .. } => return Ok((*digest, origin, carry)),
-                            _ => bail!("{path} in {} is not a regular file", pkg.name),
-                        },
-                        many => bail!(
-                            "{path} matches several files in {}: {:?}",
-                            pkg.name,
-                            many.iter().map(|e| &e.path).collect::<Vec<_>>()
-                        ),
-                    }
-                }
-                InputKind::Tree => {
-                    let prefix = path.trim_end_matches('/');
-                    let sel: Vec<TreeFileEntry> = entries
-                        .iter()
-                        .filter(|e| e.path == prefix || e.path.starts_with(&format!("{prefix}/")))
-                        .map(tree_entry)
-                        .collect();
-                    if sel.is_empty() {
-                        continue;
-                    }
-                    let (d, _) = self.store.put_bytes(&TreeFile::new(sel).to_bytes())?;
+            match resolve::select(&entries, path, kind, &pkg.name).map_err(anyhow::Error::msg)? {
+                None => continue,
+                Some(Selected::Blob(d)) => return Ok((d, origin, carry)),
+                Some(Selected::Tree(doc)) => {
+                    let (d, _) = self.store.put_bytes(&doc)?;
                     return Ok((d, origin, carry));
                 }
             }
         }
         bail!("no {path:?} in Debian package {pkg_name} or its direct dependencies")
-    }
-}
-
-fn tree_entry(e: &DebEntry) -> TreeFileEntry {
-    let kind = match &e.kind {
-        EntryKind::File { digest, size } => TreeFileKind::File {
-            size: *size,
-            digest: *digest,
-        },
-        EntryKind::Dir => TreeFileKind::Dir,
-        EntryKind::Symlink(t) => TreeFileKind::Symlink { target: t.clone() },
-        EntryKind::Hardlink(t) => TreeFileKind::Hardlink { target: t.clone() },
-        EntryKind::CharDevice { major, minor } => TreeFileKind::Char {
-            major: *major,
-            minor: *minor,
-        },
-        EntryKind::BlockDevice { major, minor } => TreeFileKind::Block {
-            major: *major,
-            minor: *minor,
-        },
-        EntryKind::Fifo => TreeFileKind::Fifo,
-    };
-    TreeFileEntry {
-        path: e.path.clone(),
-        kind,
-        mode: (e.mode & 0o7777) as u16,
-        uid: e.uid,
-        gid: e.gid,
-        mtime: Some(e.mtime),
-    }
-}
-
-/// `dir/name-*` style matching: `*` matches any run within the last component.
-fn glob_match(pattern: &str, path: &str) -> bool {
-    let (pd, pf) = pattern.rsplit_once('/').unwrap_or(("", pattern));
-    let (d, f) = path.rsplit_once('/').unwrap_or(("", path));
-    if pd != d {
-        return false;
-    }
-    match pf.split_once('*') {
-        None => pf == f,
-        Some((a, b)) => f.len() >= a.len() + b.len() && f.starts_with(a) && f.ends_with(b),
     }
 }
 
@@ -405,8 +338,7 @@ fn bundle_snapshot(
         format!("release/definition/{}", def.image.name),
         desc("application/toml", dd)?,
     ));
-    let lock_bytes = serde_json::to_vec_pretty(lock)?;
-    let (ld, _) = store.put_bytes(&lock_bytes)?;
+    let (ld, _) = store.put_bytes(&resolve::lock_bytes(lock))?;
     refs.push((
         format!("lock/{}", def.image.name),
         desc("application/json", ld)?,
@@ -444,45 +376,70 @@ fn bundle_snapshot(
         }
     }
     let index = store::index_document(&refs);
-    let (id, _) = store.put_bytes(&index)?;
-    let (od, _) = store.put_bytes(store::OCI_LAYOUT.as_bytes())?;
+    Ok(resolve::snapshot(&index, &BlobDir::new(store.root()), store)?)
+}
 
-    // Every blob the layout references, once.
-    let mut blobs: BTreeSet<Digest> = refs.iter().map(|(_, d)| d.digest).collect();
-    blobs.extend(debs);
-    let file = |path: String, d: Digest| -> Result<TreeFileEntry> {
-        Ok(TreeFileEntry {
-            path,
-            kind: TreeFileKind::File {
-                size: store.size(&d)?,
-                digest: d,
-            },
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: None,
-        })
+/// The release signing key and where its public half is.
+struct ReleaseKey {
+    secret: SigningKey,
+    public_path: PathBuf,
+}
+
+/// Create or reuse the release signing key (`cache/keys/release.ed25519`,
+/// or `$APPLIANCE_SIGNING_KEY`): 32 bytes from the OS, mode 0600, and its
+/// public half in `<key>.pub` (`ed25519:<hex>`), which the image carries.
+fn signing_key() -> Result<ReleaseKey> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = std::env::var_os("APPLIANCE_SIGNING_KEY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(SIGNING_KEY));
+    let (secret, how) = if path.exists() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the signing key {}", path.display()))?;
+        let k = signature::parse_secret_key(&text)
+            .with_context(|| format!("parsing the signing key {}", path.display()))?;
+        (k, "reusing")
+    } else {
+        let dir = path.parent().context("the signing key path has no directory")?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut seed = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut seed))
+            .context("reading 32 bytes from /dev/urandom")?;
+        let k = signature::secret_key_from_seed(seed);
+        // Written beside, then renamed: a key file is whole or absent.
+        let tmp = path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(signature::format_secret_key(&k).as_bytes())
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("creating {}", path.display()))?;
+        (k, "created")
     };
-    let mut entries = vec![
-        file("oci-layout".into(), od)?,
-        file("index.json".into(), id)?,
-    ];
-    for d in blobs {
-        entries.push(file(format!("blobs/sha256/{}", d.hex()), d)?);
+    let public = signature::format_public_key(&secret.verifying_key());
+    let mut public_path = path.clone().into_os_string();
+    public_path.push(".pub");
+    let public_path = PathBuf::from(public_path);
+    let text = format!("{public}\n");
+    if std::fs::read_to_string(&public_path).ok().as_deref() != Some(text.as_str()) {
+        std::fs::write(&public_path, &text)
+            .with_context(|| format!("writing {}", public_path.display()))?;
     }
-    let (td, _) = store.put_bytes(&TreeFile::new(entries).to_bytes())?;
-    Ok(td)
+    eprintln!(
+        "xtask: {how} the release signing key {} (public key {public}, in {})",
+        path.display(),
+        public_path.display()
+    );
+    Ok(ReleaseKey {
+        secret,
+        public_path,
+    })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::glob_match;
-
-    #[test]
-    fn globs() {
-        assert!(glob_match("boot/vmlinuz-*", "boot/vmlinuz-6.1.0-28-amd64"));
-        assert!(!glob_match("boot/vmlinuz-*", "boot/config-6.1.0-28-amd64"));
-        assert!(!glob_match("boot/vmlinuz-*", "x/boot/vmlinuz-6"));
-        assert!(glob_match("usr/lib/a.stub", "usr/lib/a.stub"));
-    }
-}
