@@ -450,13 +450,24 @@ pub fn run(work: &InstallWork, mac: &str, uplink: &str, others: &[String]) -> Re
     // 4. Stream and write.
     let t_stream = Instant::now();
     let total = bmap.mapped_bytes();
-    let source = crate::writer::HttpSource::new(&format!("{base}/api/v1/release/image"), None);
+    let mut source = crate::writer::HttpSource::new(
+        &format!("{base}/api/v1/release/image"),
+        None,
+        crate::writer::RetryPolicy::default(),
+    );
     let report = crate::writer::write_image(
         &bmap,
-        source,
+        &mut source,
         &dev,
         &crate::writer::WriteOptions::default(),
-        &mut |p: crate::writer::Progress| rep.tick("stream", p.done_bytes, total),
+        &mut |p: crate::writer::Progress| {
+            let phase = match p.phase {
+                crate::writer::Phase::Write => "stream",
+                crate::writer::Phase::Verify => "verify",
+                crate::writer::Phase::Finish => "finish",
+            };
+            rep.tick(phase, p.done, p.total)
+        },
     )
     .with_context(|| format!("writing the image to {}", dev.display()))?;
     let stream_secs = t_stream.elapsed().as_secs_f64();

@@ -371,6 +371,41 @@ impl Replicas {
         Ok(out)
     }
 
+    /// The child registered with `mac` (normalised), if any.
+    pub fn by_mac(&self, mac: &str) -> Option<Replica> {
+        let mac = crate::inventory::model::normalize_mac(mac).ok()?;
+        self.lock()
+            .values()
+            .find(|s| s.replica.mac.as_deref() == Some(mac.as_str()))
+            .map(|s| s.replica.clone())
+    }
+
+    /// Registers the machine with `mac` for an install: the known replica
+    /// of that MAC (issuing it a fresh token), else a new one.
+    pub fn register_for_install(&self, mac: &str) -> Result<Registration, ReplicaError> {
+        let known = self.by_mac(mac);
+        let name = known.as_ref().and_then(|r| r.name.clone());
+        self.register(name.as_deref(), Some(mac), known.map(|r| r.node_id))
+    }
+
+    /// Sets a child's status (install progress; not a check-in, so
+    /// `last_contact` stays). Unknown ids and storage errors are logged.
+    pub fn set_status(&self, node_id: &str, status: &str) {
+        let Ok(id) = node_id.parse::<Uuid>() else {
+            return;
+        };
+        let mut map = self.lock();
+        let mut next = map.clone();
+        let Some(s) = next.get_mut(&id) else {
+            return;
+        };
+        s.replica.status = status.chars().take(512).collect();
+        match self.save(&next) {
+            Ok(()) => *map = next,
+            Err(e) => tracing::error!(error = %e, "saving a replica status failed"),
+        }
+    }
+
     /// Forgets a child and revokes its tokens.
     pub fn remove(&self, node_id: Uuid) -> Result<Replica, ReplicaError> {
         let mut map = self.lock();

@@ -436,6 +436,8 @@ impl Replication {
     }
 }
 
+/// Reads are public; writes (prepare, forget) need the operator token, so
+/// this router goes behind the server's token guard.
 pub fn router(r: Replication) -> Router {
     Router::new()
         .route("/api/v1/release/manifest", get(manifest))
@@ -445,13 +447,15 @@ pub fn router(r: Replication) -> Router {
         .route("/api/v1/release/prepare", post(prepare).get(prepared))
         .route("/api/v1/installs", get(installs))
         .route("/api/v1/installs/{mac}", axum::routing::delete(forget))
-        .route("/api/v1/agents/{mac}/progress", post(progress))
         .with_state(r)
 }
 
-/// Routes that stay open to machines carrying no operator token.
-pub fn is_agent_route(path: &str) -> bool {
-    path.starts_with("/api/v1/agents/") && path.ends_with("/progress")
+/// The installing machine's progress reports: checked against the token
+/// issued with its work, not the operator's (outside the guard).
+pub fn agent_router(r: Replication) -> Router {
+    Router::new()
+        .route("/api/v1/agents/{mac}/progress", post(progress))
+        .with_state(r)
 }
 
 async fn file(path: PathBuf, req: Request) -> Response {

@@ -165,12 +165,21 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         crate::replicas::Replicas::memory(tokens.clone(), node_uuid, events.clone())
     });
     start_parent_checkins(&opts, &state, addr);
+    // Self-replication: serves this release to machines installing it.
+    let replication = crate::replicate::Replication::new(
+        &opts.data,
+        events.clone(),
+        inventory.as_ref().map(|inv| inv.boot_policy()),
+        replicas.clone(),
+        networks.clone(),
+    );
     // Operator writes (power, networks, rebuilds) need a bearer token like the
     // inventory's; agent check-ins and PXE fetches come from targets, which
     // carry none.
     let guarded = api::router(state)
-        .merge(crate::network::router(networks))
+        .merge(crate::network::router(networks.clone()))
         .merge(crate::rebuild::router(opts.data.clone()))
+        .merge(crate::replicate::router(replication.clone()))
         .layer(axum::middleware::from_fn_with_state(
             tokens,
             require_token_for_writes,
@@ -179,18 +188,22 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     let mut app = guarded
         .merge(crate::replicas::router(replicas))
         .merge(crate::events::router(events.clone()))
-        .merge(crate::agents::router(crate::agents::Agents::open(
-            &opts.data,
-            events.clone(),
-        )));
-    let policy: Option<crate::pxe::BootPolicy> = inventory.as_ref().map(|inv| {
-        let inv = inv.boot_policy();
-        let p: crate::pxe::BootPolicy = Arc::new(move |mac: &str, server: &str| {
-            use crate::inventory::boot::BootPolicy as _;
-            inv.ipxe_for_mac(mac, server)
-        });
-        p
-    });
+        .merge(crate::replicate::agent_router(replication.clone()))
+        .merge(crate::agents::router(
+            crate::agents::Agents::open(&opts.data, events.clone()).with_work({
+                let r = replication.clone();
+                Arc::new(move |rec: &crate::agents::AgentRecord, base: &str| r.work_for(rec, base))
+            }),
+        ));
+    // Replication decides first (registered replicas install, installed
+    // ones boot locally), then the inventory.
+    let inv_policy = inventory.as_ref().map(|inv| inv.boot_policy());
+    let policy: Option<crate::pxe::BootPolicy> = Some(Arc::new(move |mac: &str, server: &str| {
+        use crate::inventory::boot::BootPolicy as _;
+        replication
+            .ipxe_for_mac(mac, server)
+            .or_else(|| inv_policy.as_ref().and_then(|inv| inv.ipxe_for_mac(mac, server)))
+    }));
     app = app.merge(crate::pxe::router(crate::pxe::PxeState {
         data: opts.data.clone(),
         events,
