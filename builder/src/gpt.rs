@@ -657,6 +657,73 @@ pub fn read(disk: &mut (impl Read + Seek)) -> Result<Layout, GptError> {
     })
 }
 
+/// Read the primary GPT of a disk of `disk_size` bytes from its first
+/// bytes `head` (everything past `head` reads as zeros). For writers that
+/// hold the head of an image in memory.
+pub fn read_head(head: &[u8], disk_size: u64) -> Result<Layout, GptError> {
+    read(&mut HeadDisk {
+        head,
+        size: disk_size,
+        pos: 0,
+    })
+}
+
+/// A disk of `size` bytes whose first bytes are `head`, zeros after.
+struct HeadDisk<'a> {
+    head: &'a [u8],
+    size: u64,
+    pos: u64,
+}
+
+impl Read for HeadDisk<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (buf.len() as u64).min(self.size.saturating_sub(self.pos)) as usize;
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            *b = self.head.get(self.pos as usize + i).copied().unwrap_or(0);
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for HeadDisk<'_> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.pos = match to {
+            SeekFrom::Start(p) => p,
+            SeekFrom::End(d) => self.size.saturating_add_signed(d),
+            SeekFrom::Current(d) => self.pos.saturating_add_signed(d),
+        };
+        Ok(self.pos)
+    }
+}
+
+/// `layout` moved to a disk of `disk_size` bytes (at least its own): the
+/// backup GPT goes to the new end and the partition that ends last grows
+/// to the last whole MiB before it (as a last `Fill` would). GUIDs and
+/// every other partition stay as they are.
+pub fn grow(layout: &Layout, disk_size: u64) -> Result<Layout, GptError> {
+    if disk_size % SECTOR != 0 {
+        return Err(GptError::DiskSizeNotSectorMultiple(disk_size));
+    }
+    if disk_size < layout.disk_size {
+        return Err(GptError::DiskTooSmall { size: disk_size });
+    }
+    let mut grown = Layout {
+        disk_size,
+        disk_guid: layout.disk_guid,
+        partitions: layout.partitions.clone(),
+    };
+    let last_usable = grown.last_usable_lba();
+    let end_limit = (last_usable + 1) / ALIGN_SECTORS * ALIGN_SECTORS;
+    if let Some(p) = grown.partitions.iter_mut().max_by_key(|p| p.last_lba) {
+        if end_limit > p.last_lba + 1 {
+            p.last_lba = end_limit - 1;
+            p.spec.size = SizeSpec::Bytes((p.last_lba + 1 - p.first_lba) * SECTOR);
+        }
+    }
+    Ok(grown)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -894,6 +961,34 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("header CRC32"));
+    }
+
+    #[test]
+    fn grow_moves_the_backup_and_extends_the_last_partition() {
+        let l = sample();
+        let head = primary_region(&l);
+        let back = read_head(&head, l.disk_size).unwrap();
+        assert_eq!(back.partitions.len(), 2);
+        assert_eq!(back.partitions[1].last_lba, l.partitions[1].last_lba);
+        let g = grow(&back, 3072 * MIB).unwrap();
+        assert_eq!(g.partitions[0], back.partitions[0]);
+        assert_eq!(g.partitions[1].first_lba, l.partitions[1].first_lba);
+        assert_eq!((g.partitions[1].last_lba + 1) * SECTOR, 3071 * MIB);
+        // Same size: nothing moves.
+        assert_eq!(grow(&back, l.disk_size).unwrap(), back);
+        assert!(grow(&back, MIB).is_err());
+        // The grown table reads back from a disk of the new size, and
+        // sgdisk finds nothing wrong with it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grown.img");
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.set_len(g.disk_size).unwrap();
+        write(&g, &mut f).unwrap();
+        drop(f);
+        let mut f = std::fs::File::open(&path).unwrap();
+        assert_eq!(read(&mut f).unwrap(), g);
+        let v = run("sgdisk", &["-v", path.to_str().unwrap()]);
+        assert!(v.contains("No problems found"), "{v}");
     }
 
     fn run(cmd: &str, args: &[&str]) -> String {
