@@ -245,7 +245,9 @@ async fn work(
     if let Some(source) = a.work.clone() {
         let w = tokio::task::spawn_blocking(move || source(&rec, &base))
             .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })?;
         if let Some(w) = w {
             return Ok(Json(w));
         }
@@ -295,6 +297,7 @@ mod tests {
             mac: "52:54:00:12:34:56".into(),
             hardware: hw(),
             release: None,
+            mode: None,
         })
         .unwrap();
         let resp = app
@@ -337,6 +340,7 @@ mod tests {
             mac: "nope".into(),
             hardware: hw(),
             release: None,
+            mode: None,
         })
         .unwrap();
         let resp = app

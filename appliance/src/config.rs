@@ -303,6 +303,7 @@ mod tests {
                     prefix: 24,
                     gateway: Some(Ipv4Addr::new(10, 0, 0, 1)),
                 },
+                mgmt: vec![],
                 http_port: 8080,
                 log: Some("debug".into()),
             }
@@ -395,6 +396,9 @@ mod tests {
         assert_eq!(cfg.mgmt, vec!["eth2".to_string(), "eth3".to_string()]);
         let (cfg, problems) = resolve(&settings_from_cmdline("appliance.mgmt=a/b"));
         assert!(cfg.mgmt.is_empty());
-        assert!(matches!(&problems[..], [Problem::Error(e)] if e.contains("mgmt")), "{problems:?}");
+        assert!(
+            matches!(&problems[..], [Problem::Error(e)] if e.contains("mgmt")),
+            "{problems:?}"
+        );
     }
 }

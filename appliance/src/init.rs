@@ -33,8 +33,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::config::{self, BootConfig, Mode, Problem, Setting, Source};
 use crate::console::marker;
 use crate::contract::{
-    BOOT_STATE, DATA_DIR, DATA_PARTNAME, DEGRADED_FILE, ENV_UNDER_INIT, ESP_CONFIG, ESP_MOUNT, ESP_PARTNAMES,
-    FW_CFG_CONFIG, MODULES_LIST, MODULES_PLAN, RUN_DIR, SYS_BUS,
+    BOOT_STATE, DATA_DIR, DATA_PARTNAME, DEGRADED_FILE, ENV_UNDER_INIT, ESP_CONFIG, ESP_MOUNT,
+    ESP_PARTNAMES, FW_CFG_CONFIG, MODULES_LIST, MODULES_PLAN, RUN_DIR, SYS_BUS,
 };
 
 /// Test hook: when set, init keeps the stdio it was started with instead of
@@ -398,8 +398,7 @@ async fn supervise(cfg: &BootConfig) -> Result<Action> {
     let ip = cfg.ip.clone();
     let mgmt = cfg.mgmt.clone();
     tokio::spawn(async move {
-        let (up, problems) =
-            crate::net::bring_up(uplink.as_deref(), &ip, &mgmt, DHCP_TOTAL).await;
+        let (up, problems) = crate::net::bring_up(uplink.as_deref(), &ip, &mgmt, DHCP_TOTAL).await;
         for p in &problems {
             degrade(p);
         }

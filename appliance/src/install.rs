@@ -179,10 +179,7 @@ pub fn scan_disks(sys: &Path, dev: &Path) -> Vec<DiskCandidate> {
                 .map(|s| s.trim() == "1")
                 .unwrap_or(false);
             let kernel_parts = std::fs::read_dir(&dir)
-                .map(|rd| {
-                    rd.flatten()
-                        .any(|e| e.path().join("partition").exists())
-                })
+                .map(|rd| rd.flatten().any(|e| e.path().join("partition").exists()))
                 .unwrap_or(false);
             let mut first = vec![0u8; 1024];
             let on_disk = std::fs::File::open(dev.join(&d.name))
@@ -308,7 +305,12 @@ impl Reporter {
 }
 
 /// The node state files written onto the new disk's data partition.
-pub fn write_node_state(data: &Path, work: &InstallWork, uplink: &str, others: &[String]) -> Result<()> {
+pub fn write_node_state(
+    data: &Path,
+    work: &InstallWork,
+    uplink: &str,
+    others: &[String],
+) -> Result<()> {
     let state = data.join("state");
     std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
     let node_id: uuid::Uuid = work
@@ -325,7 +327,10 @@ pub fn write_node_state(data: &Path, work: &InstallWork, uplink: &str, others: &
             "parent_node_id": work.parent_node_id,
         }),
     )?;
-    write_json(&state.join("boot.json"), &serde_json::json!({ "uplink": uplink }))?;
+    write_json(
+        &state.join("boot.json"),
+        &serde_json::json!({ "uplink": uplink }),
+    )?;
     let nets: Vec<serde_json::Value> = work
         .networks
         .iter()
@@ -358,7 +363,8 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
     let mut bytes = serde_json::to_vec_pretty(value)?;
     bytes.push(b'\n');
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(&bytes)
         .and_then(|()| f.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
@@ -368,11 +374,14 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
 
 /// Zeroes the first MiB so the disk no longer boots.
 fn unboot(dev: &Path) {
-    let res = std::fs::OpenOptions::new().write(true).open(dev).and_then(|mut f| {
-        f.seek(SeekFrom::Start(0))?;
-        f.write_all(&vec![0u8; 1 << 20])?;
-        f.sync_all()
-    });
+    let res = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dev)
+        .and_then(|mut f| {
+            f.seek(SeekFrom::Start(0))?;
+            f.write_all(&vec![0u8; 1 << 20])?;
+            f.sync_all()
+        });
     if let Err(e) = res {
         tracing::error!(dev = %dev.display(), error = %e, "zeroing the partition table failed");
     }
@@ -387,7 +396,9 @@ fn partition_on(disk: &str, name: &str, timeout: Duration) -> Option<PathBuf> {
             for e in rd.flatten() {
                 let ev = std::fs::read_to_string(e.path().join("uevent")).unwrap_or_default();
                 let ev = crate::partition::parse_uevent(&ev);
-                if ev.devtype.as_deref() == Some("partition") && ev.partname.as_deref() == Some(name) {
+                if ev.devtype.as_deref() == Some("partition")
+                    && ev.partname.as_deref() == Some(name)
+                {
                     if let Some(d) = ev.devname {
                         return Some(Path::new("/dev").join(d));
                     }
@@ -403,18 +414,32 @@ fn partition_on(disk: &str, name: &str, timeout: Duration) -> Option<PathBuf> {
 
 /// Runs a whole install. `mac` and `uplink` are the interface we booted
 /// from; `others` the remaining NICs (served networks go there).
-pub fn run(work: &InstallWork, mac: &str, uplink: &str, others: &[String]) -> Result<serde_json::Value> {
+pub fn run(
+    work: &InstallWork,
+    mac: &str,
+    uplink: &str,
+    others: &[String],
+) -> Result<serde_json::Value> {
     let mut rep = Reporter::new(&work.parent_url, mac, &work.token);
     let started = Instant::now();
     let base = work.parent_url.trim_end_matches('/');
 
     // 1. The signed release.
     rep.phase("verify", format!("release {}", work.release));
-    let manifest = fetch(&format!("{base}/api/v1/release/manifest"), Duration::from_secs(300))?;
-    let signature = fetch(&format!("{base}/api/v1/release/signature"), Duration::from_secs(300))?;
+    let manifest = fetch(
+        &format!("{base}/api/v1/release/manifest"),
+        Duration::from_secs(300),
+    )?;
+    let signature = fetch(
+        &format!("{base}/api/v1/release/signature"),
+        Duration::from_secs(300),
+    )?;
     let got = format!("sha256:{}", hex::encode(Sha256::digest(&manifest)));
     if got != work.release {
-        bail!("the parent's manifest is {got}, but the work names {}", work.release);
+        bail!(
+            "the parent's manifest is {got}, but the work names {}",
+            work.release
+        );
     }
     let pubkey = std::fs::read_to_string(RELEASE_PUBKEY)
         .with_context(|| format!("reading the release public key {RELEASE_PUBKEY}"))?;
@@ -430,7 +455,10 @@ pub fn run(work: &InstallWork, mac: &str, uplink: &str, others: &[String]) -> Re
         .context("the signed manifest describes no disk image")?;
 
     // 2. The block map.
-    let bmap_bytes = fetch(&format!("{base}/api/v1/release/bmap"), Duration::from_secs(600))?;
+    let bmap_bytes = fetch(
+        &format!("{base}/api/v1/release/bmap"),
+        Duration::from_secs(600),
+    )?;
     let bmap = crate::bmap::Bmap::parse(&bmap_bytes).context("parsing the block map")?;
     if bmap.image_size != disk_rec.size {
         bail!(
@@ -474,7 +502,10 @@ pub fn run(work: &InstallWork, mac: &str, uplink: &str, others: &[String]) -> Re
 
     // 5. Check and personalise.
     let t_state = Instant::now();
-    rep.phase("check", "checking the written release and writing node state");
+    rep.phase(
+        "check",
+        "checking the written release and writing node state",
+    );
     if let Err(e) = check_and_personalise(&disk, work, &manifest, &parsed, uplink, others) {
         unboot(&dev);
         return Err(e.context("the written disk failed its checks; its partition table was zeroed"));
@@ -521,11 +552,18 @@ fn check_and_personalise(
         crate::mount::unmount_lazy(mnt)?;
         let got = got.context("reading EFI/BOOT/BOOTX64.EFI on the written ESP")?;
         if got != uki.digest.to_string() {
-            bail!("the written UKI is {got}, the signed manifest says {}", uki.digest);
+            bail!(
+                "the written UKI is {got}, the signed manifest says {}",
+                uki.digest
+            );
         }
     }
-    let data = partition_on(disk, crate::contract::DATA_PARTNAME, Duration::from_secs(10))
-        .context("the written disk has no appliance-data partition")?;
+    let data = partition_on(
+        disk,
+        crate::contract::DATA_PARTNAME,
+        Duration::from_secs(10),
+    )
+    .context("the written disk has no appliance-data partition")?;
     std::fs::create_dir_all(mnt)?;
     crate::mount::mount_ext4(&data, mnt)?;
     let res = (|| -> Result<()> {
@@ -566,7 +604,10 @@ mod tests {
         ];
         assert_eq!(choose_disk(&disks, 4 << 30, None, false).unwrap(), "vdc");
         assert_eq!(choose_disk(&disks, 4 << 30, None, true).unwrap(), "vdb");
-        assert_eq!(choose_disk(&disks, 4 << 30, Some("sda"), false).unwrap(), "sda");
+        assert_eq!(
+            choose_disk(&disks, 4 << 30, Some("sda"), false).unwrap(),
+            "sda"
+        );
     }
 
     #[test]
@@ -577,7 +618,10 @@ mod tests {
         assert!(e.contains("vdb holds a partition table"), "{e}");
         let e = choose_disk(&disks, 4 << 30, Some("vdx"), false).unwrap_err();
         assert!(e.contains("not found"), "{e}");
-        assert_eq!(choose_disk(&[], 1, None, false).unwrap_err(), "no disks found");
+        assert_eq!(
+            choose_disk(&[], 1, None, false).unwrap_err(),
+            "no disks found"
+        );
     }
 
     #[test]
@@ -612,7 +656,8 @@ mod tests {
         };
         write_node_state(dir.path(), &work, "eth0", &["eth1".into(), "eth2".into()]).unwrap();
         let read = |f: &str| -> serde_json::Value {
-            serde_json::from_slice(&std::fs::read(dir.path().join("state").join(f)).unwrap()).unwrap()
+            serde_json::from_slice(&std::fs::read(dir.path().join("state").join(f)).unwrap())
+                .unwrap()
         };
         assert_eq!(read("node.json")["node_id"], uuid::Uuid::nil().to_string());
         assert_eq!(read("parent.json")["token"], "apl_x");

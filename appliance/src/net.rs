@@ -190,7 +190,9 @@ pub async fn bring_up(
     // default route), in the background.
     for m in mgmt.iter().filter(|m| **m != iface) {
         if !ifaces.contains(m) {
-            problems.push(format!("management interface {m} not found (have {ifaces:?})"));
+            problems.push(format!(
+                "management interface {m} not found (have {ifaces:?})"
+            ));
             continue;
         }
         let m = m.clone();

@@ -53,8 +53,14 @@ pub const BMAP_FILE: &str = "appliance.img.bmap";
 pub enum Prepared {
     Idle,
     Preparing,
-    Ready { disk: String, data_bytes: u64, seconds: f64 },
-    Failed { error: String },
+    Ready {
+        disk: String,
+        data_bytes: u64,
+        seconds: f64,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 /// One install attempt, by MAC (node-local, `<data>/state/installs.json`).
@@ -151,10 +157,7 @@ impl Replication {
         Replication {
             data: data.to_owned(),
             events,
-            inner: Arc::new(Mutex::new(Inner {
-                prepared,
-                installs,
-            })),
+            inner: Arc::new(Mutex::new(Inner { prepared, installs })),
             inventory,
             replicas,
             networks,
@@ -320,7 +323,8 @@ impl Replication {
                 return Some(Work::Wait { retry_secs: 5 });
             }
         }
-        let release = crate::serve::file_digest(&self.data.join(crate::contract::RELEASE_MANIFEST)).ok()?;
+        let release =
+            crate::serve::file_digest(&self.data.join(crate::contract::RELEASE_MANIFEST)).ok()?;
         let reg = match self.replicas.register_for_install(&rec.mac) {
             Ok(r) => r,
             Err(e) => {
@@ -332,7 +336,7 @@ impl Replication {
         let work = InstallWork {
             release: release.clone(),
             parent_url: base.to_owned(),
-            parent_node_id: reg.parent_node_id.clone(),
+            parent_node_id: reg.parent_node_id.to_string(),
             node_id: reg.node_id.to_string(),
             token: reg.token.clone(),
             networks,
@@ -403,7 +407,8 @@ impl Replication {
                 "failed" => r.state = "failed".into(),
                 _ => {}
             }
-            (g.installs.clone(), r.node_id.clone())
+            let node_id = r.node_id.clone();
+            (g.installs.clone(), node_id)
         };
         self.persist(&all);
         let kind = match p.state.as_str() {
@@ -413,7 +418,9 @@ impl Replication {
         };
         match p.state.as_str() {
             "done" => self.replicas.set_status(&node_id, "installed"),
-            "failed" => self.replicas.set_status(&node_id, &format!("failed: {}", p.message)),
+            "failed" => self
+                .replicas
+                .set_status(&node_id, &format!("failed: {}", p.message)),
             _ => {}
         }
         self.events.publish(
@@ -461,7 +468,9 @@ pub fn agent_router(r: Replication) -> Router {
 async fn file(path: PathBuf, req: Request) -> Response {
     match ServeFile::new(&path).oneshot(req).await {
         Ok(r) => r.into_response(),
-        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()).into_response(),
+        Err(e) => {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()).into_response()
+        }
     }
 }
 
@@ -484,7 +493,10 @@ fn not_ready(r: &Replication) -> Option<Response> {
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "preparing",
-                    format!("the release image is not ready: {}", serde_json::to_string(&r.prepared()).unwrap_or_default()),
+                    format!(
+                        "the release image is not ready: {}",
+                        serde_json::to_string(&r.prepared()).unwrap_or_default()
+                    ),
                 )
                 .into_response(),
             )
@@ -530,13 +542,25 @@ async fn installs(State(r): State<Replication>) -> Json<Vec<InstallRecord>> {
     Json(r.lock().installs.values().cloned().collect())
 }
 
-async fn forget(State(r): State<Replication>, UrlPath(mac): UrlPath<String>) -> Result<StatusCode, ApiError> {
-    let mac = normalize_mac(&mac)
-        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_mac", format!("{mac:?} is not a MAC address")))?;
+async fn forget(
+    State(r): State<Replication>,
+    UrlPath(mac): UrlPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let mac = normalize_mac(&mac).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_mac",
+            format!("{mac:?} is not a MAC address"),
+        )
+    })?;
     if r.forget(&mac) {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_install", format!("{mac} has no install record")))
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_install",
+            format!("{mac} has no install record"),
+        ))
     }
 }
 
@@ -547,8 +571,13 @@ async fn progress(
     body: Result<Json<InstallProgress>, axum::extract::rejection::JsonRejection>,
 ) -> Result<StatusCode, ApiError> {
     let Json(p) = body?;
-    let mac = normalize_mac(&mac)
-        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_mac", format!("{mac:?} is not a MAC address")))?;
+    let mac = normalize_mac(&mac).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_mac",
+            format!("{mac:?} is not a MAC address"),
+        )
+    })?;
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -567,7 +596,11 @@ mod tests {
 
     #[test]
     fn child_networks_are_the_next_slash_24() {
-        let got = derive_child_networks(&[spec("10.77.1.1/24"), spec("10.9.0.1/16"), spec("10.1.255.1/24")]);
+        let got = derive_child_networks(&[
+            spec("10.77.1.1/24"),
+            spec("10.9.0.1/16"),
+            spec("10.1.255.1/24"),
+        ]);
         assert_eq!(
             got,
             vec![ChildNetwork {

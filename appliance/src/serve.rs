@@ -200,9 +200,11 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     let inv_policy = inventory.as_ref().map(|inv| inv.boot_policy());
     let policy: Option<crate::pxe::BootPolicy> = Some(Arc::new(move |mac: &str, server: &str| {
         use crate::inventory::boot::BootPolicy as _;
-        replication
-            .ipxe_for_mac(mac, server)
-            .or_else(|| inv_policy.as_ref().and_then(|inv| inv.ipxe_for_mac(mac, server)))
+        replication.ipxe_for_mac(mac, server).or_else(|| {
+            inv_policy
+                .as_ref()
+                .and_then(|inv| inv.ipxe_for_mac(mac, server))
+        })
     }));
     app = app.merge(crate::pxe::router(crate::pxe::PxeState {
         data: opts.data.clone(),

@@ -93,10 +93,16 @@ fn start(k: usize, m: &Machine, work: &Path) -> Result<Vm, String> {
             ))
             .args(["-device", "virtio-blk-pci,drive=d0,bootindex=1"])
             .args(["-netdev", &mgmt])
-            .args(["-device", &format!("virtio-net-pci,netdev=mgmt,mac={},romfile=", mac(k, 2))]);
+            .args([
+                "-device",
+                &format!("virtio-net-pci,netdev=mgmt,mac={},romfile=", mac(k, 2)),
+            ]);
     } else {
         cmd.arg("-drive")
-            .arg(format!("if=none,id=d0,format=raw,file={}", m.disk.display()))
+            .arg(format!(
+                "if=none,id=d0,format=raw,file={}",
+                m.disk.display()
+            ))
             .args(["-device", "virtio-blk-pci,drive=d0,bootindex=1"])
             .arg("-netdev")
             .arg(format!(
@@ -105,7 +111,10 @@ fn start(k: usize, m: &Machine, work: &Path) -> Result<Vm, String> {
             ))
             .args([
                 "-device",
-                &format!("virtio-net-pci,netdev=up,mac={},bootindex=2,romfile=", m.mac_uplink),
+                &format!(
+                    "virtio-net-pci,netdev=up,mac={},bootindex=2,romfile=",
+                    m.mac_uplink
+                ),
             ]);
     }
     // The machine's own provisioning wire (listening side).
@@ -114,13 +123,19 @@ fn start(k: usize, m: &Machine, work: &Path) -> Result<Vm, String> {
             "stream,id=prov,server=on,addr.type=unix,addr.path={}",
             wire(work, k).display()
         ))
-        .args(["-device", &format!("virtio-net-pci,netdev=prov,mac={},romfile=", mac(k, 1))]);
+        .args([
+            "-device",
+            &format!("virtio-net-pci,netdev=prov,mac={},romfile=", mac(k, 1)),
+        ]);
     if k > 0 {
         cmd.args(["-netdev", &mgmt]).args([
             "-device",
             &format!("virtio-net-pci,netdev=mgmt,mac={},romfile=", mac(k, 2)),
         ]);
-        cmd.args(["-fw_cfg", "name=opt/appliance/config,string={\"mgmt\":\"eth2\"}"]);
+        cmd.args([
+            "-fw_cfg",
+            "name=opt/appliance/config,string={\"mgmt\":\"eth2\"}",
+        ]);
     }
     cmd.args(["-device", "virtio-rng-pci"])
         .stdin(Stdio::null())
@@ -174,11 +189,21 @@ fn tail(s: &str, n: usize) -> String {
 /// console the first time it serves).
 fn up(vm: &mut Vm, timeout: Duration) -> Result<String, String> {
     vm.wait_http("/api/v1/version", timeout)?;
-    wait_for("the first API token", Duration::from_secs(30), &mut [], || vm.first_token())
+    wait_for(
+        "the first API token",
+        Duration::from_secs(30),
+        &mut [],
+        || vm.first_token(),
+    )
 }
 
 /// Runs a chain of `n` machines under `work`. `log` gets progress lines.
-pub fn run(image: &Path, n: usize, work: &Path, log: &mut dyn FnMut(&str)) -> Result<FleetReport, String> {
+pub fn run(
+    image: &Path,
+    n: usize,
+    work: &Path,
+    log: &mut dyn FnMut(&str),
+) -> Result<FleetReport, String> {
     assert!(n >= 2, "a fleet needs at least two machines");
     let started = Instant::now();
     let mut machines: Vec<Machine> = (0..n)
@@ -206,7 +231,10 @@ pub fn run(image: &Path, n: usize, work: &Path, log: &mut dyn FnMut(&str)) -> Re
     let release = json(machines[0].port, "/api/v1/version")
         .and_then(|v| v["release"].as_str().map(str::to_owned))
         .ok_or("machine 0 reports no release")?;
-    log(&format!("machine 0 up in {:.1}s, release {release}", started.elapsed().as_secs_f64()));
+    log(&format!(
+        "machine 0 up in {:.1}s, release {release}",
+        started.elapsed().as_secs_f64()
+    ));
     machines[0].token = Some(token);
     vms.push(a);
 
@@ -216,11 +244,10 @@ pub fn run(image: &Path, n: usize, work: &Path, log: &mut dyn FnMut(&str)) -> Re
         let ptoken = machines[parent].token.clone().ok_or("no parent token")?;
         // The parent serves its provisioning wire and knows the child.
         let cidr = format!("10.77.{}.1/24", k);
-        let body = format!(
-            r#"{{"iface":"eth1","cidr":"{cidr}","mode":"authoritative"}}"#
-        );
+        let body = format!(r#"{{"iface":"eth1","cidr":"{cidr}","mode":"authoritative"}}"#);
         if parent == 0 {
-            let r = http::post_auth(pport, "/api/v1/networks", &body, &ptoken).map_err(|e| e.to_string())?;
+            let r = http::post_auth(pport, "/api/v1/networks", &body, &ptoken)
+                .map_err(|e| e.to_string())?;
             if !(200..300).contains(&r.status) {
                 return Err(format!("machine 0: serving eth1: {} {}", r.status, r.body));
             }
@@ -233,7 +260,10 @@ pub fn run(image: &Path, n: usize, work: &Path, log: &mut dyn FnMut(&str)) -> Re
         )
         .map_err(|e| e.to_string())?;
         if !(200..300).contains(&r.status) {
-            return Err(format!("machine {parent}: registering m{k}: {} {}", r.status, r.body));
+            return Err(format!(
+                "machine {parent}: registering m{k}: {} {}",
+                r.status, r.body
+            ));
         }
         // Start preparing the served image before the child asks.
         let _ = http::post_auth(pport, "/api/v1/release/prepare", "{}", &ptoken);
@@ -254,7 +284,12 @@ pub fn run(image: &Path, n: usize, work: &Path, log: &mut dyn FnMut(&str)) -> Re
         {
             let mut all: Vec<&mut Vm> = vms.iter_mut().collect();
             all.push(&mut child);
-            wait_for(&format!("m{k} install work"), Duration::from_secs(900), &mut all, || installs(pport))?;
+            wait_for(
+                &format!("m{k} install work"),
+                Duration::from_secs(900),
+                &mut all,
+                || installs(pport),
+            )?;
         }
         let pxe_boot = t0.elapsed().as_secs_f64();
         log(&format!("m{k}: install assigned after {pxe_boot:.1}s"));
@@ -266,7 +301,10 @@ pub fn run(image: &Path, n: usize, work: &Path, log: &mut dyn FnMut(&str)) -> Re
                 break st;
             }
             if Instant::now() > deadline {
-                return Err(format!("m{k} did not finish installing; serial:\n{}", tail(&child.serial(), 80)));
+                return Err(format!(
+                    "m{k} did not finish installing; serial:\n{}",
+                    tail(&child.serial(), 80)
+                ));
             }
             std::thread::sleep(Duration::from_millis(500));
         };
@@ -280,10 +318,15 @@ pub fn run(image: &Path, n: usize, work: &Path, log: &mut dyn FnMut(&str)) -> Re
         let stream = t1.elapsed().as_secs_f64();
         let write = rec["report"]["stream_seconds"].as_f64().unwrap_or(0.0);
         let bytes_sent = rec["bytes_sent"].as_u64().unwrap_or(0);
-        log(&format!("m{k}: installed in {stream:.1}s ({bytes_sent} bytes sent)"));
+        log(&format!(
+            "m{k}: installed in {stream:.1}s ({bytes_sent} bytes sent)"
+        ));
         // Power it on again: it boots from its own disk.
         let t2 = Instant::now();
-        let _ = std::fs::copy(machines[k].dir.join("OVMF_VARS.fd"), machines[k].dir.join("OVMF_VARS.keep"));
+        let _ = std::fs::copy(
+            machines[k].dir.join("OVMF_VARS.fd"),
+            machines[k].dir.join("OVMF_VARS.keep"),
+        );
         drop(child);
         let mut child = start(k, &machines[k], work)?;
         let token = up(&mut child, Duration::from_secs(600))?;

@@ -22,7 +22,11 @@ fn three_generation_replication_chain() {
     assert!(report.ok, "fleet problems: {:#?}", report.problems);
     assert_eq!(report.generations.len(), 2);
     for g in &report.generations {
-        assert!(g.bytes_sent > 0, "generation {} sent nothing: {g:?}", g.index);
+        assert!(
+            g.bytes_sent > 0,
+            "generation {} sent nothing: {g:?}",
+            g.index
+        );
         // Only the data ranges travel, not the whole 4 GiB disk.
         assert!(
             g.bytes_sent < 1 << 30,

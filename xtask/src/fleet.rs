@@ -10,7 +10,9 @@ use crate::image::{image, ImageOptions};
 pub fn fleet(args: &[&str]) -> Result<()> {
     let n: usize = match args {
         [] => 3,
-        [n] => n.parse().with_context(|| format!("{n:?} is not a machine count"))?,
+        [n] => n
+            .parse()
+            .with_context(|| format!("{n:?} is not a machine count"))?,
         _ => bail!("usage: cargo xtask fleet [N]  (N ≥ 2 machines, default 3)"),
     };
     if n < 2 {
@@ -20,10 +22,11 @@ pub fn fleet(args: &[&str]) -> Result<()> {
     let out = image(&ImageOptions::from_args(&[])?)?;
     let work = tempfile::tempdir().context("creating a work directory")?;
     eprintln!("fleet of {n} in {}", work.path().display());
-    let report = integration_tests::fleet::run(&out.join("appliance.img"), n, work.path(), &mut |l| {
-        eprintln!("fleet: {l}")
-    })
-    .map_err(|e| anyhow::anyhow!(e))?;
+    let report =
+        integration_tests::fleet::run(&out.join("appliance.img"), n, work.path(), &mut |l| {
+            eprintln!("fleet: {l}")
+        })
+        .map_err(|e| anyhow::anyhow!(e))?;
     print!("{}", integration_tests::fleet::table(&report));
     for p in &report.problems {
         eprintln!("problem: {p}");
