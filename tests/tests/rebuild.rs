@@ -36,46 +36,6 @@ fn host_release(dir: &Path) -> String {
     Digest::of(&std::fs::read(dir.join("manifest.json")).unwrap()).to_string()
 }
 
-/// Copy the data partition out of the image and `debugfs rdump` its
-/// `release/` and `bundle/` into `data`.
-fn extract_data_partition(dir: &Path, work: &Path, data: &Path) {
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
-    let p = m["disk"]["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["label"] == "appliance-data")
-        .expect("an appliance-data partition");
-    let (offset, size) = (p["offset"].as_u64().unwrap(), p["size"].as_u64().unwrap());
-    assert_eq!((offset % (1 << 20), size % (1 << 20)), (0, 0));
-    let part = work.join("data.ext4");
-    let st = Command::new("dd")
-        .arg(format!("if={}", dir.join("appliance.img").display()))
-        .arg(format!("of={}", part.display()))
-        .args(["bs=1M", "conv=sparse", "status=none"])
-        .arg(format!("skip={}", offset >> 20))
-        .arg(format!("count={}", size >> 20))
-        .status()
-        .unwrap();
-    assert!(st.success(), "dd failed");
-    std::fs::create_dir_all(data).unwrap();
-    for d in ["release", "bundle"] {
-        let o = Command::new("debugfs")
-            .arg("-R")
-            .arg(format!("rdump /{d} {}", data.display()))
-            .arg(&part)
-            .output()
-            .expect("running debugfs (e2fsprogs)");
-        assert!(
-            o.status.success() && data.join(d).is_dir(),
-            "debugfs rdump /{d}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    std::fs::remove_file(&part).unwrap();
-}
-
 fn appliance_bin() -> PathBuf {
     let bin = workspace_root().join("target/x86_64-unknown-linux-gnu/release/appliance");
     assert!(
@@ -91,7 +51,7 @@ fn appliance_rebuild_on_the_host_from_the_data_partition_is_identical() {
     let dir = image_dir();
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("data");
-    extract_data_partition(&dir, work.path(), &data);
+    integration_tests::extract_data_partition(&dir, work.path(), &data);
     let before = dir_listing(&data.join("bundle"));
 
     let out = work.path().join("out");

@@ -13,15 +13,16 @@ use builder::Digest;
 
 use crate::root;
 
-pub fn run(name: &str, _rest: &[&str]) -> Result<()> {
+pub fn run(name: &str, rest: &[&str]) -> Result<()> {
     match name {
         "builder" => builder_bench(),
         "boot" => crate::bench_boot::run(),
         "dhcp" => crate::bench_dhcp::run(),
         "inventory" => crate::bench_inventory::run(),
         "tftp" => crate::bench_tftp::run(),
+        "replicate" => crate::bench_replicate::run(rest),
         other => {
-            bail!("unknown benchmark {other:?}; available: builder, boot, dhcp, inventory, tftp")
+            bail!("unknown benchmark {other:?}; available: builder, boot, dhcp, inventory, replicate, tftp")
         }
     }
 }
