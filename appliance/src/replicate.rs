@@ -242,8 +242,12 @@ impl Replication {
         {
             Some(b) if b.disk_digest == report.disk.to_string() => b,
             _ => {
-                let b = crate::bmap::Bmap::from_file(&image, crate::bmap::DEFAULT_CHUNK)
-                    .with_context(|| format!("computing the block map of {}", image.display()))?;
+                let b = crate::bmap::Bmap::from_file_with_digest(
+                    &image,
+                    crate::bmap::DEFAULT_CHUNK,
+                    &report.disk,
+                )
+                .with_context(|| format!("computing the block map of {}", image.display()))?;
                 let tmp = bmap_path.with_extension("bmap.tmp");
                 std::fs::write(&tmp, b.to_bytes())?;
                 std::fs::rename(&tmp, &bmap_path)?;

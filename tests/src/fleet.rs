@@ -22,7 +22,7 @@ use crate::qemu::{base_command, Firmware, Vm};
 
 /// Disk size of each blank machine: bigger than the image, so the data
 /// partition grows on first boot.
-pub const CHILD_DISK: u64 = 5 << 30;
+pub const CHILD_DISK: u64 = 2 << 30;
 /// Memory per VM (the parent rebuilds its image while serving).
 pub const MEMORY_MB: u32 = 1536;
 
@@ -30,11 +30,16 @@ pub const MEMORY_MB: u32 = 1536;
 #[derive(Debug, Clone, Default)]
 pub struct Generation {
     pub index: usize,
-    /// VM start to install work handed out (PXE, kernel, check-in).
+    /// VM start to the installer's check-in (firmware PXE, iPXE, kernel).
     pub pxe_boot: f64,
-    /// Work handed out to the image written (stream + write + verify).
+    /// Check-in to install work: waiting for the parent's image (its
+    /// rebuild from the bundle, when not yet cached).
+    pub wait: f64,
+    /// Work handed out to the install reported done (stream, write,
+    /// read-back verify, partition table, node state).
     pub stream: f64,
-    /// Of `stream`: fetch and write, as the child's writer measured it.
+    /// Of `stream`: fetching and writing the ranges, as the child's writer
+    /// measured it.
     pub write: f64,
     /// Install done to the child's API answering from its own disk.
     pub reboot: f64,
@@ -281,6 +286,26 @@ pub fn run(
                 .find(|r| r["mac"] == mac_k.as_str())
                 .cloned()
         };
+        let checked_in = |port: u16| -> Option<()> {
+            json(port, "/api/v1/agents")?
+                .as_array()?
+                .iter()
+                .any(|a| a["mac"] == mac_k.as_str() && a["mode"] == "install")
+                .then_some(())
+        };
+        {
+            let mut all: Vec<&mut Vm> = vms.iter_mut().collect();
+            all.push(&mut child);
+            wait_for(
+                &format!("m{k} installer check-in"),
+                Duration::from_secs(600),
+                &mut all,
+                || checked_in(pport),
+            )?;
+        }
+        let pxe_boot = t0.elapsed().as_secs_f64();
+        log(&format!("m{k}: installer checked in after {pxe_boot:.1}s"));
+        let tw = Instant::now();
         {
             let mut all: Vec<&mut Vm> = vms.iter_mut().collect();
             all.push(&mut child);
@@ -291,9 +316,10 @@ pub fn run(
                 || installs(pport),
             )?;
         }
-        let pxe_boot = t0.elapsed().as_secs_f64();
-        log(&format!("m{k}: install assigned after {pxe_boot:.1}s"));
-        let t1 = Instant::now();
+        let wait = tw.elapsed().as_secs_f64();
+        log(&format!(
+            "m{k}: install assigned {wait:.1}s later (the parent prepares its image)"
+        ));
         // The child powers itself off (-no-reboot) when the install is done.
         let deadline = Instant::now() + Duration::from_secs(1200);
         let exit = loop {
@@ -315,8 +341,11 @@ pub fn run(
                 tail(&child.serial(), 80)
             ));
         }
-        let stream = t1.elapsed().as_secs_f64();
-        let write = rec["report"]["stream_seconds"].as_f64().unwrap_or(0.0);
+        let stream =
+            rec["updated"].as_f64().unwrap_or(0.0) - rec["started"].as_f64().unwrap_or(0.0);
+        let write = rec["report"]["writer"]["write_secs"]
+            .as_f64()
+            .unwrap_or(0.0);
         let bytes_sent = rec["bytes_sent"].as_u64().unwrap_or(0);
         log(&format!(
             "m{k}: installed in {stream:.1}s ({bytes_sent} bytes sent)"
@@ -339,6 +368,7 @@ pub fn run(
         gens.push(Generation {
             index: k,
             pxe_boot,
+            wait,
             stream,
             write,
             reboot,
@@ -386,13 +416,29 @@ pub fn run(
 /// The report as a table, one row per generation.
 pub fn table(r: &FleetReport) -> String {
     let mut s = format!(
-        "{:>3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>12}\n",
-        "gen", "pxe_s", "stream_s", "write_s", "reboot_s", "total_s", "bytes_sent", "data_bytes"
+        "{:>3} {:>8} {:>8} {:>9} {:>8} {:>9} {:>8} {:>11} {:>11}\n",
+        "gen",
+        "pxe_s",
+        "wait_s",
+        "stream_s",
+        "write_s",
+        "reboot_s",
+        "total_s",
+        "bytes_sent",
+        "data_bytes"
     );
     for g in &r.generations {
         s.push_str(&format!(
-            "{:>3} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>12} {:>12}\n",
-            g.index, g.pxe_boot, g.stream, g.write, g.reboot, g.total, g.bytes_sent, g.data_bytes
+            "{:>3} {:>8.1} {:>8.1} {:>9.1} {:>8.1} {:>9.1} {:>8.1} {:>11} {:>11}\n",
+            g.index,
+            g.pxe_boot,
+            g.wait,
+            g.stream,
+            g.write,
+            g.reboot,
+            g.total,
+            g.bytes_sent,
+            g.data_bytes
         ));
     }
     s

@@ -157,7 +157,7 @@ fn booted_appliance_rebuilds_itself_bit_for_bit_through_the_api() {
     let token = vm
         .first_token()
         .unwrap_or_else(|| panic!("no first API token on the console:\n{}", vm.serial()));
-    // Under TCG the rebuild takes minutes (it hashes the whole 4 GiB disk).
+    // Under TCG the rebuild takes minutes (it hashes the whole 1 GiB disk).
     let r = http::request_within(
         port,
         "POST",
