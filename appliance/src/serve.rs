@@ -107,11 +107,14 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     let tokens = Arc::new(crate::auth::TokenStore::open(
         &opts.data.join("state/tokens.json"),
     ));
-    // Operator writes (power, networks) need a bearer token like the
+    // Operator writes (power, networks, flash) need a bearer token like the
     // inventory's; agent check-ins and PXE fetches come from targets, which
     // carry none.
     let guarded = api::router(state)
         .merge(crate::network::router(networks))
+        .merge(crate::flash::router(crate::flash::FlashState::new(
+            &opts.data,
+        )))
         .layer(axum::middleware::from_fn_with_state(
             tokens,
             require_token_for_writes,

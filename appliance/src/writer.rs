@@ -631,11 +631,7 @@ pub fn write_image(
 
 /// The primary region and the backup GPT (offset, bytes) of the image's
 /// table grown to `target_size`.
-fn grown_tables(
-    head: &[u8],
-    image_size: u64,
-    target_size: u64,
-) -> Result<(Vec<u8>, Piece)> {
+fn grown_tables(head: &[u8], image_size: u64, target_size: u64) -> Result<(Vec<u8>, Piece)> {
     use builder::gpt;
     let layout = gpt::read_head(head, image_size).context("reading the image's GPT")?;
     let target_size = target_size / gpt::SECTOR * gpt::SECTOR;

@@ -8,6 +8,7 @@
 //! Every command takes `--json` and then prints the API's JSON.
 
 pub mod client;
+pub mod flash;
 
 mod network;
 use std::io::IsTerminal;
@@ -76,6 +77,8 @@ pub enum Ops {
     Network(network::NetworkCmd),
     /// Machines that PXE-booted into agent mode and reported their hardware.
     Agents(network::AgentsCmd),
+    /// Write the appliance image onto a disk (USB stick) or file, verified.
+    Flash(flash::FlashCmd),
 }
 
 /// A noun's verbs.
@@ -291,6 +294,7 @@ pub fn run(op: Ops) -> Result<()> {
         Ops::Token(t) => token(t),
         Ops::Network(n) => network::network(n),
         Ops::Agents(a) => network::agents(a),
+        Ops::Flash(f) => flash::run(f),
     }
 }
 
