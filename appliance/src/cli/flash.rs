@@ -150,3 +150,29 @@ impl Reporter {
         }
     }
 }
+
+/// `appliance bmap`.
+#[derive(Debug, Args)]
+pub struct BmapCmd {
+    /// Image to map.
+    pub image: PathBuf,
+    /// Largest range in bytes (a multiple of 4096).
+    #[arg(long, default_value_t = crate::bmap::DEFAULT_CHUNK)]
+    pub chunk_size: u64,
+    /// Write the map to this file instead of stdout.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+}
+
+/// Runs `appliance bmap`: prints or writes the image's block map.
+pub fn bmap(cmd: BmapCmd) -> Result<()> {
+    let b = crate::bmap::Bmap::from_file(&cmd.image, cmd.chunk_size)?;
+    match &cmd.output {
+        Some(out) => {
+            std::fs::write(out, b.to_bytes()).with_context(|| format!("writing {}", out.display()))
+        }
+        None => std::io::stdout()
+            .write_all(&b.to_bytes())
+            .context("writing to stdout"),
+    }
+}

@@ -79,6 +79,8 @@ pub enum Ops {
     Agents(network::AgentsCmd),
     /// Write the appliance image onto a disk (USB stick) or file, verified.
     Flash(flash::FlashCmd),
+    /// Print an image's block map (appliance.bmap.v1 JSON).
+    Bmap(flash::BmapCmd),
 }
 
 /// A noun's verbs.
@@ -295,6 +297,7 @@ pub fn run(op: Ops) -> Result<()> {
         Ops::Network(n) => network::network(n),
         Ops::Agents(a) => network::agents(a),
         Ops::Flash(f) => flash::run(f),
+        Ops::Bmap(b) => flash::bmap(b),
     }
 }
 
