@@ -251,6 +251,7 @@ fn mount_data(dev: Option<&Path>) -> bool {
         Some(dev) => match crate::mount::mount_ext4(dev, target) {
             Ok(()) => {
                 marker(&format!("data mounted {}", dev.display()));
+                grow_data(dev, target);
                 return true;
             }
             Err(e) => format!("{e:#}"),
@@ -268,6 +269,26 @@ fn mount_data(dev: Option<&Path>) -> bool {
         Err(e) => degrade(&format!("{e:#}")),
     }
     false
+}
+
+/// Grows the data filesystem to its partition (after a flash onto a
+/// larger disk); a failure is a degraded reason, never fatal.
+fn grow_data(dev: &Path, target: &Path) {
+    match crate::growfs::grow_mounted(dev, target, Path::new("/sys/class/block")) {
+        Ok(crate::growfs::Grown::Fits { blocks }) => {
+            tracing::info!(blocks, "data filesystem fills its partition");
+        }
+        Ok(crate::growfs::Grown::Grown {
+            from,
+            to,
+            block_size,
+        }) => marker(&format!(
+            "data grown {} MiB -> {} MiB",
+            (from * block_size) >> 20,
+            (to * block_size) >> 20
+        )),
+        Err(e) => degrade(&format!("{e:#}; the data filesystem keeps its size")),
+    }
 }
 
 /// What ended supervision.

@@ -20,6 +20,8 @@ pub mod contract;
 pub mod degraded;
 pub mod dhcp;
 pub mod events;
+pub mod flash;
+pub mod growfs;
 pub mod hwinfo;
 pub mod init;
 pub mod install;

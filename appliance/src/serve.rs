@@ -173,13 +173,16 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         replicas.clone(),
         networks.clone(),
     );
-    // Operator writes (power, networks, rebuilds) need a bearer token like the
+    // Operator writes (power, networks, rebuilds, flash) need a bearer token like the
     // inventory's; agent check-ins and PXE fetches come from targets, which
     // carry none.
     let guarded = api::router(state)
         .merge(crate::network::router(networks.clone()))
         .merge(crate::rebuild::router(opts.data.clone()))
         .merge(crate::replicate::router(replication.clone()))
+        .merge(crate::flash::router(crate::flash::FlashState::new(
+            &opts.data,
+        )))
         .layer(axum::middleware::from_fn_with_state(
             tokens,
             require_token_for_writes,

@@ -81,7 +81,8 @@ pub struct RetryPolicy {
     /// First wait between attempts; doubles up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
-    /// Per-request connect and response timeouts.
+    /// Per-request connect and response-header timeouts; a body may take
+    /// four times as long before the attempt is cut (and resumed).
     pub request_timeout: Duration,
 }
 
@@ -122,6 +123,8 @@ impl HttpSource {
             .http_status_as_error(false)
             .timeout_connect(Some(policy.request_timeout))
             .timeout_recv_response(Some(policy.request_timeout))
+            // A stalled body ends the attempt; what arrived is kept.
+            .timeout_recv_body(Some(policy.request_timeout * 4))
             .build();
         HttpSource {
             url: url.to_owned(),

@@ -78,6 +78,38 @@ impl VmConfig {
     }
 }
 
+impl VmConfig {
+    /// Attach `file` as an extra raw virtio disk, read-only when asked.
+    /// It sits in PCI slot 0x10, after the auto-placed boot disk, so the
+    /// guest probes it second and names it `vdb` (one such drive per VM).
+    pub fn virtio_drive(mut self, id: &str, file: &Path, readonly: bool) -> VmConfig {
+        self.extra.push("-drive".into());
+        self.extra.push(format!(
+            "if=none,id={id},format=raw,file={},readonly={}",
+            file.display(),
+            if readonly { "on" } else { "off" }
+        ));
+        self.extra.push("-device".into());
+        self.extra
+            .push(format!("virtio-blk-pci,drive={id},addr=0x10"));
+        self
+    }
+
+    /// Attach `file` as a removable USB stick on an xHCI controller (the
+    /// guest sees a SCSI disk, `sda`).
+    pub fn usb_stick(mut self, file: &Path) -> VmConfig {
+        self.extra.extend([
+            "-device".into(),
+            "qemu-xhci,id=xhci".into(),
+            "-drive".into(),
+            format!("if=none,id=stick,format=raw,file={}", file.display()),
+            "-device".into(),
+            "usb-storage,bus=xhci.0,drive=stick,removable=on".into(),
+        ]);
+        self
+    }
+}
+
 /// `qemu-system-x86_64` with what every VM here shares: q35, the
 /// accelerator, 2 vCPUs, `memory_mb`, no display, the serial console in
 /// `<dir>/serial.log`, and the firmware (OVMF gets its own copy of the

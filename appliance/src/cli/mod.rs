@@ -8,6 +8,7 @@
 //! Every command takes `--json` and then prints the API's JSON.
 
 pub mod client;
+pub mod flash;
 
 mod network;
 mod replica;
@@ -79,6 +80,10 @@ pub enum Ops {
     Agents(network::AgentsCmd),
     /// Children of this node: register, list, remove; join a parent.
     Replica(replica::ReplicaCmd),
+    /// Write the appliance image onto a disk (USB stick) or file, verified.
+    Flash(flash::FlashCmd),
+    /// Print an image's block map (appliance.bmap.v1 JSON).
+    Bmap(flash::BmapCmd),
 }
 
 /// A noun's verbs.
@@ -295,6 +300,8 @@ pub fn run(op: Ops) -> Result<()> {
         Ops::Network(n) => network::network(n),
         Ops::Agents(a) => network::agents(a),
         Ops::Replica(r) => replica::replica(r),
+        Ops::Flash(f) => flash::run(f),
+        Ops::Bmap(b) => flash::bmap(b),
     }
 }
 

@@ -263,6 +263,9 @@ struct Faults {
     /// Close the connection after this many body bytes, for this many
     /// requests.
     drop_after: Option<(usize, u32)>,
+    /// Stop sending (holding the connection open) after this many body
+    /// bytes, for this many requests.
+    stall_after: Option<(usize, u32)>,
     /// Answer 503 to this many requests.
     unavailable: u32,
     /// Flip a byte in this many answers.
@@ -320,7 +323,7 @@ fn handle(
             b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         );
     }
-    let data = std::fs::read(file)?;
+    let total = std::fs::metadata(file)?.len();
     let mut f = faults.lock().unwrap();
     f.requests.push(range.clone().unwrap_or_default());
     if f.unavailable > 0 {
@@ -331,6 +334,7 @@ fn handle(
     }
     if f.ignore_range {
         drop(f);
+        let data = std::fs::read(file)?;
         write!(
             out,
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -344,12 +348,21 @@ fn handle(
         .unwrap();
     let (a, b) = spec.split_once('-').unwrap();
     let (a, b): (usize, usize) = (a.parse().unwrap(), b.parse().unwrap());
-    let mut body = data[a..=b].to_vec();
+    let mut body = vec![0u8; b + 1 - a];
+    File::open(file)?.read_exact_at(&mut body, a as u64)?;
     let mut cut = body.len();
     if let Some((n, times)) = f.drop_after {
         if times > 0 && n < body.len() {
             f.drop_after = Some((n, times - 1));
             cut = n.min(body.len());
+        }
+    }
+    let mut stall = false;
+    if let Some((n, times)) = f.stall_after {
+        if times > 0 && n < body.len() {
+            f.stall_after = Some((n, times - 1));
+            cut = n;
+            stall = true;
         }
     }
     if f.corrupt > 0 {
@@ -360,11 +373,15 @@ fn handle(
     write!(
         out,
         "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        data.len(),
+        total,
         body.len()
     )?;
     out.write_all(&body[..cut])?;
-    out.flush()
+    out.flush()?;
+    if stall {
+        std::thread::sleep(Duration::from_secs(30));
+    }
+    Ok(())
 }
 
 fn quick() -> RetryPolicy {
@@ -466,4 +483,33 @@ fn http_source_gives_up_and_refuses_bad_answers() {
         .read_range(0, 10)
         .unwrap_err();
     assert!(e.to_string().contains("giving up"), "{e:#}");
+}
+
+#[test]
+fn http_source_cuts_a_stalled_body_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_image(dir.path());
+    let faults = Arc::new(Mutex::new(Faults {
+        stall_after: Some((50_000, 1)),
+        ..Faults::default()
+    }));
+    let url = serve(img.clone(), None, faults.clone());
+    let mut policy = quick();
+    policy.request_timeout = Duration::from_secs(2);
+    let mut src = HttpSource::new(&url, None, policy);
+    let got = src.read_range(MIB, 200_000).unwrap();
+    let want = FileSource::open(&img)
+        .unwrap()
+        .read_range(MIB, 200_000)
+        .unwrap();
+    assert!(got == want);
+    assert_eq!(src.retries(), 1);
+    let reqs = faults.lock().unwrap().requests.clone();
+    assert_eq!(
+        reqs,
+        vec![
+            format!("bytes={}-{}", MIB, MIB + 199_999),
+            format!("bytes={}-{}", MIB + 50_000, MIB + 199_999)
+        ]
+    );
 }
