@@ -115,8 +115,8 @@ pub fn trusted_key(data: &Path) -> Result<(VerifyingKey, PathBuf)> {
     };
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let key =
-        signature::parse_public_key(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let key = signature::parse_public_key(&text)
+        .with_context(|| format!("parsing {}", path.display()))?;
     Ok((key, path))
 }
 
@@ -210,12 +210,9 @@ pub fn rebuild(data: &Path, out: &Path) -> Result<RebuildReport> {
     }
     let (def, src) = definition::parse(&def_ref, &def_text)?;
     let lock_ref = format!("lock/{name}");
-    let lock: Lock = serde_json::from_slice(&read_blob(
-        &bundle_blobs,
-        &find(&lock_ref)?,
-        &lock_ref,
-    )?)
-    .with_context(|| format!("parsing {lock_ref}"))?;
+    let lock: Lock =
+        serde_json::from_slice(&read_blob(&bundle_blobs, &find(&lock_ref)?, &lock_ref)?)
+            .with_context(|| format!("parsing {lock_ref}"))?;
 
     // Resolve offline; derived blobs go to the scratch store only.
     let scratch_root = data.join(SCRATCH);
@@ -300,7 +297,8 @@ fn replace_dir(new: PathBuf, dest: &Path) -> Result<()> {
         std::fs::rename(dest, &old)
             .with_context(|| format!("moving the previous {} aside", dest.display()))?;
     }
-    std::fs::rename(&new, dest).with_context(|| format!("moving the rebuild to {}", dest.display()))?;
+    std::fs::rename(&new, dest)
+        .with_context(|| format!("moving the rebuild to {}", dest.display()))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }
@@ -338,7 +336,8 @@ pub fn cached(data: &Path) -> Result<Option<RebuildReport>> {
     if std::fs::metadata(&img).map(|m| m.len()).ok() != Some(disk.size) {
         return Ok(None);
     }
-    let sum = std::fs::read_to_string(out.join(format!("{}.sha256", disk.file))).unwrap_or_default();
+    let sum =
+        std::fs::read_to_string(out.join(format!("{}.sha256", disk.file))).unwrap_or_default();
     let hex = sum.split_whitespace().next().unwrap_or_default();
     if report.disk != format!("sha256:{hex}") {
         return Ok(None);

@@ -710,12 +710,12 @@ fn add_files(
                 "signature" => outputs.signature.clone().map(Content::bytes),
                 _ => None,
             };
-            Node::File(
-                c.ok_or_else(|| match o.get_ref().as_str() {
-                    "signature" => at("output \"signature\" needs a signed build (a signing key)".into()),
-                    other => at(format!("output {other:?} is not available here")),
-                })?,
-            )
+            Node::File(c.ok_or_else(|| match o.get_ref().as_str() {
+                "signature" => {
+                    at("output \"signature\" needs a signed build (a signing key)".into())
+                }
+                other => at(format!("output {other:?} is not available here")),
+            })?)
         } else if let Some(t) = &f.tree {
             let d = req.inputs[t.get_ref()].digest;
             let tf = TreeFile::load(req.blobs, &d).map_err(|e| at(e.to_string()))?;

@@ -240,7 +240,10 @@ mod tests {
     fn keys_round_trip_as_text() {
         let k = key(9);
         let p = format_public_key(&k.verifying_key());
-        assert_eq!(parse_public_key(&format!("{p}\n")).unwrap(), k.verifying_key());
+        assert_eq!(
+            parse_public_key(&format!("{p}\n")).unwrap(),
+            k.verifying_key()
+        );
         let s = format_secret_key(&k);
         assert_eq!(parse_secret_key(&s).unwrap().to_bytes(), k.to_bytes());
         assert!(parse_public_key("ed25519:abcd").is_err());

@@ -325,16 +325,18 @@ pub fn resolve_locked(
 /// Every blob an OCI layout with this `index.json` holds: each named
 /// descriptor's blob, and the members of set documents
 /// ([`store::SET_MEDIA_TYPE`], e.g. `release/debs`).
-pub fn layout_blobs(index: &[u8], blobs: &dyn BlobSource) -> Result<BTreeSet<Digest>, ResolveError> {
+pub fn layout_blobs(
+    index: &[u8],
+    blobs: &dyn BlobSource,
+) -> Result<BTreeSet<Digest>, ResolveError> {
     let refs = store::parse_index_refs(index).map_err(|e| ResolveError::Snapshot(e.to_string()))?;
     let mut out = BTreeSet::new();
     for (_, d) in refs {
         out.insert(d.digest);
         if d.media_type == store::SET_MEDIA_TYPE {
             let bytes = read_all(blobs, &d.digest)?;
-            let set: SetDoc = serde_json::from_slice(&bytes).map_err(|e| {
-                ResolveError::Snapshot(format!("set document {}: {e}", d.digest))
-            })?;
+            let set: SetDoc = serde_json::from_slice(&bytes)
+                .map_err(|e| ResolveError::Snapshot(format!("set document {}: {e}", d.digest)))?;
             out.extend(set.blobs.into_iter().map(|b| b.digest));
         }
     }
@@ -352,10 +354,9 @@ struct SetMember {
 }
 
 fn read_all(blobs: &dyn BlobSource, d: &Digest) -> Result<Vec<u8>, ResolveError> {
-    let c = blobs.blob(d).map_err(|source| ResolveError::Blob {
-        digest: *d,
-        source,
-    })?;
+    let c = blobs
+        .blob(d)
+        .map_err(|source| ResolveError::Blob { digest: *d, source })?;
     c.read_all().map_err(|e| ResolveError::Blob {
         digest: *d,
         source: BlobError::Io {
@@ -587,11 +588,18 @@ bundle = { generated = "bundle snapshot", kind = "tree" }
         let r = resolve_offline(&fx.def, &fx.lock, &blobs, &fx.scratch, Some(&index)).unwrap();
         for (name, d) in &fx.expect {
             assert_eq!(r[name].digest, *d, "{name}");
-            assert_eq!(r[name].origin.as_deref(), Some(fx.lock[name].origin.as_str()));
+            assert_eq!(
+                r[name].origin.as_deref(),
+                Some(fx.lock[name].origin.as_str())
+            );
         }
         // The tree and its files were derived into the scratch store only.
         assert!(fx.scratch.contains(&fx.expect["share"]));
-        assert_eq!(fx.bundle.blobs().unwrap(), before, "the bundle was written to");
+        assert_eq!(
+            fx.bundle.blobs().unwrap(),
+            before,
+            "the bundle was written to"
+        );
         let tf = TreeFile::load(&blobs, &fx.expect["share"]).unwrap();
         assert!(tf.entries.iter().any(|e| e.path == "usr/bin/tool"));
         // The snapshot describes the layout: index, oci-layout, every blob.
@@ -613,13 +621,19 @@ bundle = { generated = "bundle snapshot", kind = "tree" }
     fn a_changed_or_unlocked_input_is_named() {
         let fx = fixture();
         let bundle_dir = BlobDir::new(fx.bundle.root());
+        let index = std::fs::read(fx.bundle.root().join("index.json")).unwrap();
         let mut lock = fx.lock.clone();
         lock.get_mut("kernel").unwrap().spec = "something else".into();
-        let e = resolve_offline(&fx.def, &lock, &bundle_dir, &fx.scratch, Some(b"{}")).unwrap_err();
-        assert!(matches!(e, ResolveError::SpecChanged { ref name, .. } if name == "kernel"), "{e}");
+        let e =
+            resolve_offline(&fx.def, &lock, &bundle_dir, &fx.scratch, Some(&index)).unwrap_err();
+        assert!(
+            matches!(e, ResolveError::SpecChanged { ref name, .. } if name == "kernel"),
+            "{e}"
+        );
         let mut lock = fx.lock.clone();
         lock.remove("tool");
-        let e = resolve_offline(&fx.def, &lock, &bundle_dir, &fx.scratch, None).unwrap_err();
+        let e =
+            resolve_offline(&fx.def, &lock, &bundle_dir, &fx.scratch, Some(&index)).unwrap_err();
         assert!(e.to_string().contains("\"tool\""), "{e}");
     }
 

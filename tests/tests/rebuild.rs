@@ -110,8 +110,16 @@ fn appliance_rebuild_on_the_host_from_the_data_partition_is_identical() {
     );
     let r: serde_json::Value = serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)));
-    assert_eq!(r["disk"].as_str(), Some(host_disk_digest(&dir).as_str()), "{r}");
-    assert_eq!(r["rebuilt_release"].as_str(), Some(host_release(&dir).as_str()), "{r}");
+    assert_eq!(
+        r["disk"].as_str(),
+        Some(host_disk_digest(&dir).as_str()),
+        "{r}"
+    );
+    assert_eq!(
+        r["rebuilt_release"].as_str(),
+        Some(host_release(&dir).as_str()),
+        "{r}"
+    );
     assert_eq!(r["booted_release"], r["rebuilt_release"], "{r}");
     assert_eq!(r["identical"], true, "{r}");
     for f in ["manifest.json", "manifest.json.sig", "appliance.img.sha256"] {
@@ -171,18 +179,17 @@ fn booted_appliance_rebuilds_itself_bit_for_bit_through_the_api() {
     let dir = image_dir();
     let work = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut vm = Vm::boot(&VmConfig::new(
-        dir.join("appliance.img"),
-        port,
-        work.path(),
-    ))
-    .unwrap();
+    let mut vm = Vm::boot(&VmConfig::new(dir.join("appliance.img"), port, work.path())).unwrap();
     vm.wait_http("/api/v1/version", Duration::from_secs(240))
         .unwrap();
     let r = http::request(port, "GET", "/api/v1/release", None).unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-    assert_eq!(v["release"].as_str(), Some(host_release(&dir).as_str()), "{v}");
+    assert_eq!(
+        v["release"].as_str(),
+        Some(host_release(&dir).as_str()),
+        "{v}"
+    );
     assert!(v["cached"].is_null(), "{v}");
 
     let r = http::post(port, "/api/v1/release/rebuild", "{}").unwrap();

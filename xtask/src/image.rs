@@ -376,7 +376,11 @@ fn bundle_snapshot(
         }
     }
     let index = store::index_document(&refs);
-    Ok(resolve::snapshot(&index, &BlobDir::new(store.root()), store)?)
+    Ok(resolve::snapshot(
+        &index,
+        &BlobDir::new(store.root()),
+        store,
+    )?)
 }
 
 /// The release signing key and where its public half is.
@@ -401,7 +405,9 @@ fn signing_key() -> Result<ReleaseKey> {
             .with_context(|| format!("parsing the signing key {}", path.display()))?;
         (k, "reusing")
     } else {
-        let dir = path.parent().context("the signing key path has no directory")?;
+        let dir = path
+            .parent()
+            .context("the signing key path has no directory")?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut seed = [0u8; 32];
         std::fs::File::open("/dev/urandom")
@@ -442,4 +448,3 @@ fn signing_key() -> Result<ReleaseKey> {
         public_path,
     })
 }
-
