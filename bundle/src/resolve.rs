@@ -621,16 +621,19 @@ bundle = { generated = "bundle snapshot", kind = "tree" }
     fn a_changed_or_unlocked_input_is_named() {
         let fx = fixture();
         let bundle_dir = BlobDir::new(fx.bundle.root());
+        let index = std::fs::read(fx.bundle.root().join("index.json")).unwrap();
         let mut lock = fx.lock.clone();
         lock.get_mut("kernel").unwrap().spec = "something else".into();
-        let e = resolve_offline(&fx.def, &lock, &bundle_dir, &fx.scratch, Some(b"{}")).unwrap_err();
+        let e =
+            resolve_offline(&fx.def, &lock, &bundle_dir, &fx.scratch, Some(&index)).unwrap_err();
         assert!(
             matches!(e, ResolveError::SpecChanged { ref name, .. } if name == "kernel"),
             "{e}"
         );
         let mut lock = fx.lock.clone();
         lock.remove("tool");
-        let e = resolve_offline(&fx.def, &lock, &bundle_dir, &fx.scratch, None).unwrap_err();
+        let e =
+            resolve_offline(&fx.def, &lock, &bundle_dir, &fx.scratch, Some(&index)).unwrap_err();
         assert!(e.to_string().contains("\"tool\""), "{e}");
     }
 
