@@ -33,4 +33,5 @@ pub mod power;
 pub mod pxe;
 pub mod replicas;
 pub mod serve;
+pub mod sync;
 pub mod tftp;
