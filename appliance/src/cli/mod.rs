@@ -11,6 +11,7 @@ pub mod client;
 
 mod network;
 mod replica;
+mod sync;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -79,6 +80,10 @@ pub enum Ops {
     Agents(network::AgentsCmd),
     /// Children of this node: register, list, remove; join a parent.
     Replica(replica::ReplicaCmd),
+    /// Sync the shared state with the parent; status; conflicts.
+    Sync(sync::SyncCmd),
+    /// Offline sync: export or import one bundle file.
+    Bundle(sync::BundleCmd),
 }
 
 /// A noun's verbs.
@@ -295,6 +300,8 @@ pub fn run(op: Ops) -> Result<()> {
         Ops::Network(n) => network::network(n),
         Ops::Agents(a) => network::agents(a),
         Ops::Replica(r) => replica::replica(r),
+        Ops::Sync(s) => sync::sync(s),
+        Ops::Bundle(b) => sync::bundle(b),
     }
 }
 
