@@ -183,12 +183,24 @@ fn repo_obj(name: &str, mirror: &str) -> Value {
 
 #[test]
 fn fleet_converges_with_conflicts_listed_and_bundles_round_trip() {
-    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let t0 = std::time::Instant::now();
+    let step = |what: &str| eprintln!("[{:>8.1?}] {what}", t0.elapsed());
+    // tmpfs when there is one: tens of thousands of small git objects are
+    // slow to delete on a disk mounted with `discard`.
+    let base = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..4)
+        .map(|_| tempfile::tempdir_in(&base).unwrap())
+        .collect();
     let a = Node::start("A", dirs[0].path());
     let b = a.adopt("B", dirs[1].path());
     let e = a.adopt("E", dirs[2].path());
     let mut c = b.adopt("C", dirs[3].path());
 
+    step("nodes up");
     // Shared starting point made on A, synced down the tree.
     a.ok(&["repo", "add", "shared", "--mirror", "http://a/0"]);
     a.ok(&["repo", "add", "doomed", "--mirror", "http://a/doomed"]);
@@ -211,6 +223,7 @@ fn fleet_converges_with_conflicts_listed_and_bundles_round_trip() {
         .unwrap();
     assert!(!o.status.success(), "a replica token wrote the inventory");
 
+    step("shared synced");
     // Concurrent edits on C and E: same object, edit vs delete, and new
     // objects on each side.
     c.ok(&["repo", "edit", "shared", "--mirror", "http://c/1"]);
@@ -220,34 +233,44 @@ fn fleet_converges_with_conflicts_listed_and_bundles_round_trip() {
     e.ok(&["repo", "remove", "doomed", "--yes"]);
     e.ok(&["repo", "add", "from-e", "--mirror", "http://e/new"]);
 
-    // C has many changes: kill it in the middle of a sync, then restart.
-    let batch: Vec<Value> = (0..3000)
-        .map(|i| repo_obj(&format!("c-{i:04}"), &format!("http://c/{i}")))
-        .collect();
-    let tmp = c.data.join("batch.json");
-    std::fs::write(&tmp, json!({"objects": batch}).to_string()).unwrap();
-    let o = Command::new("curl")
-        .args(["-sf", "-X", "POST", "-H"])
-        .arg(format!("Authorization: Bearer {}", c.token))
-        .args(["-H", "Content-Type: application/json", "--data-binary"])
-        .arg(format!("@{}", tmp.display()))
-        .arg(format!("{}/api/v1/batch", c.url))
-        .output()
-        .expect("curl is installed");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let syncing = bin()
-        .args(["sync"])
-        .env("APPLIANCE_URL", &c.url)
-        .env("APPLIANCE_TOKEN", &c.token)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(150));
-    c.kill();
-    let _ = syncing.wait_with_output();
-    c.spawn(false);
-
+    step("edits done");
+    // C has many changes: kill it in the middle of syncs (at several
+    // points), then restart it; nothing is lost and the tree converges.
+    for (round, delay_ms) in [40u64, 120, 300].into_iter().enumerate() {
+        let batch: Vec<Value> = (0..1000)
+            .map(|i| {
+                let n = round * 1000 + i;
+                repo_obj(&format!("c-{n:04}"), &format!("http://c/{n}"))
+            })
+            .collect();
+        let tmp = c.data.join("batch.json");
+        std::fs::write(&tmp, json!({"objects": batch}).to_string()).unwrap();
+        let o = Command::new("curl")
+            .args(["-sf", "-X", "POST", "-H"])
+            .arg(format!("Authorization: Bearer {}", c.token))
+            .args(["-H", "Content-Type: application/json", "--data-binary"])
+            .arg(format!("@{}", tmp.display()))
+            .arg(format!("{}/api/v1/batch", c.url))
+            .output()
+            .expect("curl is installed");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let syncing = bin()
+            .args(["sync"])
+            .env("APPLIANCE_URL", &c.url)
+            .env("APPLIANCE_TOKEN", &c.token)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        c.kill();
+        let killed = syncing.wait_with_output().unwrap();
+        step(&format!(
+            "C killed after {delay_ms} ms (sync ok: {})",
+            killed.status.success()
+        ));
+        c.spawn(false);
+    }
     // Syncs in different orders: E first to A, then C (restarted) up.
     e.sync();
     let r = c.sync();
@@ -273,6 +296,7 @@ fn fleet_converges_with_conflicts_listed_and_bundles_round_trip() {
     let quiet = c.sync();
     assert_eq!(quiet["round_trips"], 1, "{quiet}");
 
+    step("converged");
     // The later edit (E's) won; C's edit of `shared` is listed everywhere;
     // E's later delete of `doomed` won over C's edit, which is listed too.
     for n in [&a, &b, &c, &e] {
@@ -300,6 +324,7 @@ fn fleet_converges_with_conflicts_listed_and_bundles_round_trip() {
             .iter()
             .all(|x| x["node"] == c.id.as_str()));
     }
+    step("checked values");
     // The losing version is in A's history, readable by stock git.
     let cs = a.json(&["sync", "conflicts"]);
     let lost = cs
@@ -323,6 +348,7 @@ fn fleet_converges_with_conflicts_listed_and_bundles_round_trip() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
+    step("git checked");
     // Offline: a bundle from C to A.
     c.ok(&["repo", "add", "offline-c", "--mirror", "http://c/offline"]);
     let blob = b"a blob that travels offline\n";
@@ -348,6 +374,7 @@ fn fleet_converges_with_conflicts_listed_and_bundles_round_trip() {
         "-o",
         file.to_str().unwrap(),
     ]);
+    step("exported");
     let good = std::fs::read(&file).unwrap();
     let a_before = a.state();
     let bad = c.data.join("bad.bundle");
@@ -369,6 +396,7 @@ fn fleet_converges_with_conflicts_listed_and_bundles_round_trip() {
         .success());
     assert_eq!(a.state(), a_before, "a rejected bundle changed A");
     assert!(!a.data.join("blobs/sha256").join(&digest).exists());
+    step("rejected bad");
     let r = a.json(&["bundle", "import", file.to_str().unwrap()]);
     assert_ne!(r["merge"]["action"], "unchanged", "{r}");
     assert_eq!(a.mirror("offline-c").as_deref(), Some("http://c/offline"));
@@ -381,10 +409,16 @@ fn fleet_converges_with_conflicts_listed_and_bundles_round_trip() {
     assert_eq!(r["merge"]["action"], "unchanged", "{r}");
     assert_eq!(r["blobs_added"], 0);
     assert_eq!(a.state(), after);
+    step("imported");
     // And online, the blob reaches E through A.
     e.sync();
     assert_eq!(
         std::fs::read(e.data.join("blobs/sha256").join(&digest)).unwrap(),
         blob
     );
+    step("end");
+    drop((a, b, c, e));
+    step("killed");
+    drop(dirs);
+    step("removed");
 }
