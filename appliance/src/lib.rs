@@ -40,5 +40,6 @@ pub mod rebuild;
 pub mod replicas;
 pub mod replicate;
 pub mod serve;
+pub mod sync;
 pub mod tftp;
 pub mod writer;

@@ -43,6 +43,9 @@ enum Command {
         /// Seconds between check-ins with the parent (state/parent.json).
         #[arg(long, default_value_t = 60)]
         checkin_interval: u64,
+        /// Seconds between syncs with the parent; 0: only on demand.
+        #[arg(long, default_value_t = 300)]
+        sync_interval: u64,
     },
     /// Run as PID 1 on the appliance image (refuses to run otherwise).
     Init,
@@ -124,6 +127,7 @@ fn main() -> Result<()> {
             private_reads,
             advertise_url,
             checkin_interval,
+            sync_interval,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -136,6 +140,8 @@ fn main() -> Result<()> {
                 private_reads,
                 advertise_url,
                 checkin_interval: std::time::Duration::from_secs(checkin_interval.max(1)),
+                sync_interval: (sync_interval > 0)
+                    .then(|| std::time::Duration::from_secs(sync_interval)),
                 ..appliance::serve::ServeOptions::new(listen, data)
             }))
         }

@@ -36,6 +36,8 @@ pub struct ServeOptions {
     pub advertise_url: Option<String>,
     /// How often to check in with the parent (`state/parent.json`).
     pub checkin_interval: Duration,
+    /// How often to sync with the parent (`None`: only on demand).
+    pub sync_interval: Option<Duration>,
 }
 
 impl ServeOptions {
@@ -49,6 +51,7 @@ impl ServeOptions {
             private_reads: false,
             advertise_url: None,
             checkin_interval: crate::parent::CHECKIN_INTERVAL,
+            sync_interval: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -184,12 +187,12 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
             &opts.data,
         )))
         .layer(axum::middleware::from_fn_with_state(
-            tokens,
+            tokens.clone(),
             require_token_for_writes,
         ));
     // Replica endpoints check operator or child-scoped tokens themselves.
     let mut app = guarded
-        .merge(crate::replicas::router(replicas))
+        .merge(crate::replicas::router(replicas.clone()))
         .merge(crate::events::router(events.clone()))
         .merge(crate::replicate::agent_router(replication.clone()))
         .merge(crate::agents::router(
@@ -215,6 +218,22 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         policy,
         agent_cmdline: AGENT_CMDLINE.into(),
     }));
+    if let Some(inv) = &inventory {
+        let node = Arc::new(crate::sync::SyncNode::new(
+            &opts.data,
+            node_uuid,
+            inv.inventory.clone(),
+            Some(replicas.clone()),
+        ));
+        start_background_sync(&opts, node.clone());
+        app = app.merge(crate::sync::api::router(Arc::new(
+            crate::sync::api::SyncState {
+                node,
+                tokens: tokens.clone(),
+                public_reads: !opts.private_reads,
+            },
+        )));
+    }
     if let Some(inv) = inventory {
         app = app.merge(
             crate::inventory::api::router(inv).layer(tower_http::trace::TraceLayer::new_for_http()),
@@ -266,6 +285,38 @@ fn start_parent_checkins(opts: &ServeOptions, state: &AppState, bound: SocketAdd
         report,
         opts.checkin_interval,
     ));
+}
+
+/// Syncs with the parent every `sync_interval` when `state/parent.json`
+/// exists (the first run right after start); failures are logged and
+/// retried on the next tick.
+fn start_background_sync(opts: &ServeOptions, node: Arc<crate::sync::SyncNode>) {
+    let Some(every) = opts.sync_interval else {
+        return;
+    };
+    let data = opts.data.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Ok(Some(link)) = crate::parent::load(&data) else {
+                continue;
+            };
+            let n = node.clone();
+            match tokio::task::spawn_blocking(move || n.sync_with_parent(&link)).await {
+                Ok(Ok(r)) => tracing::info!(
+                    state = ?r.state, pushed = r.pushed_objects, pulled = r.pulled_objects,
+                    "synced with the parent"
+                ),
+                Ok(Err(e)) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "sync with the parent failed; retrying"
+                ),
+                Err(e) => tracing::error!(error = %e, "sync task failed"),
+            }
+        }
+    });
 }
 
 /// Refuse non-GET requests without a valid `Authorization: Bearer` token.

@@ -98,6 +98,82 @@ impl Client {
         }
     }
 
+    /// Sends `body` (bytes or a reader, with its content type) and returns
+    /// a 2xx answer's length and a reader of its body (no size limit).
+    pub fn stream(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(ureq::SendBody<'_>, &str)>,
+    ) -> Result<(Option<u64>, ureq::BodyReader<'static>)> {
+        let url = format!("{}{path}", self.url);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let result = match body {
+            None => {
+                let mut req = match method {
+                    "GET" => self.agent.get(&url),
+                    "DELETE" => self.agent.delete(&url),
+                    _ => bail!("{method} needs a body"),
+                };
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.call()
+            }
+            Some((body, ctype)) => {
+                let mut req = match method {
+                    "POST" => self.agent.post(&url),
+                    "PUT" => self.agent.put(&url),
+                    _ => self.agent.patch(&url),
+                };
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.header("Content-Type", ctype).send(body)
+            }
+        };
+        let resp =
+            result.with_context(|| format!("connecting to {} ({method} {path})", self.url))?;
+        let status = resp.status();
+        let len = resp
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let reader = resp.into_body().into_reader();
+        if status.is_success() {
+            return Ok((len, reader));
+        }
+        let mut text = String::new();
+        use std::io::Read;
+        let _ = reader.take(64 * 1024).read_to_string(&mut text);
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(v) if v.get("code").is_some() => bail!(
+                "{} ({}, HTTP {})",
+                v["message"].as_str().unwrap_or(""),
+                v["code"].as_str().unwrap_or(""),
+                status.as_u16()
+            ),
+            _ => bail!(
+                "HTTP {} from {method} {path}: {}",
+                status.as_u16(),
+                text.trim()
+            ),
+        }
+    }
+
+    /// Sends bytes, returns the whole 2xx answer.
+    pub fn bytes(&self, method: &str, path: &str, body: Option<(&[u8], &str)>) -> Result<Vec<u8>> {
+        use std::io::Read;
+        let mut cursor: &[u8] = body.map(|b| b.0).unwrap_or_default();
+        let send = body.map(|(_, t)| (ureq::SendBody::from_reader(&mut cursor), t));
+        let (_, mut r) = self.stream(method, path, send)?;
+        let mut out = Vec::new();
+        r.read_to_end(&mut out)
+            .with_context(|| format!("reading the answer to {method} {path}"))?;
+        Ok(out)
+    }
+
     pub fn json(
         &self,
         method: &str,

@@ -12,6 +12,7 @@ pub mod flash;
 
 mod network;
 mod replica;
+mod sync;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -84,6 +85,10 @@ pub enum Ops {
     Flash(flash::FlashCmd),
     /// Print an image's block map (appliance.bmap.v1 JSON).
     Bmap(flash::BmapCmd),
+    /// Sync the shared state with the parent; status; conflicts.
+    Sync(sync::SyncCmd),
+    /// Offline sync: export or import one bundle file.
+    Bundle(sync::BundleCmd),
 }
 
 /// A noun's verbs.
@@ -302,6 +307,8 @@ pub fn run(op: Ops) -> Result<()> {
         Ops::Replica(r) => replica::replica(r),
         Ops::Flash(f) => flash::run(f),
         Ops::Bmap(b) => flash::bmap(b),
+        Ops::Sync(s) => sync::sync(s),
+        Ops::Bundle(b) => sync::bundle(b),
     }
 }
 

@@ -554,6 +554,407 @@ impl Repo {
     }
 }
 
+/// Object kinds as git's pack format numbers them.
+fn pack_type(kind: &str) -> Option<u8> {
+    Some(match kind {
+        "commit" => 1,
+        "tree" => 2,
+        "blob" => 3,
+        "tag" => 4,
+        _ => return None,
+    })
+}
+
+/// Errors reading a pack.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("pack is truncated ({0})")]
+    Truncated(&'static str),
+    #[error("not a version 2 git pack")]
+    BadHeader,
+    #[error("pack checksum does not match its content")]
+    Checksum,
+    #[error("pack entry {index}: {why}")]
+    Entry { index: usize, why: String },
+}
+
+/// Encodes `objects` (kind, body) as a git pack, version 2, without deltas
+/// (stock `git index-pack` reads it).
+pub fn write_pack(objects: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(64 + objects.iter().map(|o| o.1.len() / 2 + 16).sum::<usize>());
+    out.extend_from_slice(b"PACK");
+    out.extend_from_slice(&2u32.to_be_bytes());
+    out.extend_from_slice(&(objects.len() as u32).to_be_bytes());
+    for (kind, body) in objects {
+        let t = pack_type(kind).expect("known object kinds only");
+        let mut size = body.len();
+        let mut byte = (t << 4) | (size & 0x0f) as u8;
+        size >>= 4;
+        while size > 0 {
+            out.push(byte | 0x80);
+            byte = (size & 0x7f) as u8;
+            size >>= 7;
+        }
+        out.push(byte);
+        let mut z = ZlibEncoder::new(&mut out, flate2::Compression::fast());
+        z.write_all(body).expect("writing to memory");
+        z.finish().expect("writing to memory");
+    }
+    let sum: [u8; 20] = Sha1::digest(&out).into();
+    out.extend_from_slice(&sum);
+    out
+}
+
+/// Decodes a pack written by [`write_pack`] (or stock git without deltas):
+/// checks the trailing SHA-1 first, so a corrupt or truncated pack is
+/// rejected whole. Returns (kind, body) per object, in pack order.
+pub fn read_pack(pack: &[u8]) -> Result<Vec<(String, Vec<u8>)>, PackError> {
+    if pack.len() < 32 {
+        return Err(PackError::Truncated("shorter than header and checksum"));
+    }
+    let (data, sum) = pack.split_at(pack.len() - 20);
+    if Sha1::digest(data).as_slice() != sum {
+        return Err(PackError::Checksum);
+    }
+    if &data[..4] != b"PACK" || data[4..8] != 2u32.to_be_bytes() {
+        return Err(PackError::BadHeader);
+    }
+    let count = u32::from_be_bytes(data[8..12].try_into().expect("4 bytes")) as usize;
+    let mut pos = 12;
+    let mut out = Vec::with_capacity(count.min(1 << 20));
+    for index in 0..count {
+        let bad = |why: &str| PackError::Entry {
+            index,
+            why: why.to_owned(),
+        };
+        let mut byte = *data.get(pos).ok_or(PackError::Truncated("entry header"))?;
+        pos += 1;
+        let t = (byte >> 4) & 7;
+        let mut size = (byte & 0x0f) as u64;
+        let mut shift = 4;
+        while byte & 0x80 != 0 {
+            byte = *data.get(pos).ok_or(PackError::Truncated("entry size"))?;
+            pos += 1;
+            if shift > 56 {
+                return Err(bad("size too large"));
+            }
+            size |= ((byte & 0x7f) as u64) << shift;
+            shift += 7;
+        }
+        let kind = match t {
+            1 => "commit",
+            2 => "tree",
+            3 => "blob",
+            4 => "tag",
+            6 | 7 => return Err(bad("delta objects are not supported")),
+            _ => return Err(bad("unknown object type")),
+        };
+        let mut d = flate2::Decompress::new(true);
+        let mut body = Vec::with_capacity(size as usize);
+        loop {
+            let before_out = body.len();
+            let before_in = d.total_in();
+            body.reserve(((size as usize).saturating_sub(body.len())).max(64));
+            let st = d
+                .decompress_vec(
+                    &data[pos + d.total_in() as usize..],
+                    &mut body,
+                    flate2::FlushDecompress::Finish,
+                )
+                .map_err(|e| bad(&format!("inflating: {e}")))?;
+            if st == flate2::Status::StreamEnd {
+                break;
+            }
+            if body.len() == before_out && d.total_in() == before_in {
+                return Err(PackError::Truncated("object data"));
+            }
+        }
+        pos += d.total_in() as usize;
+        if body.len() as u64 != size {
+            return Err(bad("size does not match its header"));
+        }
+        out.push((kind.to_owned(), body));
+    }
+    if pos != data.len() {
+        return Err(PackError::Entry {
+            index: count,
+            why: "trailing bytes after the last object".into(),
+        });
+    }
+    Ok(out)
+}
+
+/// The parts of a commit the sync needs.
+#[derive(Debug, Clone)]
+pub struct CommitInfo {
+    pub tree: Oid,
+    pub parents: Vec<Oid>,
+}
+
+impl Repo {
+    /// The `.git` directory.
+    pub fn git_dir(&self) -> &Path {
+        &self.git
+    }
+
+    /// Whether the object store holds `oid` (loose).
+    pub fn has_object(&self, oid: &Oid) -> bool {
+        self.object_path(oid).exists()
+    }
+
+    /// Stores an object given its kind and body; returns its id.
+    pub fn store_object(&self, kind: &str, body: &[u8]) -> Result<Oid, GitError> {
+        self.write_object(kind, body)
+    }
+
+    /// Syncs the file system the objects live on (before a ref names them).
+    pub fn sync_objects(&self) -> Result<(), GitError> {
+        if self.durable {
+            let r = fs::File::open(&self.git)
+                .and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from));
+            r.map_err(io("syncing", &self.git))?;
+        }
+        Ok(())
+    }
+
+    /// Tree and parents of a commit.
+    pub fn commit_info(&self, commit: &Oid) -> Result<CommitInfo, GitError> {
+        let (kind, body) = self.read_object(commit)?;
+        let corrupt = |why: &str| GitError::Corrupt {
+            oid: hex(commit),
+            why: why.to_owned(),
+        };
+        if kind != "commit" {
+            return Err(corrupt("not a commit"));
+        }
+        let text = String::from_utf8_lossy(&body);
+        let mut tree = None;
+        let mut parents = Vec::new();
+        for line in text.lines() {
+            if line.is_empty() {
+                break;
+            }
+            if let Some(t) = line.strip_prefix("tree ") {
+                tree = Some(parse_oid(t)?);
+            } else if let Some(p) = line.strip_prefix("parent ") {
+                parents.push(parse_oid(p)?);
+            }
+        }
+        Ok(CommitInfo {
+            tree: tree.ok_or_else(|| corrupt("no tree"))?,
+            parents,
+        })
+    }
+
+    /// Every file (path → blob id) of a tree.
+    pub fn tree_files(&self, tree: &Oid) -> Result<BTreeMap<String, Oid>, GitError> {
+        let mut out = BTreeMap::new();
+        self.walk_tree(tree, "", &mut out)?;
+        Ok(out)
+    }
+
+    /// The tree id HEAD's commit names (the state hash), if any.
+    pub fn head_tree(&self) -> Result<Option<Oid>, GitError> {
+        self.head.map(|h| self.commit_tree(&h)).transpose()
+    }
+
+    /// Whether `ancestor` is `descendant` or one of its ancestors.
+    pub fn is_ancestor(&self, ancestor: &Oid, descendant: &Oid) -> Result<bool, GitError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut stack = vec![*descendant];
+        while let Some(c) = stack.pop() {
+            if c == *ancestor {
+                return Ok(true);
+            }
+            if !seen.insert(c) {
+                continue;
+            }
+            stack.extend(self.commit_info(&c)?.parents);
+        }
+        Ok(false)
+    }
+
+    /// Ids of every object reachable from `want` that is not reachable from
+    /// any commit in `have` (commits not in the store are ignored), commits
+    /// last so a receiver storing them in order writes a commit only after
+    /// everything it names.
+    pub fn objects_missing_from(&self, want: &Oid, have: &[Oid]) -> Result<Vec<Oid>, GitError> {
+        use std::collections::HashSet;
+        // Commits the other side has: everything reachable from `have`.
+        let mut theirs: HashSet<Oid> = HashSet::new();
+        let mut stack: Vec<Oid> = have
+            .iter()
+            .filter(|h| self.has_object(h))
+            .copied()
+            .collect();
+        let mut their_tips = Vec::new();
+        while let Some(c) = stack.pop() {
+            if theirs.insert(c) {
+                if their_tips.len() < 8 {
+                    their_tips.push(c);
+                }
+                stack.extend(self.commit_info(&c)?.parents);
+            }
+        }
+        // Objects of their tip trees are theirs too (the common case: what
+        // changed since their head is all that is new).
+        let mut known: HashSet<Oid> = HashSet::new();
+        for c in have.iter().filter(|h| theirs.contains(*h)) {
+            let tree = self.commit_info(c)?.tree;
+            self.collect_tree(&tree, &mut known, &HashSet::new(), &mut Vec::new())?;
+        }
+        let mut commits = Vec::new();
+        let mut stack = vec![*want];
+        let mut seen = HashSet::new();
+        while let Some(c) = stack.pop() {
+            if theirs.contains(&c) || !seen.insert(c) {
+                continue;
+            }
+            commits.push(c);
+            stack.extend(self.commit_info(&c)?.parents);
+        }
+        let mut out = Vec::new();
+        let mut sent: HashSet<Oid> = HashSet::new();
+        for c in &commits {
+            let tree = self.commit_info(c)?.tree;
+            self.collect_tree(&tree, &mut sent, &known, &mut out)?;
+        }
+        // Oldest commit first, so parents are stored before children.
+        out.extend(commits.iter().rev());
+        Ok(out)
+    }
+
+    fn collect_tree(
+        &self,
+        tree: &Oid,
+        seen: &mut std::collections::HashSet<Oid>,
+        known: &std::collections::HashSet<Oid>,
+        out: &mut Vec<Oid>,
+    ) -> Result<(), GitError> {
+        if known.contains(tree) || !seen.insert(*tree) {
+            return Ok(());
+        }
+        let (_, body) = self.read_object(tree)?;
+        for (mode, _, oid) in parse_tree(tree, &body)? {
+            if mode == "40000" {
+                self.collect_tree(&oid, seen, known, out)?;
+            } else if !known.contains(&oid) && seen.insert(oid) {
+                out.push(oid);
+            }
+        }
+        out.push(*tree);
+        Ok(())
+    }
+
+    /// Makes `files` (path → blob id, blobs already stored) the new HEAD
+    /// tree: one commit whose parents are HEAD and `other` (a merge) or,
+    /// when HEAD is absent, only `other`. Updates the work tree and the
+    /// index like [`Repo::commit`]. Returns the new commit.
+    pub fn commit_merge(
+        &mut self,
+        files: BTreeMap<String, Oid>,
+        other: &Oid,
+        author: &Signature,
+        message: &str,
+    ) -> Result<Oid, GitError> {
+        let tree = self.write_trees(&files)?;
+        let mut body = format!("tree {}\n", hex(&tree));
+        if let Some(parent) = self.head {
+            body.push_str(&format!("parent {}\n", hex(&parent)));
+        }
+        body.push_str(&format!("parent {}\n", hex(other)));
+        body.push_str(&format!(
+            "author {} <{}> {} +0000\ncommitter appliance <appliance@localhost> {} +0000\n\n{}\n",
+            author.name,
+            author.email,
+            author.time,
+            author.time,
+            message.trim_end()
+        ));
+        let commit = self.write_object("commit", body.as_bytes())?;
+        self.move_head(commit, files, author, message)?;
+        Ok(commit)
+    }
+
+    /// Moves HEAD to `commit` (already stored, e.g. a fast-forward),
+    /// updating the work tree and the index.
+    pub fn fast_forward(&mut self, commit: &Oid, author: &Signature) -> Result<(), GitError> {
+        let tree = self.commit_info(commit)?.tree;
+        let files = self.tree_files(&tree)?;
+        self.move_head(*commit, files, author, "fast-forward (sync)")
+    }
+
+    fn move_head(
+        &mut self,
+        commit: Oid,
+        files: BTreeMap<String, Oid>,
+        who: &Signature,
+        message: &str,
+    ) -> Result<(), GitError> {
+        // Work tree first (start-up heals it from HEAD after a crash).
+        for (path, oid) in &files {
+            if self.files.get(path) != Some(oid) {
+                let (_, body) = self.read_object(oid)?;
+                write_atomic(&self.root.join(path), &body, false)?;
+            }
+        }
+        for path in self.files.keys() {
+            if !files.contains_key(path) {
+                let p = self.root.join(path);
+                match fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io("removing", &p)(e)),
+                }
+            }
+        }
+        self.sync_objects()?;
+        let refpath = self.git.join("refs/heads").join(BRANCH);
+        write_atomic(
+            &refpath,
+            format!("{}\n", hex(&commit)).as_bytes(),
+            self.durable,
+        )?;
+        self.append_reflog(who, self.head, commit, message);
+        self.head = Some(commit);
+        self.files = files;
+        if let Err(e) = self.write_index() {
+            tracing::warn!(error = %e, "writing the git index failed (git status may show changes)");
+        }
+        Ok(())
+    }
+}
+
+/// Entries of a tree object body: (mode, name, id).
+fn parse_tree(tree: &Oid, body: &[u8]) -> Result<Vec<(String, String, Oid)>, GitError> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        let bad = || GitError::Corrupt {
+            oid: hex(tree),
+            why: "truncated tree entry".into(),
+        };
+        let sp = rest.iter().position(|&b| b == b' ').ok_or_else(bad)?;
+        let nul = rest.iter().position(|&b| b == 0).ok_or_else(bad)?;
+        if rest.len() < nul + 21 || sp > nul {
+            return Err(bad());
+        }
+        let mode = String::from_utf8_lossy(&rest[..sp]).into_owned();
+        let name = String::from_utf8_lossy(&rest[sp + 1..nul]).into_owned();
+        let mut oid = [0u8; 20];
+        oid.copy_from_slice(&rest[nul + 1..nul + 21]);
+        rest = &rest[nul + 21..];
+        out.push((mode, name, oid));
+    }
+    Ok(out)
+}
+
+/// Parses a 40-hex object id.
+pub fn parse_hex_oid(s: &str) -> Result<Oid, GitError> {
+    parse_oid(s)
+}
+
 fn parse_oid(s: &str) -> Result<Oid, GitError> {
     let mut oid = [0u8; 20];
     hex::decode_to_slice(s, &mut oid).map_err(|e| GitError::Corrupt {

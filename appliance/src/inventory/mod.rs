@@ -138,13 +138,38 @@ pub struct Inventory {
     by_host: HashMap<String, String>,
     /// Files that could not be parsed at load (path: reason).
     pub load_errors: Vec<String>,
+    /// This node's clock: when set, every change also writes its sync
+    /// stamp (`.sync/meta/…`, see [`crate::sync::merge`]).
+    hlc: Option<std::sync::Arc<crate::sync::merge::Hlc>>,
+}
+
+/// What merging another node's head did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeOutcome {
+    /// `unchanged`, `fast-forward` or `merged`.
+    pub action: String,
+    pub head: Option<String>,
+    /// The state hash: HEAD's tree id.
+    pub state: Option<String>,
+    /// Object paths whose content changed here.
+    pub changed: usize,
+    /// Conflicts this merge found.
+    pub conflicts: Vec<crate::sync::merge::Conflict>,
 }
 
 impl Inventory {
     /// Opens (creating if needed) the repository at `root` and loads it.
+    /// Changes are stamped for sync with the node id in
+    /// `<root>/../state/node.json` when that file exists.
     pub fn open(root: &Path) -> Result<Self, InvError> {
         let repo = Repo::init(root)?;
-        Self::load(repo)
+        let origin = root
+            .parent()
+            .and_then(|d| crate::node::load(d).ok().flatten());
+        Self::load_with(
+            repo,
+            origin.map(|n| std::sync::Arc::new(crate::sync::merge::Hlc::new(&n))),
+        )
     }
 
     /// As [`Inventory::open`], without fsync (tests and benchmarks of logic).
@@ -155,6 +180,102 @@ impl Inventory {
     }
 
     fn load(repo: Repo) -> Result<Self, InvError> {
+        Self::load_with(repo, None)
+    }
+
+    /// Stamps later changes as made on `node` (for sync).
+    pub fn set_origin(&mut self, node: &uuid::Uuid) {
+        self.hlc = Some(std::sync::Arc::new(crate::sync::merge::Hlc::new(node)));
+    }
+
+    /// The git repository (for sync).
+    pub fn repo(&self) -> &Repo {
+        &self.repo
+    }
+
+    fn commit(
+        &mut self,
+        changes: Vec<Change>,
+        sig: &Signature,
+        message: &str,
+    ) -> Result<git::Oid, InvError> {
+        let changes = match &self.hlc {
+            Some(h) => crate::sync::merge::stamp_changes(&self.repo, h, changes)?,
+            None => changes,
+        };
+        Ok(self.repo.commit(&changes, sig, message)?)
+    }
+
+    /// Merges the commit `remote` (stored already, with everything it
+    /// names) into HEAD by the sync rule, then reloads memory. Merging a
+    /// head that is already part of HEAD changes nothing.
+    pub fn merge_remote(&mut self, remote: &git::Oid, who: &str) -> Result<MergeOutcome, InvError> {
+        let outcome = |me: &Self, action: &str, changed, conflicts| MergeOutcome {
+            action: action.into(),
+            head: me.head(),
+            state: me.repo.head_tree().ok().flatten().map(|t| git::hex(&t)),
+            changed,
+            conflicts,
+        };
+        let local = self.repo.head();
+        if local.as_ref() == Some(remote) {
+            return Ok(outcome(self, "unchanged", 0, vec![]));
+        }
+        if let Some(l) = local {
+            if self.repo.is_ancestor(remote, &l)? {
+                return Ok(outcome(self, "unchanged", 0, vec![]));
+            }
+        }
+        let sig = Author::new(who).signature();
+        let remote_tree = self.repo.commit_info(remote)?.tree;
+        let remote_files = self.repo.tree_files(&remote_tree)?;
+        let merged = crate::sync::merge::merge_files(
+            &self.repo,
+            self.repo.files(),
+            &remote_files,
+            self.hlc.as_deref(),
+        )?;
+        let ff = match local {
+            None => true,
+            Some(l) => self.repo.is_ancestor(&l, remote)?,
+        };
+        let action = if ff && merged.files == remote_files {
+            self.repo.fast_forward(remote, &sig)?;
+            "fast-forward"
+        } else {
+            let mut msg = format!("Sync: merge {} from {who}", git::hex(remote));
+            if !merged.conflicts.is_empty() {
+                msg.push_str("\n\nConflicts (the losing versions are in the second parent):\n");
+                for c in &merged.conflicts {
+                    msg.push_str(&format!("{} {} from {}\n", c.path, c.stamp, c.node));
+                }
+            }
+            self.repo
+                .commit_merge(merged.files.clone(), remote, &sig, &msg)?;
+            "merged"
+        };
+        self.reload()?;
+        Ok(outcome(
+            self,
+            action,
+            merged.changed.len(),
+            merged.conflicts,
+        ))
+    }
+
+    /// Rebuilds memory from HEAD (after a merge moved it).
+    fn reload(&mut self) -> Result<(), InvError> {
+        let mut repo = Repo::init(self.repo.root())?;
+        repo.durable = self.repo.durable;
+        let hlc = self.hlc.take();
+        *self = Self::load_with(repo, hlc)?;
+        Ok(())
+    }
+
+    fn load_with(
+        repo: Repo,
+        hlc: Option<std::sync::Arc<crate::sync::merge::Hlc>>,
+    ) -> Result<Self, InvError> {
         let files = repo.head_files()?;
         let mut me = Self {
             repo,
@@ -164,6 +285,7 @@ impl Inventory {
             by_ip: HashMap::new(),
             by_host: HashMap::new(),
             load_errors: Vec::new(),
+            hlc,
         };
         for (path, bytes) in &files {
             if path == "settings.json" {
@@ -210,8 +332,8 @@ impl Inventory {
             let mut settings =
                 serde_json::to_string_pretty(&me.settings).expect("settings serialise");
             settings.push('\n');
-            me.repo.commit(
-                &[
+            me.commit(
+                vec![
                     Change::Write("settings.json".into(), settings.into_bytes()),
                     Change::Write("README.md".into(), README.as_bytes().to_vec()),
                 ],
@@ -243,8 +365,8 @@ impl Inventory {
         }
         let mut text = serde_json::to_string_pretty(&settings).expect("settings serialise");
         text.push('\n');
-        self.repo.commit(
-            &[Change::Write("settings.json".into(), text.into_bytes())],
+        self.commit(
+            vec![Change::Write("settings.json".into(), text.into_bytes())],
             &author.signature(),
             "Edit settings",
         )?;
@@ -517,8 +639,7 @@ impl Inventory {
                 None => Change::Delete(k.file(n)),
             })
             .collect();
-        self.repo
-            .commit(&git_changes, &author.signature(), message)?;
+        self.commit(git_changes, &author.signature(), message)?;
         for (k, n, o) in changes {
             if let Some(old) = self.objects.get_mut(&k).expect("all kinds").remove(&n) {
                 self.unindex(&old);

@@ -1,0 +1,243 @@
+//! Offline sync: one bundle file carries what another node lacks (history
+//! as a git pack, and blobs) across an air gap.
+//!
+//! Format (`appliance.sync.bundle.v1`), in order:
+//! 1. the line `APPLIANCE-SYNC-BUNDLE 1\n`;
+//! 2. one line of compact JSON + `\n`: `{"from":"<node uuid>","for":<node or
+//!    null>,"head":"<commit>","state":"<tree>","created":<unix s>,
+//!    "pack_size":N,"objects":N,"blobs":[{"digest":"sha256:…","size":N}]}`;
+//! 3. `pack_size` bytes: a git pack (version 2, no deltas) of the commits
+//!    and objects from `head` back to what the receiver is known to have;
+//! 4. each blob's bytes, in the listed order;
+//! 5. the trailer `sha256:<hex>\n`: SHA-256 of every byte before it.
+//!
+//! Import checks the trailer over the whole file before anything else, then
+//! the pack's own checksum and every blob's digest, and only then stores
+//! blobs and objects and merges `head` exactly as an online sync does. So a
+//! corrupt or truncated file is rejected whole, and importing a file twice
+//! changes nothing the second time.
+
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{BlobRef, SyncNode};
+use crate::inventory::git;
+use crate::inventory::MergeOutcome;
+
+pub const MAGIC: &[u8] = b"APPLIANCE-SYNC-BUNDLE 1\n";
+const TRAILER: u64 = 7 + 64 + 1;
+
+/// The header line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Header {
+    pub from: uuid::Uuid,
+    #[serde(rename = "for")]
+    pub for_node: Option<String>,
+    pub head: String,
+    pub state: Option<String>,
+    pub created: i64,
+    pub pack_size: u64,
+    pub objects: usize,
+    pub blobs: Vec<BlobRef>,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportReport {
+    pub from: uuid::Uuid,
+    pub objects: usize,
+    pub blobs_added: usize,
+    pub merge: MergeOutcome,
+}
+
+/// A writer that hashes what passes through it.
+struct Hashing<W> {
+    inner: W,
+    hash: Sha256,
+    written: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes a bundle for `for_node` to `out`; returns the header.
+pub fn export(node: &SyncNode, for_node: Option<&str>, out: impl Write) -> Result<Header> {
+    let (head, state) = node.head_and_state();
+    let head = head.context("the inventory has no commit yet")?;
+    let mut have = Vec::new();
+    if let Some(peer) = for_node {
+        if let Some(h) = node.peer_head(peer)? {
+            have.push(git::parse_hex_oid(&h)?);
+        }
+    }
+    let (pack, objects) = node.build_pack(&git::parse_hex_oid(&head)?, &have)?;
+    let mut blobs = Vec::new();
+    for hex in node.blob_list()? {
+        let size = std::fs::metadata(node.blob_dir().join(&hex))?.len();
+        blobs.push(BlobRef {
+            digest: format!("sha256:{hex}"),
+            size,
+        });
+    }
+    let header = Header {
+        from: node.node_id,
+        for_node: for_node.map(str::to_owned),
+        head,
+        state,
+        created: crate::inventory::status::now(),
+        pack_size: pack.len() as u64,
+        objects,
+        blobs,
+    };
+    let mut w = Hashing {
+        inner: out,
+        hash: Sha256::new(),
+        written: 0,
+    };
+    w.write_all(MAGIC)?;
+    serde_json::to_writer(&mut w, &header)?;
+    w.write_all(b"\n")?;
+    w.write_all(&pack)?;
+    for b in &header.blobs {
+        let hex = &b.digest["sha256:".len()..];
+        let path = node.blob_dir().join(hex);
+        let mut f =
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let n = std::io::copy(&mut (&mut f).take(b.size), &mut w)?;
+        if n != b.size {
+            bail!("blob {} shrank while exporting", b.digest);
+        }
+    }
+    let sum = hex::encode(std::mem::take(&mut w.hash).finalize());
+    w.inner.write_all(format!("sha256:{sum}\n").as_bytes())?;
+    w.inner.flush()?;
+    Ok(header)
+}
+
+/// Checks the trailer of the bundle file at `path` against its content.
+pub fn verify(path: &Path) -> Result<()> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = f.metadata()?.len();
+    if len < MAGIC.len() as u64 + TRAILER {
+        bail!("{} is not a sync bundle (too short)", path.display());
+    }
+    let mut h = Sha256::new();
+    let mut left = len - TRAILER;
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let n = f.read(&mut buf[..left.min(1 << 20) as usize])?;
+        if n == 0 {
+            bail!("{} is truncated", path.display());
+        }
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    let mut trailer = Vec::new();
+    f.read_to_end(&mut trailer)?;
+    let want = format!("sha256:{}\n", hex::encode(h.finalize()));
+    if trailer != want.as_bytes() {
+        bail!(
+            "{} is corrupt or truncated: its checksum does not match its content; nothing applied",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Imports a bundle file: verifies everything, then applies it.
+pub fn import(node: &SyncNode, path: &Path) -> Result<ImportReport> {
+    let _one = node.running.lock().unwrap_or_else(|e| e.into_inner());
+    verify(path)?;
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut r = BufReader::new(f);
+    let mut magic = vec![0u8; MAGIC.len()];
+    r.read_exact(&mut magic)?;
+    if magic != MAGIC {
+        bail!("{} is not a sync bundle (bad magic)", path.display());
+    }
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let header: Header = serde_json::from_str(&line).context("parsing the bundle header")?;
+    let mut pack = vec![0u8; header.pack_size as usize];
+    r.read_exact(&mut pack)
+        .context("reading the bundle's pack")?;
+    let objects = git::read_pack(&pack).context("checking the bundle's pack")?;
+    // Blobs: check every digest before naming any.
+    let blob_start = MAGIC.len() as u64 + line.len() as u64 + header.pack_size;
+    let mut pos = blob_start;
+    let mut todo = Vec::new();
+    for b in &header.blobs {
+        let hex = b
+            .digest
+            .strip_prefix("sha256:")
+            .filter(|h| super::is_hex64(h))
+            .with_context(|| format!("bad blob digest {:?} in the bundle", b.digest))?;
+        let mut h = Sha256::new();
+        std::io::copy(&mut (&mut r).take(b.size), &mut HashSink(&mut h))?;
+        if hex::encode(h.finalize()) != hex {
+            bail!(
+                "blob {} in the bundle does not match its digest; nothing applied",
+                b.digest
+            );
+        }
+        if !node.blob_dir().join(hex).exists() {
+            todo.push((hex.to_owned(), pos, b.size));
+        }
+        pos += b.size;
+    }
+    // Everything checked: apply. Blobs first, then objects, then the merge.
+    let dir = node.blob_dir();
+    std::fs::create_dir_all(&dir)?;
+    let mut f = std::fs::File::open(path)?;
+    for (hex, at, size) in &todo {
+        f.seek(SeekFrom::Start(*at))?;
+        let tmp = dir.join(format!(".tmp-{hex}"));
+        let mut out = std::fs::File::create(&tmp)?;
+        std::io::copy(&mut (&mut f).take(*size), &mut out)?;
+        out.sync_all()?;
+        std::fs::rename(&tmp, dir.join(hex))?;
+    }
+    let n = objects.len();
+    {
+        let inv = node.inv();
+        let repo = inv.repo();
+        let (commits, rest): (Vec<_>, Vec<_>) = objects.iter().partition(|o| o.0 == "commit");
+        for (k, b) in rest.into_iter().chain(commits) {
+            repo.store_object(k, b)?;
+        }
+        repo.sync_objects()?;
+    }
+    let head = git::parse_hex_oid(&header.head)?;
+    let merge = node.merge(&head, &format!("bundle-{}", header.from))?;
+    node.note_peer(&header.from.to_string(), &header.head)?;
+    Ok(ImportReport {
+        from: header.from,
+        objects: n,
+        blobs_added: todo.len(),
+        merge,
+    })
+}
+
+struct HashSink<'a>(&'a mut Sha256);
+impl Write for HashSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
