@@ -296,6 +296,53 @@ pub fn flash(
     result
 }
 
+/// Like [`flash`], from another appliance: the image and its block map
+/// served at `<base>/api/v1/release/{bmap,image}` (what a replica installs),
+/// fetched with HTTP Range requests that resume after a dropped connection.
+/// Every chunk is checked against the served block map.
+pub fn flash_from(
+    sys: &System,
+    base: &str,
+    target: &Path,
+    opts: &WriteOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<WriteReport> {
+    let base = base.trim_end_matches('/');
+    let url = format!("{base}/api/v1/release/bmap");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(60)))
+        .build()
+        .into();
+    let bytes = agent
+        .get(&url)
+        .call()
+        .and_then(|mut r| r.body_mut().with_config().limit(64 << 20).read_to_vec())
+        .with_context(|| format!("fetching {url}"))?;
+    let bmap = Bmap::parse(&bytes).with_context(|| format!("parsing {url}"))?;
+    check_target(sys, target, Path::new(""), bmap.image_size)?;
+    let mut created = false;
+    if !target.exists() {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(target)
+            .with_context(|| format!("creating {}", target.display()))?;
+        created = true;
+        f.set_len(bmap.image_size)
+            .with_context(|| format!("sizing {}", target.display()))?;
+    }
+    let mut src = writer::HttpSource::new(
+        &format!("{base}/api/v1/release/image"),
+        None,
+        writer::RetryPolicy::default(),
+    );
+    let result = writer::write_image(&bmap, &mut src, target, opts, progress);
+    if result.is_err() && created {
+        let _ = std::fs::remove_file(target);
+    }
+    result
+}
+
 /// `POST /api/v1/flash` body.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

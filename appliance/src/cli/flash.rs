@@ -21,6 +21,11 @@ pub struct FlashCmd {
     /// Image to write (its block map is IMAGE.bmap or computed).
     #[arg(long, default_value = flash::DEFAULT_IMAGE)]
     pub image: PathBuf,
+    /// Fetch the image from another appliance instead (its base URL, e.g.
+    /// http://10.77.1.1): only its data ranges travel, each checked against
+    /// the served block map.
+    #[arg(long, conflicts_with = "image")]
+    pub from: Option<String>,
     /// Do not ask (required when stdin is not a terminal).
     #[arg(long)]
     pub yes: bool,
@@ -39,6 +44,24 @@ pub struct FlashCmd {
 /// Runs `appliance flash`.
 pub fn run(cmd: FlashCmd) -> Result<()> {
     let sys = System::current(&cmd.data);
+    if let Some(base) = &cmd.from {
+        if !cmd.yes {
+            bail!(
+                "flash --from needs --yes (it overwrites {})",
+                cmd.target.display()
+            );
+        }
+        let opts = WriteOptions {
+            zero_holes: !cmd.keep_holes,
+            ..WriteOptions::default()
+        };
+        let mut reporter = Reporter::new(std::io::stderr().is_terminal());
+        let report =
+            flash::flash_from(&sys, base, &cmd.target, &opts, &mut |p| reporter.update(p))?;
+        reporter.finish();
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     let bmap = flash::image_map(&cmd.image, None)?;
     // Refusals first: nothing is asked about a target we would not write.
     flash::check_target(&sys, &cmd.target, &cmd.image, bmap.image_size)?;
