@@ -47,7 +47,7 @@ pub fn check_in(server: &str, checkin: &CheckIn) -> Result<String> {
 
 /// Run the agent loop: check in (retrying until the server answers), then
 /// ask for work forever. `install`: booted to install this appliance.
-pub fn run(server: &str, release: Option<String>, install: bool) -> Result<()> {
+pub fn run(server: &str, release: Option<String>, install: bool, mgmt: &[String]) -> Result<()> {
     if server.is_empty() {
         bail!("agent mode needs appliance.server=<url> on the kernel command line");
     }
@@ -62,7 +62,7 @@ pub fn run(server: &str, release: Option<String>, install: bool) -> Result<()> {
     let others: Vec<String> = hw
         .nics
         .iter()
-        .filter(|n| n.mac != mac)
+        .filter(|n| n.mac != mac && !mgmt.contains(&n.name))
         .map(|n| n.name.clone())
         .collect();
     let ci = CheckIn {

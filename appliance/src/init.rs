@@ -403,6 +403,10 @@ async fn supervise(cfg: &BootConfig) -> Result<Action> {
         if cfg.mode == Mode::Install {
             a.push("--install".into());
         }
+        if !cfg.mgmt.is_empty() {
+            a.push("--mgmt".into());
+            a.push(cfg.mgmt.join(","));
+        }
         a
     };
     let mut server = Server {

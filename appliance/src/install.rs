@@ -32,6 +32,10 @@ use sha2::{Digest as _, Sha256};
 
 /// Public key the release must be signed with (in the initramfs).
 pub const RELEASE_PUBKEY: &str = "/etc/appliance/release.pub";
+/// Node state naming the image a replica was installed from:
+/// `{"disk_digest","release","parent_url"}`.
+pub const IMAGE_STATE: &str = "state/image.json";
+
 /// Where the installer mounts the new disk's partitions.
 const TARGET_MOUNT: &str = "/run/appliance/target";
 
@@ -308,6 +312,7 @@ impl Reporter {
 pub fn write_node_state(
     data: &Path,
     work: &InstallWork,
+    disk_digest: &str,
     uplink: &str,
     others: &[String],
 ) -> Result<()> {
@@ -330,6 +335,14 @@ pub fn write_node_state(
     write_json(
         &state.join("boot.json"),
         &serde_json::json!({ "uplink": uplink }),
+    )?;
+    write_json(
+        &data.join(IMAGE_STATE),
+        &serde_json::json!({
+            "disk_digest": disk_digest,
+            "release": work.release,
+            "parent_url": work.parent_url,
+        }),
     )?;
     let nets: Vec<serde_json::Value> = work
         .networks
@@ -506,7 +519,15 @@ pub fn run(
         "check",
         "checking the written release and writing node state",
     );
-    if let Err(e) = check_and_personalise(&disk, work, &manifest, &parsed, uplink, others) {
+    if let Err(e) = check_and_personalise(
+        &disk,
+        work,
+        &manifest,
+        &parsed,
+        &bmap.disk_digest,
+        uplink,
+        others,
+    ) {
         unboot(&dev);
         return Err(e.context("the written disk failed its checks; its partition table was zeroed"));
     }
@@ -534,6 +555,7 @@ fn check_and_personalise(
     work: &InstallWork,
     manifest: &[u8],
     parsed: &builder::manifest::Manifest,
+    disk_digest: &str,
     uplink: &str,
     others: &[String],
 ) -> Result<()> {
@@ -572,7 +594,7 @@ fn check_and_personalise(
         if on_disk != manifest {
             bail!("release/manifest.json on the written disk is not the signed manifest");
         }
-        write_node_state(mnt, work, uplink, others)
+        write_node_state(mnt, work, disk_digest, uplink, others)
     })();
     rustix::fs::sync();
     let un = crate::mount::unmount_or_readonly(mnt);
@@ -654,7 +676,14 @@ mod tests {
             disk: None,
             wipe: false,
         };
-        write_node_state(dir.path(), &work, "eth0", &["eth1".into(), "eth2".into()]).unwrap();
+        write_node_state(
+            dir.path(),
+            &work,
+            "sha256:11",
+            "eth0",
+            &["eth1".into(), "eth2".into()],
+        )
+        .unwrap();
         let read = |f: &str| -> serde_json::Value {
             serde_json::from_slice(&std::fs::read(dir.path().join("state").join(f)).unwrap())
                 .unwrap()
@@ -662,6 +691,7 @@ mod tests {
         assert_eq!(read("node.json")["node_id"], uuid::Uuid::nil().to_string());
         assert_eq!(read("parent.json")["token"], "apl_x");
         assert_eq!(read("boot.json")["uplink"], "eth0");
+        assert_eq!(read("image.json")["disk_digest"], "sha256:11");
         let nets = read("networks.json");
         assert_eq!(nets.as_array().unwrap().len(), 1);
         assert_eq!(nets[0]["iface"], "eth1");

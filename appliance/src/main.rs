@@ -59,6 +59,10 @@ enum Command {
         /// install work from the server.
         #[arg(long)]
         install: bool,
+        /// Management interfaces (comma-separated): never given a
+        /// provisioning network by an install.
+        #[arg(long, value_delimiter = ',')]
+        mgmt: Vec<String>,
     },
     /// Rebuild this appliance's image from the bundle on its data
     /// partition, offline, and check it is bit-identical to the booted one.
@@ -146,10 +150,14 @@ fn main() -> Result<()> {
             }))
         }
         Command::Init => run_init(&handle),
-        Command::Agent { server, install } => {
+        Command::Agent {
+            server,
+            install,
+            mgmt,
+        } => {
             let release =
                 appliance::serve::file_digest(std::path::Path::new("/etc/appliance/release")).ok();
-            appliance::agent::run(&server, release, install)
+            appliance::agent::run(&server, release, install, &mgmt)
         }
         Command::Rebuild { data, out, json } => appliance::rebuild::run_cli(&data, &out, json),
         Command::Ops(op) => appliance::cli::run(*op),

@@ -261,6 +261,14 @@ pub fn reachable_url(opts: &ServeOptions, bound: SocketAddr) -> Option<String> {
 
 /// Spawns the periodic check-in with the parent when `state/parent.json`
 /// exists.
+/// The digest of the disk image this node was installed from
+/// (`state/image.json`, written by the installer).
+fn installed_image_digest(data: &Path) -> Option<String> {
+    let bytes = std::fs::read(data.join(crate::install::IMAGE_STATE)).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v["disk_digest"].as_str().map(str::to_owned)
+}
+
 fn start_parent_checkins(opts: &ServeOptions, state: &AppState, bound: SocketAddr) {
     let link = match crate::parent::load(&opts.data) {
         Ok(Some(l)) => l,
@@ -275,7 +283,7 @@ fn start_parent_checkins(opts: &ServeOptions, state: &AppState, bound: SocketAdd
     };
     let report = crate::replicas::CheckinRequest {
         release: state.release.clone(),
-        image_digest: None,
+        image_digest: installed_image_digest(&opts.data),
         url: reachable_url(opts, bound),
         status: Some("running".into()),
     };

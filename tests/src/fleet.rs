@@ -23,8 +23,25 @@ use crate::qemu::{base_command, Firmware, Vm};
 /// Disk size of each blank machine: bigger than the image, so the data
 /// partition grows on first boot.
 pub const CHILD_DISK: u64 = 2 << 30;
+/// The too-small machine: a disk smaller than the image.
+const TINY_DISK: u64 = 512 << 20;
+const TINY_MAC: &str = "52:54:00:f1:99:00";
+
 /// Memory per VM (the parent rebuilds its image while serving).
 pub const MEMORY_MB: u32 = 1536;
+
+/// Faults injected into a run (the issue's fault tests).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// A machine with a disk smaller than the image on machine 0's second
+    /// provisioning wire: its install must fail with a clear error reported
+    /// to the parent, and its disk must stay untouched.
+    pub too_small: bool,
+    /// Kill machine 1's QEMU while it streams the image, then start it
+    /// again: its disk must not be bootable (first MiB zero), and it must
+    /// PXE-boot again and complete.
+    pub kill_mid_write: bool,
+}
 
 /// One generation's figures.
 #[derive(Debug, Clone, Default)]
@@ -75,8 +92,23 @@ fn wire(dir: &Path, k: usize) -> PathBuf {
     dir.join(format!("wire{k}.sock"))
 }
 
+/// Machine 0's second provisioning wire (the too-small machine's).
+fn extra_wire(dir: &Path) -> PathBuf {
+    dir.join("extra.sock")
+}
+
+/// Whether the first `n` bytes of `path` are all zero.
+fn zeros(path: &Path, n: u64) -> bool {
+    use std::io::Read;
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut buf = Vec::new();
+    f.take(n).read_to_end(&mut buf).is_ok() && buf.iter().all(|b| *b == 0)
+}
+
 /// Boots machine `k` (k = 0: the image; k ≥ 1: its own disk).
-fn start(k: usize, m: &Machine, work: &Path) -> Result<Vm, String> {
+fn start(k: usize, m: &Machine, work: &Path, faults: Faults) -> Result<Vm, String> {
     let firmware = Firmware::Ovmf;
     let (mut cmd, serial_log) =
         base_command(firmware, &m.dir, MEMORY_MB).map_err(|e| e.to_string())?;
@@ -132,6 +164,18 @@ fn start(k: usize, m: &Machine, work: &Path) -> Result<Vm, String> {
             "-device",
             &format!("virtio-net-pci,netdev=prov,mac={},romfile=", mac(k, 1)),
         ]);
+    if k == 0 && faults.too_small {
+        cmd.arg("-netdev")
+            .arg(format!(
+                "stream,id=extra,server=on,addr.type=unix,addr.path={}",
+                extra_wire(work).display()
+            ))
+            .args([
+                "-device",
+                &format!("virtio-net-pci,netdev=extra,mac={},romfile=", mac(0, 3)),
+            ]);
+        let _ = std::fs::remove_file(extra_wire(work));
+    }
     if k > 0 {
         cmd.args(["-netdev", &mgmt]).args([
             "-device",
@@ -207,6 +251,7 @@ pub fn run(
     image: &Path,
     n: usize,
     work: &Path,
+    faults: Faults,
     log: &mut dyn FnMut(&str),
 ) -> Result<FleetReport, String> {
     assert!(n >= 2, "a fleet needs at least two machines");
@@ -231,7 +276,7 @@ pub fn run(
     let mut gens = Vec::new();
     let mut problems = Vec::new();
 
-    let mut a = start(0, &machines[0], work)?;
+    let mut a = start(0, &machines[0], work, faults)?;
     let token = up(&mut a, Duration::from_secs(300))?;
     let release = json(machines[0].port, "/api/v1/version")
         .and_then(|v| v["release"].as_str().map(str::to_owned))
@@ -257,6 +302,38 @@ pub fn run(
                 return Err(format!("machine 0: serving eth1: {} {}", r.status, r.body));
             }
         }
+        let mut tiny: Option<(Vm, PathBuf)> = None;
+        if parent == 0 && faults.too_small {
+            let body = r#"{"iface":"eth2","cidr":"10.78.1.1/24","mode":"authoritative"}"#;
+            let r = http::post_auth(pport, "/api/v1/networks", body, &ptoken)
+                .map_err(|e| e.to_string())?;
+            if !(200..300).contains(&r.status) {
+                return Err(format!("machine 0: serving eth2: {} {}", r.status, r.body));
+            }
+            let r = http::post_auth(
+                pport,
+                "/api/v1/replicas",
+                &format!(r#"{{"name":"tiny","mac":"{TINY_MAC}"}}"#),
+                &ptoken,
+            )
+            .map_err(|e| e.to_string())?;
+            if !(200..300).contains(&r.status) {
+                return Err(format!(
+                    "registering the tiny machine: {} {}",
+                    r.status, r.body
+                ));
+            }
+            let dir = work.join("tiny");
+            let vm = crate::qemu::boot_blank(
+                Firmware::Ovmf,
+                &extra_wire(work),
+                TINY_MAC,
+                TINY_DISK,
+                &dir,
+            )
+            .map_err(|e| format!("starting the tiny machine: {e}"))?;
+            tiny = Some((vm, dir.join("blank.img")));
+        }
         let r = http::post_auth(
             pport,
             "/api/v1/replicas",
@@ -277,7 +354,7 @@ pub fn run(
             .and_then(|f| f.set_len(CHILD_DISK))
             .map_err(|e| e.to_string())?;
         let t0 = Instant::now();
-        let mut child = start(k, &machines[k], work)?;
+        let mut child = start(k, &machines[k], work, faults)?;
         let mac_k = machines[k].mac_uplink.clone();
         let installs = |port: u16| -> Option<serde_json::Value> {
             json(port, "/api/v1/installs")?
@@ -317,6 +394,68 @@ pub fn run(
             )?;
         }
         let wait = tw.elapsed().as_secs_f64();
+        if let Some((mut vm, disk)) = tiny.take() {
+            // Its install fails, reported to the parent, and writes nothing.
+            let rec = wait_for(
+                "the too-small machine's failure report",
+                Duration::from_secs(300),
+                &mut [&mut vm],
+                || {
+                    json(pport, "/api/v1/installs")?
+                        .as_array()?
+                        .iter()
+                        .find(|r| r["mac"] == TINY_MAC && r["state"] == "failed")
+                        .cloned()
+                },
+            )?;
+            let msg = rec["message"].as_str().unwrap_or_default().to_owned();
+            log(&format!(
+                "too-small machine: install failed as it should: {msg}"
+            ));
+            if !msg.contains("too small") {
+                problems.push(format!(
+                    "the too-small machine failed for another reason: {msg}"
+                ));
+            }
+            drop(vm);
+            if !zeros(&disk, TINY_DISK) {
+                problems.push("the too-small machine's disk was written".into());
+            }
+        }
+        if k == 1 && faults.kill_mid_write {
+            // Kill the machine while it streams, then power it on again.
+            let rec = wait_for(
+                &format!("m{k} streaming"),
+                Duration::from_secs(300),
+                &mut [&mut child],
+                || {
+                    let r = installs(pport)?;
+                    (r["phase"] == "stream" && r["done_bytes"].as_u64()? > 0).then_some(r)
+                },
+            )?;
+            drop(child);
+            log(&format!(
+                "m{k}: killed mid-write at {} of {} bytes",
+                rec["done_bytes"], rec["total_bytes"]
+            ));
+            if !zeros(&machines[k].disk, 1 << 20) {
+                problems.push(format!(
+                    "m{k}'s first MiB is not zero after a kill mid-write"
+                ));
+            }
+            child = start(k, &machines[k], work, faults)?;
+            let first = rec["started"].as_f64();
+            wait_for(
+                &format!("m{k} installing again after the kill"),
+                Duration::from_secs(600),
+                &mut [&mut child],
+                || {
+                    let r = installs(pport)?;
+                    (r["started"].as_f64() != first).then_some(())
+                },
+            )?;
+            log(&format!("m{k}: PXE-booted again and streams"));
+        }
         log(&format!(
             "m{k}: install assigned {wait:.1}s later (the parent prepares its image)"
         ));
@@ -357,7 +496,7 @@ pub fn run(
             machines[k].dir.join("OVMF_VARS.keep"),
         );
         drop(child);
-        let mut child = start(k, &machines[k], work)?;
+        let mut child = start(k, &machines[k], work, faults)?;
         let token = up(&mut child, Duration::from_secs(600))?;
         let reboot = t2.elapsed().as_secs_f64();
         machines[k].token = Some(token);

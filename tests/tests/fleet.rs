@@ -3,7 +3,11 @@
 //! from it, installs the appliance onto its own disk, boots from that disk
 //! and serves its own provisioning wire; machine 2 installs from machine 1.
 //! Passes only when the last machine reports machine 0's release and every
-//! parent lists its child as a checked-in replica of that release.
+//! parent lists its child as a checked-in replica of that release. Two
+//! faults ride along: a machine whose disk is too small (its install fails
+//! with a clear error at the parent, its disk untouched) and machine 1
+//! killed mid-write (its disk does not boot; it PXE-boots again and
+//! completes).
 
 use integration_tests::{fleet, workspace_root};
 
@@ -16,8 +20,16 @@ fn three_generation_replication_chain() {
         image.display()
     );
     let work = tempfile::tempdir().unwrap();
-    let report = fleet::run(&image, 3, work.path(), &mut |l| eprintln!("fleet: {l}"))
-        .unwrap_or_else(|e| panic!("fleet failed: {e}"));
+    // With the faults: a too-small disk fails cleanly, and a machine killed
+    // mid-write PXE-boots again and completes.
+    let faults = fleet::Faults {
+        too_small: true,
+        kill_mid_write: true,
+    };
+    let report = fleet::run(&image, 3, work.path(), faults, &mut |l| {
+        eprintln!("fleet: {l}")
+    })
+    .unwrap_or_else(|e| panic!("fleet failed: {e}"));
     eprintln!("{}", fleet::table(&report));
     assert!(report.ok, "fleet problems: {:#?}", report.problems);
     assert_eq!(report.generations.len(), 2);

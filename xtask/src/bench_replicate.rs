@@ -177,9 +177,13 @@ pub fn run(rest: &[&str]) -> Result<()> {
 
     if fleet {
         let fw = tempfile::tempdir()?;
-        let r = integration_tests::fleet::run(&out.join("appliance.img"), 2, fw.path(), &mut |l| {
-            eprintln!("fleet: {l}")
-        })
+        let r = integration_tests::fleet::run(
+            &out.join("appliance.img"),
+            2,
+            fw.path(),
+            Default::default(),
+            &mut |l| eprintln!("fleet: {l}"),
+        )
         .map_err(|e| anyhow::anyhow!(e))?;
         eprintln!("\nper generation in QEMU (TCG unless APPLIANCE_QEMU_ACCEL says otherwise):");
         eprint!("{}", integration_tests::fleet::table(&r));

@@ -8,12 +8,17 @@ use anyhow::{bail, Context, Result};
 use crate::image::{image, ImageOptions};
 
 pub fn fleet(args: &[&str]) -> Result<()> {
-    let n: usize = match args {
+    let faults = integration_tests::fleet::Faults {
+        too_small: args.contains(&"--faults"),
+        kill_mid_write: args.contains(&"--faults"),
+    };
+    let args: Vec<&str> = args.iter().copied().filter(|a| *a != "--faults").collect();
+    let n: usize = match args.as_slice() {
         [] => 3,
         [n] => n
             .parse()
             .with_context(|| format!("{n:?} is not a machine count"))?,
-        _ => bail!("usage: cargo xtask fleet [N]  (N ≥ 2 machines, default 3)"),
+        _ => bail!("usage: cargo xtask fleet [N] [--faults]  (N ≥ 2 machines, default 3)"),
     };
     if n < 2 {
         bail!("a fleet needs at least two machines");
@@ -22,11 +27,14 @@ pub fn fleet(args: &[&str]) -> Result<()> {
     let out = image(&ImageOptions::from_args(&[])?)?;
     let work = tempfile::tempdir().context("creating a work directory")?;
     eprintln!("fleet of {n} in {}", work.path().display());
-    let report =
-        integration_tests::fleet::run(&out.join("appliance.img"), n, work.path(), &mut |l| {
-            eprintln!("fleet: {l}")
-        })
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let report = integration_tests::fleet::run(
+        &out.join("appliance.img"),
+        n,
+        work.path(),
+        faults,
+        &mut |l| eprintln!("fleet: {l}"),
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
     print!("{}", integration_tests::fleet::table(&report));
     for p in &report.problems {
         eprintln!("problem: {p}");
