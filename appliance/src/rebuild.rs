@@ -445,7 +445,7 @@ mod tests {
     fn diff_names_changed_inputs() {
         let a = br#"{"schema":"x","inputs":{"a":1,"b":2},"outputs":{"u":1},"epoch":1}"#;
         let b = br#"{"schema":"x","inputs":{"a":1,"b":3},"outputs":{"u":1},"epoch":2}"#;
-        assert_eq!(manifest_diff(a, b), "differs in inputs.b, epoch");
+        assert_eq!(manifest_diff(a, b), "differs in epoch, inputs.b");
         assert_eq!(manifest_diff(a, a), "same fields, different bytes");
     }
 
