@@ -445,16 +445,54 @@ mod tests {
     fn diff_names_changed_inputs() {
         let a = br#"{"schema":"x","inputs":{"a":1,"b":2},"outputs":{"u":1},"epoch":1}"#;
         let b = br#"{"schema":"x","inputs":{"a":1,"b":3},"outputs":{"u":1},"epoch":2}"#;
-        assert_eq!(manifest_diff(a, b), "differs in inputs.b, epoch");
+        assert_eq!(manifest_diff(a, b), "differs in epoch, inputs.b");
         assert_eq!(manifest_diff(a, a), "same fields, different bytes");
     }
 
-    #[test]
-    fn one_rebuild_at_a_time() {
-        let a = RebuildSlot::try_take().expect("free");
-        assert!(RebuildSlot::try_take().is_none());
-        drop(a);
-        assert!(RebuildSlot::try_take().is_some());
+    async fn call(
+        app: axum::Router,
+        method: &str,
+        uri: &str,
+    ) -> (axum::http::StatusCode, serde_json::Value) {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn api_reports_release_and_refuses_a_second_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("release")).unwrap();
+        std::fs::write(dir.path().join(RELEASE_MANIFEST), b"abc").unwrap();
+        let app = router(dir.path().to_path_buf());
+        let (status, v) = call(app.clone(), "GET", "/api/v1/release").await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            v["release"],
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(v["cached"].is_null(), "{v}");
+        // (The slot is per process: this is the only test that takes it.)
+        {
+            let _running = RebuildSlot::try_take().expect("free");
+            assert!(RebuildSlot::try_take().is_none());
+            let (status, v) = call(app.clone(), "POST", "/api/v1/release/rebuild").await;
+            assert_eq!(status, 409, "{v}");
+            assert_eq!(v["code"], "busy");
+        }
+        // Not a manifest: the rebuild fails with a JSON error, not a panic.
+        let (status, v) = call(app, "POST", "/api/v1/release/rebuild").await;
+        assert_eq!(status, 500, "{v}");
+        assert_eq!(v["code"], "rebuild_failed");
+        assert!(!dir.path().join(CACHE_RELEASE).exists());
     }
 
     #[test]
