@@ -638,4 +638,69 @@ mod tests {
         assert!(format!("{e:#}").contains("failed its check"), "{e:#}");
         assert!(!out2.exists());
     }
+
+    async fn call(
+        app: Router,
+        method: &str,
+        uri: &str,
+        body: &str,
+    ) -> (StatusCode, serde_json::Value) {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.to_owned()))
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn api_refuses_at_once_then_flashes_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("a.img");
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(8 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"hello", 3 << 20).unwrap();
+        let small = dir.path().join("small.img");
+        std::fs::File::create(&small)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let app = router(FlashState::new(dir.path()));
+        let (st, v) = call(app.clone(), "GET", "/api/v1/flash", "").await;
+        assert_eq!((st, v["state"].as_str()), (StatusCode::OK, Some("idle")));
+        let req = |dev: &Path| serde_json::json!({"device": dev, "image": image}).to_string();
+        let (st, v) = call(app.clone(), "POST", "/api/v1/flash", &req(&small)).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(v["code"], "flash_refused");
+        assert!(v["message"].as_str().unwrap().contains("too small"), "{v}");
+        let (st, v) = call(
+            app.clone(),
+            "POST",
+            "/api/v1/flash",
+            r#"{"device":"/x","nope":1}"#,
+        )
+        .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+        let out = dir.path().join("out.img");
+        let (st, v) = call(app.clone(), "POST", "/api/v1/flash", &req(&out)).await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        assert_eq!(v["state"], "running");
+        let v = loop {
+            let (_, v) = call(app.clone(), "GET", "/api/v1/flash", "").await;
+            if v["state"] != "running" {
+                break v;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        assert_eq!(v["state"], "done", "{v}");
+        assert_eq!(v["report"]["image_size"], 8 << 20);
+        assert_eq!(v["progress"]["phase"], "finish");
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&image).unwrap());
+    }
 }
