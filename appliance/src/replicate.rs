@@ -102,7 +102,9 @@ pub struct Replication {
     inventory: Option<Arc<std::sync::RwLock<crate::inventory::Inventory>>>,
     replicas: crate::replicas::Replicas,
     networks: crate::network::Networks,
-    sent: Arc<std::sync::atomic::AtomicU64>,
+    /// Image bytes served per client MAC (from the DHCP neighbour table),
+    /// reset when that MAC is handed install work.
+    sent: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
 fn now() -> f64 {
@@ -161,7 +163,7 @@ impl Replication {
             inventory,
             replicas,
             networks,
-            sent: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            sent: Default::default(),
         }
     }
 
@@ -181,6 +183,11 @@ impl Replication {
         if let Err(e) = res {
             tracing::error!(file = %f.display(), error = %e, "saving installs failed");
         }
+    }
+
+    fn sent_to(&self, mac: &str) -> u64 {
+        let g = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(mac).copied().unwrap_or(0)
     }
 
     pub fn prepared(&self) -> Prepared {
@@ -371,6 +378,10 @@ impl Replication {
             g.installs.clone()
         };
         self.persist(&all);
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rec.mac.clone(), 0);
         self.replicas.set_status(&work.node_id, "installing");
         self.events.publish(
             "install.assigned",
@@ -402,7 +413,7 @@ impl Replication {
             r.total_bytes = p.total_bytes;
             r.message = p.message.clone();
             r.updated = now();
-            r.bytes_sent = self.sent.load(std::sync::atomic::Ordering::Relaxed);
+            r.bytes_sent = self.sent_to(mac);
             match p.state.as_str() {
                 "done" => {
                     r.state = "installed".into();
@@ -519,6 +530,11 @@ async fn image(State(r): State<Replication>, req: Request) -> Response {
     if let Some(resp) = not_ready(&r) {
         return resp;
     }
+    let mac = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .and_then(|c| r.events.mac_of(c.0.ip()))
+        .unwrap_or_else(|| "unknown".into());
     let resp = file(r.data.join(CACHE_DIR).join(IMAGE_FILE), req).await;
     if let Some(len) = resp
         .headers()
@@ -527,7 +543,11 @@ async fn image(State(r): State<Replication>, req: Request) -> Response {
         .and_then(|v| v.parse::<u64>().ok())
     {
         if resp.status().is_success() {
-            r.sent.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+            *r.sent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(mac)
+                .or_insert(0) += len;
         }
     }
     resp

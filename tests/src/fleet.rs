@@ -276,6 +276,10 @@ pub fn run(
     let mut gens = Vec::new();
     let mut problems = Vec::new();
 
+    let host_disk = std::fs::read_to_string(image.with_extension("img.sha256"))
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .ok_or_else(|| format!("{}.sha256 is missing", image.display()))?;
     let mut a = start(0, &machines[0], work, faults)?;
     let token = up(&mut a, Duration::from_secs(300))?;
     let release = json(machines[0].port, "/api/v1/version")
@@ -394,6 +398,24 @@ pub fn run(
             )?;
         }
         let wait = tw.elapsed().as_secs_f64();
+        // The parent rebuilt its image from its bundle, inside the VM:
+        // compared from outside with the host's build.
+        let cached = json(pport, "/api/v1/release")
+            .map(|v| v["cached"].clone())
+            .unwrap_or_default();
+        if cached["identical"] != true
+            || cached["disk"] != host_disk.as_str()
+            || cached["rebuilt_release"] != release.as_str()
+        {
+            problems.push(format!(
+                "m{parent}'s rebuild is not the host's build ({host_disk}, {release}): {cached}"
+            ));
+        } else {
+            log(&format!(
+                "m{parent} rebuilt the image bit for bit in {:.1}s: {host_disk}",
+                cached["seconds"].as_f64().unwrap_or(0.0)
+            ));
+        }
         if let Some((mut vm, disk)) = tiny.take() {
             // Its install fails, reported to the parent, and writes nothing.
             let rec = wait_for(

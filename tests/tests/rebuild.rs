@@ -1,18 +1,17 @@
 //! The appliance rebuilds its own image, bit for bit, from the bundle on its
 //! data partition and with no network: once on the host (`appliance
 //! rebuild` against the data partition's files, pulled out with `debugfs
-//! rdump`; fast to debug) and once inside the booted image through
-//! `POST /api/v1/release/rebuild`. Both must give the disk digest and the
-//! release of `target/appliance/` (from `cargo xtask image`, which `cargo
-//! xtask test` runs first).
+//! rdump`). It must give the disk digest and the release of
+//! `target/appliance/` (from `cargo xtask image`, which `cargo xtask test`
+//! runs first). The same rebuild inside a booted image, compared from
+//! outside through `GET /api/v1/release`, is part of the fleet test
+//! (`tests/fleet.rs`): every parent rebuilds before it serves its image.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use builder::Digest;
-use integration_tests::qemu::{Vm, VmConfig};
-use integration_tests::{free_port, http, workspace_root};
+use integration_tests::workspace_root;
 
 fn image_dir() -> PathBuf {
     let dir = workspace_root().join("target/appliance");
@@ -132,56 +131,4 @@ fn dir_listing(dir: &Path) -> Vec<(PathBuf, u64)> {
     }
     out.sort();
     out
-}
-
-#[test]
-fn booted_appliance_rebuilds_itself_bit_for_bit_through_the_api() {
-    let dir = image_dir();
-    let work = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut vm = Vm::boot(&VmConfig::new(dir.join("appliance.img"), port, work.path())).unwrap();
-    vm.wait_http("/api/v1/version", Duration::from_secs(240))
-        .unwrap();
-    let r = http::request(port, "GET", "/api/v1/release", None).unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
-    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-    assert_eq!(
-        v["release"].as_str(),
-        Some(host_release(&dir).as_str()),
-        "{v}"
-    );
-    assert!(v["cached"].is_null(), "{v}");
-
-    let r = http::post(port, "/api/v1/release/rebuild", "{}").unwrap();
-    assert_eq!(r.status, 401, "a rebuild without a token: {}", r.body);
-    let token = vm
-        .first_token()
-        .unwrap_or_else(|| panic!("no first API token on the console:\n{}", vm.serial()));
-    // Under TCG the rebuild takes minutes (it hashes the whole 1 GiB disk).
-    let r = http::request_within(
-        port,
-        "POST",
-        "/api/v1/release/rebuild",
-        Some("{}"),
-        Some(&token),
-        Duration::from_secs(1800),
-    )
-    .unwrap_or_else(|e| panic!("rebuild request: {e}\nserial:\n{}", vm.serial()));
-    assert_eq!(r.status, 200, "{}\nserial:\n{}", r.body, vm.serial());
-    let report: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-    assert_eq!(
-        report["disk"].as_str(),
-        Some(host_disk_digest(&dir).as_str()),
-        "{report}"
-    );
-    assert_eq!(
-        report["rebuilt_release"].as_str(),
-        Some(host_release(&dir).as_str()),
-        "{report}"
-    );
-    assert_eq!(report["identical"], true, "{report}");
-
-    let r = http::request(port, "GET", "/api/v1/release", None).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-    assert_eq!(v["cached"]["disk"], report["disk"], "{v}");
 }
