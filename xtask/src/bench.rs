@@ -20,8 +20,9 @@ pub fn run(name: &str, _rest: &[&str]) -> Result<()> {
         "dhcp" => crate::bench_dhcp::run(),
         "inventory" => crate::bench_inventory::run(),
         "tftp" => crate::bench_tftp::run(),
+        "sync" => crate::bench_sync::run(),
         other => {
-            bail!("unknown benchmark {other:?}; available: builder, boot, dhcp, inventory, tftp")
+            bail!("unknown benchmark {other:?}; available: builder, boot, dhcp, inventory, sync, tftp")
         }
     }
 }

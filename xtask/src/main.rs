@@ -5,6 +5,7 @@ mod bench;
 mod bench_boot;
 mod bench_dhcp;
 mod bench_inventory;
+mod bench_sync;
 mod bench_tftp;
 mod image;
 mod qemu;
@@ -33,6 +34,7 @@ fn main() -> Result<()> {
                  bench builder    the builder against mkfs.ext4/mkfs.fat/mcopy/sgdisk/dd/cpio|gzip\n  \
                  bench tftp       our TFTP server against tftpd-hpa, 64 MiB over loopback\n  \
                  bench inventory  the inventory API against Cobbler 3.3.10 (XML-RPC)\n  \
+                 bench sync       10,000 objects + 1 GiB of blobs to a parent vs git push + rsync\n  \
                  deps             install the Debian packages tests need (as root)"
             );
             bail!("unknown or missing command");
