@@ -247,7 +247,7 @@ impl Replication {
             .ok()
             .and_then(|b| crate::bmap::Bmap::parse(&b).ok())
         {
-            Some(b) if b.disk_digest == report.disk.to_string() => b,
+            Some(b) if b.disk_digest == report.disk => b,
             _ => {
                 let b = crate::bmap::Bmap::from_file_with_digest(
                     &image,
@@ -261,14 +261,14 @@ impl Replication {
                 b
             }
         };
-        if bmap.disk_digest != report.disk.to_string() {
+        if bmap.disk_digest != report.disk {
             anyhow::bail!(
                 "the block map says {} but the rebuilt image is {}",
                 bmap.disk_digest,
                 report.disk
             );
         }
-        Ok((report.disk.to_string(), bmap.mapped_bytes()))
+        Ok((report.disk.clone(), bmap.mapped_bytes()))
     }
 
     /// Whether `mac` should install: a registered replica not yet

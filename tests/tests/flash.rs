@@ -83,11 +83,14 @@ fn flash_onto_a_same_size_file_gives_the_image_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("stick.img");
     let size = std::fs::metadata(image()).unwrap().len();
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(image().with_file_name("manifest.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(Some(size), manifest["disk"]["size"].as_u64(), "the image's size");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(image().with_file_name("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        Some(size),
+        manifest["disk"]["size"].as_u64(),
+        "the image's size"
+    );
     sparse_file(&target, size);
     let o = flash(&target, &["--yes", "--json"], dir.path());
     assert!(o.status.success(), "{}", text(&o));

@@ -20,9 +20,10 @@ pub fn run(name: &str, rest: &[&str]) -> Result<()> {
         "dhcp" => crate::bench_dhcp::run(),
         "inventory" => crate::bench_inventory::run(),
         "tftp" => crate::bench_tftp::run(),
+        "sync" => crate::bench_sync::run(),
         "replicate" => crate::bench_replicate::run(rest),
         other => {
-            bail!("unknown benchmark {other:?}; available: builder, boot, dhcp, inventory, replicate, tftp")
+            bail!("unknown benchmark {other:?}; available: builder, boot, dhcp, inventory, replicate, sync, tftp")
         }
     }
 }

@@ -6,6 +6,7 @@ mod bench_boot;
 mod bench_dhcp;
 mod bench_inventory;
 mod bench_replicate;
+mod bench_sync;
 mod bench_tftp;
 mod fleet;
 mod image;
@@ -32,12 +33,13 @@ fn main() -> Result<()> {
                  commands:\n  \
                  image [--refresh] build target/appliance/ (fetching inputs once into cache/store)\n  \
                  qemu [--port N]  build the image if needed and boot it under OVMF\n  \
-                 fleet [N]        replication chain of N machines in QEMU (default 3)
-                   test [ARGS]      install missing test tools, build the image, run every test\n  \
+                 fleet [N] [--faults] replication chain of N machines in QEMU (default 3)\n  \
+                 test [ARGS]      install missing test tools, build the image, run every test\n  \
                  bench builder    the builder against mkfs.ext4/mkfs.fat/mcopy/sgdisk/dd/cpio|gzip\n  \
                  bench tftp       our TFTP server against tftpd-hpa, 64 MiB over loopback\n  \
                  bench inventory  the inventory API against Cobbler 3.3.10 (XML-RPC)\n  \
                  bench replicate  image onto a child's disk: verified block-map writer against curl|dd\n  \
+                 bench sync       10,000 objects + 1 GiB of blobs to a parent vs git push + rsync\n  \
                  deps             install the Debian packages tests need (as root)"
             );
             bail!("unknown or missing command");

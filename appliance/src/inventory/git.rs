@@ -1100,4 +1100,75 @@ mod tests {
         assert!(!dir.path().join("d/new").exists());
         assert_eq!(git(dir.path(), &["status", "--porcelain"]), "");
     }
+
+    #[test]
+    fn packs_round_trip_and_stock_git_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut repo = Repo::init(dir.path()).unwrap();
+        repo.durable = false;
+        let first = repo
+            .commit(&[Change::Write("a/x".into(), b"1".to_vec())], &sig(), "one")
+            .unwrap();
+        let big = vec![7u8; 100_000];
+        let second = repo
+            .commit(
+                &[
+                    Change::Write("a/y".into(), big.clone()),
+                    Change::Write("b/z".into(), b"z".to_vec()),
+                ],
+                &sig(),
+                "two",
+            )
+            .unwrap();
+        assert!(repo.is_ancestor(&first, &second).unwrap());
+        assert!(!repo.is_ancestor(&second, &first).unwrap());
+        // Only what `first` lacks: the new blobs, trees and the commit.
+        let ids = repo.objects_missing_from(&second, &[first]).unwrap();
+        assert_eq!(ids.last(), Some(&second));
+        assert!(!ids.contains(&first));
+        let objects: Vec<_> = ids.iter().map(|i| repo.read_object(i).unwrap()).collect();
+        let pack = write_pack(&objects);
+        assert_eq!(read_pack(&pack).unwrap(), objects);
+        // Stock git indexes it and finds every object.
+        let out = Command::new("git")
+            .args(["index-pack", "--stdin", "--strict"])
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                c.stdin.take().unwrap().write_all(&pack)?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Every flipped byte or truncation is refused.
+        for at in [0, 12, pack.len() / 2, pack.len() - 1] {
+            let mut bad = pack.clone();
+            bad[at] ^= 1;
+            assert!(read_pack(&bad).is_err(), "flip at {at} accepted");
+        }
+        assert!(read_pack(&pack[..pack.len() - 30]).is_err());
+        // A full pack into a fresh repository, then a fast-forward.
+        let dir2 = tempfile::tempdir().unwrap();
+        let mut other = Repo::init(dir2.path()).unwrap();
+        other.durable = false;
+        let all: Vec<_> = repo
+            .objects_missing_from(&second, &[])
+            .unwrap()
+            .iter()
+            .map(|i| repo.read_object(i).unwrap())
+            .collect();
+        for (k, b) in read_pack(&write_pack(&all)).unwrap() {
+            other.store_object(&k, &b).unwrap();
+        }
+        other.fast_forward(&second, &sig()).unwrap();
+        assert_eq!(other.head_files().unwrap()["a/y"], big);
+        git(dir2.path(), &["fsck", "--strict", "--no-dangling"]);
+        assert_eq!(git(dir2.path(), &["status", "--porcelain"]), "");
+    }
 }

@@ -241,3 +241,73 @@ impl Write for HashSink<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, RwLock};
+
+    fn node(dir: &Path) -> SyncNode {
+        let id = uuid::Uuid::new_v4();
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        crate::node::write(dir, &crate::node::NodeFile { node_id: id }).unwrap();
+        let inv = crate::inventory::Inventory::open_volatile(&dir.join("inventory")).unwrap();
+        let mut inv = inv;
+        inv.set_origin(&id);
+        SyncNode::new(dir, id, Arc::new(RwLock::new(inv)), None)
+    }
+
+    #[test]
+    fn bundles_apply_once_and_bad_ones_apply_nothing() {
+        use crate::inventory::model::{Kind, Object};
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (node(d1.path()), node(d2.path()));
+        let repo = Object::from_json(
+            Kind::Repo,
+            serde_json::json!({"name": "r1", "mirror": "http://x"}),
+        )
+        .unwrap();
+        a.inventory
+            .write()
+            .unwrap()
+            .create(repo, &crate::inventory::Author::new("t"))
+            .unwrap();
+        std::fs::create_dir_all(a.blob_dir()).unwrap();
+        let blob = b"blob bytes";
+        let hex = hex::encode(Sha256::digest(blob));
+        std::fs::write(a.blob_dir().join(&hex), blob).unwrap();
+        let file = d1.path().join("x.bundle");
+        export(
+            &a,
+            Some(&b.node_id.to_string()),
+            std::fs::File::create(&file).unwrap(),
+        )
+        .unwrap();
+        let good = std::fs::read(&file).unwrap();
+        let before = b.head_and_state();
+        for bad in [
+            {
+                let mut v = good.clone();
+                let n = v.len() - 200;
+                v[n] ^= 1;
+                v
+            },
+            good[..good.len() - 1].to_vec(),
+            good[..10].to_vec(),
+        ] {
+            let p = d2.path().join("bad.bundle");
+            std::fs::write(&p, &bad).unwrap();
+            assert!(import(&b, &p).is_err());
+            assert_eq!(b.head_and_state(), before);
+            assert!(!b.blob_dir().join(&hex).exists());
+        }
+        let r = import(&b, &file).unwrap();
+        assert_eq!(r.blobs_added, 1);
+        assert_eq!(b.head_and_state().1, a.head_and_state().1);
+        assert!(b.inventory.read().unwrap().get(Kind::Repo, "r1").is_some());
+        let again = import(&b, &file).unwrap();
+        assert_eq!(again.merge.action, "unchanged");
+        assert_eq!(again.blobs_added, 0);
+        assert_eq!(b.head_and_state().1, a.head_and_state().1);
+    }
+}

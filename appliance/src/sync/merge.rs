@@ -94,6 +94,11 @@ pub fn stamp_node(stamp: &str) -> &str {
     stamp.splitn(3, '.').nth(2).unwrap_or("")
 }
 
+/// The wall-clock part of a stamp (ms since the epoch; 0 if unparsable).
+pub fn stamp_ms(stamp: &str) -> u64 {
+    parse_stamp(stamp).map(|t| t.0).unwrap_or(0)
+}
+
 fn parse_stamp(stamp: &str) -> Option<(u64, u32)> {
     let mut it = stamp.splitn(3, '.');
     Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))

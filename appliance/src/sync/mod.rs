@@ -44,6 +44,9 @@ use crate::parent::ParentLink;
 pub const SYNC_FILE: &str = "state/sync.json";
 /// Node-local record of the heads each peer is known to have.
 pub const PEERS_FILE: &str = "state/sync-peers.json";
+/// How far ahead of the parent's clock a pushed stamp may be (a child with
+/// a clock far in the future would otherwise win every merge for as long).
+pub const MAX_SKEW_MS: u64 = 3_600_000;
 /// Blob chunk size of uploads (a crash loses at most one chunk).
 pub const CHUNK: usize = 16 << 20;
 
@@ -258,8 +261,9 @@ impl SyncNode {
     }
 
     /// Checks that a head a child pushed carries no new version claiming
-    /// to come from this node or from one of the child's siblings: a child
-    /// can only bring its own (and its subtree's) changes.
+    /// to come from this node or from one of the child's siblings (a child
+    /// can only bring its own and its subtree's changes), nor one stamped
+    /// more than [`MAX_SKEW_MS`] ahead of this node's clock.
     pub fn check_origins(&self, child: &Uuid, head: &Oid) -> Result<()> {
         let inv = self.inv();
         let repo = inv.repo();
@@ -274,6 +278,11 @@ impl SyncNode {
         }
         let theirs = repo.tree_files(&repo.commit_info(head)?.tree)?;
         let ours = repo.files();
+        let max_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+            + MAX_SKEW_MS;
         for (path, oid) in theirs.range(merge::META.to_owned()..) {
             if !path.starts_with(merge::META) {
                 break;
@@ -292,6 +301,13 @@ impl SyncNode {
                 None => false,
             };
             let origin = merge::stamp_node(&theirs.stamp);
+            if !known && merge::stamp_ms(&theirs.stamp) > max_ms {
+                bail!(
+                    "{path}: version {} is more than {} s ahead of this node's clock",
+                    theirs.stamp,
+                    MAX_SKEW_MS / 1000
+                );
+            }
             if !known && forbidden.iter().any(|f| f == origin) {
                 bail!(
                     "{path}: version {} claims to come from node {origin}, which is not in the \
@@ -597,5 +613,86 @@ impl SyncNode {
             rep.blobs_down += 1;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::model::{Kind, Object};
+    use crate::inventory::Author;
+
+    fn node(dir: &Path, origin: Uuid, replicas: Option<crate::replicas::Replicas>) -> SyncNode {
+        let mut inv = Inventory::open_volatile(&dir.join("inventory")).unwrap();
+        inv.set_origin(&origin);
+        SyncNode::new(dir, origin, Arc::new(RwLock::new(inv)), replicas)
+    }
+
+    fn add(n: &SyncNode, name: &str) -> Oid {
+        let o = Object::from_json(
+            Kind::Repo,
+            serde_json::json!({"name": name, "mirror": "http://m"}),
+        )
+        .unwrap();
+        n.inventory
+            .write()
+            .unwrap()
+            .create(o, &Author::new("t"))
+            .unwrap();
+        git::parse_hex_oid(&n.head_and_state().0.unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_child_cannot_push_versions_of_its_parent_or_siblings() {
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let tokens = Arc::new(crate::auth::TokenStore::memory());
+        let pid = Uuid::new_v4();
+        let reg = crate::replicas::Replicas::memory(tokens, pid, crate::events::Events::new());
+        let c = reg.register(Some("c"), None, None).unwrap().node_id;
+        let d = reg.register(Some("d"), None, None).unwrap().node_id;
+        let parent = node(dirs[0].path(), pid, Some(reg));
+        let honest = node(dirs[1].path(), c, None);
+        let forger = node(dirs[2].path(), d, None); // stamps as sibling D
+        for (child, ok) in [(&honest, true), (&forger, false)] {
+            let head = add(child, "r");
+            let (pack, _) = child.build_pack(&head, &[]).unwrap();
+            parent.store_pack(&pack).unwrap();
+            let res = parent.check_origins(&c, &head);
+            assert_eq!(res.is_ok(), ok, "{res:?}");
+            if let Err(e) = res {
+                assert!(format!("{e:#}").contains("not in the pushing child's subtree"));
+            }
+        }
+        // Merging the honest head, then syncing state info.
+        let head = git::parse_hex_oid(&honest.head_and_state().0.unwrap()).unwrap();
+        let m = parent.merge(&head, "c").unwrap();
+        assert_ne!(m.action, "unchanged");
+        let info = parent.state_info(Some(&git::hex(&head))).unwrap();
+        assert!(info.known);
+        assert_eq!(parent.merge(&head, "c").unwrap().action, "unchanged");
+    }
+
+    #[test]
+    fn blob_chunks_resume_and_bad_blobs_are_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(dir.path(), Uuid::new_v4(), None);
+        let data = vec![5u8; 1000];
+        let hex = hex::encode(Sha256::digest(&data));
+        assert_eq!(
+            n.put_blob_chunk(&hex, 0, 1000, &data[..400]).unwrap(),
+            (400, false)
+        );
+        assert_eq!(n.partial_len(&hex), 400);
+        assert!(n.put_blob_chunk(&hex, 100, 1000, &data[100..200]).is_err());
+        assert_eq!(
+            n.put_blob_chunk(&hex, 400, 1000, &data[400..]).unwrap(),
+            (1000, true)
+        );
+        assert_eq!(std::fs::read(n.blob_dir().join(&hex)).unwrap(), data);
+        let wrong = hex::encode(Sha256::digest(b"other"));
+        let err = n.put_blob_chunk(&wrong, 0, 3, b"abc").unwrap_err();
+        assert!(format!("{err:#}").contains("discarded"));
+        assert!(!n.blob_dir().join(&wrong).exists());
+        assert_eq!(n.blob_list().unwrap(), vec![hex]);
     }
 }
