@@ -565,6 +565,13 @@ pub fn run(
             problems.push(e);
         }
     }
+    // Sync (issue 8): a profile added on the last machine reaches machine
+    // 0 after each generation syncs with its parent, last first.
+    if n >= 3 {
+        if let Err(e) = sync_up(&machines, log) {
+            problems.push(e);
+        }
+    }
     Ok(FleetReport {
         release,
         ok: problems.is_empty(),
@@ -572,6 +579,56 @@ pub fn run(
         total_seconds: started.elapsed().as_secs_f64(),
         problems,
     })
+}
+
+/// Adds a distro and a profile on the last machine, syncs every machine
+/// with its parent from the last up, and checks machine 0 has the profile.
+fn sync_up(machines: &[Machine], log: &mut dyn FnMut(&str)) -> Result<(), String> {
+    let last = machines.last().ok_or("no machines")?;
+    let token = last.token.as_deref().ok_or("no token for the last machine")?;
+    let post = |port: u16, path: &str, body: &str, token: &str| -> Result<String, String> {
+        let r = http::request_within(port, "POST", path, Some(body), Some(token), Duration::from_secs(300))
+            .map_err(|e| format!("POST {path}: {e}"))?;
+        if (200..300).contains(&r.status) {
+            Ok(r.body)
+        } else {
+            Err(format!("POST {path}: {} {}", r.status, r.body))
+        }
+    };
+    post(
+        last.port,
+        "/api/v1/distros",
+        r#"{"name":"fleet-distro","kernel":"http://10.77.9.9/vmlinuz","initrd":"http://10.77.9.9/initrd.img","arch":"x86_64","breed":"debian"}"#,
+        token,
+    )?;
+    post(
+        last.port,
+        "/api/v1/profiles",
+        r#"{"name":"added-on-the-last-machine","distro":"fleet-distro"}"#,
+        token,
+    )?;
+    let t = Instant::now();
+    for k in (1..machines.len()).rev() {
+        let m = &machines[k];
+        let token = m.token.as_deref().ok_or("no token")?;
+        let report = post(m.port, "/api/v1/sync/run", "{}", token)?;
+        log(&format!("m{k} synced with its parent: {report}"));
+    }
+    let got = json(machines[0].port, "/api/v1/profiles/added-on-the-last-machine");
+    match got {
+        Some(v) if v["distro"] == "fleet-distro" || v["object"]["distro"] == "fleet-distro" => {
+            log(&format!(
+                "the profile added on m{} reached m0 in {:.1}s",
+                machines.len() - 1,
+                t.elapsed().as_secs_f64()
+            ));
+            Ok(())
+        }
+        other => Err(format!(
+            "the profile added on m{} is not on m0 after syncing: {other:?}",
+            machines.len() - 1
+        )),
+    }
 }
 
 /// The report as a table, one row per generation.

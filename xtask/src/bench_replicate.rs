@@ -142,10 +142,10 @@ pub fn run(rest: &[&str]) -> Result<()> {
             let target = work.path().join(format!("peer{i}.img"));
             std::fs::File::create(&target)?.set_len(size)?;
             let t = Instant::now();
-            let st = Command::new("sh")
+            let st = Command::new("bash")
                 .arg("-c")
                 .arg(format!(
-                    "set -o pipefail 2>/dev/null; curl -sSf '{url}' | dd of='{}' bs=4M iflag=fullblock conv=fsync,notrunc status=none",
+                    "set -o pipefail; curl -sSf '{url}' | dd of='{}' bs=4M iflag=fullblock conv=fsync,notrunc status=none",
                     target.display()
                 ))
                 .status()
