@@ -25,6 +25,7 @@ fn three_generation_replication_chain() {
     let faults = fleet::Faults {
         too_small: true,
         kill_mid_write: true,
+        sync: false,
     };
     let report = fleet::run(&image, 3, work.path(), faults, &mut |l| {
         eprintln!("fleet: {l}")

@@ -11,14 +11,19 @@ pub fn fleet(args: &[&str]) -> Result<()> {
     let faults = integration_tests::fleet::Faults {
         too_small: args.contains(&"--faults"),
         kill_mid_write: args.contains(&"--faults"),
+        sync: args.contains(&"--sync"),
     };
-    let args: Vec<&str> = args.iter().copied().filter(|a| *a != "--faults").collect();
+    let args: Vec<&str> = args
+        .iter()
+        .copied()
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let n: usize = match args.as_slice() {
         [] => 3,
         [n] => n
             .parse()
             .with_context(|| format!("{n:?} is not a machine count"))?,
-        _ => bail!("usage: cargo xtask fleet [N] [--faults]  (N ≥ 2 machines, default 3)"),
+        _ => bail!("usage: cargo xtask fleet [N] [--faults] [--sync]  (N ≥ 2 machines, default 3)"),
     };
     if n < 2 {
         bail!("a fleet needs at least two machines");

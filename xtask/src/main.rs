@@ -33,7 +33,7 @@ fn main() -> Result<()> {
                  commands:\n  \
                  image [--refresh] build target/appliance/ (fetching inputs once into cache/store)\n  \
                  qemu [--port N]  build the image if needed and boot it under OVMF\n  \
-                 fleet [N] [--faults] replication chain of N machines in QEMU (default 3)\n  \
+                 fleet [N] [--faults] [--sync]  replication chain of N machines in QEMU (default 3)\n  \
                  test [ARGS]      install missing test tools, build the image, run every test\n  \
                  bench builder    the builder against mkfs.ext4/mkfs.fat/mcopy/sgdisk/dd/cpio|gzip\n  \
                  bench tftp       our TFTP server against tftpd-hpa, 64 MiB over loopback\n  \
