@@ -150,12 +150,9 @@ impl Replication {
             .and_then(|b| serde_json::from_slice::<Vec<InstallRecord>>(&b).ok())
             .map(|v| v.into_iter().map(|r| (r.mac.clone(), r)).collect())
             .unwrap_or_default();
-        let prepared = if data.join(CACHE_DIR).join(BMAP_FILE).exists() {
-            // Checked again (and rebuilt if stale) by the first prepare.
-            Prepared::Idle
-        } else {
-            Prepared::Idle
-        };
+        // A cache from an earlier run is checked (and rebuilt if stale) by
+        // the first prepare.
+        let prepared = Prepared::Idle;
         Replication {
             data: data.to_owned(),
             events,
