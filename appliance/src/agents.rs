@@ -79,6 +79,17 @@ fn now() -> f64 {
 }
 
 /// Lowercase `aa:bb:cc:dd:ee:ff`, or `None` if not a MAC address.
+/// A MAC from a URL path, normalised, or a 400 naming it.
+pub fn mac_param(mac: &str) -> Result<String, ApiError> {
+    normalize_mac(mac).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_mac",
+            format!("{mac:?} is not a MAC address"),
+        )
+    })
+}
+
 pub fn normalize_mac(s: &str) -> Option<String> {
     let parts: Vec<&str> = s.split([':', '-']).collect();
     if parts.len() != 6
@@ -217,13 +228,7 @@ async fn work(
     UrlPath(mac): UrlPath<String>,
     headers: axum::http::HeaderMap,
 ) -> Result<Json<Work>, ApiError> {
-    let mac = normalize_mac(&mac).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_mac",
-            format!("{mac:?} is not a MAC address"),
-        )
-    })?;
+    let mac = mac_param(&mac)?;
     let rec = a
         .inner
         .lock()

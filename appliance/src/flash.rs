@@ -277,23 +277,10 @@ pub fn flash(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<WriteReport> {
     check_target(sys, target, image, bmap.image_size)?;
-    let mut created = false;
-    if !target.exists() {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(target)
-            .with_context(|| format!("creating {}", target.display()))?;
-        created = true;
-        f.set_len(bmap.image_size)
-            .with_context(|| format!("sizing {}", target.display()))?;
-    }
-    let result = FileSource::open(image)
-        .and_then(|mut src| writer::write_image(bmap, &mut src, target, opts, progress));
-    if result.is_err() && created {
-        let _ = std::fs::remove_file(target);
-    }
-    result
+    write_to(bmap, target, |bmap| {
+        FileSource::open(image)
+            .and_then(|mut src| writer::write_image(bmap, &mut src, target, opts, progress))
+    })
 }
 
 /// Like [`flash`], from another appliance: the image and its block map
@@ -320,6 +307,23 @@ pub fn flash_from(
         .with_context(|| format!("fetching {url}"))?;
     let bmap = Bmap::parse(&bytes).with_context(|| format!("parsing {url}"))?;
     check_target(sys, target, Path::new(""), bmap.image_size)?;
+    write_to(&bmap, target, |bmap| {
+        let mut src = writer::HttpSource::new(
+            &format!("{base}/api/v1/release/image"),
+            None,
+            writer::RetryPolicy::default(),
+        );
+        writer::write_image(bmap, &mut src, target, opts, progress)
+    })
+}
+
+/// Creates `target` at the image's size when it is a missing file, runs
+/// `write`, and removes the file it created if the write fails.
+fn write_to(
+    bmap: &Bmap,
+    target: &Path,
+    write: impl FnOnce(&Bmap) -> Result<WriteReport>,
+) -> Result<WriteReport> {
     let mut created = false;
     if !target.exists() {
         let f = std::fs::OpenOptions::new()
@@ -331,12 +335,7 @@ pub fn flash_from(
         f.set_len(bmap.image_size)
             .with_context(|| format!("sizing {}", target.display()))?;
     }
-    let mut src = writer::HttpSource::new(
-        &format!("{base}/api/v1/release/image"),
-        None,
-        writer::RetryPolicy::default(),
-    );
-    let result = writer::write_image(&bmap, &mut src, target, opts, progress);
+    let result = write(bmap);
     if result.is_err() && created {
         let _ = std::fs::remove_file(target);
     }

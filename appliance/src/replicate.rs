@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 use tower_http::services::ServeFile;
 
-use crate::agents::{normalize_mac, AgentRecord, Work};
+use crate::agents::{AgentRecord, Work};
 use crate::api::ApiError;
 use crate::events::Events;
 use crate::install::{ChildNetwork, InstallProgress, InstallWork};
@@ -567,13 +567,7 @@ async fn forget(
     State(r): State<Replication>,
     UrlPath(mac): UrlPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    let mac = normalize_mac(&mac).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_mac",
-            format!("{mac:?} is not a MAC address"),
-        )
-    })?;
+    let mac = crate::agents::mac_param(&mac)?;
     if r.forget(&mac) {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -592,13 +586,7 @@ async fn progress(
     body: Result<Json<InstallProgress>, axum::extract::rejection::JsonRejection>,
 ) -> Result<StatusCode, ApiError> {
     let Json(p) = body?;
-    let mac = normalize_mac(&mac).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_mac",
-            format!("{mac:?} is not a MAC address"),
-        )
-    })?;
+    let mac = crate::agents::mac_param(&mac)?;
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
