@@ -422,14 +422,33 @@ async fn supervise(cfg: &BootConfig) -> Result<Action> {
     let uplink = cfg.uplink.clone();
     let ip = cfg.ip.clone();
     let mgmt = cfg.mgmt.clone();
+    // A PXE-booted agent or installer is useless without its uplink (its
+    // server may be busy, e.g. rebuilding its image): it keeps asking.
+    let keep_trying = matches!(cfg.mode, Mode::Agent | Mode::Install);
     tokio::spawn(async move {
-        let (up, problems) = crate::net::bring_up(uplink.as_deref(), &ip, &mgmt, DHCP_TOTAL).await;
-        for p in &problems {
-            degrade(p);
-        }
-        match up {
-            Some(u) => marker(&format!("network up {} {}/{}", u.iface, u.addr, u.prefix)),
-            None => marker("network degraded"),
+        let mut mgmt = mgmt;
+        loop {
+            let (up, problems) =
+                crate::net::bring_up(uplink.as_deref(), &ip, &mgmt, DHCP_TOTAL).await;
+            // Management interfaces are configured on the first round only.
+            mgmt.clear();
+            for p in &problems {
+                degrade(p);
+            }
+            match up {
+                Some(u) => {
+                    marker(&format!("network up {} {}/{}", u.iface, u.addr, u.prefix));
+                    break;
+                }
+                None if keep_trying => {
+                    marker("network degraded; trying again");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                None => {
+                    marker("network degraded");
+                    break;
+                }
+            }
         }
     });
 
