@@ -371,18 +371,13 @@ pub fn write_node_state(
     Ok(())
 }
 
-/// Writes JSON to a temporary file, syncs it and renames it into place.
+/// Writes pretty JSON durably: temporary file, sync, rename, sync the
+/// directory (the inventory's atomic write).
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
     let mut bytes = serde_json::to_vec_pretty(value)?;
     bytes.push(b'\n');
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(&bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+    crate::inventory::git::write_atomic(path, &bytes, true)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Zeroes the first MiB so the disk no longer boots.
@@ -698,6 +693,11 @@ mod tests {
         let spec: Vec<crate::network::NetworkSpec> =
             serde_json::from_value(nets).expect("networks.json is what network.rs reads");
         assert_eq!(spec[0].cidr, "10.1.2.1/24");
-        assert!(!dir.path().join("state/node.json.tmp").exists());
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("state"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     }
 }

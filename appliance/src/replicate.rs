@@ -171,13 +171,8 @@ impl Replication {
     fn persist(&self, all: &BTreeMap<String, InstallRecord>) {
         let f = self.data.join("state/installs.json");
         let v: Vec<&InstallRecord> = all.values().collect();
-        let res = (|| -> std::io::Result<()> {
-            std::fs::create_dir_all(f.parent().expect("state dir"))?;
-            let tmp = f.with_extension("json.tmp");
-            std::fs::write(&tmp, serde_json::to_vec_pretty(&v)?)?;
-            std::fs::rename(&tmp, &f)
-        })();
-        if let Err(e) = res {
+        let bytes = serde_json::to_vec_pretty(&v).expect("install records serialise");
+        if let Err(e) = crate::inventory::git::write_atomic(&f, &bytes, false) {
             tracing::error!(file = %f.display(), error = %e, "saving installs failed");
         }
     }
