@@ -296,15 +296,7 @@ pub fn flash_from(
 ) -> Result<WriteReport> {
     let base = base.trim_end_matches('/');
     let url = format!("{base}/api/v1/release/bmap");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(std::time::Duration::from_secs(60)))
-        .build()
-        .into();
-    let bytes = agent
-        .get(&url)
-        .call()
-        .and_then(|mut r| r.body_mut().with_config().limit(64 << 20).read_to_vec())
-        .with_context(|| format!("fetching {url}"))?;
+    let bytes = writer::fetch_all(&url, std::time::Duration::from_secs(300))?;
     let bmap = Bmap::parse(&bytes).with_context(|| format!("parsing {url}"))?;
     check_target(sys, target, Path::new(""), bmap.image_size)?;
     write_to(&bmap, target, |bmap| {

@@ -209,37 +209,6 @@ fn client() -> ureq::Agent {
         .into()
 }
 
-/// GET `url` fully, retrying connection errors and 5xx for `total`.
-fn fetch(url: &str, total: Duration) -> Result<Vec<u8>> {
-    let deadline = Instant::now() + total;
-    let mut delay = Duration::from_millis(500);
-    loop {
-        let err = match client().get(url).call() {
-            Ok(mut r) if r.status() == 200 => {
-                let mut body = Vec::new();
-                match r.body_mut().as_reader().read_to_end(&mut body) {
-                    Ok(_) => return Ok(body),
-                    Err(e) => format!("reading the body: {e}"),
-                }
-            }
-            Ok(r) if r.status().is_server_error() || r.status() == 503 => {
-                format!("HTTP {}", r.status())
-            }
-            Ok(mut r) => {
-                let text = r.body_mut().read_to_string().unwrap_or_default();
-                bail!("GET {url}: HTTP {}: {text}", r.status());
-            }
-            Err(e) => e.to_string(),
-        };
-        if Instant::now() + delay > deadline {
-            bail!("GET {url}: {err} (gave up after {total:?})");
-        }
-        tracing::warn!(%url, error = %err, "fetch failed; retrying");
-        std::thread::sleep(delay);
-        delay = (delay * 2).min(Duration::from_secs(10));
-    }
-}
-
 /// Reports progress to the parent (best effort: the install goes on when
 /// the parent cannot be told).
 pub struct Reporter {
@@ -434,11 +403,11 @@ pub fn run(
 
     // 1. The signed release.
     rep.phase("verify", format!("release {}", work.release));
-    let manifest = fetch(
+    let manifest = crate::writer::fetch_all(
         &format!("{base}/api/v1/release/manifest"),
         Duration::from_secs(300),
     )?;
-    let signature = fetch(
+    let signature = crate::writer::fetch_all(
         &format!("{base}/api/v1/release/signature"),
         Duration::from_secs(300),
     )?;
@@ -463,7 +432,7 @@ pub fn run(
         .context("the signed manifest describes no disk image")?;
 
     // 2. The block map.
-    let bmap_bytes = fetch(
+    let bmap_bytes = crate::writer::fetch_all(
         &format!("{base}/api/v1/release/bmap"),
         Duration::from_secs(600),
     )?;

@@ -217,6 +217,43 @@ impl ChunkSource for HttpSource {
     }
 }
 
+/// GET a small document (manifest, signature, block map) whole, retrying
+/// connection errors and 5xx answers with backoff for `total`.
+pub fn fetch_all(url: &str, total: Duration) -> Result<Vec<u8>> {
+    let deadline = Instant::now() + total;
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(60)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let err = match agent.get(url).call() {
+            Ok(mut r) if r.status() == 200 => {
+                let mut body = Vec::new();
+                match r.body_mut().as_reader().read_to_end(&mut body) {
+                    Ok(_) => return Ok(body),
+                    Err(e) => format!("reading the body: {e}"),
+                }
+            }
+            Ok(r) if r.status().is_server_error() => {
+                format!("HTTP {}", r.status())
+            }
+            Ok(mut r) => {
+                let text = r.body_mut().read_to_string().unwrap_or_default();
+                bail!("GET {url}: HTTP {}: {text}", r.status());
+            }
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() + delay > deadline {
+            bail!("GET {url}: {err} (gave up after {total:?})");
+        }
+        tracing::warn!(%url, error = %err, "fetch failed; retrying");
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
 /// Writer options.
 #[derive(Debug, Clone)]
 pub struct WriteOptions {
