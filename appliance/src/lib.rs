@@ -12,6 +12,7 @@ pub mod api;
 pub mod auth;
 pub mod blkdev;
 pub mod bmap;
+pub mod bmc;
 pub mod cli;
 pub mod cmdline;
 pub mod config;
