@@ -27,6 +27,7 @@ pub mod hwinfo;
 pub mod init;
 pub mod install;
 pub mod inventory;
+pub mod iso9660;
 pub mod modalias;
 pub mod modules;
 pub mod mount;

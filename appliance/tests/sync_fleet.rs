@@ -422,3 +422,60 @@ fn fleet_converges_with_conflicts_listed_and_bundles_round_trip() {
     drop(dirs);
     step("removed");
 }
+
+/// A replica installed from an image starts with its own history, not its
+/// parent's: the first sync merges two unrelated histories with a
+/// conflict, and every later sync (edits on either side, reruns) must
+/// still push and converge. The QEMU fleet found a child that had recorded
+/// its own merge commit as the parent's head, so its next push left out
+/// the very commit it pushed: the record is now the parent's word, and the
+/// parent confirms it still holds the recorded head before a push relies
+/// on it.
+#[test]
+fn independent_histories_keep_syncing_after_a_conflict() {
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Node::start("A", dirs[0].path());
+    a.ok(&["repo", "add", "both", "--mirror", "http://a/0"]);
+    let b = a.adopt("B", dirs[1].path());
+    // B made its own, unrelated history before its first sync.
+    b.ok(&["repo", "add", "both", "--mirror", "http://b/0"]);
+    b.ok(&["repo", "add", "only-b", "--mirror", "http://b/1"]);
+    for round in 0..3 {
+        b.sync();
+        a.ok(&[
+            "repo",
+            "edit",
+            "both",
+            "--mirror",
+            &format!("http://a/{round}x"),
+        ]);
+        b.sync();
+        b.ok(&[
+            "repo",
+            "add",
+            &format!("b-{round}"),
+            "--mirror",
+            "http://b/r",
+        ]);
+        let r = b.sync();
+        assert!(r["state"].is_string(), "{r}");
+    }
+    let r = b.sync();
+    assert_eq!(r["round_trips"], 1, "not quiet after syncing: {r}");
+    assert_eq!(a.state(), b.state());
+    // What the parent reported is what is recorded, never B's own head.
+    let rec: Value =
+        serde_json::from_slice(&std::fs::read(b.data.join("state/sync.json")).unwrap()).unwrap();
+    assert_eq!(rec["parent_head"], a.json(&["sync", "status"])["head"]);
+    // A record naming a commit the parent never got (as the old code wrote,
+    // or a parent restored from an older backup) does not stop the push.
+    b.ok(&["repo", "add", "after-bad-record", "--mirror", "http://b/x"]);
+    let own = b.json(&["sync", "status"])["head"].clone();
+    let bad = json!({"parent_head": own, "last_sync": rec["last_sync"]});
+    std::fs::write(b.data.join("state/sync.json"), bad.to_string()).unwrap();
+    let r = b.sync();
+    assert!(r["pushed_objects"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(a.mirror("after-bad-record").as_deref(), Some("http://b/x"));
+    assert_eq!(a.mirror("b-2").as_deref(), Some("http://b/r"));
+    assert_eq!(b.mirror("both").as_deref(), Some("http://a/2x"));
+}

@@ -2,8 +2,8 @@
 //! initrd into the blob store (`<data>/blobs/sha256/<hex>`, content
 //! addressed, temp + rename) and describe a distro and a default profile.
 //!
-//! Recognised layouts (directories; ISO images are refused with a hint to
-//! extract them, see the module's tests for the exact trees):
+//! Recognised layouts, from a directory or an ISO image read natively
+//! ([`crate::iso9660`]; see the module's tests for the exact trees):
 //! - Debian/Ubuntu netboot: `debian-installer/<arch>/{linux,initrd.gz}` or
 //!   `ubuntu-installer/<arch>/…`, version from `version.info`;
 //! - Debian installer media: `install.<a>/{vmlinuz,initrd.gz}`, `.disk/info`;
@@ -19,18 +19,86 @@ use sha2::{Digest, Sha256};
 
 use super::model::{Distro, Profile};
 
-/// What was found in a tree.
+/// What was found in a tree (paths relative to the tree's root).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Detected {
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
+    pub kernel: String,
+    pub initrd: String,
     pub breed: String,
     pub os_version: String,
     pub arch: String,
 }
 
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_default()
+/// An installer tree to import from: a directory or an ISO image (read
+/// natively by [`crate::iso9660`]). Paths are relative, `/`-separated.
+pub trait Tree {
+    /// A small file as text, or "" when absent.
+    fn text(&self, rel: &str) -> String;
+    fn is_file(&self, rel: &str) -> bool;
+    /// Names in a directory (empty when absent).
+    fn list(&self, rel: &str) -> Vec<String>;
+    fn open(&self, rel: &str) -> Result<Box<dyn Read + '_>>;
+    /// Where `rel` is, for messages.
+    fn describe(&self, rel: &str) -> String;
+}
+
+/// A directory tree.
+pub struct DirTree(pub PathBuf);
+
+impl Tree for DirTree {
+    fn text(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.0.join(rel)).unwrap_or_default()
+    }
+    fn is_file(&self, rel: &str) -> bool {
+        self.0.join(rel).is_file()
+    }
+    fn list(&self, rel: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.0.join(rel))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+    fn open(&self, rel: &str) -> Result<Box<dyn Read + '_>> {
+        let p = self.0.join(rel);
+        Ok(Box::new(
+            std::fs::File::open(&p).with_context(|| format!("opening {}", p.display()))?,
+        ))
+    }
+    fn describe(&self, rel: &str) -> String {
+        self.0.join(rel).display().to_string()
+    }
+}
+
+/// An ISO 9660 image.
+pub struct IsoTree(pub crate::iso9660::Iso);
+
+impl Tree for IsoTree {
+    fn text(&self, rel: &str) -> String {
+        self.0.read_text(rel).unwrap_or_default()
+    }
+    fn is_file(&self, rel: &str) -> bool {
+        self.0.lookup(rel).is_ok_and(|e| !e.is_dir && !e.is_symlink)
+    }
+    fn list(&self, rel: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .0
+            .list(rel)
+            .map(|es| es.into_iter().map(|e| e.name).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+    fn open(&self, rel: &str) -> Result<Box<dyn Read + '_>> {
+        Ok(Box::new(self.0.open_file(rel)?))
+    }
+    fn describe(&self, rel: &str) -> String {
+        format!("{}:/{rel}", self.0.path().display())
+    }
 }
 
 fn deb_arch(a: &str) -> String {
@@ -84,97 +152,77 @@ fn breed_of(family: &str) -> String {
     }
 }
 
-/// Recognises the tree at `dir`.
-pub fn detect(dir: &Path) -> Result<Detected> {
+/// Recognises the installer tree `t`.
+pub fn detect(t: &dyn Tree) -> Result<Detected> {
     // Debian/Ubuntu netboot.
     for (top, breed) in [
         ("debian-installer", "debian"),
         ("ubuntu-installer", "ubuntu"),
     ] {
-        let base = dir.join(top);
-        if let Ok(entries) = std::fs::read_dir(&base) {
-            let mut arches: Vec<String> = entries
-                .flatten()
-                .filter(|e| e.path().join("linux").is_file())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
-            arches.sort();
-            if let Some(a) = arches.first() {
-                let d = base.join(a);
-                let info = read(&dir.join("version.info"));
-                return Ok(Detected {
-                    kernel: d.join("linux"),
-                    initrd: d.join("initrd.gz"),
-                    breed: breed.into(),
-                    os_version: version_in(
-                        info.split_once("version:").map(|x| x.1).unwrap_or(&info),
-                    ),
-                    arch: deb_arch(a),
-                });
-            }
-        }
-    }
-    let disk_info = read(&dir.join(".disk/info"));
-    // Debian installer media.
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        let mut installs: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("install."))
-                    && p.join("vmlinuz").is_file()
-            })
+        let arches: Vec<String> = t
+            .list(top)
+            .into_iter()
+            .filter(|a| t.is_file(&format!("{top}/{a}/linux")))
             .collect();
-        installs.sort();
-        if let Some(d) = installs.first() {
-            let suffix = d
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .trim_start_matches("install.")
-                .to_owned();
-            let arch = disk_info
-                .split_whitespace()
-                .find(|w| ["amd64", "arm64", "i386"].contains(w))
-                .map(deb_arch)
-                .unwrap_or_else(|| deb_arch(&suffix));
+        if let Some(a) = arches.first() {
+            let info = t.text("version.info");
             return Ok(Detected {
-                kernel: d.join("vmlinuz"),
-                initrd: d.join("initrd.gz"),
-                breed: if disk_info.to_ascii_lowercase().contains("ubuntu") {
-                    "ubuntu".into()
-                } else {
-                    "debian".into()
-                },
-                os_version: version_in(&disk_info),
-                arch,
+                kernel: format!("{top}/{a}/linux"),
+                initrd: format!("{top}/{a}/initrd.gz"),
+                breed: breed.into(),
+                os_version: version_in(info.split_once("version:").map(|x| x.1).unwrap_or(&info)),
+                arch: deb_arch(a),
             });
         }
     }
+    let disk_info = t.text(".disk/info");
+    // Debian installer media.
+    let installs: Vec<String> = t
+        .list("")
+        .into_iter()
+        .filter(|n| n.starts_with("install.") && t.is_file(&format!("{n}/vmlinuz")))
+        .collect();
+    if let Some(d) = installs.first() {
+        let suffix = d.trim_start_matches("install.");
+        let arch = disk_info
+            .split_whitespace()
+            .find(|w| ["amd64", "arm64", "i386"].contains(w))
+            .map(deb_arch)
+            .unwrap_or_else(|| deb_arch(suffix));
+        return Ok(Detected {
+            kernel: format!("{d}/vmlinuz"),
+            initrd: format!("{d}/initrd.gz"),
+            breed: if disk_info.to_ascii_lowercase().contains("ubuntu") {
+                "ubuntu".into()
+            } else {
+                "debian".into()
+            },
+            os_version: version_in(&disk_info),
+            arch,
+        });
+    }
     // Ubuntu live server.
-    if dir.join("casper/vmlinuz").is_file() {
+    if t.is_file("casper/vmlinuz") {
         let initrd = ["casper/initrd", "casper/initrd.gz", "casper/initrd.lz"]
-            .iter()
-            .map(|p| dir.join(p))
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| dir.join("casper/initrd"));
+            .into_iter()
+            .find(|p| t.is_file(p))
+            .unwrap_or("casper/initrd");
         let arch = disk_info
             .split_whitespace()
             .find(|w| ["amd64", "arm64"].contains(w))
             .map(deb_arch)
             .unwrap_or_else(|| "x86_64".into());
         return Ok(Detected {
-            kernel: dir.join("casper/vmlinuz"),
-            initrd,
+            kernel: "casper/vmlinuz".into(),
+            initrd: initrd.into(),
             breed: "ubuntu".into(),
             os_version: version_in(&disk_info),
             arch,
         });
     }
     // Fedora / RHEL family.
-    if dir.join("images/pxeboot/vmlinuz").is_file() {
-        let ti = read(&dir.join(".treeinfo"));
+    if t.is_file("images/pxeboot/vmlinuz") {
+        let ti = t.text(".treeinfo");
         let (family, version, arch) = if !ti.is_empty() {
             (
                 ini_get(&ti, "release", "name")
@@ -188,7 +236,7 @@ pub fn detect(dir: &Path) -> Result<Detected> {
                     .unwrap_or_default(),
             )
         } else {
-            let di = read(&dir.join(".discinfo"));
+            let di = t.text(".discinfo");
             let lines: Vec<&str> = di.lines().collect();
             let fam = lines.get(1).copied().unwrap_or("");
             (
@@ -198,8 +246,8 @@ pub fn detect(dir: &Path) -> Result<Detected> {
             )
         };
         return Ok(Detected {
-            kernel: dir.join("images/pxeboot/vmlinuz"),
-            initrd: dir.join("images/pxeboot/initrd.img"),
+            kernel: "images/pxeboot/vmlinuz".into(),
+            initrd: "images/pxeboot/initrd.img".into(),
             breed: breed_of(&family),
             os_version: version,
             arch: if arch.is_empty() {
@@ -211,16 +259,14 @@ pub fn detect(dir: &Path) -> Result<Detected> {
     }
     bail!(
         "{}: not a recognised installer tree (looked for debian-installer/<arch>/linux, install.<arch>/vmlinuz, casper/vmlinuz, images/pxeboot/vmlinuz)",
-        dir.display()
+        t.describe("")
     )
 }
 
-/// Copies `src` into `blobs` (`<data>/blobs/sha256`) under its digest.
-/// Returns `sha256:<hex>`.
-pub fn put_blob(blobs: &Path, src: &Path) -> Result<String> {
+/// Copies `input` into `blobs` (`<data>/blobs/sha256`) under its digest
+/// (temporary file, fsync, rename). Returns `sha256:<hex>`.
+pub fn put_blob_from(blobs: &Path, input: &mut dyn Read, what: &str) -> Result<String> {
     std::fs::create_dir_all(blobs).with_context(|| format!("creating {}", blobs.display()))?;
-    let mut input =
-        std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
     let tmp = blobs.join(format!(".tmp-import-{}", std::process::id()));
     let result = (|| -> Result<String> {
         let mut out =
@@ -230,7 +276,7 @@ pub fn put_blob(blobs: &Path, src: &Path) -> Result<String> {
         loop {
             let n = input
                 .read(&mut buf)
-                .with_context(|| format!("reading {}", src.display()))?;
+                .with_context(|| format!("reading {what}"))?;
             if n == 0 {
                 break;
             }
@@ -250,25 +296,35 @@ pub fn put_blob(blobs: &Path, src: &Path) -> Result<String> {
     result
 }
 
-/// Imports the tree at `path` as distro and profile `name`.
+/// Copies the file `src` into `blobs` under its digest.
+pub fn put_blob(blobs: &Path, src: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    put_blob_from(blobs, &mut f, &src.display().to_string())
+}
+
+/// Imports the tree at `path` (a directory or an ISO image) as distro and
+/// profile `name`.
 pub fn import(path: &Path, name: &str, blobs: &Path) -> Result<(Distro, Profile)> {
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    if !meta.is_dir() {
+    super::model::check_name(name).map_err(|e| anyhow::anyhow!("distro {e}"))?;
+    let tree: Box<dyn Tree> = if meta.is_dir() {
+        Box::new(DirTree(path.to_owned()))
+    } else if crate::iso9660::is_iso(path) {
+        Box::new(IsoTree(crate::iso9660::Iso::open(path)?))
+    } else {
         bail!(
-            "{}: ISO images are not read natively yet; extract it first (xorriso -osirrox on -indev {} -extract / DIR) and import DIR",
-            path.display(),
+            "{}: neither a directory nor an ISO 9660 image",
             path.display()
         );
-    }
-    super::model::check_name(name).map_err(|e| anyhow::anyhow!("distro {e}"))?;
-    let d = detect(path)?;
+    };
+    let d = detect(tree.as_ref())?;
     for f in [&d.kernel, &d.initrd] {
-        if !f.is_file() {
-            bail!("{}: missing from the tree", f.display());
+        if !tree.is_file(f) {
+            bail!("{}: missing from the tree", tree.describe(f));
         }
     }
-    let kernel = put_blob(blobs, &d.kernel)?;
-    let initrd = put_blob(blobs, &d.initrd)?;
+    let kernel = put_blob_from(blobs, &mut tree.open(&d.kernel)?, &tree.describe(&d.kernel))?;
+    let initrd = put_blob_from(blobs, &mut tree.open(&d.initrd)?, &tree.describe(&d.initrd))?;
     let distro = Distro {
         name: name.to_owned(),
         kernel,
@@ -311,7 +367,7 @@ mod tests {
                 "Debian version:  12 (bookworm)\nInstaller build: 20230607+deb12u5\n",
             ),
         ]);
-        let d = detect(t.path()).unwrap();
+        let d = detect(&DirTree(t.path().to_owned())).unwrap();
         assert_eq!(
             (d.breed.as_str(), d.os_version.as_str(), d.arch.as_str()),
             ("debian", "12", "x86_64")
@@ -328,13 +384,13 @@ mod tests {
                 "Ubuntu-Server 22.04.3 LTS \"Jammy Jellyfish\" - Release amd64 (20230810)",
             ),
         ]);
-        let d = detect(t.path()).unwrap();
+        let d = detect(&DirTree(t.path().to_owned())).unwrap();
         assert_eq!(
             (d.breed.as_str(), d.os_version.as_str(), d.arch.as_str()),
             ("ubuntu", "22.04.3", "x86_64")
         );
         let t = tree(&[("install.amd/vmlinuz", "k"), ("install.amd/initrd.gz", "i"), (".disk/info", "Debian GNU/Linux 12.5.0 \"Bookworm\" - Official amd64 NETINST with firmware 20240210-11:27")]);
-        let d = detect(t.path()).unwrap();
+        let d = detect(&DirTree(t.path().to_owned())).unwrap();
         assert_eq!(
             (d.breed.as_str(), d.os_version.as_str(), d.arch.as_str()),
             ("debian", "12.5.0", "x86_64")
@@ -348,7 +404,7 @@ mod tests {
             ("images/pxeboot/initrd.img", "i"),
             (".treeinfo", "[general]\nfamily = Fedora\nversion = 39\narch = x86_64\n[release]\nname = Fedora\nversion = 39\n[tree]\narch = x86_64\n"),
         ]);
-        let d = detect(t.path()).unwrap();
+        let d = detect(&DirTree(t.path().to_owned())).unwrap();
         assert_eq!(
             (d.breed.as_str(), d.os_version.as_str(), d.arch.as_str()),
             ("fedora", "39", "x86_64")
@@ -361,7 +417,7 @@ mod tests {
                 "1700000000.0\nRed Hat Enterprise Linux 9.3\naarch64\n",
             ),
         ]);
-        let d = detect(t.path()).unwrap();
+        let d = detect(&DirTree(t.path().to_owned())).unwrap();
         assert_eq!(
             (d.breed.as_str(), d.os_version.as_str(), d.arch.as_str()),
             ("redhat", "9.3", "aarch64")
@@ -392,5 +448,45 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not a recognised"));
+    }
+
+    #[test]
+    fn an_iso_imports_like_its_tree() {
+        let t = tree(&[
+            ("install.amd/vmlinuz", "kernel from the iso"),
+            ("install.amd/initrd.gz", "initrd from the iso"),
+            (
+                ".disk/info",
+                "Debian GNU/Linux 12.5.0 \"Bookworm\" - Official amd64 NETINST",
+            ),
+        ]);
+        let out = tempfile::tempdir().unwrap();
+        let iso = out.path().join("debian.iso");
+        let o = std::process::Command::new("xorriso")
+            .args(["-as", "mkisofs", "-quiet", "-R", "-J", "-o"])
+            .arg(&iso)
+            .arg(t.path())
+            .output()
+            .expect("xorriso is installed (.ci/run installs it)");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let from_dir = tempfile::tempdir().unwrap();
+        let from_iso = tempfile::tempdir().unwrap();
+        let (a, _) = import(t.path(), "deb", from_dir.path()).unwrap();
+        let (b, _) = import(&iso, "deb", from_iso.path()).unwrap();
+        assert_eq!((&a.kernel, &a.initrd), (&b.kernel, &b.initrd));
+        assert_eq!(
+            (b.breed.as_str(), b.os_version.as_str(), b.arch.as_str()),
+            ("debian", "12.5.0", "x86_64")
+        );
+        let hex = b.kernel.strip_prefix("sha256:").unwrap();
+        assert_eq!(
+            std::fs::read(from_iso.path().join(hex)).unwrap(),
+            b"kernel from the iso"
+        );
+        // Neither a tree nor an ISO: named.
+        let junk = out.path().join("junk.bin");
+        std::fs::write(&junk, vec![1u8; 50000]).unwrap();
+        let e = import(&junk, "x", from_iso.path()).unwrap_err().to_string();
+        assert!(e.contains("neither a directory nor an ISO"), "{e}");
     }
 }

@@ -118,6 +118,8 @@ fn node_id(s: &str) -> Result<Uuid, ApiError> {
 #[derive(Debug, Deserialize)]
 struct HeadQ {
     head: Option<String>,
+    /// The parent head the child last recorded: is it still held here?
+    base: Option<String>,
 }
 
 async fn state_info(
@@ -130,7 +132,7 @@ async fn state_info(
     authorize(&st, &headers, Some(&id))?;
     let n = st.node.clone();
     Ok(Json(
-        blocking(move || n.state_info(q.head.as_deref())).await?,
+        blocking(move || n.state_info(q.head.as_deref(), q.base.as_deref())).await?,
     ))
 }
 

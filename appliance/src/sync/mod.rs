@@ -90,6 +90,11 @@ pub struct SyncReport {
     pub merge: Option<MergeOutcome>,
     /// HEAD's tree id after the sync.
     pub state: Option<String>,
+    /// The parent's head as the parent reported it (after our push): a
+    /// commit the parent holds, so the next push may leave out everything
+    /// reachable from it. Never our own merge result, which the parent
+    /// may lack.
+    pub parent_head: Option<String>,
 }
 
 /// The answer of `GET /api/v1/sync/<id>/state`.
@@ -101,6 +106,10 @@ pub struct StateInfo {
     pub blobs: String,
     /// Whether the asker's head is already part of ours.
     pub known: bool,
+    /// Whether we hold the `base` commit the asker named (the parent head
+    /// it last recorded), so its pushes may leave out what that reaches.
+    #[serde(default)]
+    pub base_known: bool,
 }
 
 /// One blob: `sha256:<hex>` and its size.
@@ -206,7 +215,7 @@ impl SyncNode {
     }
 
     /// Our state, and whether `their_head` is part of it.
-    pub fn state_info(&self, their_head: Option<&str>) -> Result<StateInfo> {
+    pub fn state_info(&self, their_head: Option<&str>, base: Option<&str>) -> Result<StateInfo> {
         let (head, state) = self.head_and_state();
         let known = match (their_head, &head) {
             (None, _) => true,
@@ -218,12 +227,17 @@ impl SyncNode {
             }
             (Some(_), None) => false,
         };
+        let base_known = match base {
+            Some(b) => self.inv().repo().has_object(&git::parse_hex_oid(b)?),
+            None => false,
+        };
         Ok(StateInfo {
             node_id: self.node_id,
             head,
             state,
             blobs: Self::blob_hash(&self.blob_list()?),
             known,
+            base_known,
         })
     }
 
@@ -445,8 +459,8 @@ impl SyncNode {
             Err(e) => rec.last_error = Some(format!("{e:#}")),
         }
         if let Ok(r) = &res {
-            if let Some(m) = &r.merge {
-                rec.parent_head = m.head.clone();
+            if r.parent_head.is_some() {
+                rec.parent_head = r.parent_head.clone();
             }
         }
         if let Err(e) = write_json(&path, &rec) {
@@ -461,10 +475,22 @@ impl SyncNode {
         let mut rep = SyncReport::default();
         let (head, _) = self.head_and_state();
         let blobs = self.blob_list()?;
-        let q = head
-            .as_deref()
-            .map(|h| format!("?head={h}"))
-            .unwrap_or_default();
+        // The parent head we recorded last time: the parent confirms it
+        // still holds it before a push leaves out what it reaches (a
+        // restored or replaced parent may not).
+        let recorded = self.record()?.parent_head;
+        let mut q: Vec<String> = Vec::new();
+        if let Some(h) = &head {
+            q.push(format!("head={h}"));
+        }
+        if let Some(b) = &recorded {
+            q.push(format!("base={b}"));
+        }
+        let q = if q.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", q.join("&"))
+        };
         let st: StateInfo = serde_json::from_value(
             client
                 .json("GET", &format!("{base}/state{q}"), None)
@@ -474,6 +500,7 @@ impl SyncNode {
         rep.round_trips += 1;
         if st.head == head && st.blobs == Self::blob_hash(&blobs) {
             rep.state = st.state;
+            rep.parent_head = st.head;
             return Ok(rep);
         }
         // Blobs first, so the parent never holds state naming a blob it lacks.
@@ -487,8 +514,8 @@ impl SyncNode {
             if let Some(p) = &parent_head {
                 have.push(git::parse_hex_oid(p)?);
             }
-            if let Some(p) = self.record()?.parent_head {
-                have.push(git::parse_hex_oid(&p)?);
+            if let (Some(p), true) = (&recorded, st.base_known) {
+                have.push(git::parse_hex_oid(p)?);
             }
             let (pack, n) = self.build_pack(&want, &have)?;
             rep.pushed_objects = n;
@@ -523,6 +550,7 @@ impl SyncNode {
             rep.merge = Some(self.merge(&want, "parent")?);
             self.note_peer(&link.parent_node_id.to_string(), p)?;
         }
+        rep.parent_head = parent_head;
         rep.state = self.head_and_state().1;
         Ok(rep)
     }
@@ -667,8 +695,13 @@ mod tests {
         let head = git::parse_hex_oid(&honest.head_and_state().0.unwrap()).unwrap();
         let m = parent.merge(&head, "c").unwrap();
         assert_ne!(m.action, "unchanged");
-        let info = parent.state_info(Some(&git::hex(&head))).unwrap();
+        let info = parent.state_info(Some(&git::hex(&head)), None).unwrap();
         assert!(info.known);
+        assert!(!info.base_known, "no base asked about");
+        let h = git::hex(&head);
+        assert!(parent.state_info(None, Some(&h)).unwrap().base_known);
+        let never = git::hex(&add(&forger, "never-pushed"));
+        assert!(!parent.state_info(None, Some(&never)).unwrap().base_known);
         assert_eq!(parent.merge(&head, "c").unwrap().action, "unchanged");
     }
 
