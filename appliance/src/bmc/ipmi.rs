@@ -1461,12 +1461,18 @@ impl PowerDriver for Ipmi {
     /// the boot-info acknowledge bits reset so the BIOS acts on them.
     fn boot_once(&self, dev: BootDevice) -> Result<(), PowerError> {
         self.with_session(|s| {
-            // Set in progress; BMCs without the lock answer 80h.
+            // Set in progress. The lock is optional: BMCs without it answer
+            // 80h (or, like ipmi_sim, CCh), and 81h means a client left it
+            // taken; like ipmitool, carry on without it.
             let locked = match s.set_boot_param(&[BOOT_PARAM_SET_IN_PROGRESS, 0x01])? {
                 CC_OK => true,
-                CC_PARAM_NOT_SUPPORTED => false,
-                // 81h: another client holds the lock.
-                cc => return Err(s.failed(SET_BOOT_OPTIONS, " (set in progress)", cc)),
+                cc => {
+                    tracing::debug!(
+                        address = %self.address,
+                        "boot options set-in-progress refused ({cc:#04x}); going on without it"
+                    );
+                    false
+                }
             };
             let result = (|| {
                 match s.set_boot_param(&[BOOT_PARAM_INFO_ACK, 0x01, 0x01])? {
