@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use appliance::bmc::ipmi::{CipherSuite, Ipmi};
 use appliance::bmc::{driver_for, BootDevice, PowerDriver, PowerError, PowerState};
 use appliance::inventory::model::Power;
 
@@ -149,7 +150,19 @@ set_working_mc 0x20
             password: password.into(),
             id: String::new(),
         };
-        driver_for(&power, timeout).unwrap().expect("an ipmi driver")
+        driver_for(&power, timeout)
+            .unwrap()
+            .expect("an ipmi driver")
+    }
+
+    fn power(&self) -> Power {
+        Power {
+            kind: "ipmi".into(),
+            address: self.address(),
+            user: USER.into(),
+            password: PASSWORD.into(),
+            id: String::new(),
+        }
     }
 
     fn admin(&self) -> Box<dyn PowerDriver> {
@@ -223,7 +236,10 @@ fn wait_for_state(d: &dyn PowerDriver, want: PowerState, within: Duration) {
         if got == want {
             return;
         }
-        assert!(Instant::now() < until, "power stayed {got:?}, want {want:?}");
+        assert!(
+            Instant::now() < until,
+            "power stayed {got:?}, want {want:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -282,7 +298,10 @@ fn power_control_and_boot_device_against_ipmi_sim() {
 
     d.boot_once(BootDevice::Disk).unwrap();
     let flags = sim.ipmitool(&["chassis", "bootparam", "get", "5"]);
-    assert!(flags.contains("Force Boot from default Hard-Drive"), "{flags}");
+    assert!(
+        flags.contains("Force Boot from default Hard-Drive"),
+        "{flags}"
+    );
 
     // Sessions are closed: many more calls than the user's 10 sessions.
     for _ in 0..12 {
@@ -302,14 +321,34 @@ fn wrong_password_is_an_auth_error() {
     let msg = err.to_string();
     assert!(msg.contains(&sim.address()), "{msg}");
     assert!(msg.contains("wrong password"), "{msg}");
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
 
     let err = sim
         .driver("nobody", PASSWORD, Duration::from_secs(5))
         .status()
         .unwrap_err();
     assert!(matches!(err, PowerError::Auth { .. }), "{err:?}");
+}
 
+#[test]
+fn cipher_suite_17_falls_back_to_3() {
+    // ipmi_sim refuses suite 17's algorithms at Open Session (status 04h).
+    let sim = Sim::start();
+    let d = Ipmi::new(&sim.power(), Duration::from_secs(5))
+        .unwrap()
+        .with_cipher_suites(&[CipherSuite::Suite17, CipherSuite::Suite3]);
+    assert_eq!(d.status().unwrap(), PowerState::Off);
+
+    let only17 = Ipmi::new(&sim.power(), Duration::from_secs(5))
+        .unwrap()
+        .with_cipher_suites(&[CipherSuite::Suite17]);
+    let err = only17.status().unwrap_err();
+    assert!(matches!(err, PowerError::Protocol { .. }), "{err:?}");
+    assert!(err.to_string().contains("cipher suite 17"), "{err}");
 }
 
 #[test]
@@ -324,7 +363,9 @@ fn silent_bmc_is_unreachable_quickly() {
         password: PASSWORD.into(),
         id: String::new(),
     };
-    let d = driver_for(&power, Duration::from_millis(800)).unwrap().unwrap();
+    let d = driver_for(&power, Duration::from_millis(800))
+        .unwrap()
+        .unwrap();
     let started = Instant::now();
     let err = d.status().unwrap_err();
     let took = started.elapsed();

@@ -23,6 +23,9 @@
 //! is [`PowerError::Auth`], a non-zero completion code is
 //! [`PowerError::Protocol`] naming the command and the code.
 
+// `%` instead of `is_multiple_of`: the workspace's rust-version is 1.85.
+#![allow(clippy::manual_is_multiple_of)]
+
 use std::cell::Cell;
 use std::fmt;
 use std::io::ErrorKind;
@@ -604,14 +607,21 @@ pub struct OpenSessionResponse {
     pub algorithms: [u8; 3],
 }
 
+/// The session id at bytes 4..8 of an RMCP+ handshake message, zero when
+/// an error answer stops short of it (`ipmi_sim` sends just tag and status).
+fn sid_at_4(p: &[u8]) -> u32 {
+    p.get(4..8)
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
 pub fn parse_open_session_response(p: &[u8]) -> Result<OpenSessionResponse, String> {
-    if p.len() < 8 {
+    if p.len() < 2 {
         return Err(format!("Open Session Response of {} bytes", p.len()));
     }
     let mut r = OpenSessionResponse {
         tag: p[0],
         status: p[1],
-        console_sid: u32::from_le_bytes([p[4], p[5], p[6], p[7]]),
+        console_sid: sid_at_4(p),
         bmc_sid: 0,
         algorithms: [0; 3],
     };
@@ -647,13 +657,13 @@ pub struct Rakp2 {
 }
 
 pub fn parse_rakp2(p: &[u8], suite: CipherSuite) -> Result<Rakp2, String> {
-    if p.len() < 8 {
+    if p.len() < 2 {
         return Err(format!("RAKP 2 of {} bytes", p.len()));
     }
     let mut r = Rakp2 {
         tag: p[0],
         status: p[1],
-        console_sid: u32::from_le_bytes([p[4], p[5], p[6], p[7]]),
+        console_sid: sid_at_4(p),
         rc: [0; 16],
         guid: [0; 16],
         code: Vec::new(),
@@ -687,13 +697,13 @@ pub struct Rakp4 {
 }
 
 pub fn parse_rakp4(p: &[u8], suite: CipherSuite) -> Result<Rakp4, String> {
-    if p.len() < 8 {
+    if p.len() < 2 {
         return Err(format!("RAKP 4 of {} bytes", p.len()));
     }
     let mut r = Rakp4 {
         tag: p[0],
         status: p[1],
-        console_sid: u32::from_le_bytes([p[4], p[5], p[6], p[7]]),
+        console_sid: sid_at_4(p),
         icv: Vec::new(),
     };
     if r.status == 0 {
@@ -852,7 +862,8 @@ impl Link {
             SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
             SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
         };
-        let sock = UdpSocket::bind(local).map_err(|e| unreachable(format!("binding {local}: {e}")))?;
+        let sock =
+            UdpSocket::bind(local).map_err(|e| unreachable(format!("binding {local}: {e}")))?;
         sock.connect(target)
             .map_err(|e| unreachable(format!("connecting to {target}: {e}")))?;
         Ok(Link {
@@ -1307,7 +1318,9 @@ impl<'l> Session<'l> {
     }
 
     fn control(&self, action: u8) -> Result<u8, PowerError> {
-        Ok(self.call_raw(CHASSIS_CONTROL, &[action], MAX_TRIES)?.completion)
+        Ok(self
+            .call_raw(CHASSIS_CONTROL, &[action], MAX_TRIES)?
+            .completion)
     }
 
     fn control_ok(&self, action: u8) -> Result<(), PowerError> {
@@ -1556,12 +1569,10 @@ mod tests {
                  00 00 00 00 a4 a3 a2 a0 00 00 00 08 01 00 00 00
                  01 00 00 08 01 00 00 00 02 00 00 08 01 00 00 00")
         );
-        let answer = hex(
-            "06 00 ff 07 06 11 00 00 00 00 00 00 00 00 24 00
+        let answer = hex("06 00 ff 07 06 11 00 00 00 00 00 00 00 00 24 00
              00 00 00 00 a4 a3 a2 a0 82 04 00 00 00 00 00 08
              01 00 00 00 01 00 00 08 01 00 00 00 02 00 00 08
-             01 00 00 00",
-        );
+             01 00 00 00");
         let pk = open(None, &answer).unwrap();
         assert_eq!(pk.payload_type, PAYLOAD_OPEN_SESSION_RESPONSE);
         let r = parse_open_session_response(&pk.payload).unwrap();
@@ -1575,10 +1586,15 @@ mod tests {
                 algorithms: [1, 1, 1],
             }
         );
-        // ipmi_sim refusing suite 17: status only.
-        let refused = parse_open_session_response(&hex("00 04 00 00 a4 a3 a2 a0")).unwrap();
-        assert_eq!(refused.status, 0x04);
+        // ipmi_sim refusing suite 17: tag and status only.
+        let refused = parse_open_session_response(&hex("00 04")).unwrap();
+        assert_eq!((refused.status, refused.console_sid), (0x04, 0));
         assert!(is_algorithm_refusal(refused.status));
+        let refused = parse_open_session_response(&hex("00 04 00 00 a4 a3 a2 a0")).unwrap();
+        assert_eq!((refused.status, refused.console_sid), (0x04, CONSOLE_SID));
+        assert!(parse_open_session_response(&hex("00")).is_err());
+        // A success answer must carry the algorithms.
+        assert!(parse_open_session_response(&hex("00 00 00 00 a4 a3 a2 a0")).is_err());
     }
 
     #[test]
@@ -1590,13 +1606,11 @@ mod tests {
                  00 00 00 00 82 04 00 00 8d 57 d4 af 0a c9 66 69
                  cb b4 82 28 52 d6 dd be 14 00 00 05 61 64 6d 69 6e")
         );
-        let rakp2 = hex(
-            "06 00 ff 07 06 13 00 00 00 00 00 00 00 00 3c 00
+        let rakp2 = hex("06 00 ff 07 06 13 00 00 00 00 00 00 00 00 3c 00
              00 00 00 00 a4 a3 a2 a0 12 cf 8c 27 d7 27 4a 33
              d4 96 2e 56 c0 57 7a d7 a1 23 45 67 89 ab cd ef
              a1 23 45 67 89 ab cd ef 6c aa 6b de 01 ba b0 95
-             d5 65 33 18 b1 f3 a8 da ab 8b f2 88",
-        );
+             d5 65 33 18 b1 f3 a8 da ab 8b f2 88");
         let r2 = parse_rakp2(&open(None, &rakp2).unwrap().payload, CipherSuite::Suite3).unwrap();
         assert_eq!((r2.status, r2.console_sid), (0, CONSOLE_SID));
         assert_eq!((r2.rc, r2.guid), (k.rc, k.guid));
@@ -1618,10 +1632,8 @@ mod tests {
             sik,
             hex("48 c1 a7 7d 3f d0 fa 5a 0b 57 7c 1f 01 ed 8a 4f 2d 59 dc 36")
         );
-        let rakp4 = hex(
-            "06 00 ff 07 06 15 00 00 00 00 00 00 00 00 14 00
-             00 00 00 00 a4 a3 a2 a0 7a d5 72 bb 0f 64 8c 95 78 a2 cc 94",
-        );
+        let rakp4 = hex("06 00 ff 07 06 15 00 00 00 00 00 00 00 00 14 00
+             00 00 00 00 a4 a3 a2 a0 7a d5 72 bb 0f 64 8c 95 78 a2 cc 94");
         let r4 = parse_rakp4(&open(None, &rakp4).unwrap().payload, CipherSuite::Suite3).unwrap();
         assert_eq!(k.rakp4_icv(&sik), r4.icv);
     }
@@ -1656,12 +1668,10 @@ mod tests {
                  ff ff 02 07 50 d8 0d 5b 88 91 20 06 2e 32 90 64")
         );
         // ipmi_sim's answer.
-        let answer = hex(
-            "06 00 ff 07 06 c0 a4 a3 a2 a0 01 00 00 00 20 00
+        let answer = hex("06 00 ff 07 06 c0 a4 a3 a2 a0 01 00 00 00 20 00
              e4 bc f3 a0 c9 ad 61 36 ac 91 49 58 84 be 71 90
              c4 2b 49 20 6c f3 ed 74 8c 77 89 45 98 61 4a cc
-             ff ff 02 07 24 33 a6 1f e6 12 ff c0 6e 03 36 99",
-        );
+             ff ff 02 07 24 33 a6 1f e6 12 ff c0 6e 03 36 99");
         let pk = open(Some(&keys), &answer).unwrap();
         assert_eq!((pk.session_id, pk.seq), (CONSOLE_SID, 1));
         assert!(pk.encrypted && pk.authenticated);
@@ -1725,7 +1735,11 @@ mod tests {
         assert_eq!(keys.k1.len(), 32);
         let msg = ipmi_request(GET_CHASSIS_STATUS, 5, &[]);
         let p = seal(&keys, 1, 1, PAYLOAD_IPMI, &msg, [3; 16]);
-        assert_eq!((p.len() - 4 - 16) % 4, 0, "the authenticated span is 4-aligned");
+        assert_eq!(
+            (p.len() - 4 - 16) % 4,
+            0,
+            "the authenticated span is 4-aligned"
+        );
         assert_eq!(open(Some(&keys), &p).unwrap().payload, msg);
         assert_eq!(
             open_session_request(1, 2, CipherSuite::Suite17)[8..],
