@@ -8,6 +8,8 @@
 //! Every driver call is bounded by a timeout: a BMC that does not answer
 //! is a [`PowerError::Unreachable`] naming the address, never a hang.
 
+pub mod ipmi;
+
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -86,6 +88,7 @@ pub fn driver_for(
     let _ = timeout;
     match power.kind.as_str() {
         "" => Ok(None),
+        "ipmi" => Ok(Some(Box::new(ipmi::Ipmi::new(power, timeout)?))),
         other => Err(PowerError::Config(format!(
             "power.type {other:?} has no driver yet"
         ))),
