@@ -464,7 +464,10 @@ fn power_cli_through_the_server() {
 
     // An unreachable BMC: 502 with a stable code naming the address.
     let gone = data.path().join("no-such-vm.qmp");
-    let p = format!(r#"power={{"type":"qmp","address":"{}"}}"#, gone.display());
+    let p = format!(
+        r#"power={{"type":"qmp","address":"{}","id":"net=nic0"}}"#,
+        gone.display()
+    );
     ok(&url, t, &["system", "edit", "node1", "--set", &p]);
     let o = cli(&url, t, &["power", "cycle", "node1", "--boot", "network"]);
     assert!(!o.status.success());

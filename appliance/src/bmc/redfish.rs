@@ -200,15 +200,20 @@ impl Redfish {
 
     fn transport(&self, method: &str, path: &str, e: ureq::Error) -> PowerError {
         let detail = format!("{method} {path}: {e}");
+        // rustls reports a refused certificate as an I/O error.
+        let tls = matches!(
+            e,
+            ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_)
+        ) || detail.contains("certificate");
+        if tls {
+            let hint = if self.insecure {
+                ""
+            } else {
+                " (a self-signed BMC certificate? add tls=insecure to power.id)"
+            };
+            return self.protocol(format!("TLS: {detail}{hint}"));
+        }
         match e {
-            ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_) => {
-                let hint = if self.insecure {
-                    ""
-                } else {
-                    " (a self-signed BMC certificate? add tls=insecure to power.id)"
-                };
-                self.protocol(format!("{detail}{hint}"))
-            }
             ureq::Error::Io(ref io) if io.kind() == std::io::ErrorKind::InvalidData => {
                 self.protocol(detail)
             }
