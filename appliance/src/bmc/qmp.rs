@@ -254,10 +254,18 @@ impl Session {
         address: String,
         timeout: Duration,
     ) -> Result<Self, PowerError> {
-        let stream = UnixStream::connect(path).map_err(|e| PowerError::Unreachable {
-            address: address.clone(),
-            detail: format!("connecting: {e}"),
-        })?;
+        // Bounded too: a listener whose backlog is full would block a
+        // plain connect.
+        let stream = socket2::SockAddr::unix(path)
+            .and_then(|addr| {
+                let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+                s.connect_timeout(&addr, timeout)?;
+                Ok(UnixStream::from(s))
+            })
+            .map_err(|e| PowerError::Unreachable {
+                address: address.clone(),
+                detail: format!("connecting: {e}"),
+            })?;
         let writer = stream.try_clone().map_err(|e| PowerError::Unreachable {
             address: address.clone(),
             detail: format!("cloning the socket: {e}"),
