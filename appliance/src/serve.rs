@@ -118,9 +118,10 @@ pub fn build_state(opts: &ServeOptions) -> AppState {
 /// Runs the server until SIGTERM/SIGINT.
 pub async fn run(opts: ServeOptions) -> Result<()> {
     let mut state = build_state(&opts);
+    let events = crate::events::Events::new();
     // The inventory (issue 6): `<data>/inventory` and `<data>/state/tokens.json`.
     let (inventory, first_token) =
-        match crate::inventory::api::open_state(&opts.data, !opts.private_reads) {
+        match crate::inventory::api::open_state(&opts.data, !opts.private_reads, events.clone()) {
             Ok((inv, token)) => (Some(inv), token),
             Err(e) => {
                 tracing::error!(error = format!("{e:#}"), "inventory unavailable");
@@ -146,7 +147,6 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     if crate::power::under_our_init() {
         crate::console::marker(&format!("serving on {addr}"));
     }
-    let events = crate::events::Events::new();
     let networks = crate::network::Networks::new(&opts.data, events.clone());
     networks.restore().await;
     let tokens = Arc::new(crate::auth::TokenStore::open(

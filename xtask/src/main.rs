@@ -91,6 +91,7 @@ const TOOLS: &[&str] = &[
     "skopeo",
     "dpkg-deb",
     "qemu-system-x86_64",
+    "openssl",
 ];
 
 fn missing_tools() -> Vec<&'static str> {
@@ -142,8 +143,33 @@ pub fn ensure_deps() -> Result<()> {
     Ok(())
 }
 
+/// The Python peers the tests use (`python-packages.txt`) in
+/// `target/peers/venv`, installed with pip when the list changed since the
+/// last install (a copy of it is kept in the venv).
+pub fn ensure_python_peers() -> Result<()> {
+    let venv = root().join("target/peers/venv");
+    let list = root().join("xtask/python-packages.txt");
+    let stamp = venv.join("python-packages.txt");
+    let want = std::fs::read(&list).with_context(|| format!("reading {}", list.display()))?;
+    if std::fs::read(&stamp).ok().as_deref() == Some(&want[..]) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing the Python test peers into {}",
+        venv.display()
+    );
+    if !venv.join("bin/python").is_file() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "-r"])
+        .arg(&list))?;
+    std::fs::write(&stamp, want).with_context(|| format!("writing {}", stamp.display()))
+}
+
 fn test(extra: &[&str]) -> Result<()> {
     ensure_deps()?;
+    ensure_python_peers()?;
     // The QEMU tests boot the shipped image: build it first (offline after
     // the first time, thanks to the lock in the store).
     image::image(&image::ImageOptions::from_args(&[])?)?;

@@ -1,6 +1,7 @@
 //! The operator CLI: Cobbler's nouns and verbs against a server's API
 //! (`appliance system add NAME --profile P --mac M`, `… list --json`,
-//! `appliance report --blended system NAME`, `appliance status`), plus the
+//! `appliance report --blended system NAME`, `appliance status`,
+//! `appliance power on|off|cycle|status NAME`), plus the
 //! node-local `appliance token` and `appliance import`.
 //!
 //! The server is `--url` or `APPLIANCE_URL` (default
@@ -11,6 +12,7 @@ pub mod client;
 pub mod flash;
 
 mod network;
+mod power;
 mod replica;
 mod sync;
 use std::io::IsTerminal;
@@ -89,6 +91,8 @@ pub enum Ops {
     Sync(sync::SyncCmd),
     /// Offline sync: export or import one bundle file.
     Bundle(sync::BundleCmd),
+    /// Power systems on, off or cycle through their BMC; read their state.
+    Power(power::PowerCmd),
 }
 
 /// A noun's verbs.
@@ -309,10 +313,11 @@ pub fn run(op: Ops) -> Result<()> {
         Ops::Bmap(b) => flash::bmap(b),
         Ops::Sync(s) => sync::sync(s),
         Ops::Bundle(b) => sync::bundle(b),
+        Ops::Power(p) => power::power(p),
     }
 }
 
-fn print_json(v: &Value) {
+pub(crate) fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 

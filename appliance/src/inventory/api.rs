@@ -9,7 +9,13 @@
 //!
 //! Error codes (stable): `not_found`, `already_exists`, `invalid_object`,
 //! `invalid_request`, `conflict`, `in_use`, `storage_failed`,
-//! `unauthorized`, `template_error`.
+//! `unauthorized`, `template_error`, and the power codes of
+//! [`crate::bmc::api`].
+//!
+//! Credentials are never answered: objects go out through
+//! [`Object::to_api_json`] (`power.password` → `********`), and writes run
+//! through [`keep_secrets`] so a system sent back as it was shown (or
+//! without `password`) keeps its stored password.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -25,7 +31,7 @@ use utoipa::ToSchema;
 
 use super::blend::{blend, Blended};
 use super::boot::{decide, ipxe_script};
-use super::model::{Kind, Object};
+use super::model::{Kind, Object, REDACTED};
 use super::status::{self, Event, StatusBook, StatusRow};
 use super::templates::{self, Document, RenderError};
 use super::{Author, InvError, Inventory, Settings};
@@ -41,6 +47,8 @@ pub struct InvState {
     pub public_reads: bool,
     /// `<data>/blobs/sha256`.
     pub blobs: PathBuf,
+    /// The server's event log (power actions are recorded there).
+    pub events: crate::events::Events,
 }
 
 impl InvState {
@@ -49,7 +57,7 @@ impl InvState {
         self.inventory.clone()
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inventory> {
+    pub(crate) fn read(&self) -> std::sync::RwLockReadGuard<'_, Inventory> {
         self.inventory.read().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -88,6 +96,40 @@ impl From<RenderError> for ApiError {
     }
 }
 
+/// Before a create or replace of `kind` with body `v`: a system's
+/// `power.password` left out or sent as [`REDACTED`] becomes the stored
+/// one (`old`), so what the API showed can be sent back unchanged. The
+/// placeholder without a stored password is refused rather than stored.
+pub fn keep_secrets(
+    kind: Kind,
+    v: &mut serde_json::Value,
+    old: Option<&Object>,
+) -> Result<(), ApiError> {
+    if kind != Kind::System {
+        return Ok(());
+    }
+    let Some(p) = v.pointer_mut("/power").and_then(|p| p.as_object_mut()) else {
+        return Ok(());
+    };
+    let sent = p.get("password").map(|x| x.as_str());
+    if !matches!(sent, None | Some(Some(REDACTED))) {
+        return Ok(());
+    }
+    let stored = match old {
+        Some(Object::System(s)) => s.power.password.clone(),
+        _ => String::new(),
+    };
+    if stored.is_empty() && sent.is_some() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_object",
+            format!("power.password {REDACTED:?} is the placeholder the API shows; send the real password"),
+        ));
+    }
+    p.insert("password".into(), stored.into());
+    Ok(())
+}
+
 fn bad_request(m: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", m)
 }
@@ -104,7 +146,11 @@ fn kind_of(plural: &str) -> Result<Kind, ApiError> {
 
 /// Checks the bearer token for a write (or a private read); returns the
 /// author for commits.
-fn authorize(state: &InvState, headers: &HeaderMap, write: bool) -> Result<Author, ApiError> {
+pub(crate) fn authorize(
+    state: &InvState,
+    headers: &HeaderMap,
+    write: bool,
+) -> Result<Author, ApiError> {
     if !write && state.public_reads {
         return Ok(Author::new("anonymous"));
     }
@@ -205,6 +251,10 @@ pub fn router(state: Arc<InvState>) -> Router {
         .route("/api/v1/{kind}/{name}/autoinstall", get(autoinstall))
         .route("/api/v1/systems/{name}/nocloud/{doc}", get(nocloud))
         .route("/api/v1/systems/{name}/status", post(report_status))
+        .route(
+            "/api/v1/systems/{name}/power",
+            get(crate::bmc::api::get_power).post(crate::bmc::api::post_power),
+        )
         .route("/api/v1/systems/{name}/status/{event}", post(report_event))
         .route(
             "/cblr/svc/op/autoinstall/{kind}/{name}",
@@ -238,7 +288,8 @@ async fn list(
         if i > 0 {
             out.push(b',');
         }
-        serde_json::to_writer(&mut out, &o.to_json()).map_err(|e| bad_request(e.to_string()))?;
+        serde_json::to_writer(&mut out, &o.to_api_json())
+            .map_err(|e| bad_request(e.to_string()))?;
     }
     out.push(b']');
     Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
@@ -255,7 +306,7 @@ async fn show(
     let o = inv
         .get(kind, &name)
         .ok_or(InvError::NotFound { kind, name })?;
-    Ok(Json(o.to_json()))
+    Ok(Json(o.to_api_json()))
 }
 
 async fn create(
@@ -266,14 +317,15 @@ async fn create(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let kind = kind_of(&kind)?;
     let author = authorize(&st, &headers, true)?;
-    let obj =
-        Object::from_json(kind, parse_body(&body)?).map_err(|e| InvError::Invalid(e, kind))?;
+    let mut v = parse_body(&body)?;
+    keep_secrets(kind, &mut v, None)?;
+    let obj = Object::from_json(kind, v).map_err(|e| InvError::Invalid(e, kind))?;
     let name = obj.name().to_owned();
     let mut inv = st.write();
     inv.create(obj, &author)?;
     Ok((
         StatusCode::CREATED,
-        Json(inv.get(kind, &name).expect("created").to_json()),
+        Json(inv.get(kind, &name).expect("created").to_api_json()),
     ))
 }
 
@@ -297,10 +349,11 @@ async fn replace(
     if let Some(m) = v.as_object_mut() {
         m.insert("name".into(), name.clone().into());
     }
-    let obj = Object::from_json(kind, v).map_err(|e| InvError::Invalid(e, kind))?;
     let mut inv = st.write();
+    keep_secrets(kind, &mut v, inv.get(kind, &name))?;
+    let obj = Object::from_json(kind, v).map_err(|e| InvError::Invalid(e, kind))?;
     inv.update(obj, &author)?;
-    Ok(Json(inv.get(kind, &name).expect("updated").to_json()))
+    Ok(Json(inv.get(kind, &name).expect("updated").to_api_json()))
 }
 
 async fn patch(
@@ -311,14 +364,20 @@ async fn patch(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let kind = kind_of(&kind)?;
     let author = authorize(&st, &headers, true)?;
-    let v = parse_body(&body)?;
+    let mut v = parse_body(&body)?;
     if v.get("name")
         .is_some_and(|n| n.as_str() != Some(name.as_str()))
     {
         return Err(bad_request("PATCH cannot change the name; use rename"));
     }
+    // A merge patch keeps what it leaves out; the placeholder means the same.
+    if let Some(p) = v.pointer_mut("/power").and_then(|p| p.as_object_mut()) {
+        if p.get("password").and_then(|x| x.as_str()) == Some(REDACTED) {
+            p.remove("password");
+        }
+    }
     let obj = st.write().patch(kind, &name, &v, &author)?;
-    Ok(Json(obj.to_json()))
+    Ok(Json(obj.to_api_json()))
 }
 
 async fn remove(
@@ -360,7 +419,7 @@ async fn copy(
     inv.copy(kind, &name, &new, &author)?;
     Ok((
         StatusCode::CREATED,
-        Json(inv.get(kind, &new).expect("copied").to_json()),
+        Json(inv.get(kind, &new).expect("copied").to_api_json()),
     ))
 }
 
@@ -375,7 +434,7 @@ async fn rename(
     let new = new_name(&body)?;
     let mut inv = st.write();
     inv.rename(kind, &name, &new, &author)?;
-    Ok(Json(inv.get(kind, &new).expect("renamed").to_json()))
+    Ok(Json(inv.get(kind, &new).expect("renamed").to_api_json()))
 }
 
 async fn blended(
@@ -626,7 +685,17 @@ async fn batch(
     let author = authorize(&st, &headers, true)?;
     let b: Batch = serde_json::from_slice(&body).map_err(|e| bad_request(format!("batch: {e}")))?;
     let mut objs = Vec::with_capacity(b.objects.len());
-    for (i, item) in b.objects.into_iter().enumerate() {
+    for (i, mut item) in b.objects.into_iter().enumerate() {
+        {
+            let inv = st.read();
+            let name = item
+                .object
+                .get("name")
+                .and_then(|n| n.as_str())
+                .unwrap_or("")
+                .to_owned();
+            keep_secrets(item.kind, &mut item.object, inv.get(item.kind, &name))?;
+        }
         let o = Object::from_json(item.kind, item.object).map_err(|e| {
             ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -845,6 +914,22 @@ pub const ROUTES: &[Route] = &[
     ),
     r(
         "get",
+        "/api/v1/systems/{name}/power",
+        "The system's power state, read from its BMC",
+        false,
+        None,
+        Some("PowerStatus"),
+    ),
+    r(
+        "post",
+        "/api/v1/systems/{name}/power",
+        "Power on, off or cycle, with an optional one-time boot device",
+        true,
+        Some("PowerRequest"),
+        Some("PowerDone"),
+    ),
+    r(
+        "get",
         "/api/v1/status",
         "Install status of every system",
         false,
@@ -981,6 +1066,12 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         .schema_from::<Removed>()
         .schema_from::<Batch>()
         .schema_from::<BatchItem>()
+        .schema_from::<crate::bmc::api::PowerStatus>()
+        .schema_from::<crate::bmc::api::PowerRequest>()
+        .schema_from::<crate::bmc::api::PowerAction>()
+        .schema_from::<crate::bmc::api::PowerDone>()
+        .schema_from::<crate::bmc::PowerState>()
+        .schema_from::<crate::bmc::BootDevice>()
         .schema(
             "Error",
             ObjectBuilder::new()
@@ -1155,6 +1246,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn open_state(
     data: &std::path::Path,
     public_reads: bool,
+    events: crate::events::Events,
 ) -> anyhow::Result<(Arc<InvState>, Option<String>)> {
     use anyhow::Context;
     let root = data.join("inventory");
@@ -1178,6 +1270,7 @@ pub fn open_state(
         tokens,
         public_reads,
         blobs: data.join("blobs/sha256"),
+        events,
     };
     Ok((Arc::new(state), first))
 }

@@ -154,18 +154,32 @@ pub struct Interface {
     pub dns: Vec<String>,
 }
 
-/// How to power a system on and off.
+/// How to power a system on and off (drivers: `crate::bmc`).
+///
+/// `password` is write-only: the API shows [`REDACTED`] when one is set,
+/// and a write that sends [`REDACTED`] or leaves `password` out keeps the
+/// stored one (send `""` to clear it).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, default)]
+#[schema(example = json!({"type": "redfish", "address": "https://10.0.0.5", "user": "admin", "password": REDACTED, "id": "tls=insecure"}))]
 pub struct Power {
     /// `redfish`, `ipmi`, `qmp`, `wol`, or empty for none.
     #[serde(rename = "type")]
     pub kind: String,
+    /// BMC URL or host (redfish, ipmi), QMP socket path (qmp), broadcast
+    /// address\[:port\] (wol).
     pub address: String,
     pub user: String,
+    /// Write-only: answers show `********` when set.
+    #[schema(write_only)]
     pub password: String,
+    /// Driver-specific: redfish `SYSTEM_ID` and/or `tls=insecure`; qmp
+    /// `net=QDEV_ID,disk=QDEV_ID` in normal boot order; wol the MAC.
     pub id: String,
 }
+
+/// What the API shows instead of a stored password.
+pub const REDACTED: &str = "********";
 
 impl Power {
     fn is_empty(&self) -> bool {
@@ -339,6 +353,20 @@ impl Object {
             Object::Template(o) | Object::Snippet(o) => serde_json::to_value(o),
         };
         r.expect("objects serialise")
+    }
+
+    /// The JSON the API and the CLI show: [`Object::to_json`] with secrets
+    /// (`power.password`) replaced by [`REDACTED`].
+    pub fn to_api_json(&self) -> serde_json::Value {
+        let mut v = self.to_json();
+        if let Object::System(s) = self {
+            if !s.power.password.is_empty() {
+                if let Some(p) = v.pointer_mut("/power/password") {
+                    *p = REDACTED.into();
+                }
+            }
+        }
+        v
     }
 
     /// The file bytes: pretty JSON with a trailing newline (the name is the

@@ -527,6 +527,7 @@ fn api() -> Api {
         tokens,
         public_reads: true,
         blobs: dir.path().join("blobs/sha256"),
+        events: crate::events::Events::new(),
     });
     Api {
         app: router(state.clone()),
@@ -693,6 +694,7 @@ async fn api_private_reads_need_a_token() {
         tokens,
         public_reads: false,
         blobs: dir.path().join("blobs"),
+        events: crate::events::Events::new(),
     });
     let a = Api {
         app: router(state.clone()),
@@ -873,4 +875,262 @@ async fn batch_creates_many_in_one_commit() {
     let inv = a.state.inventory.read().unwrap();
     assert_eq!(inv.count(Kind::System), 51);
     assert_ne!(inv.head(), head);
+}
+
+// ---- power API and credential redaction ----
+
+fn stored_password(a: &Api, name: &str) -> String {
+    a.state
+        .inventory
+        .read()
+        .unwrap()
+        .system(name)
+        .unwrap()
+        .power
+        .password
+        .clone()
+}
+
+#[tokio::test]
+async fn credentials_are_never_answered_and_survive_edits() {
+    let a = api();
+    let power = json!({"type": "redfish", "address": "https://10.0.0.5", "user": "admin", "password": "s3cret-pw"});
+    let (s, body) = a
+        .call(
+            "PATCH",
+            "/api/v1/systems/web1",
+            Some(json!({"power": power})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(!body.contains("s3cret"), "{body}");
+    assert_eq!(stored_password(&a, "web1"), "s3cret-pw");
+    // Every read shows the placeholder.
+    for uri in [
+        "/api/v1/systems/web1",
+        "/api/v1/systems",
+        "/api/v1/systems/web1/blended",
+        "/api/v1/systems/web1/autoinstall",
+        "/api/v1/openapi.json",
+    ] {
+        let (s, body) = a.call("GET", uri, None, true).await;
+        assert_eq!(s, StatusCode::OK, "{uri}: {body}");
+        assert!(!body.contains("s3cret"), "{uri}: {body}");
+    }
+    let (_, shown) = a.call("GET", "/api/v1/systems/web1", None, false).await;
+    let mut shown: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["power"]["password"], REDACTED);
+    // Sent back as shown (PUT): the stored password stays.
+    shown["comment"] = "edited".into();
+    let (s, body) = a
+        .call("PUT", "/api/v1/systems/web1", Some(shown.clone()), true)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(stored_password(&a, "web1"), "s3cret-pw");
+    // Left out of power: stays too.
+    shown["power"].as_object_mut().unwrap().remove("password");
+    shown["power"]["user"] = "root".into();
+    let (s, _) = a
+        .call("PUT", "/api/v1/systems/web1", Some(shown.clone()), true)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(stored_password(&a, "web1"), "s3cret-pw");
+    // PATCH with the placeholder: stays; with a new one: replaced.
+    let (s, _) = a
+        .call(
+            "PATCH",
+            "/api/v1/systems/web1",
+            Some(json!({"power": {"password": REDACTED, "user": "admin"}})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(stored_password(&a, "web1"), "s3cret-pw");
+    // Batch (create-or-replace) with the placeholder keeps it as well.
+    let (s, body) = a
+        .call(
+            "POST",
+            "/api/v1/batch",
+            Some(json!({"objects": [{"kind": "system", "object": shown}]})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(stored_password(&a, "web1"), "s3cret-pw");
+    // Copy keeps it server-side and answers the placeholder.
+    let (s, body) = a
+        .call(
+            "POST",
+            "/api/v1/systems/web1/copy",
+            Some(json!({"new_name": "web9"})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert!(!body.contains("s3cret"), "{body}");
+    // The placeholder for a new system is refused, not stored.
+    let (s, body) = a
+        .call(
+            "POST",
+            "/api/v1/systems",
+            Some(json!({"name": "x1", "profile": "base", "power": {"type": "wol", "password": REDACTED}})),
+            true,
+        )
+        .await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_object"),
+        "{body}"
+    );
+    // "" clears it.
+    let (s, _) = a
+        .call(
+            "PATCH",
+            "/api/v1/systems/web1",
+            Some(json!({"power": {"password": ""}})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(stored_password(&a, "web1"), "");
+    // The OpenAPI example shows the placeholder and marks it write-only.
+    let (_, doc) = a.call("GET", "/api/v1/openapi.json", None, false).await;
+    let doc: Value = serde_json::from_str(&doc).unwrap();
+    let p = &doc["components"]["schemas"]["Power"];
+    assert_eq!(p["example"]["password"], REDACTED, "{p}");
+    assert_eq!(p["properties"]["password"]["writeOnly"], true, "{p}");
+}
+
+#[tokio::test]
+async fn power_api_errors_are_stable_and_recorded() {
+    let a = api();
+    let dir = tempfile::tempdir().unwrap();
+    // No power settings.
+    let (s, body) = a
+        .call("GET", "/api/v1/systems/web1/power", None, false)
+        .await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::CONFLICT, "power_not_configured"),
+        "{body}"
+    );
+    let (s, body) = a
+        .call("GET", "/api/v1/systems/nope/power", None, false)
+        .await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    // A QMP socket nobody serves: 502 naming it.
+    let sock = dir.path().join("vm9.qmp");
+    let (s, _) = a
+        .call(
+            "PATCH",
+            "/api/v1/systems/web1",
+            Some(json!({"power": {"type": "qmp", "address": sock.to_str().unwrap(), "id": "net=nic0"}})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, body) = a
+        .call("GET", "/api/v1/systems/web1/power", None, false)
+        .await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::BAD_GATEWAY, "power_unreachable"),
+        "{body}"
+    );
+    assert!(body.contains("vm9.qmp"), "{body}");
+    // Writes need a token; bad bodies are refused before any BMC call.
+    let on = json!({"action": "on", "boot": "network"});
+    let (s, _) = a
+        .call(
+            "POST",
+            "/api/v1/systems/web1/power",
+            Some(on.clone()),
+            false,
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, body) = a
+        .call(
+            "POST",
+            "/api/v1/systems/web1/power",
+            Some(json!({"action": "explode"})),
+            true,
+        )
+        .await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+    let (s, body) = a
+        .call("POST", "/api/v1/systems/web1/power", Some(on), true)
+        .await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::BAD_GATEWAY, "power_unreachable"),
+        "{body}"
+    );
+    let ev = a.state.events.page(0, 100);
+    let failed = ev.iter().find(|e| e.kind == "power.failed").unwrap();
+    assert_eq!(failed.mac.as_deref(), Some("aa:bb:cc:00:00:01"));
+    assert_eq!(failed.detail["code"], "power_unreachable");
+    assert_eq!(failed.detail["boot"], "network");
+    // Wake-on-LAN to a loopback listener: on works, off is unsupported.
+    let l = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (s, _) = a
+        .call(
+            "PATCH",
+            "/api/v1/systems/web1",
+            Some(json!({"power": {"type": "wol", "address": l.local_addr().unwrap().to_string(), "id": ""}})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, body) = a
+        .call(
+            "POST",
+            "/api/v1/systems/web1/power",
+            Some(json!({"action": "on"})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"system": "web1", "driver": "wol", "action": "on", "boot": null})
+    );
+    let mut buf = [0u8; 200];
+    l.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(l.recv(&mut buf).unwrap(), 102);
+    assert!(a
+        .state
+        .events
+        .page(0, 100)
+        .iter()
+        .any(|e| e.kind == "power.on"));
+    let (s, body) = a
+        .call(
+            "POST",
+            "/api/v1/systems/web1/power",
+            Some(json!({"action": "off"})),
+            true,
+        )
+        .await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "power_unsupported"),
+        "{body}"
+    );
+    let (s, body) = a
+        .call("GET", "/api/v1/systems/web1/power", None, false)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"system": "web1", "state": "unknown", "driver": "wol"})
+    );
 }
