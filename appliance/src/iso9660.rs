@@ -567,12 +567,8 @@ mod tests {
             );
             assert_eq!(
                 iso.read_text(".disk/info").as_deref(),
-                if names == "plain" {
-                    None
-                } else {
-                    Some("Debian GNU/Linux 12.5.0 amd64")
-                },
-                "{names}: plain ISO 9660 names cannot start with a dot"
+                Some("Debian GNU/Linux 12.5.0 amd64"),
+                "{names}"
             );
             if names != "plain" {
                 assert!(iso.lookup("Mixed_Case-Name.With.Dots").is_ok(), "{names}");
@@ -619,9 +615,10 @@ mod tests {
     #[test]
     fn hostile_records_are_errors_not_panics() {
         // A record claiming more bytes than its directory holds.
+        let mut short = vec![0u8; 100];
+        short[0] = 200;
+        assert!(records(&short).is_err());
         let mut dir = vec![0u8; 2048];
-        dir[0] = 200;
-        assert!(records(&dir).is_err());
         // A record too short to hold its fixed part.
         dir[0] = 20;
         assert!(records(&dir).is_err());

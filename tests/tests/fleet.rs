@@ -7,7 +7,8 @@
 //! faults ride along: a machine whose disk is too small (its install fails
 //! with a clear error at the parent, its disk untouched) and machine 1
 //! killed mid-write (its disk does not boot; it PXE-boots again and
-//! completes).
+//! completes). Then sync (issue 8): a profile added on machine 2 reaches
+//! machine 0 after each machine syncs with its parent.
 
 use integration_tests::{fleet, workspace_root};
 
@@ -25,7 +26,7 @@ fn three_generation_replication_chain() {
     let faults = fleet::Faults {
         too_small: true,
         kill_mid_write: true,
-        sync: false,
+        sync: true,
     };
     let report = fleet::run(&image, 3, work.path(), faults, &mut |l| {
         eprintln!("fleet: {l}")

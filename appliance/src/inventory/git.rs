@@ -38,9 +38,7 @@ pub enum GitError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(
-        "git object {0} is missing (packed by `git gc`? run `git unpack-objects` or restore it)"
-    )]
+    #[error("git object {0} is missing (neither loose nor in a pack)")]
     Missing(String),
     #[error("git object {oid} is corrupt: {why}")]
     Corrupt { oid: String, why: String },
@@ -114,6 +112,8 @@ pub struct Repo {
     /// fsync files and directories before the ref moves (off only in tests
     /// that measure nothing but logic).
     pub durable: bool,
+    /// Objects stock `git gc` packed (we write only loose ones).
+    packs: super::gitpack::PackSet,
 }
 
 impl Repo {
@@ -140,12 +140,14 @@ impl Repo {
                 true,
             )?;
         }
+        let packs = super::gitpack::PackSet::new(&git);
         let mut repo = Self {
             root: root.to_owned(),
             git,
             files: BTreeMap::new(),
             head: None,
             durable: true,
+            packs,
         };
         repo.head = repo.read_head()?;
         if let Some(head) = repo.head {
@@ -219,17 +221,21 @@ impl Repo {
         self.git.join("objects").join(&h[..2]).join(&h[2..])
     }
 
-    /// Reads and verifies one loose object: (kind, body).
+    /// Reads and verifies one object, loose or packed: (kind, body).
     pub fn read_object(&self, oid: &Oid) -> Result<(String, Vec<u8>), GitError> {
         let path = self.object_path(oid);
+        let corrupt = |why: String| GitError::Corrupt { oid: hex(oid), why };
         let raw = match fs::read(&path) {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(GitError::Missing(hex(oid)))
+                return match self.packs.read(oid)? {
+                    Some((kind, body)) if object_id(&kind, &body) == *oid => Ok((kind, body)),
+                    Some(_) => Err(corrupt("packed content does not match its id".into())),
+                    None => Err(GitError::Missing(hex(oid))),
+                };
             }
             Err(e) => return Err(io("reading", &path)(e)),
         };
-        let corrupt = |why: String| GitError::Corrupt { oid: hex(oid), why };
         let mut data = Vec::new();
         ZlibDecoder::new(&raw[..])
             .read_to_end(&mut data)
@@ -311,7 +317,7 @@ impl Repo {
     fn write_object(&self, kind: &str, body: &[u8]) -> Result<Oid, GitError> {
         let oid = object_id(kind, body);
         let path = self.object_path(&oid);
-        if path.exists() {
+        if self.has_object(&oid) {
             return Ok(oid);
         }
         let dir = path.parent().expect("objects have a fan-out dir");
@@ -700,7 +706,7 @@ impl Repo {
 
     /// Whether the object store holds `oid` (loose).
     pub fn has_object(&self, oid: &Oid) -> bool {
-        self.object_path(oid).exists()
+        self.object_path(oid).exists() || self.packs.contains(oid)
     }
 
     /// Stores an object given its kind and body; returns its id.

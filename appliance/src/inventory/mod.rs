@@ -20,6 +20,7 @@ pub mod api;
 pub mod blend;
 pub mod boot;
 pub mod git;
+pub mod gitpack;
 pub mod import;
 pub mod model;
 pub mod status;

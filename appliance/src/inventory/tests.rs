@@ -147,6 +147,71 @@ fn objects_are_files_and_commits_stock_git_accepts() {
     assert_eq!(inv.system_by_mac("aa-bb-cc-00-00-01").unwrap().name, "web1");
 }
 
+/// An operator's `git gc` packs every object (with deltas); the inventory
+/// keeps reading its history and committing on top of it.
+#[test]
+fn history_packed_by_stock_git_gc_still_reads_and_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inv = sample(dir.path());
+    // Many similar versions of one file, so `git gc` stores deltas.
+    for i in 0..30 {
+        let mut s = inv.system("web1").unwrap().clone();
+        s.comment = format!("revision {i} of a long-lived machine record");
+        inv.update(Object::System(s), &who()).unwrap();
+    }
+    let before = git(dir.path(), &["rev-parse", "HEAD"]);
+    git(
+        dir.path(),
+        &["gc", "--aggressive", "--prune=now", "--quiet"],
+    );
+    let loose = git(dir.path(), &["count-objects", "-v"]);
+    assert!(
+        loose.contains("\ncount: 0\n") || loose.starts_with("count: 0\n"),
+        "{loose}"
+    );
+    let verify = git(
+        dir.path(),
+        &[
+            "verify-pack",
+            "-v",
+            &format!(
+                "{}",
+                std::fs::read_dir(dir.path().join(".git/objects/pack"))
+                    .unwrap()
+                    .flatten()
+                    .map(|e| e.path())
+                    .find(|p| p.extension().is_some_and(|x| x == "idx"))
+                    .unwrap()
+                    .display()
+            ),
+        ],
+    );
+    assert!(
+        verify.contains("chain length"),
+        "git gc made no deltas:\n{verify}"
+    );
+    drop(inv);
+    let mut inv = Inventory::open_volatile(dir.path()).unwrap();
+    assert_eq!(
+        inv.system("web1").unwrap().comment,
+        "revision 29 of a long-lived machine record"
+    );
+    // Every commit and tree is readable through the packs.
+    let head = crate::inventory::git::parse_hex_oid(before.trim()).unwrap();
+    let files = {
+        let r = inv.repo();
+        let info = r.commit_info(&head).unwrap();
+        r.tree_files(&info.tree).unwrap()
+    };
+    assert!(files.contains_key("systems/web1.json"));
+    inv.remove(Kind::System, "web1", false, &who()).unwrap();
+    git(dir.path(), &["fsck", "--strict", "--no-dangling"]);
+    assert_eq!(
+        git(dir.path(), &["log", "-1", "--format=%s"]).trim(),
+        "Remove system web1"
+    );
+}
+
 #[test]
 fn validation_refuses_bad_and_conflicting_objects() {
     let dir = tempfile::tempdir().unwrap();
