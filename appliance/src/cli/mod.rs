@@ -10,6 +10,7 @@
 pub mod client;
 pub mod flash;
 
+mod clone;
 mod network;
 mod replica;
 mod sync;
@@ -89,6 +90,8 @@ pub enum Ops {
     Sync(sync::SyncCmd),
     /// Offline sync: export or import one bundle file.
     Bundle(sync::BundleCmd),
+    /// Capture a machine's disk, deploy an image to many, restore one.
+    Clone(clone::CloneCmd),
 }
 
 /// A noun's verbs.
@@ -309,6 +312,7 @@ pub fn run(op: Ops) -> Result<()> {
         Ops::Bmap(b) => flash::bmap(b),
         Ops::Sync(s) => sync::sync(s),
         Ops::Bundle(b) => sync::bundle(b),
+        Ops::Clone(c) => clone::clone(c),
     }
 }
 
