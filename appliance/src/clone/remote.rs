@@ -44,9 +44,22 @@ pub struct HttpStore {
 }
 
 impl HttpStore {
-    /// `base`: the server URL; lists the chunks it has.
+    /// `base`: the server URL; lists the chunks it has (for captures).
     pub fn connect(base: &str, token: &str) -> Result<HttpStore> {
-        let s = HttpStore {
+        let s = HttpStore::reader(base, token);
+        let list: ChunkList = serde_json::from_slice(&s.request("GET", "chunks", None)?)
+            .context("parsing the server's chunk list")?;
+        *s.known.lock().unwrap_or_else(|p| p.into_inner()) = list
+            .chunks
+            .into_iter()
+            .map(|c| (c.digest, (c.blob, c.stored)))
+            .collect();
+        Ok(s)
+    }
+
+    /// A store for fetching only (deploys): no chunk list.
+    pub fn reader(base: &str, token: &str) -> HttpStore {
+        HttpStore {
             base: format!("{}/api/v1/clone", base.trim_end_matches('/')),
             token: token.to_owned(),
             agent: ureq::Agent::config_builder()
@@ -56,15 +69,7 @@ impl HttpStore {
                 .into(),
             known: Mutex::new(HashMap::new()),
             give_up: Duration::from_secs(300),
-        };
-        let list: ChunkList = serde_json::from_slice(&s.request("GET", "chunks", None)?)
-            .context("parsing the server's chunk list")?;
-        *s.known.lock().unwrap_or_else(|p| p.into_inner()) = list
-            .chunks
-            .into_iter()
-            .map(|c| (c.digest, (c.blob, c.stored)))
-            .collect();
-        Ok(s)
+        }
     }
 
     /// One request with retries; the body of a 2xx answer.

@@ -1241,4 +1241,60 @@ mod tests {
             assert_eq!(v["code"], code, "{req}: {v}");
         }
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_captures_and_deploys_over_http() {
+        let dir = tempfile::tempdir().unwrap();
+        let (jobs, _) = setup(dir.path());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = router(jobs.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let req = JobRequest {
+            action: Action::Capture,
+            systems: vec!["web1".into()],
+            image: Some("gold".into()),
+        };
+        let job = jobs.create(&req).unwrap().remove(0);
+        let token = jobs.lock()[&job.id].token.clone();
+        let disk = dir.path().join("disk.raw");
+        let mut bytes = vec![0u8; 8 << 20];
+        for (i, b) in bytes.iter_mut().enumerate().skip(3 << 20).take(600_000) {
+            *b = (i * 7 % 251) as u8;
+        }
+        bytes[100] = 1;
+        std::fs::write(&disk, &bytes).unwrap();
+        let (u, t, d) = (url.clone(), token.clone(), disk.clone());
+        let m = tokio::task::spawn_blocking(move || {
+            let store = super::super::remote::HttpStore::connect(&u, &t).unwrap();
+            let (m, rep) =
+                super::super::capture_path(&d, &store, &Default::default(), &mut |_, _| {})
+                    .unwrap();
+            assert_eq!(rep.new_chunks, m.chunks.len());
+            store
+                .request("POST", "manifests", Some(&m.to_bytes()))
+                .unwrap();
+            m
+        })
+        .await
+        .unwrap();
+        let img = jobs.inv().unwrap().image("gold").cloned().unwrap();
+        assert_eq!(img.reference, store::sha256(&m.to_bytes()));
+        // Deploy it back through HTTP onto a file holding old data.
+        let target = dir.path().join("target.raw");
+        std::fs::write(&target, vec![0x55u8; 8 << 20]).unwrap();
+        let (u, t, tg, r) = (url, token, target.clone(), img.reference.clone());
+        tokio::task::spawn_blocking(move || {
+            let store = super::super::remote::HttpStore::reader(&u, &t);
+            let m = Manifest::parse(&store.get_blob(&r).unwrap()).unwrap();
+            let mut f = super::super::remote::HttpFetch(&store);
+            super::super::deploy::deploy(&m, &mut f, &tg, &mut |_| {}).unwrap();
+        })
+        .await
+        .unwrap();
+        assert!(
+            std::fs::read(&target).unwrap() == bytes,
+            "raw data and its zero runs come back"
+        );
+    }
 }
