@@ -199,6 +199,10 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         crate::clone::server::bmc_power(),
     );
     cloning.agent_cmdline = AGENT_CMDLINE.into();
+    {
+        let c = cloning.clone();
+        tokio::task::spawn_blocking(move || c.reindex());
+    }
     // Replica endpoints check operator or child-scoped tokens themselves.
     let mut app = guarded
         .merge(crate::clone::server::router(cloning.clone()))

@@ -270,6 +270,35 @@ impl CloneJobs {
         }
     }
 
+    /// Re-enters every capture image's chunks into the store's index
+    /// (images and blobs that arrived by sync have none). Best effort.
+    pub fn reindex(&self) -> usize {
+        let Ok(inv) = self.inv() else { return 0 };
+        let refs: Vec<String> = inv
+            .list(crate::inventory::model::Kind::Image)
+            .filter_map(|o| match o {
+                Object::Image(i) if i.kind == "capture" => Some(i.reference.clone()),
+                _ => None,
+            })
+            .collect();
+        drop(inv);
+        let mut n = 0;
+        for r in refs {
+            let res = self
+                .store
+                .get_blob(&r)
+                .and_then(|b| Manifest::parse(&b))
+                .and_then(|m| self.store.index_manifest(&m));
+            match res {
+                Ok(k) => n += k,
+                Err(e) => {
+                    tracing::warn!(manifest = %r, error = format!("{e:#}"), "not indexing a capture")
+                }
+            }
+        }
+        n
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Job>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -1280,6 +1309,9 @@ mod tests {
         .unwrap();
         let img = jobs.inv().unwrap().image("gold").cloned().unwrap();
         assert_eq!(img.reference, store::sha256(&m.to_bytes()));
+        // A node that got the blobs and the image by sync has no index yet.
+        std::fs::remove_dir_all(dir.path().join("cache/clone")).unwrap();
+        assert_eq!(jobs.reindex(), m.chunks.len());
         // Deploy it back through HTTP onto a file holding old data.
         let target = dir.path().join("target.raw");
         std::fs::write(&target, vec![0x55u8; 8 << 20]).unwrap();
