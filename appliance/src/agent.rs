@@ -3,7 +3,7 @@
 //! hardware to the server that booted it (`appliance.server=<url>`), then
 //! polls for work: `wait`, or (booted with `appliance.mode=install`)
 //! `install`, which runs [`crate::install`] and reboots into the installed
-//! appliance. Capture and deploy come with the cloning work.
+//! appliance; `capture` and `deploy` run [`crate::clone::agent`].
 
 use std::path::Path;
 use std::time::Duration;
@@ -115,6 +115,20 @@ pub fn run(server: &str, release: Option<String>, install: bool, mgmt: &[String]
                 Ok(Work::Install(_)) => {
                     tracing::warn!("install work ignored: this boot is not in install mode");
                     30
+                }
+                Ok(Work::Capture(work)) => {
+                    match crate::clone::agent::capture(&work) {
+                        Ok(_) => crate::console::marker("capture complete"),
+                        Err(e) => crate::console::marker(&format!("capture failed: {e:#}")),
+                    }
+                    5
+                }
+                Ok(Work::Deploy(work)) => {
+                    match crate::clone::agent::deploy(&work) {
+                        Ok(_) => crate::console::marker("deploy complete"),
+                        Err(e) => crate::console::marker(&format!("deploy failed: {e:#}")),
+                    }
+                    5
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "unreadable work answer");

@@ -50,13 +50,17 @@ pub struct AgentRecord {
 }
 
 /// Work handed to an agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "lowercase")]
 pub enum Work {
     /// Nothing to do yet; ask again later.
     Wait { retry_secs: u64 },
     /// Install this appliance onto the local disk (replication).
     Install(crate::install::InstallWork),
+    /// Capture the local disk into the server's chunk store.
+    Capture(crate::clone::server::CaptureWork),
+    /// Write a captured image onto the local disk (deploy or restore).
+    Deploy(Box<crate::clone::server::DeployWork>),
 }
 
 /// Decides an agent's work (`None`: wait). Given the agent's record and

@@ -14,6 +14,7 @@ pub mod blkdev;
 pub mod bmap;
 pub mod bmc;
 pub mod cli;
+pub mod clone;
 pub mod cmdline;
 pub mod config;
 pub mod console;

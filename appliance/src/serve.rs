@@ -190,27 +190,48 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
             tokens.clone(),
             require_token_for_writes,
         ));
+    // Cloning: jobs, the chunk store agents upload to and deploy from.
+    let mut cloning = crate::clone::server::CloneJobs::new(
+        &opts.data,
+        inventory.as_ref().map(|inv| inv.boot_policy()),
+        events.clone(),
+        Some(tokens.clone()),
+        crate::clone::server::bmc_power(),
+    );
+    cloning.agent_cmdline = AGENT_CMDLINE.into();
+    {
+        let c = cloning.clone();
+        tokio::task::spawn_blocking(move || c.reindex());
+    }
     // Replica endpoints check operator or child-scoped tokens themselves.
     let mut app = guarded
+        .merge(crate::clone::server::router(cloning.clone()))
         .merge(crate::replicas::router(replicas.clone()))
         .merge(crate::events::router(events.clone()))
         .merge(crate::replicate::agent_router(replication.clone()))
         .merge(crate::agents::router(
             crate::agents::Agents::open(&opts.data, events.clone()).with_work({
                 let r = replication.clone();
-                Arc::new(move |rec: &crate::agents::AgentRecord, base: &str| r.work_for(rec, base))
+                let c = cloning.clone();
+                Arc::new(move |rec: &crate::agents::AgentRecord, base: &str| {
+                    c.work_for(rec, base).or_else(|| r.work_for(rec, base))
+                })
             }),
         ));
-    // Replication decides first (registered replicas install, installed
-    // ones boot locally), then the inventory.
+    // Open clone jobs decide first (their machines boot the agent), then
+    // replication (registered replicas install, installed ones boot
+    // locally), then the inventory.
     let inv_policy = inventory.as_ref().map(|inv| inv.boot_policy());
     let policy: Option<crate::pxe::BootPolicy> = Some(Arc::new(move |mac: &str, server: &str| {
         use crate::inventory::boot::BootPolicy as _;
-        replication.ipxe_for_mac(mac, server).or_else(|| {
-            inv_policy
-                .as_ref()
-                .and_then(|inv| inv.ipxe_for_mac(mac, server))
-        })
+        cloning
+            .ipxe_for_mac(mac, server)
+            .or_else(|| replication.ipxe_for_mac(mac, server))
+            .or_else(|| {
+                inv_policy
+                    .as_ref()
+                    .and_then(|inv| inv.ipxe_for_mac(mac, server))
+            })
     }));
     app = app.merge(crate::pxe::router(crate::pxe::PxeState {
         data: opts.data.clone(),

@@ -507,8 +507,51 @@ pub fn write_image(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<WriteReport> {
     let bmap = Bmap::parse(&bmap.to_bytes()).context("checking the block map")?;
-    let mut t = Target::open(target)?;
     let size = bmap.image_size;
+    let mut holes = Vec::new();
+    if opts.zero_holes {
+        let mut pos = 0;
+        for (from, to) in bmap
+            .ranges
+            .iter()
+            .map(|r| (r.offset, r.end()))
+            .chain([(size, size)])
+        {
+            if from > pos {
+                holes.push((pos, from - pos));
+            }
+            pos = to;
+        }
+    }
+    write_ranges(size, &bmap.ranges, &holes, source, target, opts, progress)
+}
+
+/// Writes an image of `size` bytes given as data `ranges` (sorted,
+/// disjoint, each with its sha256) and `zero` extents that must read as
+/// zeros (the rest of the target is left as it is), in the same order and
+/// with the same checks as [`write_image`]. Capture deploys use this with
+/// only their raw regions' holes in `zero`.
+pub fn write_ranges(
+    size: u64,
+    ranges: &[Range],
+    zero: &[(u64, u64)],
+    source: &mut dyn ChunkSource,
+    target: &Path,
+    opts: &WriteOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<WriteReport> {
+    let mut end = 0;
+    for r in ranges {
+        if r.length == 0 || r.offset < end || r.end() > size {
+            bail!(
+                "range at {} (+{}) is empty, out of order or past the {size}-byte image",
+                r.offset,
+                r.length
+            );
+        }
+        end = r.end();
+    }
+    let mut t = Target::open(target)?;
     if t.size < size {
         bail!(
             "{} is too small: {} bytes, the image needs {size} ({} MiB more)",
@@ -530,26 +573,18 @@ pub fn write_image(
     t.write_at(&zeros[..head_len as usize], 0)?;
     let tail_len = EDGE.min(t.size);
     t.write_at(&zeros[..tail_len as usize], t.size - tail_len)?;
-    if opts.zero_holes {
-        let mut pos = 0;
-        for (from, to) in bmap
-            .ranges
-            .iter()
-            .map(|r| (r.offset, r.end()))
-            .chain([(size, size)])
-        {
-            if from > pos {
-                t.zero(pos, from - pos)?;
-                report.bytes_zeroed += from - pos;
-            }
-            pos = to;
+    for &(off, len) in zero {
+        let len = len.min(size.saturating_sub(off));
+        if len > 0 {
+            t.zero(off, len)?;
+            report.bytes_zeroed += len;
         }
     }
     t.sync()?;
 
     // 2. Fetch, check, write; hold back the edges.
     let held_back = |r: &Range| r.offset < EDGE || r.end() > size.saturating_sub(EDGE);
-    let total = bmap.mapped_bytes();
+    let total: u64 = ranges.iter().map(|r| r.length).sum();
     let mut done = 0u64;
     let mut held: Vec<(Range, Vec<u8>)> = Vec::new();
     let mut written: Vec<&Range> = Vec::new();
@@ -558,7 +593,7 @@ pub fn write_image(
         done,
         total,
     });
-    for r in &bmap.ranges {
+    for r in ranges {
         let data = fetch_verified(source, r, opts.chunk_attempts, &mut report)?;
         if held_back(r) {
             held.push((r.clone(), data));

@@ -17,24 +17,33 @@ pub fn run(name: &str, rest: &[&str]) -> Result<()> {
     match name {
         "builder" => builder_bench(),
         "boot" => crate::bench_boot::run(),
+        "clone" => crate::bench_clone::run(),
         "dhcp" => crate::bench_dhcp::run(),
         "inventory" => crate::bench_inventory::run(),
         "tftp" => crate::bench_tftp::run(),
         "sync" => crate::bench_sync::run(),
         "replicate" => crate::bench_replicate::run(rest),
         other => {
-            bail!("unknown benchmark {other:?}; available: builder, boot, dhcp, inventory, replicate, sync, tftp")
+            bail!("unknown benchmark {other:?}; available: builder, boot, clone, dhcp, inventory, replicate, sync, tftp")
         }
     }
 }
 
 /// Print the closing JSON line.
 pub fn report(bench: &str, ours: f64, peer: &str, peer_value: f64, unit: &str, better: &str) {
-    let line = serde_json::json!({
-        "bench": bench, "ours": round(ours), "peer": peer, "peer_value": round(peer_value),
-        "unit": unit, "ratio": round(ours / peer_value), "better": better,
-    });
-    println!("{line}");
+    // Written by hand: serde_json's map sorts keys, the documented order is this one.
+    let s = |v: &str| serde_json::Value::from(v).to_string();
+    let n = |v: f64| serde_json::Value::from(round(v)).to_string();
+    println!(
+        "{{\"bench\":{},\"ours\":{},\"peer\":{},\"peer_value\":{},\"unit\":{},\"ratio\":{},\"better\":{}}}",
+        s(bench),
+        n(ours),
+        s(peer),
+        n(peer_value),
+        s(unit),
+        n(ours / peer_value),
+        s(better)
+    );
 }
 
 fn round(x: f64) -> f64 {

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_boot;
+mod bench_clone;
 mod bench_dhcp;
 mod bench_inventory;
 mod bench_replicate;
@@ -36,6 +37,7 @@ fn main() -> Result<()> {
                  fleet [N] [--faults] [--sync]  replication chain of N machines in QEMU (default 3)\n  \
                  test [ARGS]      install missing test tools, build the image, run every test\n  \
                  bench builder    the builder against mkfs.ext4/mkfs.fat/mcopy/sgdisk/dd/cpio|gzip\n  \
+                 bench clone      capture/deploy a 4 GiB ext4 (1 GiB used) vs partclone.ext4 -c and dd\n  \
                  bench tftp       our TFTP server against tftpd-hpa, 64 MiB over loopback\n  \
                  bench inventory  the inventory API against Cobbler 3.3.10 (XML-RPC)\n  \
                  bench replicate  image onto a child's disk: verified block-map writer against curl|dd\n  \

@@ -11,6 +11,7 @@
 pub mod client;
 pub mod flash;
 
+mod clone;
 mod network;
 mod power;
 mod replica;
@@ -93,6 +94,8 @@ pub enum Ops {
     Bundle(sync::BundleCmd),
     /// Power systems on, off or cycle through their BMC; read their state.
     Power(power::PowerCmd),
+    /// Capture a machine's disk, deploy an image to many, restore one.
+    Clone(clone::CloneCmd),
 }
 
 /// A noun's verbs.
@@ -314,6 +317,7 @@ pub fn run(op: Ops) -> Result<()> {
         Ops::Sync(s) => sync::sync(s),
         Ops::Bundle(b) => sync::bundle(b),
         Ops::Power(p) => power::power(p),
+        Ops::Clone(c) => clone::clone(c),
     }
 }
 
