@@ -428,16 +428,30 @@ async fn supervise(cfg: &BootConfig) -> Result<Action> {
     tokio::spawn(async move {
         let mut mgmt = mgmt;
         loop {
+            // An agent or installer configures its management interfaces
+            // only once its uplink has a lease: while the uplink has no
+            // address, the kernel sends its DHCP requests with the
+            // management address as source, and the parent's reverse-path
+            // filter drops them (a missed first offer then meant asking in
+            // vain forever).
+            let now: &[String] = if keep_trying { &[] } else { &mgmt };
             let (up, problems) =
-                crate::net::bring_up(uplink.as_deref(), &ip, &mgmt, DHCP_TOTAL).await;
-            // Management interfaces are configured on the first round only.
-            mgmt.clear();
+                crate::net::bring_up(uplink.as_deref(), &ip, now, DHCP_TOTAL).await;
+            if !keep_trying {
+                // Management interfaces are configured on the first round only.
+                mgmt.clear();
+            }
             for p in &problems {
                 degrade(p);
             }
             match up {
                 Some(u) => {
                     marker(&format!("network up {} {}/{}", u.iface, u.addr, u.prefix));
+                    if !mgmt.is_empty() {
+                        for p in crate::net::bring_up_mgmt(&mgmt, &u.iface).await {
+                            degrade(&p);
+                        }
+                    }
                     break;
                 }
                 None if keep_trying => {

@@ -186,9 +186,26 @@ pub async fn bring_up(
         });
         return (None, problems);
     };
-    // Management interfaces get a DHCP address beside the uplink (no
-    // default route), in the background.
-    for m in mgmt.iter().filter(|m| **m != iface) {
+    problems.extend(spawn_mgmt(&ifaces, mgmt, &iface, dhcp_total));
+    match configure(&nl, &iface, ip, dhcp_total, true).await {
+        Ok(up) => (Some(up), problems),
+        Err(e) => {
+            problems.push(format!("configuring {iface}: {e:#}"));
+            (None, problems)
+        }
+    }
+}
+
+/// Management interfaces get a DHCP address beside the uplink (no default
+/// route), in the background. Returns problems found on the way.
+fn spawn_mgmt(
+    ifaces: &[String],
+    mgmt: &[String],
+    uplink: &str,
+    dhcp_total: Duration,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for m in mgmt.iter().filter(|m| **m != uplink) {
         if !ifaces.contains(m) {
             problems.push(format!(
                 "management interface {m} not found (have {ifaces:?})"
@@ -207,13 +224,17 @@ pub async fn bring_up(
             }
         });
     }
-    match configure(&nl, &iface, ip, dhcp_total, true).await {
-        Ok(up) => (Some(up), problems),
-        Err(e) => {
-            problems.push(format!("configuring {iface}: {e:#}"));
-            (None, problems)
-        }
-    }
+    problems
+}
+
+/// Configures management interfaces after the uplink `uplink` is up.
+pub async fn bring_up_mgmt(mgmt: &[String], uplink: &str) -> Vec<String> {
+    let ifaces = tokio::task::spawn_blocking(|| {
+        wait_for_ethernet(Path::new("/sys/class/net"), None, Duration::from_secs(1))
+    })
+    .await
+    .unwrap_or_default();
+    spawn_mgmt(&ifaces, mgmt, uplink, Duration::from_secs(60))
 }
 
 async fn configure(
