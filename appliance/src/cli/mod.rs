@@ -255,7 +255,7 @@ pub struct SettingsCmd {
 /// `appliance import`.
 #[derive(Debug, Args)]
 pub struct Import {
-    /// Installer tree (a directory).
+    /// Installer tree: a directory or an ISO image.
     #[arg(long)]
     pub path: PathBuf,
     /// Name of the new distro and profile.
