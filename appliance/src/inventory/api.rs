@@ -58,11 +58,11 @@ impl InvState {
     }
 
     pub(crate) fn read(&self) -> std::sync::RwLockReadGuard<'_, Inventory> {
-        self.inventory.read().unwrap_or_else(|e| e.into_inner())
+        super::fresh_read(&self.inventory)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inventory> {
-        self.inventory.write().unwrap_or_else(|e| e.into_inner())
+        super::fresh_write(&self.inventory)
     }
 }
 

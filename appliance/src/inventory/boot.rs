@@ -295,7 +295,7 @@ pub trait BootPolicy: Send + Sync {
 impl BootPolicy for RwLock<Inventory> {
     fn ipxe_for_mac(&self, mac: &str, server: &str) -> Option<String> {
         super::model::normalize_mac(mac).ok()?;
-        let inv = self.read().unwrap_or_else(|e| e.into_inner());
+        let inv = super::fresh_read(self);
         Some(ipxe_script(&decide(&inv, mac, server)))
     }
 }

@@ -190,7 +190,9 @@ impl Repo {
         Ok(out)
     }
 
-    fn read_head(&self) -> Result<Option<Oid>, GitError> {
+    /// The commit the branch names on disk now (stock git may have moved
+    /// it since we loaded).
+    pub fn read_head(&self) -> Result<Option<Oid>, GitError> {
         let refpath = self.git.join("refs/heads").join(BRANCH);
         match fs::read_to_string(&refpath) {
             Ok(s) => parse_oid(s.trim()).map(Some),

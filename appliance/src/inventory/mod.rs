@@ -158,6 +158,37 @@ pub struct MergeOutcome {
     pub conflicts: Vec<crate::sync::merge::Conflict>,
 }
 
+/// A read lock on `lock`, first reloading the inventory when stock git
+/// moved its branch on disk (one small file read per call), so a hand-made
+/// commit is live at once, with no restart and no `sync` step.
+pub fn fresh_read(
+    lock: &std::sync::RwLock<Inventory>,
+) -> std::sync::RwLockReadGuard<'_, Inventory> {
+    {
+        let g = lock.read().unwrap_or_else(|e| e.into_inner());
+        if !g.moved_on_disk() {
+            return g;
+        }
+    }
+    drop(fresh_write(lock));
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A write lock on `lock`, reloaded first when the branch moved on disk,
+/// so our next commit builds on the operator's and never drops it.
+pub fn fresh_write(
+    lock: &std::sync::RwLock<Inventory>,
+) -> std::sync::RwLockWriteGuard<'_, Inventory> {
+    let mut w = lock.write().unwrap_or_else(|e| e.into_inner());
+    if w.moved_on_disk() {
+        match w.reload() {
+            Ok(()) => tracing::info!(head = ?w.head(), "the inventory moved on disk; reloaded"),
+            Err(e) => tracing::error!(error = %e, "reloading the inventory after a change on disk"),
+        }
+    }
+    w
+}
+
 impl Inventory {
     /// Opens (creating if needed) the repository at `root` and loads it.
     /// Changes are stamped for sync with the node id in
@@ -373,6 +404,15 @@ impl Inventory {
         )?;
         self.settings = settings;
         Ok(())
+    }
+
+    /// Whether the branch moved on disk since we loaded it (an operator's
+    /// `git revert`, `git commit` or `git reset` in the repository).
+    pub fn moved_on_disk(&self) -> bool {
+        match self.repo.read_head() {
+            Ok(h) => h != self.repo.head(),
+            Err(_) => false,
+        }
     }
 
     /// The git commit HEAD names (hex).

@@ -147,6 +147,47 @@ fn objects_are_files_and_commits_stock_git_accepts() {
     assert_eq!(inv.system_by_mac("aa-bb-cc-00-00-01").unwrap().name, "web1");
 }
 
+/// A commit made with stock git while the server runs is live at the next
+/// request, and the server's next commit builds on it.
+#[test]
+fn hand_made_commits_are_live_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inv = sample(dir.path());
+    inv.remove(Kind::System, "web1", false, &who()).unwrap();
+    let lock = std::sync::RwLock::new(inv);
+    assert!(crate::inventory::fresh_read(&lock).system("web1").is_none());
+    git(
+        dir.path(),
+        &[
+            "-c",
+            "user.name=op",
+            "-c",
+            "user.email=op@x",
+            "revert",
+            "--no-edit",
+            "HEAD",
+        ],
+    );
+    assert_eq!(
+        crate::inventory::fresh_read(&lock)
+            .system("web1")
+            .unwrap()
+            .hostname,
+        "web1.lab"
+    );
+    let mut s = crate::inventory::fresh_read(&lock)
+        .system("web1")
+        .unwrap()
+        .clone();
+    s.comment = "after the revert".into();
+    crate::inventory::fresh_write(&lock)
+        .update(Object::System(s), &who())
+        .unwrap();
+    let log = git(dir.path(), &["log", "--format=%an", "-3"]);
+    assert_eq!(log.lines().collect::<Vec<_>>(), ["tester", "op", "tester"]);
+    git(dir.path(), &["fsck", "--strict", "--no-dangling"]);
+}
+
 /// An operator's `git gc` packs every object (with deltas); the inventory
 /// keeps reading its history and committing on top of it.
 #[test]
