@@ -734,7 +734,13 @@ async fn boot_script(
         .into_response())
 }
 
-async fn blob(State(st): S, Path(hex): Path<String>) -> Result<Response, ApiError> {
+/// Streams a blob from disk (never read whole into memory), with Range
+/// support so a target's installer can resume a large initrd or image.
+async fn blob(
+    State(st): S,
+    Path(hex): Path<String>,
+    req: axum::extract::Request,
+) -> Result<Response, ApiError> {
     if hex.len() != 64
         || !hex
             .bytes()
@@ -743,21 +749,47 @@ async fn blob(State(st): S, Path(hex): Path<String>) -> Result<Response, ApiErro
         return Err(bad_request("blob names are 64 lowercase hex digits"));
     }
     let path = st.blobs.join(&hex);
-    match tokio::fs::read(&path).await {
-        Ok(bytes) => {
-            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+    match tokio::fs::metadata(&path).await {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Err(bad_request("not a blob")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no blob sha256:{hex}"),
+            ))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no blob sha256:{hex}"),
-        )),
-        Err(e) => Err(ApiError::new(
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage_failed",
+                format!("reading blob: {e}"),
+            ))
+        }
+    }
+    use tower::ServiceExt as _;
+    let mut resp = tower_http::services::ServeFile::new_with_mime(
+        &path,
+        &"application/octet-stream"
+            .parse()
+            .expect("a valid mime type"),
+    )
+    .oneshot(req)
+    .await
+    .map_err(|e| {
+        ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "storage_failed",
             format!("reading blob: {e}"),
-        )),
-    }
+        )
+    })?
+    .map(axum::body::Body::new);
+    // Content-addressed: the bytes behind a name never change.
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
+    Ok(resp)
 }
 
 async fn openapi_json() -> Response {

@@ -679,6 +679,48 @@ fn code(body: &str) -> String {
 }
 
 #[tokio::test]
+async fn blobs_stream_with_ranges() {
+    let a = api();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let hex = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
+    std::fs::create_dir_all(&a.state.blobs).unwrap();
+    std::fs::write(a.state.blobs.join(&hex), &data).unwrap();
+    let get = |range: Option<&'static str>| {
+        let mut r = Request::builder().uri(format!("/blobs/sha256/{hex}"));
+        if let Some(v) = range {
+            r = r.header("range", v);
+        }
+        a.app.clone().oneshot(r.body(Body::empty()).unwrap())
+    };
+    let resp = get(None).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers()["cache-control"]
+        .to_str()
+        .unwrap()
+        .contains("immutable"));
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], &data[..]);
+    let resp = get(Some("bytes=100000-100009")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], &data[100_000..100_010]);
+    let (s, body) = a
+        .call(
+            "GET",
+            &format!("/blobs/sha256/{}", "0".repeat(64)),
+            None,
+            false,
+        )
+        .await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    let (s, _) = a.call("GET", "/blobs/sha256/..%2Fx", None, false).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
 async fn api_crud_with_tokens_and_stable_errors() {
     let a = api();
     let (s, body) = a.call("GET", "/api/v1/systems", None, false).await;
