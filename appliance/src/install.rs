@@ -219,11 +219,19 @@ pub struct Reporter {
 
 impl Reporter {
     pub fn new(parent: &str, mac: &str, token: &str) -> Reporter {
-        Reporter {
-            url: format!(
+        Reporter::to(
+            format!(
                 "{}/api/v1/agents/{mac}/progress",
                 parent.trim_end_matches('/')
             ),
+            token,
+        )
+    }
+
+    /// A reporter posting to `url` (e.g. a clone job's progress).
+    pub fn to(url: String, token: &str) -> Reporter {
+        Reporter {
+            url,
             token: token.to_owned(),
             last: Instant::now() - Duration::from_secs(60),
         }

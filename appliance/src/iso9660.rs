@@ -125,7 +125,7 @@ fn records(dir: &[u8]) -> Result<Vec<Record<'_>>, String> {
         let ident = rec
             .get(33..33 + name_len)
             .ok_or_else(|| format!("directory record at byte {at}: name runs past the record"))?;
-        let su_start = 33 + name_len + usize::from(name_len % 2 == 0);
+        let su_start = 33 + name_len + usize::from(name_len.is_multiple_of(2));
         let system_use = rec.get(su_start..).unwrap_or(&[]);
         out.push(Record {
             extent: le32(rec, 2).unwrap_or(0),

@@ -26,73 +26,31 @@ use super::store::ChunkStore;
 
 const TARGET_MOUNT: &str = "/run/appliance/clone-target";
 
-/// Sends progress for one job.
-pub struct Reporter {
-    url: String,
-    token: String,
-    last: Instant,
-}
+/// Sends progress for one job (the installer's reporter, aimed at the
+/// clone job's progress URL).
+pub struct Reporter(crate::install::Reporter);
 
 impl Reporter {
     pub fn new(server: &str, job: &str, token: &str) -> Reporter {
-        Reporter {
-            url: format!(
+        Reporter(crate::install::Reporter::to(
+            format!(
                 "{}/api/v1/clone/jobs/{job}/progress",
                 server.trim_end_matches('/')
             ),
-            token: token.to_owned(),
-            last: Instant::now() - Duration::from_secs(60),
-        }
+            token,
+        ))
     }
 
     pub fn send(&mut self, p: &JobProgress) {
-        crate::console::marker(&format!(
-            "clone {} {} {}/{} {}",
-            p.phase, p.state, p.done_bytes, p.total_bytes, p.message
-        ));
-        self.last = Instant::now();
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(30)))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let Ok(body) = serde_json::to_string(p) else {
-            return;
-        };
-        match agent
-            .post(&self.url)
-            .header("content-type", "application/json")
-            .header("authorization", &format!("Bearer {}", self.token))
-            .send(body)
-        {
-            Ok(r) if r.status().is_success() => {}
-            Ok(r) => tracing::warn!(status = %r.status(), "clone progress refused"),
-            Err(e) => tracing::warn!(error = %e, "clone progress failed"),
-        }
+        self.0.send(p)
     }
 
     pub fn phase(&mut self, phase: &str, message: impl Into<String>) {
-        self.send(&JobProgress {
-            phase: phase.into(),
-            state: "running".into(),
-            done_bytes: 0,
-            total_bytes: 0,
-            message: message.into(),
-            report: None,
-        });
+        self.0.phase(phase, message)
     }
 
     pub fn tick(&mut self, phase: &str, done: u64, total: u64) {
-        if self.last.elapsed() >= Duration::from_secs(2) {
-            self.send(&JobProgress {
-                phase: phase.into(),
-                state: "running".into(),
-                done_bytes: done,
-                total_bytes: total,
-                message: String::new(),
-                report: None,
-            });
-        }
+        self.0.tick(phase, done, total)
     }
 
     pub fn finish(&mut self, res: &Result<serde_json::Value>) {

@@ -115,21 +115,8 @@ pub struct DeployWork {
     pub system: System,
 }
 
-/// What the agent reports.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JobProgress {
-    pub phase: String,
-    /// `running`, `done`, `failed`.
-    pub state: String,
-    #[serde(default)]
-    pub done_bytes: u64,
-    #[serde(default)]
-    pub total_bytes: u64,
-    #[serde(default)]
-    pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub report: Option<serde_json::Value>,
-}
+/// What the agent reports: the installer's progress record.
+pub type JobProgress = crate::install::InstallProgress;
 
 /// `POST /api/v1/clone/jobs`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
