@@ -448,7 +448,7 @@ async fn supervise(cfg: &BootConfig) -> Result<Action> {
                 Some(u) => {
                     marker(&format!("network up {} {}/{}", u.iface, u.addr, u.prefix));
                     if !mgmt.is_empty() {
-                        for p in crate::net::bring_up_mgmt(&mgmt, &u.iface).await {
+                        for p in crate::net::bring_up_mgmt(&mgmt, &u.iface, DHCP_TOTAL).await {
                             degrade(&p);
                         }
                     }

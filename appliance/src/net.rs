@@ -228,13 +228,13 @@ fn spawn_mgmt(
 }
 
 /// Configures management interfaces after the uplink `uplink` is up.
-pub async fn bring_up_mgmt(mgmt: &[String], uplink: &str) -> Vec<String> {
+pub async fn bring_up_mgmt(mgmt: &[String], uplink: &str, dhcp_total: Duration) -> Vec<String> {
     let ifaces = tokio::task::spawn_blocking(|| {
         wait_for_ethernet(Path::new("/sys/class/net"), None, Duration::from_secs(1))
     })
     .await
     .unwrap_or_default();
-    spawn_mgmt(&ifaces, mgmt, uplink, Duration::from_secs(60))
+    spawn_mgmt(&ifaces, mgmt, uplink, dhcp_total)
 }
 
 async fn configure(
