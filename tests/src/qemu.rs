@@ -159,6 +159,21 @@ pub fn base_command(
     Ok((cmd, serial_log))
 }
 
+/// A machine with a "BMC": like [`base_command`] (OVMF), but a guest
+/// reboot reboots instead of exiting QEMU, a guest poweroff pauses it
+/// (`-no-shutdown`), and QEMU's machine protocol listens on `qmp` (a unix
+/// socket) for the appliance's QMP power driver.
+pub fn bmc_command(dir: &Path, memory_mb: u32, qmp: &Path) -> std::io::Result<(Command, PathBuf)> {
+    let (base, serial_log) = base_command(Firmware::Ovmf, dir, memory_mb)?;
+    let mut cmd = Command::new(base.get_program());
+    cmd.args(base.get_args().filter(|a| *a != "-no-reboot"));
+    let _ = fs::remove_file(qmp);
+    cmd.arg("-no-shutdown")
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    Ok((cmd, serial_log))
+}
+
 /// A blank machine that boots from the network: no uplink, one NIC on
 /// `socket`, a blank (sparse) disk of `disk_bytes`.
 pub fn boot_blank(

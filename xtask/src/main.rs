@@ -94,6 +94,7 @@ const TOOLS: &[&str] = &[
     "dpkg-deb",
     "qemu-system-x86_64",
     "openssl",
+    "socat",
 ];
 
 fn missing_tools() -> Vec<&'static str> {

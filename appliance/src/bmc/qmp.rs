@@ -1,7 +1,10 @@
 //! QEMU Machine Protocol (QMP) over a unix socket: QEMU as a machine with a
 //! power button and a one-time boot device, for the tests and the fleet.
 //!
-//! `power.address` is the socket path (`-qmp unix:PATH,server=on,wait=off`).
+//! `power.address` is the socket path (`-qmp unix:PATH,server=on,wait=off`),
+//! or `tcp:HOST:PORT` for a QMP server on the network
+//! (`-qmp tcp:HOST:PORT,server=on,wait=off`, e.g. a lab hypervisor, or a
+//! host's socket forwarded into the appliance's VM).
 //! Every call opens its own connection, reads the greeting, sends
 //! `qmp_capabilities` and then its commands; the whole call is bounded by
 //! the driver's timeout, so a socket that never answers is an
@@ -40,7 +43,6 @@
 //! own `bootindex=` options values from 1, or none.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -54,7 +56,7 @@ const MAX_MESSAGE: u64 = 1 << 20;
 /// The QMP driver for one QEMU process.
 #[derive(Debug, Clone)]
 pub struct Qmp {
-    path: PathBuf,
+    target: Target,
     timeout: Duration,
     /// Boot devices in normal boot order.
     devices: Vec<(BootDevice, String)>,
@@ -114,18 +116,21 @@ impl Qmp {
             ));
         }
         Ok(Qmp {
-            path: PathBuf::from(address),
+            target: Target::parse(address)?,
             timeout,
             devices: parse_devices(id)?,
         })
     }
 
     fn address(&self) -> String {
-        self.path.display().to_string()
+        match &self.target {
+            Target::Unix(p) => p.display().to_string(),
+            Target::Tcp(a) => format!("tcp:{a}"),
+        }
     }
 
     fn connect(&self) -> Result<Session, PowerError> {
-        Session::open(&self.path, self.address(), self.timeout)
+        Session::open(&self.target, self.address(), self.timeout)
     }
 
     /// Reads a device's `bootindex` (-1 when it has none).
@@ -237,10 +242,56 @@ impl PowerDriver for Qmp {
     }
 }
 
+/// Where QEMU's QMP server listens.
+#[derive(Debug, Clone)]
+enum Target {
+    Unix(PathBuf),
+    /// `tcp:HOST:PORT` (kept unresolved: resolved at each connect).
+    Tcp(String),
+}
+
+impl Target {
+    fn parse(address: &str) -> Result<Target, PowerError> {
+        match address.strip_prefix("tcp:") {
+            Some(hp) => {
+                let ok = hp
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+                if !ok {
+                    return Err(PowerError::Config(format!(
+                        "power.address {address:?}: use tcp:HOST:PORT or a unix socket path"
+                    )));
+                }
+                Ok(Target::Tcp(hp.to_owned()))
+            }
+            None => Ok(Target::Unix(PathBuf::from(address))),
+        }
+    }
+
+    /// Connects within `timeout` (a listener whose backlog is full, or a
+    /// host that drops packets, would block a plain connect).
+    fn connect(&self, timeout: Duration) -> std::io::Result<socket2::Socket> {
+        use socket2::{SockAddr, Socket, Type};
+        let addr = match self {
+            Target::Unix(p) => SockAddr::unix(p)?,
+            Target::Tcp(hp) => {
+                use std::net::ToSocketAddrs;
+                let a = hp.to_socket_addrs()?.next().ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+                })?;
+                SockAddr::from(a)
+            }
+        };
+        let s = Socket::new(addr.domain(), Type::STREAM, None)?;
+        s.connect_timeout(&addr, timeout)?;
+        Ok(s)
+    }
+}
+
 /// One QMP connection, in command mode, with a deadline for the whole call.
 struct Session {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    reader: BufReader<socket2::Socket>,
+    writer: socket2::Socket,
     address: String,
     deadline: Instant,
     timeout: Duration,
@@ -249,19 +300,9 @@ struct Session {
 }
 
 impl Session {
-    fn open(
-        path: &std::path::Path,
-        address: String,
-        timeout: Duration,
-    ) -> Result<Self, PowerError> {
-        // Bounded too: a listener whose backlog is full would block a
-        // plain connect.
-        let stream = socket2::SockAddr::unix(path)
-            .and_then(|addr| {
-                let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
-                s.connect_timeout(&addr, timeout)?;
-                Ok(UnixStream::from(s))
-            })
+    fn open(target: &Target, address: String, timeout: Duration) -> Result<Self, PowerError> {
+        let stream = target
+            .connect(timeout)
             .map_err(|e| PowerError::Unreachable {
                 address: address.clone(),
                 detail: format!("connecting: {e}"),
@@ -434,6 +475,8 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
 
+    const DEFAULT: Duration = Duration::from_secs(1);
+
     #[test]
     fn device_list_syntax() {
         assert_eq!(
@@ -487,6 +530,33 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(e.to_string().contains("qmp.sock"), "{e}");
+    }
+
+    #[test]
+    fn tcp_addresses() {
+        for bad in ["tcp:", "tcp:host", "tcp::4444", "tcp:h:0", "tcp:h:x"] {
+            assert!(
+                matches!(Qmp::new(bad, "", DEFAULT), Err(PowerError::Config(_))),
+                "{bad}"
+            );
+        }
+        // Listening, never answering: a timeout naming the address.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("tcp:{}", l.local_addr().unwrap());
+        let q = Qmp::new(&addr, "", Duration::from_millis(300)).unwrap();
+        let e = q.status().unwrap_err();
+        assert!(
+            matches!(&e, PowerError::Unreachable { address, detail }
+                if *address == addr && detail.contains("no answer")),
+            "{e}"
+        );
+        // Nobody listening: refused at connect.
+        drop(l);
+        let e = q.status().unwrap_err();
+        assert!(
+            matches!(&e, PowerError::Unreachable { detail, .. } if detail.contains("connecting")),
+            "{e}"
+        );
     }
 
     #[test]

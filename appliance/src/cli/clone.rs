@@ -89,6 +89,19 @@ fn line(j: &Value) -> String {
     )
 }
 
+/// Percent-encodes a query value (RFC 3986 unreserved bytes pass).
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 pub fn clone(cmd: CloneCmd) -> Result<()> {
     let client = cmd.conn.client();
     let (req, wait) = match cmd.verb {
@@ -202,7 +215,11 @@ pub fn clone(cmd: CloneCmd) -> Result<()> {
         if let Some(why) = why {
             for j in open {
                 let id = j["id"].as_str().unwrap_or("");
-                let _ = client.request("DELETE", &format!("/api/v1/clone/jobs/{id}"), None);
+                let _ = client.request(
+                    "DELETE",
+                    &format!("/api/v1/clone/jobs/{id}?reason={}", query_escape(&why)),
+                    None,
+                );
                 eprintln!("job {id} ({}): {why}", j["system"].as_str().unwrap_or(""));
             }
             bail!("{why}");
@@ -232,4 +249,16 @@ pub fn clone(cmd: CloneCmd) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn query_values_are_escaped() {
+        assert_eq!(
+            super::query_escape("never checked in within 20 s (is it?)"),
+            "never%20checked%20in%20within%2020%20s%20%28is%20it%3F%29"
+        );
+        assert_eq!(super::query_escape("a-b_c.d~é"), "a-b_c.d~%C3%A9");
+    }
 }

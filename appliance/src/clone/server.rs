@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -508,13 +508,19 @@ impl CloneJobs {
         let j = jobs.get_mut(id).ok_or_else(|| {
             ApiError::new(StatusCode::NOT_FOUND, "unknown_job", format!("no job {id}"))
         })?;
-        if j.open() {
+        let was_open = j.open();
+        if was_open {
             j.state = "failed".into();
             j.message = why.to_owned();
             j.updated = now();
         }
         let j = j.clone();
         self.persist(&jobs);
+        drop(jobs);
+        if was_open {
+            // Back to local boot, as after any job.
+            self.finish(&j);
+        }
         self.events.publish(
             "clone.failed",
             Some(&j.mac),
@@ -873,9 +879,17 @@ async fn cancel_job(
     State(j): State<CloneJobs>,
     headers: HeaderMap,
     UrlPath(id): UrlPath<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Job>, ApiError> {
     operator(&j, &headers)?;
-    Ok(Json(j.cancel(&id, "cancelled by the operator")?))
+    // An optional `?reason=…` (the CLI's timeout says why).
+    let reason = q
+        .get("reason")
+        .map(|r| r.trim().chars().take(300).collect::<String>())
+        .filter(|r| !r.is_empty())
+        .map(|r| format!("cancelled: {r}"))
+        .unwrap_or_else(|| "cancelled by the operator".into());
+    blocking(move || j.cancel(&id, &reason)).await.map(Json)
 }
 
 async fn job_progress(
