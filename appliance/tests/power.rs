@@ -345,6 +345,47 @@ fn redfish_against_the_sushy_emulator() {
     let listed = r.virtual_media().unwrap();
     let (now, _) = listed.iter().find(|(s, _)| s.path == slot.path).unwrap();
     assert!(!now.inserted, "{now:?}");
+
+    // The same through the server and the CLI: boot an ISO on a machine
+    // without PXE (insert, cycle with a one-time CD boot, eject).
+    let data = tempfile::tempdir().unwrap();
+    let (_srv, api, token) = server(data.path());
+    let tk = token.as_str();
+    ok(&api, tk, &["image", "add", "img1", "--set", "type=capture"]);
+    let power = format!(
+        r#"power={{"type":"redfish","address":"{url}","user":"admin","password":"pa55word","id":"tls=insecure"}}"#
+    );
+    ok(
+        &api,
+        tk,
+        &["system", "add", "bmc1", "--image", "img1", "--set", &power],
+    );
+    let out = ok(&api, tk, &["power", "media", "bmc1", "--insert", &iso]);
+    assert!(out.contains(&format!("inserted in {}", slot.path)), "{out}");
+    let listed = r.virtual_media().unwrap();
+    let (now, _) = listed.iter().find(|(s, _)| s.path == slot.path).unwrap();
+    assert!(
+        now.inserted && now.image.as_deref() == Some(iso.as_str()),
+        "{now:?}"
+    );
+    let out = ok(&api, tk, &["power", "cycle", "bmc1", "--boot", "cd"]);
+    assert!(out.contains("next boot cd"), "{out}");
+    assert_eq!(
+        r.system_resource().unwrap()["Boot"]["BootSourceOverrideTarget"],
+        "Cd"
+    );
+    let out = ok(&api, tk, &["power", "media", "bmc1", "--eject"]);
+    assert!(out.contains("ejected (1 slot(s) held media)"), "{out}");
+    // A bad URL is refused before the BMC is asked.
+    let o = cli(
+        &api,
+        tk,
+        &["power", "media", "bmc1", "--insert", "ftp://x/y.iso"],
+    );
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("http://"),
+        "{o:?}"
+    );
 }
 
 // ---- `appliance power` through `appliance serve` ----
@@ -443,6 +484,13 @@ fn power_cli_through_the_server() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("power_unsupported"), "{err}");
+    // Virtual media needs a Redfish BMC.
+    let o = cli(&url, t, &["power", "media", "node1", "--eject"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("power_unsupported") && err.contains("redfish"),
+        "{err}"
+    );
 
     // Credentials never come back: show, list, report, edit keeps them.
     for args in [

@@ -1,6 +1,8 @@
 //! The power API of a system, part of the inventory router:
 //! `GET /api/v1/systems/{name}/power` → [`PowerStatus`] and
-//! `POST /api/v1/systems/{name}/power` [`PowerRequest`] → [`PowerDone`]
+//! `POST /api/v1/systems/{name}/power` [`PowerRequest`] → [`PowerDone`],
+//! `POST /api/v1/systems/{name}/media` [`MediaRequest`] → [`MediaDone`]
+//! (Redfish virtual media: insert an ISO by URL, or eject)
 //! (token needed, like every inventory write; reads follow
 //! `public_reads`).
 //!
@@ -135,6 +137,132 @@ async fn drive(
     .map_err(ApiError::from)
 }
 
+/// What `POST …/media` can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaAction {
+    Insert,
+    Eject,
+}
+
+/// The body of `POST /api/v1/systems/{name}/media`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MediaRequest {
+    pub action: MediaAction,
+    /// `insert`: the ISO's URL, fetched by the BMC (`http://` or `https://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+/// The answer to `POST …/media`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MediaDone {
+    pub system: String,
+    pub action: MediaAction,
+    /// `insert`: the slot's `@odata.id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// `eject`: how many slots held media.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ejected: Option<usize>,
+}
+
+/// Inserts or ejects virtual media through the system's Redfish BMC (the
+/// one driver with virtual media): to boot the appliance ISO on a machine
+/// without PXE, insert it, then `cycle` with `boot: cd`.
+pub async fn post_media(
+    State(st): State<Arc<InvState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<MediaDone>, ApiError> {
+    authorize(&st, &headers, true)?;
+    let req: MediaRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("expected {{\"action\": \"insert|eject\", \"image\": \"URL\"}}: {e}"),
+        )
+    })?;
+    let image = match (req.action, req.image.as_deref().map(str::trim)) {
+        (MediaAction::Insert, Some(u)) if u.starts_with("http://") || u.starts_with("https://") => {
+            Some(u.to_owned())
+        }
+        (MediaAction::Insert, _) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "insert needs \"image\": the ISO's http:// or https:// URL",
+            ))
+        }
+        (MediaAction::Eject, _) => None,
+    };
+    let sys = system(&st, &name)?;
+    if sys.power.kind != "redfish" {
+        return Err(PowerError::Unsupported {
+            driver: "power",
+            what: format!(
+                "handle virtual media through {} (only redfish BMCs have it)",
+                sys.power.kind
+            ),
+        }
+        .into());
+    }
+    let mac = sys.interfaces.first().map(|i| i.mac.clone());
+    let action = req.action;
+    let result = tokio::task::spawn_blocking(move || {
+        let p = &sys.power;
+        let r = super::redfish::Redfish::new(
+            &p.address,
+            &p.user,
+            &p.password,
+            &p.id,
+            super::DEFAULT_TIMEOUT,
+        )?;
+        match &image {
+            Some(url) => r.insert_media(url).map(|s| (Some(s.path), None)),
+            None => r.eject_media().map(|n| (None, Some(n))),
+        }
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("media task failed: {e}"),
+        )
+    })?
+    .map_err(ApiError::from);
+    let mut detail = serde_json::json!({"system": name, "action": action});
+    match &result {
+        Ok((slot, ejected)) => {
+            detail["slot"] = serde_json::json!(slot);
+            detail["ejected"] = serde_json::json!(ejected);
+            st.events.publish(
+                match action {
+                    MediaAction::Insert => "power.media_insert",
+                    MediaAction::Eject => "power.media_eject",
+                },
+                mac.as_deref(),
+                detail,
+            );
+        }
+        Err(e) => {
+            detail["code"] = e.code.into();
+            detail["error"] = e.message.clone().into();
+            st.events.publish("power.failed", mac.as_deref(), detail);
+        }
+    }
+    let (slot, ejected) = result?;
+    Ok(Json(MediaDone {
+        system: name,
+        action,
+        slot,
+        ejected,
+    }))
+}
+
 pub async fn get_power(
     State(st): State<Arc<InvState>>,
     Path(name): Path<String>,
@@ -164,7 +292,9 @@ pub async fn post_power(
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_request",
-            format!("expected {{\"action\": \"on|off|cycle\", \"boot\": \"network|disk\"}}: {e}"),
+            format!(
+                "expected {{\"action\": \"on|off|cycle\", \"boot\": \"network|disk|cd\"}}: {e}"
+            ),
         )
     })?;
     let sys = system(&st, &name)?;

@@ -716,13 +716,34 @@ pub fn parse_rakp4(p: &[u8], suite: CipherSuite) -> Result<Rakp4, String> {
 }
 
 /// Set System Boot Options parameter 5 (boot flags): valid, next boot
-/// only, legacy boot type, the device selector.
-pub fn boot_flags(dev: BootDevice) -> [u8; 6] {
+/// only, EFI or legacy (PC compatible) boot type, the device selector.
+pub fn boot_flags(dev: BootDevice, efi: bool) -> [u8; 6] {
     let selector = match dev {
         BootDevice::Network => 0x04, // force PXE
         BootDevice::Disk => 0x08,    // force boot from default hard drive
+        BootDevice::Cd => 0x14,      // force boot from CD/DVD
     };
-    [BOOT_PARAM_FLAGS, 0x80, selector, 0x00, 0x00, 0x00]
+    let data1 = 0x80 | if efi { 0x20 } else { 0x00 };
+    [BOOT_PARAM_FLAGS, data1, selector, 0x00, 0x00, 0x00]
+}
+
+/// `power.id` for IPMI: empty, `boot=efi` (the default) or `boot=legacy`
+/// (the boot type the one-time boot device asks the BIOS for). Whether
+/// the one-time boot is EFI.
+pub fn parse_id(id: &str) -> Result<bool, PowerError> {
+    let mut efi = true;
+    for part in id.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part {
+            "boot=efi" => efi = true,
+            "boot=legacy" => efi = false,
+            other => {
+                return Err(PowerError::Config(format!(
+                    "power.id {other:?}: IPMI takes boot=efi (the default) or boot=legacy"
+                )))
+            }
+        }
+    }
+    Ok(efi)
 }
 
 /// RMCP+ status codes (table 13-15) of Open Session Response and RAKP.
@@ -1357,6 +1378,8 @@ pub struct Ipmi {
     password: String,
     timeout: Duration,
     suites: Vec<CipherSuite>,
+    /// One-time boots ask for an EFI boot (`power.id` `boot=legacy`: not).
+    efi: bool,
 }
 
 impl fmt::Debug for Ipmi {
@@ -1392,6 +1415,7 @@ impl Ipmi {
             password: power.password.clone(),
             timeout,
             suites: vec![CipherSuite::Suite3, CipherSuite::Suite17],
+            efi: parse_id(&power.id)?,
         })
     }
 
@@ -1492,7 +1516,7 @@ impl PowerDriver for Ipmi {
                     CC_OK | CC_PARAM_NOT_SUPPORTED => {}
                     cc => return Err(s.failed(SET_BOOT_OPTIONS, " (boot info acknowledge)", cc)),
                 }
-                match s.set_boot_param(&boot_flags(dev))? {
+                match s.set_boot_param(&boot_flags(dev, self.efi))? {
                     CC_OK => Ok(()),
                     cc => Err(s.failed(SET_BOOT_OPTIONS, " (boot flags)", cc)),
                 }
@@ -1762,8 +1786,22 @@ mod tests {
 
     #[test]
     fn boot_flags_select_pxe_or_disk_for_next_boot_only() {
-        assert_eq!(boot_flags(BootDevice::Network), [5, 0x80, 0x04, 0, 0, 0]);
-        assert_eq!(boot_flags(BootDevice::Disk), [5, 0x80, 0x08, 0, 0, 0]);
+        assert_eq!(
+            boot_flags(BootDevice::Network, false),
+            [5, 0x80, 0x04, 0, 0, 0]
+        );
+        assert_eq!(
+            boot_flags(BootDevice::Disk, false),
+            [5, 0x80, 0x08, 0, 0, 0]
+        );
+        assert_eq!(
+            boot_flags(BootDevice::Network, true),
+            [5, 0xa0, 0x04, 0, 0, 0]
+        );
+        assert_eq!(boot_flags(BootDevice::Cd, true), [5, 0xa0, 0x14, 0, 0, 0]);
+        assert!(parse_id("").unwrap());
+        assert!(!parse_id("boot=legacy").unwrap());
+        assert!(matches!(parse_id("boot=uefi"), Err(PowerError::Config(_))));
     }
 
     #[test]

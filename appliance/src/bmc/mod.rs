@@ -42,6 +42,9 @@ pub enum PowerState {
 pub enum BootDevice {
     Network,
     Disk,
+    /// The (virtual) CD/DVD drive: the appliance ISO inserted as virtual
+    /// media, on machines without PXE.
+    Cd,
 }
 
 /// What the operator asks for.

@@ -74,9 +74,10 @@ pub fn parse_devices(id: &str) -> Result<Vec<(BootDevice, String)>, PowerError> 
         let dev = match k.trim() {
             "net" => BootDevice::Network,
             "disk" => BootDevice::Disk,
+            "cd" => BootDevice::Cd,
             other => {
                 return Err(PowerError::Config(format!(
-                    "power.id key {other:?}: use net or disk"
+                    "power.id key {other:?}: use net, disk or cd"
                 )))
             }
         };
@@ -148,6 +149,7 @@ impl Qmp {
                 let key = match dev {
                     BootDevice::Network => "net",
                     BootDevice::Disk => "disk",
+                    BootDevice::Cd => "cd",
                 };
                 PowerError::Config(format!(
                     "power.id names no {key}= device (use net=ID,disk=ID)"

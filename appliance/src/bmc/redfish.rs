@@ -579,6 +579,7 @@ impl PowerDriver for Redfish {
         let target = match dev {
             BootDevice::Network => "Pxe",
             BootDevice::Disk => "Hdd",
+            BootDevice::Cd => "Cd",
         };
         if let Some(allowed) = sys
             .pointer("/Boot/BootSourceOverrideTarget@Redfish.AllowableValues")

@@ -1,7 +1,8 @@
-//! `appliance power on|off|cycle|status <system> [--boot network|disk]`:
-//! a system's power through the server's API
-//! (`/api/v1/systems/{name}/power`), which talks to the BMC. Credentials
-//! stay on the server; nothing here prints them.
+//! `appliance power on|off|cycle|status <system> [--boot network|disk|cd]`
+//! and `appliance power media <system> --insert URL|--eject`: a system's
+//! power and virtual media through the server's API
+//! (`/api/v1/systems/{name}/power`, `…/media`), which talks to the BMC.
+//! Credentials stay on the server; nothing here prints them.
 
 use anyhow::Result;
 use clap::{Args, Subcommand, ValueEnum};
@@ -23,6 +24,8 @@ pub struct PowerCmd {
 pub enum Boot {
     Network,
     Disk,
+    /// The (virtual) CD/DVD drive.
+    Cd,
 }
 
 #[derive(Debug, Subcommand)]
@@ -37,6 +40,19 @@ pub enum PowerVerb {
     Status {
         /// System name.
         system: String,
+    },
+    /// Insert an ISO as virtual media (Redfish BMCs), or eject it. To boot
+    /// the appliance ISO on a machine without PXE: `--insert URL`, then
+    /// `cycle --boot cd`.
+    Media {
+        /// System name.
+        system: String,
+        /// The ISO's http:// or https:// URL (the BMC fetches it).
+        #[arg(long, conflicts_with = "eject", required_unless_present = "eject")]
+        insert: Option<String>,
+        /// Eject whatever is inserted.
+        #[arg(long)]
+        eject: bool,
     },
 }
 
@@ -67,6 +83,35 @@ pub fn power(cmd: PowerCmd) -> Result<()> {
             }
             return Ok(());
         }
+        PowerVerb::Media {
+            system,
+            insert,
+            eject: _,
+        } => {
+            let body = match &insert {
+                Some(url) => json!({"action": "insert", "image": url}),
+                None => json!({"action": "eject"}),
+            };
+            let v = c.json(
+                "POST",
+                &format!("/api/v1/systems/{system}/media"),
+                Some(&body),
+            )?;
+            if cmd.conn.json {
+                print_json(&v);
+            } else if insert.is_some() {
+                println!(
+                    "{system}: inserted in {}",
+                    v["slot"].as_str().unwrap_or("?")
+                );
+            } else {
+                println!(
+                    "{system}: ejected ({} slot(s) held media)",
+                    v["ejected"].as_u64().unwrap_or(0)
+                );
+            }
+            return Ok(());
+        }
         PowerVerb::On(t) => ("on", t),
         PowerVerb::Off(t) => ("off", t),
         PowerVerb::Cycle(t) => ("cycle", t),
@@ -76,6 +121,7 @@ pub fn power(cmd: PowerCmd) -> Result<()> {
         body["boot"] = match b {
             Boot::Network => "network",
             Boot::Disk => "disk",
+            Boot::Cd => "cd",
         }
         .into();
     }

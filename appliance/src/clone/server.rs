@@ -168,22 +168,43 @@ pub type PowerHook =
 /// The default [`PowerHook`]: the system's BMC through `bmc::driver_for`.
 pub fn bmc_power() -> PowerHook {
     Arc::new(|sys: &System, dev: crate::bmc::BootDevice| {
-        match crate::bmc::driver_for(&sys.power, crate::bmc::DEFAULT_TIMEOUT) {
+        use crate::bmc::{BootDevice, PowerError};
+        let what = match dev {
+            BootDevice::Network => "network",
+            BootDevice::Disk => "disk",
+            BootDevice::Cd => "cd",
+        };
+        match crate::bmc::driver_for_system(sys, crate::bmc::DEFAULT_TIMEOUT) {
             Ok(Some(d)) => {
-                d.boot_once(dev).map_err(|e| e.to_string())?;
-                d.cycle().map_err(|e| e.to_string())?;
-                Ok(
-                    format!("boot device {dev:?} set and power cycled via {}", d.name())
-                        .to_lowercase(),
-                )
+                // A driver without one-time boot (Wake-on-LAN) still powers
+                // the machine; its own boot order must then do the rest.
+                let boot = match d.boot_once(dev) {
+                    Ok(()) => format!("boot device {what} set"),
+                    Err(PowerError::Unsupported { .. }) => {
+                        format!(
+                            "{} cannot set a boot device (boot it from {what})",
+                            d.name()
+                        )
+                    }
+                    Err(e) => return Err(e.to_string()),
+                };
+                let how = match d.cycle() {
+                    Ok(()) => "power cycled",
+                    Err(PowerError::Unsupported { .. }) => {
+                        d.on().map_err(|e| e.to_string())?;
+                        "powered on"
+                    }
+                    Err(e) => return Err(e.to_string()),
+                };
+                Ok(format!("{boot} and {how} via {}", d.name()))
             }
             Ok(None) => Ok(match dev {
-                crate::bmc::BootDevice::Network => format!(
+                BootDevice::Network => format!(
                     "{} has no power settings: network-boot it now (PXE)",
                     sys.name
                 ),
-                crate::bmc::BootDevice::Disk => format!(
-                    "{} has no power settings: reboot it from its disk",
+                BootDevice::Disk | BootDevice::Cd => format!(
+                    "{} has no power settings: reboot it from its {what}",
                     sys.name
                 ),
             }),

@@ -255,6 +255,10 @@ pub fn router(state: Arc<InvState>) -> Router {
             "/api/v1/systems/{name}/power",
             get(crate::bmc::api::get_power).post(crate::bmc::api::post_power),
         )
+        .route(
+            "/api/v1/systems/{name}/media",
+            post(crate::bmc::api::post_media),
+        )
         .route("/api/v1/systems/{name}/status/{event}", post(report_event))
         .route(
             "/cblr/svc/op/autoinstall/{kind}/{name}",
@@ -961,6 +965,14 @@ pub const ROUTES: &[Route] = &[
         Some("PowerDone"),
     ),
     r(
+        "post",
+        "/api/v1/systems/{name}/media",
+        "Insert an ISO by URL as virtual media, or eject it (Redfish BMCs)",
+        true,
+        Some("MediaRequest"),
+        Some("MediaDone"),
+    ),
+    r(
         "get",
         "/api/v1/status",
         "Install status of every system",
@@ -1102,6 +1114,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         .schema_from::<crate::bmc::api::PowerRequest>()
         .schema_from::<crate::bmc::api::PowerAction>()
         .schema_from::<crate::bmc::api::PowerDone>()
+        .schema_from::<crate::bmc::api::MediaRequest>()
+        .schema_from::<crate::bmc::api::MediaAction>()
+        .schema_from::<crate::bmc::api::MediaDone>()
         .schema_from::<crate::bmc::PowerState>()
         .schema_from::<crate::bmc::BootDevice>()
         .schema(
