@@ -87,9 +87,28 @@ pub struct Job {
     pub report: Option<serde_json::Value>,
 }
 
+/// A running job whose agent has been silent this long is shown as
+/// stalled (agents report at least every few seconds while they work).
+const STALLED_AFTER: f64 = 120.0;
+
 impl Job {
     fn open(&self) -> bool {
         self.state == "pending" || self.state == "running"
+    }
+
+    /// The job as answered at time `t`: a running job whose agent has gone
+    /// quiet (the machine was switched off, lost its link, hung) says so.
+    /// It stays open: powered on again, the machine PXE-boots back into
+    /// the job and starts over.
+    fn view(&self, t: f64) -> Job {
+        let mut j = self.clone();
+        let quiet = t - j.updated;
+        if j.state == "running" && quiet > STALLED_AFTER {
+            j.message = format!(
+                "stalled: no word from the agent for {quiet:.0} s (is the machine on and cabled? powered on again, it PXE-boots back into this job)"
+            );
+        }
+        j
     }
 }
 
@@ -337,11 +356,13 @@ impl CloneJobs {
     }
 
     pub fn list(&self) -> Vec<Job> {
-        self.lock().values().cloned().collect()
+        let t = now();
+        self.lock().values().map(|j| j.view(t)).collect()
     }
 
     pub fn get(&self, id: &str) -> Option<Job> {
-        self.lock().get(id).cloned()
+        let t = now();
+        self.lock().get(id).map(|j| j.view(t))
     }
 
     fn inv(&self) -> Result<std::sync::RwLockReadGuard<'_, Inventory>, ApiError> {
@@ -1252,6 +1273,38 @@ mod tests {
             (c.state.as_str(), c.message.as_str()),
             ("failed", "timed out")
         );
+    }
+
+    #[test]
+    fn a_quiet_running_job_is_shown_stalled() {
+        let mut j = Job {
+            id: "j".into(),
+            action: Action::Deploy,
+            system: "s".into(),
+            mac: "m".into(),
+            image: "i".into(),
+            state: "running".into(),
+            phase: "write".into(),
+            done_bytes: 1,
+            total_bytes: 2,
+            message: String::new(),
+            created: 0.0,
+            updated: 1000.0,
+            power: String::new(),
+            token: String::new(),
+            report: None,
+        };
+        assert_eq!(j.view(1000.0 + STALLED_AFTER - 1.0).message, "");
+        let v = j.view(1000.0 + STALLED_AFTER + 10.0);
+        assert!(
+            v.message
+                .starts_with("stalled: no word from the agent for 130 s"),
+            "{}",
+            v.message
+        );
+        assert_eq!(v.state, "running");
+        j.state = "done".into();
+        assert_eq!(j.view(1e9).message, "");
     }
 
     #[tokio::test]
