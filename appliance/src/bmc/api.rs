@@ -169,7 +169,7 @@ pub struct MediaDone {
 }
 
 /// Inserts or ejects virtual media through the system's Redfish BMC (the
-/// one driver with virtual media): to boot the appliance ISO on a machine
+/// one driver with virtual media): to boot an ISO on a machine
 /// without PXE, insert it, then `cycle` with `boot: cd`.
 pub async fn post_media(
     State(st): State<Arc<InvState>>,

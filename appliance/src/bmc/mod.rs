@@ -42,7 +42,7 @@ pub enum PowerState {
 pub enum BootDevice {
     Network,
     Disk,
-    /// The (virtual) CD/DVD drive: the appliance ISO inserted as virtual
+    /// The (virtual) CD/DVD drive: an ISO inserted as virtual
     /// media, on machines without PXE.
     Cd,
 }

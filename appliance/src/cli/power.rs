@@ -42,7 +42,7 @@ pub enum PowerVerb {
         system: String,
     },
     /// Insert an ISO as virtual media (Redfish BMCs), or eject it. To boot
-    /// the appliance ISO on a machine without PXE: `--insert URL`, then
+    /// an ISO on a machine without PXE: `--insert URL`, then
     /// `cycle --boot cd`.
     Media {
         /// System name.
