@@ -77,6 +77,13 @@ const T2: Target = Target {
     bmc_port: 4443,
     wire: Some(3),
 };
+/// A target whose disk is smaller than the image.
+const TINY: Target = Target {
+    name: "tiny",
+    mac: "52:54:00:c1:00:04",
+    bmc_port: 4446,
+    wire: Some(4),
+};
 /// The source's replacement hardware, on the source's wire.
 const NEW: Target = Target {
     name: "src",
@@ -603,7 +610,7 @@ fn boot_appliance(work: &Path) -> Lab {
     let (mut cmd, serial) = base_command(Firmware::Ovmf, &dir, 1536).unwrap();
     // Each guestfwd connection runs its own socat to the machine's QMP socket.
     let mut mgmt = format!("user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:80");
-    for t in [&SRC, &T1, &T2, &NEW, &MUTE] {
+    for t in [&SRC, &T1, &T2, &NEW, &MUTE, &TINY] {
         mgmt += &format!(
             ",guestfwd=tcp:{BMC_HOST}:{}-cmd:socat STDIO UNIX-CONNECT:{}",
             t.bmc_port,
@@ -618,7 +625,7 @@ fn boot_appliance(work: &Path) -> Lab {
         .args(["-device", "virtio-blk-pci,drive=d0,bootindex=1"])
         .args(["-netdev", &mgmt])
         .args(["-device", "virtio-net-pci,netdev=mgmt,romfile="]);
-    for n in 1..=3 {
+    for n in 1..=4 {
         let sock = work.join(format!("wire{n}.sock"));
         let _ = fs::remove_file(&sock);
         cmd.arg("-netdev")
@@ -660,7 +667,7 @@ fn capture_deploy_restore_and_power_faults_in_qemu() {
         "clone: appliance up after {:.1}s",
         t0.elapsed().as_secs_f64()
     );
-    for n in 1..=3 {
+    for n in 1..=4 {
         lab.ok(
             "POST",
             "/api/v1/networks",
@@ -678,6 +685,7 @@ fn capture_deploy_restore_and_power_faults_in_qemu() {
     lab.system(&T1, "t1-host");
     lab.system(&T2, "t2-host");
     lab.system(&MUTE, "mute-host");
+    lab.system(&TINY, "tiny-host");
     lab.ok(
         "POST",
         "/api/v1/systems",
@@ -777,7 +785,7 @@ fn capture_deploy_restore_and_power_faults_in_qemu() {
     drop(src);
 
     // --- Deploy to t1 (old partition table, same size; switched off
-    // mid-write) and t2 (blank, bigger) at once.
+    // mid-write), t2 (blank, bigger) and tiny (too small) at once.
     let t1_disk = work.join("t1.img");
     {
         let g = fs::read(&golden).unwrap();
@@ -796,6 +804,12 @@ fn capture_deploy_restore_and_power_faults_in_qemu() {
     // t1's disk writes at 12 MB/s, so it is surely mid-write when pulled.
     let t1 = lab.machine(&T1, &t1_disk, false, ",throttling.bps-write=12000000");
     let t2 = lab.machine(&T2, &t2_disk, false, "");
+    let tiny_disk = work.join("tiny.img");
+    fs::File::create(&tiny_disk)
+        .unwrap()
+        .set_len(SRC_DISK / 2)
+        .unwrap();
+    let tiny = lab.machine(&TINY, &tiny_disk, false, "");
     let deploy = lab
         .cli_cmd(&[
             "clone",
@@ -804,6 +818,7 @@ fn capture_deploy_restore_and_power_faults_in_qemu() {
             "--to",
             "t1",
             "t2",
+            "tiny",
             "--yes",
             "--timeout",
             "1200",
@@ -836,8 +851,27 @@ fn capture_deploy_restore_and_power_faults_in_qemu() {
     // boot, the machine falls through to the network and the open job.
     let t1 = lab.machine(&T1, &t1_disk, true, "");
     let out = deploy.wait_with_output().unwrap();
-    assert!(out.status.success(), "deploy: {}", text(&out));
+    // One of three fails: the disk too small, said clearly, left untouched.
+    assert!(
+        !out.status.success() && text(&out).contains("1 of 3 jobs failed"),
+        "deploy: {}",
+        text(&out)
+    );
     eprintln!("clone: deployed after {:.1}s", t0.elapsed().as_secs_f64());
+    let j = lab.last_job("tiny");
+    assert_eq!(j["state"], "failed", "{j}");
+    let msg = j["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("needs a disk of at least {SRC_DISK} bytes")),
+        "{j}"
+    );
+    drop(tiny);
+    let mut b = Vec::new();
+    fs::File::open(&tiny_disk)
+        .unwrap()
+        .read_to_end(&mut b)
+        .unwrap();
+    assert!(b.iter().all(|x| *x == 0), "the too-small disk was written");
     for t in ["t1", "t2"] {
         let j = lab.last_job(t);
         assert_eq!(j["state"], "done", "{j}");
