@@ -33,17 +33,53 @@ pub trait Sink {
     /// ignores it. Breaking the promise is a bug that costs time, never
     /// correctness ([`write_hashed`] notices and hashes again).
     fn settle(&mut self, _offset: u64) {}
+
+    /// A handle to read back what was written, usable while writing goes
+    /// on, when the sink has one (a file opened for reading too).
+    fn read_back(&self) -> Option<ReadBack> {
+        None
+    }
+}
+
+/// Reads back what a sink wrote (see [`Sink::read_back`]); offsets are
+/// those of the sink it came from.
+pub struct ReadBack {
+    file: File,
+    base: u64,
+}
+
+impl ReadBack {
+    fn of(file: &File) -> Option<ReadBack> {
+        // A zero-byte read fails on a file not opened for reading.
+        file.read_at(&mut [], 0).ok()?;
+        Some(ReadBack {
+            file: file.try_clone().ok()?,
+            base: 0,
+        })
+    }
+
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, self.base + offset)
+    }
 }
 
 impl Sink for File {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         FileExt::write_all_at(self, data, offset)
     }
+
+    fn read_back(&self) -> Option<ReadBack> {
+        ReadBack::of(self)
+    }
 }
 
 impl Sink for &File {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         FileExt::write_all_at(*self, data, offset)
+    }
+
+    fn read_back(&self) -> Option<ReadBack> {
+        ReadBack::of(self)
     }
 }
 
@@ -93,6 +129,12 @@ impl Sink for Window<'_> {
 
     fn settle(&mut self, offset: u64) {
         self.inner.settle(self.base + offset.min(self.len));
+    }
+
+    fn read_back(&self) -> Option<ReadBack> {
+        let mut r = self.inner.read_back()?;
+        r.base += self.base;
+        Some(r)
     }
 }
 
@@ -161,6 +203,10 @@ impl<S: Sink> Sink for Tracked<S> {
     fn settle(&mut self, offset: u64) {
         self.inner.settle(offset);
     }
+
+    fn read_back(&self) -> Option<ReadBack> {
+        self.inner.read_back()
+    }
 }
 
 /// Hand the hasher a new stretch once the promise is this far ahead.
@@ -214,6 +260,10 @@ impl Sink for Hashed<'_> {
         if self.settled >= self.sent + HASH_STEP {
             self.send(self.settled);
         }
+    }
+
+    fn read_back(&self) -> Option<ReadBack> {
+        self.file.read_back()
     }
 }
 
@@ -436,5 +486,20 @@ mod tests {
             Err::<(), _>("no space")
         });
         assert!(matches!(r, Err("no space")));
+    }
+
+    #[test]
+    fn read_back_through_a_window() {
+        let (_dir, f) = scratch(MIB);
+        let mut f = f;
+        let mut w = Window::new(&mut f, 4096, 8192);
+        w.write_at(10, b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        w.read_back().unwrap().read_exact_at(&mut buf, 10).unwrap();
+        assert_eq!(&buf, b"hello");
+        // A file opened only for writing cannot read back.
+        let dir = tempfile::tempdir().unwrap();
+        let wo = File::create(dir.path().join("wo")).unwrap();
+        assert!(wo.read_back().is_none());
     }
 }
