@@ -1,7 +1,8 @@
 //! ext4 filesystems from a [`Tree`], written through a [`Sink`] with the
 //! `mkext4` crate: declare the whole namespace, seal the layout (every
-//! metadata byte is decided there), emit metadata, then stream file contents
-//! in declaration order at ascending offsets.
+//! metadata byte and every file's final offsets are decided there), let
+//! mkext4 emit the metadata, then write file contents ourselves at the
+//! layout's offsets, in declaration order, so ascending.
 //!
 //! Format (mkext4 0.0.3, pinned, so bytes are stable): 4 KiB blocks, 256-byte
 //! inodes, `has_journal ext_attr dir_index filetype extent flex_bg
@@ -13,7 +14,15 @@
 //! body, unused inode tables) are never written, and all-zero 4 KiB blocks
 //! inside metadata or file data are skipped too. Adjacent writes are
 //! coalesced into large positioned writes, so thousands of small files
-//! cost a handful of syscalls.
+//! cost a handful of syscalls. File data tells the sink how far the image
+//! is final as it goes ([`Sink::settle`]), so the disk digest is computed
+//! while the data is still being written.
+//!
+//! Blob contents are checked against their digests by reading them back
+//! from the image once all data is written, when the sink can
+//! ([`Sink::read_back`]): that keeps hashing off the path that feeds the
+//! disk hasher, and checks the bytes the image actually holds. Sinks that
+//! cannot read back (memory) get each piece hashed as it is read.
 
 // `%` instead of `is_multiple_of`: the workspace's rust-version is 1.85.
 #![allow(clippy::manual_is_multiple_of)]
@@ -21,11 +30,11 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 
 use mkext4::{FsBuilder, InodeCount, InodeHandle, Options, RegionSink, SpecialKind, ROOT};
+use sha2::{Digest as _, Sha256};
 
-use crate::digest::VerifyingReader;
+use crate::digest::Digest;
 use crate::sink::Sink;
 use crate::tree::{file_name, normalize_path, parent_of, Content, Entry, Meta, Node, Tree};
 
@@ -128,7 +137,7 @@ fn ext_meta(m: &Meta) -> mkext4::Meta {
     mkext4::Meta::new(m.mode, m.uid, m.gid, (m.mtime, 0))
 }
 
-/// A regular file to stream after the metadata.
+/// A regular file to write after the metadata.
 struct Fill<'t> {
     handle: InodeHandle,
     /// The tree path the content belongs to (for errors).
@@ -196,47 +205,23 @@ pub fn write_ext4(
         }
     })?;
 
+    // mkext4 emits every byte that is not file data (metadata, directories,
+    // the journal) when its writer is made; file data is not streamed
+    // through the writer but written below at the offsets the layout gives.
     let mut out = Coalescing::new(sink);
-    let summary = std::thread::scope(|scope| {
-        // Blob contents are read and digest-checked on a second thread
-        // while this one writes; in-memory contents are used directly.
-        let (tx, rx) = mpsc::sync_channel(8);
-        let (free_tx, free_rx) = mpsc::channel();
-        let blobs: Vec<&Content> = fills
-            .iter()
-            .map(|f| f.content)
-            .filter(|c| matches!(c, Content::Blob { .. }))
-            .collect();
-        scope.spawn(move || produce(&blobs, &tx, &free_rx));
-        let mut feed = BlobFeed {
-            rx,
-            free: free_tx,
-            cur: Vec::new(),
-            pos: 0,
-            done: false,
-        };
-        let mut w = layout.writer(&mut out).map_err(|e| match e {
-            mkext4::Error::Io(e) => Ext4Error::Write(e),
-            e => Ext4Error::Layout(e.to_string()),
-        })?;
-        for f in &fills {
-            match f.content {
-                Content::Bytes(b) => fill_one(&mut w, f, &mut &b[..])?,
-                Content::Blob { .. } => {
-                    feed.next_file();
-                    fill_one(&mut w, f, &mut feed)?
-                }
-            }
-        }
-        w.finish().map_err(|e| Ext4Error::Layout(e.to_string()))
-        // `feed` drops here, before the scope joins the reader thread, so a
-        // reader blocked on a full channel sees the hang-up and stops.
-    })?;
+    drop(layout.writer(&mut out).map_err(|e| match e {
+        mkext4::Error::Io(e) => Ext4Error::Write(e),
+        e => Ext4Error::Layout(e.to_string()),
+    })?);
     out.flush().map_err(Ext4Error::Write)?;
+    let Coalescing {
+        written,
+        superblock,
+        ..
+    } = out;
+    let data = write_data(&layout, &fills, sink)?;
 
-    let sb = out
-        .superblock
-        .ok_or_else(|| Ext4Error::Layout("mkext4 emitted no superblock".into()))?;
+    let sb = superblock.ok_or_else(|| Ext4Error::Layout("mkext4 emitted no superblock".into()))?;
     let le32 = |o: usize| u32::from_le_bytes(sb[o..o + 4].try_into().unwrap()) as u64;
     let blocks_total = le32(0x04) | le32(0x150) << 32;
     let free_blocks = le32(0x0C) | le32(0x158) << 32;
@@ -248,8 +233,8 @@ pub fn write_ext4(
         blocks_used: blocks_total - free_blocks,
         inodes_total,
         inodes_used: inodes_total - free_inodes,
-        data_bytes: summary.data_bytes,
-        bytes_written: out.written,
+        data_bytes: data.data_bytes,
+        bytes_written: written + data.written,
     })
 }
 
@@ -357,214 +342,255 @@ fn declare<'t>(tree: &'t Tree, b: &mut FsBuilder) -> Result<Vec<Fill<'t>>, Ext4E
     Ok(fills)
 }
 
-/// Counts bytes and keeps the first read error, so a failed fill can be
-/// told apart from a failed write.
-struct Counting<R> {
-    inner: R,
-    n: u64,
-    err: Option<io::Error>,
+/// What [`write_data`] did.
+#[derive(Default)]
+struct DataStats {
+    /// Regular file bytes streamed.
+    data_bytes: u64,
+    /// Bytes written to the sink (all-zero blocks skipped).
+    written: u64,
 }
 
-impl<R: Read> Read for Counting<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.inner.read(buf) {
-            Ok(k) => {
-                self.n += k as u64;
-                Ok(k)
+/// Size of a data write.
+const DATA_BUF: usize = 2 << 20;
+
+/// Write every file's content at the offsets the layout gives, in
+/// declaration order (so ascending), adjacent files gathered into one
+/// large write, telling the sink ([`Sink::settle`]) how far the image is
+/// final after each write.
+///
+/// Blob contents are checked against their digests. When the sink can
+/// read back ([`Sink::read_back`]), that happens after all data is
+/// written and over the image's bytes, so data reaches the image (and
+/// whoever reads it as it settles) sooner and what is checked is what the
+/// image holds; otherwise each piece is hashed as it is read.
+fn write_data(
+    layout: &mkext4::build::Layout,
+    fills: &[Fill<'_>],
+    sink: &mut dyn Sink,
+) -> Result<DataStats, Ext4Error> {
+    let back = sink.read_back();
+    let mut w = DataWriter {
+        sink,
+        buf: vec![0u8; DATA_BUF],
+        len: 0,
+        buf_off: 0,
+        high: 0,
+        ascending: true,
+        check_inline: back.is_none(),
+        stats: DataStats::default(),
+    };
+    let extents: Vec<Vec<(u64, u64)>> = fills.iter().map(|f| layout.extents(f.handle)).collect();
+    for (f, ext) in fills.iter().zip(&extents) {
+        w.file(f, ext)?;
+    }
+    w.flush()?;
+    if let Some(back) = back {
+        let mut buf = vec![0u8; 256 << 10];
+        for (f, ext) in fills.iter().zip(&extents) {
+            let Content::Blob { digest, .. } = f.content else {
+                continue;
+            };
+            let mut h = Sha256::new();
+            for &(offset, len) in ext {
+                let mut at = 0;
+                while at < len {
+                    let n = (len - at).min(buf.len() as u64) as usize;
+                    back.read_exact_at(&mut buf[..n], offset + at)
+                        .map_err(Ext4Error::Write)?;
+                    h.update(&buf[..n]);
+                    at += n as u64;
+                }
             }
-            Err(e) => {
-                let copy = io::Error::new(e.kind(), e.to_string());
-                self.err.get_or_insert(e);
-                Err(copy)
-            }
+            check_digest(f, digest, h)?;
         }
     }
+    Ok(w.stats)
 }
 
-/// Open content for streaming. Blobs are read straight from the file (the
-/// writer reads in 4 MiB chunks, so no extra buffer) and verified against
-/// their digest.
-fn open(c: &Content) -> io::Result<Box<dyn Read + Send + '_>> {
-    match c {
-        Content::Bytes(b) => Ok(Box::new(&b[..])),
-        Content::Blob { path, digest, size } => {
-            let f = File::open(path).map_err(|e| {
-                io::Error::new(
+fn check_digest(f: &Fill<'_>, digest: &Digest, h: Sha256) -> Result<(), Ext4Error> {
+    let got = Digest(h.finalize().into());
+    if got == *digest {
+        return Ok(());
+    }
+    Err(Ext4Error::Read {
+        path: f.path.to_string(),
+        source: io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("blob {digest}: content has digest {got}, expected {digest}"),
+        ),
+    })
+}
+
+/// The writing side of [`write_data`].
+struct DataWriter<'s> {
+    sink: &'s mut dyn Sink,
+    /// `buf[..len]` is content for `[buf_off, buf_off + len)`, not yet
+    /// written. Kept at full length so reads need no zeroing first.
+    buf: Vec<u8>,
+    len: usize,
+    buf_off: u64,
+    /// End of the highest write so far.
+    high: u64,
+    /// Every write so far came after the previous one, so the image below
+    /// `high` is final (mkext4 emitted all the rest before).
+    ascending: bool,
+    /// Hash blob contents as they are read (the sink cannot read back).
+    check_inline: bool,
+    stats: DataStats,
+}
+
+/// Where a file's content is read from.
+enum Source<'c> {
+    Mem(&'c [u8]),
+    Blob(File),
+}
+
+impl DataWriter<'_> {
+    /// Add one file's content; `extents` are its `(offset, bytes)` ranges.
+    fn file(&mut self, f: &Fill<'_>, extents: &[(u64, u64)]) -> Result<(), Ext4Error> {
+        let read_err = |source| Ext4Error::Read {
+            path: f.path.to_string(),
+            source,
+        };
+        let declared = f.content.len();
+        let mut src = match f.content {
+            Content::Bytes(b) => Source::Mem(b),
+            Content::Blob { path, digest, .. } => Source::Blob(File::open(path).map_err(|e| {
+                read_err(io::Error::new(
                     e.kind(),
                     format!("opening blob {digest} at {}: {e}", path.display()),
-                )
-            })?;
-            Ok(Box::new(VerifyingReader::new(
-                f,
-                *digest,
-                *size,
-                format!("blob {digest}"),
-            )))
-        }
-    }
-}
-
-fn fill_one<S: RegionSink>(
-    w: &mut mkext4::build::ImageWriter<'_, S>,
-    f: &Fill<'_>,
-    reader: &mut dyn Read,
-) -> Result<(), Ext4Error> {
-    let declared = f.content.len();
-    let read_err = |source| Ext4Error::Read {
-        path: f.path.to_string(),
-        source,
-    };
-    let mut r = Counting {
-        inner: reader,
-        n: 0,
-        err: None,
-    };
-    if let Err(e) = w.fill(f.handle, &mut r) {
-        if let Some(source) = r.err.take() {
-            return Err(read_err(source));
-        }
-        if r.n < declared {
-            return Err(Ext4Error::LengthMismatch {
-                path: f.path.to_string(),
-                declared,
-                actual: r.n,
-            });
-        }
-        return Err(match e {
-            mkext4::Error::Io(e) => Ext4Error::Write(e),
-            e => Ext4Error::Layout(e.to_string()),
-        });
-    }
-    // The writer stops at the declared length: make sure the content ends
-    // there too (this is also where blob digests are checked).
-    let mut extra = [0u8; 1];
-    match r.read(&mut extra) {
-        Ok(0) => Ok(()),
-        Ok(_) => Err(read_err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("content is longer than the declared {declared} bytes"),
-        ))),
-        Err(e) => Err(read_err(e)),
-    }
-}
-
-/// Chunk size of the reader thread (matches mkext4's fill buffer).
-const CHUNK: usize = 4 << 20;
-
-/// What the reader thread sends for each blob, in order: data chunks, then
-/// `End` at end of input (digest verified) or `Err`.
-enum Msg {
-    Data(Vec<u8>),
-    End,
-    Err(io::Error),
-}
-
-/// The reader thread: streams each blob (declared length, then a check
-/// that the content ends there, which is also where the digest is
-/// verified). Stops when the writer hangs up.
-fn produce(blobs: &[&Content], tx: &SyncSender<Msg>, free: &Receiver<Vec<u8>>) {
-    for c in blobs {
-        if stream_blob(c, tx, free).is_err() {
-            return;
-        }
-    }
-}
-
-fn stream_blob(
-    c: &Content,
-    tx: &SyncSender<Msg>,
-    free: &Receiver<Vec<u8>>,
-) -> Result<(), mpsc::SendError<Msg>> {
-    let mut r = match open(c) {
-        Ok(r) => r,
-        Err(e) => return tx.send(Msg::Err(e)),
-    };
-    let mut left = c.len();
-    while left > 0 {
-        let want = left.min(CHUNK as u64) as usize;
-        let mut buf = match free.try_recv() {
-            Ok(mut b) if want == CHUNK => {
-                b.resize(CHUNK, 0);
-                b
-            }
-            _ => vec![0u8; want],
+                ))
+            })?),
         };
-        let mut n = 0;
-        while n < want {
-            match r.read(&mut buf[n..want]) {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return tx.send(Msg::Err(e)),
+        let mut hash = match (&src, self.check_inline) {
+            (Source::Blob(_), true) => Some(Sha256::new()),
+            _ => None,
+        };
+        let mut done = 0u64;
+        for &(offset, len) in extents {
+            if self.len > 0 && offset != self.buf_off + self.len as u64 {
+                self.flush()?;
             }
-        }
-        buf.truncate(n);
-        tx.send(Msg::Data(buf))?;
-        if n < want {
-            return tx.send(Msg::End);
-        }
-        left -= n as u64;
-    }
-    let mut extra = [0u8; 1];
-    match r.read(&mut extra) {
-        Ok(0) => tx.send(Msg::End),
-        Ok(_) => {
-            tx.send(Msg::Data(extra.to_vec()))?;
-            tx.send(Msg::End)
-        }
-        Err(e) => tx.send(Msg::Err(e)),
-    }
-}
-
-/// The writer's side of the reader thread: a `Read` over one blob at a time.
-struct BlobFeed {
-    rx: Receiver<Msg>,
-    free: Sender<Vec<u8>>,
-    cur: Vec<u8>,
-    pos: usize,
-    done: bool,
-}
-
-impl BlobFeed {
-    /// Start reading the next blob in fill order.
-    fn next_file(&mut self) {
-        self.cur.clear();
-        self.pos = 0;
-        self.done = false;
-    }
-}
-
-impl Read for BlobFeed {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            if self.pos < self.cur.len() {
-                let k = buf.len().min(self.cur.len() - self.pos);
-                buf[..k].copy_from_slice(&self.cur[self.pos..self.pos + k]);
-                self.pos += k;
-                return Ok(k);
+            if self.len == 0 {
+                self.buf_off = offset;
             }
-            if self.done || buf.is_empty() {
-                return Ok(0);
-            }
-            let used = std::mem::take(&mut self.cur);
-            if used.capacity() == CHUNK {
-                let _ = self.free.send(used);
-            }
-            self.pos = 0;
-            match self.rx.recv() {
-                Ok(Msg::Data(v)) => self.cur = v,
-                Ok(Msg::End) => {
-                    self.done = true;
-                    return Ok(0);
+            let mut left = len;
+            while left > 0 {
+                if self.len == DATA_BUF {
+                    self.flush()?;
+                    self.buf_off = offset + (len - left);
                 }
-                Ok(Msg::Err(e)) => {
-                    self.done = true;
-                    return Err(e);
+                let n = left.min((DATA_BUF - self.len) as u64) as usize;
+                let piece = &mut self.buf[self.len..self.len + n];
+                let got = match &mut src {
+                    Source::Mem(m) => {
+                        let k = n.min(m.len());
+                        piece[..k].copy_from_slice(&m[..k]);
+                        *m = &m[k..];
+                        k
+                    }
+                    Source::Blob(file) => read_full(file, piece).map_err(read_err)?,
+                };
+                if got < n {
+                    return Err(Ext4Error::LengthMismatch {
+                        path: f.path.to_string(),
+                        declared,
+                        actual: done + got as u64,
+                    });
                 }
-                Err(_) => return Err(io::Error::other("the content reader thread stopped")),
+                if let Some(h) = &mut hash {
+                    h.update(&piece[..n]);
+                }
+                self.len += n;
+                done += n as u64;
+                left -= n as u64;
+            }
+            // Zeros to the end of the block, where the next file may follow
+            // in the same write.
+            let end = self.len.next_multiple_of(BLOCK_SIZE as usize);
+            self.buf[self.len..end].fill(0);
+            self.len = end;
+        }
+        if done != declared {
+            return Err(Ext4Error::Layout(format!(
+                "{:?}: the layout holds {done} of its {declared} bytes",
+                f.path
+            )));
+        }
+        if let Source::Blob(file) = &mut src {
+            // The content must end where it was declared to.
+            if read_full(file, &mut [0u8; 1]).map_err(read_err)? != 0 {
+                return Err(read_err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("content is longer than the declared {declared} bytes"),
+                )));
             }
         }
+        if let (Some(h), Content::Blob { digest, .. }) = (hash, f.content) {
+            check_digest(f, digest, h)?;
+        }
+        self.stats.data_bytes += declared;
+        Ok(())
     }
+
+    /// Write the buffer (skipping all-zero blocks) and settle.
+    fn flush(&mut self) -> Result<(), Ext4Error> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        self.stats.written += write_nonzero(self.sink, self.buf_off, &self.buf[..self.len])
+            .map_err(Ext4Error::Write)?;
+        let end = self.buf_off + self.len as u64;
+        self.ascending &= self.buf_off >= self.high;
+        self.high = self.high.max(end);
+        if self.ascending {
+            self.sink.settle(end);
+        }
+        self.len = 0;
+        Ok(())
+    }
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Write `data` (which starts on a block boundary) skipping all-zero
+/// blocks; returns the bytes written.
+fn write_nonzero(sink: &mut dyn Sink, offset: u64, data: &[u8]) -> io::Result<u64> {
+    let bs = BLOCK_SIZE as usize;
+    let is_zero = |c: &[u8]| c == &ZERO_BLOCK[..c.len()];
+    let mut written = 0;
+    let mut i = 0;
+    while i < data.len() {
+        let end = (i + bs).min(data.len());
+        if is_zero(&data[i..end]) {
+            i = end;
+            continue;
+        }
+        let mut j = end;
+        while j < data.len() {
+            let e = (j + bs).min(data.len());
+            if is_zero(&data[j..e]) {
+                break;
+            }
+            j = e;
+        }
+        sink.write_at(offset + i as u64, &data[i..j])?;
+        written += (j - i) as u64;
+        i = j;
+    }
+    Ok(written)
 }
 
 /// Largest coalesced write.
@@ -597,36 +623,10 @@ impl<'a> Coalescing<'a> {
     fn flush(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
             let buf = std::mem::take(&mut self.buf);
-            let r = self.write_nonzero(self.buf_off, &buf);
+            let r = write_nonzero(self.sink, self.buf_off, &buf);
             self.buf = buf;
             self.buf.clear();
-            r?;
-        }
-        Ok(())
-    }
-
-    /// Write `data` (which starts on a block boundary) skipping all-zero blocks.
-    fn write_nonzero(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let bs = BLOCK_SIZE as usize;
-        let is_zero = |c: &[u8]| c == &ZERO_BLOCK[..c.len()];
-        let mut i = 0;
-        while i < data.len() {
-            let end = (i + bs).min(data.len());
-            if is_zero(&data[i..end]) {
-                i = end;
-                continue;
-            }
-            let mut j = end;
-            while j < data.len() {
-                let e = (j + bs).min(data.len());
-                if is_zero(&data[j..e]) {
-                    break;
-                }
-                j = e;
-            }
-            self.sink.write_at(offset + i as u64, &data[i..j])?;
-            self.written += (j - i) as u64;
-            i = j;
+            self.written += r?;
         }
         Ok(())
     }
@@ -653,7 +653,8 @@ impl RegionSink for Coalescing<'_> {
         }
         self.flush()?;
         if bytes.len() >= COALESCE / 2 {
-            self.write_nonzero(offset, bytes)
+            self.written += write_nonzero(self.sink, offset, bytes)?;
+            Ok(())
         } else {
             self.buf_off = offset;
             self.buf.extend_from_slice(bytes);
@@ -1010,6 +1011,40 @@ mod tests {
     }
 
     #[test]
+    fn bad_blobs_are_caught_when_read_back_from_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = sample_tree();
+        let mut blob = |name: &str, data: &[u8], digest: Digest| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, data).unwrap();
+            let c = Content::Blob {
+                path,
+                digest,
+                size: data.len() as u64,
+            };
+            put(&mut t, name, Meta::new(0o644, EPOCH), Node::File(c));
+        };
+        let big = noise(7, 3 * MIB as usize);
+        blob("good", &big, Digest::of(&big));
+        let mut bad = big.clone();
+        bad[2 * MIB as usize] ^= 1;
+        blob("zz-bad", &bad, Digest::of(&big));
+        let img = dir.path().join("fs.img");
+        let mut f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&img)
+            .unwrap();
+        f.set_len(64 * MIB).unwrap();
+        assert!(f.read_back().is_some());
+        let e = write_ext4(&t, &opts(64 * MIB), &mut f).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("\"zz-bad\"") && s.contains("digest"), "{s}");
+    }
+
+    #[test]
     fn reserve_inodes_sets_the_inode_count() {
         let t = sample_tree();
         let mut o = opts(64 * MIB);
@@ -1137,7 +1172,7 @@ mod tests {
         let start = std::time::Instant::now();
         for (_, e) in t.iter() {
             if let Node::File(c) = &e.node {
-                std::io::copy(&mut open(c).unwrap(), &mut std::io::sink()).unwrap();
+                std::io::copy(&mut c.open().unwrap(), &mut std::io::sink()).unwrap();
             }
         }
         eprintln!("reading and verifying alone: {:.2?}", start.elapsed());

@@ -23,7 +23,7 @@ use crate::gpt::{self, Guid};
 use crate::manifest::{
     self, DiskRecord, InputRecord, KernelRecord, Manifest, OutputRecord, PartitionRecord,
 };
-use crate::sink::{Tracked, Window};
+use crate::sink::{Sink, Window};
 use crate::tree::{Content, Entry, Meta, Node, Tree};
 use crate::treefile::{BlobSource, TreeFile};
 use crate::{ext4, fat, initramfs, kmod, uki};
@@ -485,42 +485,48 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
             .map_err(step(format!("creating {}", path.display())))?;
         f.set_len(layout.disk_size)
             .map_err(step(format!("sizing {}", path.display())))?;
-        let mut f = Tracked::new(f);
-        for ((pl, p), (g, vol)) in layout.partitions.iter().zip(&def.partitions).zip(&fs_ids) {
-            let label = p.label.get_ref();
-            let field = format!("partition {label:?}");
-            let mut tree = Tree::new();
-            add_files(&mut tree, &p.files, &field, req, &outputs, meta_dir)?;
-            tree.validate().map_err(step(field.clone()))?;
-            let mut window = Window::new(&mut f, pl.offset(), pl.len());
-            let fs_label = p.fs_label.clone().unwrap_or_else(|| label.clone());
-            match p.filesystem.get_ref().as_str() {
-                "fat32" => {
-                    let opts = fat::FatOptions {
-                        size: pl.len(),
-                        volume_id: *vol,
-                        label: fs_label.to_uppercase(),
-                        hidden_sectors: (pl.offset() / 512) as u32,
-                    };
-                    fat::write_fat(&tree, &opts, &mut window).map_err(step(field))?;
+        // The partition table first and the partitions in ascending order,
+        // each settled when done, so the disk is hashed while it is
+        // written (the hash of its zeros is most of the work).
+        let (_, d) = crate::sink::write_hashed(&f, layout.disk_size, |f| {
+            gpt::write(layout, f).map_err(step("writing the partition table"))?;
+            for ((pl, p), (g, vol)) in layout.partitions.iter().zip(&def.partitions).zip(&fs_ids) {
+                let label = p.label.get_ref();
+                let field = format!("partition {label:?}");
+                let mut tree = Tree::new();
+                add_files(&mut tree, &p.files, &field, req, &outputs, meta_dir)?;
+                tree.validate().map_err(step(field.clone()))?;
+                f.settle(pl.offset());
+                let mut window = Window::new(f, pl.offset(), pl.len());
+                let fs_label = p.fs_label.clone().unwrap_or_else(|| label.clone());
+                match p.filesystem.get_ref().as_str() {
+                    "fat32" => {
+                        let opts = fat::FatOptions {
+                            size: pl.len(),
+                            volume_id: *vol,
+                            label: fs_label.to_uppercase(),
+                            hidden_sectors: (pl.offset() / 512) as u32,
+                        };
+                        fat::write_fat(&tree, &opts, &mut window).map_err(step(field))?;
+                    }
+                    "ext4" => {
+                        let opts = ext4::Ext4Options {
+                            size: pl.len(),
+                            uuid: g.0,
+                            hash_seed: Guid::derive(&[b"hash-seed", &seed.0, label.as_bytes()]).0,
+                            label: fs_label,
+                            epoch: req.epoch,
+                            reserve_inodes: None,
+                        };
+                        ext4::write_ext4(&tree, &opts, &mut window).map_err(step(field))?;
+                    }
+                    _ => {}
                 }
-                "ext4" => {
-                    let opts = ext4::Ext4Options {
-                        size: pl.len(),
-                        uuid: g.0,
-                        hash_seed: Guid::derive(&[b"hash-seed", &seed.0, label.as_bytes()]).0,
-                        label: fs_label,
-                        epoch: req.epoch,
-                        reserve_inodes: None,
-                    };
-                    ext4::write_ext4(&tree, &opts, &mut window).map_err(step(field))?;
-                }
-                _ => {}
+                f.settle(pl.offset() + pl.len());
             }
-        }
-        gpt::write(layout, &mut f).map_err(step("writing the partition table"))?;
-        let (d, _) = hash_sparse(&f.inner, &f.extents(), layout.disk_size)
-            .map_err(step(format!("hashing {}", path.display())))?;
+            Ok::<_, BuildError>(())
+        })?;
+        let d = d.map_err(step(format!("hashing {}", path.display())))?;
         let sum = format!("{}  {disk_file}\n", d.hex());
         std::fs::write(tmp.path().join(format!("{disk_file}.sha256")), sum)
             .map_err(step("writing the disk digest"))?;
@@ -564,44 +570,7 @@ fn write_file(path: &Path, data: &[u8]) -> io::Result<()> {
     File::create(path)?.write_all(data)
 }
 
-/// sha256 of a file of `size` bytes whose only non-zero bytes lie in
-/// `extents`: the written ranges are read, the holes hashed as zeros
-/// without reading them (reading a hole would fill the page cache with
-/// zero pages).
-pub fn hash_sparse(file: &File, extents: &[(u64, u64)], size: u64) -> io::Result<(Digest, u64)> {
-    use sha2::{Digest as _, Sha256};
-    use std::os::unix::fs::FileExt;
-    const BUF: usize = 4 << 20;
-    let mut h = Sha256::new();
-    let zeros = vec![0u8; BUF];
-    let mut buf = vec![0u8; BUF];
-    let mut pos = 0u64;
-    let zero_until = |h: &mut Sha256, from: u64, to: u64| {
-        let mut left = to - from;
-        while left > 0 {
-            let n = left.min(BUF as u64) as usize;
-            h.update(&zeros[..n]);
-            left -= n as u64;
-        }
-    };
-    for &(start, end) in extents {
-        let end = end.min(size);
-        if start >= end {
-            continue;
-        }
-        zero_until(&mut h, pos, start);
-        let mut off = start;
-        while off < end {
-            let n = ((end - off) as usize).min(BUF);
-            file.read_exact_at(&mut buf[..n], off)?;
-            h.update(&buf[..n]);
-            off += n as u64;
-        }
-        pos = end;
-    }
-    zero_until(&mut h, pos, size);
-    Ok((Digest(h.finalize().into()), size))
-}
+pub use crate::sink::hash_sparse;
 
 /// The kernel version directory in a tree document and the module load plan.
 fn select_modules(

@@ -9,7 +9,8 @@ use std::process::Command;
 
 use builder::definition;
 use builder::plan::{self, BuildRequest};
-use builder::treefile::{MemBlobs, TreeFile, TreeFileEntry, TreeFileKind};
+use builder::tree::Content;
+use builder::treefile::{BlobDir, BlobSource, MemBlobs, TreeFile, TreeFileEntry, TreeFileKind};
 use builder::Digest;
 
 const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
@@ -141,12 +142,20 @@ fn fixture(kernel_bytes: &[u8]) -> Fixture {
 }
 
 fn build(fx: &Fixture, out: &Path) -> Result<plan::BuildResult, String> {
+    build_from(fx, &fx.blobs, out)
+}
+
+fn build_from(
+    fx: &Fixture,
+    blobs: &dyn BlobSource,
+    out: &Path,
+) -> Result<plan::BuildResult, String> {
     let (def, src) = definition::parse("demo.toml", &fx.text).map_err(|e| e.to_string())?;
     let req = BuildRequest {
         inputs: plan::resolve_inputs(&def, &BTreeMap::new()).map_err(|e| e.to_string())?,
         definition: &def,
         source: &src,
-        blobs: &fx.blobs,
+        blobs,
         epoch: 1700000000,
         out_dir: out,
         sign: None,
@@ -327,6 +336,48 @@ fn a_partition_too_small_fails_clearly_and_leaves_nothing() {
     assert!(e.contains("appliance-data"), "{e}");
     assert_eq!(
         fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "partial output left behind"
+    );
+}
+
+/// The ext4 writer checks file contents by reading them back from the
+/// image after writing them; a store file that does not match its digest
+/// must still fail the build.
+#[test]
+fn a_corrupted_store_file_fails_the_build_and_leaves_nothing() {
+    let mut fx = fixture(&kernel());
+    // Only in the ext4 partition (the initramfs would catch it first).
+    let in_initramfs = "  { path = \"etc/payload\", tree = \"payload\" },\n";
+    assert!(fx.text.contains(in_initramfs));
+    fx.text = fx.text.replace(in_initramfs, "");
+    let store = tempfile::tempdir().unwrap();
+    let blobs = store.path().join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let mut big = None;
+    for (d, c) in &fx.blobs.0 {
+        let Content::Bytes(b) = c else { unreachable!() };
+        fs::write(blobs.join(d.hex()), b).unwrap();
+        if b.len() == 3_000_000 {
+            big = Some(*d);
+        }
+    }
+    let out = tempfile::tempdir().unwrap();
+    let store_dir = BlobDir::new(store.path());
+    build_from(&fx, &store_dir, out.path()).expect("the intact store builds");
+
+    let path = blobs.join(big.unwrap().hex());
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[2_500_000] ^= 0x40;
+    fs::write(&path, bytes).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let e = build_from(&fx, &store_dir, out.path()).unwrap_err();
+    assert!(
+        e.contains("appliance-data") && e.contains("srv/big.bin") && e.contains("digest"),
+        "{e}"
+    );
+    assert_eq!(
+        fs::read_dir(out.path()).unwrap().count(),
         0,
         "partial output left behind"
     );
