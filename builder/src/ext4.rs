@@ -29,7 +29,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 
 use mkext4::{FsBuilder, InodeCount, InodeHandle, Options, RegionSink, SpecialKind, ROOT};
 use sha2::{Digest as _, Sha256};
@@ -490,7 +490,7 @@ impl DataWriter<'_> {
                         *m = &m[k..];
                         k
                     }
-                    Source::Blob(file) => read_full(file, piece).map_err(read_err)?,
+                    Source::Blob(file) => crate::sink::read_full(file, piece).map_err(read_err)?,
                 };
                 if got < n {
                     return Err(Ext4Error::LengthMismatch {
@@ -520,7 +520,7 @@ impl DataWriter<'_> {
         }
         if let Source::Blob(file) = &mut src {
             // The content must end where it was declared to.
-            if read_full(file, &mut [0u8; 1]).map_err(read_err)? != 0 {
+            if crate::sink::read_full(file, &mut [0u8; 1]).map_err(read_err)? != 0 {
                 return Err(read_err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("content is longer than the declared {declared} bytes"),
@@ -550,19 +550,6 @@ impl DataWriter<'_> {
         self.len = 0;
         Ok(())
     }
-}
-
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// Write `data` (which starts on a block boundary) skipping all-zero

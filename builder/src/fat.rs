@@ -22,7 +22,7 @@
 //! refused.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, Read};
+use std::io;
 
 use crate::sink::Sink;
 use crate::tree::{file_name, normalize_path, parent_of, Content, Meta, Node, Tree};
@@ -781,7 +781,7 @@ fn stream(
     let mut done = 0u64;
     while done < declared {
         let want = (declared - done).min(buf.len() as u64) as usize;
-        let got = read_full(&mut r, &mut buf[..want]).map_err(read_err)?;
+        let got = crate::sink::read_full(&mut r, &mut buf[..want]).map_err(read_err)?;
         if got < want {
             return Err(FatError::ContentLength {
                 path: path.to_string(),
@@ -795,7 +795,7 @@ fn stream(
         done += want as u64;
     }
     // Reading to the end also makes blob content check its digest.
-    if read_full(&mut r, &mut buf[..1]).map_err(read_err)? != 0 {
+    if crate::sink::read_full(&mut r, &mut buf[..1]).map_err(read_err)? != 0 {
         return Err(FatError::ContentLength {
             path: path.to_string(),
             declared,
@@ -803,19 +803,6 @@ fn stream(
         });
     }
     Ok(())
-}
-
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 fn boot_sector(l: &Layout, opts: &FatOptions, label: [u8; 11]) -> [u8; 512] {

@@ -382,6 +382,20 @@ pub fn hash_sparse(file: &File, extents: &[(u64, u64)], size: u64) -> io::Result
     Ok((Digest(h.finalize().into()), size))
 }
 
+/// Reads until `buf` is full or the reader ends; the bytes read.
+pub(crate) fn read_full(r: &mut dyn io::Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
