@@ -489,7 +489,11 @@ mod tests {
             ]
         );
         assert!(parse_devices("").unwrap().is_empty());
-        for bad in ["nic0", "cd=x", "net=", "net=a,net=b"] {
+        assert_eq!(
+            parse_devices("cd=cd0").unwrap(),
+            vec![(BootDevice::Cd, "cd0".to_owned())]
+        );
+        for bad in ["nic0", "floppy=x", "net=", "net=a,net=b"] {
             assert!(
                 matches!(parse_devices(bad), Err(PowerError::Config(_))),
                 "{bad}"
