@@ -184,7 +184,7 @@ impl FrameCache {
 pub type PowerHook =
     Arc<dyn Fn(&System, crate::bmc::BootDevice) -> Result<String, String> + Send + Sync>;
 
-/// The default [`PowerHook`]: the system's BMC through `bmc::driver_for`.
+/// The default [`PowerHook`]: the system's BMC through `bmc::driver_for_system`.
 pub fn bmc_power() -> PowerHook {
     Arc::new(|sys: &System, dev: crate::bmc::BootDevice| {
         use crate::bmc::{BootDevice, PowerError};
