@@ -162,6 +162,18 @@ fn redfish_message(body: &Value) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The `@odata.id`s of the array at `pointer` in `v` (a collection's
+/// `/Members`, a system's `/Links/ManagedBy`).
+fn links(v: &Value, pointer: &str) -> Vec<String> {
+    v.pointer(pointer)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.get("@odata.id").and_then(Value::as_str))
+        .map(str::to_owned)
+        .collect()
+}
+
 impl Redfish {
     pub fn new(
         address: &str,
@@ -406,24 +418,9 @@ impl Redfish {
         {
             return Ok(vec![c.to_owned()]);
         }
-        let mut managers: Vec<String> = sys
-            .pointer("/Links/ManagedBy")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|m| m.get("@odata.id").and_then(Value::as_str))
-            .map(str::to_owned)
-            .collect();
+        let mut managers = links(&sys, "/Links/ManagedBy");
         if managers.is_empty() {
-            managers = self
-                .get("/redfish/v1/Managers")?
-                .get("Members")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|m| m.get("@odata.id").and_then(Value::as_str))
-                .map(str::to_owned)
-                .collect();
+            managers = links(&self.get("/redfish/v1/Managers")?, "/Members");
         }
         let mut out = Vec::new();
         for m in managers {
