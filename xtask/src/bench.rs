@@ -51,9 +51,9 @@ fn round(x: f64) -> f64 {
 }
 
 /// A small deterministic PRNG so the data set is the same on every machine.
-struct XorShift(u64);
+pub(crate) struct XorShift(pub(crate) u64);
 impl XorShift {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;

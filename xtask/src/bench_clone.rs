@@ -27,21 +27,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use appliance::clone::{self, store::DirStore, CaptureOptions};
 
+use crate::bench::XorShift;
 use crate::root;
 
 const IMAGE: u64 = 4 << 30;
 const MIB: u64 = 1 << 20;
 const RUNS: usize = 3;
-
-struct XorShift(u64);
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 const WORDS: &[&str] = &[
     "disk",
