@@ -1,47 +1,10 @@
 //! The operator CLI end to end against `appliance serve` on loopback, its
 //! help width (80 columns) and shell completions.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+use common::{bin, server};
 
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_appliance"))
-}
-
-/// Starts a server; returns it, its URL and the first token.
-fn server(data: &Path) -> (Killed, String, String) {
-    let child = bin()
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(data)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut child = Killed(child);
-    let mut out = BufReader::new(child.0.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let token = line.trim().rsplit(' ').next().unwrap().to_owned();
-    assert!(token.starts_with("apl_"), "{line}");
-    (child, format!("http://{addr}"), token)
-}
+use std::process::{Command, Output, Stdio};
 
 fn cli(url: &str, token: Option<&str>, args: &[&str]) -> Output {
     let mut c = bin();
@@ -68,7 +31,7 @@ fn ok(url: &str, token: &str, args: &[&str]) -> String {
 #[test]
 fn cli_manages_the_inventory_through_the_api() {
     let data = tempfile::tempdir().unwrap();
-    let (_server, url, token) = server(data.path());
+    let (_server, url, token) = server(data.path(), &[]);
     let t = token.as_str();
 
     // Import a fake Debian netboot tree.
@@ -318,7 +281,7 @@ fn shell_completions_are_generated() {
 #[test]
 fn network_cli_needs_a_token_and_names_bad_input() {
     let dir = tempfile::tempdir().unwrap();
-    let (_srv, url, token) = server(dir.path());
+    let (_srv, url, token) = server(dir.path(), &[]);
     let list = ok(&url, &token, &["network", "list", "--json"]);
     assert_eq!(list.trim(), "[]");
     // No token: refused by the server.

@@ -9,24 +9,18 @@
 //! (`xtask/debian-packages.txt`, `xtask/python-packages.txt` into
 //! `target/peers/venv`); a missing peer fails the test, it never skips.
 
+mod common;
+use common::{bin, server, Killed};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use appliance::bmc::qmp::Qmp;
 use appliance::bmc::redfish::Redfish;
 use appliance::bmc::{BootDevice, PowerDriver, PowerError, PowerState};
-
-/// A child process killed (by its own handle) when dropped.
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let t = Instant::now();
@@ -349,7 +343,7 @@ fn redfish_against_the_sushy_emulator() {
     // The same through the server and the CLI: boot an ISO on a machine
     // without PXE (insert, cycle with a one-time CD boot, eject).
     let data = tempfile::tempdir().unwrap();
-    let (_srv, api, token) = server(data.path());
+    let (_srv, api, token) = server(data.path(), &[]);
     let tk = token.as_str();
     ok(&api, tk, &["image", "add", "img1", "--set", "type=capture"]);
     let power = format!(
@@ -390,35 +384,6 @@ fn redfish_against_the_sushy_emulator() {
 
 // ---- `appliance power` through `appliance serve` ----
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_appliance"))
-}
-
-fn server(data: &Path) -> (Killed, String, String) {
-    let child = bin()
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(data)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut child = Killed(child);
-    let mut out = BufReader::new(child.0.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let token = line.trim().rsplit(' ').next().unwrap().to_owned();
-    assert!(token.starts_with("apl_"), "{line}");
-    (child, format!("http://{addr}"), token)
-}
-
 fn cli(url: &str, token: &str, args: &[&str]) -> Output {
     bin()
         .args(args)
@@ -442,7 +407,7 @@ fn ok(url: &str, token: &str, args: &[&str]) -> String {
 #[test]
 fn power_cli_through_the_server() {
     let data = tempfile::tempdir().unwrap();
-    let (_srv, url, token) = server(data.path());
+    let (_srv, url, token) = server(data.path(), &[]);
     let t = token.as_str();
     let wol = UdpSocket::bind("127.0.0.1:0").unwrap();
     wol.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -2,48 +2,11 @@
 //! `appliance replica register`, joined with `appliance replica join`, and
 //! checking in by itself once started.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+use common::{bin, server};
+
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_appliance"))
-}
-
-/// Starts a server; returns it, its URL and the first token.
-fn server(data: &Path, extra: &[&str]) -> (Killed, String, String) {
-    let child = bin()
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(data)
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut child = Killed(child);
-    let mut out = BufReader::new(child.0.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let token = line.trim().rsplit(' ').next().unwrap().to_owned();
-    (child, format!("http://{addr}"), token)
-}
 
 fn cli(url: &str, token: Option<&str>, args: &[&str]) -> Output {
     let mut c = bin();
