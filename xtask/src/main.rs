@@ -110,22 +110,9 @@ fn missing_tools() -> Vec<&'static str> {
 }
 
 fn install_deps() -> Result<()> {
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false);
-    if !is_root {
-        bail!(
-            "installing packages needs root: sudo apt-get install -y {}",
-            packages().join(" ")
-        );
-    }
-    run(Command::new("apt-get").args(["update", "-q"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(packages())
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    // One install step for CI and xtask: it also reconciles a preinstalled
+    // backported qemu-utils with the archive's qemu-system-x86.
+    run(Command::new("sh").arg(root().join("xtask/install-deps.sh")))
 }
 
 /// Install the Debian packages when a tool the tests or QEMU need is missing.
