@@ -14,8 +14,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
+#[cfg(test)]
+use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use crate::api::ApiError;
@@ -208,12 +209,42 @@ fn persist(file: &Path, all: &[AgentRecord]) -> std::io::Result<()> {
     std::fs::rename(&tmp, file)
 }
 
-pub fn router(agents: Agents) -> Router {
-    Router::new()
-        .route("/api/v1/agents", get(list).post(check_in))
-        .route("/api/v1/agents/{mac}/work", get(work))
-        .with_state(agents)
+pub fn routes(agents: Agents) -> Vec<crate::http::Route> {
+    use crate::http::{Guard, Route};
+    vec![
+        Route::get(
+            "/api/v1/agents",
+            Guard::Read,
+            "Machines that booted the agent and reported (hardware, mode, last seen)",
+        )
+        .response("Object")
+        .to(list, agents.clone()),
+        Route::post(
+            "/api/v1/agents",
+            Guard::Public,
+            "An agent's check-in (hardware report); bounded and rate-limited",
+        )
+        .request("Object")
+        .response("Object")
+        .limit(CHECKIN_LIMIT)
+        .to(check_in, agents.clone()),
+        Route::get(
+            "/api/v1/agents/{mac}/work",
+            Guard::Public,
+            "What the agent at this MAC should do now (carries no secret it does not need)",
+        )
+        .response("Object")
+        .to(work, agents),
+    ]
 }
+
+#[cfg(test)]
+fn router(agents: Agents) -> Router {
+    crate::http::routes::unguarded(routes(agents))
+}
+
+/// The largest check-in body (a hardware report).
+pub const CHECKIN_LIMIT: usize = 64 << 10;
 
 async fn list(State(a): State<Agents>) -> Json<Vec<AgentRecord>> {
     Json(a.list())

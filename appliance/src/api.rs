@@ -13,10 +13,10 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tower_http::trace::TraceLayer;
+
+use crate::http::{Guard, Route};
 
 use crate::power::{PowerAction, PowerControl, PowerError};
 
@@ -110,15 +110,33 @@ impl From<PowerError> for ApiError {
     }
 }
 
-/// Builds the router with tracing.
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/api/v1/version", get(version))
-        .route("/api/v1/power", post(power))
-        .fallback(not_found)
-        .layer(TraceLayer::new_for_http())
-        .with_state(state)
+/// Health, version and the appliance's own power.
+pub fn routes(state: Arc<AppState>) -> Vec<Route> {
+    vec![
+        Route::get("/healthz", Guard::Public, "Liveness: `ok`")
+            .response("text")
+            .to(healthz, ()),
+        Route::get(
+            "/api/v1/version",
+            Guard::Public,
+            "Version, node id, running release digest, degraded reasons",
+        )
+        .response("Object")
+        .to(version, state.clone()),
+        Route::post(
+            "/api/v1/power",
+            Guard::Admin,
+            "Power off or reboot the appliance itself",
+        )
+        .request("Object")
+        .response("Object")
+        .to(power, state),
+    ]
+}
+
+/// The routes of [`routes`] alone (tests), guarded by `tokens`.
+pub fn router(state: Arc<AppState>, tokens: Arc<crate::auth::TokenStore>) -> Router {
+    crate::http::build(routes(state), crate::http::Auth::new(Some(tokens), true))
 }
 
 async fn healthz() -> &'static str {
@@ -153,10 +171,6 @@ async fn power(
     state.power.request(req.action)?;
     tracing::warn!(action = ?req.action, "power request accepted");
     Ok((StatusCode::ACCEPTED, Json(req)))
-}
-
-async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
 #[cfg(test)]
@@ -207,8 +221,25 @@ mod tests {
         Request::get(uri).body(Body::empty()).unwrap()
     }
 
+    fn admin() -> (Arc<crate::auth::TokenStore>, String) {
+        let t = Arc::new(crate::auth::TokenStore::memory());
+        let tok = t.ensure_first().unwrap().unwrap();
+        (t, tok)
+    }
+
+    fn router(state: Arc<AppState>) -> Router {
+        let (t, tok) = admin();
+        TOKEN.with(|c| *c.borrow_mut() = tok);
+        super::router(state, t)
+    }
+
+    thread_local! {
+        static TOKEN: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+
     fn power_req(body: &str) -> Request<Body> {
         Request::post("/api/v1/power")
+            .header("authorization", format!("Bearer {}", TOKEN.with(|c| c.borrow().clone())))
             .header("content-type", "application/json")
             .body(Body::from(body.to_owned()))
             .unwrap()

@@ -9,7 +9,9 @@
 //! by the CLI take effect at once.
 //!
 //! A token carries a scope (`"scope"`, absent in older files and then
-//! `operator`): `operator` tokens may do anything the API guards;
+//! `operator`): `read` tokens may read everything, `operator` tokens may
+//! do anything the API guards but the `admin` routes, `admin` tokens (the
+//! first token is one) everything;
 //! `replica:<node_id>` tokens are issued to a child at replication and may
 //! only call that child's own replica endpoints (check-in, sync). The
 //! operator checks ([`TokenStore::verify`]) never accept a replica token.
@@ -32,14 +34,20 @@ pub enum Scope {
     Operator,
     /// Only the replica endpoints of this child node (check-in, sync).
     Replica(uuid::Uuid),
+    /// Reads only (every read route, even with private reads).
+    Read,
+    /// Everything, including what only an administrator may do (tokens,
+    /// the appliance's own power, settings).
+    Admin,
 }
 
 impl Scope {
     /// Whether this scope may act for the child `node_id`.
     pub fn allows_replica(&self, node_id: &uuid::Uuid) -> bool {
         match self {
-            Scope::Operator => true,
+            Scope::Operator | Scope::Admin => true,
             Scope::Replica(id) => id == node_id,
+            Scope::Read => false,
         }
     }
 }
@@ -48,6 +56,8 @@ impl std::fmt::Display for Scope {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Scope::Operator => f.write_str("operator"),
+            Scope::Read => f.write_str("read"),
+            Scope::Admin => f.write_str("admin"),
             Scope::Replica(id) => write!(f, "replica:{id}"),
         }
     }
@@ -56,13 +66,16 @@ impl std::fmt::Display for Scope {
 impl std::str::FromStr for Scope {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if s == "operator" {
-            return Ok(Scope::Operator);
+        match s {
+            "operator" => return Ok(Scope::Operator),
+            "read" => return Ok(Scope::Read),
+            "admin" => return Ok(Scope::Admin),
+            _ => {}
         }
         match s.strip_prefix("replica:").map(uuid::Uuid::parse_str) {
             Some(Ok(id)) => Ok(Scope::Replica(id)),
             _ => Err(format!(
-                "token scope {s:?}: expected \"operator\" or \"replica:<uuid>\""
+                "token scope {s:?}: expected \"read\", \"operator\", \"admin\" or \"replica:<uuid>\""
             )),
         }
     }
@@ -229,12 +242,11 @@ impl TokenStore {
         Ok(n)
     }
 
-    /// The name of the token `presented`, if it is a valid *operator*
-    /// token. Replica tokens are refused here: every operator check goes
-    /// through this.
+    /// The name of the token `presented`, if it is a valid *operator* (or
+    /// admin) token. Replica and read tokens are refused here.
     pub fn verify(&self, presented: &str) -> Option<String> {
         match self.authenticate(presented) {
-            Some((name, Scope::Operator)) => Some(name),
+            Some((name, Scope::Operator | Scope::Admin)) => Some(name),
             _ => None,
         }
     }
@@ -279,7 +291,7 @@ impl TokenStore {
         } else if !self.load()?.is_empty() {
             return Ok(None);
         }
-        Ok(Some(self.create("admin")?.1))
+        Ok(Some(self.create_scoped("admin", Scope::Admin)?.1))
     }
 }
 

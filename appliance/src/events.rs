@@ -13,8 +13,9 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
+#[cfg(test)]
+use axum::Router;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -150,10 +151,20 @@ pub struct EventPage {
 }
 
 /// `GET /api/v1/events`.
-pub fn router(events: Events) -> Router {
-    Router::new()
-        .route("/api/v1/events", get(list))
-        .with_state(events)
+pub fn routes(events: Events) -> Vec<crate::http::Route> {
+    use crate::http::{Guard, Route};
+    vec![Route::get(
+        "/api/v1/events",
+        Guard::Read,
+        "The event log (paged JSON, or live with Accept: text/event-stream)",
+    )
+    .response("Object")
+    .to(list, events)]
+}
+
+#[cfg(test)]
+fn router(events: Events) -> Router {
+    crate::http::routes::unguarded(routes(events))
 }
 
 fn matches(q: &PageQuery, e: &Event) -> bool {

@@ -14,11 +14,13 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context, Result};
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
+#[cfg(test)]
+use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use crate::api::ApiError;
+use crate::http::{Guard, Route};
 use crate::bmap::Bmap;
 use crate::writer::{self, FileSource, Progress, WriteOptions, WriteReport};
 
@@ -388,13 +390,33 @@ impl FlashState {
     }
 }
 
-/// `GET /api/v1/disks`, `GET`/`POST /api/v1/flash`. POST needs the
-/// operator token (serve puts this router behind `require_token_for_writes`).
-pub fn router(state: FlashState) -> Router {
-    Router::new()
-        .route("/api/v1/disks", get(disks))
-        .route("/api/v1/flash", get(status).post(start))
-        .with_state(state)
+/// `GET /api/v1/disks`, `GET`/`POST /api/v1/flash`.
+pub fn routes(state: FlashState) -> Vec<Route> {
+    vec![
+        Route::get(
+            "/api/v1/disks",
+            Guard::Read,
+            "Local disks a flash could write: size, removable, mounted, boot disk",
+        )
+        .response("Object")
+        .to(disks, state.clone()),
+        Route::get("/api/v1/flash", Guard::Read, "The flash in progress or last done")
+            .response("Object")
+            .to(status, state.clone()),
+        Route::post(
+            "/api/v1/flash",
+            Guard::Admin,
+            "Write the appliance image onto a local disk (verified, first MiB last)",
+        )
+        .request("Object")
+        .response("Object")
+        .to(start, state),
+    ]
+}
+
+#[cfg(test)]
+fn router(state: FlashState) -> Router {
+    crate::http::routes::unguarded(routes(state))
 }
 
 async fn disks(State(st): State<FlashState>) -> Json<serde_json::Value> {

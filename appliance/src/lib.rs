@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod agents;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod blkdev;
 pub mod bmap;
@@ -24,6 +25,7 @@ pub mod dhcp;
 pub mod events;
 pub mod flash;
 pub mod growfs;
+pub mod http;
 pub mod hwinfo;
 pub mod init;
 pub mod install;

@@ -17,13 +17,15 @@ use std::time::Duration;
 
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get};
-use axum::{Json, Router};
+use axum::Json;
+#[cfg(test)]
+use axum::Router;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::api::ApiError;
+use crate::http::{Guard, Route};
 use crate::dhcp::server::{DhcpEvent, DhcpMode, DhcpServerConfig};
 use crate::events::Events;
 
@@ -440,11 +442,36 @@ async fn configure_address(iface: &str, addr: Ipv4Addr, prefix: u8) -> anyhow::R
     }
 }
 
+pub fn routes(networks: Networks) -> Vec<Route> {
+    vec![
+        Route::get(
+            "/api/v1/networks",
+            Guard::Read,
+            "Provisioning networks served (DHCP, TFTP, HTTP boot) and their state",
+        )
+        .response("Object")
+        .to(list, networks.clone()),
+        Route::post(
+            "/api/v1/networks",
+            Guard::Operator,
+            "Serve PXE on an interface (authoritative DHCP or proxyDHCP, TFTP)",
+        )
+        .request("Object")
+        .response("Object")
+        .creates()
+        .to(serve, networks.clone()),
+        Route::delete(
+            "/api/v1/networks/{iface}",
+            Guard::Operator,
+            "Stop serving an interface",
+        )
+        .to(stop, networks),
+    ]
+}
+
+#[cfg(test)]
 pub fn router(networks: Networks) -> Router {
-    Router::new()
-        .route("/api/v1/networks", get(list).post(serve))
-        .route("/api/v1/networks/{iface}", delete(stop))
-        .with_state(networks)
+    crate::http::routes::unguarded(routes(networks))
 }
 
 async fn list(State(n): State<Networks>) -> Json<Vec<NetworkStatus>> {

@@ -21,7 +21,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Path as UrlPath, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+#[cfg(test)]
 use axum::Router;
 use tower::ServiceExt;
 use tower_http::services::ServeFile;
@@ -64,11 +64,30 @@ pub fn install_script(server: &str, extra: &str) -> String {
         .replace("the appliance agent", "the appliance installer")
 }
 
-pub fn router(state: PxeState) -> Router {
-    Router::new()
-        .route("/boot/{file}", get(boot_file))
-        .route("/boot/blobs/{digest}", get(blob))
-        .with_state(Arc::new(state))
+pub fn routes(state: PxeState) -> Vec<crate::http::Route> {
+    use crate::http::{Guard, Route};
+    let state = Arc::new(state);
+    vec![
+        Route::get(
+            "/boot/{file}",
+            Guard::Public,
+            "HTTP boot: the agent kernel and initrd, and `<mac>.ipxe` boot scripts",
+        )
+        .response("binary")
+        .to(boot_file, state.clone()),
+        Route::get(
+            "/boot/blobs/{digest}",
+            Guard::Public,
+            "HTTP boot: a boot file of the release by digest",
+        )
+        .response("binary")
+        .to(blob, state),
+    ]
+}
+
+#[cfg(test)]
+fn router(state: PxeState) -> Router {
+    crate::http::routes::unguarded(routes(state))
 }
 
 fn client_ip(req: &Request) -> Option<String> {

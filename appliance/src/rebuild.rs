@@ -376,14 +376,31 @@ pub fn run_cli(data: &Path, out: &Path, json: bool) -> Result<()> {
 
 /// `GET /api/v1/release`: `{"release": "sha256:…"|null, "cached": report|null}`;
 /// `POST /api/v1/release/rebuild`: rebuild into `<data>/cache/release` and
-/// return the report (409 `busy` while one runs). Writes need the operator
-/// token (serve.rs merges this router under its token check).
-pub fn router(data: PathBuf) -> axum::Router {
-    use axum::routing::{get, post};
-    axum::Router::new()
-        .route("/api/v1/release", get(release_info))
-        .route("/api/v1/release/rebuild", post(rebuild_now))
-        .with_state(Arc::new(data))
+/// return the report (409 `busy` while one runs).
+pub fn routes(data: PathBuf) -> Vec<crate::http::Route> {
+    use crate::http::{Guard, Route};
+    let data = Arc::new(data);
+    vec![
+        Route::get(
+            "/api/v1/release",
+            Guard::Read,
+            "The running release and the cached rebuild's report",
+        )
+        .response("Object")
+        .to(release_info, data.clone()),
+        Route::post(
+            "/api/v1/release/rebuild",
+            Guard::Operator,
+            "Rebuild the image from the bundle, offline; says identical or what differs",
+        )
+        .response("Object")
+        .to(rebuild_now, data),
+    ]
+}
+
+#[cfg(test)]
+fn router(data: PathBuf) -> axum::Router {
+    crate::http::routes::unguarded(routes(data))
 }
 
 async fn release_info(

@@ -20,15 +20,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::http::StatusCode;
+use axum::Json;
+#[cfg(test)]
+use axum::Router;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::api::ApiError;
 use crate::auth::{Scope, TokenStore};
 use crate::events::Events;
+use crate::http::{Guard, Route};
 
 /// Where the registry lives inside the data directory.
 pub const REPLICAS_FILE: &str = "state/replicas.json";
@@ -135,6 +137,9 @@ struct Inner {
     /// This node's id: the children's parent.
     node_id: Uuid,
     events: Events,
+    /// Only the unit tests' router reads it: in `serve` the route guard
+    /// takes it from the serve options.
+    #[cfg_attr(not(test), allow(dead_code))]
     public_reads: bool,
 }
 
@@ -427,36 +432,6 @@ impl Replicas {
         );
         Ok(gone.replica)
     }
-
-    /// Checks the request's bearer token: operator for everything, or the
-    /// scoped token of `child` when given. Returns the token's name.
-    pub fn authorize(
-        &self,
-        headers: &HeaderMap,
-        child: Option<&Uuid>,
-    ) -> Result<(String, Scope), ApiError> {
-        let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
-        let presented = crate::auth::bearer(headers).ok_or_else(|| {
-            unauthorized("this request needs an Authorization: Bearer <token> header")
-        })?;
-        let (name, scope) =
-            self.inner.tokens.authenticate(presented).ok_or_else(|| {
-                unauthorized("the bearer token is not valid (revoked or mistyped)")
-            })?;
-        let ok = match (&scope, child) {
-            (Scope::Operator, _) => true,
-            (Scope::Replica(_), Some(c)) => scope.allows_replica(c),
-            (Scope::Replica(_), None) => false,
-        };
-        if !ok {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!("a {scope} token may only act for its own node"),
-            ));
-        }
-        Ok((name, scope))
-    }
 }
 
 type S = State<Replicas>;
@@ -485,42 +460,67 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
     })
 }
 
-/// The registry's routes (they do their own token checks).
+/// The registry's routes.
+pub fn routes(replicas: Replicas) -> Vec<Route> {
+    vec![
+        Route::get(
+            "/api/v1/replicas",
+            Guard::Read,
+            "Children of this appliance: status, release, last contact",
+        )
+        .response("Object")
+        .to(list, replicas.clone()),
+        Route::post(
+            "/api/v1/replicas",
+            Guard::Operator,
+            "Register a child (name, MAC): returns its node id and replica token",
+        )
+        .request("Object")
+        .response("Object")
+        .creates()
+        .to(register, replicas.clone()),
+        Route::get("/api/v1/replicas/{node_id}", Guard::Read, "One child")
+            .response("Object")
+            .to(show, replicas.clone()),
+        Route::delete(
+            "/api/v1/replicas/{node_id}",
+            Guard::Operator,
+            "Remove a child and revoke its token",
+        )
+        .response("Object")
+        .to(remove, replicas.clone()),
+        Route::post(
+            "/api/v1/replicas/{node_id}/checkin",
+            Guard::Replica,
+            "A child's check-in (its own replica token)",
+        )
+        .request("Object")
+        .response("Object")
+        .to(checkin, replicas),
+    ]
+}
+
+#[cfg(test)]
 pub fn router(replicas: Replicas) -> Router {
-    Router::new()
-        .route("/api/v1/replicas", get(list).post(register))
-        .route("/api/v1/replicas/{node_id}", delete(remove).get(show))
-        .route("/api/v1/replicas/{node_id}/checkin", post(checkin))
-        .with_state(replicas)
+    let auth = crate::http::Auth::new(Some(replicas.tokens().clone()), replicas.inner.public_reads);
+    crate::http::build(routes(replicas), auth)
 }
 
 async fn register(
     State(r): S,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Registration>), ApiError> {
-    r.authorize(&headers, None)?;
     let req: RegisterRequest = json_body(&body)?;
     let reg = r.register(req.name.as_deref(), req.mac.as_deref(), req.node_id)?;
     Ok((StatusCode::CREATED, Json(reg)))
 }
 
-async fn list(State(r): S, headers: HeaderMap) -> Result<Json<Vec<Replica>>, ApiError> {
-    if !r.inner.public_reads {
-        r.authorize(&headers, None)?;
-    }
+async fn list(State(r): S) -> Result<Json<Vec<Replica>>, ApiError> {
     Ok(Json(r.list()))
 }
 
-async fn show(
-    State(r): S,
-    UrlPath(id): UrlPath<String>,
-    headers: HeaderMap,
-) -> Result<Json<Replica>, ApiError> {
+async fn show(State(r): S, UrlPath(id): UrlPath<String>) -> Result<Json<Replica>, ApiError> {
     let id = parse_id(&id)?;
-    if !r.inner.public_reads {
-        r.authorize(&headers, Some(&id))?;
-    }
     r.get(&id)
         .map(Json)
         .ok_or_else(|| ReplicaError::NotFound(id).into())
@@ -529,22 +529,15 @@ async fn show(
 async fn checkin(
     State(r): S,
     UrlPath(id): UrlPath<String>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Replica>, ApiError> {
     let id = parse_id(&id)?;
-    r.authorize(&headers, Some(&id))?;
     let req: CheckinRequest = json_body(&body)?;
     Ok(Json(r.checkin(id, req)?))
 }
 
-async fn remove(
-    State(r): S,
-    UrlPath(id): UrlPath<String>,
-    headers: HeaderMap,
-) -> Result<Json<Replica>, ApiError> {
+async fn remove(State(r): S, UrlPath(id): UrlPath<String>) -> Result<Json<Replica>, ApiError> {
     let id = parse_id(&id)?;
-    r.authorize(&headers, None)?;
     Ok(Json(r.remove(id)?))
 }
 

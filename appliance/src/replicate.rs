@@ -29,16 +29,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path as UrlPath, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 use tower_http::services::ServeFile;
 
 use crate::agents::{AgentRecord, Work};
 use crate::api::ApiError;
+use crate::http::{Guard, Route};
 use crate::events::Events;
 use crate::install::{ChildNetwork, InstallProgress, InstallWork};
 
@@ -383,7 +383,7 @@ impl Replication {
         Some(Work::Install(work))
     }
 
-    fn progress(&self, mac: &str, token: Option<&str>, p: InstallProgress) -> Result<(), ApiError> {
+    fn progress(&self, mac: &str, p: InstallProgress) -> Result<(), ApiError> {
         let (all, node_id) = {
             let mut g = self.lock();
             let Some(r) = g.installs.get_mut(mac) else {
@@ -393,13 +393,6 @@ impl Replication {
                     format!("{mac} has no install under way"),
                 ));
             };
-            if r.token.is_empty() || token != Some(r.token.as_str()) {
-                return Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "progress needs the token issued with the install work",
-                ));
-            }
             r.phase = p.phase.clone();
             r.done_bytes = p.done_bytes;
             r.total_bytes = p.total_bytes;
@@ -450,26 +443,89 @@ impl Replication {
     }
 }
 
-/// Reads are public; writes (prepare, forget) need the operator token, so
-/// this router goes behind the server's token guard.
-pub fn router(r: Replication) -> Router {
-    Router::new()
-        .route("/api/v1/release/manifest", get(manifest))
-        .route("/api/v1/release/signature", get(signature))
-        .route("/api/v1/release/bmap", get(bmap))
-        .route("/api/v1/release/image", get(image))
-        .route("/api/v1/release/prepare", post(prepare).get(prepared))
-        .route("/api/v1/installs", get(installs))
-        .route("/api/v1/installs/{mac}", axum::routing::delete(forget))
-        .with_state(r)
+/// The release files are public (firmware and installers fetch them; they
+/// carry no secret) but never start a rebuild; prepare and forget need an
+/// operator; progress needs the token issued with the install work.
+pub fn routes(r: Replication) -> Vec<Route> {
+    vec![
+        Route::get(
+            "/api/v1/release/manifest",
+            Guard::Public,
+            "The signed release manifest",
+        )
+        .response("binary")
+        .to(manifest, r.clone()),
+        Route::get(
+            "/api/v1/release/signature",
+            Guard::Public,
+            "The manifest's ed25519 signature",
+        )
+        .response("binary")
+        .to(signature, r.clone()),
+        Route::get(
+            "/api/v1/release/bmap",
+            Guard::Public,
+            "The prepared image's block map (503 until prepared)",
+        )
+        .response("binary")
+        .to(bmap, r.clone()),
+        Route::get(
+            "/api/v1/release/image",
+            Guard::Public,
+            "The prepared disk image, with Range (503 until prepared)",
+        )
+        .response("binary")
+        .to(image, r.clone()),
+        Route::post(
+            "/api/v1/release/prepare",
+            Guard::Operator,
+            "Rebuild the image children install (once, cached)",
+        )
+        .response("Object")
+        .to(prepare, r.clone()),
+        Route::get(
+            "/api/v1/release/prepare",
+            Guard::Read,
+            "Whether the image children install is ready",
+        )
+        .response("Object")
+        .to(prepared, r.clone()),
+        Route::get(
+            "/api/v1/installs",
+            Guard::Read,
+            "Installs of this appliance onto other machines: phase, bytes, report",
+        )
+        .response("Object")
+        .to(installs, r.clone()),
+        Route::delete(
+            "/api/v1/installs/{mac}",
+            Guard::Operator,
+            "Forget a machine's install (to retry a failed one)",
+        )
+        .to(forget, r.clone()),
+        Route::post(
+            "/api/v1/agents/{mac}/progress",
+            Guard::Job,
+            "An installing machine's progress (the token issued with its work)",
+        )
+        .request("Object")
+        .limit(crate::agents::CHECKIN_LIMIT)
+        .to(progress, r),
+    ]
 }
 
-/// The installing machine's progress reports: checked against the token
-/// issued with its work, not the operator's (outside the guard).
-pub fn agent_router(r: Replication) -> Router {
-    Router::new()
-        .route("/api/v1/agents/{mac}/progress", post(progress))
-        .with_state(r)
+impl crate::http::JobTokens for Replication {
+    fn job_of(&self, token: &str) -> Option<crate::http::JobRef> {
+        let g = self.lock();
+        g.installs
+            .values()
+            .find(|i| i.state == "installing" && !i.token.is_empty() && i.token == token)
+            .map(|i| crate::http::JobRef {
+                kind: "install",
+                id: i.node_id.clone(),
+                mac: Some(i.mac.clone()),
+            })
+    }
 }
 
 async fn file(path: PathBuf, req: Request) -> Response {
@@ -492,10 +548,9 @@ async fn signature(State(r): State<Replication>, req: Request) -> Response {
 fn not_ready(r: &Replication) -> Option<Response> {
     match r.prepared() {
         Prepared::Ready { .. } => None,
-        p => {
-            if p == Prepared::Idle {
-                r.prepare();
-            }
+        _ => {
+            // Never started from here: these routes are public, and a
+            // rebuild is the operator's (prepare) or an install's to start.
             Some(
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -577,16 +632,21 @@ async fn forget(
 async fn progress(
     State(r): State<Replication>,
     UrlPath(mac): UrlPath<String>,
-    headers: HeaderMap,
+    caller: crate::http::Caller,
     body: Result<Json<InstallProgress>, axum::extract::rejection::JsonRejection>,
 ) -> Result<StatusCode, ApiError> {
     let Json(p) = body?;
     let mac = crate::agents::mac_param(&mac)?;
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    r.progress(&mac, token, p)?;
+    // The guard matched the token to this MAC's open install; an operator
+    // may report too.
+    if caller.job().is_none() && !caller.is_operator() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "progress needs the token issued with the install work",
+        ));
+    }
+    r.progress(&mac, p)?;
     Ok(StatusCode::NO_CONTENT)
 }
 

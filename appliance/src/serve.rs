@@ -149,9 +149,13 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     }
     let networks = crate::network::Networks::new(&opts.data, events.clone());
     networks.restore().await;
-    let tokens = Arc::new(crate::auth::TokenStore::open(
-        &opts.data.join("state/tokens.json"),
-    ));
+    // One token store for every guard (the inventory opened it first).
+    let tokens = match &inventory {
+        Some(inv) => inv.tokens.clone(),
+        None => Arc::new(crate::auth::TokenStore::open(
+            &opts.data.join("state/tokens.json"),
+        )),
+    };
     let node_uuid = uuid::Uuid::parse_str(&state.node_id).expect("node ids are UUIDs");
     let replicas = crate::replicas::Replicas::open(
         &opts.data,
@@ -176,26 +180,11 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         replicas.clone(),
         networks.clone(),
     );
-    // Operator writes (power, networks, rebuilds, flash) need a bearer token like the
-    // inventory's; agent check-ins and PXE fetches come from targets, which
-    // carry none.
-    let guarded = api::router(state)
-        .merge(crate::network::router(networks.clone()))
-        .merge(crate::rebuild::router(opts.data.clone()))
-        .merge(crate::replicate::router(replication.clone()))
-        .merge(crate::flash::router(crate::flash::FlashState::new(
-            &opts.data,
-        )))
-        .layer(axum::middleware::from_fn_with_state(
-            tokens.clone(),
-            require_token_for_writes,
-        ));
     // Cloning: jobs, the chunk store agents upload to and deploy from.
     let mut cloning = crate::clone::server::CloneJobs::new(
         &opts.data,
         inventory.as_ref().map(|inv| inv.boot_policy()),
         events.clone(),
-        Some(tokens.clone()),
         crate::clone::server::bmc_power(),
     );
     cloning.agent_cmdline = AGENT_CMDLINE.into();
@@ -203,21 +192,31 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         let c = cloning.clone();
         tokio::task::spawn_blocking(move || c.reindex());
     }
-    // Replica endpoints check operator or child-scoped tokens themselves.
-    let mut app = guarded
-        .merge(crate::clone::server::router(cloning.clone()))
-        .merge(crate::replicas::router(replicas.clone()))
-        .merge(crate::events::router(events.clone()))
-        .merge(crate::replicate::agent_router(replication.clone()))
-        .merge(crate::agents::router(
-            crate::agents::Agents::open(&opts.data, events.clone()).with_work({
-                let r = replication.clone();
-                let c = cloning.clone();
-                Arc::new(move |rec: &crate::agents::AgentRecord, base: &str| {
-                    c.work_for(rec, base).or_else(|| r.work_for(rec, base))
-                })
-            }),
-        ));
+    // One trust model: every route's guard checks these tokens and the
+    // job tokens of clone jobs and install attempts.
+    let auth = crate::http::Auth::new(Some(tokens.clone()), !opts.private_reads);
+    auth.add_jobs(Arc::new(cloning.clone()));
+    auth.add_jobs(Arc::new(replication.clone()));
+    crate::audit::init(&opts.data);
+    let mut routes = api::routes(state);
+    routes.extend(crate::network::routes(networks.clone()));
+    routes.extend(crate::rebuild::routes(opts.data.clone()));
+    routes.extend(crate::replicate::routes(replication.clone()));
+    routes.extend(crate::flash::routes(crate::flash::FlashState::new(
+        &opts.data,
+    )));
+    routes.extend(crate::clone::server::routes(cloning.clone()));
+    routes.extend(crate::replicas::routes(replicas.clone()));
+    routes.extend(crate::events::routes(events.clone()));
+    routes.extend(crate::agents::routes(
+        crate::agents::Agents::open(&opts.data, events.clone()).with_work({
+            let r = replication.clone();
+            let c = cloning.clone();
+            Arc::new(move |rec: &crate::agents::AgentRecord, base: &str| {
+                c.work_for(rec, base).or_else(|| r.work_for(rec, base))
+            })
+        }),
+    ));
     // Open clone jobs decide first (their machines boot the agent), then
     // replication (registered replicas install, installed ones boot
     // locally), then the inventory.
@@ -233,7 +232,7 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
                     .and_then(|inv| inv.ipxe_for_mac(mac, server))
             })
     }));
-    app = app.merge(crate::pxe::router(crate::pxe::PxeState {
+    routes.extend(crate::pxe::routes(crate::pxe::PxeState {
         data: opts.data.clone(),
         events,
         policy,
@@ -247,7 +246,7 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
             Some(replicas.clone()),
         ));
         start_background_sync(&opts, node.clone());
-        app = app.merge(crate::sync::api::router(Arc::new(
+        routes.extend(crate::sync::api::routes(Arc::new(
             crate::sync::api::SyncState {
                 node,
                 tokens: tokens.clone(),
@@ -256,10 +255,9 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         )));
     }
     if let Some(inv) = inventory {
-        app = app.merge(
-            crate::inventory::api::router(inv).layer(tower_http::trace::TraceLayer::new_for_http()),
-        );
+        routes.extend(crate::inventory::api::routes(inv));
     }
+    let app = crate::http::build(routes, auth);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -346,35 +344,6 @@ fn start_background_sync(opts: &ServeOptions, node: Arc<crate::sync::SyncNode>) 
             }
         }
     });
-}
-
-/// Refuse non-GET requests without a valid `Authorization: Bearer` token.
-async fn require_token_for_writes(
-    axum::extract::State(tokens): axum::extract::State<Arc<crate::auth::TokenStore>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    if matches!(
-        *req.method(),
-        axum::http::Method::GET | axum::http::Method::HEAD
-    ) {
-        return next.run(req).await;
-    }
-    let presented = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented.and_then(|t| tokens.verify(t)) {
-        Some(_) => next.run(req).await,
-        None => api::ApiError::new(
-            axum::http::StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "this request needs a valid bearer token (appliance token create)",
-        )
-        .into_response(),
-    }
 }
 
 async fn shutdown_signal() {

@@ -33,18 +33,19 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+#[cfg(test)]
+use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use super::manifest::Manifest;
 use super::remote::{ChunkList, KnownChunk};
 use super::store::{self, hex_of, ChunkStore, DirStore};
 use crate::api::ApiError;
-use crate::auth::TokenStore;
 use crate::events::Events;
+use crate::http::{Caller, Guard, Route};
 use crate::inventory::model::{Image, Object, System};
 use crate::inventory::{Author, Inventory};
 
@@ -238,7 +239,6 @@ pub struct CloneJobs {
     pub store: Arc<DirStore>,
     inventory: Option<Arc<RwLock<Inventory>>>,
     events: Events,
-    tokens: Option<Arc<TokenStore>>,
     jobs: Arc<Mutex<BTreeMap<String, Job>>>,
     cache: Arc<Mutex<FrameCache>>,
     power: PowerHook,
@@ -271,7 +271,6 @@ impl CloneJobs {
         data: &Path,
         inventory: Option<Arc<RwLock<Inventory>>>,
         events: Events,
-        tokens: Option<Arc<TokenStore>>,
         power: PowerHook,
     ) -> CloneJobs {
         let jobs: Vec<Job> = std::fs::read(data.join(JOBS_FILE))
@@ -283,7 +282,6 @@ impl CloneJobs {
             store: Arc::new(DirStore::new(data)),
             inventory,
             events,
-            tokens,
             jobs: Arc::new(Mutex::new(
                 jobs.into_iter().map(|j| (j.id.clone(), j)).collect(),
             )),
@@ -602,7 +600,11 @@ impl CloneJobs {
             Action::Deploy | Action::Restore => {
                 let inv = self.inv().ok()?;
                 let img = inv.image(&job.image)?;
-                let system = inv.system(&job.system)?.clone();
+                let mut system = inv.system(&job.system)?.clone();
+                // Work is fetched without a token: it carries what the
+                // identity step needs (names, addresses), never the BMC's
+                // credentials.
+                system.power = Default::default();
                 Some(crate::agents::Work::Deploy(Box::new(DeployWork {
                     job: job.id,
                     token: job.token,
@@ -612,34 +614,6 @@ impl CloneJobs {
                     system,
                 })))
             }
-        }
-    }
-
-    /// The job whose token `headers` carry (or any job, for an operator).
-    fn authorize(&self, headers: &HeaderMap, job: Option<&str>) -> Result<Option<Job>, ApiError> {
-        let presented = crate::auth::bearer(headers).unwrap_or("");
-        if let Some(j) = self
-            .lock()
-            .values()
-            .find(|j| j.open() && !presented.is_empty() && j.token == presented)
-        {
-            if job.is_some_and(|id| id != j.id) {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "wrong_job",
-                    "this token belongs to another job",
-                ));
-            }
-            return Ok(Some(j.clone()));
-        }
-        match &self.tokens {
-            Some(t) if t.verify(presented).is_some() => Ok(None),
-            None => Ok(None),
-            _ => Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this request needs an open job's token or an operator token",
-            )),
         }
     }
 
@@ -855,17 +829,131 @@ fn sys_owned(j: &CloneJobs, name: &str) -> Result<System, ApiError> {
     })
 }
 
+/// The largest chunk an agent uploads (chunks are at most 4 MiB before
+/// compression; the limit leaves room for incompressible ones).
+const CHUNK_LIMIT: usize = 64 << 20;
+/// The largest capture manifest.
+const MANIFEST_LIMIT: usize = 64 << 20;
+
+pub fn routes(jobs: CloneJobs) -> Vec<Route> {
+    let j = jobs;
+    vec![
+        Route::get("/api/v1/clone/jobs", Guard::Read, "Clone jobs: capture, deploy, restore")
+            .response("Object")
+            .to(list_jobs, j.clone()),
+        Route::post(
+            "/api/v1/clone/jobs",
+            Guard::Operator,
+            "Start capture, deploy or restore jobs (power-cycles the machines)",
+        )
+        .request("Object")
+        .response("Object")
+        .creates()
+        .to(create_jobs, j.clone()),
+        Route::get("/api/v1/clone/jobs/{id}", Guard::Read, "One clone job")
+            .response("Object")
+            .to(get_job, j.clone()),
+        Route::delete(
+            "/api/v1/clone/jobs/{id}",
+            Guard::Operator,
+            "Cancel a job (?reason=); the machine goes back to local boot",
+        )
+        .response("Object")
+        .to(cancel_job, j.clone()),
+        Route::post(
+            "/api/v1/clone/jobs/{id}/progress",
+            Guard::Job,
+            "The job's agent reports progress (its job token)",
+        )
+        .request("Object")
+        .response("Object")
+        .limit(crate::agents::CHECKIN_LIMIT)
+        .to(job_progress, j.clone()),
+        Route::get(
+            "/api/v1/clone/chunks",
+            Guard::Job,
+            "Chunks the store holds (a capture agent skips them)",
+        )
+        .response("Object")
+        .to(list_chunks, j.clone()),
+        Route::put(
+            "/api/v1/clone/chunks/{hex}",
+            Guard::Job,
+            "A capture agent uploads a chunk (zstd, named by its raw sha256)",
+        )
+        .request("binary")
+        .response("Object")
+        .creates()
+        .limit(CHUNK_LIMIT)
+        .to(upload_chunk, j.clone()),
+        Route::get(
+            "/api/v1/clone/blobs/{hex}",
+            Guard::Job,
+            "A deploy agent fetches a stored chunk",
+        )
+        .response("binary")
+        .to(get_blob, j.clone()),
+        Route::post(
+            "/api/v1/clone/manifests",
+            Guard::Job,
+            "A capture agent uploads its manifest; the image is recorded when the job completes",
+        )
+        .request("binary")
+        .response("Object")
+        .creates()
+        .limit(MANIFEST_LIMIT)
+        .to(upload_manifest, j),
+    ]
+}
+
+impl crate::http::JobTokens for CloneJobs {
+    fn job_of(&self, token: &str) -> Option<crate::http::JobRef> {
+        if token.is_empty() {
+            return None;
+        }
+        self.lock()
+            .values()
+            .find(|j| j.open() && j.token == token)
+            .map(|j| crate::http::JobRef {
+                kind: "clone",
+                id: j.id.clone(),
+                mac: Some(j.mac.clone()),
+            })
+    }
+}
+
+#[cfg(test)]
 pub fn router(jobs: CloneJobs) -> Router {
-    Router::new()
-        .route("/api/v1/clone/jobs", get(list_jobs).post(create_jobs))
-        .route("/api/v1/clone/jobs/{id}", get(get_job).delete(cancel_job))
-        .route("/api/v1/clone/jobs/{id}/progress", post(job_progress))
-        .route("/api/v1/clone/chunks", get(list_chunks))
-        .route("/api/v1/clone/chunks/{hex}", put(upload_chunk))
-        .route("/api/v1/clone/blobs/{hex}", get(get_blob))
-        .route("/api/v1/clone/manifests", post(upload_manifest))
-        .layer(DefaultBodyLimit::max(256 << 20))
-        .with_state(jobs)
+    let auth = crate::http::Auth::allow_all();
+    auth.add_jobs(Arc::new(jobs.clone()));
+    crate::http::build(routes(jobs), auth)
+}
+
+/// The open job of the caller's job token, if it is one of `actions`.
+fn caller_job(j: &CloneJobs, caller: &Caller, actions: &[Action]) -> Result<Option<Job>, ApiError> {
+    if caller.is_operator() {
+        return Ok(None);
+    }
+    let job = caller
+        .job()
+        .filter(|r| r.kind == "clone")
+        .and_then(|r| j.lock().get(&r.id).cloned())
+        .filter(|job| job.open())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this request needs an open clone job's token or an operator token",
+            )
+        })?;
+    if !actions.contains(&job.action) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "wrong_job",
+            format!("a {:?} job's token may not do this", job.action),
+        ));
+    }
+    Ok(Some(job))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -874,23 +962,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-}
-
-fn operator(j: &CloneJobs, headers: &HeaderMap) -> Result<(), ApiError> {
-    match &j.tokens {
-        Some(t)
-            if crate::auth::bearer(headers)
-                .and_then(|p| t.verify(p))
-                .is_none() =>
-        {
-            Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this request needs an operator token",
-            ))
-        }
-        _ => Ok(()),
-    }
 }
 
 async fn list_jobs(State(j): State<CloneJobs>) -> Json<Vec<Job>> {
@@ -908,10 +979,8 @@ async fn get_job(
 
 async fn create_jobs(
     State(j): State<CloneJobs>,
-    headers: HeaderMap,
     body: Result<Json<JobRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Vec<Job>>), ApiError> {
-    operator(&j, &headers)?;
     let Json(req) = body?;
     let jobs = blocking(move || j.create(&req)).await?;
     Ok((StatusCode::CREATED, Json(jobs)))
@@ -919,11 +988,9 @@ async fn create_jobs(
 
 async fn cancel_job(
     State(j): State<CloneJobs>,
-    headers: HeaderMap,
     UrlPath(id): UrlPath<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Job>, ApiError> {
-    operator(&j, &headers)?;
     // An optional `?reason=…` (the CLI's timeout says why).
     let reason = q
         .get("reason")
@@ -936,20 +1003,21 @@ async fn cancel_job(
 
 async fn job_progress(
     State(j): State<CloneJobs>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(id): UrlPath<String>,
     body: Result<Json<JobProgress>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Job>, ApiError> {
-    j.authorize(&headers, Some(&id))?;
+    // The guard bound a job token to this `{id}`.
+    caller_job(&j, &caller, &[Action::Capture, Action::Deploy, Action::Restore])?;
     let Json(p) = body?;
     blocking(move || j.progress(&id, p)).await.map(Json)
 }
 
 async fn list_chunks(
     State(j): State<CloneJobs>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Result<Json<ChunkList>, ApiError> {
-    j.authorize(&headers, None)?;
+    caller_job(&j, &caller, &[Action::Capture])?;
     let chunks = blocking(move || {
         j.store.known().map_err(internal).map(|v| {
             v.into_iter()
@@ -967,33 +1035,31 @@ async fn list_chunks(
 
 async fn upload_chunk(
     State(j): State<CloneJobs>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(hex): UrlPath<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<KnownChunk>), ApiError> {
-    j.authorize(&headers, None)?;
+    caller_job(&j, &caller, &[Action::Capture])?;
     let k = blocking(move || j.put_chunk(&hex, &body)).await?;
     Ok((StatusCode::CREATED, Json(k)))
 }
 
 async fn get_blob(
     State(j): State<CloneJobs>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(hex): UrlPath<String>,
 ) -> Result<Vec<u8>, ApiError> {
-    j.authorize(&headers, None)?;
+    caller_job(&j, &caller, &[Action::Deploy, Action::Restore])?;
     let b = blocking(move || j.blob(&hex)).await?;
     Ok(b.as_ref().clone())
 }
 
 async fn upload_manifest(
     State(j): State<CloneJobs>,
-    headers: HeaderMap,
+    caller: Caller,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Image>), ApiError> {
-    let job = j
-        .authorize(&headers, None)?
-        .filter(|job| job.action == Action::Capture)
+    let job = caller_job(&j, &caller, &[Action::Capture])?
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -1027,7 +1093,6 @@ mod tests {
             dir,
             Some(Arc::new(RwLock::new(inv))),
             Events::new(),
-            None,
             power,
         );
         (jobs, calls)

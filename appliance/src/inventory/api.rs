@@ -24,7 +24,6 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -36,13 +35,14 @@ use super::status::{self, Event, StatusBook, StatusRow};
 use super::templates::{self, Document, RenderError};
 use super::{Author, InvError, Inventory, Settings};
 use crate::api::ApiError;
+use crate::http::{Caller, Guard, Route};
 use crate::auth::TokenStore;
 
 /// Everything the inventory handlers need.
 pub struct InvState {
     pub inventory: Arc<RwLock<Inventory>>,
     pub status: Mutex<StatusBook>,
-    pub tokens: TokenStore,
+    pub tokens: Arc<TokenStore>,
     /// Serve reads without a token.
     pub public_reads: bool,
     /// `<data>/blobs/sha256`.
@@ -144,37 +144,6 @@ fn kind_of(plural: &str) -> Result<Kind, ApiError> {
     })
 }
 
-/// Checks the bearer token for a write (or a private read); returns the
-/// author for commits.
-pub(crate) fn authorize(
-    state: &InvState,
-    headers: &HeaderMap,
-    write: bool,
-) -> Result<Author, ApiError> {
-    if !write && state.public_reads {
-        return Ok(Author::new("anonymous"));
-    }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let Some(token) = token else {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "this request needs an Authorization: Bearer <token> header",
-        ));
-    };
-    match state.tokens.verify(token) {
-        Some(name) => Ok(Author::new(&name)),
-        None => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "the bearer token is not valid (revoked or mistyped)",
-        )),
-    }
-}
-
 /// `http://host[:port]` the client used, for URLs inside rendered files.
 fn server_url(headers: &HeaderMap) -> String {
     let host = headers
@@ -233,57 +202,235 @@ pub struct BatchItem {
 }
 
 /// Builds the inventory router.
-pub fn router(state: Arc<InvState>) -> Router {
-    Router::new()
-        .route("/api/v1/openapi.json", get(openapi_json))
-        .route("/api/v1/settings", get(get_settings).put(put_settings))
-        .route("/api/v1/status", get(list_status))
-        .route("/api/v1/batch", post(batch))
-        .route("/api/v1/boot/{mac}", get(boot_script))
-        .route("/api/v1/{kind}", get(list).post(create))
-        .route(
+/// The inventory's routes: the Cobbler model under `/api/v1`, the
+/// target-facing service URLs (autoinstall files, status reports, boot
+/// scripts, boot files) public because targets carry no token.
+pub fn routes(state: Arc<InvState>) -> Vec<Route> {
+    let st = state;
+    use Guard::{Operator, Public, Read};
+    vec![
+        Route::get("/api/v1/{kind}", Read, "List all objects of a kind")
+            .response("[]")
+            .to(list, st.clone()),
+        Route::post("/api/v1/{kind}", Operator, "Create an object")
+            .request(".")
+            .response(".")
+            .creates()
+            .to(create, st.clone()),
+        Route::get("/api/v1/{kind}/{name}", Read, "Show one object")
+            .response(".")
+            .to(show, st.clone()),
+        Route::put("/api/v1/{kind}/{name}", Operator, "Replace an object")
+            .request(".")
+            .response(".")
+            .to(replace, st.clone()),
+        Route::patch("/api/v1/{kind}/{name}", Operator, "Merge-patch an object (RFC 7386)")
+            .request("Object")
+            .response(".")
+            .to(patch, st.clone()),
+        Route::delete(
             "/api/v1/{kind}/{name}",
-            get(show).put(replace).patch(patch).delete(remove),
+            Operator,
+            "Remove an object (?recursive=true removes its dependants too)",
         )
-        .route("/api/v1/{kind}/{name}/copy", post(copy))
-        .route("/api/v1/{kind}/{name}/rename", post(rename))
-        .route("/api/v1/{kind}/{name}/blended", get(blended))
-        .route("/api/v1/{kind}/{name}/autoinstall", get(autoinstall))
-        .route("/api/v1/systems/{name}/nocloud/{doc}", get(nocloud))
-        .route("/api/v1/systems/{name}/status", post(report_status))
-        .route(
+        .response("Removed")
+        .to(remove, st.clone()),
+        Route::post("/api/v1/{kind}/{name}/copy", Operator, "Copy an object")
+            .request("NewName")
+            .response(".")
+            .creates()
+            .to(copy, st.clone()),
+        Route::post(
+            "/api/v1/{kind}/{name}/rename",
+            Operator,
+            "Rename an object and every reference to it",
+        )
+        .request("NewName")
+        .response(".")
+        .to(rename, st.clone()),
+        Route::get(
+            "/api/v1/{kind}/{name}/blended",
+            Read,
+            "Blended variables with their sources",
+        )
+        .response("Blended")
+        .to(blended, st.clone()),
+        Route::get(
+            "/api/v1/{kind}/{name}/autoinstall",
+            Public,
+            "Render a system's or profile's autoinstall file (installers fetch it)",
+        )
+        .response("text")
+        .to(autoinstall, st.clone()),
+        Route::get(
+            "/api/v1/systems/{name}/nocloud/{doc}",
+            Public,
+            "cloud-init NoCloud user-data or meta-data",
+        )
+        .response("text")
+        .to(nocloud, st.clone()),
+        Route::post(
+            "/api/v1/systems/{name}/status",
+            Public,
+            "Report install start, finish or failure (no token)",
+        )
+        .request("StatusReport")
+        .response("StatusRow")
+        .limit(64 << 10)
+        .to(report_status, st.clone()),
+        Route::post(
+            "/api/v1/systems/{name}/status/{event}",
+            Public,
+            "Report an install event by URL (no token)",
+        )
+        .response("StatusRow")
+        .limit(64 << 10)
+        .to(report_event, st.clone()),
+        Route::get(
             "/api/v1/systems/{name}/power",
-            get(crate::bmc::api::get_power).post(crate::bmc::api::post_power),
+            Read,
+            "The system's power state, read from its BMC",
         )
-        .route(
+        .response("PowerStatus")
+        .to(crate::bmc::api::get_power, st.clone()),
+        Route::post(
+            "/api/v1/systems/{name}/power",
+            Operator,
+            "Power on, off or cycle, with an optional one-time boot device",
+        )
+        .request("PowerRequest")
+        .response("PowerDone")
+        .to(crate::bmc::api::post_power, st.clone()),
+        Route::post(
             "/api/v1/systems/{name}/media",
-            post(crate::bmc::api::post_media),
+            Operator,
+            "Insert an ISO by URL as virtual media, or eject it (Redfish BMCs)",
         )
-        .route("/api/v1/systems/{name}/status/{event}", post(report_event))
-        .route(
+        .request("MediaRequest")
+        .response("MediaDone")
+        .to(crate::bmc::api::post_media, st.clone()),
+        Route::get("/api/v1/status", Read, "Install status of every system")
+            .response("[StatusRow]")
+            .to(list_status, st.clone()),
+        Route::get("/api/v1/settings", Read, "Global settings")
+            .response("Settings")
+            .to(get_settings, st.clone()),
+        Route::put("/api/v1/settings", Guard::Admin, "Replace the global settings")
+            .request("Settings")
+            .response("Settings")
+            .to(put_settings, st.clone()),
+        Route::post(
+            "/api/v1/batch",
+            Operator,
+            "Create or replace many objects in one commit",
+        )
+        .request("Batch")
+        .response("Object")
+        .creates()
+        .limit(64 << 20)
+        .to(batch, st.clone()),
+        Route::get("/api/v1/boot/{mac}", Public, "The iPXE script this MAC gets now")
+            .response("text")
+            .to(boot_script, st.clone()),
+        Route::get(
             "/cblr/svc/op/autoinstall/{kind}/{name}",
-            get(cobbler_autoinstall),
+            Public,
+            "Cobbler-compatible autoinstall URL (kind: system or profile)",
         )
-        .route("/cblr/svc/op/ks/{kind}/{name}", get(cobbler_autoinstall))
-        .route(
+        .response("text")
+        .to(cobbler_autoinstall, st.clone()),
+        Route::get(
+            "/cblr/svc/op/ks/{kind}/{name}",
+            Public,
+            "Cobbler-compatible kickstart URL (kind: system or profile)",
+        )
+        .response("text")
+        .to(cobbler_autoinstall, st.clone()),
+        Route::get(
             "/cblr/svc/op/nopxe/system/{name}",
-            get(cobbler_nopxe).post(cobbler_nopxe),
+            Public,
+            "Cobbler-compatible: install finished, netboot off",
         )
-        .route(
+        .response("text")
+        .to(cobbler_nopxe, st.clone()),
+        Route::post(
+            "/cblr/svc/op/nopxe/system/{name}",
+            Public,
+            "Cobbler-compatible: install finished, netboot off",
+        )
+        .response("text")
+        .limit(64 << 10)
+        .to(cobbler_nopxe, st.clone()),
+        Route::get(
             "/cblr/svc/op/trig/mode/{mode}/system/{name}",
-            get(cobbler_trig).post(cobbler_trig),
+            Public,
+            "Cobbler-compatible trigger: pre (start) or post (finish)",
         )
-        .route("/blobs/sha256/{hex}", get(blob))
-        .with_state(state)
+        .response("text")
+        .to(cobbler_trig, st.clone()),
+        Route::post(
+            "/cblr/svc/op/trig/mode/{mode}/system/{name}",
+            Public,
+            "Cobbler-compatible trigger: pre (start) or post (finish)",
+        )
+        .response("text")
+        .limit(64 << 10)
+        .to(cobbler_trig, st.clone()),
+        Route::get(
+            "/blobs/sha256/{hex}",
+            Public,
+            "A distro's kernel or initrd by digest (boot files only; carry no secret)",
+        )
+        .response("binary")
+        .to(boot_blob, st.clone()),
+        Route::get(
+            "/api/v1/blobs/sha256/{hex}",
+            Read,
+            "Any blob of the data partition by digest",
+        )
+        .response("binary")
+        .to(blob, st),
+    ]
+}
+
+/// The inventory's routes alone (tests), guarded by its own tokens.
+pub fn router(state: Arc<InvState>) -> Router {
+    let auth = crate::http::Auth::new(Some(state.tokens.clone()), state.public_reads);
+    crate::http::build(routes(state), auth)
+}
+
+/// Whether `sha256:<hex>` is a distro's kernel or initrd.
+fn is_boot_file(inv: &Inventory, hex: &str) -> bool {
+    let want = format!("sha256:{hex}");
+    inv.list(Kind::Distro).any(|o| match o {
+        Object::Distro(d) => d.kernel == want || d.initrd == want,
+        _ => false,
+    })
+}
+
+/// `/blobs/sha256/{hex}` without a token: only boot files. Captured disks
+/// and everything else in the blob store need a token
+/// (`/api/v1/blobs/sha256/{hex}`).
+async fn boot_blob(
+    State(st): S,
+    Path(hex): Path<String>,
+    req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    if !is_boot_file(&st.read(), &hex) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("sha256:{hex} is not a distro's kernel or initrd; other blobs are at /api/v1/blobs/sha256/{{hex}} with a token"),
+        ));
+    }
+    blob(State(st), Path(hex), req).await
 }
 
 async fn list(
     State(st): S,
     Path(kind): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let kind = kind_of(&kind)?;
-    authorize(&st, &headers, false)?;
     let inv = st.read();
     // Serialise straight into one buffer: 10,000 systems stay well under 50 ms.
     let mut out = Vec::with_capacity(inv.count(kind) * 256);
@@ -302,10 +449,8 @@ async fn list(
 async fn show(
     State(st): S,
     Path((kind, name)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let kind = kind_of(&kind)?;
-    authorize(&st, &headers, false)?;
     let inv = st.read();
     let o = inv
         .get(kind, &name)
@@ -315,12 +460,12 @@ async fn show(
 
 async fn create(
     State(st): S,
+    caller: Caller,
     Path(kind): Path<String>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let kind = kind_of(&kind)?;
-    let author = authorize(&st, &headers, true)?;
+    let author = Author::new(&caller.name());
     let mut v = parse_body(&body)?;
     keep_secrets(kind, &mut v, None)?;
     let obj = Object::from_json(kind, v).map_err(|e| InvError::Invalid(e, kind))?;
@@ -335,12 +480,12 @@ async fn create(
 
 async fn replace(
     State(st): S,
+    caller: Caller,
     Path((kind, name)): Path<(String, String)>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let kind = kind_of(&kind)?;
-    let author = authorize(&st, &headers, true)?;
+    let author = Author::new(&caller.name());
     let mut v = parse_body(&body)?;
     match v.get("name").and_then(|n| n.as_str()) {
         Some(n) if n != name => {
@@ -362,12 +507,12 @@ async fn replace(
 
 async fn patch(
     State(st): S,
+    caller: Caller,
     Path((kind, name)): Path<(String, String)>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let kind = kind_of(&kind)?;
-    let author = authorize(&st, &headers, true)?;
+    let author = Author::new(&caller.name());
     let mut v = parse_body(&body)?;
     if v.get("name")
         .is_some_and(|n| n.as_str() != Some(name.as_str()))
@@ -386,12 +531,12 @@ async fn patch(
 
 async fn remove(
     State(st): S,
+    caller: Caller,
     Path((kind, name)): Path<(String, String)>,
     Query(q): Query<RemoveQuery>,
-    headers: HeaderMap,
 ) -> Result<Json<Removed>, ApiError> {
     let kind = kind_of(&kind)?;
-    let author = authorize(&st, &headers, true)?;
+    let author = Author::new(&caller.name());
     let removed = st.write().remove(kind, &name, q.recursive, &author)?;
     let mut book = st.status.lock().unwrap_or_else(|e| e.into_inner());
     for r in &removed {
@@ -412,12 +557,12 @@ fn new_name(body: &Bytes) -> Result<String, ApiError> {
 
 async fn copy(
     State(st): S,
+    caller: Caller,
     Path((kind, name)): Path<(String, String)>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let kind = kind_of(&kind)?;
-    let author = authorize(&st, &headers, true)?;
+    let author = Author::new(&caller.name());
     let new = new_name(&body)?;
     let mut inv = st.write();
     inv.copy(kind, &name, &new, &author)?;
@@ -429,12 +574,12 @@ async fn copy(
 
 async fn rename(
     State(st): S,
+    caller: Caller,
     Path((kind, name)): Path<(String, String)>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let kind = kind_of(&kind)?;
-    let author = authorize(&st, &headers, true)?;
+    let author = Author::new(&caller.name());
     let new = new_name(&body)?;
     let mut inv = st.write();
     inv.rename(kind, &name, &new, &author)?;
@@ -444,10 +589,8 @@ async fn rename(
 async fn blended(
     State(st): S,
     Path((kind, name)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Result<Json<Blended>, ApiError> {
     let kind = kind_of(&kind)?;
-    authorize(&st, &headers, false)?;
     Ok(Json(blend(&st.read(), kind, &name)?))
 }
 
@@ -566,18 +709,18 @@ fn record(
     })
 }
 
-fn peer(headers: &HeaderMap) -> String {
-    headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned()
+/// The reporting machine's address: the TCP peer, never a header it sent.
+fn peer(caller: &Caller) -> String {
+    caller
+        .peer
+        .map(|p| p.ip().to_string())
+        .unwrap_or_default()
 }
 
 async fn report_status(
     State(st): S,
+    caller: Caller,
     Path(name): Path<String>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<StatusRow>, ApiError> {
     let r: StatusReport = serde_json::from_slice(&body).map_err(|e| {
@@ -590,7 +733,7 @@ async fn report_status(
         &name,
         r.event,
         &r.message,
-        &peer(&headers),
+        &peer(&caller),
     )?))
 }
 
@@ -607,33 +750,33 @@ fn parse_event(s: &str) -> Result<Event, ApiError> {
 
 async fn report_event(
     State(st): S,
+    caller: Caller,
     Path((name, event)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Result<Json<StatusRow>, ApiError> {
     Ok(Json(record(
         &st,
         &name,
         parse_event(&event)?,
         "",
-        &peer(&headers),
+        &peer(&caller),
     )?))
 }
 
 async fn cobbler_nopxe(
     State(st): S,
+    caller: Caller,
     Path(name): Path<String>,
-    headers: HeaderMap,
 ) -> Result<&'static str, ApiError> {
-    record(&st, &name, Event::Finish, "nopxe", &peer(&headers))?;
+    record(&st, &name, Event::Finish, "nopxe", &peer(&caller))?;
     Ok("True")
 }
 
 async fn cobbler_trig(
     State(st): S,
+    caller: Caller,
     Path((mode, name)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Result<&'static str, ApiError> {
-    record(&st, &name, parse_event(&mode)?, "trigger", &peer(&headers))?;
+    record(&st, &name, parse_event(&mode)?, "trigger", &peer(&caller))?;
     Ok("True")
 }
 
@@ -657,24 +800,22 @@ pub fn status_rows(inv: &Inventory, book: &StatusBook, now: i64) -> Vec<StatusRo
         .collect()
 }
 
-async fn list_status(State(st): S, headers: HeaderMap) -> Result<Json<Vec<StatusRow>>, ApiError> {
-    authorize(&st, &headers, false)?;
+async fn list_status(State(st): S) -> Result<Json<Vec<StatusRow>>, ApiError> {
     let inv = st.read();
     let book = st.status.lock().unwrap_or_else(|e| e.into_inner());
     Ok(Json(status_rows(&inv, &book, status::now())))
 }
 
-async fn get_settings(State(st): S, headers: HeaderMap) -> Result<Json<Settings>, ApiError> {
-    authorize(&st, &headers, false)?;
+async fn get_settings(State(st): S) -> Result<Json<Settings>, ApiError> {
     Ok(Json(st.read().settings().clone()))
 }
 
 async fn put_settings(
     State(st): S,
-    headers: HeaderMap,
+    caller: Caller,
     body: Bytes,
 ) -> Result<Json<Settings>, ApiError> {
-    let author = authorize(&st, &headers, true)?;
+    let author = Author::new(&caller.name());
     let s: Settings =
         serde_json::from_slice(&body).map_err(|e| bad_request(format!("settings: {e}")))?;
     st.write().set_settings(s.clone(), &author)?;
@@ -683,10 +824,10 @@ async fn put_settings(
 
 async fn batch(
     State(st): S,
-    headers: HeaderMap,
+    caller: Caller,
     body: Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let author = authorize(&st, &headers, true)?;
+    let author = Author::new(&caller.name());
     let b: Batch = serde_json::from_slice(&body).map_err(|e| bad_request(format!("batch: {e}")))?;
     let mut objs = Vec::with_capacity(b.objects.len());
     for (i, mut item) in b.objects.into_iter().enumerate() {
@@ -796,273 +937,7 @@ async fn blob(
     Ok(resp)
 }
 
-async fn openapi_json() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        openapi().to_pretty_json().unwrap_or_default(),
-    )
-        .into_response()
-}
-
-/// One route of the API: method, path, summary, whether it writes, request
-/// and response schema names. The OpenAPI document is made from this table;
-/// a test checks the router answers every entry.
-pub struct Route {
-    pub method: &'static str,
-    pub path: &'static str,
-    pub summary: &'static str,
-    pub write: bool,
-    pub request: Option<&'static str>,
-    pub response: Option<&'static str>,
-}
-
-const fn r(
-    method: &'static str,
-    path: &'static str,
-    summary: &'static str,
-    write: bool,
-    request: Option<&'static str>,
-    response: Option<&'static str>,
-) -> Route {
-    Route {
-        method,
-        path,
-        summary,
-        write,
-        request,
-        response,
-    }
-}
-
-/// Every inventory route, `{kind}` expanded per kind in the document.
-pub const ROUTES: &[Route] = &[
-    r(
-        "get",
-        "/api/v1/{kind}",
-        "List all objects of a kind",
-        false,
-        None,
-        Some("[]"),
-    ),
-    r(
-        "post",
-        "/api/v1/{kind}",
-        "Create an object",
-        true,
-        Some("."),
-        Some("."),
-    ),
-    r(
-        "get",
-        "/api/v1/{kind}/{name}",
-        "Show one object",
-        false,
-        None,
-        Some("."),
-    ),
-    r(
-        "put",
-        "/api/v1/{kind}/{name}",
-        "Replace an object",
-        true,
-        Some("."),
-        Some("."),
-    ),
-    r(
-        "patch",
-        "/api/v1/{kind}/{name}",
-        "Merge-patch an object (RFC 7386)",
-        true,
-        Some("Object"),
-        Some("."),
-    ),
-    r(
-        "delete",
-        "/api/v1/{kind}/{name}",
-        "Remove an object (?recursive=true removes its dependents)",
-        true,
-        None,
-        Some("Removed"),
-    ),
-    r(
-        "post",
-        "/api/v1/{kind}/{name}/copy",
-        "Copy an object",
-        true,
-        Some("NewName"),
-        Some("."),
-    ),
-    r(
-        "post",
-        "/api/v1/{kind}/{name}/rename",
-        "Rename an object and every reference to it",
-        true,
-        Some("NewName"),
-        Some("."),
-    ),
-    r(
-        "get",
-        "/api/v1/{kind}/{name}/blended",
-        "Blended variables with their sources",
-        false,
-        None,
-        Some("Blended"),
-    ),
-    r(
-        "get",
-        "/api/v1/systems/{name}/autoinstall",
-        "Render the system's autoinstall file",
-        false,
-        None,
-        Some("text"),
-    ),
-    r(
-        "get",
-        "/api/v1/profiles/{name}/autoinstall",
-        "Render the profile's autoinstall file",
-        false,
-        None,
-        Some("text"),
-    ),
-    r(
-        "get",
-        "/api/v1/systems/{name}/nocloud/{doc}",
-        "cloud-init NoCloud user-data or meta-data",
-        false,
-        None,
-        Some("text"),
-    ),
-    r(
-        "post",
-        "/api/v1/systems/{name}/status",
-        "Report install start, finish or failure (no token)",
-        false,
-        Some("StatusReport"),
-        Some("StatusRow"),
-    ),
-    r(
-        "post",
-        "/api/v1/systems/{name}/status/{event}",
-        "Report an install event by URL (no token)",
-        false,
-        None,
-        Some("StatusRow"),
-    ),
-    r(
-        "get",
-        "/api/v1/systems/{name}/power",
-        "The system's power state, read from its BMC",
-        false,
-        None,
-        Some("PowerStatus"),
-    ),
-    r(
-        "post",
-        "/api/v1/systems/{name}/power",
-        "Power on, off or cycle, with an optional one-time boot device",
-        true,
-        Some("PowerRequest"),
-        Some("PowerDone"),
-    ),
-    r(
-        "post",
-        "/api/v1/systems/{name}/media",
-        "Insert an ISO by URL as virtual media, or eject it (Redfish BMCs)",
-        true,
-        Some("MediaRequest"),
-        Some("MediaDone"),
-    ),
-    r(
-        "get",
-        "/api/v1/status",
-        "Install status of every system",
-        false,
-        None,
-        Some("[StatusRow]"),
-    ),
-    r(
-        "get",
-        "/api/v1/settings",
-        "Global settings",
-        false,
-        None,
-        Some("Settings"),
-    ),
-    r(
-        "put",
-        "/api/v1/settings",
-        "Replace the global settings",
-        true,
-        Some("Settings"),
-        Some("Settings"),
-    ),
-    r(
-        "post",
-        "/api/v1/batch",
-        "Create or replace many objects in one commit",
-        true,
-        Some("Batch"),
-        Some("Object"),
-    ),
-    r(
-        "get",
-        "/api/v1/boot/{mac}",
-        "The iPXE script this MAC gets now",
-        false,
-        None,
-        Some("text"),
-    ),
-    r(
-        "get",
-        "/api/v1/openapi.json",
-        "This document",
-        false,
-        None,
-        Some("Object"),
-    ),
-    r(
-        "get",
-        "/cblr/svc/op/autoinstall/system/{name}",
-        "Cobbler-compatible autoinstall URL",
-        false,
-        None,
-        Some("text"),
-    ),
-    r(
-        "get",
-        "/cblr/svc/op/autoinstall/profile/{name}",
-        "Cobbler-compatible autoinstall URL",
-        false,
-        None,
-        Some("text"),
-    ),
-    r(
-        "get",
-        "/cblr/svc/op/nopxe/system/{name}",
-        "Cobbler-compatible: install finished, netboot off",
-        false,
-        None,
-        Some("text"),
-    ),
-    r(
-        "get",
-        "/cblr/svc/op/trig/mode/{mode}/system/{name}",
-        "Cobbler-compatible trigger: pre (start) or post (finish)",
-        false,
-        None,
-        Some("text"),
-    ),
-    r(
-        "get",
-        "/blobs/sha256/{hex}",
-        "A kernel, initrd or other blob by digest",
-        false,
-        None,
-        Some("binary"),
-    ),
-];
-
-fn kind_schema(kind: Kind) -> &'static str {
+pub(crate) fn kind_schema(kind: Kind) -> &'static str {
     match kind {
         Kind::Distro => "Distro",
         Kind::Profile => "Profile",
@@ -1071,219 +946,6 @@ fn kind_schema(kind: Kind) -> &'static str {
         Kind::Image => "Image",
         Kind::Template | Kind::Snippet => "Text",
     }
-}
-
-/// The OpenAPI 3.1 document for [`ROUTES`].
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    use utoipa::openapi::content::ContentBuilder;
-    use utoipa::openapi::path::{
-        HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn, PathItem,
-    };
-    use utoipa::openapi::request_body::RequestBodyBuilder;
-    use utoipa::openapi::response::ResponseBuilder;
-    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Schema, SchemaType, Type};
-    use utoipa::openapi::security::{
-        HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
-    };
-    use utoipa::openapi::{ComponentsBuilder, InfoBuilder, OpenApiBuilder, PathsBuilder, RefOr};
-
-    let mut components = ComponentsBuilder::new()
-        .schema_from::<super::model::Distro>()
-        .schema_from::<super::model::Profile>()
-        .schema_from::<super::model::System>()
-        .schema_from::<super::model::Interface>()
-        .schema_from::<super::model::Power>()
-        .schema_from::<super::model::Repo>()
-        .schema_from::<super::model::Image>()
-        .schema_from::<super::model::Text>()
-        .schema_from::<super::model::Kind>()
-        .schema_from::<Settings>()
-        .schema_from::<super::DefaultBoot>()
-        .schema_from::<Blended>()
-        .schema_from::<super::blend::Sourced>()
-        .schema_from::<StatusRow>()
-        .schema_from::<status::Record>()
-        .schema_from::<status::State>()
-        .schema_from::<Event>()
-        .schema_from::<StatusReport>()
-        .schema_from::<NewName>()
-        .schema_from::<Removed>()
-        .schema_from::<Batch>()
-        .schema_from::<BatchItem>()
-        .schema_from::<crate::bmc::api::PowerStatus>()
-        .schema_from::<crate::bmc::api::PowerRequest>()
-        .schema_from::<crate::bmc::api::PowerAction>()
-        .schema_from::<crate::bmc::api::PowerDone>()
-        .schema_from::<crate::bmc::api::MediaRequest>()
-        .schema_from::<crate::bmc::api::MediaAction>()
-        .schema_from::<crate::bmc::api::MediaDone>()
-        .schema_from::<crate::bmc::PowerState>()
-        .schema_from::<crate::bmc::BootDevice>()
-        .schema(
-            "Error",
-            ObjectBuilder::new()
-                .property(
-                    "code",
-                    ObjectBuilder::new().schema_type(SchemaType::new(Type::String)),
-                )
-                .property(
-                    "message",
-                    ObjectBuilder::new().schema_type(SchemaType::new(Type::String)),
-                )
-                .required("code")
-                .required("message"),
-        )
-        .security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        )
-        .build();
-    components
-        .schemas
-        .entry("Object".into())
-        .or_insert_with(|| RefOr::T(Schema::Object(ObjectBuilder::new().build())));
-
-    let schema_ref = |name: &str| -> RefOr<Schema> {
-        if let Some(inner) = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
-            let items: RefOr<Schema> = utoipa::openapi::Ref::from_schema_name(inner).into();
-            RefOr::T(Schema::Array(ArrayBuilder::new().items(items).build()))
-        } else {
-            utoipa::openapi::Ref::from_schema_name(name).into()
-        }
-    };
-    let mut paths = PathsBuilder::new();
-    for route in ROUTES {
-        let kinds: Vec<Option<Kind>> = if route.path.contains("{kind}") {
-            Kind::ALL.iter().map(|k| Some(*k)).collect()
-        } else {
-            vec![None]
-        };
-        for kind in kinds {
-            let path = match kind {
-                Some(k) => route.path.replace("{kind}", k.plural()),
-                None => route.path.to_owned(),
-            };
-            let resolve = |s: &str| -> String {
-                match (s, kind) {
-                    (".", Some(k)) => kind_schema(k).to_owned(),
-                    ("[]", Some(k)) => format!("[{}]", kind_schema(k)),
-                    _ => s.to_owned(),
-                }
-            };
-            let mut op = OperationBuilder::new()
-                .summary(Some(match kind {
-                    Some(k) => format!("{} ({})", route.summary, k.plural()),
-                    None => route.summary.to_owned(),
-                }))
-                .operation_id(Some(format!(
-                    "{}_{}",
-                    route.method,
-                    path.trim_start_matches('/')
-                        .replace(['/', '.', '-'], "_")
-                        .replace(['{', '}'], "")
-                )))
-                .tag(
-                    kind.map(|k| k.plural())
-                        .unwrap_or(if path.starts_with("/cblr") {
-                            "cobbler"
-                        } else {
-                            "appliance"
-                        }),
-                );
-            for seg in path.split('/') {
-                if let Some(p) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                    op = op.parameter(
-                        ParameterBuilder::new()
-                            .name(p)
-                            .parameter_in(ParameterIn::Path)
-                            .required(utoipa::openapi::Required::True)
-                            .schema(Some(
-                                ObjectBuilder::new().schema_type(SchemaType::new(Type::String)),
-                            )),
-                    );
-                }
-            }
-            if route.method == "delete" {
-                op = op.parameter(
-                    ParameterBuilder::new()
-                        .name("recursive")
-                        .parameter_in(ParameterIn::Query)
-                        .required(utoipa::openapi::Required::False)
-                        .schema(Some(
-                            ObjectBuilder::new().schema_type(SchemaType::new(Type::Boolean)),
-                        )),
-                );
-            }
-            if let Some(req) = route.request {
-                op = op.request_body(Some(
-                    RequestBodyBuilder::new()
-                        .content(
-                            "application/json",
-                            ContentBuilder::new()
-                                .schema(Some(schema_ref(&resolve(req))))
-                                .build(),
-                        )
-                        .required(Some(utoipa::openapi::Required::True))
-                        .build(),
-                ));
-            }
-            let ok = match route.response.map(resolve).as_deref() {
-                Some("text") => ResponseBuilder::new()
-                    .description("OK")
-                    .content("text/plain", ContentBuilder::new().build()),
-                Some("binary") => ResponseBuilder::new()
-                    .description("OK")
-                    .content("application/octet-stream", ContentBuilder::new().build()),
-                Some(s) => ResponseBuilder::new().description("OK").content(
-                    "application/json",
-                    ContentBuilder::new().schema(Some(schema_ref(s))).build(),
-                ),
-                None => ResponseBuilder::new().description("OK"),
-            };
-            let code = if route.method == "post"
-                && matches!(route.request, Some(".") | Some("NewName") | Some("Batch"))
-                && !path.ends_with("/rename")
-            {
-                "201"
-            } else {
-                "200"
-            };
-            op = op.response(code, ok.build());
-            op = op.response(
-                "default",
-                ResponseBuilder::new()
-                    .description("Error with a stable code")
-                    .content(
-                        "application/json",
-                        ContentBuilder::new()
-                            .schema(Some(schema_ref("Error")))
-                            .build(),
-                    )
-                    .build(),
-            );
-            if route.write {
-                op = op.security(SecurityRequirement::new("bearer", Vec::<String>::new()));
-            }
-            let method = match route.method {
-                "get" => HttpMethod::Get,
-                "post" => HttpMethod::Post,
-                "put" => HttpMethod::Put,
-                "patch" => HttpMethod::Patch,
-                _ => HttpMethod::Delete,
-            };
-            paths = paths.path(path, PathItem::new(method, op.build()));
-        }
-    }
-    OpenApiBuilder::new()
-        .info(
-            InfoBuilder::new()
-                .title("appliance inventory API")
-                .version(env!("CARGO_PKG_VERSION"))
-                .build(),
-        )
-        .paths(paths.build())
-        .components(Some(components))
-        .build()
 }
 
 /// Opens the inventory at `<data>/inventory`, the install status book at
@@ -1307,7 +969,7 @@ pub fn open_state(
         "inventory loaded"
     );
     let status = StatusBook::open(Some(&data.join("state/install-status.json")))?;
-    let tokens = TokenStore::open(&data.join("state/tokens.json"));
+    let tokens = Arc::new(TokenStore::open(&data.join("state/tokens.json")));
     let first = tokens
         .ensure_first()
         .context("creating the first API token")?;

@@ -630,7 +630,7 @@ fn api() -> Api {
     let state = Arc::new(InvState {
         inventory: Arc::new(RwLock::new(inv)),
         status: Mutex::new(StatusBook::open(None).unwrap()),
-        tokens,
+        tokens: Arc::new(tokens),
         public_reads: true,
         blobs: dir.path().join("blobs/sha256"),
         events: crate::events::Events::new(),
@@ -839,7 +839,7 @@ async fn api_private_reads_need_a_token() {
     let state = Arc::new(InvState {
         inventory: Arc::new(RwLock::new(sample(dir.path()))),
         status: Mutex::new(StatusBook::open(None).unwrap()),
-        tokens,
+        tokens: Arc::new(tokens),
         public_reads: false,
         blobs: dir.path().join("blobs"),
         events: crate::events::Events::new(),

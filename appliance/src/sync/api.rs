@@ -22,16 +22,18 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
+#[cfg(test)]
+use axum::Router;
 use serde::Deserialize;
 use uuid::Uuid;
 
 use super::{BlobRef, SyncNode};
 use crate::api::ApiError;
+use crate::http::{Guard, Route};
 use crate::inventory::git;
 
 /// What the handlers share.
@@ -55,32 +57,6 @@ fn bad(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
 }
 
-/// Operator, or the scoped token of `child`.
-fn authorize(st: &SyncState, headers: &HeaderMap, child: Option<&Uuid>) -> Result<(), ApiError> {
-    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
-    let t = crate::auth::bearer(headers).ok_or_else(|| {
-        unauthorized("this request needs an Authorization: Bearer <token> header")
-    })?;
-    let (_, scope) = st
-        .tokens
-        .authenticate(t)
-        .ok_or_else(|| unauthorized("the bearer token is not valid (revoked or mistyped)"))?;
-    let ok = match (&scope, child) {
-        (crate::auth::Scope::Operator, _) => true,
-        (s, Some(c)) => s.allows_replica(c),
-        (_, None) => false,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("a {scope} token may only sync its own node"),
-        ))
-    }
-}
-
 /// Runs blocking work off the async threads.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
@@ -91,24 +67,102 @@ async fn blocking<T: Send + 'static>(
         .map_err(internal)
 }
 
-pub fn router(state: Arc<SyncState>) -> Router {
-    Router::new()
-        .route("/api/v1/sync/run", post(run))
-        .route("/api/v1/sync/status", get(status))
-        .route("/api/v1/sync/conflicts", get(conflicts))
-        .route("/api/v1/sync/export", get(export))
-        .route("/api/v1/sync/import", post(import))
-        .route("/api/v1/sync/{node}/state", get(state_info))
-        .route("/api/v1/sync/{node}/blobs", post(blobs))
-        .route("/api/v1/sync/{node}/blobs/{hex}/upload", get(upload_offset))
-        .route(
-            "/api/v1/sync/{node}/blobs/{hex}",
-            get(blob_get).put(blob_put),
+/// Chunks of a blob a child uploads (the client sends 16 MiB).
+const CHUNK_LIMIT: usize = 64 << 20;
+/// A pushed git pack of inventory changes.
+const PACK_LIMIT: usize = 256 << 20;
+/// An imported sync bundle (blobs included).
+const BUNDLE_LIMIT: usize = 4 << 30;
+
+pub fn routes(state: Arc<SyncState>) -> Vec<Route> {
+    let s = state;
+    vec![
+        Route::post("/api/v1/sync/run", Guard::Operator, "Sync with the parent now")
+            .response("Object")
+            .to(run, s.clone()),
+        Route::get("/api/v1/sync/status", Guard::Read, "Sync state, parent, last sync, conflicts")
+            .response("Object")
+            .to(status, s.clone()),
+        Route::get("/api/v1/sync/conflicts", Guard::Read, "Versions that lost a merge")
+            .response("Object")
+            .to(conflicts, s.clone()),
+        Route::get(
+            "/api/v1/sync/export",
+            Guard::Operator,
+            "A bundle file of the changes a node lacks (?for=NODE), for an air gap",
         )
-        .route("/api/v1/sync/{node}/push", post(push))
-        .route("/api/v1/sync/{node}/pack", get(pack))
-        .layer(DefaultBodyLimit::max(4 << 30))
-        .with_state(state)
+        .response("binary")
+        .to(export, s.clone()),
+        Route::post(
+            "/api/v1/sync/import",
+            Guard::Operator,
+            "Import a bundle file (origin-checked like an online push)",
+        )
+        .request("binary")
+        .response("Object")
+        .limit(BUNDLE_LIMIT)
+        .to(import, s.clone()),
+        Route::get(
+            "/api/v1/sync/{node}/state",
+            Guard::Replica,
+            "A child asks what the parent holds",
+        )
+        .response("Object")
+        .to(state_info, s.clone()),
+        Route::post(
+            "/api/v1/sync/{node}/blobs",
+            Guard::Replica,
+            "A child compares blob lists",
+        )
+        .request("Object")
+        .response("Object")
+        .to(blobs, s.clone()),
+        Route::get(
+            "/api/v1/sync/{node}/blobs/{hex}/upload",
+            Guard::Replica,
+            "How much of a blob upload the parent holds",
+        )
+        .response("Object")
+        .to(upload_offset, s.clone()),
+        Route::get(
+            "/api/v1/sync/{node}/blobs/{hex}",
+            Guard::Replica,
+            "A blob the child lacks, from ?offset=",
+        )
+        .response("binary")
+        .to(blob_get, s.clone()),
+        Route::put(
+            "/api/v1/sync/{node}/blobs/{hex}",
+            Guard::Replica,
+            "A chunk of a blob upload (?offset=&size=)",
+        )
+        .request("binary")
+        .response("Object")
+        .limit(CHUNK_LIMIT)
+        .to(blob_put, s.clone()),
+        Route::post(
+            "/api/v1/sync/{node}/push",
+            Guard::Replica,
+            "A child pushes its inventory commits (a git pack, ?head=)",
+        )
+        .request("binary")
+        .response("Object")
+        .limit(PACK_LIMIT)
+        .to(push, s.clone()),
+        Route::get(
+            "/api/v1/sync/{node}/pack",
+            Guard::Replica,
+            "A git pack of the parent's commits (?want=&have=)",
+        )
+        .response("binary")
+        .to(pack, s),
+    ]
+}
+
+#[cfg(test)]
+pub fn router(state: Arc<SyncState>) -> Router {
+    let auth = crate::http::Auth::new(Some(state.tokens.clone()), state.public_reads);
+    crate::http::build(routes(state), auth)
 }
 
 fn node_id(s: &str) -> Result<Uuid, ApiError> {
@@ -126,10 +180,8 @@ async fn state_info(
     State(st): S,
     Path(node): Path<String>,
     Query(q): Query<HeadQ>,
-    headers: HeaderMap,
 ) -> Result<Json<super::StateInfo>, ApiError> {
-    let id = node_id(&node)?;
-    authorize(&st, &headers, Some(&id))?;
+    node_id(&node)?;
     let n = st.node.clone();
     Ok(Json(
         blocking(move || n.state_info(q.head.as_deref(), q.base.as_deref())).await?,
@@ -144,11 +196,9 @@ struct Have {
 async fn blobs(
     State(st): S,
     Path(node): Path<String>,
-    headers: HeaderMap,
     Json(h): Json<Have>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let id = node_id(&node)?;
-    authorize(&st, &headers, Some(&id))?;
+    node_id(&node)?;
     let n = st.node.clone();
     blocking(move || {
         let ours = n.blob_list()?;
@@ -178,10 +228,8 @@ async fn blobs(
 async fn upload_offset(
     State(st): S,
     Path((node, hex)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let id = node_id(&node)?;
-    authorize(&st, &headers, Some(&id))?;
+    node_id(&node)?;
     Ok(Json(
         serde_json::json!({"offset": st.node.partial_len(&hex)}),
     ))
@@ -197,11 +245,9 @@ async fn blob_put(
     State(st): S,
     Path((node, hex)): Path<(String, String)>,
     Query(q): Query<ChunkQ>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let id = node_id(&node)?;
-    authorize(&st, &headers, Some(&id))?;
+    node_id(&node)?;
     let n = st.node.clone();
     let (offset, complete) =
         blocking(move || n.put_blob_chunk(&hex, q.offset, q.size, &body)).await?;
@@ -220,10 +266,8 @@ async fn blob_get(
     State(st): S,
     Path((node, hex)): Path<(String, String)>,
     Query(q): Query<OffsetQ>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = node_id(&node)?;
-    authorize(&st, &headers, Some(&id))?;
+    node_id(&node)?;
     if !super::is_hex64(&hex) {
         return Err(bad("blob names are 64 lowercase hex digits"));
     }
@@ -276,11 +320,9 @@ async fn push(
     State(st): S,
     Path(node): Path<String>,
     Query(q): Query<HeadQ>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<crate::inventory::MergeOutcome>, ApiError> {
     let id = node_id(&node)?;
-    authorize(&st, &headers, Some(&id))?;
     let head = q.head.ok_or_else(|| bad("push needs ?head=<commit>"))?;
     let oid = git::parse_hex_oid(&head).map_err(bad)?;
     let n = st.node.clone();
@@ -319,10 +361,8 @@ async fn pack(
     State(st): S,
     Path(node): Path<String>,
     Query(q): Query<PackQ>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = node_id(&node)?;
-    authorize(&st, &headers, Some(&id))?;
+    node_id(&node)?;
     let want = git::parse_hex_oid(&q.want).map_err(bad)?;
     let have: Vec<_> = q
         .have
@@ -335,8 +375,7 @@ async fn pack(
     Ok(([(header::CONTENT_TYPE, "application/x-git-pack")], pack).into_response())
 }
 
-async fn run(State(st): S, headers: HeaderMap) -> Result<Json<super::SyncReport>, ApiError> {
-    authorize(&st, &headers, None)?;
+async fn run(State(st): S) -> Result<Json<super::SyncReport>, ApiError> {
     let data = st.node.data.clone();
     let link = crate::parent::load(&data)
         .map_err(internal)?
@@ -351,10 +390,7 @@ async fn run(State(st): S, headers: HeaderMap) -> Result<Json<super::SyncReport>
     Ok(Json(blocking(move || n.sync_with_parent(&link)).await?))
 }
 
-async fn status(State(st): S, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
-    if !st.public_reads {
-        authorize(&st, &headers, None)?;
-    }
+async fn status(State(st): S) -> Result<Json<serde_json::Value>, ApiError> {
     let n = st.node.clone();
     blocking(move || {
         let (head, state) = n.head_and_state();
@@ -376,11 +412,7 @@ async fn status(State(st): S, headers: HeaderMap) -> Result<Json<serde_json::Val
 
 async fn conflicts(
     State(st): S,
-    headers: HeaderMap,
 ) -> Result<Json<Vec<super::merge::Conflict>>, ApiError> {
-    if !st.public_reads {
-        authorize(&st, &headers, None)?;
-    }
     let n = st.node.clone();
     Ok(Json(blocking(move || n.conflicts()).await?))
 }
@@ -394,9 +426,7 @@ struct ExportQ {
 async fn export(
     State(st): S,
     Query(q): Query<ExportQ>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authorize(&st, &headers, None)?;
     let n = st.node.clone();
     // Written to a temporary file first, so the length is known and a
     // failure never streams half a bundle.
@@ -443,10 +473,8 @@ fn tempfile_in(dir: &std::path::Path) -> anyhow::Result<(std::path::PathBuf, std
 
 async fn import(
     State(st): S,
-    headers: HeaderMap,
     body: Body,
 ) -> Result<Json<super::bundle::ImportReport>, ApiError> {
-    authorize(&st, &headers, None)?;
     // Stream the upload to a temporary file, then verify and apply.
     let dir = st.node.data.join("tmp");
     tokio::fs::create_dir_all(&dir)

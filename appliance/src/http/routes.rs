@@ -1,0 +1,224 @@
+//! The route table: [`Route`] declares one method on one path with its
+//! guard, OpenAPI summary and schemas, body limit and handler; [`build`]
+//! makes the router and the OpenAPI document from the whole table.
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::handler::Handler;
+use axum::http::{Method, StatusCode};
+use axum::routing::{on, MethodFilter, MethodRouter};
+use axum::Router;
+
+use super::guard::{check, Auth, Guard};
+use crate::api::ApiError;
+
+/// Requests bodies above this are refused unless a route says otherwise.
+pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+
+/// What the OpenAPI document says of a route.
+#[derive(Debug, Clone)]
+pub struct RouteDoc {
+    pub method: Method,
+    pub path: &'static str,
+    pub guard: Guard,
+    pub summary: &'static str,
+    /// Schema name of the request body (`binary` and `text` for raw bodies;
+    /// `.` / `[]` for the kind of a `{kind}` route).
+    pub request: Option<&'static str>,
+    /// Schema name of the answer, as for `request`.
+    pub response: Option<&'static str>,
+    pub body_limit: usize,
+    /// `201` instead of `200` on success.
+    pub creates: bool,
+}
+
+/// One route: its documentation and its handler.
+pub struct Route {
+    pub doc: RouteDoc,
+    handler: Option<MethodRouter>,
+}
+
+fn filter(m: &Method) -> MethodFilter {
+    match *m {
+        Method::GET => MethodFilter::GET,
+        Method::POST => MethodFilter::POST,
+        Method::PUT => MethodFilter::PUT,
+        Method::DELETE => MethodFilter::DELETE,
+        Method::PATCH => MethodFilter::PATCH,
+        _ => MethodFilter::HEAD,
+    }
+}
+
+impl Route {
+    fn new(method: Method, path: &'static str, guard: Guard, summary: &'static str) -> Self {
+        Route {
+            doc: RouteDoc {
+                method,
+                path,
+                guard,
+                summary,
+                request: None,
+                response: None,
+                body_limit: DEFAULT_BODY_LIMIT,
+                creates: false,
+            },
+            handler: None,
+        }
+    }
+    pub fn get(path: &'static str, guard: Guard, summary: &'static str) -> Self {
+        Self::new(Method::GET, path, guard, summary)
+    }
+    pub fn post(path: &'static str, guard: Guard, summary: &'static str) -> Self {
+        Self::new(Method::POST, path, guard, summary)
+    }
+    pub fn put(path: &'static str, guard: Guard, summary: &'static str) -> Self {
+        Self::new(Method::PUT, path, guard, summary)
+    }
+    pub fn delete(path: &'static str, guard: Guard, summary: &'static str) -> Self {
+        Self::new(Method::DELETE, path, guard, summary)
+    }
+    pub fn patch(path: &'static str, guard: Guard, summary: &'static str) -> Self {
+        Self::new(Method::PATCH, path, guard, summary)
+    }
+    pub fn request(mut self, schema: &'static str) -> Self {
+        self.doc.request = Some(schema);
+        self
+    }
+    pub fn response(mut self, schema: &'static str) -> Self {
+        self.doc.response = Some(schema);
+        self
+    }
+    pub fn creates(mut self) -> Self {
+        self.doc.creates = true;
+        self
+    }
+    /// The largest request body this route takes.
+    pub fn limit(mut self, bytes: usize) -> Self {
+        self.doc.body_limit = bytes;
+        self
+    }
+    /// The handler, with its state.
+    pub fn to<H, T, S>(mut self, handler: H, state: S) -> Self
+    where
+        H: Handler<T, S>,
+        T: 'static,
+        S: Clone + Send + Sync + 'static,
+    {
+        self.handler = Some(on(filter(&self.doc.method), handler).with_state(state));
+        self
+    }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+/// The router for `routes` (plus `GET /api/v1/openapi.json`, generated from
+/// them): each route behind its guard and body limit, all traced.
+pub fn build(mut routes: Vec<Route>, auth: Arc<Auth>) -> Router {
+    routes.push(Route::get(
+        "/api/v1/openapi.json",
+        Guard::Public,
+        "This document: every route, its guard and schemas",
+    )
+    .response("Object"));
+    let docs: Vec<RouteDoc> = routes.iter().map(|r| r.doc.clone()).collect();
+    let doc = Arc::new(
+        serde_json::to_value(super::openapi::document(&docs)).unwrap_or_else(|e| {
+            serde_json::json!({"error": format!("building the OpenAPI document: {e}")})
+        }),
+    );
+    let mut by_path: std::collections::BTreeMap<&'static str, MethodRouter> = Default::default();
+    for route in routes {
+        let RouteDoc {
+            path,
+            guard,
+            body_limit,
+            ..
+        } = route.doc;
+        let handler = match route.handler {
+            Some(h) => h,
+            None => {
+                let d = doc.clone();
+                on(MethodFilter::GET, move || async move { axum::Json((*d).clone()) })
+            }
+        };
+        let guarded = handler
+            .layer(DefaultBodyLimit::max(body_limit))
+            .route_layer(axum::middleware::from_fn_with_state(
+                (guard, auth.clone()),
+                check,
+            ));
+        let merged = match by_path.remove(path) {
+            Some(prev) => prev.merge(guarded),
+            None => guarded,
+        };
+        by_path.insert(path, merged);
+    }
+    let mut router = Router::new();
+    for (path, methods) in by_path {
+        router = router.route(path, methods.fallback(method_not_allowed));
+    }
+    router
+        .fallback(not_found)
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+/// `routes` with every guard open (unit tests of one module's handlers).
+#[cfg(test)]
+pub fn unguarded(routes: Vec<Route>) -> Router {
+    build(routes, Auth::allow_all())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn guard_runs_before_the_body_is_read_and_errors_are_json() {
+        let tokens = Arc::new(crate::auth::TokenStore::memory());
+        let op = tokens.create("ops").unwrap().1;
+        let auth = Auth::new(Some(tokens), false);
+        async fn echo(caller: super::super::Caller, body: axum::body::Bytes) -> String {
+            format!("{} {}", caller.name(), body.len())
+        }
+        let app = build(
+            vec![Route::post("/x", Guard::Operator, "x").limit(10).to(echo, ())],
+            auth,
+        );
+        let req = |t: Option<&str>, body: &'static [u8], m: &str| {
+            let mut r = Request::builder().method(m).uri("/x");
+            if let Some(t) = t {
+                r = r.header("authorization", format!("Bearer {t}"));
+            }
+            r.body(Body::from(body)).unwrap()
+        };
+        let r = app.clone().oneshot(req(None, b"hello", "POST")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let r = app.clone().oneshot(req(Some(&op), b"hello", "POST")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let r = app.clone().oneshot(req(Some(&op), b"far too long a body", "POST")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let r = app.clone().oneshot(req(None, b"", "GET")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        let r = app.clone().oneshot(req(None, b"", "GET").map(|b| b)).await.unwrap();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        let r = app
+            .oneshot(Request::get("/api/v1/openapi.json").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+}
