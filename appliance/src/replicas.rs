@@ -496,8 +496,23 @@ pub fn routes(replicas: Replicas) -> Vec<Route> {
         )
         .request("Object")
         .response("Object")
-        .to(checkin, replicas),
+        .to(checkin, replicas.clone()),
+        Route::get(
+            "/api/v1/replicas/{node_id}/token",
+            Guard::Replica,
+            "The scope of the presented token (a child checks it holds its own replica token)",
+        )
+        .response("Object")
+        .to(token_scope, replicas),
     ]
+}
+
+async fn token_scope(caller: crate::http::Caller) -> Json<serde_json::Value> {
+    let scope = match &caller.role {
+        crate::http::Role::Token { scope, .. } => scope.to_string(),
+        _ => "none".into(),
+    };
+    Json(serde_json::json!({"name": caller.name(), "scope": scope}))
 }
 
 #[cfg(test)]

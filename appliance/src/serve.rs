@@ -147,6 +147,30 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     if crate::power::under_our_init() {
         crate::console::marker(&format!("serving on {addr}"));
     }
+    let (app, sync_node) = build_app(&opts, state.clone(), events, inventory).await;
+    start_parent_checkins(&opts, &state, addr);
+    if let Some(node) = sync_node {
+        start_background_sync(&opts, node);
+    }
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .context("serving HTTP")?;
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+/// Everything `serve` answers: the route table of every module behind one
+/// [`crate::http::Auth`], and the sync node for background syncs.
+pub async fn build_app(
+    opts: &ServeOptions,
+    state: Arc<AppState>,
+    events: crate::events::Events,
+    inventory: Option<Arc<crate::inventory::api::InvState>>,
+) -> (axum::Router, Option<Arc<crate::sync::SyncNode>>) {
     let networks = crate::network::Networks::new(&opts.data, events.clone());
     networks.restore().await;
     // One token store for every guard (the inventory opened it first).
@@ -171,7 +195,6 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         );
         crate::replicas::Replicas::memory(tokens.clone(), node_uuid, events.clone())
     });
-    start_parent_checkins(&opts, &state, addr);
     // Self-replication: serves this release to machines installing it.
     let replication = crate::replicate::Replication::new(
         &opts.data,
@@ -198,7 +221,7 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     auth.add_jobs(Arc::new(cloning.clone()));
     auth.add_jobs(Arc::new(replication.clone()));
     crate::audit::init(&opts.data);
-    let mut routes = api::routes(state);
+    let mut routes = api::routes(state.clone());
     routes.extend(crate::network::routes(networks.clone()));
     routes.extend(crate::rebuild::routes(opts.data.clone()));
     routes.extend(crate::replicate::routes(replication.clone()));
@@ -238,6 +261,7 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         policy,
         agent_cmdline: AGENT_CMDLINE.into(),
     }));
+    let mut sync_node = None;
     if let Some(inv) = &inventory {
         let node = Arc::new(crate::sync::SyncNode::new(
             &opts.data,
@@ -245,7 +269,7 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
             inv.inventory.clone(),
             Some(replicas.clone()),
         ));
-        start_background_sync(&opts, node.clone());
+        sync_node = Some(node.clone());
         routes.extend(crate::sync::api::routes(Arc::new(
             crate::sync::api::SyncState {
                 node,
@@ -258,15 +282,7 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         routes.extend(crate::inventory::api::routes(inv));
     }
     let app = crate::http::build(routes, auth);
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .context("serving HTTP")?;
-    tracing::info!("server stopped");
-    Ok(())
+    (app, sync_node)
 }
 
 /// The URL a parent can reach this node at: `advertise_url`, else the bound
@@ -419,5 +435,127 @@ mod tests {
             "{:?}",
             state.degraded
         );
+    }
+
+    /// Walks the served OpenAPI document: every route the table declares
+    /// is in it with its guard, and every guarded route refuses a request
+    /// without a token, with a wrong token and with a token of the wrong
+    /// scope, before it reads the (oversized) body.
+    #[tokio::test]
+    async fn every_guarded_route_refuses_missing_wrong_and_misscoped_tokens() {
+        use axum::body::Body;
+        use axum::http::{Request, StatusCode};
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.private_reads = true;
+        let state = Arc::new(build_state(&o));
+        let events = crate::events::Events::new();
+        let (inv, first) =
+            crate::inventory::api::open_state(&o.data, false, events.clone()).unwrap();
+        let admin = first.expect("a first token");
+        let child = uuid::Uuid::new_v4();
+        let read = inv
+            .tokens
+            .create_scoped("viewer", crate::auth::Scope::Read)
+            .unwrap()
+            .1;
+        let operator = inv.tokens.create("ops").unwrap().1;
+        let replica = inv
+            .tokens
+            .create_scoped("child", crate::auth::Scope::Replica(child))
+            .unwrap()
+            .1;
+        let (app, _) = build_app(&o, state, events, Some(inv)).await;
+        let resp = app
+            .clone()
+            .oneshot(Request::get("/api/v1/openapi.json").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let doc: serde_json::Value =
+            serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        let other = uuid::Uuid::new_v4().to_string();
+        let mut pairs = 0;
+        let mut guarded = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            // A node in the path is never the replica token's own.
+            let uri = path
+                .replace("{node}", &other)
+                .replace("{node_id}", &other)
+                .replace("{mac}", "52:54:00:12:34:56")
+                .replace("{hex}", &"0".repeat(64))
+                .replace(['{', '}'], "");
+            for (method, op) in item.as_object().unwrap() {
+                pairs += 1;
+                let guard = op["x-guard"].as_str().unwrap_or_else(|| {
+                    panic!("{method} {path} has no x-guard")
+                });
+                let wrong_scope: &[&str] = match guard {
+                    "public" => continue,
+                    "read" => &[replica.as_str()],
+                    "operator" | "job" => &[read.as_str(), replica.as_str()],
+                    "admin" => &[read.as_str(), operator.as_str(), replica.as_str()],
+                    "replica" => &[read.as_str(), replica.as_str()],
+                    g => panic!("{method} {path}: unknown guard {g}"),
+                };
+                guarded += 1;
+                assert!(
+                    op.get("security").is_some(),
+                    "{method} {path} is guarded but documents no security"
+                );
+                let call = |token: Option<&str>| {
+                    let mut r = Request::builder()
+                        .method(method.to_ascii_uppercase().as_str())
+                        .uri(&uri)
+                        .header("content-type", "application/json");
+                    if let Some(t) = token {
+                        r = r.header("authorization", format!("Bearer {t}"));
+                    }
+                    // Larger than any JSON route's limit: refused by the
+                    // guard first, never read.
+                    r.body(Body::from(vec![b'x'; 2 << 20])).unwrap()
+                };
+                let cases = [
+                    (None, StatusCode::UNAUTHORIZED),
+                    (
+                        Some(format!("apl_00000000_{}", "0".repeat(64))),
+                        StatusCode::UNAUTHORIZED,
+                    ),
+                ];
+                for (token, want) in cases {
+                    let resp = app.clone().oneshot(call(token.as_deref())).await.unwrap();
+                    assert_eq!(resp.status(), want, "{method} {path} with {token:?}");
+                }
+                for t in wrong_scope {
+                    let resp = app.clone().oneshot(call(Some(t))).await.unwrap();
+                    assert_eq!(
+                        resp.status(),
+                        StatusCode::FORBIDDEN,
+                        "{method} {path} ({guard}) with a token of the wrong scope"
+                    );
+                }
+                // The right caller gets past the guard (whatever the
+                // handler then says of the made-up body or names).
+                // (A handler may still refuse by purpose, e.g. manifests
+                // only from a capture job's agent: `not_a_capture`.)
+                let resp = app.clone().oneshot(call(Some(&admin))).await.unwrap();
+                let status = resp.status();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                let code = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["code"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                assert!(
+                    status != StatusCode::UNAUTHORIZED && code != "forbidden",
+                    "{method} {path}: admin refused with {status} {code}"
+                );
+            }
+        }
+        // Every route of every module is in the document (the table is
+        // the only way to mount one).
+        assert!(pairs >= 75, "only {pairs} route/method pairs documented");
+        assert!(guarded >= 45, "only {guarded} guarded pairs");
     }
 }

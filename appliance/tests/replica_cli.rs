@@ -58,6 +58,28 @@ fn child_registers_joins_and_checks_in() {
         .success());
 
     let cdata = tempfile::tempdir().unwrap();
+    // The parent's operator token is never stored in a child's link.
+    let refused = cli(
+        &purl,
+        Some(&ptoken),
+        &[
+            "replica",
+            "join",
+            "--data",
+            cdata.path().to_str().unwrap(),
+            "--parent",
+            &purl,
+            "--node-id",
+            &node_id,
+        ],
+    );
+    assert!(!refused.status.success(), "joined with an operator token");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("replica token"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!cdata.path().join("state/parent.json").exists());
     let joined = ok(
         &purl,
         Some(&ctoken),

@@ -287,7 +287,14 @@ pub struct TokenCmd {
 #[derive(Debug, Subcommand)]
 pub enum TokenVerb {
     /// Create a token; it is printed once.
-    Create { name: String },
+    Create {
+        name: String,
+        /// What it may do: `read` (every read), `operator` (every write but
+        /// the admin routes), `admin` (everything: the appliance's own
+        /// power, settings, flashing).
+        #[arg(long, default_value = "operator", value_parser = ["read", "operator", "admin"])]
+        scope: String,
+    },
     /// List tokens (never their secrets).
     List,
     /// Revoke tokens by id or name.
@@ -766,8 +773,9 @@ fn import(i: Import) -> Result<()> {
 fn token(t: TokenCmd) -> Result<()> {
     let store = crate::auth::TokenStore::open(&t.data.join("state/tokens.json"));
     match t.verb {
-        TokenVerb::Create { name } => {
-            let (rec, secret) = store.create(&name)?;
+        TokenVerb::Create { name, scope } => {
+            let scope: crate::auth::Scope = scope.parse().map_err(anyhow::Error::msg)?;
+            let (rec, secret) = store.create_scoped(&name, scope)?;
             if t.json {
                 print_json(&json!({"id": rec.id, "name": rec.name, "token": secret}));
             } else {
@@ -785,9 +793,10 @@ fn token(t: TokenCmd) -> Result<()> {
             } else {
                 for r in list {
                     println!(
-                        "{} {:<24} created {}",
+                        "{} {:<24} {:<10} created {}",
                         r.id,
                         r.name,
+                        r.scope,
                         fmt_time(&json!(r.created))
                     );
                 }

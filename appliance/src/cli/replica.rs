@@ -138,6 +138,20 @@ pub fn replica(cmd: ReplicaCmd) -> Result<()> {
                         .context("the parent's /api/v1/version has no node_id")?
                 }
             };
+            // A child keeps only its own replica token: an operator's token
+            // in a child's state would hand the whole parent to whoever
+            // reads the child's disk.
+            let who = super::client::Client::new(&url, Some(parent_token.clone()))
+                .json("GET", &format!("/api/v1/replicas/{node_id}/token"), None)
+                .context("checking the token with the parent")?;
+            let want = format!("replica:{node_id}");
+            if who["scope"].as_str() != Some(want.as_str()) {
+                anyhow::bail!(
+                    "the token given is a {} token; replica join stores only the replica token \
+                     that `appliance replica register` printed for node {node_id}",
+                    who["scope"].as_str().unwrap_or("unknown")
+                );
+            }
             let link = crate::parent::ParentLink {
                 url,
                 token: parent_token,

@@ -1455,7 +1455,16 @@ mod tests {
         // Deploy it back through HTTP onto a file holding old data.
         let target = dir.path().join("target.raw");
         std::fs::write(&target, vec![0x55u8; 8 << 20]).unwrap();
-        let (u, t, tg, r) = (url, token, target.clone(), img.reference.clone());
+        // Job tokens are single-purpose: the capture's token reads nothing.
+        let (u, t, r) = (url.clone(), token.clone(), img.reference.clone());
+        let refused = tokio::task::spawn_blocking(move || {
+            super::super::remote::HttpStore::reader(&u, &t).get_blob(&r).is_err()
+        })
+        .await
+        .unwrap();
+        assert!(refused, "a capture job's token read a stored blob");
+        // (The test router lets any other token through as an operator.)
+        let (u, t, tg, r) = (url, "operator".to_owned(), target.clone(), img.reference.clone());
         tokio::task::spawn_blocking(move || {
             let store = super::super::remote::HttpStore::reader(&u, &t);
             let m = Manifest::parse(&store.get_blob(&r).unwrap()).unwrap();

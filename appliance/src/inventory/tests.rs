@@ -685,8 +685,13 @@ async fn blobs_stream_with_ranges() {
     let hex = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
     std::fs::create_dir_all(&a.state.blobs).unwrap();
     std::fs::write(a.state.blobs.join(&hex), &data).unwrap();
+    // Not a distro's kernel or initrd: never served without a token.
+    let (s, _) = a
+        .call("GET", &format!("/blobs/sha256/{hex}"), None, false)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
     let get = |range: Option<&'static str>| {
-        let mut r = Request::builder().uri(format!("/blobs/sha256/{hex}"));
+        let mut r = Request::builder().uri(format!("/api/v1/blobs/sha256/{hex}"));
         if let Some(v) = range {
             r = r.header("range", v);
         }
@@ -707,7 +712,7 @@ async fn blobs_stream_with_ranges() {
     let (s, body) = a
         .call(
             "GET",
-            &format!("/blobs/sha256/{}", "0".repeat(64)),
+            &format!("/api/v1/blobs/sha256/{}", "0".repeat(64)),
             None,
             false,
         )
@@ -716,7 +721,7 @@ async fn blobs_stream_with_ranges() {
         (s, code(&body).as_str()),
         (StatusCode::NOT_FOUND, "not_found")
     );
-    let (s, _) = a.call("GET", "/blobs/sha256/..%2Fx", None, false).await;
+    let (s, _) = a.call("GET", "/api/v1/blobs/sha256/..%2Fx", None, false).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
 
