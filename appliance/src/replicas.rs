@@ -116,6 +116,9 @@ impl From<ReplicaError> for ApiError {
         let (status, code) = match &e {
             ReplicaError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             ReplicaError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ReplicaError::Storage(e) if e.downcast_ref::<crate::entropy::NotReady>().is_some() => {
+                (StatusCode::SERVICE_UNAVAILABLE, "random_pool_not_ready")
+            }
             ReplicaError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_failed"),
         };
         ApiError::new(status, code, e.to_string())
@@ -256,7 +259,7 @@ impl Replicas {
                 })
             })
             .transpose()?;
-        let node_id = node_id.unwrap_or_else(Uuid::new_v4);
+        let node_id = node_id.unwrap_or_else(crate::entropy::unique_uuid);
         if node_id == self.inner.node_id {
             return Err(ReplicaError::Invalid {
                 field: "node_id",
@@ -435,7 +438,7 @@ impl Replicas {
         headers: &HeaderMap,
         child: Option<&Uuid>,
     ) -> Result<(String, Scope), ApiError> {
-        let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+        let unauthorized = |m: &str| crate::auth::refused(Some(self.inner.tokens.as_ref()), m);
         let presented = crate::auth::bearer(headers).ok_or_else(|| {
             unauthorized("this request needs an Authorization: Bearer <token> header")
         })?;

@@ -767,6 +767,11 @@ fn token(t: TokenCmd) -> Result<()> {
     let store = crate::auth::TokenStore::open(&t.data.join("state/tokens.json"));
     match t.verb {
         TokenVerb::Create { name } => {
+            // An operator at the console may wait; the server never does.
+            if !crate::entropy::is_ready() {
+                eprintln!("waiting for the kernel's random pool to be initialized…");
+                crate::entropy::wait_ready();
+            }
             let (rec, secret) = store.create(&name)?;
             if t.json {
                 print_json(&json!({"id": rec.id, "name": rec.name, "token": secret}));

@@ -495,11 +495,16 @@ impl CloneJobs {
                 }
             }
         }
+        // Job tokens are secrets: refuse (503) rather than wait, before any
+        // job exists.
+        if !crate::entropy::is_ready() {
+            return Err(crate::entropy::NotReady.into());
+        }
         let mut out = Vec::new();
         for (sys, mac, image) in planned {
             let t = now();
             let mut job = Job {
-                id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+                id: crate::entropy::unique_uuid().simple().to_string()[..12].to_owned(),
                 action: req.action,
                 system: sys.name.clone(),
                 mac: mac.clone(),
@@ -512,7 +517,7 @@ impl CloneJobs {
                 created: t,
                 updated: t,
                 power: String::new(),
-                token: format!("clj_{}", uuid::Uuid::new_v4().simple()),
+                token: format!("clj_{}", crate::entropy::secret_hex(16)?),
                 report: None,
             };
             // Registered before the power cycle, so the PXE boot finds it.
@@ -635,9 +640,8 @@ impl CloneJobs {
         match &self.tokens {
             Some(t) if t.verify(presented).is_some() => Ok(None),
             None => Ok(None),
-            _ => Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
+            Some(t) => Err(crate::auth::refused(
+                Some(t),
                 "this request needs an open job's token or an operator token",
             )),
         }
@@ -883,9 +887,8 @@ fn operator(j: &CloneJobs, headers: &HeaderMap) -> Result<(), ApiError> {
                 .and_then(|p| t.verify(p))
                 .is_none() =>
         {
-            Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
+            Err(crate::auth::refused(
+                j.tokens.as_deref(),
                 "this request needs an operator token",
             ))
         }

@@ -159,17 +159,15 @@ pub(crate) fn authorize(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let Some(token) = token else {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+        return Err(crate::auth::refused(
+            Some(&state.tokens),
             "this request needs an Authorization: Bearer <token> header",
         ));
     };
     match state.tokens.verify(token) {
         Some(name) => Ok(Author::new(&name)),
-        None => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+        None => Err(crate::auth::refused(
+            Some(&state.tokens),
             "the bearer token is not valid (revoked or mistyped)",
         )),
     }
@@ -1288,13 +1286,13 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// Opens the inventory at `<data>/inventory`, the install status book at
 /// `<data>/state/install-status.json` and the tokens at
-/// `<data>/state/tokens.json`; creates the first token when there is none
-/// and returns it so the caller prints it once.
+/// `<data>/state/tokens.json` (`serve` creates the first token, see
+/// [`crate::serve::first_token`]).
 pub fn open_state(
     data: &std::path::Path,
     public_reads: bool,
     events: crate::events::Events,
-) -> anyhow::Result<(Arc<InvState>, Option<String>)> {
+) -> anyhow::Result<Arc<InvState>> {
     use anyhow::Context;
     let root = data.join("inventory");
     let t = std::time::Instant::now();
@@ -1308,9 +1306,6 @@ pub fn open_state(
     );
     let status = StatusBook::open(Some(&data.join("state/install-status.json")))?;
     let tokens = TokenStore::open(&data.join("state/tokens.json"));
-    let first = tokens
-        .ensure_first()
-        .context("creating the first API token")?;
     let state = InvState {
         inventory: Arc::new(RwLock::new(inv)),
         status: Mutex::new(status),
@@ -1319,5 +1314,5 @@ pub fn open_state(
         blobs: data.join("blobs/sha256"),
         events,
     };
-    Ok((Arc::new(state), first))
+    Ok(Arc::new(state))
 }

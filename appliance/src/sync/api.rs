@@ -57,7 +57,7 @@ fn bad(e: impl std::fmt::Display) -> ApiError {
 
 /// Operator, or the scoped token of `child`.
 fn authorize(st: &SyncState, headers: &HeaderMap, child: Option<&Uuid>) -> Result<(), ApiError> {
-    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+    let unauthorized = |m: &str| crate::auth::refused(Some(st.tokens.as_ref()), m);
     let t = crate::auth::bearer(headers).ok_or_else(|| {
         unauthorized("this request needs an Authorization: Bearer <token> header")
     })?;
@@ -432,7 +432,10 @@ async fn export(
 }
 
 fn tempfile_in(dir: &std::path::Path) -> anyhow::Result<(std::path::PathBuf, std::fs::File)> {
-    let path = dir.join(format!(".bundle-{}", Uuid::new_v4().simple()));
+    let path = dir.join(format!(
+        ".bundle-{}",
+        crate::entropy::unique_uuid().simple()
+    ));
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -452,7 +455,10 @@ async fn import(
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(|e| internal(e.into()))?;
-    let path = dir.join(format!(".import-{}", Uuid::new_v4().simple()));
+    let path = dir.join(format!(
+        ".import-{}",
+        crate::entropy::unique_uuid().simple()
+    ));
     let mut f = tokio::fs::File::create(&path)
         .await
         .map_err(|e| internal(e.into()))?;
