@@ -90,6 +90,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<crate::entropy::NotReady> for ApiError {
+    fn from(e: crate::entropy::NotReady) -> Self {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "random_pool_not_ready",
+            e.to_string(),
+        )
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         ApiError::new(

@@ -8,6 +8,13 @@
 //! The server re-reads the file when it changes, so tokens made or revoked
 //! by the CLI take effect at once.
 //!
+//! Secrets come from the kernel's initialized random pool and never wait
+//! for it ([`crate::entropy::secret`]): creating a token before the pool is
+//! ready fails with [`crate::entropy::NotReady`]. `serve` creates the first
+//! token in a background thread that waits for the pool; until an operator
+//! token exists, every guarded request is refused with 503 `no_token_yet`
+//! ([`refused`]), never let through.
+//!
 //! A token carries a scope (`"scope"`, absent in older files and then
 //! `operator`): `read` tokens may read everything, `operator` tokens may
 //! do anything the API guards but the `admin` routes, `admin` tokens (the
@@ -131,14 +138,24 @@ fn hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-fn random_hex(bytes: usize) -> String {
-    let mut out = String::new();
-    while out.len() < bytes * 2 {
-        out.push_str(&uuid::Uuid::new_v4().simple().to_string());
+/// The answer to a request without a valid token: 401 with `message`, or
+/// 503 `no_token_yet` while `tokens` holds no operator token at all (the
+/// first one is still waiting for the kernel's random pool).
+pub fn refused(tokens: Option<&TokenStore>, message: &str) -> crate::api::ApiError {
+    if tokens.is_some_and(|t| !t.has_operator()) {
+        return crate::api::ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "no_token_yet",
+            NO_TOKEN_YET,
+        );
     }
-    out.truncate(bytes * 2);
-    out
+    crate::api::ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "unauthorized", message)
 }
+
+/// Why guarded requests are refused while no operator token exists.
+pub const NO_TOKEN_YET: &str = "no API token exists yet: the first one is created and printed \
+     on the console once the kernel's random pool is ready (a machine without a hardware RNG \
+     may take minutes on its first boot); `appliance token create` on the node makes one";
 
 impl TokenStore {
     /// Tokens in `path` (created on first write).
@@ -214,8 +231,8 @@ impl TokenStore {
     pub fn create_scoped(&self, name: &str, scope: Scope) -> Result<(TokenRecord, String)> {
         crate::inventory::model::check_name(name).map_err(|e| anyhow::anyhow!("token name {e}"))?;
         let mut tokens = self.load()?;
-        let id = random_hex(4);
-        let token = format!("apl_{id}_{}", random_hex(32));
+        let id = crate::entropy::secret_hex(4)?;
+        let token = format!("apl_{id}_{}", crate::entropy::secret_hex(32)?);
         let created = crate::inventory::status::now();
         let rec = TokenRecord {
             id,
@@ -282,7 +299,17 @@ impl TokenStore {
             .map(|t| (t.name, t.scope))
     }
 
+    /// Whether an operator token exists (an unreadable file counts as yes:
+    /// requests are then refused with 401 like any bad token).
+    pub fn has_operator(&self) -> bool {
+        self.load()
+            .map(|t| t.iter().any(|t| matches!(t.scope, Scope::Operator | Scope::Admin)))
+            .unwrap_or(true)
+    }
+
     /// Creates the first token if there is none; returns it (to print once).
+    /// Fails with [`crate::entropy::NotReady`] (inside the error) while the
+    /// kernel's random pool is not initialized.
     pub fn ensure_first(&self) -> Result<Option<String>> {
         if let Some(p) = &self.path {
             if p.exists() {

@@ -64,6 +64,10 @@ pub const RELEASE_SIGNATURE: &str = "release/manifest.sig";
 /// Node identity inside the data directory.
 pub const NODE_FILE: &str = "state/node.json";
 
+/// The random seed kept for the next boot, relative to the data directory
+/// (see [`crate::entropy`]).
+pub const RANDOM_SEED: &str = "state/random-seed";
+
 /// Set to `1` by init in the environment of the supervised `serve` child.
 pub const ENV_UNDER_INIT: &str = "APPLIANCE_UNDER_INIT";
 

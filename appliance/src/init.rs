@@ -7,14 +7,18 @@
 //! first-boot config (fw_cfg, then the ESP), wait up to 10 s for the
 //! `appliance-data` partition and mount it at `/data` (a tmpfs when it is
 //! missing or unmountable, so the server still runs, with a degraded reason
-//! saying state is not persistent), start `serve` as a supervised child, and
+//! saying state is not persistent), feed the saved random seed to the kernel
+//! and replace it (`crate::entropy`; nothing on the way to the network and
+//! the API waits for the kernel's random pool), start `serve` as a
+//! supervised child, and
 //! bring up the network beside it (the server binds `0.0.0.0` and does not
 //! need to wait for an address).
 //!
 //! Then it reaps zombies, restarts the server with backoff when it dies, and
 //! waits for SIGUSR1 (power off), SIGUSR2 or SIGTERM (reboot), or SIGINT
 //! (ctrl-alt-del, reboot). Shutdown stops the server (SIGTERM, 5 s, then
-//! SIGKILL), syncs, unmounts `/data` (read-only remount if busy) and calls
+//! SIGKILL), refreshes the random seed, syncs, unmounts `/data` (read-only
+//! remount if busy) and calls
 //! `reboot(2)`.
 //!
 //! PID 1 never exits: failures are logged, printed as console markers and
@@ -134,6 +138,9 @@ fn boot_and_supervise(set_log: SetLogFilter<'_>) -> Result<std::convert::Infalli
         )
     };
     let data_is_partition = mount_data(data_dev.as_deref());
+    // Before the network and the server: a saved seed makes the kernel's
+    // random pool ready at once (crate::entropy).
+    random_seed(data_is_partition);
     let cfg = read_config(&cmdline_settings);
     apply_log_filter(set_log, cfg.log.as_deref());
     tracing::info!(?cfg, "boot configuration");
@@ -269,6 +276,65 @@ fn mount_data(dev: Option<&Path>) -> bool {
         Err(e) => degrade(&format!("{e:#}")),
     }
     false
+}
+
+/// Feeds the saved random seed to the kernel and replaces it; when the
+/// pool is not ready (first boot), a thread saves a seed once it is. On a
+/// tmpfs `/data` nothing is kept. Never blocks.
+fn random_seed(data_is_partition: bool) {
+    use crate::entropy::{self, SeedUse};
+    if !data_is_partition {
+        return;
+    }
+    let data = Path::new(DATA_DIR);
+    match entropy::use_seed(data, &mut entropy::Kernel) {
+        Ok(r) => {
+            match &r.used {
+                SeedUse::Credited { bytes } => {
+                    marker(&format!("random seed credited ({bytes} bytes)"));
+                }
+                SeedUse::Mixed { bytes, reason } => {
+                    tracing::warn!(bytes, %reason, "random seed mixed in, not credited");
+                    marker(&format!("random seed not credited: {reason}"));
+                }
+                SeedUse::Missing => tracing::info!("no saved random seed"),
+            }
+            if r.saved {
+                tracing::info!("random seed refreshed");
+                return;
+            }
+        }
+        Err(e) => tracing::error!("random seed: {e:#}"),
+    }
+    if entropy::is_ready() {
+        // The pool was ready without the seed (a hardware RNG).
+        save_seed_now();
+        return;
+    }
+    marker("waiting for the kernel's random pool (no hardware RNG, no saved seed); network and API do not wait");
+    let spawned = std::thread::Builder::new()
+        .name("random-seed".into())
+        .spawn(|| {
+            let t = Instant::now();
+            entropy::wait_ready();
+            marker(&format!(
+                "random pool ready after {}s",
+                t.elapsed().as_secs()
+            ));
+            save_seed_now();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "starting the random seed thread failed");
+    }
+}
+
+/// Writes a fresh seed for the next boot when the pool is ready.
+fn save_seed_now() {
+    match crate::entropy::save_seed(Path::new(DATA_DIR), &mut crate::entropy::Kernel) {
+        Ok(true) => tracing::info!("random seed saved"),
+        Ok(false) => tracing::info!("random pool not ready; no seed saved"),
+        Err(e) => tracing::error!("saving the random seed: {e:#}"),
+    }
 }
 
 /// Grows the data filesystem to its partition (after a flash onto a
@@ -516,6 +582,9 @@ fn reap_for_shutdown(server: &mut Server) {
 
 /// Syncs, releases /data and powers off or reboots. Never returns.
 fn shutdown(action: Action, data_is_partition: bool) -> Result<std::convert::Infallible> {
+    if data_is_partition {
+        save_seed_now();
+    }
     rustix::fs::sync();
     if data_is_partition {
         match crate::mount::unmount_or_readonly(&PathBuf::from(DATA_DIR)) {

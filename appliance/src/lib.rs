@@ -22,6 +22,7 @@ pub mod console;
 pub mod contract;
 pub mod degraded;
 pub mod dhcp;
+pub mod entropy;
 pub mod events;
 pub mod flash;
 pub mod growfs;

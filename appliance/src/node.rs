@@ -1,5 +1,7 @@
 //! Node identity: a random UUID created at first start and kept in
-//! `<data>/state/node.json` as `{"node_id": "<uuid>"}`.
+//! `<data>/state/node.json` as `{"node_id": "<uuid>"}`. It must be unique,
+//! not secret (`/api/v1/version` shows it), so it never waits for the
+//! kernel's random pool ([`crate::entropy::unique_uuid`]).
 //!
 //! The file is written to a temporary name, synced and renamed into place,
 //! so a crash never leaves a half-written identity behind.
@@ -47,7 +49,7 @@ pub fn load_or_create_with(data: &Path, wanted: Option<uuid::Uuid>) -> Result<uu
         bail!("data directory {} does not exist", data.display());
     }
     let node = NodeFile {
-        node_id: wanted.unwrap_or_else(uuid::Uuid::new_v4),
+        node_id: wanted.unwrap_or_else(crate::entropy::unique_uuid),
     };
     write(data, &node)?;
     Ok(node.node_id)

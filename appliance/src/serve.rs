@@ -92,7 +92,7 @@ pub fn build_state(opts: &ServeOptions) -> AppState {
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "node id not persisted");
             degraded.push(format!("node id not persisted: {e:#}"));
-            uuid::Uuid::new_v4().to_string()
+            crate::entropy::unique_uuid().to_string()
         }
     };
     let manifest = opts.data.join(RELEASE_MANIFEST);
@@ -120,15 +120,23 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     let mut state = build_state(&opts);
     let events = crate::events::Events::new();
     // The inventory (issue 6): `<data>/inventory` and `<data>/state/tokens.json`.
-    let (inventory, first_token) =
+    let inventory =
         match crate::inventory::api::open_state(&opts.data, !opts.private_reads, events.clone()) {
-            Ok((inv, token)) => (Some(inv), token),
+            Ok(inv) => Some(inv),
             Err(e) => {
                 tracing::error!(error = format!("{e:#}"), "inventory unavailable");
                 state.degraded.push(format!("inventory unavailable: {e:#}"));
-                (None, None)
+                None
             }
         };
+    let tokens_file = opts.data.join("state/tokens.json");
+    let first_token = first_token(&tokens_file);
+    if let FirstToken::Failed(e) = &first_token {
+        tracing::error!(error = %e, "creating the first API token failed");
+        state
+            .degraded
+            .push(format!("creating the first API token: {e}"));
+    }
     let state = Arc::new(state);
     tracing::info!(node_id = %state.node_id, release = ?state.release, "starting server");
     let listener = tokio::net::TcpListener::bind(opts.listen)
@@ -138,14 +146,16 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {addr}").context("writing to stdout")?;
-        if let Some(token) = &first_token {
-            writeln!(out, "first API token (shown once, keep it): {token}")
-                .context("writing to stdout")?;
+        if let FirstToken::Created(token) = &first_token {
+            print_first_token(&mut out, token);
         }
         out.flush().context("flushing stdout")?;
     }
     if crate::power::under_our_init() {
         crate::console::marker(&format!("serving on {addr}"));
+    }
+    if first_token == FirstToken::Waiting {
+        spawn_first_token_waiter(tokens_file);
     }
     let (app, sync_node) = build_app(&opts, state.clone(), events, inventory).await;
     start_parent_checkins(&opts, &state, addr);
@@ -283,6 +293,64 @@ pub async fn build_app(
     }
     let app = crate::http::build(routes, auth);
     (app, sync_node)
+}
+
+/// The first operator token, made at first start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirstToken {
+    /// A token file exists: nothing to do.
+    Exists,
+    /// Created now; printed once.
+    Created(String),
+    /// The kernel's random pool is not initialized: a background thread
+    /// waits for it (guarded requests answer 503 `no_token_yet` meanwhile).
+    Waiting,
+    /// Creating it failed otherwise (a degraded reason).
+    Failed(String),
+}
+
+/// Creates the first token now when the kernel's random pool allows it.
+pub fn first_token(tokens_file: &Path) -> FirstToken {
+    match crate::auth::TokenStore::open(tokens_file).ensure_first() {
+        Ok(Some(t)) => FirstToken::Created(t),
+        Ok(None) => FirstToken::Exists,
+        Err(e) if e.downcast_ref::<crate::entropy::NotReady>().is_some() => FirstToken::Waiting,
+        Err(e) => FirstToken::Failed(format!("{e:#}")),
+    }
+}
+
+fn print_first_token(out: &mut impl Write, token: &str) {
+    let _ = writeln!(out, "first API token (shown once, keep it): {token}");
+}
+
+/// Waits for the kernel's random pool on a thread of its own (never a
+/// runtime worker), then creates and prints the first token.
+fn spawn_first_token_waiter(tokens_file: PathBuf) {
+    let msg = "waiting for the kernel's random pool to create the API token \
+               (no hardware RNG, no saved seed); writes answer 503 until then";
+    tracing::warn!("{msg}");
+    if crate::power::under_our_init() {
+        crate::console::marker(msg);
+    }
+    let spawned = std::thread::Builder::new()
+        .name("first-token".into())
+        .spawn(move || {
+            let t = std::time::Instant::now();
+            crate::entropy::wait_ready();
+            tracing::info!(waited_s = t.elapsed().as_secs(), "kernel random pool ready");
+            match first_token(&tokens_file) {
+                FirstToken::Created(token) => {
+                    let mut out = std::io::stdout().lock();
+                    print_first_token(&mut out, &token);
+                    let _ = out.flush();
+                }
+                FirstToken::Exists => {}
+                other => tracing::error!(?other, "creating the first API token failed"),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "starting the first-token thread failed");
+    }
 }
 
 /// The URL a parent can reach this node at: `advertise_url`, else the bound
@@ -452,9 +520,8 @@ mod tests {
         o.private_reads = true;
         let state = Arc::new(build_state(&o));
         let events = crate::events::Events::new();
-        let (inv, first) =
-            crate::inventory::api::open_state(&o.data, false, events.clone()).unwrap();
-        let admin = first.expect("a first token");
+        let inv = crate::inventory::api::open_state(&o.data, false, events.clone()).unwrap();
+        let admin = inv.tokens.ensure_first().unwrap().expect("a first token");
         let child = uuid::Uuid::new_v4();
         let read = inv
             .tokens

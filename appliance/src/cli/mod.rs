@@ -775,6 +775,11 @@ fn token(t: TokenCmd) -> Result<()> {
     match t.verb {
         TokenVerb::Create { name, scope } => {
             let scope: crate::auth::Scope = scope.parse().map_err(anyhow::Error::msg)?;
+            // An operator at the console may wait; the server never does.
+            if !crate::entropy::is_ready() {
+                eprintln!("waiting for the kernel's random pool to be initialized…");
+                crate::entropy::wait_ready();
+            }
             let (rec, secret) = store.create_scoped(&name, scope)?;
             if t.json {
                 print_json(&json!({"id": rec.id, "name": rec.name, "token": secret}));

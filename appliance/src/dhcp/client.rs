@@ -199,10 +199,10 @@ pub fn resolv_conf(lease: &Lease) -> Option<String> {
     Some(out)
 }
 
-/// A fresh transaction id.
+/// A fresh transaction id. Never waits for the kernel's random pool: it
+/// needs no secrecy, and waiting held up the first boot for minutes.
 fn new_xid() -> u32 {
-    let b = *uuid::Uuid::new_v4().as_bytes();
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+    crate::entropy::fast_u32()
 }
 
 /// Opens the client socket on `iface`.

@@ -591,10 +591,11 @@ pub async fn probe_other_servers(iface: &str, timeout: Duration) -> anyhow::Resu
     // that entered another network namespace); otherwise a random locally
     // administered one. Replies are broadcast either way.
     let mac = iface_mac(iface).unwrap_or_else(|_| {
-        let b = uuid::Uuid::new_v4().into_bytes();
+        let mut b = [0u8; 6];
+        crate::entropy::fast_bytes(&mut b);
         MacAddr([(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]])
     });
-    let xid = u32::from_be_bytes(uuid::Uuid::new_v4().as_bytes()[..4].try_into()?);
+    let xid = crate::entropy::fast_u32();
     let discover = {
         let mut b = Builder::request(xid, mac, MessageType::Discover);
         let mut cid = vec![1];

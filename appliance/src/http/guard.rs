@@ -216,7 +216,7 @@ impl Auth {
             return Ok(Role::Anonymous);
         }
         let Some(token) = token.filter(|t| !t.is_empty()) else {
-            return Err(unauthorized(
+            return Err(self.refused(
                 "this request needs an Authorization: Bearer <token> header",
             ));
         };
@@ -246,7 +246,7 @@ impl Auth {
             }
         }
         let Some((name, scope)) = self.tokens.as_ref().and_then(|t| t.authenticate(token)) else {
-            return Err(unauthorized(
+            return Err(self.refused(
                 "the bearer token is not valid (revoked, expired or mistyped)",
             ));
         };
@@ -272,8 +272,12 @@ impl Auth {
     }
 }
 
-fn unauthorized(m: &str) -> ApiError {
-    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m)
+impl Auth {
+    /// 401, or 503 `no_token_yet` while no operator token exists at all
+    /// (the first one waits for the kernel's random pool).
+    fn refused(&self, m: &str) -> ApiError {
+        crate::auth::refused(self.tokens.as_deref(), m)
+    }
 }
 
 fn forbidden(m: &str) -> ApiError {

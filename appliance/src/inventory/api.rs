@@ -950,13 +950,13 @@ pub(crate) fn kind_schema(kind: Kind) -> &'static str {
 
 /// Opens the inventory at `<data>/inventory`, the install status book at
 /// `<data>/state/install-status.json` and the tokens at
-/// `<data>/state/tokens.json`; creates the first token when there is none
-/// and returns it so the caller prints it once.
+/// `<data>/state/tokens.json` (`serve` creates the first token, see
+/// [`crate::serve::first_token`]).
 pub fn open_state(
     data: &std::path::Path,
     public_reads: bool,
     events: crate::events::Events,
-) -> anyhow::Result<(Arc<InvState>, Option<String>)> {
+) -> anyhow::Result<Arc<InvState>> {
     use anyhow::Context;
     let root = data.join("inventory");
     let t = std::time::Instant::now();
@@ -970,9 +970,6 @@ pub fn open_state(
     );
     let status = StatusBook::open(Some(&data.join("state/install-status.json")))?;
     let tokens = Arc::new(TokenStore::open(&data.join("state/tokens.json")));
-    let first = tokens
-        .ensure_first()
-        .context("creating the first API token")?;
     let state = InvState {
         inventory: Arc::new(RwLock::new(inv)),
         status: Mutex::new(status),
@@ -981,5 +978,5 @@ pub fn open_state(
         blobs: data.join("blobs/sha256"),
         events,
     };
-    Ok((Arc::new(state), first))
+    Ok(Arc::new(state))
 }
