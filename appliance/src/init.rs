@@ -53,6 +53,8 @@ const LATE_EVERY: Duration = Duration::from_millis(250);
 const LATE_FOR: Duration = Duration::from_secs(15);
 /// How long DHCP keeps trying before the network is declared degraded.
 const DHCP_TOTAL: Duration = Duration::from_secs(60);
+/// The open-files limit init sets for itself and the server.
+const NOFILE: u64 = 65_536;
 /// How long the server gets to stop at shutdown.
 const SERVER_STOP: Duration = Duration::from_secs(5);
 
@@ -113,6 +115,15 @@ fn boot_and_supervise(set_log: SetLogFilter<'_>) -> Result<std::convert::Infalli
     }
     if let Err(e) = reboot(RebootCommand::CadOff) {
         tracing::warn!(error = %e, "disabling ctrl-alt-del failed");
+    }
+    // The kernel's default of 1024 open files would let ~1,000 idle clients
+    // stop the API and HTTP boot; the server inherits this.
+    let files = rustix::process::Rlimit {
+        current: Some(NOFILE),
+        maximum: Some(NOFILE),
+    };
+    if let Err(e) = rustix::process::setrlimit(rustix::process::Resource::Nofile, files) {
+        tracing::warn!(error = %e, "raising the open-files limit failed");
     }
 
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_else(|e| {

@@ -117,6 +117,7 @@ pub fn build_state(opts: &ServeOptions) -> AppState {
 
 /// Runs the server until SIGTERM/SIGINT.
 pub async fn run(opts: ServeOptions) -> Result<()> {
+    crate::http::server::raise_file_limit();
     let mut state = build_state(&opts);
     let events = crate::events::Events::new();
     // The inventory (issue 6): `<data>/inventory` and `<data>/state/tokens.json`.
@@ -162,13 +163,13 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     if let Some(node) = sync_node {
         start_background_sync(&opts, node);
     }
-    axum::serve(
+    crate::http::server::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app,
+        crate::http::server::Limits::default(),
+        shutdown_signal(),
     )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .context("serving HTTP")?;
+    .await;
     tracing::info!("server stopped");
     Ok(())
 }

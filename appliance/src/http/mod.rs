@@ -12,6 +12,7 @@
 pub mod guard;
 pub mod openapi;
 pub mod routes;
+pub mod server;
 
 pub use guard::{Auth, Caller, Guard, JobRef, JobTokens, Role};
 pub use routes::{build, Route};
