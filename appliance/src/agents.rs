@@ -48,7 +48,16 @@ pub struct AgentRecord {
     pub first_seen: f64,
     pub last_seen: f64,
     pub checkins: u64,
+    /// The address it checked in from; its work is answered only there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::IpAddr>,
 }
+
+/// At most this many agents are remembered; a new MAC beyond it replaces
+/// the one silent longest (if silent for an hour) or is refused.
+pub const MAX_AGENTS: usize = 1024;
+/// Check-ins one address may make per minute.
+pub const CHECKINS_PER_MINUTE: u32 = 60;
 
 /// Work handed to an agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +80,8 @@ pub type WorkSource = Arc<dyn Fn(&AgentRecord, &str) -> Option<Work> + Send + Sy
 #[derive(Clone)]
 pub struct Agents {
     inner: Arc<Mutex<BTreeMap<String, AgentRecord>>>,
+    /// Per source address: the minute's start and its check-ins.
+    rate: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, (f64, u32)>>>,
     file: Option<PathBuf>,
     events: Events,
     work: Option<WorkSource>,
@@ -118,6 +129,7 @@ impl Agents {
             .unwrap_or_default();
         Agents {
             inner: Arc::new(Mutex::new(map)),
+            rate: Default::default(),
             file: Some(file),
             events,
             work: None,
@@ -127,6 +139,7 @@ impl Agents {
     pub fn in_memory(events: Events) -> Agents {
         Agents {
             inner: Default::default(),
+            rate: Default::default(),
             file: None,
             events,
             work: None,
@@ -148,7 +161,14 @@ impl Agents {
             .collect()
     }
 
-    pub fn check_in(&self, c: CheckIn) -> Result<AgentRecord, ApiError> {
+    /// Records a check-in from `from`. Where this appliance's DHCP leased
+    /// `from` to a MAC, only that MAC may check in from it; each address
+    /// gets [`CHECKINS_PER_MINUTE`]; at most [`MAX_AGENTS`] are kept.
+    pub fn check_in(
+        &self,
+        c: CheckIn,
+        from: Option<std::net::IpAddr>,
+    ) -> Result<AgentRecord, ApiError> {
         let mac = normalize_mac(&c.mac).ok_or_else(|| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -157,8 +177,52 @@ impl Agents {
             )
         })?;
         let t = now();
+        if let Some(ip) = from {
+            if let Some(leased) = self.events.mac_of(ip).filter(|m| *m != mac) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "lease_mismatch",
+                    format!("{ip} was leased to {leased}, not {mac}"),
+                ));
+            }
+            let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+            if rate.len() > 4 * MAX_AGENTS {
+                rate.retain(|_, (start, _)| t - *start < 60.0);
+            }
+            let slot = rate.entry(ip).or_insert((t, 0));
+            if t - slot.0 >= 60.0 {
+                *slot = (t, 0);
+            }
+            slot.1 += 1;
+            if slot.1 > CHECKINS_PER_MINUTE {
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!("{ip} checked in more than {CHECKINS_PER_MINUTE} times this minute"),
+                ));
+            }
+        }
         let (rec, all) = {
             let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            if !g.contains_key(&mac) && g.len() >= MAX_AGENTS {
+                let oldest = g
+                    .values()
+                    .min_by(|a, b| a.last_seen.total_cmp(&b.last_seen))
+                    .filter(|o| t - o.last_seen > 3600.0)
+                    .map(|o| o.mac.clone());
+                match oldest {
+                    Some(o) => {
+                        g.remove(&o);
+                    }
+                    None => {
+                        return Err(ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "agents_full",
+                            format!("{MAX_AGENTS} agents checked in within the hour; not recording {mac}"),
+                        ))
+                    }
+                }
+            }
             let rec = g
                 .entry(mac.clone())
                 .and_modify(|r| {
@@ -167,6 +231,7 @@ impl Agents {
                     r.mode = c.mode.clone();
                     r.last_seen = t;
                     r.checkins += 1;
+                    r.address = from;
                 })
                 .or_insert_with(|| AgentRecord {
                     mac: mac.clone(),
@@ -176,6 +241,7 @@ impl Agents {
                     first_seen: t,
                     last_seen: t,
                     checkins: 1,
+                    address: from,
                 })
                 .clone();
             (rec, g.values().cloned().collect::<Vec<_>>())
@@ -252,15 +318,17 @@ async fn list(State(a): State<Agents>) -> Json<Vec<AgentRecord>> {
 
 async fn check_in(
     State(a): State<Agents>,
+    caller: crate::http::Caller,
     body: Result<Json<CheckIn>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<AgentRecord>), ApiError> {
     let Json(c) = body?;
-    Ok((StatusCode::OK, Json(a.check_in(c)?)))
+    Ok((StatusCode::OK, Json(a.check_in(c, caller.peer.map(|p| p.ip()))?)))
 }
 
 async fn work(
     State(a): State<Agents>,
     UrlPath(mac): UrlPath<String>,
+    caller: crate::http::Caller,
     headers: axum::http::HeaderMap,
 ) -> Result<Json<Work>, ApiError> {
     let mac = mac_param(&mac)?;
@@ -277,6 +345,20 @@ async fn work(
             format!("{mac} has not checked in"),
         ));
     };
+    // Work goes only to the address that checked in as this MAC (which,
+    // where our DHCP serves it, is the address leased to this MAC).
+    if let (Some(want), Some(peer)) = (rec.address, caller.peer) {
+        if want != peer.ip() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "wrong_address",
+                format!(
+                    "{mac} checked in from {want}; its work is not answered to {}",
+                    peer.ip()
+                ),
+            ));
+        }
+    }
     let host = headers
         .get(axum::http::header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -396,5 +478,69 @@ mod tests {
         let e: serde_json::Value =
             serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
         assert_eq!(e["code"], "invalid_mac");
+    }
+
+    fn ci(mac: &str) -> CheckIn {
+        CheckIn {
+            mac: mac.into(),
+            hardware: hw(),
+            release: None,
+            mode: None,
+        }
+    }
+
+    #[test]
+    fn a_leased_address_checks_in_only_as_its_mac_and_work_goes_only_there() {
+        let events = Events::new();
+        let a = Agents::in_memory(events.clone());
+        let ip: std::net::IpAddr = "10.77.0.50".parse().unwrap();
+        events.learn(ip, "52:54:00:00:00:01");
+        let e = a.check_in(ci("52:54:00:00:00:02"), Some(ip)).unwrap_err();
+        assert_eq!((e.status, e.code), (StatusCode::FORBIDDEN, "lease_mismatch"));
+        let rec = a.check_in(ci("52:54:00:00:00:01"), Some(ip)).unwrap();
+        assert_eq!(rec.address, Some(ip));
+    }
+
+    #[tokio::test]
+    async fn work_is_answered_only_to_the_address_that_checked_in() {
+        let a = Agents::in_memory(Events::new());
+        let ip: std::net::IpAddr = "10.77.0.50".parse().unwrap();
+        a.check_in(ci("52:54:00:00:00:01"), Some(ip)).unwrap();
+        let call = |peer: &str| {
+            let peer: std::net::SocketAddr = peer.parse().unwrap();
+            let mut req = Request::get("/api/v1/agents/52:54:00:00:00:01/work")
+                .body(Body::empty())
+                .unwrap();
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            router(a.clone()).oneshot(req)
+        };
+        assert_eq!(call("10.77.0.50:4000").await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            call("10.77.0.66:4000").await.unwrap().status(),
+            StatusCode::FORBIDDEN
+        );
+    }
+
+    #[test]
+    fn check_ins_are_rate_limited_per_address_and_bounded_in_number() {
+        let a = Agents::in_memory(Events::new());
+        let ip: std::net::IpAddr = "10.77.0.9".parse().unwrap();
+        for _ in 0..CHECKINS_PER_MINUTE {
+            a.check_in(ci("52:54:00:00:00:01"), Some(ip)).unwrap();
+        }
+        let e = a.check_in(ci("52:54:00:00:00:01"), Some(ip)).unwrap_err();
+        assert_eq!(e.code, "rate_limited");
+        // Many addresses, many MACs: the registry stops at MAX_AGENTS.
+        for i in 0..MAX_AGENTS {
+            let mac = format!("02:00:00:00:{:02x}:{:02x}", i >> 8, i & 0xff);
+            let from = std::net::IpAddr::from([10, 1, (i >> 8) as u8, (i & 0xff) as u8]);
+            a.check_in(ci(&mac), Some(from)).unwrap();
+        }
+        let e = a
+            .check_in(ci("02:00:00:ff:ff:ff"), Some("10.2.0.1".parse().unwrap()))
+            .unwrap_err();
+        assert_eq!(e.code, "agents_full");
+        assert_eq!(a.list().len(), MAX_AGENTS);
     }
 }

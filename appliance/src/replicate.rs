@@ -314,6 +314,15 @@ impl Replication {
                 // A failed install waits for the operator (re-register).
                 return Some(Work::Wait { retry_secs: 30 });
             }
+            // One replica token per install attempt. An attempt is one
+            // boot of the installer: it checks in once, then asks for work.
+            // Asking again without a new check-in (a second asker under
+            // this MAC) gets no token: it would revoke the real child's.
+            // A machine that rebooted (killed mid-write) checks in again
+            // and starts a new attempt.
+            if r.state == "installing" && rec.last_seen <= r.started {
+                return Some(Work::Wait { retry_secs: 30 });
+            }
         }
         match self.prepared() {
             Prepared::Ready { .. } => {}

@@ -1182,6 +1182,7 @@ mod tests {
             first_seen: 0.0,
             last_seen: 0.0,
             checkins: 1,
+            address: None,
         };
         let Some(crate::agents::Work::Capture(w)) = jobs.work_for(&rec, "http://s") else {
             panic!("no capture work")
