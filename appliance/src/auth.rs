@@ -202,7 +202,7 @@ impl TokenStore {
                 tokens: tokens.clone(),
             })?;
             bytes.push(b'\n');
-            crate::inventory::git::write_atomic(path, &bytes, true)?;
+            crate::state::write_atomic(path, &bytes, true, crate::state::Secrecy::Secret)?;
             #[cfg(unix)]
             {
                 use std::os::unix::fs::PermissionsExt;

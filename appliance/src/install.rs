@@ -353,7 +353,7 @@ pub fn write_node_state(
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(value)?;
     bytes.push(b'\n');
-    crate::inventory::git::write_atomic(path, &bytes, true)
+    crate::state::write_atomic(path, &bytes, true, crate::state::Secrecy::Public)
         .with_context(|| format!("writing {}", path.display()))
 }
 

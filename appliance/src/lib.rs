@@ -46,6 +46,7 @@ pub mod rebuild;
 pub mod replicas;
 pub mod replicate;
 pub mod serve;
+pub mod state;
 pub mod sync;
 pub mod tftp;
 pub mod writer;

@@ -293,8 +293,12 @@ impl Networks {
         );
         cfg.force = true; // probed above
         let base = cfg.http_base_url.clone();
+        // TFTP first: when it cannot start (no boot files) nothing of this
+        // network runs, DHCP included — an authoritative DHCP server left
+        // behind by a refused request would answer on a wire nobody serves.
+        let tftp = self.spawn_tftp(plan.addr)?;
         let (tx, rx) = broadcast::channel::<DhcpEvent>(1024);
-        let mut tasks = Vec::new();
+        let mut tasks = vec![tftp];
         let backend = Arc::new(crate::dhcp::boot::DefaultBootBackend::new(&base));
         let iface = spec.iface.clone();
         tasks.push(tokio::spawn(async move {
@@ -303,7 +307,6 @@ impl Networks {
             }
         }));
         tasks.push(tokio::spawn(bridge_dhcp(rx, self.events.clone())));
-        tasks.push(self.spawn_tftp(plan.addr)?);
         g.insert(
             spec.iface.clone(),
             Running {

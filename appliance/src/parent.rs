@@ -64,7 +64,7 @@ pub fn save(data: &Path, link: &ParentLink) -> Result<()> {
     let path = data.join(PARENT_FILE);
     let mut bytes = serde_json::to_vec_pretty(link).context("encoding the parent link")?;
     bytes.push(b'\n');
-    crate::inventory::git::write_atomic(&path, &bytes, true)?;
+    crate::state::write_atomic(&path, &bytes, true, crate::state::Secrecy::Secret)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))
 }

@@ -237,7 +237,7 @@ impl Replicas {
         let mut bytes = serde_json::to_vec_pretty(&file)
             .map_err(|e| ReplicaError::Storage(anyhow::Error::new(e)))?;
         bytes.push(b'\n');
-        crate::inventory::git::write_atomic(path, &bytes, true)
+        crate::state::write_atomic(path, &bytes, true, crate::state::Secrecy::Public)
             .map_err(|e| ReplicaError::Storage(anyhow::Error::new(e)))
     }
 

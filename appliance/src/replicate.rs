@@ -172,7 +172,7 @@ impl Replication {
         let f = self.data.join("state/installs.json");
         let v: Vec<&InstallRecord> = all.values().collect();
         let bytes = serde_json::to_vec_pretty(&v).expect("install records serialise");
-        if let Err(e) = crate::inventory::git::write_atomic(&f, &bytes, false) {
+        if let Err(e) = crate::state::write_atomic(&f, &bytes, false, crate::state::Secrecy::Secret) {
             tracing::error!(file = %f.display(), error = %e, "saving installs failed");
         }
     }

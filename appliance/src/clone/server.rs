@@ -346,7 +346,8 @@ impl CloneJobs {
         let res = serde_json::to_vec_pretty(&all)
             .map_err(anyhow::Error::from)
             .and_then(|b| {
-                crate::inventory::git::write_atomic(&path, &b, false).map_err(anyhow::Error::from)
+                crate::state::write_atomic(&path, &b, false, crate::state::Secrecy::Secret)
+                    .map_err(anyhow::Error::from)
             });
         if let Err(e) = res {
             tracing::error!(error = format!("{e:#}"), "saving clone jobs failed");

@@ -975,29 +975,8 @@ fn parse_oid(s: &str) -> Result<Oid, GitError> {
 /// Writes `bytes` to `path` via a temporary file in the same directory and a
 /// rename, so readers see the old or the new content, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<(), GitError> {
-    let dir = path.parent().expect("paths have a parent");
-    fs::create_dir_all(dir).map_err(io("creating", dir))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
-    let r = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        if durable {
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, path)?;
-        if durable {
-            fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    })();
-    if r.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    r.map_err(io("writing", path))
+    crate::state::write_atomic(path, bytes, durable, crate::state::Secrecy::Public)
+        .map_err(io("writing", path))
 }
 
 #[cfg(test)]

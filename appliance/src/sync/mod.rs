@@ -130,7 +130,7 @@ fn read_json<T: serde::de::DeserializeOwned + Default>(path: &Path) -> Result<T>
 fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     let mut b = serde_json::to_vec_pretty(v)?;
     b.push(b'\n');
-    crate::inventory::git::write_atomic(path, &b, true)?;
+    crate::state::write_atomic(path, &b, true, crate::state::Secrecy::Public)?;
     Ok(())
 }
 
