@@ -257,10 +257,13 @@ pub fn check_target(sys: &System, target: &Path, image: &Path, image_size: u64) 
     Ok(())
 }
 
-/// The map of `image`: `bmap` if given, else `<image>.bmap`, else computed.
-pub fn image_map(image: &Path, bmap: Option<Bmap>) -> Result<Bmap> {
+/// The map of `image`: `bmap` (a block map file's text, bmaptool's
+/// format) if given, else `<image>.bmap`, else computed. A given or found
+/// map is checked against the image ([`Bmap::parse_for_image`]).
+pub fn image_map(image: &Path, bmap: Option<String>) -> Result<Bmap> {
     match bmap {
-        Some(b) => Ok(b),
+        Some(b) => Bmap::parse_for_image(b.as_bytes(), image)
+            .with_context(|| format!("using the given block map for {}", image.display())),
         None => Bmap::for_image(image).with_context(|| format!("mapping {}", image.display())),
     }
 }
@@ -343,9 +346,11 @@ pub struct FlashRequest {
     /// Image to write; default [`DEFAULT_IMAGE`].
     #[serde(default)]
     pub image: Option<PathBuf>,
-    /// The image's block map; default `<image>.bmap` or computed.
+    /// The image's block map: the text of a bmaptool block map file
+    /// (`appliance bmap` or `bmaptool create`); default `<image>.bmap` or
+    /// computed.
     #[serde(default)]
-    pub bmap: Option<Bmap>,
+    pub bmap: Option<String>,
     /// Leave the target's bytes between mapped ranges as they are (a blank
     /// target) instead of zeroing them.
     #[serde(default)]
