@@ -159,7 +159,6 @@ impl Bmap {
         })
     }
 
-
     /// `<image>.bmap` when it exists (read with [`Bmap::parse_for_image`]),
     /// else a map computed now.
     pub fn for_image(image: &Path) -> Result<Bmap> {
@@ -217,14 +216,7 @@ impl Bmap {
         let mut read_bytes = 0u64;
         for (i, r) in m.ranges.iter().enumerate() {
             let (a, z) = m.span(r);
-            let what = || {
-                format!(
-                    "range {i} (blocks {}-{}, {} bytes)",
-                    r.first,
-                    r.last,
-                    z - a
-                )
-            };
+            let what = || format!("range {i} (blocks {}-{}, {} bytes)", r.first, r.last, z - a);
             let unfit = match (&r.chksum, m.checksum) {
                 (None, _) => Some("has no checksum".to_owned()),
                 (Some(_), Some(k)) if k != format::Kind::Sha256 => {

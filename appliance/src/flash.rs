@@ -699,4 +699,48 @@ mod tests {
         assert_eq!(v["progress"]["phase"], "finish");
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&image).unwrap());
     }
+
+    #[tokio::test]
+    async fn api_takes_the_block_map_file_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("a.img");
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(8 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"hello", 5 << 20).unwrap();
+        let map = String::from_utf8(Bmap::from_file(&image, 1 << 20).unwrap().to_bytes()).unwrap();
+        let app = router(FlashState::new(dir.path()));
+        let req = |out: &Path, bmap: &str| {
+            serde_json::json!({"device": out, "image": image, "bmap": bmap}).to_string()
+        };
+        // A map that is not one, or not this image's: refused at once.
+        let bad = map.replacen("</Range>", " </Range>", 1);
+        let other = map.replace("<ImageSize> 8388608 ", "<ImageSize> 8388609 ");
+        for (m, want) in [
+            (bad.as_str(), "damaged or was edited"),
+            (other.as_str(), "BlocksCount"),
+        ] {
+            let (st, v) = call(
+                app.clone(),
+                "POST",
+                "/api/v1/flash",
+                &req(&dir.path().join("x.img"), m),
+            )
+            .await;
+            assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+            assert!(v["message"].as_str().unwrap().contains(want), "{v}");
+        }
+        let out = dir.path().join("out.img");
+        let (st, v) = call(app.clone(), "POST", "/api/v1/flash", &req(&out, &map)).await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        let v = loop {
+            let (_, v) = call(app.clone(), "GET", "/api/v1/flash", "").await;
+            if v["state"] != "running" {
+                break v;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        assert_eq!(v["state"], "done", "{v}");
+        assert_eq!(v["report"]["bytes_fetched"], 4096);
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&image).unwrap());
+    }
 }

@@ -72,7 +72,10 @@ fn make_image(path: &Path) {
     f.set_len(SIZE).unwrap();
     f.write_all_at(&noise(4096, 1), 0).unwrap();
     f.write_all_at(&noise(70 * MIB, 2), 3 * MIB).unwrap();
-    for (i, off) in [90 * MIB, 90 * MIB + 8192, 97 * MIB].into_iter().enumerate() {
+    for (i, off) in [90 * MIB, 90 * MIB + 8192, 97 * MIB]
+        .into_iter()
+        .enumerate()
+    {
         f.write_all_at(&noise(4096, 10 + i as u64), off).unwrap();
     }
     f.write_all_at(&noise(1000, 20), SIZE - 1000).unwrap();
@@ -110,7 +113,14 @@ fn ranges(map: &str) -> Vec<(u64, u64)> {
     map.lines()
         .filter(|l| l.contains("<Range"))
         .map(|l| {
-            let t = l.split('>').nth(1).unwrap().split('<').next().unwrap().trim();
+            let t = l
+                .split('>')
+                .nth(1)
+                .unwrap()
+                .split('<')
+                .next()
+                .unwrap()
+                .trim();
             let (a, z) = t.split_once('-').unwrap_or((t, t));
             (a.trim().parse().unwrap(), z.trim().parse().unwrap())
         })
@@ -127,9 +137,15 @@ fn appliance_flash_writes_with_maps_bmaptool_creates() {
 
     // With checksums, found beside the image as bmaptool would.
     let side = d.join("disk.img.bmap");
-    ok("bmaptool create", &bmaptool(&[&"create", &img, &"-o", &side]));
+    ok(
+        "bmaptool create",
+        &bmaptool(&[&"create", &img, &"-o", &side]),
+    );
     let map = std::fs::read_to_string(&side).unwrap();
-    assert!(map.contains("<ChecksumType> sha256 </ChecksumType>"), "{map}");
+    assert!(
+        map.contains("<ChecksumType> sha256 </ChecksumType>"),
+        "{map}"
+    );
     let rs = ranges(&map);
     assert!(
         rs.iter().any(|(a, z)| (z - a + 1) * 4096 > 64 * MIB),
@@ -155,7 +171,10 @@ fn appliance_flash_writes_with_maps_bmaptool_creates() {
     for (at, name) in [(40 * MIB, "long"), (90 * MIB + 8192 + 5, "short")] {
         let other = d.join(format!("changed-{name}.img"));
         make_image(&other);
-        let f = std::fs::OpenOptions::new().write(true).open(&other).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&other)
+            .unwrap();
         f.write_all_at(&[0], at).unwrap();
         let out = d.join(format!("out-{name}.img"));
         let msg = failed(
@@ -203,7 +222,13 @@ fn bmaptool_copy_writes_with_maps_appliance_bmap_makes() {
     let side = d.join("auto.img.bmap");
     ok(
         "appliance bmap",
-        &bin().arg("bmap").arg(&img2).arg("-o").arg(&side).output().unwrap(),
+        &bin()
+            .arg("bmap")
+            .arg(&img2)
+            .arg("-o")
+            .arg(&side)
+            .output()
+            .unwrap(),
     );
     let out = d.join("out2.img");
     let log = ok("bmaptool copy", &bmaptool(&[&"copy", &img2, &out]));

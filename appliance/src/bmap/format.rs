@@ -34,7 +34,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [Kind::Sha1, Kind::Sha224, Kind::Sha256, Kind::Sha384, Kind::Sha512];
+    const ALL: [Kind; 5] = [
+        Kind::Sha1,
+        Kind::Sha224,
+        Kind::Sha256,
+        Kind::Sha384,
+        Kind::Sha512,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -67,8 +73,7 @@ impl Kind {
     }
 
     fn check_hex(self, v: &str) -> Result<()> {
-        if v.len() != self.hex_len() || !v.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
-        {
+        if v.len() != self.hex_len() || !v.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
             bail!(
                 "{v:?} is not a {} checksum ({} lowercase hex digits)",
                 self.name(),
@@ -199,7 +204,8 @@ pub fn read(bytes: &[u8]) -> Result<MapFile> {
     };
     if let Some(kind) = checksum {
         let want = one(&root, file_field)?.text.trim();
-        kind.check_hex(want).with_context(|| format!("<{file_field}>"))?;
+        kind.check_hex(want)
+            .with_context(|| format!("<{file_field}>"))?;
         // As bmaptool does: the first occurrence of the value, zeroed.
         let at = bytes
             .windows(want.len())
@@ -340,7 +346,10 @@ pub fn write(b: &Bmap) -> Vec<u8> {
         if first == last {
             let _ = writeln!(s, "        <Range chksum=\"{hex}\"> {first} </Range>");
         } else {
-            let _ = writeln!(s, "        <Range chksum=\"{hex}\"> {first}-{last} </Range>");
+            let _ = writeln!(
+                s,
+                "        <Range chksum=\"{hex}\"> {first}-{last} </Range>"
+            );
         }
     }
     s.push_str("    </BlockMap>\n</bmap>\n");

@@ -165,7 +165,10 @@ fn writes_bmaptool_version_2_with_sha256_and_a_valid_file_checksum() {
     let m = format::read(t.as_bytes()).unwrap();
     assert_eq!(m.version, (2, 0));
     assert_eq!(m.disk_digest, b.disk_digest);
-    assert_eq!(m.ranges[1].chksum.as_deref(), b.ranges[1].digest.strip_prefix("sha256:"));
+    assert_eq!(
+        m.ranges[1].chksum.as_deref(),
+        b.ranges[1].digest.strip_prefix("sha256:")
+    );
     // Without a disk digest there is no DiskDigest element.
     let mut anon = b.clone();
     anon.disk_digest = None;
@@ -294,7 +297,10 @@ fn reads_maps_as_bmaptool_writes_them_every_version() {
         check(&b);
         if k != Kind::Sha256 {
             let e = format!("{:#}", Bmap::parse(&m).unwrap_err());
-            assert!(e.contains(&format!("{} checksum, not sha256", k.name())), "{e}");
+            assert!(
+                e.contains(&format!("{} checksum, not sha256", k.name())),
+                "{e}"
+            );
             assert!(e.contains("only usable with its image"), "{e}");
         }
     }
@@ -308,10 +314,20 @@ fn reads_maps_as_bmaptool_writes_them_every_version() {
         assert!(e.contains("has no checksum"), "{e}");
     }
     // Another block size.
-    let m = bmaptool_map("2.0", Some(Kind::Sha256), false, 1024, &img, &[(0, 3), (32, 79), (160, 160)]);
+    let m = bmaptool_map(
+        "2.0",
+        Some(Kind::Sha256),
+        false,
+        1024,
+        &img,
+        &[(0, 3), (32, 79), (160, 160)],
+    );
     let b = Bmap::parse_for_image(&m, &p).unwrap();
     assert_eq!(
-        b.ranges.iter().map(|r| (r.offset, r.length)).collect::<Vec<_>>(),
+        b.ranges
+            .iter()
+            .map(|r| (r.offset, r.length))
+            .collect::<Vec<_>>(),
         want
     );
     // The image must be the map's size.
@@ -358,7 +374,10 @@ fn long_ranges_are_checked_against_the_image_and_cut_into_chunks() {
         "{:#}",
         Bmap::from_map(&m, Some((&g, &q)), max, chunk).unwrap_err()
     );
-    assert!(e.contains("range 0 (blocks 1-49") && e.contains("does not match"), "{e}");
+    assert!(
+        e.contains("range 0 (blocks 1-49") && e.contains("does not match"),
+        "{e}"
+    );
     // A short range with a wrong checksum is left to the writer, which
     // checks each range before writing it.
     let small = bmaptool_map("2.0", Some(Kind::Sha256), false, 4096, &img, &[(1, 2)]);
@@ -375,7 +394,10 @@ fn bad_maps_are_refused_with_the_reason() {
     // Maps this appliance would write from a broken `Bmap`.
     type Mutation = Box<dyn Fn(&mut Bmap)>;
     let cases: Vec<(Mutation, &str)> = vec![
-        (Box::new(|b| b.ranges[1].offset = 0), "overlaps or comes before"),
+        (
+            Box::new(|b| b.ranges[1].offset = 0),
+            "overlaps or comes before",
+        ),
         (
             Box::new(|b| b.ranges[1].length = 16 * MIB),
             "beyond the image",
@@ -405,22 +427,54 @@ fn bad_maps_are_refused_with_the_reason() {
     // Edited files, resealed so that only the named rule fails.
     let edits: &[(&str, &str, &str)] = &[
         ("<BlockSize> 4096 ", "<BlockSize> 0 ", "<BlockSize> is 0"),
-        ("<BlockSize> 4096 ", "<BlockSize> 512 ", "<BlocksCount> is 4096"),
+        (
+            "<BlockSize> 4096 ",
+            "<BlockSize> 512 ",
+            "<BlocksCount> is 4096",
+        ),
         ("<ImageSize> 16777216 ", "<ImageSize> 0 ", "empty image"),
-        ("<ImageSize> 16777216 ", "<ImageSize> 16M ", "not a whole number"),
-        ("version=\"2.0\"", "version=\"3.0\"", "version 3.0 is not supported"),
+        (
+            "<ImageSize> 16777216 ",
+            "<ImageSize> 16M ",
+            "not a whole number",
+        ),
+        (
+            "version=\"2.0\"",
+            "version=\"3.0\"",
+            "version 3.0 is not supported",
+        ),
         ("version=\"2.0\"", "version=\"2\"", "not MAJOR.MINOR"),
         ("version=\"2.0\"", "version=\"1.7\"", "not supported"),
         ("> sha256 </ChecksumType>", "> md5 </ChecksumType>", "md5"),
-        ("> 0 </Range>", "> 4096 </Range>", "beyond the image's 4096 blocks"),
-        ("> 0 </Range>", "> 1280 </Range>", "overlaps or comes before"),
+        (
+            "> 0 </Range>",
+            "> 4096 </Range>",
+            "beyond the image's 4096 blocks",
+        ),
+        (
+            "> 0 </Range>",
+            "> 1280 </Range>",
+            "overlaps or comes before",
+        ),
         ("> 0 </Range>", "> 3-1 </Range>", "first block comes after"),
         ("> 0 </Range>", "> zero </Range>", "not FIRST-LAST"),
         ("> 0 </Range>", "> 0-1 </Range>", "ranges hold 3 blocks"),
-        ("<MappedBlocksCount> 2", "<MappedBlocksCount> 9", "<MappedBlocksCount> is 9"),
+        (
+            "<MappedBlocksCount> 2",
+            "<MappedBlocksCount> 9",
+            "<MappedBlocksCount> is 9",
+        ),
         ("<BlockMap>", "<BlockMap><ImageSize> 1 </ImageSize>", ""),
-        ("<BlockSize>", "<ImageSize> 1 </ImageSize><BlockSize>", "more than once"),
-        ("<BlocksCount>", "<NotBlocksCount>", "<BlocksCount> is missing"),
+        (
+            "<BlockSize>",
+            "<ImageSize> 1 </ImageSize><BlockSize>",
+            "more than once",
+        ),
+        (
+            "<BlocksCount>",
+            "<NotBlocksCount>",
+            "<BlocksCount> is missing",
+        ),
         ("<bmap ", "<notbmap ", "root element is <notbmap>"),
         ("chksum=\"", "chksum=\"X", "lowercase hex"),
         ("<?xml version=\"1.0\" ?>", "<!DOCTYPE bmap>", "DOCTYPE"),
@@ -478,5 +532,8 @@ fn sidecar_wins_when_present() {
     bigger.image_size = 1 << 30;
     std::fs::write(sidecar_path(&p), bigger.to_bytes()).unwrap();
     let e = format!("{:#}", Bmap::for_image(&p).unwrap_err());
-    assert!(e.contains("a.img.bmap") && e.contains("1073741824-byte image"), "{e}");
+    assert!(
+        e.contains("a.img.bmap") && e.contains("1073741824-byte image"),
+        "{e}"
+    );
 }

@@ -313,10 +313,7 @@ mod tests {
             (b"<a>& b</a>", "bare"),
             (b"<a>&#0;</a>", "unknown entity"),
             (b"<a>&#xFFFFFFFFF;</a>", "unknown entity"),
-            (
-                b"<!DOCTYPE a [<!ENTITY e \"x\">]><a>&e;</a>",
-                "DOCTYPE",
-            ),
+            (b"<!DOCTYPE a [<!ENTITY e \"x\">]><a>&e;</a>", "DOCTYPE"),
             (b"<a><!-- open</a>", "unterminated comment"),
             (b"<a></a><b></b>", "after the root"),
             (b"<a>\xff</a>", "UTF-8"),

@@ -68,9 +68,9 @@ pub fn run(cmd: FlashCmd) -> Result<()> {
         return Ok(());
     }
     let given = match &cmd.bmap {
-        Some(p) => Some(
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-        ),
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
         None => None,
     };
     let bmap = flash::image_map(&cmd.image, given)?;
