@@ -537,3 +537,29 @@ fn sidecar_wins_when_present() {
         "{e}"
     );
 }
+
+#[test]
+fn a_map_with_many_ranges_reads_in_linear_time() {
+    // 200,000 ranges (a 20 MiB file): quadratic work would not finish.
+    let ranges = (0..200_000u64)
+        .map(|i| Range {
+            offset: i * 2 * BLOCK,
+            length: BLOCK,
+            digest: digest_of(&i.to_le_bytes()),
+        })
+        .collect();
+    let b = Bmap {
+        image_size: 400_000 * BLOCK,
+        disk_digest: Some(digest_of(b"disk")),
+        ranges,
+    };
+    let bytes = b.to_bytes();
+    assert!(bytes.len() > 20 << 20, "{}", bytes.len());
+    let started = std::time::Instant::now();
+    assert_eq!(Bmap::parse(&bytes).unwrap(), b);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -47,7 +47,11 @@ pub fn parse(input: &[u8]) -> Result<Element> {
         )
     })?;
     let s = s.strip_prefix('\u{feff}').unwrap_or(s);
-    let mut p = Parser { s, pos: 0 };
+    let mut p = Parser {
+        s,
+        pos: 0,
+        counted: std::cell::Cell::new((0, 1)),
+    };
     p.misc()?;
     if !p.rest().starts_with('<') {
         return Err(p.err("expected the root element"));
@@ -63,6 +67,9 @@ pub fn parse(input: &[u8]) -> Result<Element> {
 struct Parser<'a> {
     s: &'a str,
     pos: usize,
+    /// `(offset, line there)`: lines are counted on from the last place
+    /// asked about, so numbering every element stays linear.
+    counted: std::cell::Cell<(usize, usize)>,
 }
 
 impl<'a> Parser<'a> {
@@ -71,10 +78,17 @@ impl<'a> Parser<'a> {
     }
 
     fn line_at(&self, pos: usize) -> usize {
-        1 + self.s.as_bytes()[..pos.min(self.s.len())]
+        let pos = pos.min(self.s.len());
+        let (mut from, mut line) = self.counted.get();
+        if pos < from {
+            (from, line) = (0, 1);
+        }
+        line += self.s.as_bytes()[from..pos]
             .iter()
             .filter(|&&b| b == b'\n')
-            .count()
+            .count();
+        self.counted.set((pos, line));
+        line
     }
 
     fn err(&self, what: &str) -> anyhow::Error {
