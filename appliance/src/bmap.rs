@@ -1,50 +1,55 @@
-//! Block maps (`appliance.bmap.v1`): which byte ranges of a sparse disk
-//! image carry data, each with its sha256, so a writer fetches and writes
-//! only those and verifies every one (the rest of the image is zeros).
+//! Block maps: which byte ranges of a sparse disk image carry data, each
+//! with its sha256, so a writer fetches and writes only those and verifies
+//! every one (the rest of the image is zeros). The file format is
+//! bmaptool's ([`format`]): `bmaptool copy` uses our maps, and `appliance
+//! flash` uses maps made by `bmaptool create`.
 //!
-//! A map is a pure function of the image's bytes and the chunk size:
-//! ranges come from a fixed grid of `chunk_size` cells; a cell that holds a
-//! non-zero byte gives one range, trimmed to its first and last non-zero
-//! 4 KiB block. `SEEK_DATA`/`SEEK_HOLE` only spare us reading holes, so
-//! the same image gives the same map bytes however it is allocated.
+//! A map this appliance makes is a pure function of the image's bytes and
+//! the chunk size: ranges come from a fixed grid of `chunk_size` cells; a
+//! cell that holds a non-zero byte gives one range, trimmed to its first
+//! and last non-zero 4 KiB block. `SEEK_DATA`/`SEEK_HOLE` only spare us
+//! reading holes, so the same image gives the same map bytes however it is
+//! allocated.
 //!
-//! ```json
-//! {"schema":"appliance.bmap.v1","image_size":4294967296,
-//!  "disk_digest":"sha256:…","chunk_size":4194304,
-//!  "ranges":[{"offset":0,"length":20480,"digest":"sha256:…"}]}
-//! ```
+//! The writer holds a range in memory to check it before writing it, so it
+//! takes ranges of at most [`MAX_RANGE`] bytes with a sha256 each. A map
+//! from elsewhere whose ranges are longer, carry another hash (sha1 from
+//! old bmaptool) or none is usable only with its image at hand
+//! ([`Bmap::parse_for_image`]): such ranges are read from the image,
+//! checked against the map's checksum, and cut into chunks with their
+//! sha256.
 
 // `%` instead of `is_multiple_of`: the workspace's rust-version is 1.85.
 #![allow(clippy::manual_is_multiple_of)]
+
+pub mod format;
+pub mod xml;
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-/// The schema string of this format.
-pub const SCHEMA: &str = "appliance.bmap.v1";
 /// Default chunk size: 4 MiB.
 pub const DEFAULT_CHUNK: u64 = 4 << 20;
 /// Range alignment (and the smallest chunk size).
 pub const BLOCK: u64 = 4096;
+/// The longest range the writer takes (and the largest chunk size).
+pub const MAX_RANGE: u64 = 64 << 20;
 
-/// A block map (see the module doc). Field order is the JSON order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A block map (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bmap {
-    pub schema: String,
     /// Size of the whole image in bytes.
     pub image_size: u64,
-    /// sha256 of the whole image, holes read as zeros (`sha256:<hex>`).
-    pub disk_digest: String,
-    /// Largest range length; ranges never cross a multiple of it.
-    pub chunk_size: u64,
-    /// Data-bearing ranges, sorted, disjoint.
+    /// sha256 of the whole image, holes read as zeros (`sha256:<hex>`);
+    /// known for maps this appliance made (`<DiskDigest>` in the file).
+    pub disk_digest: Option<String>,
+    /// Data-bearing ranges: sorted, disjoint, at most [`MAX_RANGE`] long.
     pub ranges: Vec<Range>,
 }
 
@@ -72,8 +77,8 @@ pub fn digest_of(data: &[u8]) -> String {
 
 impl Bmap {
     /// Maps the image at `path` with cells of `chunk_size` bytes (a
-    /// multiple of 4096). Reads only the data regions the filesystem
-    /// reports.
+    /// multiple of 4096 up to [`MAX_RANGE`]). Reads only the data regions
+    /// the filesystem reports.
     pub fn from_file(path: &Path, chunk_size: u64) -> Result<Bmap> {
         Bmap::map_file(path, chunk_size, None)
     }
@@ -88,8 +93,10 @@ impl Bmap {
     }
 
     fn map_file(path: &Path, chunk_size: u64, known: Option<&str>) -> Result<Bmap> {
-        if chunk_size == 0 || chunk_size % BLOCK != 0 {
-            bail!("chunk size {chunk_size} is not a positive multiple of {BLOCK}");
+        if chunk_size == 0 || chunk_size % BLOCK != 0 || chunk_size > MAX_RANGE {
+            bail!(
+                "chunk size {chunk_size} is not a positive multiple of {BLOCK} up to {MAX_RANGE}"
+            );
         }
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let meta = file
@@ -146,69 +153,165 @@ impl Bmap {
             }
         };
         Ok(Bmap {
-            schema: SCHEMA.into(),
             image_size: size,
-            disk_digest,
-            chunk_size,
+            disk_digest: Some(disk_digest),
             ranges,
         })
     }
 
-    /// `<image>.bmap` when it exists (and parses, and matches the image's
-    /// size), else a map computed now.
+    /// `<image>.bmap` when it exists (read with [`Bmap::parse_for_image`]),
+    /// else a map computed now.
     pub fn for_image(image: &Path) -> Result<Bmap> {
         let side = sidecar_path(image);
-        let size = std::fs::metadata(image)
-            .with_context(|| format!("reading metadata of {}", image.display()))?
-            .len();
         match std::fs::read(&side) {
-            Ok(bytes) => {
-                let b =
-                    Bmap::parse(&bytes).with_context(|| format!("reading {}", side.display()))?;
-                if b.image_size != size {
-                    bail!(
-                        "{} maps a {}-byte image but {} has {size} bytes",
-                        side.display(),
-                        b.image_size,
-                        image.display()
-                    );
-                }
-                Ok(b)
-            }
+            Ok(bytes) => Bmap::parse_for_image(&bytes, image)
+                .with_context(|| format!("reading {}", side.display())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Bmap::from_file(image, DEFAULT_CHUNK),
             Err(e) => Err(e).with_context(|| format!("reading {}", side.display())),
         }
     }
 
-    /// Parses and checks a map: schema, digest syntax, ranges sorted,
-    /// disjoint, aligned, non-empty, within the image and within one cell.
+    /// Parses a block map file whose ranges the writer takes as they are:
+    /// every range with a sha256 and at most [`MAX_RANGE`] long (what this
+    /// appliance writes, and what it fetches from another one). Other maps
+    /// are refused, saying why; see [`Bmap::parse_for_image`].
     pub fn parse(bytes: &[u8]) -> Result<Bmap> {
-        let b: Bmap = serde_json::from_slice(bytes).context("parsing the block map JSON")?;
+        let m = format::read(bytes).context("reading the block map")?;
+        Bmap::from_map(&m, None, MAX_RANGE, DEFAULT_CHUNK)
+    }
+
+    /// Parses any block map bmaptool reads, for the local image (file or
+    /// block device) at `image`, which must have the map's size (a block
+    /// device may be larger). Ranges the writer cannot take as they are
+    /// (longer than [`MAX_RANGE`], another hash than sha256, or none) are
+    /// read from the image now, checked against the map's checksum when
+    /// it has one, and cut at the [`DEFAULT_CHUNK`] grid into ranges with
+    /// their sha256.
+    pub fn parse_for_image(bytes: &[u8], image: &Path) -> Result<Bmap> {
+        let m = format::read(bytes).context("reading the block map")?;
+        let file = File::open(image).with_context(|| format!("opening {}", image.display()))?;
+        let size = crate::blkdev::size_of(&file)
+            .with_context(|| format!("reading the size of {}", image.display()))?;
+        let block = file.metadata().map(|m| !m.is_file()).unwrap_or(false);
+        if size < m.image_size || (!block && size != m.image_size) {
+            bail!(
+                "the block map is for a {}-byte image, but {} has {size} bytes",
+                m.image_size,
+                image.display()
+            );
+        }
+        Bmap::from_map(&m, Some((&file, image)), MAX_RANGE, DEFAULT_CHUNK)
+    }
+
+    /// The writer's map of `m`: ranges with a sha256 and at most
+    /// `max_range` long as they are, the others read from `image` (if
+    /// given), checked, and cut at the `chunk` grid.
+    fn from_map(
+        m: &format::MapFile,
+        image: Option<(&File, &Path)>,
+        max_range: u64,
+        chunk: u64,
+    ) -> Result<Bmap> {
+        let mut ranges = Vec::with_capacity(m.ranges.len());
+        let mut read_bytes = 0u64;
+        for (i, r) in m.ranges.iter().enumerate() {
+            let (a, z) = m.span(r);
+            let what = || format!("range {i} (blocks {}-{}, {} bytes)", r.first, r.last, z - a);
+            let unfit = match (&r.chksum, m.checksum) {
+                (None, _) => Some("has no checksum".to_owned()),
+                (Some(_), Some(k)) if k != format::Kind::Sha256 => {
+                    Some(format!("has a {} checksum, not sha256", k.name()))
+                }
+                _ if z - a > max_range => Some(format!(
+                    "is longer than the {} MiB the writer checks at once",
+                    max_range >> 20
+                )),
+                _ => None,
+            };
+            let Some(why) = unfit else {
+                ranges.push(Range {
+                    offset: a,
+                    length: z - a,
+                    digest: format!("sha256:{}", r.chksum.as_deref().unwrap_or_default()),
+                });
+                continue;
+            };
+            let Some((file, path)) = image else {
+                bail!(
+                    "block map {} {why}; a map like this is only usable with its image at hand \
+                     (appliance flash --image IMAGE --bmap MAP)",
+                    what()
+                );
+            };
+            // Read it, checking the map's checksum over the whole range
+            // and taking a sha256 per chunk.
+            let mut whole = m.checksum.map(format::Kind::hasher);
+            let mut pos = a;
+            while pos < z {
+                let end = z.min((pos / chunk + 1) * chunk);
+                let mut buf = vec![0u8; (end - pos) as usize];
+                file.read_exact_at(&mut buf, pos)
+                    .with_context(|| format!("reading {} at {pos}", path.display()))?;
+                if let Some(h) = whole.as_mut() {
+                    h.update(&buf);
+                }
+                ranges.push(Range {
+                    offset: pos,
+                    length: end - pos,
+                    digest: digest_of(&buf),
+                });
+                pos = end;
+            }
+            read_bytes += z - a;
+            if let (Some(want), Some(h)) = (&r.chksum, whole) {
+                let got = hex::encode(h.finalize());
+                if &got != want {
+                    bail!(
+                        "{} of {} does not match the block map: {} {got}, the map says {want}",
+                        what(),
+                        path.display(),
+                        m.checksum.map_or("", format::Kind::name)
+                    );
+                }
+            }
+        }
+        if read_bytes > 0 {
+            let note = match m.checksum {
+                Some(k) if m.ranges.iter().all(|r| r.chksum.is_some()) => {
+                    format!("checked against the map's {}", k.name())
+                }
+                _ => "the map has no checksums for some: those are trusted as read now".into(),
+            };
+            tracing::info!(
+                bytes = read_bytes,
+                "read ranges of the image to cut them into chunks ({note})"
+            );
+        }
+        let b = Bmap {
+            image_size: m.image_size,
+            disk_digest: m.disk_digest.clone(),
+            ranges,
+        };
         b.check()?;
         Ok(b)
     }
 
-    fn check(&self) -> Result<()> {
-        if self.schema != SCHEMA {
-            bail!("block map schema is {:?}, expected {SCHEMA:?}", self.schema);
+    /// Checks what the writer relies on: digests well-formed, ranges
+    /// sorted, disjoint, non-empty, within the image, at most
+    /// [`MAX_RANGE`] long.
+    pub fn check(&self) -> Result<()> {
+        if let Some(d) = &self.disk_digest {
+            check_digest(d).context("block map disk digest")?;
         }
-        if self.chunk_size == 0 || self.chunk_size % BLOCK != 0 {
-            bail!(
-                "block map chunk_size {} is not a positive multiple of {BLOCK}",
-                self.chunk_size
-            );
-        }
-        check_digest(&self.disk_digest).context("block map disk_digest")?;
         let mut prev_end = 0u64;
         for (i, r) in self.ranges.iter().enumerate() {
-            let bad =
-                |why: &str| anyhow::anyhow!("block map range {i} (offset {}): {why}", r.offset);
+            let bad = |why: &str| anyhow!("block map range {i} (offset {}): {why}", r.offset);
             check_digest(&r.digest).map_err(|e| bad(&e.to_string()))?;
             if r.length == 0 {
                 return Err(bad("empty"));
             }
-            if r.offset % BLOCK != 0 {
-                return Err(bad("offset is not 4096-aligned"));
+            if r.length > MAX_RANGE {
+                return Err(bad("longer than the writer takes"));
             }
             if r.offset < prev_end {
                 return Err(bad("overlaps or precedes the previous range"));
@@ -220,20 +323,15 @@ impl Bmap {
             if end > self.image_size {
                 return Err(bad("ends beyond the image"));
             }
-            if r.offset / self.chunk_size != (end - 1) / self.chunk_size {
-                return Err(bad("crosses a chunk boundary"));
-            }
             prev_end = end;
         }
         Ok(())
     }
 
-    /// The map's bytes: compact JSON plus a newline (stable: fixed field
-    /// order, ranges sorted).
+    /// The map file: bmaptool's XML, version 2.0, sha256 per range, with
+    /// the disk digest (see [`format::write`]). Deterministic.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut v = serde_json::to_vec(self).expect("a block map serialises");
-        v.push(b'\n');
-        v
+        format::write(self)
     }
 
     /// Bytes of data the map names.
@@ -242,7 +340,7 @@ impl Bmap {
     }
 }
 
-/// `<image>.bmap`.
+/// `<image>.bmap` (where bmaptool looks too).
 pub fn sidecar_path(image: &Path) -> std::path::PathBuf {
     let mut s = image.as_os_str().to_owned();
     s.push(".bmap");
@@ -312,141 +410,4 @@ pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-
-    const MIB: u64 = 1 << 20;
-
-    /// A sparse file of `size` bytes with `writes` at their offsets.
-    pub(crate) fn sparse(
-        dir: &Path,
-        name: &str,
-        size: u64,
-        writes: &[(u64, &[u8])],
-    ) -> std::path::PathBuf {
-        let p = dir.join(name);
-        let f = File::create(&p).unwrap();
-        f.set_len(size).unwrap();
-        for (off, data) in writes {
-            f.write_all_at(data, *off).unwrap();
-        }
-        p
-    }
-
-    #[test]
-    fn maps_data_cells_trimmed_to_nonzero_blocks() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = sparse(
-            dir.path(),
-            "a.img",
-            64 * MIB,
-            &[
-                (512, b"mbr"),
-                (5 * MIB + 10, b"x"),
-                (8 * MIB - 1, b"y"),
-                (8 * MIB, b"z"),
-            ],
-        );
-        let b = Bmap::from_file(&p, DEFAULT_CHUNK).unwrap();
-        let spans: Vec<_> = b.ranges.iter().map(|r| (r.offset, r.length)).collect();
-        assert_eq!(
-            spans,
-            vec![(0, 4096), (5 * MIB, 3 * MIB), (8 * MIB, 4096)],
-            "{b:?}"
-        );
-        let whole = std::fs::read(&p).unwrap();
-        assert_eq!(b.disk_digest, digest_of(&whole));
-        for r in &b.ranges {
-            assert_eq!(
-                r.digest,
-                digest_of(&whole[r.offset as usize..r.end() as usize])
-            );
-        }
-        assert_eq!(Bmap::parse(&b.to_bytes()).unwrap(), b);
-    }
-
-    #[test]
-    fn a_known_digest_gives_the_same_map_without_rehashing() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = sparse(
-            dir.path(),
-            "k.img",
-            16 * MIB,
-            &[(4096, b"a"), (9 * MIB, b"b")],
-        );
-        let full = Bmap::from_file(&p, DEFAULT_CHUNK).unwrap();
-        let known = Bmap::from_file_with_digest(&p, DEFAULT_CHUNK, &full.disk_digest).unwrap();
-        assert_eq!(known, full);
-        assert!(Bmap::from_file_with_digest(&p, DEFAULT_CHUNK, "md5:00").is_err());
-    }
-
-    #[test]
-    fn same_content_same_bytes_however_allocated() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = sparse(dir.path(), "a.img", 16 * MIB, &[(MIB, b"data")]);
-        // The same content, fully allocated.
-        let full = dir.path().join("b.img");
-        let mut f = File::create(&full).unwrap();
-        f.write_all(&std::fs::read(&a).unwrap()).unwrap();
-        drop(f);
-        let ba = Bmap::from_file(&a, DEFAULT_CHUNK).unwrap();
-        let bb = Bmap::from_file(&full, DEFAULT_CHUNK).unwrap();
-        assert_eq!(ba.to_bytes(), bb.to_bytes());
-        assert_eq!(ba.ranges.len(), 1);
-        // An odd-sized tail still maps.
-        let t = sparse(
-            dir.path(),
-            "t.img",
-            3 * BLOCK + 100,
-            &[(3 * BLOCK + 99, b"e")],
-        );
-        let bt = Bmap::from_file(&t, BLOCK).unwrap();
-        assert_eq!(bt.ranges.len(), 1);
-        assert_eq!((bt.ranges[0].offset, bt.ranges[0].length), (3 * BLOCK, 100));
-    }
-
-    #[test]
-    fn bad_maps_are_refused_with_the_reason() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = sparse(dir.path(), "a.img", 16 * MIB, &[(0, b"x"), (5 * MIB, b"y")]);
-        let good = Bmap::from_file(&p, DEFAULT_CHUNK).unwrap();
-        type Mutation = Box<dyn Fn(&mut Bmap)>;
-        let cases: Vec<(Mutation, &str)> = vec![
-            (Box::new(|b| b.schema = "x".into()), "schema"),
-            (Box::new(|b| b.ranges[1].offset = 0), "overlaps"),
-            (Box::new(|b| b.ranges[0].offset = 1), "aligned"),
-            (
-                Box::new(|b| b.ranges[1].length = 16 * MIB),
-                "beyond the image",
-            ),
-            (
-                Box::new(|b| b.ranges[1].length = 4 * MIB),
-                "crosses a chunk",
-            ),
-            (Box::new(|b| b.ranges[0].digest = "md5:x".into()), "sha256:"),
-            (Box::new(|b| b.chunk_size = 1000), "chunk_size"),
-        ];
-        for (mutate, want) in cases {
-            let mut b = good.clone();
-            mutate(&mut b);
-            let e = format!("{:#}", Bmap::parse(&b.to_bytes()).unwrap_err());
-            assert!(e.contains(want), "{want}: {e}");
-        }
-        assert!(Bmap::from_file(&p, 1000).is_err());
-    }
-
-    #[test]
-    fn sidecar_wins_when_present() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = sparse(dir.path(), "a.img", 8 * MIB, &[(0, b"x")]);
-        let computed = Bmap::for_image(&p).unwrap();
-        let mut other = computed.clone();
-        other.chunk_size = BLOCK;
-        std::fs::write(sidecar_path(&p), other.to_bytes()).unwrap();
-        assert_eq!(Bmap::for_image(&p).unwrap(), other);
-        other.image_size = 1 << 30;
-        std::fs::write(sidecar_path(&p), other.to_bytes()).unwrap();
-        assert!(Bmap::for_image(&p).is_err());
-    }
-}
+mod tests;

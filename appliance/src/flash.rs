@@ -259,10 +259,13 @@ pub fn check_target(sys: &System, target: &Path, image: &Path, image_size: u64) 
     Ok(())
 }
 
-/// The map of `image`: `bmap` if given, else `<image>.bmap`, else computed.
-pub fn image_map(image: &Path, bmap: Option<Bmap>) -> Result<Bmap> {
+/// The map of `image`: `bmap` (a block map file's text, bmaptool's
+/// format) if given, else `<image>.bmap`, else computed. A given or found
+/// map is checked against the image ([`Bmap::parse_for_image`]).
+pub fn image_map(image: &Path, bmap: Option<String>) -> Result<Bmap> {
     match bmap {
-        Some(b) => Ok(b),
+        Some(b) => Bmap::parse_for_image(b.as_bytes(), image)
+            .with_context(|| format!("using the given block map for {}", image.display())),
         None => Bmap::for_image(image).with_context(|| format!("mapping {}", image.display())),
     }
 }
@@ -345,9 +348,11 @@ pub struct FlashRequest {
     /// Image to write; default [`DEFAULT_IMAGE`].
     #[serde(default)]
     pub image: Option<PathBuf>,
-    /// The image's block map; default `<image>.bmap` or computed.
+    /// The image's block map: the text of a bmaptool block map file
+    /// (`appliance bmap` or `bmaptool create`); default `<image>.bmap` or
+    /// computed.
     #[serde(default)]
-    pub bmap: Option<Bmap>,
+    pub bmap: Option<String>,
     /// Leave the target's bytes between mapped ranges as they are (a blank
     /// target) instead of zeroing them.
     #[serde(default)]
@@ -714,6 +719,50 @@ mod tests {
         assert_eq!(v["state"], "done", "{v}");
         assert_eq!(v["report"]["image_size"], 8 << 20);
         assert_eq!(v["progress"]["phase"], "finish");
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&image).unwrap());
+    }
+
+    #[tokio::test]
+    async fn api_takes_the_block_map_file_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("a.img");
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(8 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"hello", 5 << 20).unwrap();
+        let map = String::from_utf8(Bmap::from_file(&image, 1 << 20).unwrap().to_bytes()).unwrap();
+        let app = router(FlashState::new(dir.path()));
+        let req = |out: &Path, bmap: &str| {
+            serde_json::json!({"device": out, "image": image, "bmap": bmap}).to_string()
+        };
+        // A map that is not one, or not this image's: refused at once.
+        let bad = map.replacen("</Range>", " </Range>", 1);
+        let other = map.replace("<ImageSize> 8388608 ", "<ImageSize> 8388609 ");
+        for (m, want) in [
+            (bad.as_str(), "damaged or was edited"),
+            (other.as_str(), "BlocksCount"),
+        ] {
+            let (st, v) = call(
+                app.clone(),
+                "POST",
+                "/api/v1/flash",
+                &req(&dir.path().join("x.img"), m),
+            )
+            .await;
+            assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+            assert!(v["message"].as_str().unwrap().contains(want), "{v}");
+        }
+        let out = dir.path().join("out.img");
+        let (st, v) = call(app.clone(), "POST", "/api/v1/flash", &req(&out, &map)).await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        let v = loop {
+            let (_, v) = call(app.clone(), "GET", "/api/v1/flash", "").await;
+            if v["state"] != "running" {
+                break v;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        assert_eq!(v["state"], "done", "{v}");
+        assert_eq!(v["report"]["bytes_fetched"], 4096);
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&image).unwrap());
     }
 }

@@ -445,6 +445,10 @@ pub fn run(
         Duration::from_secs(600),
     )?;
     let bmap = crate::bmap::Bmap::parse(&bmap_bytes).context("parsing the block map")?;
+    let disk_digest = bmap
+        .disk_digest
+        .clone()
+        .context("the parent's block map names no disk digest (<DiskDigest>)")?;
     if bmap.image_size != disk_rec.size {
         bail!(
             "the block map is for a {}-byte image, the signed manifest's disk is {} bytes",
@@ -496,7 +500,7 @@ pub fn run(
         work,
         &manifest,
         &parsed,
-        &bmap.disk_digest,
+        &disk_digest,
         uplink,
         others,
     ) {

@@ -239,7 +239,7 @@ impl Replication {
             .ok()
             .and_then(|b| crate::bmap::Bmap::parse(&b).ok())
         {
-            Some(b) if b.disk_digest == report.disk => b,
+            Some(b) if b.disk_digest.as_deref() == Some(report.disk.as_str()) => b,
             _ => {
                 let b = crate::bmap::Bmap::from_file_with_digest(
                     &image,
@@ -253,9 +253,9 @@ impl Replication {
                 b
             }
         };
-        if bmap.disk_digest != report.disk {
+        if bmap.disk_digest.as_deref() != Some(report.disk.as_str()) {
             anyhow::bail!(
-                "the block map says {} but the rebuilt image is {}",
+                "the block map says {:?} but the rebuilt image is {}",
                 bmap.disk_digest,
                 report.disk
             );

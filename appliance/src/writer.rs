@@ -506,7 +506,7 @@ pub fn write_image(
     opts: &WriteOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<WriteReport> {
-    let bmap = Bmap::parse(&bmap.to_bytes()).context("checking the block map")?;
+    bmap.check().context("checking the block map")?;
     let size = bmap.image_size;
     let mut holes = Vec::new();
     if opts.zero_holes {

@@ -95,6 +95,7 @@ const TOOLS: &[&str] = &[
     "qemu-system-x86_64",
     "openssl",
     "socat",
+    "bmaptool",
 ];
 
 fn missing_tools() -> Vec<&'static str> {

@@ -1,4 +1,4 @@
-//! `appliance flash TARGET [--image PATH] [--yes]`: the thin CLI over
+//! `appliance flash TARGET [--image PATH] [--bmap MAP] [--yes]`: the thin CLI over
 //! [`crate::flash::flash`], with a progress bar on a terminal and plain
 //! periodic lines otherwise.
 
@@ -18,9 +18,14 @@ pub struct FlashCmd {
     /// Block device (e.g. /dev/sdb) or image file to write; a missing
     /// file is created.
     pub target: PathBuf,
-    /// Image to write (its block map is IMAGE.bmap or computed).
+    /// Image to write (its block map is --bmap, else IMAGE.bmap, else
+    /// computed).
     #[arg(long, default_value = flash::DEFAULT_IMAGE)]
     pub image: PathBuf,
+    /// The image's block map, in bmaptool's format (`appliance bmap`,
+    /// `bmaptool create`); checked against the image.
+    #[arg(long, conflicts_with = "from")]
+    pub bmap: Option<PathBuf>,
     /// Fetch the image from another appliance instead (its base URL, e.g.
     /// http://10.77.1.1): only its data ranges travel, each checked against
     /// the served block map.
@@ -62,7 +67,13 @@ pub fn run(cmd: FlashCmd) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    let bmap = flash::image_map(&cmd.image, None)?;
+    let given = match &cmd.bmap {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        None => None,
+    };
+    let bmap = flash::image_map(&cmd.image, given)?;
     // Refusals first: nothing is asked about a target we would not write.
     flash::check_target(&sys, &cmd.target, &cmd.image, bmap.image_size)?;
     let what = format!(
@@ -179,7 +190,7 @@ impl Reporter {
 pub struct BmapCmd {
     /// Image to map.
     pub image: PathBuf,
-    /// Largest range in bytes (a multiple of 4096).
+    /// Largest range in bytes (a multiple of 4096, at most 64 MiB).
     #[arg(long, default_value_t = crate::bmap::DEFAULT_CHUNK)]
     pub chunk_size: u64,
     /// Write the map to this file instead of stdout.
@@ -187,7 +198,8 @@ pub struct BmapCmd {
     pub output: Option<PathBuf>,
 }
 
-/// Runs `appliance bmap`: prints or writes the image's block map.
+/// Runs `appliance bmap`: prints or writes the image's block map
+/// (bmaptool's XML; `bmaptool copy IMAGE TARGET` finds it as IMAGE.bmap).
 pub fn bmap(cmd: BmapCmd) -> Result<()> {
     let b = crate::bmap::Bmap::from_file(&cmd.image, cmd.chunk_size)?;
     match &cmd.output {

@@ -86,7 +86,7 @@ pub enum Ops {
     Replica(replica::ReplicaCmd),
     /// Write the appliance image onto a disk (USB stick) or file, verified.
     Flash(flash::FlashCmd),
-    /// Print an image's block map (appliance.bmap.v1 JSON).
+    /// Print an image's block map (bmaptool's XML format, sha256 per range).
     Bmap(flash::BmapCmd),
     /// Sync the shared state with the parent; status; conflicts.
     Sync(sync::SyncCmd),
