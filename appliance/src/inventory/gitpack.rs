@@ -12,14 +12,13 @@
 //! depth, and each object read is verified against its id by the caller.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use sha1::{Digest, Sha1};
 
-use super::git::{hex, GitError, Oid};
+use super::git::{hex, GitError, Oid, MAX_OBJECT};
 
 /// Deepest delta chain followed (git's own default is 50).
 const MAX_DEPTH: usize = 256;
@@ -210,19 +209,18 @@ fn read_at(
         size |= ((byte & 0x7f) as u64) << shift;
         shift += 7;
     }
+    if size > MAX_OBJECT {
+        return Err(bad(&format!(
+            "declared size {size} is more than the {MAX_OBJECT}-byte object limit"
+        )));
+    }
     let inflate = |at: usize| -> Result<Vec<u8>, GitError> {
         if at >= end {
             return Err(bad("entry runs past the pack"));
         }
-        let mut out = Vec::with_capacity(size.min(1 << 26) as usize);
-        flate2::read::ZlibDecoder::new(&p.data[at..end])
-            .take(size + 1)
-            .read_to_end(&mut out)
-            .map_err(|e| bad(&format!("inflating: {e}")))?;
-        if out.len() as u64 != size {
-            return Err(bad("size does not match its header"));
-        }
-        Ok(out)
+        super::git::inflate_exact(&p.data[at..end], size as usize)
+            .map(|(body, _)| body)
+            .map_err(|w| bad(&w))
     };
     let kind = match t {
         1 => "commit",
@@ -302,7 +300,12 @@ pub fn apply_delta(base: &[u8], delta: &[u8]) -> Result<Vec<u8>, String> {
             base.len()
         ));
     }
-    let mut out = Vec::with_capacity(dst.min(1 << 26));
+    if dst as u64 > MAX_OBJECT {
+        return Err(format!(
+            "delta announces {dst} bytes, more than the {MAX_OBJECT}-byte object limit"
+        ));
+    }
+    let mut out = Vec::with_capacity(dst.min(delta.len().saturating_mul(64)).min(1 << 20));
     while pos < delta.len() {
         let cmd = delta[pos];
         pos += 1;

@@ -169,14 +169,25 @@ pub fn import(node: &SyncNode, path: &Path) -> Result<ImportReport> {
         bail!("{} is not a sync bundle (bad magic)", path.display());
     }
     let mut line = String::new();
-    r.read_line(&mut line)?;
-    let header: Header = serde_json::from_str(&line).context("parsing the bundle header")?;
+    (&mut r).take(MAX_HEADER).read_line(&mut line)?;
+    if !line.ends_with('\n') {
+        bail!(
+            "{} is not a sync bundle (no header line within {MAX_HEADER} bytes); nothing applied",
+            path.display()
+        );
+    }
+    let header: Header =
+        serde_json::from_str(&line).context("parsing the bundle header; nothing applied")?;
+    let head = git::parse_hex_oid(&header.head)
+        .context("reading the bundle's head; nothing applied")?;
+    let blob_start = check_sizes(&header, line.len() as u64, std::fs::metadata(path)?.len())
+        .map_err(|why| anyhow::anyhow!("{}: {why}; nothing applied", path.display()))?;
     let mut pack = vec![0u8; header.pack_size as usize];
     r.read_exact(&mut pack)
         .context("reading the bundle's pack")?;
-    let objects = git::read_pack(&pack).context("checking the bundle's pack")?;
+    let objects = git::read_pack(&pack)
+        .map_err(|e| anyhow::anyhow!("checking the bundle's pack: {e}; nothing applied"))?;
     // Blobs: check every digest before naming any.
-    let blob_start = MAGIC.len() as u64 + line.len() as u64 + header.pack_size;
     let mut pos = blob_start;
     let mut todo = Vec::new();
     for b in &header.blobs {
@@ -220,7 +231,6 @@ pub fn import(node: &SyncNode, path: &Path) -> Result<ImportReport> {
         }
         repo.sync_objects()?;
     }
-    let head = git::parse_hex_oid(&header.head)?;
     let merge = node.merge(&head, &format!("bundle-{}", header.from))?;
     node.note_peer(&header.from.to_string(), &header.head)?;
     Ok(ImportReport {
@@ -229,6 +239,40 @@ pub fn import(node: &SyncNode, path: &Path) -> Result<ImportReport> {
         blobs_added: todo.len(),
         merge,
     })
+}
+
+/// Longest header line read (its blob list grows with the blobs: about
+/// 100 bytes each).
+const MAX_HEADER: u64 = 64 << 20;
+
+/// Checks the header's sizes against the file's length before anything is
+/// allocated from them: the pack and the blobs, end to end, must fill the
+/// file exactly up to the trailer, and the pack must fit the in-memory
+/// limit. Returns where the blobs start.
+fn check_sizes(header: &Header, line_len: u64, file_len: u64) -> Result<u64, String> {
+    let pack_start = MAGIC.len() as u64 + line_len;
+    let body = file_len
+        .checked_sub(pack_start + TRAILER)
+        .ok_or("the file ends inside its header")?;
+    if header.pack_size > git::MAX_PACK_BYTES {
+        return Err(format!(
+            "its pack_size {} is more than the {}-byte limit",
+            header.pack_size,
+            git::MAX_PACK_BYTES
+        ));
+    }
+    let blobs = header
+        .blobs
+        .iter()
+        .try_fold(0u64, |sum, b| sum.checked_add(b.size))
+        .ok_or("its blob sizes overflow")?;
+    match header.pack_size.checked_add(blobs) {
+        Some(n) if n == body => Ok(pack_start + header.pack_size),
+        _ => Err(format!(
+            "its header announces a {}-byte pack and {blobs} bytes of blobs, but {body} bytes follow it",
+            header.pack_size
+        )),
+    }
 }
 
 struct HashSink<'a>(&'a mut Sha256);
