@@ -35,6 +35,8 @@ pub mod iso9660;
 pub mod modalias;
 pub mod modules;
 pub mod mount;
+#[cfg(test)]
+pub(crate) mod mutate;
 pub mod net;
 pub mod network;
 pub mod node;

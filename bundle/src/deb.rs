@@ -115,6 +115,14 @@ struct Member {
     size: u64,
 }
 
+/// Longest BSD member name read (sizes in an ar header are claims: they
+/// are bounded before anything is allocated from them).
+const MAX_NAME: u64 = 4096;
+/// Largest GNU long-name table read (`.deb`s have three short members).
+const MAX_NAME_TABLE: u64 = 1 << 20;
+/// Largest `control` file read (real ones are a few KiB).
+const MAX_CONTROL: u64 = 16 << 20;
+
 /// Read the next ar member header; `None` at end of archive.
 fn next_member(
     r: &mut impl Read,
@@ -172,6 +180,9 @@ fn next_member(
             if n > size {
                 return Err(bad(at, format!("name length {n} exceeds size {size}")));
             }
+            if n > MAX_NAME {
+                return Err(bad(at, format!("name length {n} is more than {MAX_NAME}")));
+            }
             let mut buf = vec![0u8; n as usize];
             r.read_exact(&mut buf).map_err(io)?;
             *offset += n;
@@ -181,6 +192,12 @@ fn next_member(
                 .to_string()
         } else if raw == "//" {
             // GNU long-name table.
+            if size > MAX_NAME_TABLE {
+                return Err(bad(
+                    at,
+                    format!("long-name table of {size} bytes is more than {MAX_NAME_TABLE}"),
+                ));
+            }
             let mut buf = vec![0u8; size as usize];
             r.read_exact(&mut buf).map_err(io)?;
             *offset += size;
@@ -325,7 +342,16 @@ fn read_control(r: impl Read, deb: &str) -> Result<Option<String>, DebError> {
         let path = String::from_utf8_lossy(&e.path_bytes()).to_string();
         if normalise_path(&path).as_deref() == Some("control") {
             let mut s = String::new();
-            e.read_to_string(&mut s).map_err(io)?;
+            (&mut e)
+                .take(MAX_CONTROL + 1)
+                .read_to_string(&mut s)
+                .map_err(io)?;
+            if s.len() as u64 > MAX_CONTROL {
+                return Err(io(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("control file is more than {MAX_CONTROL} bytes"),
+                )));
+            }
             control = Some(s);
         }
     }
@@ -624,5 +650,62 @@ pub(crate) mod tests {
         assert_eq!(normalise_path("a/./b").as_deref(), Some("a/b"));
         assert_eq!(normalise_path("/a"), None);
         assert_eq!(normalise_path("a/../b"), None);
+    }
+
+    /// Sizes in ar headers are claims: a 70-byte archive naming a 9 GB
+    /// BSD name or long-name table is refused, not allocated.
+    #[test]
+    fn lying_member_sizes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::init(dir.path()).unwrap();
+        for (name, size) in [("#1/9999999999", "9999999999"), ("//", "9999999999")] {
+            let mut deb = b"!<arch>\n".to_vec();
+            deb.extend_from_slice(format!("{name:<16}{:<12}{:<6}{:<6}{:<8}{size:<10}`\n", 0, 0, 0, 644).as_bytes());
+            let e = extract(&deb[..], "liar.deb", &store, None).unwrap_err();
+            assert!(matches!(e, DebError::BadHeader { .. }), "{e}");
+            assert!(e.to_string().contains("is more than"), "{e}");
+        }
+    }
+
+    /// Thousands of mutated packages: each extracts or fails, none panics.
+    #[test]
+    fn mutated_debs_never_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::init(dir.path()).unwrap();
+        let mut control = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(13);
+        h.set_mode(0o644);
+        h.set_cksum();
+        control.append_data(&mut h, "./control", &b"Package: demo"[..]).unwrap();
+        let control = control.into_inner().unwrap();
+        let good = ar(&[
+            ("debian-binary", b"2.0\n"),
+            ("control.tar", &control),
+            ("data.tar", &tar_with("./a")),
+        ]);
+        assert!(extract(&good[..], "good.deb", &store, None).is_ok());
+        let mut x: u64 = 0x5eed_0deb;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..3000 {
+            let mut b = good.clone();
+            for _ in 0..=next() % 4 {
+                let at = (next() % b.len() as u64) as usize;
+                match next() % 3 {
+                    0 => b.truncate(at),
+                    1 => b[at] = next() as u8,
+                    _ => b[at] = b"0123456789 /#"[(next() % 13) as usize],
+                }
+                if b.is_empty() {
+                    break;
+                }
+            }
+            let _ = extract(&b[..], "m.deb", &store, None);
+        }
     }
 }

@@ -283,34 +283,48 @@ impl Repo {
         prefix: &str,
         out: &mut BTreeMap<String, Oid>,
     ) -> Result<(), GitError> {
-        let (kind, body) = self.read_object(tree)?;
-        if kind != "tree" {
-            return Err(GitError::Corrupt {
-                oid: hex(tree),
-                why: format!("expected a tree at {prefix:?}, found a {kind}"),
-            });
-        }
-        let mut rest = &body[..];
-        while !rest.is_empty() {
-            let bad = || GitError::Corrupt {
-                oid: hex(tree),
-                why: "truncated tree entry".into(),
-            };
-            let sp = rest.iter().position(|&b| b == b' ').ok_or_else(bad)?;
-            let nul = rest.iter().position(|&b| b == 0).ok_or_else(bad)?;
-            if rest.len() < nul + 21 {
-                return Err(bad());
+        self.walk_tree_within(tree, prefix, out, &mut Walk::default())
+    }
+
+    /// [`Repo::walk_tree`], reading each distinct tree once and counting
+    /// the entries visited: subtrees may be shared, so a few tiny hostile
+    /// trees could otherwise name 2^depth paths.
+    fn walk_tree_within(
+        &self,
+        tree: &Oid,
+        prefix: &str,
+        out: &mut BTreeMap<String, Oid>,
+        walk: &mut Walk,
+    ) -> Result<(), GitError> {
+        check_depth(tree, prefix)?;
+        let entries = match walk.trees.get(tree) {
+            Some(e) => e.clone(),
+            None => {
+                let (kind, body) = self.read_object(tree)?;
+                if kind != "tree" {
+                    return Err(GitError::Corrupt {
+                        oid: hex(tree),
+                        why: format!("expected a tree at {prefix:?}, found a {kind}"),
+                    });
+                }
+                let e = std::rc::Rc::new(parse_tree(tree, &body)?);
+                walk.trees.insert(*tree, e.clone());
+                e
             }
-            let mode = String::from_utf8_lossy(&rest[..sp]).into_owned();
-            let name = String::from_utf8_lossy(&rest[sp + 1..nul]).into_owned();
-            let mut oid = [0u8; 20];
-            oid.copy_from_slice(&rest[nul + 1..nul + 21]);
-            rest = &rest[nul + 21..];
+        };
+        for (mode, name, oid) in entries.iter() {
+            walk.visited += 1;
+            if walk.visited > MAX_TREE_ENTRIES {
+                return Err(GitError::Corrupt {
+                    oid: hex(tree),
+                    why: format!("the tree names more than {MAX_TREE_ENTRIES} entries"),
+                });
+            }
             let path = format!("{prefix}{name}");
             if mode == "40000" {
-                self.walk_tree(&oid, &format!("{path}/"), out)?;
+                self.walk_tree_within(oid, &format!("{path}/"), out, walk)?;
             } else {
-                out.insert(path, oid);
+                out.insert(path, *oid);
             }
         }
         Ok(())
@@ -584,6 +598,8 @@ pub enum PackError {
     Checksum,
     #[error("pack entry {index}: {why}")]
     Entry { index: usize, why: String },
+    #[error("pack refused: {0}")]
+    TooLarge(String),
 }
 
 /// Encodes `objects` (kind, body) as a git pack, version 2, without deltas
@@ -614,12 +630,44 @@ pub fn write_pack(objects: &[(String, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
+/// Largest object body a pack may hold (inventory files are JSON and
+/// templates: kilobytes). A declared size above it is refused before any
+/// allocation.
+pub const MAX_OBJECT: u64 = 64 << 20;
+/// Most bytes all objects of one pack may inflate to together: bounds the
+/// memory a pushed pack or a bundle's pack can make us hold.
+pub const MAX_PACK_INFLATED: u64 = 1 << 30;
+/// Largest pack we read into memory (a bundle's `pack_size`).
+pub const MAX_PACK_BYTES: u64 = 1 << 30;
+/// Deepest tree nesting followed (inventory paths are two levels deep).
+pub const MAX_TREE_DEPTH: usize = 64;
+/// Most entries (files and directories, counted along every path) one
+/// walk of a commit's tree visits.
+pub const MAX_TREE_ENTRIES: usize = 1_000_000;
+/// Deflate expands at most 1032:1; a size more than this many times the
+/// compressed bytes left is a lie.
+const DEFLATE_MAX_RATIO: u64 = 1032;
+/// Smallest entry: one header byte and an empty zlib stream (8 bytes).
+const MIN_ENTRY: usize = 9;
+
 /// Decodes a pack written by [`write_pack`] (or stock git without deltas):
 /// checks the trailing SHA-1 first, so a corrupt or truncated pack is
 /// rejected whole. Returns (kind, body) per object, in pack order.
+///
+/// Hostile input: every size in the pack is a claim checked against what
+/// the bytes can hold before anything is allocated: the object count
+/// against the pack length, each declared size against [`MAX_OBJECT`] and
+/// the deflate ratio of the bytes left, the total against
+/// [`MAX_PACK_INFLATED`]; inflating stops at the declared size.
 pub fn read_pack(pack: &[u8]) -> Result<Vec<(String, Vec<u8>)>, PackError> {
     if pack.len() < 32 {
         return Err(PackError::Truncated("shorter than header and checksum"));
+    }
+    if pack.len() as u64 > MAX_PACK_BYTES {
+        return Err(PackError::TooLarge(format!(
+            "the pack is {} bytes, more than the {MAX_PACK_BYTES} read into memory",
+            pack.len()
+        )));
     }
     let (data, sum) = pack.split_at(pack.len() - 20);
     if Sha1::digest(data).as_slice() != sum {
@@ -629,8 +677,16 @@ pub fn read_pack(pack: &[u8]) -> Result<Vec<(String, Vec<u8>)>, PackError> {
         return Err(PackError::BadHeader);
     }
     let count = u32::from_be_bytes(data[8..12].try_into().expect("4 bytes")) as usize;
+    if count > (data.len() - 12) / MIN_ENTRY {
+        return Err(PackError::TooLarge(format!(
+            "the pack claims {count} objects but its {} bytes hold at most {}",
+            data.len(),
+            (data.len() - 12) / MIN_ENTRY
+        )));
+    }
     let mut pos = 12;
-    let mut out = Vec::with_capacity(count.min(1 << 20));
+    let mut out = Vec::with_capacity(count);
+    let mut inflated = 0u64;
     for index in 0..count {
         let bad = |why: &str| PackError::Entry {
             index,
@@ -658,30 +714,26 @@ pub fn read_pack(pack: &[u8]) -> Result<Vec<(String, Vec<u8>)>, PackError> {
             6 | 7 => return Err(bad("delta objects are not supported")),
             _ => return Err(bad("unknown object type")),
         };
-        let mut d = flate2::Decompress::new(true);
-        let mut body = Vec::with_capacity(size as usize);
-        loop {
-            let before_out = body.len();
-            let before_in = d.total_in();
-            body.reserve(((size as usize).saturating_sub(body.len())).max(64));
-            let st = d
-                .decompress_vec(
-                    &data[pos + d.total_in() as usize..],
-                    &mut body,
-                    flate2::FlushDecompress::Finish,
-                )
-                .map_err(|e| bad(&format!("inflating: {e}")))?;
-            if st == flate2::Status::StreamEnd {
-                break;
-            }
-            if body.len() == before_out && d.total_in() == before_in {
-                return Err(PackError::Truncated("object data"));
-            }
+        let input = &data[pos..];
+        if size > MAX_OBJECT {
+            return Err(bad(&format!(
+                "declared size {size} is more than the {MAX_OBJECT}-byte object limit"
+            )));
         }
-        pos += d.total_in() as usize;
-        if body.len() as u64 != size {
-            return Err(bad("size does not match its header"));
+        if size > (input.len() as u64).saturating_mul(DEFLATE_MAX_RATIO) {
+            return Err(bad(&format!(
+                "declared size {size} cannot come from the {} bytes left in the pack",
+                input.len()
+            )));
         }
+        inflated += size;
+        if inflated > MAX_PACK_INFLATED {
+            return Err(bad(&format!(
+                "the objects so far inflate to more than {MAX_PACK_INFLATED} bytes"
+            )));
+        }
+        let (body, used) = inflate_exact(input, size as usize).map_err(|w| bad(&w))?;
+        pos += used;
         out.push((kind.to_owned(), body));
     }
     if pos != data.len() {
@@ -691,6 +743,48 @@ pub fn read_pack(pack: &[u8]) -> Result<Vec<(String, Vec<u8>)>, PackError> {
         });
     }
     Ok(out)
+}
+
+/// Inflates one zlib stream at the start of `input` that must hold exactly
+/// `size` bytes; returns them and the compressed bytes used. Memory grows
+/// with what actually comes out, never with the claim: at most `size`
+/// plus one spare byte (to notice a stream that is longer than declared).
+pub fn inflate_exact(input: &[u8], size: usize) -> Result<(Vec<u8>, usize), String> {
+    let mut d = flate2::Decompress::new(true);
+    let mut body = Vec::with_capacity(size.min(input.len().saturating_mul(4)).min(1 << 20) + 1);
+    loop {
+        let (before_in, before_out) = (d.total_in(), d.total_out());
+        if body.len() == body.capacity() {
+            // Grow by what is left of the claim (plus the spare byte),
+            // capped at 1 MiB a step.
+            let want = (size + 1).saturating_sub(body.len()).clamp(1, 1 << 20);
+            body.reserve_exact(want);
+        }
+        let st = d
+            .decompress_vec(
+                &input[d.total_in() as usize..],
+                &mut body,
+                flate2::FlushDecompress::Finish,
+            )
+            .map_err(|e| format!("inflating: {e}"))?;
+        if body.len() > size {
+            return Err(format!("inflates to more than its declared {size} bytes"));
+        }
+        if st == flate2::Status::StreamEnd {
+            break;
+        }
+        if d.total_in() == before_in && d.total_out() == before_out && body.len() < body.capacity()
+        {
+            return Err("the compressed data is truncated".into());
+        }
+    }
+    if body.len() != size {
+        return Err(format!(
+            "inflates to {} bytes, but its header says {size}",
+            body.len()
+        ));
+    }
+    Ok((body, d.total_in() as usize))
 }
 
 /// The parts of a commit the sync needs.
@@ -810,7 +904,7 @@ impl Repo {
         let mut known: HashSet<Oid> = HashSet::new();
         for c in have.iter().filter(|h| theirs.contains(*h)) {
             let tree = self.commit_info(c)?.tree;
-            self.collect_tree(&tree, &mut known, &HashSet::new(), &mut Vec::new())?;
+            self.collect_tree(&tree, &mut known, &HashSet::new(), &mut Vec::new(), 0)?;
         }
         let mut commits = Vec::new();
         let mut stack = vec![*want];
@@ -826,7 +920,7 @@ impl Repo {
         let mut sent: HashSet<Oid> = HashSet::new();
         for c in &commits {
             let tree = self.commit_info(c)?.tree;
-            self.collect_tree(&tree, &mut sent, &known, &mut out)?;
+            self.collect_tree(&tree, &mut sent, &known, &mut out, 0)?;
         }
         // Oldest commit first, so parents are stored before children.
         out.extend(commits.iter().rev());
@@ -839,14 +933,21 @@ impl Repo {
         seen: &mut std::collections::HashSet<Oid>,
         known: &std::collections::HashSet<Oid>,
         out: &mut Vec<Oid>,
+        depth: usize,
     ) -> Result<(), GitError> {
         if known.contains(tree) || !seen.insert(*tree) {
             return Ok(());
         }
+        if depth > MAX_TREE_DEPTH {
+            return Err(GitError::Corrupt {
+                oid: hex(tree),
+                why: format!("trees nested more than {MAX_TREE_DEPTH} deep"),
+            });
+        }
         let (_, body) = self.read_object(tree)?;
         for (mode, _, oid) in parse_tree(tree, &body)? {
             if mode == "40000" {
-                self.collect_tree(&oid, seen, known, out)?;
+                self.collect_tree(&oid, seen, known, out, depth + 1)?;
             } else if !known.contains(&oid) && seen.insert(oid) {
                 out.push(oid);
             }
@@ -934,22 +1035,55 @@ impl Repo {
     }
 }
 
-/// Entries of a tree object body: (mode, name, id).
+/// What one tree walk has read and counted.
+#[derive(Default)]
+struct Walk {
+    trees: std::collections::HashMap<Oid, std::rc::Rc<Vec<(String, String, Oid)>>>,
+    visited: usize,
+}
+
+/// Refuses a tree deeper than [`MAX_TREE_DEPTH`] (a pushed pack could
+/// otherwise nest trees until the recursion overflows the stack).
+fn check_depth(tree: &Oid, prefix: &str) -> Result<(), GitError> {
+    if prefix.matches('/').count() > MAX_TREE_DEPTH {
+        return Err(GitError::Corrupt {
+            oid: hex(tree),
+            why: format!("trees nested more than {MAX_TREE_DEPTH} deep"),
+        });
+    }
+    Ok(())
+}
+
+/// Entries of a tree object body: (mode, name, id). A name that is not one
+/// plain path component (empty, `.`, `..`, `.git`, or holding `/`) is
+/// refused: tree paths become work-tree paths.
 fn parse_tree(tree: &Oid, body: &[u8]) -> Result<Vec<(String, String, Oid)>, GitError> {
     let mut out = Vec::new();
     let mut rest = body;
+    let bad = |why: String| GitError::Corrupt {
+        oid: hex(tree),
+        why,
+    };
     while !rest.is_empty() {
-        let bad = || GitError::Corrupt {
-            oid: hex(tree),
-            why: "truncated tree entry".into(),
-        };
-        let sp = rest.iter().position(|&b| b == b' ').ok_or_else(bad)?;
-        let nul = rest.iter().position(|&b| b == 0).ok_or_else(bad)?;
-        if rest.len() < nul + 21 || sp > nul {
-            return Err(bad());
+        let truncated = || bad("truncated tree entry".into());
+        let nul = rest.iter().position(|&b| b == 0).ok_or_else(truncated)?;
+        let sp = rest[..nul]
+            .iter()
+            .position(|&b| b == b' ')
+            .ok_or_else(truncated)?;
+        if rest.len() < nul + 21 {
+            return Err(truncated());
         }
         let mode = String::from_utf8_lossy(&rest[..sp]).into_owned();
         let name = String::from_utf8_lossy(&rest[sp + 1..nul]).into_owned();
+        if name.is_empty()
+            || name == "."
+            || name == ".."
+            || name.eq_ignore_ascii_case(".git")
+            || name.contains('/')
+        {
+            return Err(bad(format!("tree entry name {name:?} is not a file name")));
+        }
         let mut oid = [0u8; 20];
         oid.copy_from_slice(&rest[nul + 1..nul + 21]);
         rest = &rest[nul + 21..];
@@ -1005,6 +1139,155 @@ mod tests {
             email: "ada@example.org".into(),
             time: 1_700_000_000,
         }
+    }
+
+    /// A pack of `count` (claimed) objects whose entries are `entries`,
+    /// with a correct trailing checksum.
+    fn pack_of(count: u32, entries: &[u8]) -> Vec<u8> {
+        let mut p = b"PACK\0\0\0\x02".to_vec();
+        p.extend_from_slice(&count.to_be_bytes());
+        p.extend_from_slice(entries);
+        reseal(p)
+    }
+
+    /// Appends (or replaces) the trailing SHA-1 so a mutated pack gets past
+    /// the checksum to the entry parser.
+    fn reseal(mut p: Vec<u8>) -> Vec<u8> {
+        let sum: [u8; 20] = Sha1::digest(&p).into();
+        p.extend_from_slice(&sum);
+        p
+    }
+
+    /// An entry header for type `t` declaring `size` bytes.
+    fn entry_header(t: u8, mut size: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut byte = (t << 4) | (size & 0x0f) as u8;
+        size >>= 4;
+        while size > 0 {
+            out.push(byte | 0x80);
+            byte = (size & 0x7f) as u8;
+            size >>= 7;
+        }
+        out.push(byte);
+        out
+    }
+
+    fn zlib(data: &[u8]) -> Vec<u8> {
+        let mut z = ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+        z.write_all(data).unwrap();
+        z.finish().unwrap()
+    }
+
+    /// Issue 15, hole 5: a 60-byte pack whose entry claims a terabyte made
+    /// the parser ask the allocator for it, and a failed allocation aborts
+    /// the whole process (API, DHCP and TFTP with it).
+    #[test]
+    fn sixty_byte_pack_with_lying_sizes_is_refused_not_fatal() {
+        let lies: [(u32, u64, &str); 4] = [
+            (1, 1 << 40, "object limit"),
+            (1, u64::MAX, "size too large"),
+            (1, MAX_OBJECT, "cannot come from"),
+            (u32::MAX, 5, "claims 4294967295 objects"),
+        ];
+        for (count, size, want) in lies {
+            let mut e = entry_header(3, size);
+            e.extend_from_slice(&zlib(b"hello"));
+            let mut pack = pack_of(count, &e);
+            while pack.len() < 60 {
+                // Pad inside the checksummed part (trailing bytes).
+                pack.truncate(pack.len() - 20);
+                pack.push(0);
+                pack = reseal(pack);
+            }
+            assert!(pack.len() <= 60, "{} bytes", pack.len());
+            let e = read_pack(&pack).unwrap_err().to_string();
+            assert!(e.contains(want), "{size}: {e}");
+        }
+        // A stream that inflates to more than its header says stops there.
+        let mut e = entry_header(3, 10);
+        e.extend_from_slice(&zlib(&[0u8; 100_000]));
+        let err = read_pack(&pack_of(1, &e)).unwrap_err().to_string();
+        assert!(err.contains("more than its declared 10 bytes"), "{err}");
+        // And one that holds less.
+        let mut e = entry_header(3, 10_000);
+        e.extend_from_slice(&zlib(b"short"));
+        let err = read_pack(&pack_of(1, &e)).unwrap_err().to_string();
+        assert!(err.contains("inflates to 5 bytes"), "{err}");
+    }
+
+    /// Thousands of mutated and random packs (resealed, so they reach the
+    /// entry parser): every one is Ok or Err, none panics or aborts.
+    #[test]
+    fn mutated_packs_never_panic() {
+        let objects: Vec<(String, Vec<u8>)> = vec![
+            ("blob".into(), b"hello".to_vec()),
+            ("blob".into(), vec![0u8; 5000]),
+            ("tree".into(), b"100644 a\0aaaaaaaaaaaaaaaaaaaa".to_vec()),
+            ("commit".into(), b"tree 0000000000000000000000000000000000000000\n".to_vec()),
+        ];
+        let good = write_pack(&objects);
+        assert_eq!(read_pack(&good).unwrap(), objects);
+        let body = &good[..good.len() - 20];
+        let mut rng = crate::mutate::Rng::new(0x5eed_0005);
+        for i in 0..4000 {
+            let m = if i % 8 == 0 {
+                let mut b = body[..12].to_vec();
+                let n = rng.below(200);
+                b.extend(rng.bytes(n));
+                b
+            } else {
+                rng.mutate(body)
+            };
+            let _ = read_pack(&reseal(m.clone()));
+            let _ = read_pack(&m);
+        }
+    }
+
+    /// A pushed pack may carry trees; walking them must not recurse without
+    /// bound, follow shared subtrees into 2^n paths, or accept a name that
+    /// climbs out of the work tree.
+    #[test]
+    fn hostile_trees_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo::init(dir.path()).unwrap();
+        let blob = repo.store_object("blob", b"x").unwrap();
+        let entry = |mode: &str, name: &str, oid: &Oid| {
+            let mut e = format!("{mode} {name}\0").into_bytes();
+            e.extend_from_slice(oid);
+            e
+        };
+        // 200 nested directories.
+        let mut t = repo.store_object("tree", &entry("100644", "f", &blob)).unwrap();
+        for _ in 0..200 {
+            t = repo.store_object("tree", &entry("40000", "d", &t)).unwrap();
+        }
+        let e = repo.tree_files(&t).unwrap_err().to_string();
+        assert!(e.contains("nested more than"), "{e}");
+        let e = repo
+            .collect_tree(&t, &mut Default::default(), &Default::default(), &mut Vec::new(), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nested more than"), "{e}");
+        // 40 levels, each naming the level below twice: 2^40 paths.
+        let mut t = repo.store_object("tree", &entry("100644", "f", &blob)).unwrap();
+        for _ in 0..40 {
+            let mut body = entry("40000", "a", &t);
+            body.extend(entry("40000", "b", &t));
+            t = repo.store_object("tree", &body).unwrap();
+        }
+        let e = repo.tree_files(&t).unwrap_err().to_string();
+        assert!(e.contains("more than 1000000 entries"), "{e}");
+        // Names that are not one path component.
+        for name in ["..", ".", ".git", "a/../../b", ""] {
+            let t = repo.store_object("tree", &entry("100644", name, &blob)).unwrap();
+            let e = repo.tree_files(&t).unwrap_err().to_string();
+            assert!(e.contains("is not a file name"), "{name:?}: {e}");
+        }
+        // A space after the NUL (inside the id) used to slice backwards.
+        let mut body = b"100644x\0".to_vec();
+        body.extend_from_slice(b" aaaaaaaaaaaaaaaaaaa");
+        let t = repo.store_object("tree", &body).unwrap();
+        assert!(repo.tree_files(&t).is_err());
     }
 
     #[test]

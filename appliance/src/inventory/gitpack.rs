@@ -12,14 +12,13 @@
 //! depth, and each object read is verified against its id by the caller.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use sha1::{Digest, Sha1};
 
-use super::git::{hex, GitError, Oid};
+use super::git::{hex, GitError, Oid, MAX_OBJECT};
 
 /// Deepest delta chain followed (git's own default is 50).
 const MAX_DEPTH: usize = 256;
@@ -210,19 +209,18 @@ fn read_at(
         size |= ((byte & 0x7f) as u64) << shift;
         shift += 7;
     }
+    if size > MAX_OBJECT {
+        return Err(bad(&format!(
+            "declared size {size} is more than the {MAX_OBJECT}-byte object limit"
+        )));
+    }
     let inflate = |at: usize| -> Result<Vec<u8>, GitError> {
         if at >= end {
             return Err(bad("entry runs past the pack"));
         }
-        let mut out = Vec::with_capacity(size.min(1 << 26) as usize);
-        flate2::read::ZlibDecoder::new(&p.data[at..end])
-            .take(size + 1)
-            .read_to_end(&mut out)
-            .map_err(|e| bad(&format!("inflating: {e}")))?;
-        if out.len() as u64 != size {
-            return Err(bad("size does not match its header"));
-        }
-        Ok(out)
+        super::git::inflate_exact(&p.data[at..end], size as usize)
+            .map(|(body, _)| body)
+            .map_err(|w| bad(&w))
     };
     let kind = match t {
         1 => "commit",
@@ -302,7 +300,12 @@ pub fn apply_delta(base: &[u8], delta: &[u8]) -> Result<Vec<u8>, String> {
             base.len()
         ));
     }
-    let mut out = Vec::with_capacity(dst.min(1 << 26));
+    if dst as u64 > MAX_OBJECT {
+        return Err(format!(
+            "delta announces {dst} bytes, more than the {MAX_OBJECT}-byte object limit"
+        ));
+    }
+    let mut out = Vec::with_capacity(dst.min(delta.len().saturating_mul(64)).min(1 << 20));
     while pos < delta.len() {
         let cmd = delta[pos];
         pos += 1;
@@ -364,5 +367,171 @@ mod tests {
         assert!(apply_delta(base, &far).is_err(), "copy outside the base");
         far = vec![12, 1, 0];
         assert!(apply_delta(base, &far).is_err(), "reserved instruction");
+    }
+
+    use flate2::write::ZlibEncoder;
+    use std::io::Write;
+
+    fn zlib(data: &[u8]) -> Vec<u8> {
+        let mut z = ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(data).unwrap();
+        z.finish().unwrap()
+    }
+
+    fn header(t: u8, mut size: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut byte = (t << 4) | (size & 0x0f) as u8;
+        size >>= 4;
+        while size > 0 {
+            out.push(byte | 0x80);
+            byte = (size & 0x7f) as u8;
+            size >>= 7;
+        }
+        out.push(byte);
+        out
+    }
+
+    /// git's offset encoding of an `OFS_DELTA` base distance.
+    fn ofs(mut back: usize) -> Vec<u8> {
+        let mut out = vec![(back & 0x7f) as u8];
+        back >>= 7;
+        while back > 0 {
+            back -= 1;
+            out.insert(0, 0x80 | (back & 0x7f) as u8);
+            back >>= 7;
+        }
+        out
+    }
+
+    /// Pack bytes and entry offsets for `entries` (each a whole entry:
+    /// header, base reference, zlib data).
+    fn pack_bytes(entries: &[Vec<u8>]) -> (Vec<u8>, Vec<usize>) {
+        let mut p = b"PACK\0\0\0\x02".to_vec();
+        p.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+        let mut offs = Vec::new();
+        for e in entries {
+            offs.push(p.len());
+            p.extend_from_slice(e);
+        }
+        let sum: [u8; 20] = Sha1::digest(&p).into();
+        p.extend_from_slice(&sum);
+        (p, offs)
+    }
+
+    /// A version 2 index naming `objects` (id, pack offset) for `pack`.
+    fn idx_bytes(pack: &[u8], objects: &[(Oid, usize)]) -> Vec<u8> {
+        let mut objs = objects.to_vec();
+        objs.sort();
+        let mut i = b"\xfftOc\0\0\0\x02".to_vec();
+        for b in 0..256usize {
+            let n = objs.iter().filter(|(id, _)| (id[0] as usize) <= b).count() as u32;
+            i.extend_from_slice(&n.to_be_bytes());
+        }
+        for (id, _) in &objs {
+            i.extend_from_slice(id);
+        }
+        i.extend(std::iter::repeat_n(0u8, 4 * objs.len()));
+        for (_, o) in &objs {
+            i.extend_from_slice(&(*o as u32).to_be_bytes());
+        }
+        i.extend_from_slice(&pack[pack.len() - 20..]);
+        let sum: [u8; 20] = Sha1::digest(&i).into();
+        i.extend_from_slice(&sum);
+        i
+    }
+
+    fn write(git: &Path, pack: &[u8], idx: &[u8]) -> PackSet {
+        let dir = git.join("objects/pack");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("pack-t.pack"), pack).unwrap();
+        fs::write(dir.join("pack-t.idx"), idx).unwrap();
+        PackSet::new(git)
+    }
+
+    /// A blob "a", then `n` deltas, each copying the one before.
+    fn chain(n: usize) -> Vec<Vec<u8>> {
+        let mut entries = vec![[header(3, 1), zlib(b"a")].concat()];
+        let mut at = 12 + entries[0].len();
+        let mut prev = 12;
+        let delta = [1u8, 1, 0x90, 1];
+        for _ in 0..n {
+            let e = [header(6, delta.len() as u64), ofs(at - prev), zlib(&delta)].concat();
+            prev = at;
+            at += e.len();
+            entries.push(e);
+        }
+        entries
+    }
+
+    #[test]
+    fn delta_chains_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let tip = [0xab; 20];
+        for (n, ok) in [(100, true), (MAX_DEPTH + 50, false)] {
+            let (pack, offs) = pack_bytes(&chain(n));
+            let set = write(dir.path(), &pack, &idx_bytes(&pack, &[(tip, offs[n])]));
+            match set.read(&tip) {
+                Ok(Some((kind, body))) if ok => assert_eq!((kind.as_str(), &body[..]), ("blob", &b"a"[..])),
+                Err(e) if !ok => assert!(e.to_string().contains("too deep"), "{e}"),
+                other => panic!("chain of {n}: {other:?}"),
+            }
+        }
+        // Two REF_DELTAs naming each other.
+        let (a, b) = ([0x11; 20], [0x22; 20]);
+        let delta = zlib(&[1, 1, 0x90, 1]);
+        let ea = [header(7, 4), b.to_vec(), delta.clone()].concat();
+        let eb = [header(7, 4), a.to_vec(), delta].concat();
+        let (pack, offs) = pack_bytes(&[ea, eb]);
+        let set = write(dir.path(), &pack, &idx_bytes(&pack, &[(a, offs[0]), (b, offs[1])]));
+        let e = set.read(&a).unwrap_err().to_string();
+        assert!(e.contains("too deep"), "{e}");
+        // A delta announcing a terabyte, and an object claiming one.
+        let mut d = vec![1u8];
+        d.extend([0x80, 0x80, 0x80, 0x80, 0x80, 0x20]);
+        d.extend([0x90, 1]);
+        let mut entries = chain(0);
+        entries.push([header(6, d.len() as u64), ofs(entries[0].len()), zlib(&d)].concat());
+        entries.push([header(3, 1 << 40), zlib(b"x")].concat());
+        let (pack, offs) = pack_bytes(&entries);
+        let set = write(
+            dir.path(),
+            &pack,
+            &idx_bytes(&pack, &[([1; 20], offs[1]), ([2; 20], offs[2])]),
+        );
+        for id in [[1; 20], [2; 20]] {
+            let e = set.read(&id).unwrap_err().to_string();
+            assert!(e.contains("object limit"), "{e}");
+        }
+    }
+
+    /// Mutated packs and indexes (checksums fixed up so they load): every
+    /// read is Ok or Err, none panics.
+    #[test]
+    fn mutated_packs_on_disk_never_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut entries = chain(3);
+        entries.push([header(3, 5), zlib(b"hello")].concat());
+        let (pack, offs) = pack_bytes(&entries);
+        let ids: Vec<(Oid, usize)> = offs.iter().enumerate().map(|(i, o)| ([i as u8 * 40; 20], *o)).collect();
+        let idx = idx_bytes(&pack, &ids);
+        let mut rng = crate::mutate::Rng::new(0x5eed_6a1c);
+        for i in 0..600 {
+            let (p, x) = if i % 3 == 0 {
+                (pack.clone(), rng.mutate(&idx[..idx.len() - 40]))
+            } else {
+                (rng.mutate(&pack[..pack.len() - 20]), idx[..idx.len() - 40].to_vec())
+            };
+            let mut p = p;
+            let sum: [u8; 20] = Sha1::digest(&p).into();
+            p.extend_from_slice(&sum);
+            let mut x = x;
+            x.extend_from_slice(&sum);
+            x.extend_from_slice(&[0; 20]);
+            let set = write(dir.path(), &p, &x);
+            for (id, _) in &ids {
+                let _ = set.read(id);
+                let _ = set.contains(id);
+            }
+        }
     }
 }

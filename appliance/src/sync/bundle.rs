@@ -169,14 +169,25 @@ pub fn import(node: &SyncNode, path: &Path) -> Result<ImportReport> {
         bail!("{} is not a sync bundle (bad magic)", path.display());
     }
     let mut line = String::new();
-    r.read_line(&mut line)?;
-    let header: Header = serde_json::from_str(&line).context("parsing the bundle header")?;
+    (&mut r).take(MAX_HEADER).read_line(&mut line)?;
+    if !line.ends_with('\n') {
+        bail!(
+            "{} is not a sync bundle (no header line within {MAX_HEADER} bytes); nothing applied",
+            path.display()
+        );
+    }
+    let header: Header =
+        serde_json::from_str(&line).context("parsing the bundle header; nothing applied")?;
+    let head = git::parse_hex_oid(&header.head)
+        .context("reading the bundle's head; nothing applied")?;
+    let blob_start = check_sizes(&header, line.len() as u64, std::fs::metadata(path)?.len())
+        .map_err(|why| anyhow::anyhow!("{}: {why}; nothing applied", path.display()))?;
     let mut pack = vec![0u8; header.pack_size as usize];
     r.read_exact(&mut pack)
         .context("reading the bundle's pack")?;
-    let objects = git::read_pack(&pack).context("checking the bundle's pack")?;
+    let objects = git::read_pack(&pack)
+        .map_err(|e| anyhow::anyhow!("checking the bundle's pack: {e}; nothing applied"))?;
     // Blobs: check every digest before naming any.
-    let blob_start = MAGIC.len() as u64 + line.len() as u64 + header.pack_size;
     let mut pos = blob_start;
     let mut todo = Vec::new();
     for b in &header.blobs {
@@ -220,7 +231,6 @@ pub fn import(node: &SyncNode, path: &Path) -> Result<ImportReport> {
         }
         repo.sync_objects()?;
     }
-    let head = git::parse_hex_oid(&header.head)?;
     let merge = node.merge(&head, &format!("bundle-{}", header.from))?;
     node.note_peer(&header.from.to_string(), &header.head)?;
     Ok(ImportReport {
@@ -229,6 +239,40 @@ pub fn import(node: &SyncNode, path: &Path) -> Result<ImportReport> {
         blobs_added: todo.len(),
         merge,
     })
+}
+
+/// Longest header line read (its blob list grows with the blobs: about
+/// 100 bytes each).
+const MAX_HEADER: u64 = 64 << 20;
+
+/// Checks the header's sizes against the file's length before anything is
+/// allocated from them: the pack and the blobs, end to end, must fill the
+/// file exactly up to the trailer, and the pack must fit the in-memory
+/// limit. Returns where the blobs start.
+fn check_sizes(header: &Header, line_len: u64, file_len: u64) -> Result<u64, String> {
+    let pack_start = MAGIC.len() as u64 + line_len;
+    let body = file_len
+        .checked_sub(pack_start + TRAILER)
+        .ok_or("the file ends inside its header")?;
+    if header.pack_size > git::MAX_PACK_BYTES {
+        return Err(format!(
+            "its pack_size {} is more than the {}-byte limit",
+            header.pack_size,
+            git::MAX_PACK_BYTES
+        ));
+    }
+    let blobs = header
+        .blobs
+        .iter()
+        .try_fold(0u64, |sum, b| sum.checked_add(b.size))
+        .ok_or("its blob sizes overflow")?;
+    match header.pack_size.checked_add(blobs) {
+        Some(n) if n == body => Ok(pack_start + header.pack_size),
+        _ => Err(format!(
+            "its header announces a {}-byte pack and {blobs} bytes of blobs, but {body} bytes follow it",
+            header.pack_size
+        )),
+    }
 }
 
 struct HashSink<'a>(&'a mut Sha256);
@@ -309,5 +353,96 @@ mod tests {
         assert_eq!(again.merge.action, "unchanged");
         assert_eq!(again.blobs_added, 0);
         assert_eq!(b.head_and_state().1, a.head_and_state().1);
+    }
+
+    /// `body` with a correct trailer, so a crafted bundle gets past the
+    /// checksum (anyone can compute a SHA-256: it is not authentication).
+    fn seal(body: &[u8]) -> Vec<u8> {
+        let mut v = body.to_vec();
+        v.extend_from_slice(format!("sha256:{}\n", hex::encode(Sha256::digest(body))).as_bytes());
+        v
+    }
+
+    /// Issue 15, hole 5: a crafted bundle (valid trailer, lying header)
+    /// made import allocate `pack_size` bytes up front; a huge one aborts
+    /// the process. Every such bundle is now refused with a reason.
+    #[test]
+    fn crafted_bundles_are_refused_not_fatal() {
+        let d = tempfile::tempdir().unwrap();
+        let b = node(d.path());
+        let before = b.head_and_state();
+        let head = "0".repeat(40);
+        let header = |pack_size: u64, blobs: &str| {
+            format!(
+                "{{\"from\":\"{}\",\"for\":null,\"head\":\"{head}\",\"state\":null,\"created\":0,\"pack_size\":{pack_size},\"objects\":1,\"blobs\":[{blobs}]}}\n",
+                uuid::Uuid::nil()
+            )
+            .into_bytes()
+        };
+        let blob = |size: u64| format!("{{\"digest\":\"sha256:{}\",\"size\":{size}}}", "a".repeat(64));
+        // A 60-byte pack claiming a terabyte-sized object.
+        let mut tiny = b"PACK\0\0\0\x02\0\0\0\x01".to_vec();
+        tiny.extend_from_slice(&[0xb0, 0x80, 0x80, 0x80, 0x80, 0x20]);
+        tiny.extend_from_slice(&[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+        tiny.resize(40, 0);
+        let sum: [u8; 20] = sha1::Sha1::digest(&tiny).into();
+        tiny.extend_from_slice(&sum);
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (header(1 << 62, ""), "limit"),
+            (header(u64::MAX, &blob(1)), "limit"),
+            (header(10, &format!("{},{}", blob(u64::MAX), blob(1))), "overflow"),
+            (header(100, ""), "bytes follow it"),
+            (header(0, &format!("{},{}", blob(1 << 40), blob(1 << 40))), "bytes follow it"),
+            (b"{\"from\":".to_vec(), "header"),
+            (b"no newline at all".to_vec(), "header"),
+            (header(tiny.len() as u64, ""), "pack"),
+        ]
+        .into_iter()
+        .map(|(h, why)| {
+            let mut body = MAGIC.to_vec();
+            body.extend_from_slice(&h);
+            if why == "pack" {
+                body.extend_from_slice(&tiny);
+            }
+            (seal(&body), why)
+        })
+        .collect();
+        for (i, (bytes, why)) in cases.iter().enumerate() {
+            let p = d.path().join(format!("crafted-{i}.bundle"));
+            std::fs::write(&p, bytes).unwrap();
+            let e = format!("{:#}", import(&b, &p).unwrap_err());
+            assert!(e.contains(why), "case {i}: {e}");
+            assert!(e.contains("nothing applied"), "case {i}: {e}");
+            assert_eq!(b.head_and_state(), before);
+        }
+    }
+
+    /// Hundreds of mutated bundles with a correct trailer: each imports or
+    /// is refused; none panics or aborts.
+    #[test]
+    fn mutated_bundles_never_panic() {
+        use crate::inventory::model::{Kind, Object};
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (node(d1.path()), node(d2.path()));
+        let repo = Object::from_json(
+            Kind::Repo,
+            serde_json::json!({"name": "r1", "mirror": "http://x"}),
+        )
+        .unwrap();
+        a.inventory
+            .write()
+            .unwrap()
+            .create(repo, &crate::inventory::Author::new("t"))
+            .unwrap();
+        let mut good = Vec::new();
+        export(&a, None, &mut good).unwrap();
+        let body = &good[..good.len() - TRAILER as usize];
+        let mut rng = crate::mutate::Rng::new(0x5eed_b0d1);
+        let p = d2.path().join("m.bundle");
+        for _ in 0..300 {
+            let m = rng.mutate(body);
+            std::fs::write(&p, seal(&m)).unwrap();
+            let _ = import(&b, &p);
+        }
     }
 }

@@ -728,4 +728,60 @@ mod tests {
         assert!(!n.blob_dir().join(&wrong).exists());
         assert_eq!(n.blob_list().unwrap(), vec![hex]);
     }
+
+    /// Issue 15, hole 5, over HTTP: a replica pushes a 60-byte pack whose
+    /// one object claims a terabyte. The answer is 422 naming the problem,
+    /// and the server keeps answering (it used to abort).
+    #[tokio::test]
+    async fn a_sixty_byte_push_is_refused_and_the_server_lives() {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let n = Arc::new(node(dir.path(), Uuid::new_v4(), None));
+        let child = Uuid::new_v4();
+        let tokens = Arc::new(crate::auth::TokenStore::memory());
+        let (_, token) = tokens
+            .create_scoped("child", crate::auth::Scope::Replica(child))
+            .unwrap();
+        let app = api::router(Arc::new(api::SyncState {
+            node: n.clone(),
+            tokens,
+            public_reads: false,
+        }));
+        let mut pack = b"PACK\0\0\0\x02\0\0\0\x01".to_vec();
+        pack.extend_from_slice(&[0xb0, 0x80, 0x80, 0x80, 0x80, 0x20]);
+        pack.extend_from_slice(&[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+        pack.resize(40, 0);
+        let sum: [u8; 20] = sha1::Sha1::digest(&pack).into();
+        pack.extend_from_slice(&sum);
+        assert_eq!(pack.len(), 60);
+        let call = |uri: String, method: &str, body: Vec<u8>| {
+            axum::http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("authorization", format!("Bearer {token}"))
+                .body(axum::body::Body::from(body))
+                .unwrap()
+        };
+        let head = "1".repeat(40);
+        let resp = app
+            .clone()
+            .oneshot(call(
+                format!("/api/v1/sync/{child}/push?head={head}"),
+                "POST",
+                pack,
+            ))
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(status, 422, "{text}");
+        assert!(text.contains("object limit"), "{text}");
+        let resp = app
+            .oneshot(call(format!("/api/v1/sync/{child}/state"), "GET", vec![]))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
 }
