@@ -83,6 +83,11 @@ enum Command {
     Ops(Box<appliance::cli::Ops>),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
+    /// Write man pages (appliance.1, appliance-system.1, appliance-system-list.1, …) into DIR.
+    Man {
+        /// Output directory (created if missing).
+        dir: PathBuf,
+    },
 }
 
 /// A handle that swaps the log filter at run time.
@@ -185,6 +190,15 @@ fn run() -> Result<()> {
             appliance::rebuild::run_cli(&appliance::cli::defaults::data(data)?, &out, json)
         }
         Command::Ops(op) => appliance::cli::run(*op, cli.conn),
+        Command::Man { dir } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
+            let n = std::fs::read_dir(&dir)?.count();
+            eprintln!("{n} man pages in {}", dir.display());
+            Ok(())
+        }
         Command::Completions { shell } => {
             // Generated into a buffer, then written once: a reader that
             // went away (`| head`) is the end of the job, not a panic

@@ -175,3 +175,18 @@ fn completions_into_a_closed_pipe_do_not_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{:?} {stderr}", out.status);
 }
+
+#[test]
+fn man_pages_are_generated_for_every_command() {
+    let home = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("man1");
+    ok(run(&mut cli(home.path()), &["man", dir.to_str().unwrap()]));
+    for page in ["appliance.1", "appliance-serve.1", "appliance-system.1", "appliance-system-list.1", "appliance-token-create.1"] {
+        let text = std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.starts_with(".ie \\n(.g .ds Aq") || text.contains(".TH"), "{page}: {text}");
+    }
+    // The global flags are documented on the top page.
+    let top = std::fs::read_to_string(dir.join("appliance.1")).unwrap();
+    assert!(top.contains("APPLIANCE_URL") && top.contains("json"), "{top}");
+}
