@@ -127,17 +127,6 @@ fn sync_text(v: &Value) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sync_text_flattens_nested_fields() {
-        let v = serde_json::json!({"state": "in_sync", "parent": {"url": "http://p", "node": null}, "pushed": 3, "ids": ["a", "b"]});
-        assert_eq!(
-            super::sync_text(&v),
-            "ids: a, b\nparent.node: -\nparent.url: http://p\npushed: 3\nstate: in_sync\n"
-        );
-    }
-}
 
 /// A progress display: a bar on a terminal, a line per 10% otherwise.
 struct Progress {
@@ -291,4 +280,16 @@ pub fn bundle(cmd: BundleCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sync_text_flattens_nested_fields() {
+        let v = serde_json::json!({"state": "in_sync", "parent": {"url": "http://p", "node": null}, "pushed": 3, "ids": ["a", "b"]});
+        assert_eq!(
+            super::sync_text(&v),
+            "ids: a, b\nparent.node: -\nparent.url: http://p\npushed: 3\nstate: in_sync\n"
+        );
+    }
 }
