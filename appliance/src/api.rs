@@ -153,7 +153,8 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn version(State(state): State<Arc<AppState>>) -> Json<VersionInfo> {
+/// Serve's own degraded reasons and init's (re-read from its file).
+pub fn degraded_reasons(state: &AppState) -> Vec<String> {
     let mut degraded = state.degraded.clone();
     if let Some(path) = &state.degraded_file {
         match crate::degraded::read(path) {
@@ -164,12 +165,16 @@ async fn version(State(state): State<Arc<AppState>>) -> Json<VersionInfo> {
             }
         }
     }
+    degraded
+}
+
+async fn version(State(state): State<Arc<AppState>>) -> Json<VersionInfo> {
     Json(VersionInfo {
         version: state.version.to_owned(),
         node_id: state.node_id.clone(),
         uptime_s: state.started.elapsed().as_secs_f64(),
         release: state.release.clone(),
-        degraded,
+        degraded: degraded_reasons(&state),
     })
 }
 
@@ -181,6 +186,20 @@ async fn power(
     state.power.request(req.action)?;
     tracing::warn!(action = ?req.action, "power request accepted");
     Ok((StatusCode::ACCEPTED, Json(req)))
+}
+
+/// A fixed state for other modules' unit tests.
+#[cfg(test)]
+pub fn tests_state() -> AppState {
+    AppState {
+        version: "9.9.9",
+        node_id: "node-1".into(),
+        started: Instant::now(),
+        release: Some("sha256:abc".into()),
+        degraded: vec![],
+        degraded_file: None,
+        power: crate::power::for_serve(false),
+    }
 }
 
 #[cfg(test)]

@@ -51,6 +51,8 @@ struct Inner {
     /// Client address → MAC, learnt from DHCP, so TFTP and HTTP events
     /// (which only see an address) can name the machine.
     neighbours: Mutex<std::collections::HashMap<std::net::IpAddr, String>>,
+    /// Events published and their `bytes`, by kind (for `/metrics`).
+    kinds: Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
 }
 
 impl Default for Events {
@@ -67,6 +69,7 @@ impl Events {
                 ring: Mutex::new((0, VecDeque::new())),
                 tx,
                 neighbours: Default::default(),
+                kinds: Default::default(),
             }),
         }
     }
@@ -112,6 +115,19 @@ impl Events {
             g.1.push_back(ev.clone());
             ev
         };
+        {
+            let bytes = ev.detail.get("bytes").and_then(|b| b.as_u64()).unwrap_or(0);
+            let mut k = self.inner.kinds.lock().unwrap_or_else(|p| p.into_inner());
+            match k.get_mut(kind) {
+                Some(c) => {
+                    c.0 += 1;
+                    c.1 += bytes;
+                }
+                None => {
+                    k.insert(kind.to_owned(), (1, bytes));
+                }
+            }
+        }
         tracing::info!(target: "appliance::events", id = ev.id, kind = %ev.kind, mac = ?ev.mac, detail = %ev.detail, "event");
         let _ = self.inner.tx.send(ev.clone());
         ev.id
@@ -124,6 +140,17 @@ impl Events {
             .filter(|e| e.id > after)
             .take(limit)
             .cloned()
+            .collect()
+    }
+
+    /// (kind, events published, sum of their `bytes`) for every kind seen.
+    pub fn kind_counts(&self) -> Vec<(String, u64, u64)> {
+        self.inner
+            .kinds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, (n, b))| (k.clone(), *n, *b))
             .collect()
     }
 

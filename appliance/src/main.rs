@@ -15,6 +15,9 @@ use tracing_subscriber::{fmt, prelude::*, reload, EnvFilter};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// `--url`, `--token`, `--json`: global, before or after the subcommand.
+    #[command(flatten)]
+    conn: appliance::cli::Conn,
 }
 
 #[derive(Debug, Subcommand)]
@@ -24,9 +27,10 @@ enum Command {
         /// Address to listen on; port 0 picks a free port (printed on stdout).
         #[arg(long, default_value = "0.0.0.0:80")]
         listen: SocketAddr,
-        /// Data directory (the mounted data partition).
-        #[arg(long, default_value = appliance::contract::DATA_DIR)]
-        data: PathBuf,
+        /// Data directory (the mounted data partition)
+        /// [default: config file's `data`, else /data].
+        #[arg(long, env = "APPLIANCE_DATA")]
+        data: Option<PathBuf>,
         /// File with degraded reasons from init, one per line.
         #[arg(long)]
         degraded_file: Option<PathBuf>,
@@ -67,20 +71,23 @@ enum Command {
     /// Rebuild this appliance's image from the bundle on its data
     /// partition, offline, and check it is bit-identical to the booted one.
     Rebuild {
-        /// Data directory (the mounted data partition).
-        #[arg(long, default_value = appliance::contract::DATA_DIR)]
-        data: PathBuf,
+        /// Data directory (the mounted data partition)
+        /// [default: config file's `data`, else /data].
+        #[arg(long, env = "APPLIANCE_DATA")]
+        data: Option<PathBuf>,
         /// Output directory (replaced once the rebuild is complete).
         #[arg(long)]
         out: PathBuf,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
     },
     #[command(flatten)]
     Ops(Box<appliance::cli::Ops>),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
+    /// Write man pages (appliance.1, appliance-system.1, appliance-system-list.1, …) into DIR.
+    Man {
+        /// Output directory (created if missing).
+        dir: PathBuf,
+    },
 }
 
 /// A handle that swaps the log filter at run time.
@@ -116,13 +123,30 @@ fn run_init(handle: &FilterHandle) -> Result<()> {
     match appliance::init::run(&set_log)? {}
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    let json = std::env::args().skip(1).any(|a| a == "--json");
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            if json {
+                eprintln!("{}", appliance::cli::error_json(&e));
+            } else {
+                eprintln!("Error: {e:?}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let as_init = is_init_invocation() || std::env::args().nth(1).as_deref() == Some("init");
     let handle = init_tracing(!as_init && std::io::stderr().is_terminal());
     if is_init_invocation() {
         return run_init(&handle);
     }
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let json = cli.conn.json;
+    match cli.command {
         Command::Serve {
             listen,
             data,
@@ -146,7 +170,10 @@ fn main() -> Result<()> {
                 checkin_interval: std::time::Duration::from_secs(checkin_interval.max(1)),
                 sync_interval: (sync_interval > 0)
                     .then(|| std::time::Duration::from_secs(sync_interval)),
-                ..appliance::serve::ServeOptions::new(listen, data)
+                ..appliance::serve::ServeOptions::new(
+                    listen,
+                    appliance::cli::defaults::data(data)?,
+                )
             }))
         }
         Command::Init => run_init(&handle),
@@ -159,17 +186,33 @@ fn main() -> Result<()> {
                 appliance::serve::file_digest(std::path::Path::new("/etc/appliance/release")).ok();
             appliance::agent::run(&server, release, install, &mgmt)
         }
-        Command::Rebuild { data, out, json } => appliance::rebuild::run_cli(&data, &out, json),
-        Command::Ops(op) => appliance::cli::run(*op),
-        Command::Completions { shell } => {
+        Command::Rebuild { data, out } => {
+            appliance::rebuild::run_cli(&appliance::cli::defaults::data(data)?, &out, json)
+        }
+        Command::Ops(op) => appliance::cli::run(*op, cli.conn),
+        Command::Man { dir } => {
             use clap::CommandFactory;
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "appliance",
-                &mut std::io::stdout(),
-            );
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
+            let n = std::fs::read_dir(&dir)?.count();
+            eprintln!("{n} man pages in {}", dir.display());
             Ok(())
+        }
+        Command::Completions { shell } => {
+            // Generated into a buffer, then written once: a reader that
+            // went away (`| head`) is the end of the job, not a panic
+            // (clap_complete panics on a failed write, and resetting
+            // SIGPIPE would take `unsafe`, which only blkdev.rs may use).
+            use clap::CommandFactory;
+            use std::io::Write;
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "appliance", &mut buf);
+            let mut out = std::io::stdout().lock();
+            match out.write_all(&buf).and_then(|()| out.flush()) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                r => r.context("writing the completions"),
+            }
         }
     }
 }

@@ -441,6 +441,11 @@ impl Replication {
     }
 
     /// Lets an operator retry a failed install (re-registers on next boot).
+    /// Every install attempt this node holds.
+    pub fn list(&self) -> Vec<InstallRecord> {
+        self.lock().installs.values().cloned().collect()
+    }
+
     pub fn forget(&self, mac: &str) -> bool {
         let (removed, all) = {
             let mut g = self.lock();
@@ -619,7 +624,7 @@ async fn prepared(State(r): State<Replication>) -> Json<Prepared> {
 }
 
 async fn installs(State(r): State<Replication>) -> Json<Vec<InstallRecord>> {
-    Json(r.lock().installs.values().cloned().collect())
+    Json(r.list())
 }
 
 async fn forget(

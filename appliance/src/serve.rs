@@ -242,6 +242,12 @@ pub async fn build_app(
     routes.extend(crate::clone::server::routes(cloning.clone()));
     routes.extend(crate::replicas::routes(replicas.clone()));
     routes.extend(crate::events::routes(events.clone()));
+    routes.extend(crate::metrics::routes(crate::metrics::MetricsState {
+        app: state.clone(),
+        events: events.clone(),
+        installs: Some(replication.clone()),
+        clones: Some(cloning.clone()),
+    }));
     routes.extend(crate::agents::routes(
         crate::agents::Agents::open(&opts.data, events.clone()).with_work({
             let r = replication.clone();

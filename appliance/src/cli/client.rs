@@ -4,6 +4,22 @@
 
 use anyhow::{bail, Context, Result};
 
+/// The server refused with its `{code, message}` error body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiFailure {
+    pub code: String,
+    pub message: String,
+    pub status: u16,
+}
+
+impl std::fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}, HTTP {})", self.message, self.code, self.status)
+    }
+}
+
+impl std::error::Error for ApiFailure {}
+
 /// Where the server is and how to authenticate.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -84,12 +100,12 @@ impl Client {
             return Ok(text);
         }
         match serde_json::from_str::<serde_json::Value>(&text) {
-            Ok(v) if v.get("code").is_some() => bail!(
-                "{} ({}, HTTP {})",
-                v["message"].as_str().unwrap_or(""),
-                v["code"].as_str().unwrap_or(""),
-                status.as_u16()
-            ),
+            Ok(v) if v.get("code").is_some() => Err(ApiFailure {
+                code: v["code"].as_str().unwrap_or("").to_owned(),
+                message: v["message"].as_str().unwrap_or("").to_owned(),
+                status: status.as_u16(),
+            }
+            .into()),
             _ => bail!(
                 "HTTP {} from {method} {path}: {}",
                 status.as_u16(),
@@ -148,12 +164,12 @@ impl Client {
         use std::io::Read;
         let _ = reader.take(64 * 1024).read_to_string(&mut text);
         match serde_json::from_str::<serde_json::Value>(&text) {
-            Ok(v) if v.get("code").is_some() => bail!(
-                "{} ({}, HTTP {})",
-                v["message"].as_str().unwrap_or(""),
-                v["code"].as_str().unwrap_or(""),
-                status.as_u16()
-            ),
+            Ok(v) if v.get("code").is_some() => Err(ApiFailure {
+                code: v["code"].as_str().unwrap_or("").to_owned(),
+                message: v["message"].as_str().unwrap_or("").to_owned(),
+                status: status.as_u16(),
+            }
+            .into()),
             _ => bail!(
                 "HTTP {} from {method} {path}: {}",
                 status.as_u16(),

@@ -18,7 +18,8 @@ use super::Conn;
 pub struct CloneCmd {
     #[command(subcommand)]
     pub verb: CloneVerb,
-    #[command(flatten)]
+    /// The top-level connection flags (filled in by [`super::run`]).
+    #[arg(skip)]
     pub conn: Conn,
 }
 

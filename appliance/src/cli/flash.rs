@@ -38,17 +38,19 @@ pub struct FlashCmd {
     /// (fine for a blank target) instead of zeroing them.
     #[arg(long)]
     pub keep_holes: bool,
-    /// Data directory; the disk holding it is never written.
-    #[arg(long, default_value = crate::contract::DATA_DIR)]
-    pub data: PathBuf,
-    /// Print the report as JSON.
-    #[arg(long)]
+    /// Data directory; the disk holding it is never written
+    /// [default: config file's `data`, else /data].
+    #[arg(long, env = "APPLIANCE_DATA")]
+    pub data: Option<PathBuf>,
+    /// Print the report as JSON (the global `--json`).
+    #[arg(skip)]
     pub json: bool,
 }
 
 /// Runs `appliance flash`.
 pub fn run(cmd: FlashCmd) -> Result<()> {
-    let sys = System::current(&cmd.data);
+    let data = super::defaults::data(cmd.data.clone())?;
+    let sys = System::current(&data);
     if let Some(base) = &cmd.from {
         if !cmd.yes {
             bail!(

@@ -4,11 +4,15 @@
 //! `appliance power on|off|cycle|status NAME`), plus the
 //! node-local `appliance token` and `appliance import`.
 //!
-//! The server is `--url` or `APPLIANCE_URL` (default
-//! `http://127.0.0.1:80`), the token `--token` or `APPLIANCE_TOKEN`.
-//! Every command takes `--json` and then prints the API's JSON.
+//! `--url`, `--token` and `--json` are global flags of the top-level
+//! parser (accepted before or after the subcommand); where their values
+//! come from when not given (environment, `~/.config/appliance/config.toml`,
+//! built-in defaults) is decided in [`defaults`] alone. Every command takes
+//! `--json` and then prints the API's JSON (and errors as `{code,message}`
+//! JSON on stderr, see [`error_json`]).
 
 pub mod client;
+pub mod defaults;
 pub mod flash;
 
 mod clone;
@@ -26,28 +30,43 @@ use serde_json::{json, Value};
 use crate::inventory::model::Kind;
 use client::Client;
 
-/// How to reach the server.
-#[derive(Debug, Clone, Args)]
+/// How to reach the server: the global flags of the top-level parser.
+#[derive(Debug, Clone, Default, Args)]
 pub struct Conn {
-    /// Server base URL.
-    #[arg(
-        long,
-        global = true,
-        env = "APPLIANCE_URL",
-        default_value = "http://127.0.0.1:80"
-    )]
-    pub url: String,
-    /// API bearer token (needed for changes).
+    /// Server base URL [default: config file's `url`, else http://127.0.0.1:80].
+    #[arg(long, global = true, env = "APPLIANCE_URL")]
+    pub url: Option<String>,
+    /// API bearer token, needed for changes [default: config file's `token`].
     #[arg(long, global = true, env = "APPLIANCE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Print JSON instead of text.
+    /// Print JSON instead of text (errors too, on stderr).
     #[arg(long, global = true)]
     pub json: bool,
 }
 
 impl Conn {
     fn client(&self) -> Client {
-        Client::new(&self.url, self.token.clone())
+        Client::new(
+            self.url.as_deref().unwrap_or(defaults::DEFAULT_URL),
+            self.token.clone(),
+        )
+    }
+
+    /// Fills in what flags and environment left open from the config file
+    /// and the built-in defaults.
+    pub fn resolve(mut self) -> Result<Conn> {
+        self.url = Some(defaults::url(self.url.as_deref())?);
+        self.token = defaults::token(self.token.as_deref())?;
+        Ok(self)
+    }
+}
+
+/// An error as the JSON `{code, message}` printed under `--json`: the
+/// API's own code when the server refused, else `error`.
+pub fn error_json(e: &anyhow::Error) -> Value {
+    match e.downcast_ref::<client::ApiFailure>() {
+        Some(f) => json!({"code": f.code, "message": f.message, "status": f.status}),
+        None => json!({"code": "error", "message": format!("{e:#}")}),
     }
 }
 
@@ -103,7 +122,8 @@ pub enum Ops {
 pub struct Noun {
     #[command(subcommand)]
     pub verb: Verb,
-    #[command(flatten)]
+    /// The top-level connection flags (filled in by [`run`]).
+    #[arg(skip)]
     pub conn: Conn,
 }
 
@@ -222,14 +242,16 @@ pub struct Report {
     /// Show blended variables and where each came from.
     #[arg(long)]
     pub blended: bool,
-    #[command(flatten)]
+    /// The top-level connection flags (filled in by [`run`]).
+    #[arg(skip)]
     pub conn: Conn,
 }
 
 /// `appliance status`.
 #[derive(Debug, Args)]
 pub struct StatusCmd {
-    #[command(flatten)]
+    /// The top-level connection flags (filled in by [`run`]).
+    #[arg(skip)]
     pub conn: Conn,
 }
 
@@ -248,7 +270,8 @@ pub struct SettingsCmd {
     /// Global variable KEY=VALUE; repeat.
     #[arg(long = "var", value_name = "KEY=VALUE")]
     pub vars: Vec<String>,
-    #[command(flatten)]
+    /// The top-level connection flags (filled in by [`run`]).
+    #[arg(skip)]
     pub conn: Conn,
 }
 
@@ -261,13 +284,15 @@ pub struct Import {
     /// Name of the new distro and profile.
     #[arg(long)]
     pub name: String,
-    /// Data directory holding `blobs/` (and `inventory/` without --url).
-    #[arg(long, default_value = crate::contract::DATA_DIR)]
-    pub data: PathBuf,
+    /// Data directory holding `blobs/` (and `inventory/` without --url)
+    /// [default: config file's `data`, else /data].
+    #[arg(long, env = "APPLIANCE_DATA")]
+    pub data: Option<PathBuf>,
     /// Write the inventory directly instead of through a server's API.
     #[arg(long)]
     pub offline: bool,
-    #[command(flatten)]
+    /// The top-level connection flags (filled in by [`run`]).
+    #[arg(skip)]
     pub conn: Conn,
 }
 
@@ -276,12 +301,13 @@ pub struct Import {
 pub struct TokenCmd {
     #[command(subcommand)]
     pub verb: TokenVerb,
-    /// Data directory of the server (tokens are in state/tokens.json).
-    #[arg(long, global = true, default_value = crate::contract::DATA_DIR)]
-    pub data: PathBuf,
-    /// Print JSON instead of text.
-    #[arg(long, global = true)]
-    pub json: bool,
+    /// Data directory of the server (tokens are in state/tokens.json)
+    /// [default: config file's `data`, else /data].
+    #[arg(long, global = true, env = "APPLIANCE_DATA")]
+    pub data: Option<PathBuf>,
+    /// The top-level connection flags (filled in by [`run`]).
+    #[arg(skip)]
+    pub conn: Conn,
 }
 
 #[derive(Debug, Subcommand)]
@@ -301,8 +327,32 @@ pub enum TokenVerb {
     Revoke { id_or_name: String },
 }
 
-/// Runs one operator command.
-pub fn run(op: Ops) -> Result<()> {
+/// Runs one operator command with the top-level connection flags.
+pub fn run(mut op: Ops, conn: Conn) -> Result<()> {
+    let conn = conn.resolve()?;
+    match &mut op {
+        Ops::Distro(n)
+        | Ops::Profile(n)
+        | Ops::System(n)
+        | Ops::Repo(n)
+        | Ops::Image(n)
+        | Ops::Template(n)
+        | Ops::Snippet(n) => n.conn = conn,
+        Ops::Report(r) => r.conn = conn,
+        Ops::Status(s) => s.conn = conn,
+        Ops::Settings(s) => s.conn = conn,
+        Ops::Import(i) => i.conn = conn,
+        Ops::Token(t) => t.conn = conn,
+        Ops::Network(n) => n.conn = conn,
+        Ops::Agents(a) => a.conn = conn,
+        Ops::Replica(r) => r.conn = conn,
+        Ops::Flash(f) => f.json = conn.json,
+        Ops::Bmap(_) => {}
+        Ops::Sync(s) => s.conn = conn,
+        Ops::Bundle(b) => b.conn = conn,
+        Ops::Power(p) => p.conn = conn,
+        Ops::Clone(c) => c.conn = conn,
+    }
     match op {
         Ops::Distro(n) => noun(Kind::Distro, n),
         Ops::Profile(n) => noun(Kind::Profile, n),
@@ -469,7 +519,7 @@ fn summary(kind: Kind, o: &Value) -> String {
         }
         Kind::Repo => format!("{name:<24} {}", s("mirror")),
         Kind::Image => format!("{name:<24} {} {}", s("type"), s("reference")),
-        Kind::Template | Kind::Snippet => name,
+        Kind::Template | Kind::Snippet => format!("{name:<24} {}", s("origin")),
     }
 }
 
@@ -731,12 +781,13 @@ fn settings(s: SettingsCmd) -> Result<()> {
 }
 
 fn import(i: Import) -> Result<()> {
-    let blobs = i.data.join("blobs/sha256");
+    let data = defaults::data(i.data.clone())?;
+    let blobs = data.join("blobs/sha256");
     let (distro, profile) = crate::inventory::import::import(&i.path, &i.name, &blobs)?;
     let d = serde_json::to_value(&distro)?;
     let p = serde_json::to_value(&profile)?;
     if i.offline {
-        let root = i.data.join("inventory");
+        let root = data.join("inventory");
         let mut inv = crate::inventory::Inventory::open(&root)
             .with_context(|| format!("opening {}", root.display()))?;
         let who = crate::inventory::Author::new("import");
@@ -771,7 +822,8 @@ fn import(i: Import) -> Result<()> {
 }
 
 fn token(t: TokenCmd) -> Result<()> {
-    let store = crate::auth::TokenStore::open(&t.data.join("state/tokens.json"));
+    let data = defaults::data(t.data.clone())?;
+    let store = crate::auth::TokenStore::open(&data.join("state/tokens.json"));
     match t.verb {
         TokenVerb::Create { name, scope } => {
             let scope: crate::auth::Scope = scope.parse().map_err(anyhow::Error::msg)?;
@@ -781,7 +833,7 @@ fn token(t: TokenCmd) -> Result<()> {
                 crate::entropy::wait_ready();
             }
             let (rec, secret) = store.create_scoped(&name, scope)?;
-            if t.json {
+            if t.conn.json {
                 print_json(&json!({"id": rec.id, "name": rec.name, "token": secret}));
             } else {
                 println!("{secret}");
@@ -793,7 +845,7 @@ fn token(t: TokenCmd) -> Result<()> {
         }
         TokenVerb::List => {
             let list = store.list()?;
-            if t.json {
+            if t.conn.json {
                 print_json(&serde_json::to_value(&list)?);
             } else {
                 for r in list {
@@ -809,7 +861,7 @@ fn token(t: TokenCmd) -> Result<()> {
         }
         TokenVerb::Revoke { id_or_name } => {
             let n = store.revoke(&id_or_name)?;
-            if t.json {
+            if t.conn.json {
                 print_json(&json!({"revoked": n}));
             } else {
                 println!("revoked {n} token(s)");

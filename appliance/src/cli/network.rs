@@ -13,7 +13,8 @@ use crate::network::{Mode, NetworkSpec};
 pub struct NetworkCmd {
     #[command(subcommand)]
     pub verb: NetworkVerb,
-    #[command(flatten)]
+    /// The top-level connection flags (filled in by [`super::run`]).
+    #[arg(skip)]
     pub conn: Conn,
 }
 
@@ -45,7 +46,8 @@ pub enum NetworkVerb {
 /// `appliance agents`: machines that PXE-booted into agent mode.
 #[derive(Debug, Args)]
 pub struct AgentsCmd {
-    #[command(flatten)]
+    /// The top-level connection flags (filled in by [`super::run`]).
+    #[arg(skip)]
     pub conn: Conn,
 }
 

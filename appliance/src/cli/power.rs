@@ -15,7 +15,8 @@ use super::{print_json, Conn};
 pub struct PowerCmd {
     #[command(subcommand)]
     pub verb: PowerVerb,
-    #[command(flatten)]
+    /// The top-level connection flags (filled in by [`super::run`]).
+    #[arg(skip)]
     pub conn: Conn,
 }
 

@@ -14,7 +14,8 @@ use super::Conn;
 pub struct ReplicaCmd {
     #[command(subcommand)]
     pub verb: ReplicaVerb,
-    #[command(flatten)]
+    /// The top-level connection flags (filled in by [`super::run`]).
+    #[arg(skip)]
     pub conn: Conn,
 }
 
@@ -44,9 +45,9 @@ pub enum ReplicaVerb {
     /// and state/node.json; for host setups and tests). `--token` is the
     /// token the parent issued at registration.
     Join {
-        /// The child's data directory.
-        #[arg(long, default_value = crate::contract::DATA_DIR)]
-        data: PathBuf,
+        /// The child's data directory [default: config file's `data`, else /data].
+        #[arg(long, env = "APPLIANCE_DATA")]
+        data: Option<PathBuf>,
         /// The parent's API base URL.
         #[arg(long)]
         parent: String,
@@ -158,6 +159,7 @@ pub fn replica(cmd: ReplicaCmd) -> Result<()> {
                 node_id,
                 parent_node_id,
             };
+            let data = super::defaults::data(data)?;
             crate::parent::join(&data, &link)?;
             if cmd.conn.json {
                 println!(

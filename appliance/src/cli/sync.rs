@@ -16,7 +16,8 @@ use super::Conn;
 pub struct SyncCmd {
     #[command(subcommand)]
     pub verb: Option<SyncVerb>,
-    #[command(flatten)]
+    /// The top-level connection flags (filled in by [`super::run`]).
+    #[arg(skip)]
     pub conn: Conn,
 }
 
@@ -35,7 +36,8 @@ pub enum SyncVerb {
 pub struct BundleCmd {
     #[command(subcommand)]
     pub verb: BundleVerb,
-    #[command(flatten)]
+    /// The top-level connection flags (filled in by [`super::run`]).
+    #[arg(skip)]
     pub conn: Conn,
 }
 
@@ -77,9 +79,54 @@ pub fn sync(cmd: SyncCmd) -> Result<()> {
             v
         }
     };
-    println!("{}", serde_json::to_string_pretty(&v)?);
+    if cmd.conn.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", sync_text(&v));
+    }
     Ok(())
 }
+
+/// `sync` and `sync status` for people: one `key: value` line per field
+/// (nested objects flattened with dots), sorted by key.
+fn sync_text(v: &Value) -> String {
+    fn walk(prefix: &str, v: &Value, out: &mut String) {
+        match v {
+            Value::Object(m) if !m.is_empty() => {
+                for (k, x) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, x, out);
+                }
+            }
+            Value::Array(a) if !a.is_empty() && a.iter().all(|x| !x.is_object()) => {
+                let items: Vec<String> = a.iter().map(scalar).collect();
+                out.push_str(&format!("{prefix}: {}\n", items.join(", ")));
+            }
+            Value::Array(a) if !a.is_empty() => {
+                for (i, x) in a.iter().enumerate() {
+                    walk(&format!("{prefix}[{i}]"), x, out);
+                }
+            }
+            x => out.push_str(&format!("{prefix}: {}\n", scalar(x))),
+        }
+    }
+    fn scalar(v: &Value) -> String {
+        match v {
+            Value::String(s) => s.clone(),
+            Value::Null => "-".into(),
+            Value::Object(_) | Value::Array(_) => "(none)".into(),
+            x => x.to_string(),
+        }
+    }
+    let mut out = String::new();
+    walk("", v, &mut out);
+    out
+}
+
 
 /// A progress display: a bar on a terminal, a line per 10% otherwise.
 struct Progress {
@@ -233,4 +280,16 @@ pub fn bundle(cmd: BundleCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sync_text_flattens_nested_fields() {
+        let v = serde_json::json!({"state": "in_sync", "parent": {"url": "http://p", "node": null}, "pushed": 3, "ids": ["a", "b"]});
+        assert_eq!(
+            super::sync_text(&v),
+            "ids: a, b\nparent.node: -\nparent.url: http://p\npushed: 3\nstate: in_sync\n"
+        );
+    }
 }

@@ -118,7 +118,23 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// Counts the answer (guard refusals included) for `/metrics`.
+async fn count(
+    axum::extract::State(counter): axum::extract::State<Arc<crate::metrics::RouteCounter>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let resp = next.run(req).await;
+    counter.count(resp.status().as_u16());
+    resp
+}
+
 async fn not_found() -> ApiError {
+    static UNMATCHED: std::sync::OnceLock<Arc<crate::metrics::RouteCounter>> =
+        std::sync::OnceLock::new();
+    UNMATCHED
+        .get_or_init(|| crate::metrics::http_counter("ANY", "unmatched"))
+        .count(404);
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
@@ -140,11 +156,13 @@ pub fn build(mut routes: Vec<Route>, auth: Arc<Auth>) -> Router {
     let mut by_path: std::collections::BTreeMap<&'static str, MethodRouter> = Default::default();
     for route in routes {
         let RouteDoc {
+            method,
             path,
             guard,
             body_limit,
             ..
         } = route.doc;
+        let counter = crate::metrics::http_counter(method.as_str(), path);
         let handler = match route.handler {
             Some(h) => h,
             None => {
@@ -157,7 +175,8 @@ pub fn build(mut routes: Vec<Route>, auth: Arc<Auth>) -> Router {
             .route_layer(axum::middleware::from_fn_with_state(
                 (guard, auth.clone()),
                 check,
-            ));
+            ))
+            .route_layer(axum::middleware::from_fn_with_state(counter, count));
         let merged = match by_path.remove(path) {
             Some(prev) => prev.merge(guarded),
             None => guarded,

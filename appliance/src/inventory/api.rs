@@ -439,8 +439,19 @@ async fn list(
         if i > 0 {
             out.push(b',');
         }
-        serde_json::to_writer(&mut out, &o.to_api_json())
+        serde_json::to_writer(&mut out, &with_origin(kind, o.to_api_json()))
             .map_err(|e| bad_request(e.to_string()))?;
+    }
+    // Templates and snippets also list the shipped ones an inventory
+    // object of the same name does not override.
+    for (name, body) in shipped_texts(kind) {
+        if inv.get(kind, name).is_none() {
+            if out.len() > 1 {
+                out.push(b',');
+            }
+            serde_json::to_writer(&mut out, &builtin_json(name, body))
+                .map_err(|e| bad_request(e.to_string()))?;
+        }
     }
     out.push(b']');
     Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
@@ -452,10 +463,38 @@ async fn show(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let kind = kind_of(&kind)?;
     let inv = st.read();
-    let o = inv
-        .get(kind, &name)
-        .ok_or(InvError::NotFound { kind, name })?;
-    Ok(Json(o.to_api_json()))
+    if let Some(o) = inv.get(kind, &name) {
+        return Ok(Json(with_origin(kind, o.to_api_json())));
+    }
+    // An inventory template overrides a shipped one of the same name.
+    match shipped_texts(kind).iter().find(|(n, _)| *n == name) {
+        Some((n, body)) => Ok(Json(builtin_json(n, body))),
+        None => Err(InvError::NotFound { kind, name }.into()),
+    }
+}
+
+/// The templates or snippets shipped in the binary (none for other kinds).
+fn shipped_texts(kind: Kind) -> &'static [(&'static str, &'static str)] {
+    match kind {
+        Kind::Template => super::templates::SHIPPED,
+        Kind::Snippet => super::templates::SHIPPED_SNIPPETS,
+        _ => &[],
+    }
+}
+
+/// Templates and snippets say where they come from: `inventory` (this
+/// object, overriding a shipped one of the same name) or `builtin`.
+fn with_origin(kind: Kind, mut v: serde_json::Value) -> serde_json::Value {
+    if kind.is_text() {
+        if let Some(m) = v.as_object_mut() {
+            m.insert("origin".into(), "inventory".into());
+        }
+    }
+    v
+}
+
+fn builtin_json(name: &str, body: &str) -> serde_json::Value {
+    serde_json::json!({"name": name, "body": body, "origin": "builtin"})
 }
 
 async fn create(
@@ -701,6 +740,18 @@ fn record(
             )
         })?;
     tracing::info!(system = name, ?event, "install status");
+    let mac = st
+        .read()
+        .system(name)
+        .and_then(|s| s.interfaces.iter().map(|i| i.mac.clone()).find(|m| !m.is_empty()));
+    st.events.publish(
+        "install.status",
+        mac.as_deref(),
+        serde_json::json!({
+            "system": name, "event": event, "message": message, "from": from,
+            "netboot": netboot,
+        }),
+    );
     Ok(StatusRow {
         system: name.to_owned(),
         record,

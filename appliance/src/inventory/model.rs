@@ -329,8 +329,15 @@ impl Object {
     }
 
     /// Parses the API's JSON form of an object of `kind`.
-    pub fn from_json(kind: Kind, v: serde_json::Value) -> Result<Object, Invalid> {
+    pub fn from_json(kind: Kind, mut v: serde_json::Value) -> Result<Object, Invalid> {
         let e = |e: serde_json::Error| invalid(kind.name(), e.to_string());
+        // `origin` (inventory or builtin) is what a listing says of a
+        // template or snippet, never stored.
+        if kind.is_text() {
+            if let Some(m) = v.as_object_mut() {
+                m.remove("origin");
+            }
+        }
         Ok(match kind {
             Kind::Distro => Object::Distro(serde_json::from_value(v).map_err(e)?),
             Kind::Profile => Object::Profile(serde_json::from_value(v).map_err(e)?),

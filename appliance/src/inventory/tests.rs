@@ -923,6 +923,19 @@ async fn install_finish_turns_netboot_off_and_boot_goes_local() {
         (rows[0]["state"].as_str(), rows[0]["netboot"].as_bool()),
         (Some("installed"), Some(false))
     );
+    // Both reports are on the event log, under the system's MAC.
+    let reports: Vec<_> = a
+        .state
+        .events
+        .page(0, 100)
+        .into_iter()
+        .filter(|e| e.kind == "install.status")
+        .collect();
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    assert_eq!(reports[0].detail["event"], "start");
+    assert_eq!(reports[1].detail["event"], "finish");
+    assert_eq!(reports[1].detail["system"], "web1");
+    assert_eq!(reports[1].mac.as_deref(), Some("aa:bb:cc:00:00:01"));
     // Cobbler's nopxe on a re-enabled system does the same.
     let (s, _) = a
         .call(
@@ -1286,4 +1299,65 @@ async fn power_api_errors_are_stable_and_recorded() {
         serde_json::from_str::<Value>(&body).unwrap(),
         json!({"system": "web1", "state": "unknown", "driver": "wol"})
     );
+}
+
+#[tokio::test]
+async fn builtin_templates_are_listed_shown_and_overridable() {
+    let a = api();
+    let (s, body) = a.call("GET", "/api/v1/templates", None, false).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let list: Value = serde_json::from_str(&body).unwrap();
+    let origin = |list: &Value, name: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["name"] == name)
+            .map(|t| t["origin"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    for (name, _) in crate::inventory::templates::SHIPPED {
+        assert_eq!(origin(&list, name), vec!["builtin"], "{name}: {body}");
+    }
+    let (s, body) = a.call("GET", "/api/v1/templates/preseed.cfg", None, false).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let t: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(t["origin"], "builtin");
+    assert_eq!(
+        t["body"].as_str(),
+        crate::inventory::templates::shipped("preseed.cfg")
+    );
+    let (s, body) = a.call("GET", "/api/v1/snippets/status_start", None, false).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    // A same-named inventory template overrides it (a listing round-trips:
+    // `origin` is accepted and dropped).
+    let (s, body) = a
+        .call(
+            "POST",
+            "/api/v1/templates",
+            Some(json!({"name": "preseed.cfg", "body": "# mine {{ hostname }}\n", "origin": "builtin"})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (_, body) = a.call("GET", "/api/v1/templates", None, false).await;
+    let list: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(origin(&list, "preseed.cfg"), vec!["inventory"], "{body}");
+    let (_, body) = a.call("GET", "/api/v1/templates/preseed.cfg", None, false).await;
+    let t: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((t["origin"].as_str(), t["body"].as_str()), (Some("inventory"), Some("# mine {{ hostname }}\n")));
+    // The override is what a Debian system's autoinstall renders now.
+    let (s, text) = a
+        .call("GET", "/api/v1/systems/web1/autoinstall", None, false)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert!(text.starts_with("# mine web1"), "{text}");
+    // Removing it brings the shipped one back.
+    let (s, _) = a
+        .call("DELETE", "/api/v1/templates/preseed.cfg", None, true)
+        .await;
+    assert!(s.is_success());
+    let (_, body) = a.call("GET", "/api/v1/templates/preseed.cfg", None, false).await;
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["origin"], "builtin");
+    let (s, _) = a.call("GET", "/api/v1/templates/nope", None, false).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
 }
