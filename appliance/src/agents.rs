@@ -214,13 +214,13 @@ impl Agents {
                     Some(o) => {
                         g.remove(&o);
                     }
-                    None => {
-                        return Err(ApiError::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "agents_full",
-                            format!("{MAX_AGENTS} agents checked in within the hour; not recording {mac}"),
-                        ))
-                    }
+                    None => return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "agents_full",
+                        format!(
+                            "{MAX_AGENTS} agents checked in within the hour; not recording {mac}"
+                        ),
+                    )),
                 }
             }
             let rec = g
@@ -322,7 +322,10 @@ async fn check_in(
     body: Result<Json<CheckIn>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<AgentRecord>), ApiError> {
     let Json(c) = body?;
-    Ok((StatusCode::OK, Json(a.check_in(c, caller.peer.map(|p| p.ip()))?)))
+    Ok((
+        StatusCode::OK,
+        Json(a.check_in(c, caller.peer.map(|p| p.ip()))?),
+    ))
 }
 
 async fn work(
@@ -496,7 +499,10 @@ mod tests {
         let ip: std::net::IpAddr = "10.77.0.50".parse().unwrap();
         events.learn(ip, "52:54:00:00:00:01");
         let e = a.check_in(ci("52:54:00:00:00:02"), Some(ip)).unwrap_err();
-        assert_eq!((e.status, e.code), (StatusCode::FORBIDDEN, "lease_mismatch"));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::FORBIDDEN, "lease_mismatch")
+        );
         let rec = a.check_in(ci("52:54:00:00:00:01"), Some(ip)).unwrap();
         assert_eq!(rec.address, Some(ip));
     }
@@ -515,7 +521,10 @@ mod tests {
                 .insert(axum::extract::ConnectInfo(peer));
             router(a.clone()).oneshot(req)
         };
-        assert_eq!(call("10.77.0.50:4000").await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            call("10.77.0.50:4000").await.unwrap().status(),
+            StatusCode::OK
+        );
         assert_eq!(
             call("10.77.0.66:4000").await.unwrap().status(),
             StatusCode::FORBIDDEN

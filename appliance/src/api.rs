@@ -268,7 +268,10 @@ mod tests {
 
     fn power_req(body: &str) -> Request<Body> {
         Request::post("/api/v1/power")
-            .header("authorization", format!("Bearer {}", TOKEN.with(|c| c.borrow().clone())))
+            .header(
+                "authorization",
+                format!("Bearer {}", TOKEN.with(|c| c.borrow().clone())),
+            )
             .header("content-type", "application/json")
             .body(Body::from(body.to_owned()))
             .unwrap()

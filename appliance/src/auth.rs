@@ -149,7 +149,11 @@ pub fn refused(tokens: Option<&TokenStore>, message: &str) -> crate::api::ApiErr
             NO_TOKEN_YET,
         );
     }
-    crate::api::ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "unauthorized", message)
+    crate::api::ApiError::new(
+        axum::http::StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        message,
+    )
 }
 
 /// Why guarded requests are refused while no operator token exists.
@@ -303,7 +307,10 @@ impl TokenStore {
     /// requests are then refused with 401 like any bad token).
     pub fn has_operator(&self) -> bool {
         self.load()
-            .map(|t| t.iter().any(|t| matches!(t.scope, Scope::Operator | Scope::Admin)))
+            .map(|t| {
+                t.iter()
+                    .any(|t| matches!(t.scope, Scope::Operator | Scope::Admin))
+            })
             .unwrap_or(true)
     }
 

@@ -371,8 +371,7 @@ mod ioctl {
     pub fn add_entropy(urandom: &File, bytes: &[u8], bits: u32) -> io::Result<()> {
         let bytes = &bytes[..bytes.len().min(SEED_SIZE)];
         let mut info = RandPoolInfo {
-            entropy_count: c_int::try_from(bits.min(bytes.len() as u32 * 8))
-                .unwrap_or(c_int::MAX),
+            entropy_count: c_int::try_from(bits.min(bytes.len() as u32 * 8)).unwrap_or(c_int::MAX),
             buf_size: bytes.len() as c_int,
             buf: [0; SEED_SIZE],
         };
@@ -499,7 +498,10 @@ mod tests {
         );
         assert!(!r.saved);
         assert_eq!(pool.mixed, vec![vec![7u8; 100]]);
-        assert!(seed(dir.path()).is_none(), "the used seed was left in place");
+        assert!(
+            seed(dir.path()).is_none(),
+            "the used seed was left in place"
+        );
     }
 
     #[test]

@@ -20,8 +20,8 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use crate::api::ApiError;
-use crate::http::{Guard, Route};
 use crate::bmap::Bmap;
+use crate::http::{Guard, Route};
 use crate::writer::{self, FileSource, Progress, WriteOptions, WriteReport};
 
 /// The image `flash` writes unless told otherwise: what `appliance
@@ -405,9 +405,13 @@ pub fn routes(state: FlashState) -> Vec<Route> {
         )
         .response("Object")
         .to(disks, state.clone()),
-        Route::get("/api/v1/flash", Guard::Read, "The flash in progress or last done")
-            .response("Object")
-            .to(status, state.clone()),
+        Route::get(
+            "/api/v1/flash",
+            Guard::Read,
+            "The flash in progress or last done",
+        )
+        .response("Object")
+        .to(status, state.clone()),
         Route::post(
             "/api/v1/flash",
             Guard::Admin,

@@ -170,10 +170,7 @@ fn run() -> Result<()> {
                 checkin_interval: std::time::Duration::from_secs(checkin_interval.max(1)),
                 sync_interval: (sync_interval > 0)
                     .then(|| std::time::Duration::from_secs(sync_interval)),
-                ..appliance::serve::ServeOptions::new(
-                    listen,
-                    appliance::cli::defaults::data(data)?,
-                )
+                ..appliance::serve::ServeOptions::new(listen, appliance::cli::defaults::data(data)?)
             }))
         }
         Command::Init => run_init(&handle),

@@ -189,7 +189,11 @@ pub fn render(st: &MetricsState) -> String {
         "Events published (dhcp.*, tftp.*, http.*, agent.*, install.*, clone.*, ...), by kind.",
     );
     for (kind, n, _) in &kinds {
-        let _ = writeln!(out, "appliance_events_total{{kind=\"{}\"}} {n}", escape(kind));
+        let _ = writeln!(
+            out,
+            "appliance_events_total{{kind=\"{}\"}} {n}",
+            escape(kind)
+        );
     }
     head(
         &mut out,

@@ -25,9 +25,9 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::api::ApiError;
-use crate::http::{Guard, Route};
 use crate::dhcp::server::{DhcpEvent, DhcpMode, DhcpServerConfig};
 use crate::events::Events;
+use crate::http::{Guard, Route};
 
 /// How a network is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]

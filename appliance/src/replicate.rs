@@ -38,8 +38,8 @@ use tower_http::services::ServeFile;
 
 use crate::agents::{AgentRecord, Work};
 use crate::api::ApiError;
-use crate::http::{Guard, Route};
 use crate::events::Events;
+use crate::http::{Guard, Route};
 use crate::install::{ChildNetwork, InstallProgress, InstallWork};
 
 /// Where the served image, its block map and checksum live.
@@ -172,7 +172,8 @@ impl Replication {
         let f = self.data.join("state/installs.json");
         let v: Vec<&InstallRecord> = all.values().collect();
         let bytes = serde_json::to_vec_pretty(&v).expect("install records serialise");
-        if let Err(e) = crate::state::write_atomic(&f, &bytes, false, crate::state::Secrecy::Secret) {
+        if let Err(e) = crate::state::write_atomic(&f, &bytes, false, crate::state::Secrecy::Secret)
+        {
             tracing::error!(file = %f.display(), error = %e, "saving installs failed");
         }
     }

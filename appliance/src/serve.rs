@@ -544,7 +544,11 @@ mod tests {
         let (app, _) = build_app(&o, state, events, Some(inv)).await;
         let resp = app
             .clone()
-            .oneshot(Request::get("/api/v1/openapi.json").body(Body::empty()).unwrap())
+            .oneshot(
+                Request::get("/api/v1/openapi.json")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
@@ -563,9 +567,9 @@ mod tests {
                 .replace(['{', '}'], "");
             for (method, op) in item.as_object().unwrap() {
                 pairs += 1;
-                let guard = op["x-guard"].as_str().unwrap_or_else(|| {
-                    panic!("{method} {path} has no x-guard")
-                });
+                let guard = op["x-guard"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{method} {path} has no x-guard"));
                 let wrong_scope: &[&str] = match guard {
                     "public" => continue,
                     "read" => &[replica.as_str()],

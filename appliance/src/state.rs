@@ -61,7 +61,9 @@ pub fn write_atomic(
     if r.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    r.map_err(|e: std::io::Error| std::io::Error::new(e.kind(), format!("writing {}: {e}", path.display())))
+    r.map_err(|e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("writing {}: {e}", path.display()))
+    })
 }
 
 /// Writes `value` as pretty JSON (with a final newline) atomically.
@@ -85,11 +87,23 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("state/x.json");
-        save_json(&p, &serde_json::json!({"token": "t"}), true, Secrecy::Secret).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        save_json(
+            &p,
+            &serde_json::json!({"token": "t"}),
+            true,
+            Secrecy::Secret,
+        )
+        .unwrap();
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         write_atomic(&p, b"new", false, Secrecy::Secret).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"new");
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let names: Vec<_> = fs::read_dir(p.parent().unwrap()).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary file left behind");
         assert!(write_atomic(Path::new("/"), b"x", false, Secrecy::Public).is_err());

@@ -54,7 +54,17 @@ fn global_flags_go_before_or_after_the_subcommand() {
     let (_s, url, token) = server(data.path(), &[]);
     ok(run(
         &mut cli(home.path()),
-        &["--url", &url, "--token", &token, "repo", "add", "web1", "--mirror", "http://m/"],
+        &[
+            "--url",
+            &url,
+            "--token",
+            &token,
+            "repo",
+            "add",
+            "web1",
+            "--mirror",
+            "http://m/",
+        ],
     ));
     for args in [
         vec!["--json", "--url", url.as_str(), "repo", "list"],
@@ -62,15 +72,24 @@ fn global_flags_go_before_or_after_the_subcommand() {
         vec!["repo", "list", "--json", "--url", url.as_str()],
     ] {
         let out = ok(run(&mut cli(home.path()), &args));
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"));
         assert_eq!(v[0]["name"], "web1", "{args:?}");
     }
     // `token` reads the data directory; --json global there too.
     let out = ok(run(
         &mut cli(home.path()),
-        &["--json", "token", "list", "--data", data.path().to_str().unwrap()],
+        &[
+            "--json",
+            "token",
+            "list",
+            "--data",
+            data.path().to_str().unwrap(),
+        ],
     ));
-    assert!(serde_json::from_str::<serde_json::Value>(&out).unwrap().is_array());
+    assert!(serde_json::from_str::<serde_json::Value>(&out)
+        .unwrap()
+        .is_array());
 }
 
 #[test]
@@ -87,9 +106,15 @@ fn defaults_come_from_flags_then_env_then_config_file() {
             data.path().display()
         ),
     );
-    ok(run(&mut cli(home.path()), &["repo", "add", "r1", "--mirror", "http://m/"]));
+    ok(run(
+        &mut cli(home.path()),
+        &["repo", "add", "r1", "--mirror", "http://m/"],
+    ));
     let out = ok(run(&mut cli(home.path()), &["--json", "token", "list"]));
-    assert!(out.contains("\"admin\"") || out.contains("\"name\""), "{out}");
+    assert!(
+        out.contains("\"admin\"") || out.contains("\"name\""),
+        "{out}"
+    );
     // The environment beats the file...
     let o = run(
         cli(home.path()).env("APPLIANCE_URL", &dead),
@@ -120,7 +145,10 @@ fn errors_are_json_on_stderr_under_json() {
     let data = tempfile::tempdir().unwrap();
     let home = tempfile::tempdir().unwrap();
     let (_s, url, _token) = server(data.path(), &[]);
-    let o = run(&mut cli(home.path()), &["--json", "--url", &url, "system", "show", "nope"]);
+    let o = run(
+        &mut cli(home.path()),
+        &["--json", "--url", &url, "system", "show", "nope"],
+    );
     assert!(!o.status.success());
     assert!(o.stdout.is_empty());
     let e: serde_json::Value = serde_json::from_slice(&o.stderr)
@@ -128,16 +156,25 @@ fn errors_are_json_on_stderr_under_json() {
     assert_eq!(e["code"], "not_found", "{e}");
     assert!(e["message"].as_str().unwrap().contains("nope"), "{e}");
     // A write without a token: the guard's code.
-    let o = run(&mut cli(home.path()), &["--url", &url, "system", "remove", "x", "--yes", "--json"]);
+    let o = run(
+        &mut cli(home.path()),
+        &["--url", &url, "system", "remove", "x", "--yes", "--json"],
+    );
     let e: serde_json::Value = serde_json::from_slice(&o.stderr).unwrap();
     assert_eq!(e["code"], "unauthorized", "{e}");
     // Not from the server: code `error`.
-    let o = run(&mut cli(home.path()), &["--json", "--url", &dead_url(), "system", "list"]);
+    let o = run(
+        &mut cli(home.path()),
+        &["--json", "--url", &dead_url(), "system", "list"],
+    );
     let e: serde_json::Value = serde_json::from_slice(&o.stderr).unwrap();
     assert_eq!(e["code"], "error", "{e}");
     assert!(e["message"].as_str().unwrap().contains("connecting"), "{e}");
     // Without --json, the readable text.
-    let o = run(&mut cli(home.path()), &["--url", &url, "system", "show", "nope"]);
+    let o = run(
+        &mut cli(home.path()),
+        &["--url", &url, "system", "show", "nope"],
+    );
     assert!(String::from_utf8_lossy(&o.stderr).starts_with("Error: "));
 }
 
@@ -150,13 +187,18 @@ fn sync_status_prints_json_only_with_json() {
         &mut cli(home.path()),
         &["--url", &url, "--token", &token, "sync", "status"],
     ));
-    assert!(serde_json::from_str::<serde_json::Value>(&text).is_err(), "{text}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&text).is_err(),
+        "{text}"
+    );
     assert!(text.lines().all(|l| l.contains(": ")), "{text}");
     let json = ok(run(
         &mut cli(home.path()),
         &["--url", &url, "--token", &token, "sync", "status", "--json"],
     ));
-    assert!(serde_json::from_str::<serde_json::Value>(&json).unwrap().is_object());
+    assert!(serde_json::from_str::<serde_json::Value>(&json)
+        .unwrap()
+        .is_object());
 }
 
 #[test]
@@ -182,11 +224,24 @@ fn man_pages_are_generated_for_every_command() {
     let out = tempfile::tempdir().unwrap();
     let dir = out.path().join("man1");
     ok(run(&mut cli(home.path()), &["man", dir.to_str().unwrap()]));
-    for page in ["appliance.1", "appliance-serve.1", "appliance-system.1", "appliance-system-list.1", "appliance-token-create.1"] {
-        let text = std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
-        assert!(text.starts_with(".ie \\n(.g .ds Aq") || text.contains(".TH"), "{page}: {text}");
+    for page in [
+        "appliance.1",
+        "appliance-serve.1",
+        "appliance-system.1",
+        "appliance-system-list.1",
+        "appliance-token-create.1",
+    ] {
+        let text =
+            std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(
+            text.starts_with(".ie \\n(.g .ds Aq") || text.contains(".TH"),
+            "{page}: {text}"
+        );
     }
     // The global flags are documented on the top page.
     let top = std::fs::read_to_string(dir.join("appliance.1")).unwrap();
-    assert!(top.contains("APPLIANCE_URL") && top.contains("json"), "{top}");
+    assert!(
+        top.contains("APPLIANCE_URL") && top.contains("json"),
+        "{top}"
+    );
 }

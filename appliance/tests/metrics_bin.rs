@@ -12,15 +12,20 @@ fn metrics_pass_promtool_and_count_requests_events_and_degraded_reasons() {
     let data = tempfile::tempdir().unwrap();
     let degraded = data.path().join("degraded");
     std::fs::write(&degraded, "from init with \"quotes\" and \\ backslash\n").unwrap();
-    let (_server, url, token) =
-        common::server(data.path(), &["--degraded-file", degraded.to_str().unwrap()]);
+    let (_server, url, token) = common::server(
+        data.path(),
+        &["--degraded-file", degraded.to_str().unwrap()],
+    );
     // Some traffic: a 2xx, a 401 (guard) and an unmatched 404.
     let ok = ureq::get(&format!("{url}/api/v1/version")).call().unwrap();
     assert_eq!(ok.status(), 200);
     let refused = ureq::post(&format!("{url}/api/v1/power"))
         .send("{}")
         .unwrap_err();
-    assert!(matches!(refused, ureq::Error::StatusCode(401)), "{refused:?}");
+    assert!(
+        matches!(refused, ureq::Error::StatusCode(401)),
+        "{refused:?}"
+    );
     let _ = ureq::get(&format!("{url}/nowhere")).call();
     let resp = ureq::get(&format!("{url}/metrics"))
         .header("authorization", &format!("Bearer {token}"))
@@ -44,7 +49,13 @@ fn metrics_pass_promtool_and_count_requests_events_and_degraded_reasons() {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }
     // Reads are public by default: Prometheus scrapes without a token.
-    assert_eq!(ureq::get(&format!("{url}/metrics")).call().unwrap().status(), 200);
+    assert_eq!(
+        ureq::get(&format!("{url}/metrics"))
+            .call()
+            .unwrap()
+            .status(),
+        200
+    );
 
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])

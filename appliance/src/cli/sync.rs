@@ -127,7 +127,6 @@ fn sync_text(v: &Value) -> String {
     out
 }
 
-
 /// A progress display: a bar on a terminal, a line per 10% otherwise.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,

@@ -839,9 +839,13 @@ const MANIFEST_LIMIT: usize = 64 << 20;
 pub fn routes(jobs: CloneJobs) -> Vec<Route> {
     let j = jobs;
     vec![
-        Route::get("/api/v1/clone/jobs", Guard::Read, "Clone jobs: capture, deploy, restore")
-            .response("Object")
-            .to(list_jobs, j.clone()),
+        Route::get(
+            "/api/v1/clone/jobs",
+            Guard::Read,
+            "Clone jobs: capture, deploy, restore",
+        )
+        .response("Object")
+        .to(list_jobs, j.clone()),
         Route::post(
             "/api/v1/clone/jobs",
             Guard::Operator,
@@ -1009,7 +1013,11 @@ async fn job_progress(
     body: Result<Json<JobProgress>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Job>, ApiError> {
     // The guard bound a job token to this `{id}`.
-    caller_job(&j, &caller, &[Action::Capture, Action::Deploy, Action::Restore])?;
+    caller_job(
+        &j,
+        &caller,
+        &[Action::Capture, Action::Deploy, Action::Restore],
+    )?;
     let Json(p) = body?;
     blocking(move || j.progress(&id, p)).await.map(Json)
 }
@@ -1060,14 +1068,13 @@ async fn upload_manifest(
     caller: Caller,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Image>), ApiError> {
-    let job = caller_job(&j, &caller, &[Action::Capture])?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::FORBIDDEN,
-                "not_a_capture",
-                "manifests come from an open capture job's agent",
-            )
-        })?;
+    let job = caller_job(&j, &caller, &[Action::Capture])?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not_a_capture",
+            "manifests come from an open capture job's agent",
+        )
+    })?;
     let img = blocking(move || j.put_manifest(&job, &body)).await?;
     Ok((StatusCode::CREATED, Json(img)))
 }
@@ -1090,12 +1097,7 @@ mod tests {
             c.lock().unwrap().push((s.name.clone(), d));
             Ok(format!("cycled {}", s.name))
         });
-        let jobs = CloneJobs::new(
-            dir,
-            Some(Arc::new(RwLock::new(inv))),
-            Events::new(),
-            power,
-        );
+        let jobs = CloneJobs::new(dir, Some(Arc::new(RwLock::new(inv))), Events::new(), power);
         (jobs, calls)
     }
 
@@ -1460,13 +1462,20 @@ mod tests {
         // Job tokens are single-purpose: the capture's token reads nothing.
         let (u, t, r) = (url.clone(), token.clone(), img.reference.clone());
         let refused = tokio::task::spawn_blocking(move || {
-            super::super::remote::HttpStore::reader(&u, &t).get_blob(&r).is_err()
+            super::super::remote::HttpStore::reader(&u, &t)
+                .get_blob(&r)
+                .is_err()
         })
         .await
         .unwrap();
         assert!(refused, "a capture job's token read a stored blob");
         // (The test router lets any other token through as an operator.)
-        let (u, t, tg, r) = (url, "operator".to_owned(), target.clone(), img.reference.clone());
+        let (u, t, tg, r) = (
+            url,
+            "operator".to_owned(),
+            target.clone(),
+            img.reference.clone(),
+        );
         tokio::task::spawn_blocking(move || {
             let store = super::super::remote::HttpStore::reader(&u, &t);
             let m = Manifest::parse(&store.get_blob(&r).unwrap()).unwrap();

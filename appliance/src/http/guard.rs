@@ -179,7 +179,10 @@ impl Auth {
 
     /// Adds an issuer of job tokens.
     pub fn add_jobs(&self, jobs: Arc<dyn JobTokens>) {
-        self.jobs.write().unwrap_or_else(|e| e.into_inner()).push(jobs);
+        self.jobs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(jobs);
     }
 
     fn job_of(&self, token: &str) -> Option<JobRef> {
@@ -216,9 +219,7 @@ impl Auth {
             return Ok(Role::Anonymous);
         }
         let Some(token) = token.filter(|t| !t.is_empty()) else {
-            return Err(self.refused(
-                "this request needs an Authorization: Bearer <token> header",
-            ));
+            return Err(self.refused("this request needs an Authorization: Bearer <token> header"));
         };
         let param = |names: &[&str]| {
             params
@@ -246,9 +247,9 @@ impl Auth {
             }
         }
         let Some((name, scope)) = self.tokens.as_ref().and_then(|t| t.authenticate(token)) else {
-            return Err(self.refused(
-                "the bearer token is not valid (revoked, expired or mistyped)",
-            ));
+            return Err(
+                self.refused("the bearer token is not valid (revoked, expired or mistyped)")
+            );
         };
         let ok = match (guard, &scope) {
             (_, Scope::Admin) => true,
@@ -292,10 +293,17 @@ pub async fn check(
     next: Next,
 ) -> Response {
     let params: Vec<(String, String)> = params
-        .map(|p| p.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect())
+        .map(|p| {
+            p.iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        })
         .ok()
         .unwrap_or_default();
-    let pairs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let pairs: Vec<(&str, &str)> = params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     let token = crate::auth::bearer(req.headers());
     let peer = req
         .extensions()
@@ -357,9 +365,18 @@ mod tests {
         let other_node = [("node", other.as_str())];
         let ok = |g, t: Option<&str>, p: &[(&str, &str)]| a.decide(g, t, p).is_ok();
         assert!(ok(Guard::Public, None, &[]));
-        for g in [Guard::Read, Guard::Operator, Guard::Admin, Guard::Replica, Guard::Job] {
+        for g in [
+            Guard::Read,
+            Guard::Operator,
+            Guard::Admin,
+            Guard::Replica,
+            Guard::Job,
+        ] {
             assert!(!ok(g, None, &node), "{g:?} without a token");
-            assert!(!ok(g, Some("apl_00000000_nope"), &node), "{g:?} with a wrong token");
+            assert!(
+                !ok(g, Some("apl_00000000_nope"), &node),
+                "{g:?} with a wrong token"
+            );
             assert!(ok(g, Some(&admin), &node), "{g:?} with admin");
         }
         assert!(ok(Guard::Read, Some(&ro), &[]));
@@ -373,8 +390,16 @@ mod tests {
         assert!(!ok(Guard::Operator, Some(&rep), &[]));
         assert!(ok(Guard::Job, Some("job_good"), &[("id", "j1")]));
         assert!(!ok(Guard::Job, Some("job_good"), &[("id", "j2")]));
-        assert!(ok(Guard::Job, Some("job_good"), &[("mac", "52-54-00-00-00-01")]));
-        assert!(!ok(Guard::Job, Some("job_good"), &[("mac", "52:54:00:00:00:02")]));
+        assert!(ok(
+            Guard::Job,
+            Some("job_good"),
+            &[("mac", "52-54-00-00-00-01")]
+        ));
+        assert!(!ok(
+            Guard::Job,
+            Some("job_good"),
+            &[("mac", "52:54:00:00:00:02")]
+        ));
         assert!(!ok(Guard::Operator, Some("job_good"), &[]));
         assert!(!ok(Guard::Read, Some("job_good"), &[]));
     }
@@ -389,7 +414,13 @@ mod tests {
     #[test]
     fn without_a_token_store_nothing_guarded_passes() {
         let a = Auth::new(None, false);
-        for g in [Guard::Read, Guard::Operator, Guard::Admin, Guard::Replica, Guard::Job] {
+        for g in [
+            Guard::Read,
+            Guard::Operator,
+            Guard::Admin,
+            Guard::Replica,
+            Guard::Job,
+        ] {
             assert!(a.decide(g, Some("apl_x_y"), &[]).is_err(), "{g:?}");
         }
     }

@@ -85,11 +85,15 @@ pub fn document(routes: &[RouteDoc]) -> utoipa::openapi::OpenApi {
     };
     let mut paths = PathsBuilder::new();
     for route in routes {
-        let kinds: Vec<Option<crate::inventory::model::Kind>> = if route.path.starts_with("/api/v1/{kind}") {
-            crate::inventory::model::Kind::ALL.iter().map(|k| Some(*k)).collect()
-        } else {
-            vec![None]
-        };
+        let kinds: Vec<Option<crate::inventory::model::Kind>> =
+            if route.path.starts_with("/api/v1/{kind}") {
+                crate::inventory::model::Kind::ALL
+                    .iter()
+                    .map(|k| Some(*k))
+                    .collect()
+            } else {
+                vec![None]
+            };
         for kind in kinds {
             let path = match kind {
                 Some(k) => route.path.replace("{kind}", k.plural()),
@@ -172,11 +176,7 @@ pub fn document(routes: &[RouteDoc]) -> utoipa::openapi::OpenApi {
                 ),
                 None => ResponseBuilder::new().description("OK"),
             };
-            let code = if route.creates {
-                "201"
-            } else {
-                "200"
-            };
+            let code = if route.creates { "201" } else { "200" };
             op = op.response(code, ok.build());
             op = op.response(
                 "default",
@@ -220,4 +220,3 @@ pub fn document(routes: &[RouteDoc]) -> utoipa::openapi::OpenApi {
         .components(Some(components))
         .build()
 }
-

@@ -141,17 +141,19 @@ async fn not_found() -> ApiError {
 /// The router for `routes` (plus `GET /api/v1/openapi.json`, generated from
 /// them): each route behind its guard and body limit, all traced.
 pub fn build(mut routes: Vec<Route>, auth: Arc<Auth>) -> Router {
-    routes.push(Route::get(
-        "/api/v1/openapi.json",
-        Guard::Public,
-        "This document: every route, its guard and schemas",
-    )
-    .response("Object"));
+    routes.push(
+        Route::get(
+            "/api/v1/openapi.json",
+            Guard::Public,
+            "This document: every route, its guard and schemas",
+        )
+        .response("Object"),
+    );
     let docs: Vec<RouteDoc> = routes.iter().map(|r| r.doc.clone()).collect();
     let doc = Arc::new(
-        serde_json::to_value(super::openapi::document(&docs)).unwrap_or_else(|e| {
-            serde_json::json!({"error": format!("building the OpenAPI document: {e}")})
-        }),
+        serde_json::to_value(super::openapi::document(&docs)).unwrap_or_else(
+            |e| serde_json::json!({"error": format!("building the OpenAPI document: {e}")}),
+        ),
     );
     let mut by_path: std::collections::BTreeMap<&'static str, MethodRouter> = Default::default();
     for route in routes {
@@ -167,7 +169,9 @@ pub fn build(mut routes: Vec<Route>, auth: Arc<Auth>) -> Router {
             Some(h) => h,
             None => {
                 let d = doc.clone();
-                on(MethodFilter::GET, move || async move { axum::Json((*d).clone()) })
+                on(MethodFilter::GET, move || async move {
+                    axum::Json((*d).clone())
+                })
             }
         };
         let guarded = handler
@@ -214,7 +218,9 @@ mod tests {
             format!("{} {}", caller.name(), body.len())
         }
         let app = build(
-            vec![Route::post("/x", Guard::Operator, "x").limit(10).to(echo, ())],
+            vec![Route::post("/x", Guard::Operator, "x")
+                .limit(10)
+                .to(echo, ())],
             auth,
         );
         let req = |t: Option<&str>, body: &'static [u8], m: &str| {
@@ -224,18 +230,38 @@ mod tests {
             }
             r.body(Body::from(body)).unwrap()
         };
-        let r = app.clone().oneshot(req(None, b"hello", "POST")).await.unwrap();
+        let r = app
+            .clone()
+            .oneshot(req(None, b"hello", "POST"))
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-        let r = app.clone().oneshot(req(Some(&op), b"hello", "POST")).await.unwrap();
+        let r = app
+            .clone()
+            .oneshot(req(Some(&op), b"hello", "POST"))
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
-        let r = app.clone().oneshot(req(Some(&op), b"far too long a body", "POST")).await.unwrap();
+        let r = app
+            .clone()
+            .oneshot(req(Some(&op), b"far too long a body", "POST"))
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
         let r = app.clone().oneshot(req(None, b"", "GET")).await.unwrap();
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
-        let r = app.clone().oneshot(req(None, b"", "GET").map(|b| b)).await.unwrap();
+        let r = app
+            .clone()
+            .oneshot(req(None, b"", "GET").map(|b| b))
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
         let r = app
-            .oneshot(Request::get("/api/v1/openapi.json").body(Body::empty()).unwrap())
+            .oneshot(
+                Request::get("/api/v1/openapi.json")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK);

@@ -35,8 +35,8 @@ use super::status::{self, Event, StatusBook, StatusRow};
 use super::templates::{self, Document, RenderError};
 use super::{Author, InvError, Inventory, Settings};
 use crate::api::ApiError;
-use crate::http::{Caller, Guard, Route};
 use crate::auth::TokenStore;
+use crate::http::{Caller, Guard, Route};
 
 /// Everything the inventory handlers need.
 pub struct InvState {
@@ -224,10 +224,14 @@ pub fn routes(state: Arc<InvState>) -> Vec<Route> {
             .request(".")
             .response(".")
             .to(replace, st.clone()),
-        Route::patch("/api/v1/{kind}/{name}", Operator, "Merge-patch an object (RFC 7386)")
-            .request("Object")
-            .response(".")
-            .to(patch, st.clone()),
+        Route::patch(
+            "/api/v1/{kind}/{name}",
+            Operator,
+            "Merge-patch an object (RFC 7386)",
+        )
+        .request("Object")
+        .response(".")
+        .to(patch, st.clone()),
         Route::delete(
             "/api/v1/{kind}/{name}",
             Operator,
@@ -315,10 +319,14 @@ pub fn routes(state: Arc<InvState>) -> Vec<Route> {
         Route::get("/api/v1/settings", Read, "Global settings")
             .response("Settings")
             .to(get_settings, st.clone()),
-        Route::put("/api/v1/settings", Guard::Admin, "Replace the global settings")
-            .request("Settings")
-            .response("Settings")
-            .to(put_settings, st.clone()),
+        Route::put(
+            "/api/v1/settings",
+            Guard::Admin,
+            "Replace the global settings",
+        )
+        .request("Settings")
+        .response("Settings")
+        .to(put_settings, st.clone()),
         Route::post(
             "/api/v1/batch",
             Operator,
@@ -329,9 +337,13 @@ pub fn routes(state: Arc<InvState>) -> Vec<Route> {
         .creates()
         .limit(64 << 20)
         .to(batch, st.clone()),
-        Route::get("/api/v1/boot/{mac}", Public, "The iPXE script this MAC gets now")
-            .response("text")
-            .to(boot_script, st.clone()),
+        Route::get(
+            "/api/v1/boot/{mac}",
+            Public,
+            "The iPXE script this MAC gets now",
+        )
+        .response("text")
+        .to(boot_script, st.clone()),
         Route::get(
             "/cblr/svc/op/autoinstall/{kind}/{name}",
             Public,
@@ -426,10 +438,7 @@ async fn boot_blob(
     blob(State(st), Path(hex), req).await
 }
 
-async fn list(
-    State(st): S,
-    Path(kind): Path<String>,
-) -> Result<Response, ApiError> {
+async fn list(State(st): S, Path(kind): Path<String>) -> Result<Response, ApiError> {
     let kind = kind_of(&kind)?;
     let inv = st.read();
     // Serialise straight into one buffer: 10,000 systems stay well under 50 ms.
@@ -740,10 +749,12 @@ fn record(
             )
         })?;
     tracing::info!(system = name, ?event, "install status");
-    let mac = st
-        .read()
-        .system(name)
-        .and_then(|s| s.interfaces.iter().map(|i| i.mac.clone()).find(|m| !m.is_empty()));
+    let mac = st.read().system(name).and_then(|s| {
+        s.interfaces
+            .iter()
+            .map(|i| i.mac.clone())
+            .find(|m| !m.is_empty())
+    });
     st.events.publish(
         "install.status",
         mac.as_deref(),
@@ -762,10 +773,7 @@ fn record(
 
 /// The reporting machine's address: the TCP peer, never a header it sent.
 fn peer(caller: &Caller) -> String {
-    caller
-        .peer
-        .map(|p| p.ip().to_string())
-        .unwrap_or_default()
+    caller.peer.map(|p| p.ip().to_string()).unwrap_or_default()
 }
 
 async fn report_status(

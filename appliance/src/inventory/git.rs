@@ -1223,7 +1223,10 @@ mod tests {
             ("blob".into(), b"hello".to_vec()),
             ("blob".into(), vec![0u8; 5000]),
             ("tree".into(), b"100644 a\0aaaaaaaaaaaaaaaaaaaa".to_vec()),
-            ("commit".into(), b"tree 0000000000000000000000000000000000000000\n".to_vec()),
+            (
+                "commit".into(),
+                b"tree 0000000000000000000000000000000000000000\n".to_vec(),
+            ),
         ];
         let good = write_pack(&objects);
         assert_eq!(read_pack(&good).unwrap(), objects);
@@ -1257,19 +1260,29 @@ mod tests {
             e
         };
         // 200 nested directories.
-        let mut t = repo.store_object("tree", &entry("100644", "f", &blob)).unwrap();
+        let mut t = repo
+            .store_object("tree", &entry("100644", "f", &blob))
+            .unwrap();
         for _ in 0..200 {
             t = repo.store_object("tree", &entry("40000", "d", &t)).unwrap();
         }
         let e = repo.tree_files(&t).unwrap_err().to_string();
         assert!(e.contains("nested more than"), "{e}");
         let e = repo
-            .collect_tree(&t, &mut Default::default(), &Default::default(), &mut Vec::new(), 0)
+            .collect_tree(
+                &t,
+                &mut Default::default(),
+                &Default::default(),
+                &mut Vec::new(),
+                0,
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains("nested more than"), "{e}");
         // 40 levels, each naming the level below twice: 2^40 paths.
-        let mut t = repo.store_object("tree", &entry("100644", "f", &blob)).unwrap();
+        let mut t = repo
+            .store_object("tree", &entry("100644", "f", &blob))
+            .unwrap();
         for _ in 0..40 {
             let mut body = entry("40000", "a", &t);
             body.extend(entry("40000", "b", &t));
@@ -1279,7 +1292,9 @@ mod tests {
         assert!(e.contains("more than 1000000 entries"), "{e}");
         // Names that are not one path component.
         for name in ["..", ".", ".git", "a/../../b", ""] {
-            let t = repo.store_object("tree", &entry("100644", name, &blob)).unwrap();
+            let t = repo
+                .store_object("tree", &entry("100644", name, &blob))
+                .unwrap();
             let e = repo.tree_files(&t).unwrap_err().to_string();
             assert!(e.contains("is not a file name"), "{name:?}: {e}");
         }

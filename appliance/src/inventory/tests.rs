@@ -721,7 +721,9 @@ async fn blobs_stream_with_ranges() {
         (s, code(&body).as_str()),
         (StatusCode::NOT_FOUND, "not_found")
     );
-    let (s, _) = a.call("GET", "/api/v1/blobs/sha256/..%2Fx", None, false).await;
+    let (s, _) = a
+        .call("GET", "/api/v1/blobs/sha256/..%2Fx", None, false)
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
 
@@ -1318,7 +1320,9 @@ async fn builtin_templates_are_listed_shown_and_overridable() {
     for (name, _) in crate::inventory::templates::SHIPPED {
         assert_eq!(origin(&list, name), vec!["builtin"], "{name}: {body}");
     }
-    let (s, body) = a.call("GET", "/api/v1/templates/preseed.cfg", None, false).await;
+    let (s, body) = a
+        .call("GET", "/api/v1/templates/preseed.cfg", None, false)
+        .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     let t: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(t["origin"], "builtin");
@@ -1326,7 +1330,9 @@ async fn builtin_templates_are_listed_shown_and_overridable() {
         t["body"].as_str(),
         crate::inventory::templates::shipped("preseed.cfg")
     );
-    let (s, body) = a.call("GET", "/api/v1/snippets/status_start", None, false).await;
+    let (s, body) = a
+        .call("GET", "/api/v1/snippets/status_start", None, false)
+        .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     // A same-named inventory template overrides it (a listing round-trips:
     // `origin` is accepted and dropped).
@@ -1342,9 +1348,14 @@ async fn builtin_templates_are_listed_shown_and_overridable() {
     let (_, body) = a.call("GET", "/api/v1/templates", None, false).await;
     let list: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(origin(&list, "preseed.cfg"), vec!["inventory"], "{body}");
-    let (_, body) = a.call("GET", "/api/v1/templates/preseed.cfg", None, false).await;
+    let (_, body) = a
+        .call("GET", "/api/v1/templates/preseed.cfg", None, false)
+        .await;
     let t: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!((t["origin"].as_str(), t["body"].as_str()), (Some("inventory"), Some("# mine {{ hostname }}\n")));
+    assert_eq!(
+        (t["origin"].as_str(), t["body"].as_str()),
+        (Some("inventory"), Some("# mine {{ hostname }}\n"))
+    );
     // The override is what a Debian system's autoinstall renders now.
     let (s, text) = a
         .call("GET", "/api/v1/systems/web1/autoinstall", None, false)
@@ -1356,8 +1367,13 @@ async fn builtin_templates_are_listed_shown_and_overridable() {
         .call("DELETE", "/api/v1/templates/preseed.cfg", None, true)
         .await;
     assert!(s.is_success());
-    let (_, body) = a.call("GET", "/api/v1/templates/preseed.cfg", None, false).await;
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["origin"], "builtin");
+    let (_, body) = a
+        .call("GET", "/api/v1/templates/preseed.cfg", None, false)
+        .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["origin"],
+        "builtin"
+    );
     let (s, _) = a.call("GET", "/api/v1/templates/nope", None, false).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }

@@ -77,15 +77,27 @@ const BUNDLE_LIMIT: usize = 4 << 30;
 pub fn routes(state: Arc<SyncState>) -> Vec<Route> {
     let s = state;
     vec![
-        Route::post("/api/v1/sync/run", Guard::Operator, "Sync with the parent now")
-            .response("Object")
-            .to(run, s.clone()),
-        Route::get("/api/v1/sync/status", Guard::Read, "Sync state, parent, last sync, conflicts")
-            .response("Object")
-            .to(status, s.clone()),
-        Route::get("/api/v1/sync/conflicts", Guard::Read, "Versions that lost a merge")
-            .response("Object")
-            .to(conflicts, s.clone()),
+        Route::post(
+            "/api/v1/sync/run",
+            Guard::Operator,
+            "Sync with the parent now",
+        )
+        .response("Object")
+        .to(run, s.clone()),
+        Route::get(
+            "/api/v1/sync/status",
+            Guard::Read,
+            "Sync state, parent, last sync, conflicts",
+        )
+        .response("Object")
+        .to(status, s.clone()),
+        Route::get(
+            "/api/v1/sync/conflicts",
+            Guard::Read,
+            "Versions that lost a merge",
+        )
+        .response("Object")
+        .to(conflicts, s.clone()),
         Route::get(
             "/api/v1/sync/export",
             Guard::Operator,
@@ -410,9 +422,7 @@ async fn status(State(st): S) -> Result<Json<serde_json::Value>, ApiError> {
     .await
 }
 
-async fn conflicts(
-    State(st): S,
-) -> Result<Json<Vec<super::merge::Conflict>>, ApiError> {
+async fn conflicts(State(st): S) -> Result<Json<Vec<super::merge::Conflict>>, ApiError> {
     let n = st.node.clone();
     Ok(Json(blocking(move || n.conflicts()).await?))
 }
@@ -423,10 +433,7 @@ struct ExportQ {
     for_node: Option<String>,
 }
 
-async fn export(
-    State(st): S,
-    Query(q): Query<ExportQ>,
-) -> Result<Response, ApiError> {
+async fn export(State(st): S, Query(q): Query<ExportQ>) -> Result<Response, ApiError> {
     let n = st.node.clone();
     // Written to a temporary file first, so the length is known and a
     // failure never streams half a bundle.
@@ -471,10 +478,7 @@ fn tempfile_in(dir: &std::path::Path) -> anyhow::Result<(std::path::PathBuf, std
     Ok((path, f))
 }
 
-async fn import(
-    State(st): S,
-    body: Body,
-) -> Result<Json<super::bundle::ImportReport>, ApiError> {
+async fn import(State(st): S, body: Body) -> Result<Json<super::bundle::ImportReport>, ApiError> {
     // Stream the upload to a temporary file, then verify and apply.
     let dir = st.node.data.join("tmp");
     tokio::fs::create_dir_all(&dir)
