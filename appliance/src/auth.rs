@@ -357,6 +357,30 @@ mod tests {
     }
 
     #[test]
+    fn guarded_requests_get_503_until_an_operator_token_exists() {
+        use axum::http::StatusCode;
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::open(&dir.path().join("state/tokens.json"));
+        let e = refused(Some(&store), "bad token");
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.code, "no_token_yet");
+        // A replica token is not an operator token.
+        store
+            .create_scoped("replica-a", Scope::Replica(uuid::Uuid::nil()))
+            .unwrap();
+        assert_eq!(refused(Some(&store), "x").code, "no_token_yet");
+        store.create("admin").unwrap();
+        let e = refused(Some(&store), "bad token");
+        assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(e.message, "bad token");
+        assert_eq!(refused(None, "x").status, StatusCode::UNAUTHORIZED);
+        // An unreadable token file refuses with 401, like a bad token.
+        std::fs::write(dir.path().join("state/tokens.json"), b"{not json").unwrap();
+        let fresh = TokenStore::open(&dir.path().join("state/tokens.json"));
+        assert_eq!(refused(Some(&fresh), "x").status, StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
     fn old_token_files_load_as_operator_tokens() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.json");

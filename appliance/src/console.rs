@@ -9,7 +9,11 @@
 //! Events printed by init: `init started`, `modules loaded <n>/<planned>`,
 //! `network up <iface> <addr>/<prefix>`,
 //! `network degraded <reason>`, `data mounted <dev>`, `data on tmpfs`,
+//! `random seed credited (<n> bytes)`, `random seed not credited: <why>`,
+//! `waiting for the kernel's random pool …` and `random pool ready after
+//! <n>s` (first boot without a hardware RNG),
 //! `serving on <addr>` (printed by the `serve` child once bound),
+//! `waiting for the kernel's random pool to create the API token …`,
 //! `server exited <status>`, `powering off`, `rebooting`.
 
 use std::io::Write;

@@ -1,11 +1,16 @@
 //! Randomness that never holds up the boot, and the seed kept for the next
 //! boot.
 //!
-//! A machine without a hardware RNG (QEMU without `virtio-rng`, TCG without
-//! RDRAND) can take minutes after boot before the kernel's random pool is
-//! initialized; until then `getrandom(2)` without flags blocks, and so does
-//! everything built on it (`uuid::Uuid::new_v4`, `rand`, the `getrandom`
-//! crate). The appliance's rule:
+//! On a machine without a hardware RNG (QEMU without `virtio-rng`, TCG
+//! without RDRAND) the kernel's random pool is not initialized at boot;
+//! until it is, `getrandom(2)` without flags blocks, and so does everything
+//! built on it (`uuid::Uuid::new_v4`, `rand`, the `getrandom` crate). A
+//! caller blocked in `getrandom(2)` makes the kernel gather timing jitter
+//! and the pool is ready within about a second (1 s under TCG, one vCPU);
+//! but in our static glibc binary the `getrandom` crate finds no
+//! `getrandom` through `dlsym` and falls back to polling `/dev/random`,
+//! which waits passively for interrupts: that held the first boot's DHCP
+//! (a `Uuid::new_v4` transaction id) for 340–410 s. The appliance's rule:
 //!
 //! - **Nothing on the way to the network and the API waits for entropy.**
 //!   What needs uniqueness but no secrecy — DHCP transaction ids, node and
@@ -18,9 +23,9 @@
 //! - **Secrets need an initialized pool and never wait for it in a request
 //!   or on the boot path.** [`secret`] uses `GRND_NONBLOCK` and answers
 //!   [`NotReady`] while the pool is not initialized; the API turns that into
-//!   503. Only background threads wait ([`wait_ready`]): init's seed saver
-//!   and serve's first-token thread, which say on the console what they
-//!   wait for.
+//!   503. Only background threads wait ([`wait_ready`], `getrandom(2)`
+//!   itself, so the kernel gathers jitter): init's seed saver and serve's
+//!   first-token thread, which say on the console what they wait for.
 //!
 //! # The random seed (`<data>/state/random-seed`)
 //!

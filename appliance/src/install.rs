@@ -17,8 +17,10 @@
 //!    signed manifest byte for byte and the ESP's UKI has the manifest's
 //!    digest, and write node state: `state/node.json` (the id the parent
 //!    registered), `state/parent.json` (parent URL, credentials),
-//!    `state/boot.json` (the uplink we installed through) and
-//!    `state/networks.json` (the provisioning networks to serve).
+//!    `state/boot.json` (the uplink we installed through),
+//!    `state/networks.json` (the provisioning networks to serve) and, when
+//!    this machine's random pool is ready, `state/random-seed` (so the new
+//!    node's first boot credits it instead of waiting for entropy).
 //!    A failed check zeroes the first MiB again: nothing half-checked boots.
 //! 6. Report to the parent at every phase, then ask init to reboot.
 
@@ -313,6 +315,12 @@ pub fn write_node_state(
         &state.join("boot.json"),
         &serde_json::json!({ "uplink": uplink }),
     )?;
+    // This machine's own pool, when the agent's boot got it ready: the
+    // new node's first boot then credits it instead of waiting.
+    match crate::entropy::save_seed(data, &mut crate::entropy::Kernel) {
+        Ok(saved) => tracing::info!(saved, "random seed for the first boot"),
+        Err(e) => tracing::warn!(error = format!("{e:#}"), "writing a random seed failed"),
+    }
     write_json(
         &data.join(IMAGE_STATE),
         &serde_json::json!({

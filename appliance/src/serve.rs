@@ -6,6 +6,11 @@
 //! becomes a degraded reason instead. Once bound, it prints
 //! `listening on <addr>` on stdout (the real port when given port 0), and
 //! under our init also the console marker `serving on <addr>`.
+//!
+//! The first API token is printed on stdout as `first API token (shown
+//! once, keep it): apl_…` right after that line, or, when the kernel's
+//! random pool is not initialized yet, later by a thread that waits for it
+//! ([`FirstToken::Waiting`]); the server does not wait.
 
 use std::io::Write;
 use std::net::SocketAddr;

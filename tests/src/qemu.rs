@@ -37,6 +37,13 @@ pub struct VmConfig {
     pub dir: PathBuf,
     /// Extra QEMU arguments.
     pub extra: Vec<String>,
+    /// A `virtio-rng-pci` device: the guest's random pool is ready at once.
+    /// Without one (and without RDRAND, as under TCG) a first boot has an
+    /// uninitialized pool for minutes, and must still bring up the network
+    /// and the API at once.
+    pub rng: bool,
+    /// vCPUs.
+    pub cpus: u32,
 }
 
 impl VmConfig {
@@ -49,6 +56,8 @@ impl VmConfig {
             api_port,
             dir: dir.into(),
             extra: vec![],
+            rng: true,
+            cpus: 2,
         }
     }
 
@@ -119,6 +128,16 @@ pub fn base_command(
     dir: &Path,
     memory_mb: u32,
 ) -> std::io::Result<(Command, PathBuf)> {
+    base_command_cpus(firmware, dir, memory_mb, 2)
+}
+
+/// [`base_command`] with `cpus` vCPUs.
+pub fn base_command_cpus(
+    firmware: Firmware,
+    dir: &Path,
+    memory_mb: u32,
+    cpus: u32,
+) -> std::io::Result<(Command, PathBuf)> {
     let serial_log = dir.join("serial.log");
     let _ = fs::remove_file(&serial_log);
     let mut cmd = Command::new("qemu-system-x86_64");
@@ -128,7 +147,7 @@ pub fn base_command(
         "-accel",
         &accel(),
         "-smp",
-        "2",
+        &cpus.to_string(),
         "-m",
         &memory_mb.to_string(),
     ])
@@ -243,7 +262,8 @@ pub fn accel() -> String {
 impl Vm {
     pub fn boot(cfg: &VmConfig) -> std::io::Result<Vm> {
         fs::create_dir_all(&cfg.dir)?;
-        let (mut cmd, serial_log) = base_command(Firmware::Ovmf, &cfg.dir, cfg.memory_mb)?;
+        let (mut cmd, serial_log) =
+            base_command_cpus(Firmware::Ovmf, &cfg.dir, cfg.memory_mb, cfg.cpus)?;
         cmd.arg("-drive")
             .arg(format!(
                 "if=virtio,format=raw,file={},snapshot={}",
@@ -255,9 +275,11 @@ impl Vm {
                 "user,id=up,restrict=on,hostfwd=tcp:127.0.0.1:{}-:80",
                 cfg.api_port
             ))
-            .args(["-device", "virtio-net-pci,netdev=up"])
-            .args(["-device", "virtio-rng-pci"])
-            .args(&cfg.extra)
+            .args(["-device", "virtio-net-pci,netdev=up"]);
+        if cfg.rng {
+            cmd.args(["-device", "virtio-rng-pci"]);
+        }
+        cmd.args(&cfg.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -331,7 +353,9 @@ impl Vm {
     /// The API token a fresh appliance prints once on its console.
     pub fn first_token(&self) -> Option<String> {
         let serial = self.serial();
-        let line = serial.lines().find(|l| l.contains("first API token"))?;
+        let line = serial
+            .lines()
+            .find(|l| l.contains("first API token (shown once"))?;
         line.split_whitespace().last().map(str::to_string)
     }
 

@@ -1,12 +1,26 @@
 //! The shipped image boots under OVMF in QEMU, reports the release it was
 //! built from, and powers off on request. Needs `target/appliance/` from
 //! `cargo xtask image` (which `cargo xtask test` runs first).
+//!
+//! It boots the way a bare QEMU command line does: one vCPU, no
+//! `virtio-rng` device, so under TCG (no RDRAND) the guest's random pool
+//! stays uninitialized for minutes. The network and the API must not wait
+//! for it (they once did: ~410 s); writes are refused (503) until the
+//! first token exists; the second boot of the same disk credits the seed
+//! the first one saved and has its pool at once.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use builder::Digest;
 use integration_tests::qemu::{Vm, VmConfig};
 use integration_tests::{free_port, http, workspace_root};
+
+/// How long the API may take to answer: a healthy boot takes well under a
+/// minute under TCG; one that waits for the random pool takes minutes.
+const API_UP: Duration = Duration::from_secs(150);
+/// How long the kernel may take to initialize its pool without an RNG.
+const POOL_READY: Duration = Duration::from_secs(1200);
+const WAITING: &str = "waiting for the kernel's random pool";
 
 fn image_dir() -> std::path::PathBuf {
     let dir = workspace_root().join("target/appliance");
@@ -22,25 +36,57 @@ fn json_field<'a>(v: &'a serde_json::Value, k: &str) -> &'a serde_json::Value {
     v.get(k).unwrap_or_else(|| panic!("no {k:?} in {v}"))
 }
 
+fn boot(disk: &std::path::Path, dir: &std::path::Path, port: u16) -> Vm {
+    Vm::boot(&VmConfig {
+        disk: disk.to_path_buf(),
+        snapshot: false,
+        memory_mb: 1024,
+        api_port: port,
+        dir: dir.to_path_buf(),
+        extra: vec![],
+        rng: false,
+        cpus: 1,
+    })
+    .unwrap()
+}
+
+fn power_off(vm: &mut Vm, port: u16, token: &str) {
+    let r = http::post_auth(port, "/api/v1/power", r#"{"action":"poweroff"}"#, token).unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let st = vm.wait_exit(Duration::from_secs(60));
+    assert!(
+        st.is_some(),
+        "QEMU did not exit after poweroff; serial:\n{}",
+        vm.serial()
+    );
+    assert!(
+        vm.serial().contains("appliance: powering off"),
+        "{}",
+        vm.serial()
+    );
+}
+
 #[test]
-fn appliance_boots_under_ovmf_reports_its_release_and_powers_off() {
+fn appliance_boots_under_ovmf_without_an_rng_reports_its_release_and_powers_off() {
     let dir = image_dir();
     let manifest = std::fs::read(dir.join("manifest.json")).unwrap();
     let release = Digest::of(&manifest).to_string();
     let work = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut vm = Vm::boot(&VmConfig {
-        disk: dir.join("appliance.img"),
-        snapshot: true,
-        memory_mb: 1024,
-        api_port: port,
-        dir: work.path().to_path_buf(),
-        extra: vec![],
-    })
-    .unwrap();
-    let r = vm
-        .wait_http("/api/v1/version", Duration::from_secs(240))
+    // A copy of the disk (sparse), so the second boot sees what the first
+    // one wrote.
+    let disk = work.path().join("appliance.img");
+    let st = std::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(dir.join("appliance.img"))
+        .arg(&disk)
+        .status()
         .unwrap();
+    assert!(st.success(), "cp failed");
+    let port = free_port();
+    let mut vm = boot(&disk, &work.path().join("boot1"), port);
+    let r = vm
+        .wait_http("/api/v1/version", API_UP)
+        .unwrap_or_else(|e| panic!("the API must not wait for the random pool: {e}"));
     let v: serde_json::Value =
         serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.body));
     assert_eq!(
@@ -72,23 +118,51 @@ fn appliance_boots_under_ovmf_reports_its_release_and_powers_off() {
         );
     }
 
-    // Writes need the token printed once on the console at first start.
+    // Writes need the token printed once on the console at first start;
+    // while it waits for the random pool they are refused with 503, and
+    // never let through.
+    let r = http::post(port, "/api/v1/power", r#"{"action":"poweroff"}"#).unwrap();
+    if vm.first_token().is_none() {
+        assert_eq!(r.status, 503, "power before the first token: {}", r.body);
+        assert!(r.body.contains("no_token_yet"), "{}", r.body);
+        assert!(
+            vm.serial().contains(WAITING),
+            "the console does not say what it waits for:\n{}",
+            vm.serial()
+        );
+    } else {
+        assert_eq!(r.status, 401, "power without a token: {}", r.body);
+    }
+    let t = Instant::now();
+    let token = loop {
+        if let Some(t) = vm.first_token() {
+            break t;
+        }
+        assert!(
+            t.elapsed() < POOL_READY,
+            "no first API token on the console after {POOL_READY:?}:\n{}",
+            vm.serial()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    eprintln!("first token after {:?} more", t.elapsed());
     let r = http::post(port, "/api/v1/power", r#"{"action":"poweroff"}"#).unwrap();
     assert_eq!(r.status, 401, "power without a token: {}", r.body);
-    let token = vm
-        .first_token()
-        .unwrap_or_else(|| panic!("no first API token on the console:\n{}", vm.serial()));
-    let r = http::post_auth(port, "/api/v1/power", r#"{"action":"poweroff"}"#, &token).unwrap();
-    assert_eq!(r.status, 202, "{}", r.body);
-    let st = vm.wait_exit(Duration::from_secs(60));
+    power_off(&mut vm, port, &token);
+
+    // Second boot of the same disk: the seed saved by the first boot is
+    // credited before the network, nothing waits, and the token still works.
+    let mut vm = boot(&disk, &work.path().join("boot2"), port);
+    vm.wait_http("/api/v1/version", API_UP).unwrap();
+    let serial = vm.serial();
     assert!(
-        st.is_some(),
-        "QEMU did not exit after poweroff; serial:\n{}",
-        vm.serial()
+        serial.contains("appliance: random seed credited"),
+        "the saved seed was not credited:\n{serial}"
     );
     assert!(
-        vm.serial().contains("appliance: powering off"),
-        "{}",
-        vm.serial()
+        !serial.contains(WAITING),
+        "the second boot waited for the random pool:\n{serial}"
     );
+    assert!(vm.first_token().is_none(), "a second first token:\n{serial}");
+    power_off(&mut vm, port, &token);
 }

@@ -46,6 +46,8 @@ fn boot_ours(disk: &Path, work: &Path) -> Result<Sample> {
         api_port: port,
         dir: work.to_path_buf(),
         extra: vec![],
+        rng: true,
+        cpus: 2,
     })?;
     let t0 = vm.started;
     let (mut fw, mut init) = (None, None);
@@ -92,6 +94,8 @@ fn boot_floor(disk: &Path, work: &Path) -> Result<Sample> {
         api_port: free_port(),
         dir: work.to_path_buf(),
         extra: vec![],
+        rng: true,
+        cpus: 2,
     })?;
     let t0 = vm.started;
     let mut fw = None;

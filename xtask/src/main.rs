@@ -33,7 +33,7 @@ fn main() -> Result<()> {
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
                  image [--refresh] build target/appliance/ (fetching inputs once into cache/store)\n  \
-                 qemu [--port N]  build the image if needed and boot it under OVMF\n  \
+                 qemu [--port N] [--no-rng] [--cpus N]  build the image if needed and boot it under OVMF\n  \
                  fleet [N] [--faults] [--sync]  replication chain of N machines in QEMU (default 3)\n  \
                  test [ARGS]      install missing test tools, build the image, run every test\n  \
                  bench builder    the builder against mkfs.ext4/mkfs.fat/mcopy/sgdisk/dd/cpio|gzip\n  \

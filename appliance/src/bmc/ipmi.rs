@@ -983,7 +983,8 @@ impl Link {
 
 fn random<const N: usize>() -> Result<[u8; N], PowerError> {
     let mut b = [0u8; N];
-    getrandom::fill(&mut b).map_err(|e| PowerError::Protocol {
+    // Never waits for the kernel's random pool (crate::entropy).
+    crate::entropy::secret(&mut b).map_err(|e| PowerError::Protocol {
         address: String::new(),
         detail: format!("no randomness for the session: {e}"),
     })?;
