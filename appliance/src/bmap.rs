@@ -32,6 +32,9 @@ pub const SCHEMA: &str = "appliance.bmap.v1";
 pub const DEFAULT_CHUNK: u64 = 4 << 20;
 /// Range alignment (and the smallest chunk size).
 pub const BLOCK: u64 = 4096;
+/// Largest chunk size: a writer holds one range (at most one chunk) in
+/// memory, so a map from elsewhere may not ask for more.
+pub const MAX_CHUNK: u64 = 256 << 20;
 
 /// A block map (see the module doc). Field order is the JSON order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,8 +91,8 @@ impl Bmap {
     }
 
     fn map_file(path: &Path, chunk_size: u64, known: Option<&str>) -> Result<Bmap> {
-        if chunk_size == 0 || chunk_size % BLOCK != 0 {
-            bail!("chunk size {chunk_size} is not a positive multiple of {BLOCK}");
+        if chunk_size == 0 || chunk_size % BLOCK != 0 || chunk_size > MAX_CHUNK {
+            bail!("chunk size {chunk_size} is not a multiple of {BLOCK} between {BLOCK} and {MAX_CHUNK}");
         }
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let meta = file
@@ -192,9 +195,9 @@ impl Bmap {
         if self.schema != SCHEMA {
             bail!("block map schema is {:?}, expected {SCHEMA:?}", self.schema);
         }
-        if self.chunk_size == 0 || self.chunk_size % BLOCK != 0 {
+        if self.chunk_size == 0 || self.chunk_size % BLOCK != 0 || self.chunk_size > MAX_CHUNK {
             bail!(
-                "block map chunk_size {} is not a positive multiple of {BLOCK}",
+                "block map chunk_size {} is not a multiple of {BLOCK} between {BLOCK} and {MAX_CHUNK}",
                 self.chunk_size
             );
         }
@@ -426,6 +429,19 @@ mod tests {
             ),
             (Box::new(|b| b.ranges[0].digest = "md5:x".into()), "sha256:"),
             (Box::new(|b| b.chunk_size = 1000), "chunk_size"),
+            // A map from elsewhere may not make a writer hold 1 TiB.
+            (
+                Box::new(|b| {
+                    b.chunk_size = 1 << 40;
+                    b.image_size = 1 << 41;
+                    b.ranges = vec![Range {
+                        offset: 0,
+                        length: 1 << 40,
+                        digest: b.disk_digest.clone(),
+                    }];
+                }),
+                "between 4096 and",
+            ),
         ];
         for (mutate, want) in cases {
             let mut b = good.clone();
@@ -448,5 +464,20 @@ mod tests {
         other.image_size = 1 << 30;
         std::fs::write(sidecar_path(&p), other.to_bytes()).unwrap();
         assert!(Bmap::for_image(&p).is_err());
+    }
+
+    /// Thousands of mutated maps: each parses or is refused, none panics,
+    /// and whatever parses can be summed without overflow.
+    #[test]
+    fn mutated_maps_never_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = sparse(dir.path(), "a.img", 16 * MIB, &[(0, b"x"), (5 * MIB, b"y")]);
+        let good = Bmap::from_file(&p, DEFAULT_CHUNK).unwrap().to_bytes();
+        let mut rng = crate::mutate::Rng::new(0x5eed_b3a9);
+        for _ in 0..3000 {
+            if let Ok(b) = Bmap::parse(&rng.mutate(&good)) {
+                let _ = b.mapped_bytes();
+            }
+        }
     }
 }
