@@ -49,7 +49,9 @@ pub struct PxeState {
 /// `Host` header: when it (or `extra`) could inject iPXE commands, the
 /// script is [`crate::inventory::boot::refused_script`] instead.
 pub fn agent_script(server: &str, extra: &str) -> String {
-    use crate::inventory::boot::{ipxe_arg_problem, ipxe_url_problem, refused_script, UnsafeForIpxe};
+    use crate::inventory::boot::{
+        ipxe_arg_problem, ipxe_url_problem, refused_script, UnsafeForIpxe,
+    };
     let problem = ipxe_url_problem(server)
         .map(|why| ("server URL", server, why))
         .or_else(|| ipxe_arg_problem(extra).map(|why| ("kernel command line", extra, why)));

@@ -660,7 +660,9 @@ pub(crate) mod tests {
         let store = Store::init(dir.path()).unwrap();
         for (name, size) in [("#1/9999999999", "9999999999"), ("//", "9999999999")] {
             let mut deb = b"!<arch>\n".to_vec();
-            deb.extend_from_slice(format!("{name:<16}{:<12}{:<6}{:<6}{:<8}{size:<10}`\n", 0, 0, 0, 644).as_bytes());
+            deb.extend_from_slice(
+                format!("{name:<16}{:<12}{:<6}{:<6}{:<8}{size:<10}`\n", 0, 0, 0, 644).as_bytes(),
+            );
             let e = extract(&deb[..], "liar.deb", &store, None).unwrap_err();
             assert!(matches!(e, DebError::BadHeader { .. }), "{e}");
             assert!(e.to_string().contains("is more than"), "{e}");
@@ -677,7 +679,9 @@ pub(crate) mod tests {
         h.set_size(13);
         h.set_mode(0o644);
         h.set_cksum();
-        control.append_data(&mut h, "./control", &b"Package: demo"[..]).unwrap();
+        control
+            .append_data(&mut h, "./control", &b"Package: demo"[..])
+            .unwrap();
         let control = control.into_inner().unwrap();
         let good = ar(&[
             ("debian-binary", b"2.0\n"),

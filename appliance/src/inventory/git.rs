@@ -1035,10 +1035,13 @@ impl Repo {
     }
 }
 
+/// One tree's entries: (mode, name, id).
+type TreeEntries = Vec<(String, String, Oid)>;
+
 /// What one tree walk has read and counted.
 #[derive(Default)]
 struct Walk {
-    trees: std::collections::HashMap<Oid, std::rc::Rc<Vec<(String, String, Oid)>>>,
+    trees: std::collections::HashMap<Oid, std::rc::Rc<TreeEntries>>,
     visited: usize,
 }
 
@@ -1057,7 +1060,7 @@ fn check_depth(tree: &Oid, prefix: &str) -> Result<(), GitError> {
 /// Entries of a tree object body: (mode, name, id). A name that is not one
 /// plain path component (empty, `.`, `..`, `.git`, or holding `/`) is
 /// refused: tree paths become work-tree paths.
-fn parse_tree(tree: &Oid, body: &[u8]) -> Result<Vec<(String, String, Oid)>, GitError> {
+fn parse_tree(tree: &Oid, body: &[u8]) -> Result<TreeEntries, GitError> {
     let mut out = Vec::new();
     let mut rest = body;
     let bad = |why: String| GitError::Corrupt {
@@ -1244,7 +1247,10 @@ mod tests {
             ("blob".into(), b"hello".to_vec()),
             ("blob".into(), vec![0u8; 5000]),
             ("tree".into(), b"100644 a\0aaaaaaaaaaaaaaaaaaaa".to_vec()),
-            ("commit".into(), b"tree 0000000000000000000000000000000000000000\n".to_vec()),
+            (
+                "commit".into(),
+                b"tree 0000000000000000000000000000000000000000\n".to_vec(),
+            ),
         ];
         let good = write_pack(&objects);
         assert_eq!(read_pack(&good).unwrap(), objects);
@@ -1278,19 +1284,29 @@ mod tests {
             e
         };
         // 200 nested directories.
-        let mut t = repo.store_object("tree", &entry("100644", "f", &blob)).unwrap();
+        let mut t = repo
+            .store_object("tree", &entry("100644", "f", &blob))
+            .unwrap();
         for _ in 0..200 {
             t = repo.store_object("tree", &entry("40000", "d", &t)).unwrap();
         }
         let e = repo.tree_files(&t).unwrap_err().to_string();
         assert!(e.contains("nested more than"), "{e}");
         let e = repo
-            .collect_tree(&t, &mut Default::default(), &Default::default(), &mut Vec::new(), 0)
+            .collect_tree(
+                &t,
+                &mut Default::default(),
+                &Default::default(),
+                &mut Vec::new(),
+                0,
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains("nested more than"), "{e}");
         // 40 levels, each naming the level below twice: 2^40 paths.
-        let mut t = repo.store_object("tree", &entry("100644", "f", &blob)).unwrap();
+        let mut t = repo
+            .store_object("tree", &entry("100644", "f", &blob))
+            .unwrap();
         for _ in 0..40 {
             let mut body = entry("40000", "a", &t);
             body.extend(entry("40000", "b", &t));
@@ -1300,7 +1316,9 @@ mod tests {
         assert!(e.contains("more than 1000000 entries"), "{e}");
         // Names that are not one path component.
         for name in ["..", ".", ".git", "a/../../b", ""] {
-            let t = repo.store_object("tree", &entry("100644", name, &blob)).unwrap();
+            let t = repo
+                .store_object("tree", &entry("100644", name, &blob))
+                .unwrap();
             let e = repo.tree_files(&t).unwrap_err().to_string();
             assert!(e.contains("is not a file name"), "{name:?}: {e}");
         }

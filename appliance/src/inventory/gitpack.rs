@@ -471,7 +471,9 @@ mod tests {
             let (pack, offs) = pack_bytes(&chain(n));
             let set = write(dir.path(), &pack, &idx_bytes(&pack, &[(tip, offs[n])]));
             match set.read(&tip) {
-                Ok(Some((kind, body))) if ok => assert_eq!((kind.as_str(), &body[..]), ("blob", &b"a"[..])),
+                Ok(Some((kind, body))) if ok => {
+                    assert_eq!((kind.as_str(), &body[..]), ("blob", &b"a"[..]))
+                }
                 Err(e) if !ok => assert!(e.to_string().contains("too deep"), "{e}"),
                 other => panic!("chain of {n}: {other:?}"),
             }
@@ -482,7 +484,11 @@ mod tests {
         let ea = [header(7, 4), b.to_vec(), delta.clone()].concat();
         let eb = [header(7, 4), a.to_vec(), delta].concat();
         let (pack, offs) = pack_bytes(&[ea, eb]);
-        let set = write(dir.path(), &pack, &idx_bytes(&pack, &[(a, offs[0]), (b, offs[1])]));
+        let set = write(
+            dir.path(),
+            &pack,
+            &idx_bytes(&pack, &[(a, offs[0]), (b, offs[1])]),
+        );
         let e = set.read(&a).unwrap_err().to_string();
         assert!(e.contains("too deep"), "{e}");
         // A delta announcing a terabyte, and an object claiming one.
@@ -512,14 +518,21 @@ mod tests {
         let mut entries = chain(3);
         entries.push([header(3, 5), zlib(b"hello")].concat());
         let (pack, offs) = pack_bytes(&entries);
-        let ids: Vec<(Oid, usize)> = offs.iter().enumerate().map(|(i, o)| ([i as u8 * 40; 20], *o)).collect();
+        let ids: Vec<(Oid, usize)> = offs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| ([i as u8 * 40; 20], *o))
+            .collect();
         let idx = idx_bytes(&pack, &ids);
         let mut rng = crate::mutate::Rng::new(0x5eed_6a1c);
         for i in 0..600 {
             let (p, x) = if i % 3 == 0 {
                 (pack.clone(), rng.mutate(&idx[..idx.len() - 40]))
             } else {
-                (rng.mutate(&pack[..pack.len() - 20]), idx[..idx.len() - 40].to_vec())
+                (
+                    rng.mutate(&pack[..pack.len() - 20]),
+                    idx[..idx.len() - 40].to_vec(),
+                )
             };
             let mut p = p;
             let sum: [u8; 20] = Sha1::digest(&p).into();

@@ -1310,7 +1310,8 @@ async fn ipxe_injection_is_refused_at_write_time() {
             .await;
         assert_eq!(st, StatusCode::CONFLICT, "{bad:?}: {body}");
         assert!(
-            body.contains("agent_kernel_options") && body.contains("kernel options must be one line"),
+            body.contains("agent_kernel_options")
+                && body.contains("kernel options must be one line"),
             "{bad:?}: {body}"
         );
         for (uri, obj) in [
@@ -1358,13 +1359,18 @@ async fn ipxe_injection_is_refused_at_write_time() {
     // Settings with a bad default profile name or variable name.
     let mut s = a.state.inventory.read().unwrap().settings().clone();
     s.default_profile = "web\nshell".into();
-    let (st, body) = a.call("PUT", "/api/v1/settings", Some(json!(s)), true).await;
+    let (st, body) = a
+        .call("PUT", "/api/v1/settings", Some(json!(s)), true)
+        .await;
     assert_eq!(st, StatusCode::CONFLICT, "{body}");
     assert!(body.contains("default_profile"), "{body}");
     // Plain options, iPXE settings expansion and URLs with queries pass.
     let mut s = a.state.inventory.read().unwrap().settings().clone();
-    s.agent_kernel_options = "console=ttyS0,115200 BOOTIF=${net0/mac} ds=nocloud-net;s=http://x/".into();
-    let (st, body) = a.call("PUT", "/api/v1/settings", Some(json!(s)), true).await;
+    s.agent_kernel_options =
+        "console=ttyS0,115200 BOOTIF=${net0/mac} ds=nocloud-net;s=http://x/".into();
+    let (st, body) = a
+        .call("PUT", "/api/v1/settings", Some(json!(s)), true)
+        .await;
     assert_eq!(st, StatusCode::OK, "{body}");
     let (st, body) = a
         .call(
@@ -1391,14 +1397,24 @@ fn assert_only_our_lines(script: &str) {
             "unexpected line {line:?} in\n{script}"
         );
         assert!(!line.ends_with('\\'), "continued line {line:?}");
-        assert!(!line.contains(|c: char| c.is_control()), "control character in {line:?}");
+        assert!(
+            !line.contains(|c: char| c.is_control()),
+            "control character in {line:?}"
+        );
         if first == "choose" {
             // The renderer's own menu line, with its own separators.
             let def = line
                 .strip_prefix("choose --default ")
-                .and_then(|r| r.strip_suffix(" --timeout 20000 target && goto ${target} || goto local"))
+                .and_then(|r| {
+                    r.strip_suffix(" --timeout 20000 target && goto ${target} || goto local")
+                })
                 .unwrap_or_else(|| panic!("unexpected {line:?}"));
-            assert!(def == "local" || def.strip_prefix('e').is_some_and(|n| n.parse::<usize>().is_ok()));
+            assert!(
+                def == "local"
+                    || def
+                        .strip_prefix('e')
+                        .is_some_and(|n| n.parse::<usize>().is_ok())
+            );
         } else if !line.starts_with('#') {
             // No second command on the line (iPXE's command terminators).
             for w in line.split(' ').skip(1) {
@@ -1429,7 +1445,10 @@ fn an_old_inventory_cannot_inject_ipxe_commands() {
             vec![
                 Change::Write("settings.json".into(), settings.to_string().into_bytes()),
                 Change::Write("distros/deb2.json".into(), distro.to_string().into_bytes()),
-                Change::Write("profiles/p2.json".into(), json!({"distro": "deb2"}).to_string().into_bytes()),
+                Change::Write(
+                    "profiles/p2.json".into(),
+                    json!({"distro": "deb2"}).to_string().into_bytes(),
+                ),
                 Change::Write("systems/web1.json".into(), system.to_string().into_bytes()),
             ],
             &who().signature(),
@@ -1448,7 +1467,10 @@ fn an_old_inventory_cannot_inject_ipxe_commands() {
             let e = super::boot::try_ipxe_script(&d).unwrap_err();
             assert!(e.value.contains(bad), "{e}");
             assert!(script.contains("refused"), "{script}");
-            assert!(!script.contains("evil") && !script.contains("shell"), "{script}");
+            assert!(
+                !script.contains("evil") && !script.contains("shell"),
+                "{script}"
+            );
         }
         // An install: blending splits kernel options on whitespace (so a
         // newline became a space: more kernel arguments, no new command);
@@ -1472,7 +1494,9 @@ fn an_old_inventory_cannot_inject_ipxe_commands() {
         };
         assert!(super::boot::try_ipxe_script(&p2).is_err());
         assert_only_our_lines(&ipxe_script(&p2));
-        let why = super::boot::BootDecision::Local { why: format!("x {bad}") };
+        let why = super::boot::BootDecision::Local {
+            why: format!("x {bad}"),
+        };
         let script = ipxe_script(&why);
         assert_only_our_lines(&script);
         if bad.contains(|c: char| c.is_control()) || bad.ends_with('\\') {
@@ -1482,25 +1506,33 @@ fn an_old_inventory_cannot_inject_ipxe_commands() {
     // A hostile Host header (the server URL) is refused the same way.
     let d = decide(&inv, "aa:bb:cc:00:00:01", "10.0.0.1 ; chain http://evil/x");
     let script = ipxe_script(&d);
-    assert!(script.contains("refused") && !script.contains("evil"), "{script}");
+    assert!(
+        script.contains("refused") && !script.contains("evil"),
+        "{script}"
+    );
     for server in ["http://10.0.0.1 || shell", "http://10.0.0.1\nshell"] {
         let s = crate::pxe::agent_script(server, "console=ttyS0");
         assert!(s.contains("refused") && !s.contains("shell"), "{s}");
         assert_only_our_lines(&s);
     }
     assert!(crate::pxe::agent_script("http://10.0.0.1", "a ; shell").contains("refused"));
-    assert_only_our_lines(&crate::pxe::agent_script("http://10.0.0.1:8080", "console=ttyS0"));
+    assert_only_our_lines(&crate::pxe::agent_script(
+        "http://10.0.0.1:8080",
+        "console=ttyS0",
+    ));
 }
 
 /// Random values in every field of a decision: whatever the renderer
 /// serves has only its own lines.
 #[test]
 fn random_values_never_add_an_ipxe_line() {
-    let mut rng = crate::mutate::Rng::new(0x5eed_1be);
+    let mut rng = crate::mutate::Rng::new(0x5eed_01be);
     let alphabet: Vec<char> = "ab=:/. ;|&#\\\n\r\t${}\u{85}\u{2028}".chars().collect();
-    let mut word = |rng: &mut crate::mutate::Rng| -> String {
+    let word = |rng: &mut crate::mutate::Rng| -> String {
         let n = rng.below(12);
-        (0..n).map(|_| alphabet[rng.below(alphabet.len())]).collect()
+        (0..n)
+            .map(|_| alphabet[rng.below(alphabet.len())])
+            .collect()
     };
     for _ in 0..3000 {
         let entry = super::boot::BootEntry {

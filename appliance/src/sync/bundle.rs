@@ -178,8 +178,8 @@ pub fn import(node: &SyncNode, path: &Path) -> Result<ImportReport> {
     }
     let header: Header =
         serde_json::from_str(&line).context("parsing the bundle header; nothing applied")?;
-    let head = git::parse_hex_oid(&header.head)
-        .context("reading the bundle's head; nothing applied")?;
+    let head =
+        git::parse_hex_oid(&header.head).context("reading the bundle's head; nothing applied")?;
     let blob_start = check_sizes(&header, line.len() as u64, std::fs::metadata(path)?.len())
         .map_err(|why| anyhow::anyhow!("{}: {why}; nothing applied", path.display()))?;
     let mut pack = vec![0u8; header.pack_size as usize];
@@ -379,7 +379,12 @@ mod tests {
             )
             .into_bytes()
         };
-        let blob = |size: u64| format!("{{\"digest\":\"sha256:{}\",\"size\":{size}}}", "a".repeat(64));
+        let blob = |size: u64| {
+            format!(
+                "{{\"digest\":\"sha256:{}\",\"size\":{size}}}",
+                "a".repeat(64)
+            )
+        };
         // A 60-byte pack claiming a terabyte-sized object.
         let mut tiny = b"PACK\0\0\0\x02\0\0\0\x01".to_vec();
         tiny.extend_from_slice(&[0xb0, 0x80, 0x80, 0x80, 0x80, 0x20]);
@@ -390,9 +395,15 @@ mod tests {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (header(1 << 62, ""), "limit"),
             (header(u64::MAX, &blob(1)), "limit"),
-            (header(10, &format!("{},{}", blob(u64::MAX), blob(1))), "overflow"),
+            (
+                header(10, &format!("{},{}", blob(u64::MAX), blob(1))),
+                "overflow",
+            ),
             (header(100, ""), "bytes follow it"),
-            (header(0, &format!("{},{}", blob(1 << 40), blob(1 << 40))), "bytes follow it"),
+            (
+                header(0, &format!("{},{}", blob(1 << 40), blob(1 << 40))),
+                "bytes follow it",
+            ),
             (b"{\"from\":".to_vec(), "header"),
             (b"no newline at all".to_vec(), "header"),
             (header(tiny.len() as u64, ""), "pack"),
