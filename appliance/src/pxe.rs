@@ -45,8 +45,25 @@ pub struct PxeState {
 }
 
 /// The default script: boot this appliance's kernel and initramfs in agent
-/// mode, pointed back at `server`.
+/// mode, pointed back at `server`. `server` comes from the request's
+/// `Host` header: when it (or `extra`) could inject iPXE commands, the
+/// script is [`crate::inventory::boot::refused_script`] instead.
 pub fn agent_script(server: &str, extra: &str) -> String {
+    use crate::inventory::boot::{
+        ipxe_arg_problem, ipxe_url_problem, refused_script, UnsafeForIpxe,
+    };
+    let problem = ipxe_url_problem(server)
+        .map(|why| ("server URL", server, why))
+        .or_else(|| ipxe_arg_problem(extra).map(|why| ("kernel command line", extra, why)));
+    if let Some((field, value, why)) = problem {
+        let e = UnsafeForIpxe {
+            field,
+            value: value.to_owned(),
+            why,
+        };
+        tracing::warn!(error = %e, "refusing to serve an iPXE script");
+        return refused_script(&e);
+    }
     format!(
         "#!ipxe\n\
          echo Booting the appliance agent from {server}\n\

@@ -27,6 +27,9 @@ use super::ptable::TableKind;
 use super::store::hex_of;
 
 pub const SCHEMA: &str = "appliance.capture.v1";
+/// Largest `chunk_size`: chunks are read, compressed and uploaded whole
+/// (the server refuses a chunk of more than 64 MiB).
+pub const MAX_CHUNK: u64 = 64 << 20;
 
 /// A partition's filesystem as the capture saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,9 +129,9 @@ impl Manifest {
                 self.schema
             );
         }
-        if self.chunk_size == 0 || self.chunk_size % 4096 != 0 {
+        if self.chunk_size == 0 || self.chunk_size % 4096 != 0 || self.chunk_size > MAX_CHUNK {
             bail!(
-                "chunk_size {} is not a positive multiple of 4096",
+                "chunk_size {} is not a multiple of 4096 between 4096 and {MAX_CHUNK}",
                 self.chunk_size
             );
         }
@@ -192,8 +195,7 @@ impl Manifest {
         self.chunks
             .iter()
             .filter(|c| seen.insert(&c.blob))
-            .map(|c| c.stored)
-            .sum()
+            .fold(0u64, |n, c| n.saturating_add(c.stored))
     }
 
     /// Disk regions whose holes (bytes no chunk covers) must be zero on a
@@ -322,6 +324,7 @@ mod tests {
             (Box::new(|m| m.chunks[0].length = 0), "empty"),
             (Box::new(|m| m.chunks[0].digest = "md5:1".into()), "digest"),
             (Box::new(|m| m.partitions[1].offset = 2 << 20), "overlaps"),
+            (Box::new(|m| m.chunk_size = 1 << 40), "between 4096 and"),
         ];
         for (f, want) in cases {
             let mut m = manifest();
@@ -331,5 +334,18 @@ mod tests {
         }
         let e = Manifest::parse(b"{\"schema\":").unwrap_err();
         assert!(format!("{e:#}").contains("parsing"), "{e:#}");
+    }
+
+    /// Thousands of mutated manifests: each parses or is refused, none
+    /// panics, and the sums and holes of whatever parses do not overflow.
+    #[test]
+    fn mutated_manifests_never_panic() {
+        let good = manifest().to_bytes();
+        let mut rng = crate::mutate::Rng::new(0x5eed_c10e);
+        for _ in 0..3000 {
+            if let Ok(m) = Manifest::parse(&rng.mutate(&good)) {
+                let _ = (m.captured_bytes(), m.stored_bytes(), m.holes_to_zero());
+            }
+        }
     }
 }

@@ -334,10 +334,14 @@ pub fn capture(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(Manifest, CaptureReport)> {
     let started = Instant::now();
-    if opts.chunk_size < 4096 || opts.chunk_size % 4096 != 0 {
+    if opts.chunk_size < 4096
+        || opts.chunk_size % 4096 != 0
+        || opts.chunk_size > manifest::MAX_CHUNK
+    {
         return Err(anyhow!(
-            "chunk size {} is not a multiple of 4096",
-            opts.chunk_size
+            "chunk size {} is not a multiple of 4096 between 4096 and {}",
+            opts.chunk_size,
+            manifest::MAX_CHUNK
         ));
     }
     let (table, partitions, regions) = plan(disk, size)?;

@@ -237,27 +237,126 @@ pub fn decide(inv: &Inventory, mac: &str, server: &str) -> BootDecision {
     }
 }
 
-/// iPXE script text for a decision.
+/// A value that may not go into an iPXE script, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the {field} {value:?} cannot go into an iPXE script: {why}")]
+pub struct UnsafeForIpxe {
+    /// What the value is (a fixed phrase, never input).
+    pub field: &'static str,
+    pub value: String,
+    pub why: String,
+}
+
+/// Why `v` may not be the arguments of one iPXE command line, if it may
+/// not. iPXE has no quoting: a script line ends at a newline (CR is
+/// dropped, a trailing backslash joins the next line), and within a line
+/// the words `||`, `&&`, `;` and any word starting with `#` end the
+/// command (iPXE's `command_terminator`). Settings expansion (`${net0/mac}`)
+/// stays allowed: it fills in a value, it cannot add a command.
+pub fn ipxe_arg_problem(v: &str) -> Option<String> {
+    if let Some(c) = v.chars().find(|c| c.is_control()) {
+        return Some(format!(
+            "it holds the control character {c:?} (a newline would start another command)"
+        ));
+    }
+    if v.ends_with('\\') {
+        return Some("a trailing backslash would join the next script line to it".into());
+    }
+    v.split(' ')
+        .find(|w| matches!(*w, "||" | "&&" | ";") || w.starts_with('#'))
+        .map(|w| format!("the word {w:?} would end the iPXE command and start another"))
+}
+
+/// Why `v` may not be a kernel or initrd URL in an iPXE script, if it may
+/// not: a plain `http://` or `https://` URL of visible ASCII, no spaces,
+/// no backslash (which iPXE reads as "continued on the next line" at the
+/// end of one).
+pub fn ipxe_url_problem(v: &str) -> Option<String> {
+    let rest = v
+        .strip_prefix("http://")
+        .or_else(|| v.strip_prefix("https://"));
+    match rest {
+        None => Some("it is not an http:// or https:// URL".into()),
+        Some(r) if r.is_empty() || r.starts_with('/') => Some("the URL has no host".into()),
+        Some(_) => v
+            .chars()
+            .find(|&c| !c.is_ascii_graphic() || c == '\\')
+            .map(|c| format!("the URL holds {c:?} (only visible ASCII, no spaces or backslashes)")),
+    }
+}
+
+fn checked<'a>(
+    field: &'static str,
+    v: &'a str,
+    problem: fn(&str) -> Option<String>,
+) -> Result<&'a str, UnsafeForIpxe> {
+    match problem(v) {
+        None => Ok(v),
+        Some(why) => Err(UnsafeForIpxe {
+            field,
+            value: v.to_owned(),
+            why,
+        }),
+    }
+}
+
+/// Text of a `#` comment line: one line, no continuation.
+fn comment_problem(v: &str) -> Option<String> {
+    if let Some(c) = v.chars().find(|c| c.is_control()) {
+        return Some(format!("it holds the control character {c:?}"));
+    }
+    v.ends_with('\\')
+        .then(|| "a trailing backslash would join the next script line to it".into())
+}
+
+/// The script served instead of one that would not be safe: it says so on
+/// the console and boots the local disk. Names the field, never the value
+/// (the server log has that).
+pub fn refused_script(e: &UnsafeForIpxe) -> String {
+    format!(
+        "#!ipxe\n# refused: an unsafe {field} (see the server log)\n\
+         echo This machine's boot script was refused: its {field} holds characters that would change the script.\n\
+         echo See the server log. Booting from local disk.\n\
+         exit\n",
+        field = e.field
+    )
+}
+
+/// iPXE script text for a decision. A value that could inject commands
+/// (an inventory written before validation, a hostile `Host` header in
+/// `server`) gives [`refused_script`] instead, and a warning in the log.
 pub fn ipxe_script(d: &BootDecision) -> String {
+    try_ipxe_script(d).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "refusing to serve an iPXE script");
+        refused_script(&e)
+    })
+}
+
+/// iPXE script text for a decision, or the value that may not go into it.
+pub fn try_ipxe_script(d: &BootDecision) -> Result<String, UnsafeForIpxe> {
     let mut s = String::from("#!ipxe\n");
     match d {
         BootDecision::Local { why } => {
+            let why = checked("boot reason", why, comment_problem)?;
             s.push_str(&format!("# {why}\necho Booting from local disk\nexit\n"));
         }
         BootDecision::Boot { why, entry } => {
+            let why = checked("boot reason", why, comment_problem)?;
             s.push_str(&format!("# {why}\n"));
-            push_entry(&mut s, entry);
+            push_entry(&mut s, entry)?;
         }
         BootDecision::Menu {
             why,
             entries,
             default,
         } => {
+            let why = checked("boot reason", why, comment_problem)?;
             s.push_str(&format!(
                 "# {why}\nmenu Appliance network boot\nitem local Boot from local disk\n"
             ));
             for (i, e) in entries.iter().enumerate() {
-                s.push_str(&format!("item e{i} {}\n", e.label));
+                let label = checked("menu label", &e.label, ipxe_arg_problem)?;
+                s.push_str(&format!("item e{i} {label}\n"));
             }
             let def = default
                 .map(|i| format!("e{i}"))
@@ -268,22 +367,26 @@ pub fn ipxe_script(d: &BootDecision) -> String {
             s.push_str(":local\nexit\n");
             for (i, e) in entries.iter().enumerate() {
                 s.push_str(&format!(":e{i}\n"));
-                push_entry(&mut s, e);
+                push_entry(&mut s, e)?;
             }
         }
     }
-    s
+    Ok(s)
 }
 
-fn push_entry(s: &mut String, e: &BootEntry) {
-    let args = if e.cmdline.is_empty() {
+fn push_entry(s: &mut String, e: &BootEntry) -> Result<(), UnsafeForIpxe> {
+    let kernel = checked("kernel URL", &e.kernel, ipxe_url_problem)?;
+    let initrd = checked("initrd URL", &e.initrd, ipxe_url_problem)?;
+    let cmdline = checked("kernel command line", &e.cmdline, ipxe_arg_problem)?;
+    let args = if cmdline.is_empty() {
         String::new()
     } else {
-        format!(" {}", e.cmdline)
+        format!(" {cmdline}")
     };
-    s.push_str(&format!("kernel {} initrd=initrd.img{args}\n", e.kernel));
-    s.push_str(&format!("initrd --name initrd.img {}\n", e.initrd));
+    s.push_str(&format!("kernel {kernel} initrd=initrd.img{args}\n"));
+    s.push_str(&format!("initrd --name initrd.img {initrd}\n"));
     s.push_str("boot\n");
+    Ok(())
 }
 
 /// The backend the PXE services ask: MAC → iPXE script. `None` only for a

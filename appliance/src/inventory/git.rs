@@ -1035,10 +1035,13 @@ impl Repo {
     }
 }
 
+/// One tree's entries: (mode, name, id).
+type TreeEntries = Vec<(String, String, Oid)>;
+
 /// What one tree walk has read and counted.
 #[derive(Default)]
 struct Walk {
-    trees: std::collections::HashMap<Oid, std::rc::Rc<Vec<(String, String, Oid)>>>,
+    trees: std::collections::HashMap<Oid, std::rc::Rc<TreeEntries>>,
     visited: usize,
 }
 
@@ -1057,7 +1060,7 @@ fn check_depth(tree: &Oid, prefix: &str) -> Result<(), GitError> {
 /// Entries of a tree object body: (mode, name, id). A name that is not one
 /// plain path component (empty, `.`, `..`, `.git`, or holding `/`) is
 /// refused: tree paths become work-tree paths.
-fn parse_tree(tree: &Oid, body: &[u8]) -> Result<Vec<(String, String, Oid)>, GitError> {
+fn parse_tree(tree: &Oid, body: &[u8]) -> Result<TreeEntries, GitError> {
     let mut out = Vec::new();
     let mut rest = body;
     let bad = |why: String| GitError::Corrupt {

@@ -71,6 +71,24 @@ pub struct Settings {
     pub agent_kernel_options: String,
 }
 
+impl Settings {
+    /// Checks what needs only the settings: the kernel options go onto
+    /// iPXE `kernel` lines (one line, no command separators), variable
+    /// names are identifiers, a default profile is an object name.
+    pub fn check(&self) -> Result<(), Invalid> {
+        model::check_kernel_options("kernel_options", &self.kernel_options)?;
+        model::check_kernel_options("agent_kernel_options", &self.agent_kernel_options)?;
+        model::check_vars(&self.variables)?;
+        if !self.default_profile.is_empty() {
+            model::check_name(&self.default_profile).map_err(|e| Invalid {
+                field: "default_profile".into(),
+                message: e.message,
+            })?;
+        }
+        Ok(())
+    }
+}
+
 /// Errors of inventory operations, each with a stable API code.
 #[derive(Debug, thiserror::Error)]
 pub enum InvError {
@@ -382,6 +400,9 @@ impl Inventory {
 
     /// Replaces the global settings.
     pub fn set_settings(&mut self, settings: Settings, author: &Author) -> Result<(), InvError> {
+        settings
+            .check()
+            .map_err(|e| InvError::Conflict(format!("invalid settings: {e}")))?;
         if settings.default_boot == DefaultBoot::Install && settings.default_profile.is_empty() {
             return Err(InvError::Conflict(
                 "default_boot \"install\" needs default_profile".into(),

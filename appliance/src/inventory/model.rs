@@ -579,7 +579,11 @@ fn check_location(field: &str, v: &str) -> Result<(), Invalid> {
             return Ok(());
         }
     } else if v.starts_with("http://") || v.starts_with("https://") {
-        return Ok(());
+        // Rendered into iPXE scripts: a plain URL, one word.
+        return match super::boot::ipxe_url_problem(v) {
+            None => Ok(()),
+            Some(why) => Err(invalid(field, format!("{v:?}: {why}"))),
+        };
     }
     Err(invalid(
         field,
@@ -587,14 +591,19 @@ fn check_location(field: &str, v: &str) -> Result<(), Invalid> {
     ))
 }
 
-fn check_kernel_options(field: &str, v: &str) -> Result<(), Invalid> {
-    if v.contains(['\n', '\r', '\0']) {
-        return Err(invalid(field, "kernel options must be one line"));
+/// Kernel options go onto an iPXE `kernel` line: one line, and no word
+/// that iPXE reads as the end of the command (`||`, `&&`, `;`, `#…`).
+pub(crate) fn check_kernel_options(field: &str, v: &str) -> Result<(), Invalid> {
+    match super::boot::ipxe_arg_problem(v) {
+        None => Ok(()),
+        Some(why) => Err(invalid(
+            field,
+            format!("kernel options must be one line of plain words: {why}"),
+        )),
     }
-    Ok(())
 }
 
-fn check_vars(v: &Vars) -> Result<(), Invalid> {
+pub(crate) fn check_vars(v: &Vars) -> Result<(), Invalid> {
     for k in v.keys() {
         let ok = !k.is_empty()
             && k.as_bytes()[0].is_ascii_alphabetic() | (k.as_bytes()[0] == b'_')

