@@ -45,6 +45,7 @@ pub mod pxe;
 pub mod rebuild;
 pub mod replicas;
 pub mod replicate;
+pub mod repo;
 pub mod serve;
 pub mod sync;
 pub mod tftp;

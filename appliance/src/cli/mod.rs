@@ -15,6 +15,7 @@ mod clone;
 mod network;
 mod power;
 mod replica;
+mod repo;
 mod sync;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -60,8 +61,8 @@ pub enum Ops {
     Profile(Noun),
     /// Systems: machines by MAC, with profile or image and netboot flag.
     System(Noun),
-    /// Repos: package mirrors targets install from.
-    Repo(Noun),
+    /// Repos: package mirrors targets install from; `repo sync NAME`.
+    Repo(repo::RepoCmd),
     /// Images: disk captures or OCI images to deploy.
     Image(Noun),
     /// Templates: autoinstall files (minijinja).
@@ -307,7 +308,7 @@ pub fn run(op: Ops) -> Result<()> {
         Ops::Distro(n) => noun(Kind::Distro, n),
         Ops::Profile(n) => noun(Kind::Profile, n),
         Ops::System(n) => noun(Kind::System, n),
-        Ops::Repo(n) => noun(Kind::Repo, n),
+        Ops::Repo(r) => repo::repo(r),
         Ops::Image(n) => noun(Kind::Image, n),
         Ops::Template(n) => noun(Kind::Template, n),
         Ops::Snippet(n) => noun(Kind::Snippet, n),
