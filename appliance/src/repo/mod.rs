@@ -324,6 +324,35 @@ fn fetch_all(f: &dyn Fetch, url: &str, max: u64) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The signed text of a cleartext-signed `InRelease` (between the armour
+/// header's blank line and the signature).
+fn signed_section(text: &str) -> &str {
+    let start = text.find("\n\n").map(|i| i + 2).unwrap_or(0);
+    let end = text[start..]
+        .find("\n-----BEGIN PGP SIGNATURE")
+        .map(|i| start + i)
+        .unwrap_or(text.len());
+    &text[start..end]
+}
+
+/// `path → hex` of one hash field (`SHA512`, …) of a Release text.
+fn hash_list(release: &str, field: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut inside = false;
+    for line in release.lines() {
+        if !line.starts_with(' ') {
+            inside = line.trim_end() == format!("{field}:");
+            continue;
+        }
+        if inside {
+            if let [hex, _size, path] = line.split_whitespace().collect::<Vec<_>>()[..] {
+                out.insert(path.to_string(), hex.to_ascii_lowercase());
+            }
+        }
+    }
+    out
+}
+
 /// The fetcher for `upstream`: direct for loopback hosts, through the
 /// usual proxy variables otherwise.
 pub fn fetcher_for(upstream: &str) -> Box<dyn Fetch> {
@@ -394,9 +423,13 @@ pub fn sync_mirror(
             );
         }
         let text = String::from_utf8_lossy(&ir);
-        let by_hash = text
+        let signed = signed_section(&text);
+        let by_hash = signed
             .lines()
             .any(|l| l.trim().eq_ignore_ascii_case("Acquire-By-Hash: yes"));
+        // apt asks by-hash under the strongest hash listed (SHA512 when
+        // there is one); content is verified by SHA256, the name is apt's.
+        let sha512 = hash_list(signed, "SHA512");
         let (ir_digest, ir_size) = put_blob(data, &ir[..], None, &ir_path)?;
         prog.files_downloaded += 1;
         prog.bytes_downloaded += ir_size;
@@ -513,6 +546,9 @@ pub fn sync_mirror(
                         let fr = FileRef { digest: d.to_string(), size: s };
                         if by_hash {
                             files.insert(format!("{dist}/{dir}/by-hash/SHA256/{}", d.hex()), fr.clone());
+                            if let Some(h) = sha512.get(&rel_path) {
+                                files.insert(format!("{dist}/{dir}/by-hash/SHA512/{h}"), fr.clone());
+                            }
                         }
                         files.insert(path.clone(), fr);
                         if arch.is_some() && parsed.is_none() {

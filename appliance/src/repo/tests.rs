@@ -78,3 +78,16 @@ fn repo_objects_become_mirror_specs_with_defaults() {
     let v = serde_json::to_value(&old).unwrap();
     assert_eq!(v.as_object().unwrap().len(), 6, "{v}");
 }
+
+#[test]
+fn by_hash_names_come_from_the_signed_release() {
+    let ir = "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA512\n\nSuite: t\nAcquire-By-Hash: yes\n\
+              SHA256:\n aa 1 main/binary-amd64/Packages\nSHA512:\n BB 1 main/binary-amd64/Packages\n\
+              -----BEGIN PGP SIGNATURE-----\nSHA512:\n cc 1 evil\n-----END PGP SIGNATURE-----\n";
+    let signed = signed_section(ir);
+    assert!(signed.starts_with("Suite: t\n") && !signed.contains("evil"), "{signed}");
+    let h = hash_list(signed, "SHA512");
+    assert_eq!(h.len(), 1);
+    assert_eq!(h["main/binary-amd64/Packages"], "bb");
+    assert_eq!(hash_list(signed, "SHA256")["main/binary-amd64/Packages"], "aa");
+}
