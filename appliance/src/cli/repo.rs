@@ -20,6 +20,8 @@ pub struct RepoCmd {
     pub conn: Conn,
 }
 
+// Parsed once per run: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum RepoVerb {
     /// Sync an apt repo's partial mirror from upstream and wait for it.
