@@ -214,13 +214,15 @@ impl Agents {
                     Some(o) => {
                         g.remove(&o);
                     }
-                    None => return Err(ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "agents_full",
-                        format!(
+                    None => {
+                        return Err(ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "agents_full",
+                            format!(
                             "{MAX_AGENTS} agents checked in within the hour; not recording {mac}"
                         ),
-                    )),
+                        ))
+                    }
                 }
             }
             let rec = g

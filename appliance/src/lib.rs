@@ -48,6 +48,7 @@ pub mod pxe;
 pub mod rebuild;
 pub mod replicas;
 pub mod replicate;
+pub mod repo;
 pub mod serve;
 pub mod state;
 pub mod sync;

@@ -301,6 +301,12 @@ pub async fn build_app(
         )));
     }
     if let Some(inv) = inventory {
+        // Apt partial mirrors of the inventory's apt repos.
+        routes.extend(crate::repo::api::routes(crate::repo::api::RepoState::new(
+            opts.data.clone(),
+            inv.inventory.clone(),
+            inv.events.clone(),
+        )));
         routes.extend(crate::inventory::api::routes(inv));
     }
     let app = crate::http::build(routes, auth);

@@ -163,6 +163,9 @@ fn appliance_boots_under_ovmf_without_an_rng_reports_its_release_and_powers_off(
         !serial.contains(WAITING),
         "the second boot waited for the random pool:\n{serial}"
     );
-    assert!(vm.first_token().is_none(), "a second first token:\n{serial}");
+    assert!(
+        vm.first_token().is_none(),
+        "a second first token:\n{serial}"
+    );
     power_off(&mut vm, port, &token);
 }

@@ -64,7 +64,9 @@ pub fn qemu(args: &[&str]) -> Result<()> {
     println!("appliance API: http://127.0.0.1:{port}/api/v1/version");
     println!("{}", r.body);
     let token = vm.first_token().unwrap_or_else(|| {
-        println!("the first API token follows on the console once the guest's random pool is ready");
+        println!(
+            "the first API token follows on the console once the guest's random pool is ready"
+        );
         "<token from the console>".into()
     });
     println!("API token (printed once by the appliance): {token}");

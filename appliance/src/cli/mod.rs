@@ -19,6 +19,7 @@ mod clone;
 mod network;
 mod power;
 mod replica;
+mod repo;
 mod sync;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -79,8 +80,8 @@ pub enum Ops {
     Profile(Noun),
     /// Systems: machines by MAC, with profile or image and netboot flag.
     System(Noun),
-    /// Repos: package mirrors targets install from.
-    Repo(Noun),
+    /// Repos: package mirrors targets install from; `repo sync NAME`.
+    Repo(repo::RepoCmd),
     /// Images: disk captures or OCI images to deploy.
     Image(Noun),
     /// Templates: autoinstall files (minijinja).
@@ -334,10 +335,10 @@ pub fn run(mut op: Ops, conn: Conn) -> Result<()> {
         Ops::Distro(n)
         | Ops::Profile(n)
         | Ops::System(n)
-        | Ops::Repo(n)
         | Ops::Image(n)
         | Ops::Template(n)
         | Ops::Snippet(n) => n.conn = conn,
+        Ops::Repo(r) => r.conn = conn,
         Ops::Report(r) => r.conn = conn,
         Ops::Status(s) => s.conn = conn,
         Ops::Settings(s) => s.conn = conn,
@@ -357,7 +358,7 @@ pub fn run(mut op: Ops, conn: Conn) -> Result<()> {
         Ops::Distro(n) => noun(Kind::Distro, n),
         Ops::Profile(n) => noun(Kind::Profile, n),
         Ops::System(n) => noun(Kind::System, n),
-        Ops::Repo(n) => noun(Kind::Repo, n),
+        Ops::Repo(r) => repo::repo(r),
         Ops::Image(n) => noun(Kind::Image, n),
         Ops::Template(n) => noun(Kind::Template, n),
         Ops::Snippet(n) => noun(Kind::Snippet, n),

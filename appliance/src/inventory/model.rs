@@ -236,9 +236,31 @@ pub struct Repo {
     /// `apt`, `yum`, `rsync`, …
     pub breed: String,
     pub arch: String,
-    /// Apt suite/components or other breed-specific settings.
+    /// Apt components (`main`) or other breed-specific settings.
     pub components: Vec<String>,
     pub comment: String,
+    /// Apt: suites to mirror (`bookworm`, `bookworm-updates`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub suites: Vec<String>,
+    /// Apt: architectures to mirror (default: `arch`, else `amd64`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub arches: Vec<String>,
+    /// Apt: packages mirrored (with their dependency closure) besides
+    /// every `required` and `important` one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
+    /// Apt: also mirror the `debian-installer` (udeb) indexes.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub installer: bool,
+    /// Apt: the OpenPGP keyring `InRelease` must verify against: a path on
+    /// the server, `sha256:<hex>` (a blob), or an ASCII-armoured key block;
+    /// empty means Debian's archive keyring.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub keyring: String,
+    /// Apt: `sha256:<hex>` of the mirror manifest blob
+    /// (`appliance.apt-mirror.v1`) the last sync made; set by the sync.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub snapshot: String,
 }
 
 /// A disk capture or an OCI image systems can be deployed from.

@@ -1,0 +1,694 @@
+//! Apt partial mirrors (`repo` objects of breed `apt`) that stock apt
+//! trusts with the distribution's own key.
+//!
+//! A sync ([`sync_mirror`]) fetches each suite's `InRelease` (and `Release`,
+//! `Release.gpg` when upstream has them and they agree with it), verifies
+//! the signature against the repo's keyring, fetches the indexes the mirror
+//! needs (`<comp>/binary-<arch>/Packages.*`, `<comp>/i18n/Translation-en.*`
+//! when listed, and with `installer` `<comp>/debian-installer/binary-<arch>/Packages.*`),
+//! each checked against the signed SHA256 list, computes the dependency
+//! closure ([`closure`]) and downloads those `.deb`s, each checked against
+//! its index entry. Every file is kept byte for byte, content-addressed in
+//! `<data>/blobs/sha256/<hex>` (so it travels with sync and bundles, and a
+//! `.deb` mirrored by two repos is stored once); the mirror's layout (path
+//! → digest) is a manifest blob (`appliance.apt-mirror.v1`) whose digest
+//! the sync writes into the repo object's `snapshot`. Nothing is re-signed:
+//! apt checks upstream's signature, upstream's index hashes and the
+//! `.deb` hashes itself.
+//!
+//! Resumable: a file whose digest is already a blob is never fetched again,
+//! and when a suite's `InRelease` is unchanged nothing but it is fetched.
+
+pub mod api;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use builder::Digest;
+use bundle::debian::{self, Fetch, Package};
+use serde::{Deserialize, Serialize};
+
+use crate::inventory::model::Repo;
+
+/// Schema name of a mirror manifest.
+pub const MANIFEST_SCHEMA: &str = "appliance.apt-mirror.v1";
+/// Debian's archive keyring, the default trust anchor.
+pub const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+
+/// One file of the mirror.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    /// `sha256:<hex>`: the blob holding its bytes.
+    pub digest: String,
+    pub size: u64,
+}
+
+/// What a suite's signed `Release` said.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SuiteInfo {
+    /// `Date:` of the upstream Release.
+    pub date: Option<String>,
+    /// Digest of the `InRelease` bytes.
+    pub inrelease: String,
+    pub by_hash: bool,
+}
+
+/// The mirror manifest (`appliance.apt-mirror.v1`), stored as a blob.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema: String,
+    pub upstream: String,
+    pub suites: BTreeMap<String, SuiteInfo>,
+    /// Mirror path (`dists/…`, `pool/…`) → blob.
+    pub files: BTreeMap<String, FileRef>,
+    /// `name_version_arch` of every mirrored package.
+    pub packages: Vec<String>,
+    /// Bytes of the distinct blobs the mirror uses.
+    pub bytes: u64,
+}
+
+impl Manifest {
+    pub fn from_blob(data: &Path, digest: &str) -> Result<Manifest> {
+        let bytes = read_blob(data, digest)?;
+        let m: Manifest =
+            serde_json::from_slice(&bytes).with_context(|| format!("mirror manifest {digest}"))?;
+        if m.schema != MANIFEST_SCHEMA {
+            bail!("mirror manifest {digest}: schema {:?}", m.schema);
+        }
+        Ok(m)
+    }
+}
+
+/// What a sync is asked to mirror.
+#[derive(Debug, Clone)]
+pub struct MirrorSpec {
+    pub name: String,
+    pub upstream: String,
+    pub suites: Vec<String>,
+    pub components: Vec<String>,
+    pub arches: Vec<String>,
+    pub packages: Vec<String>,
+    pub installer: bool,
+    pub keyring: Vec<u8>,
+}
+
+impl MirrorSpec {
+    /// The spec of an inventory repo (breed `apt`); reads its keyring.
+    pub fn from_repo(data: &Path, r: &Repo) -> Result<MirrorSpec> {
+        if r.breed != "apt" {
+            bail!(
+                "repo {} has breed {:?}: only apt repos are mirrored",
+                r.name,
+                r.breed
+            );
+        }
+        if r.mirror.is_empty() {
+            bail!("repo {} has no mirror URL", r.name);
+        }
+        if r.suites.is_empty() {
+            bail!("repo {} lists no suites", r.name);
+        }
+        let arches = if !r.arches.is_empty() {
+            r.arches.clone()
+        } else if !r.arch.is_empty() {
+            vec![r.arch.clone()]
+        } else {
+            vec!["amd64".into()]
+        };
+        let components = if r.components.is_empty() {
+            vec!["main".into()]
+        } else {
+            r.components.clone()
+        };
+        Ok(MirrorSpec {
+            name: r.name.clone(),
+            upstream: r.mirror.trim_end_matches('/').to_string(),
+            suites: r.suites.clone(),
+            components,
+            arches,
+            packages: r.packages.clone(),
+            installer: r.installer,
+            keyring: load_keyring(data, &r.keyring)?,
+        })
+    }
+}
+
+/// The keyring a repo names: empty (Debian's), a path, `sha256:<hex>` (a
+/// blob) or an armoured key block. Checked to hold at least one key.
+pub fn load_keyring(data: &Path, spec: &str) -> Result<Vec<u8>> {
+    let spec = spec.trim();
+    let bytes = if spec.is_empty() {
+        match std::fs::read(DEFAULT_KEYRING) {
+            Ok(b) => b,
+            Err(e) => {
+                // The image carries Debian's keyring in its bundle store.
+                let store = bundle::Store::open(data.join("bundle"))
+                    .map_err(|_| anyhow!("no keyring given and {DEFAULT_KEYRING}: {e}"))?;
+                let d = store
+                    .resolve(debian::KEYRING_REF)?
+                    .with_context(|| format!("no keyring given and {DEFAULT_KEYRING}: {e}"))?;
+                store.read_blob(&d.digest)?
+            }
+        }
+    } else if spec.starts_with("-----BEGIN") {
+        spec.as_bytes().to_vec()
+    } else if spec.starts_with("sha256:") {
+        read_blob(data, spec)?
+    } else {
+        std::fs::read(spec).with_context(|| format!("reading keyring {spec}"))?
+    };
+    debian::parse_keyring(
+        &bytes,
+        if spec.is_empty() {
+            DEFAULT_KEYRING
+        } else {
+            spec
+        },
+    )?;
+    Ok(bytes)
+}
+
+fn blob_dir(data: &Path) -> PathBuf {
+    data.join("blobs/sha256")
+}
+
+fn hex_of(digest: &str) -> Result<&str> {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("{digest:?} is not sha256:<hex>");
+    }
+    Ok(hex)
+}
+
+/// Where a blob lives.
+pub fn blob_path(data: &Path, digest: &str) -> Result<PathBuf> {
+    Ok(blob_dir(data).join(hex_of(digest)?))
+}
+
+fn read_blob(data: &Path, digest: &str) -> Result<Vec<u8>> {
+    let p = blob_path(data, digest)?;
+    std::fs::read(&p).with_context(|| format!("reading blob {}", p.display()))
+}
+
+/// Streams `r` into the blob store, temp file then rename, only if it is
+/// `size` bytes with sha256 `expected` (either when given). Returns the
+/// digest and size. `what` names the file in errors.
+fn put_blob(
+    data: &Path,
+    mut r: impl Read,
+    expected: Option<(Digest, u64)>,
+    what: &str,
+) -> Result<(Digest, u64)> {
+    use sha2::Digest as _;
+    let dir = blob_dir(data);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".apt-{}-{}.tmp",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let result = (|| -> Result<(Digest, u64)> {
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0u64;
+        let limit = expected.map(|(_, s)| s);
+        loop {
+            let k = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).with_context(|| format!("downloading {what}")),
+            };
+            n += k as u64;
+            if limit.is_some_and(|l| n > l) {
+                bail!(
+                    "{what}: longer than the {} bytes its index says",
+                    limit.unwrap_or(0)
+                );
+            }
+            h.update(&buf[..k]);
+            f.write_all(&buf[..k])
+                .with_context(|| format!("writing {}", tmp.display()))?;
+        }
+        let got = Digest(h.finalize().into());
+        if let Some((want, size)) = expected {
+            if n != size || got != want {
+                bail!(
+                    "{what}: hash mismatch: got {got} ({n} bytes), its signed index says {want} ({size} bytes)"
+                );
+            }
+        }
+        f.sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
+        let dest = dir.join(got.hex());
+        std::fs::rename(&tmp, &dest).with_context(|| format!("naming {}", dest.display()))?;
+        Ok((got, n))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn has_blob(data: &Path, d: &Digest) -> bool {
+    blob_dir(data).join(d.hex()).is_file()
+}
+
+/// Progress of a running sync, reported through a callback.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Progress {
+    pub phase: String,
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_downloaded: u64,
+    pub files_downloaded: u64,
+}
+
+/// What a finished sync did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncReport {
+    pub snapshot: String,
+    pub packages: usize,
+    pub bytes: u64,
+    pub files_downloaded: u64,
+    pub bytes_downloaded: u64,
+    pub suites: BTreeMap<String, SuiteInfo>,
+}
+
+/// The packages to mirror from one architecture's index (all suites):
+/// every `Priority: required` and `important` package, the `wanted` ones,
+/// and the closure of their `Depends` and `Pre-Depends`. For a group of
+/// alternatives the first one already chosen wins, else the first that
+/// exists as a real package, else the first provider of a virtual package
+/// (`Provides`). Version constraints are not used to choose (an index is
+/// one consistent suite; across suites the newest version is taken);
+/// `Recommends` and `Suggests` are not followed. Names only: the caller
+/// takes each name's newest version in every suite.
+pub fn closure(index: &[Package], wanted: &[String]) -> Result<BTreeSet<String>> {
+    let mut roots: BTreeSet<&str> = index
+        .iter()
+        .filter(|p| matches!(p.priority.as_deref(), Some("required" | "important")))
+        .map(|p| p.name.as_str())
+        .collect();
+    roots.extend(wanted.iter().map(String::as_str));
+    let roots: Vec<&str> = roots.into_iter().collect();
+    let chosen = debian::resolve(index, &roots, true)?;
+    Ok(chosen.into_iter().map(|p| p.name).collect())
+}
+
+/// The newest version of each name in `index`.
+fn newest_by_name(index: &[Package]) -> HashMap<&str, &Package> {
+    let mut m: HashMap<&str, &Package> = HashMap::new();
+    for p in index {
+        match m.get(p.name.as_str()) {
+            Some(q) if debian::compare_versions(&q.version, &p.version).is_ge() => {}
+            _ => {
+                m.insert(&p.name, p);
+            }
+        }
+    }
+    m
+}
+
+fn decompress(path: &str, bytes: &[u8]) -> Result<String> {
+    let mut r: Box<dyn Read> = if path.ends_with(".xz") {
+        Box::new(liblzma::read::XzDecoder::new_multi_decoder(bytes))
+    } else if path.ends_with(".gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(bytes))
+    } else {
+        Box::new(bytes)
+    };
+    let mut s = String::new();
+    r.read_to_string(&mut s)
+        .with_context(|| format!("decompressing {path}"))?;
+    Ok(s)
+}
+
+fn fetch_all(f: &dyn Fetch, url: &str, max: u64) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    f.get(url)?
+        .take(max)
+        .read_to_end(&mut out)
+        .with_context(|| format!("fetching {url}"))?;
+    Ok(out)
+}
+
+/// The signed text of a cleartext-signed `InRelease` (between the armour
+/// header's blank line and the signature).
+fn signed_section(text: &str) -> &str {
+    let start = text.find("\n\n").map(|i| i + 2).unwrap_or(0);
+    let end = text[start..]
+        .find("\n-----BEGIN PGP SIGNATURE")
+        .map(|i| start + i)
+        .unwrap_or(text.len());
+    &text[start..end]
+}
+
+/// `path → hex` of one hash field (`SHA512`, …) of a Release text.
+fn hash_list(release: &str, field: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut inside = false;
+    for line in release.lines() {
+        if !line.starts_with(' ') {
+            inside = line.trim_end() == format!("{field}:");
+            continue;
+        }
+        if inside {
+            if let [hex, _size, path] = line.split_whitespace().collect::<Vec<_>>()[..] {
+                out.insert(path.to_string(), hex.to_ascii_lowercase());
+            }
+        }
+    }
+    out
+}
+
+/// The fetcher for `upstream`: direct for loopback hosts, through the
+/// usual proxy variables otherwise.
+pub fn fetcher_for(upstream: &str) -> Box<dyn Fetch> {
+    let host = upstream
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .split('/')
+        .next()
+        .unwrap_or("");
+    if host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]") {
+        Box::new(debian::HttpFetcher::direct())
+    } else {
+        Box::new(debian::HttpFetcher::new())
+    }
+}
+
+/// Syncs the mirror `spec` into `data`'s blob store and returns the new
+/// manifest (stored as a blob; its digest is the report's `snapshot`).
+/// `previous` is the last manifest, if any: unchanged suites are taken
+/// from it without fetching anything but `InRelease`.
+pub fn sync_mirror(
+    data: &Path,
+    spec: &MirrorSpec,
+    previous: Option<&Manifest>,
+    fetcher: &dyn Fetch,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<SyncReport> {
+    let mut prog = Progress::default();
+    let mut files: BTreeMap<String, FileRef> = BTreeMap::new();
+    let mut suites = BTreeMap::new();
+    // Per arch: every suite's packages, and per suite its own index.
+    let mut per_arch: BTreeMap<String, Vec<(String, Vec<Package>)>> = BTreeMap::new();
+    let url = |p: &str| format!("{}/{p}", spec.upstream);
+
+    let download =
+        |path: &str, want: Option<(Digest, u64)>, prog: &mut Progress| -> Result<(Digest, u64)> {
+            if let Some((d, s)) = want {
+                if has_blob(data, &d) {
+                    return Ok((d, s));
+                }
+            }
+            let u = url(path);
+            let r = fetcher.get(&u)?;
+            let got = put_blob(data, r, want, path)?;
+            prog.files_downloaded += 1;
+            prog.bytes_downloaded += got.1;
+            Ok(got)
+        };
+
+    for suite in &spec.suites {
+        prog.phase = format!("{suite}: InRelease");
+        progress(&prog);
+        let dist = format!("dists/{suite}");
+        let ir_path = format!("{dist}/InRelease");
+        let ir = fetch_all(fetcher, &url(&ir_path), 64 << 20)?;
+        let release = debian::verify_inrelease(&ir, &spec.keyring, &ir_path)?;
+        if ![&release.suite, &release.codename]
+            .iter()
+            .any(|n| n.as_deref() == Some(suite.as_str()))
+        {
+            bail!(
+                "{ir_path}: is for suite {:?} (codename {:?}), not {suite}",
+                release.suite.as_deref().unwrap_or(""),
+                release.codename.as_deref().unwrap_or("")
+            );
+        }
+        let text = String::from_utf8_lossy(&ir);
+        let signed = signed_section(&text);
+        let by_hash = signed
+            .lines()
+            .any(|l| l.trim().eq_ignore_ascii_case("Acquire-By-Hash: yes"));
+        // apt asks by-hash under the strongest hash listed (SHA512 when
+        // there is one); content is verified by SHA256, the name is apt's.
+        let sha512 = hash_list(signed, "SHA512");
+        let (ir_digest, ir_size) = put_blob(data, &ir[..], None, &ir_path)?;
+        prog.files_downloaded += 1;
+        prog.bytes_downloaded += ir_size;
+        files.insert(
+            ir_path.clone(),
+            FileRef {
+                digest: ir_digest.to_string(),
+                size: ir_size,
+            },
+        );
+        let unchanged = previous.and_then(|m| {
+            m.suites
+                .get(suite)
+                .filter(|s| s.inrelease == ir_digest.to_string())
+        });
+        // Release and Release.gpg: kept when upstream has them and the
+        // Release says what the signed InRelease says.
+        match unchanged {
+            Some(_) => {
+                let prev = previous.expect("unchanged implies previous");
+                for f in ["Release", "Release.gpg"] {
+                    let p = format!("{dist}/{f}");
+                    if let Some(r) = prev.files.get(&p) {
+                        files.insert(p, r.clone());
+                    }
+                }
+            }
+            None => {
+                if let Ok(rel) = fetch_all(fetcher, &url(&format!("{dist}/Release")), 64 << 20) {
+                    let same = std::str::from_utf8(&rel)
+                        .ok()
+                        .and_then(|t| debian::parse_release(t, "Release").ok())
+                        .is_some_and(|r| r.sha256 == release.sha256 && r.date == release.date);
+                    if same {
+                        let (d, s) = put_blob(data, &rel[..], None, "Release")?;
+                        files.insert(
+                            format!("{dist}/Release"),
+                            FileRef {
+                                digest: d.to_string(),
+                                size: s,
+                            },
+                        );
+                        if let Ok(sig) =
+                            fetch_all(fetcher, &url(&format!("{dist}/Release.gpg")), 1 << 20)
+                        {
+                            let (d, s) = put_blob(data, &sig[..], None, "Release.gpg")?;
+                            files.insert(
+                                format!("{dist}/Release.gpg"),
+                                FileRef {
+                                    digest: d.to_string(),
+                                    size: s,
+                                },
+                            );
+                        }
+                    } else {
+                        tracing::warn!(
+                            suite,
+                            "upstream Release differs from InRelease; serving InRelease only"
+                        );
+                    }
+                }
+            }
+        }
+        suites.insert(
+            suite.clone(),
+            SuiteInfo {
+                date: release.date.clone(),
+                inrelease: ir_digest.to_string(),
+                by_hash,
+            },
+        );
+
+        // The indexes: every compression upstream lists and has.
+        let mut dirs: Vec<(String, Option<String>, &[&str])> = Vec::new();
+        for comp in &spec.components {
+            for arch in &spec.arches {
+                dirs.push((
+                    format!("{comp}/binary-{arch}"),
+                    Some(arch.clone()),
+                    &["Packages.xz", "Packages.gz", "Packages"],
+                ));
+                if spec.installer {
+                    dirs.push((
+                        format!("{comp}/debian-installer/binary-{arch}"),
+                        None,
+                        &["Packages.xz", "Packages.gz", "Packages"],
+                    ));
+                }
+            }
+            dirs.push((
+                format!("{comp}/i18n"),
+                None,
+                &[
+                    "Translation-en.xz",
+                    "Translation-en.bz2",
+                    "Translation-en.gz",
+                    "Translation-en",
+                ],
+            ));
+        }
+        for (dir, arch, names) in dirs {
+            prog.phase = format!("{suite}: {dir}");
+            progress(&prog);
+            let mut parsed: Option<Vec<Package>> = None;
+            let mut any_listed = false;
+            let mut errors = Vec::new();
+            for name in names {
+                let rel_path = format!("{dir}/{name}");
+                let Some(&(digest, size)) = release.sha256.get(&rel_path) else {
+                    continue;
+                };
+                any_listed = true;
+                let path = format!("{dist}/{rel_path}");
+                let got = if has_blob(data, &digest) {
+                    Ok((digest, size))
+                } else {
+                    match fetcher.get(&url(&path)) {
+                        // Upstream lists more compressions than it has
+                        // (Debian lists the uncompressed Packages).
+                        Err(e) => Err(e),
+                        Ok(r) => {
+                            let (d, s) = put_blob(data, r, Some((digest, size)), &path)?;
+                            prog.files_downloaded += 1;
+                            prog.bytes_downloaded += s;
+                            Ok((d, s))
+                        }
+                    }
+                };
+                match got {
+                    Ok((d, s)) => {
+                        let fr = FileRef {
+                            digest: d.to_string(),
+                            size: s,
+                        };
+                        if by_hash {
+                            files.insert(
+                                format!("{dist}/{dir}/by-hash/SHA256/{}", d.hex()),
+                                fr.clone(),
+                            );
+                            if let Some(h) = sha512.get(&rel_path) {
+                                files
+                                    .insert(format!("{dist}/{dir}/by-hash/SHA512/{h}"), fr.clone());
+                            }
+                        }
+                        files.insert(path.clone(), fr);
+                        if arch.is_some() && parsed.is_none() {
+                            let bytes = read_blob(data, &d.to_string())?;
+                            let text = decompress(&path, &bytes)?;
+                            parsed = Some(debian::parse_packages(&text, &path)?);
+                        }
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            if let Some(arch) = arch {
+                let pkgs = parsed.ok_or_else(|| {
+                    if any_listed {
+                        anyhow!(
+                            "{dist}/{dir}: no Packages index could be fetched: {}",
+                            errors.join("; ")
+                        )
+                    } else {
+                        anyhow!("{dist}/InRelease lists no {dir}/Packages index")
+                    }
+                })?;
+                per_arch
+                    .entry(arch)
+                    .or_default()
+                    .push((suite.clone(), pkgs));
+            }
+        }
+    }
+
+    // The closure, per architecture over every suite; then each chosen
+    // name's newest version in every suite that has it.
+    let mut debs: BTreeMap<String, (Digest, u64, String)> = BTreeMap::new();
+    for (arch, per_suite) in &per_arch {
+        prog.phase = format!("closure ({arch})");
+        progress(&prog);
+        let all: Vec<Package> = per_suite
+            .iter()
+            .flat_map(|(_, p)| p.iter().cloned())
+            .collect();
+        let names = closure(&all, &spec.packages)?;
+        for (_, pkgs) in per_suite {
+            let newest = newest_by_name(pkgs);
+            for n in &names {
+                if let Some(p) = newest.get(n.as_str()) {
+                    if p.filename.starts_with('/') || p.filename.split('/').any(|s| s == "..") {
+                        bail!("{}: unsafe Filename {:?}", p.name, p.filename);
+                    }
+                    debs.insert(
+                        p.filename.clone(),
+                        (
+                            p.sha256,
+                            p.size,
+                            format!("{}_{}_{}", p.name, p.version, p.architecture),
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    prog.files_total = debs.len() as u64;
+    prog.files_done = 0;
+    let mut packages = BTreeSet::new();
+    for (filename, (digest, size, id)) in &debs {
+        prog.phase = format!("pool: {filename}");
+        progress(&prog);
+        let (d, s) = download(filename, Some((*digest, *size)), &mut prog)?;
+        files.insert(
+            filename.clone(),
+            FileRef {
+                digest: d.to_string(),
+                size: s,
+            },
+        );
+        packages.insert(id.clone());
+        prog.files_done += 1;
+    }
+    let bytes: u64 = files
+        .values()
+        .map(|f| (f.digest.as_str(), f.size))
+        .collect::<BTreeMap<&str, u64>>()
+        .values()
+        .sum();
+    let manifest = Manifest {
+        schema: MANIFEST_SCHEMA.into(),
+        upstream: spec.upstream.clone(),
+        suites: suites.clone(),
+        files,
+        packages: packages.into_iter().collect(),
+        bytes,
+    };
+    let bytes = serde_json::to_vec_pretty(&manifest)?;
+    let (snapshot, _) = put_blob(data, &bytes[..], None, "mirror manifest")?;
+    prog.phase = "done".into();
+    progress(&prog);
+    Ok(SyncReport {
+        snapshot: snapshot.to_string(),
+        packages: manifest.packages.len(),
+        bytes: manifest.bytes,
+        files_downloaded: prog.files_downloaded,
+        bytes_downloaded: prog.bytes_downloaded,
+        suites,
+    })
+}
+
+#[cfg(test)]
+mod tests;

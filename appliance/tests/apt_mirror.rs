@@ -1,0 +1,566 @@
+//! Apt partial mirrors end to end, with real peers on loopback: a tiny
+//! archive built and signed with Debian's own tools (`dpkg-deb`,
+//! `apt-ftparchive`, `gpg`, `xz`) served by a loopback HTTP server,
+//! mirrored by `appliance repo sync` through a real `appliance serve`, and
+//! then used by stock `apt-get` with signature checking on.
+
+mod common;
+use common::{bin, server};
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+
+/// Tools the fixture needs; missing ones fail the test (they are in
+/// xtask/debian-packages.txt).
+fn need_tools() {
+    for t in ["dpkg-deb", "apt-ftparchive", "gpg", "xz", "gzip", "apt-get"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(
+            found,
+            "{t} is missing: install apt-utils, gnupg, xz-utils, dpkg"
+        );
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let o = cmd.output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// The fixture archive: `root` (dists/, pool/) and the public key.
+struct Archive {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    key: PathBuf,
+}
+
+/// Six packages: `hello-app` depends on `libgreet (>= 1.0)`,
+/// `nonexistent-pkg | alt-real` and the virtual `virtual-mta` (provided
+/// by `mail-provider`); `libgreet` pre-depends on `base-req`, which is
+/// `Priority: required` anyway; `outsider` is in nobody's closure.
+fn build_archive() -> Archive {
+    need_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("archive");
+    let pkgs: &[(&str, &str, &str)] = &[
+        (
+            "hello-app",
+            "optional",
+            "Depends: libgreet (>= 1.0), nonexistent-pkg | alt-real, virtual-mta\n",
+        ),
+        ("libgreet", "optional", "Pre-Depends: base-req\n"),
+        ("base-req", "required", ""),
+        ("alt-real", "optional", ""),
+        ("mail-provider", "optional", "Provides: virtual-mta\n"),
+        ("outsider", "optional", "Depends: libgreet\n"),
+    ];
+    for (name, prio, extra) in pkgs {
+        let src = dir.path().join("src").join(name);
+        std::fs::create_dir_all(src.join("DEBIAN")).unwrap();
+        std::fs::create_dir_all(src.join("usr/share/doc").join(name)).unwrap();
+        std::fs::write(src.join("usr/share/doc").join(name).join("README"), name).unwrap();
+        std::fs::write(
+            src.join("DEBIAN/control"),
+            format!(
+                "Package: {name}\nVersion: 1.0\nArchitecture: amd64\n\
+                 Maintainer: Test <test@example.invalid>\nPriority: {prio}\n{extra}\
+                 Description: test package {name}\n"
+            ),
+        )
+        .unwrap();
+        let pool = root.join(format!("pool/main/{}/{name}", &name[..1]));
+        std::fs::create_dir_all(&pool).unwrap();
+        run(Command::new("dpkg-deb")
+            .args(["--root-owner-group", "-Zxz", "--build"])
+            .arg(&src)
+            .arg(pool.join(format!("{name}_1.0_amd64.deb"))));
+    }
+    let bin_dir = root.join("dists/test/main/binary-amd64");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let packages = run(Command::new("apt-ftparchive")
+        .args(["packages", "pool"])
+        .current_dir(&root))
+    .stdout;
+    std::fs::write(bin_dir.join("Packages"), packages).unwrap();
+    run(Command::new("xz")
+        .args(["-k"])
+        .arg(bin_dir.join("Packages")));
+    run(Command::new("gzip")
+        .args(["-kn"])
+        .arg(bin_dir.join("Packages")));
+    let release = run(Command::new("apt-ftparchive")
+        .args([
+            "-o",
+            "APT::FTPArchive::Release::Suite=test",
+            "-o",
+            "APT::FTPArchive::Release::Codename=test",
+            "-o",
+            "APT::FTPArchive::Release::Components=main",
+            "-o",
+            "APT::FTPArchive::Release::Architectures=amd64",
+            "-o",
+            "APT::FTPArchive::Release::Acquire-By-Hash=yes",
+            "release",
+            "dists/test",
+        ])
+        .current_dir(&root))
+    .stdout;
+    let dist = root.join("dists/test");
+    std::fs::write(dist.join("Release"), release).unwrap();
+    // A throwaway signing key in a temp GNUPGHOME.
+    let gnupg = dir.path().join("gnupg");
+    std::fs::create_dir_all(&gnupg).unwrap();
+    std::fs::set_permissions(&gnupg, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let gpg = || {
+        let mut c = Command::new("gpg");
+        c.env("GNUPGHOME", &gnupg).args([
+            "--batch",
+            "--quiet",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase",
+            "",
+        ]);
+        c
+    };
+    run(gpg().args([
+        "--quick-gen-key",
+        "Test Archive <archive@example.invalid>",
+        "ed25519",
+        "sign",
+        "never",
+    ]));
+    run(gpg()
+        .args(["--yes", "--digest-algo", "SHA256", "--clearsign", "-o"])
+        .arg(dist.join("InRelease"))
+        .arg(dist.join("Release")));
+    run(gpg()
+        .args([
+            "--yes",
+            "--digest-algo",
+            "SHA256",
+            "--armor",
+            "--detach-sign",
+            "-o",
+        ])
+        .arg(dist.join("Release.gpg"))
+        .arg(dist.join("Release")));
+    let key = dir.path().join("archive-key.gpg");
+    let exported = run(gpg().args(["--export"])).stdout;
+    assert!(!exported.is_empty());
+    std::fs::write(&key, exported).unwrap();
+    let _ = Command::new("gpgconf")
+        .env("GNUPGHOME", &gnupg)
+        .args(["--kill", "gpg-agent"])
+        .status();
+    Archive {
+        _dir: dir,
+        root,
+        key,
+    }
+}
+
+type Files = Arc<Mutex<HashMap<String, Vec<u8>>>>;
+type Log = Arc<Mutex<Vec<String>>>;
+
+/// A loopback HTTP server holding every file of `root` in memory (so a
+/// test can tamper with one), logging the paths asked for.
+fn upstream(root: &Path) -> (String, Files, Log) {
+    let mut files = HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                files.insert(format!("/debian/{rel}"), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let files: Files = Arc::new(Mutex::new(files));
+    let log: Log = Arc::default();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/debian", listener.local_addr().unwrap());
+    let (f, l) = (files.clone(), log.clone());
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { continue };
+            let (f, l) = (f.clone(), l.clone());
+            std::thread::spawn(move || {
+                let _ = handle(s, &f, &l);
+            });
+        }
+    });
+    (url, files, log)
+}
+
+fn handle(mut s: TcpStream, files: &Files, log: &Log) -> std::io::Result<()> {
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 || h.trim().is_empty() {
+            break;
+        }
+    }
+    log.lock().unwrap().push(path.clone());
+    match files.lock().unwrap().get(&path).cloned() {
+        Some(b) => {
+            write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                b.len()
+            )?;
+            s.write_all(&b)?;
+        }
+        None => write!(
+            s,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?,
+    }
+    s.flush()
+}
+
+fn cli(url: &str, token: &str, args: &[&str]) -> Output {
+    bin()
+        .args(args)
+        .env("APPLIANCE_URL", url)
+        .env("APPLIANCE_TOKEN", token)
+        .env("HOME", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn ok(url: &str, token: &str, args: &[&str]) -> String {
+    let o = cli(url, token, args);
+    assert!(
+        o.status.success(),
+        "appliance {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn add_repo(url: &str, token: &str, name: &str, upstream: &str, key: &Path) {
+    ok(
+        url,
+        token,
+        &[
+            "repo",
+            "add",
+            name,
+            "--breed",
+            "apt",
+            "--mirror",
+            upstream,
+            "--set",
+            r#"suites=["test"]"#,
+            "--set",
+            r#"components=["main"]"#,
+            "--set",
+            r#"arches=["amd64"]"#,
+            "--set",
+            r#"packages=["hello-app"]"#,
+            "--set",
+            &format!("keyring={}", serde_json::json!(key.display().to_string())),
+        ],
+    );
+}
+
+fn http_get(url: &str) -> Result<Vec<u8>, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder().proxy(None).build().into();
+    match agent.get(url).call() {
+        Ok(r) => Ok(r.into_body().read_to_vec().map_err(|e| e.to_string())?),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Stock apt-get with its own state, only our source and key: `update`
+/// with signature checking on, then `install --download-only`.
+fn apt(work: &Path, source: &str, args: &[&str]) -> Output {
+    for d in [
+        "etc/parts",
+        "etc/trusted.d",
+        "etc/prefs.d",
+        "state/lists/partial",
+        "cache/archives/partial",
+    ] {
+        std::fs::create_dir_all(work.join(d)).unwrap();
+    }
+    std::fs::write(work.join("etc/sources.list"), source).unwrap();
+    if !work.join("status").exists() {
+        std::fs::write(work.join("status"), "").unwrap();
+    }
+    let w = |p: &str| format!("{}", work.join(p).display());
+    let opts = [
+        format!("Dir::Etc::SourceList={}", w("etc/sources.list")),
+        format!("Dir::Etc::SourceParts={}", w("etc/parts")),
+        format!("Dir::Etc::Parts={}", w("etc/parts")),
+        format!("Dir::Etc::Trusted={}", w("etc/trusted.gpg")),
+        format!("Dir::Etc::TrustedParts={}", w("etc/trusted.d")),
+        format!("Dir::Etc::Preferences={}", w("etc/preferences")),
+        format!("Dir::Etc::PreferencesParts={}", w("etc/prefs.d")),
+        format!("Dir::State={}", w("state")),
+        format!("Dir::State::status={}", w("status")),
+        format!("Dir::Cache={}", w("cache")),
+        "Debug::NoLocking=1".into(),
+        "APT::Sandbox::User=root".into(),
+        "APT::Architecture=amd64".into(),
+        "APT::Architectures::=amd64".into(),
+        "Acquire::http::Proxy=DIRECT".into(),
+        "Acquire::Languages=none".into(),
+        "Acquire::Retries=0".into(),
+    ];
+    let mut c = Command::new("apt-get");
+    for o in &opts {
+        c.arg("-o").arg(o);
+    }
+    c.args(args)
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn stock_apt_installs_from_a_synced_partial_mirror() {
+    let archive = build_archive();
+    let (up, _files, log) = upstream(&archive.root);
+    let data = tempfile::tempdir().unwrap();
+    let (_server, url, token) = server(data.path(), &[]);
+    let t = token.as_str();
+    add_repo(&url, t, "local", &up, &archive.key);
+
+    let out = ok(&url, t, &["repo", "sync", "local"]);
+    assert!(out.contains("local: 5 packages"), "{out}");
+    {
+        let log = log.lock().unwrap();
+        assert!(
+            log.iter().any(|p| p.ends_with("/hello-app_1.0_amd64.deb")),
+            "{log:?}"
+        );
+        assert!(
+            !log.iter().any(|p| p.contains("outsider")),
+            "outsider fetched: {log:?}"
+        );
+    }
+
+    // The mirror serves upstream's bytes; the package outside the closure
+    // is not in it; by-hash paths are served (Acquire-By-Hash: yes).
+    let mirror = format!("{url}/repos/local");
+    for p in [
+        "dists/test/InRelease",
+        "dists/test/Release",
+        "dists/test/Release.gpg",
+        "dists/test/main/binary-amd64/Packages.xz",
+        "pool/main/m/mail-provider/mail-provider_1.0_amd64.deb",
+    ] {
+        let got = http_get(&format!("{mirror}/{p}")).unwrap_or_else(|e| panic!("{p}: {e}"));
+        assert_eq!(got, std::fs::read(archive.root.join(p)).unwrap(), "{p}");
+    }
+    let xz = std::fs::read(
+        archive
+            .root
+            .join("dists/test/main/binary-amd64/Packages.xz"),
+    )
+    .unwrap();
+    let hex = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&xz))
+    };
+    assert_eq!(
+        http_get(&format!(
+            "{mirror}/dists/test/main/binary-amd64/by-hash/SHA256/{hex}"
+        ))
+        .unwrap(),
+        xz
+    );
+    let err = http_get(&format!(
+        "{mirror}/pool/main/o/outsider/outsider_1.0_amd64.deb"
+    ))
+    .unwrap_err();
+    assert!(err.contains("404"), "{err}");
+    // Every mirrored file is a blob (it travels with sync and bundles).
+    let deb = std::fs::read(
+        archive
+            .root
+            .join("pool/main/h/hello-app/hello-app_1.0_amd64.deb"),
+    )
+    .unwrap();
+    let deb_hex = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&deb))
+    };
+    assert!(data.path().join("blobs/sha256").join(&deb_hex).is_file());
+
+    let list = ok(&url, t, &["repo", "list"]);
+    let row = list
+        .lines()
+        .find(|l| l.starts_with("local "))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(
+        row.contains(" 5 ") && row.contains("ago") && row.contains("+0000"),
+        "{list}"
+    );
+
+    // Stock apt: update verifies InRelease against the throwaway key.
+    let work = tempfile::tempdir().unwrap();
+    let source = format!(
+        "deb [arch=amd64 signed-by={}] {mirror} test main\n",
+        archive.key.display()
+    );
+    let o = apt(work.path(), &source, &["update"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.status.success() && !text.contains("W:") && !text.contains("E:"),
+        "{text}"
+    );
+    // Served by hash (apt asks under SHA512 here), no fallback.
+    assert!(!text.contains("Ign:"), "{text}");
+    let o = apt(
+        work.path(),
+        &source,
+        &["install", "--download-only", "-y", "hello-app"],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{text}");
+    let mut got: Vec<String> = std::fs::read_dir(work.path().join("cache/archives"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".deb"))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "alt-real_1.0_amd64.deb",
+            "base-req_1.0_amd64.deb",
+            "hello-app_1.0_amd64.deb",
+            "libgreet_1.0_amd64.deb",
+            "mail-provider_1.0_amd64.deb"
+        ],
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read(work.path().join("cache/archives/hello-app_1.0_amd64.deb")).unwrap(),
+        deb
+    );
+
+    // The same mirror with another key: apt refuses (checking is on).
+    if Path::new("/usr/share/keyrings/debian-archive-keyring.gpg").exists() {
+        let other = tempfile::tempdir().unwrap();
+        let o = apt(
+            other.path(),
+            &format!("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {mirror} test main\n"),
+            &["update"],
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            text.contains("NO_PUBKEY") || text.contains("not signed"),
+            "{text}"
+        );
+    }
+
+    // A second sync with nothing new fetches nothing but InRelease.
+    log.lock().unwrap().clear();
+    let out = ok(&url, t, &["repo", "sync", "local"]);
+    assert!(out.contains("local: 5 packages"), "{out}");
+    assert_eq!(*log.lock().unwrap(), ["/debian/dists/test/InRelease"]);
+}
+
+#[test]
+fn tampered_indexes_and_packages_are_refused_naming_the_file() {
+    let archive = build_archive();
+    let (up, files, _log) = upstream(&archive.root);
+    let data = tempfile::tempdir().unwrap();
+    let (_server, url, token) = server(data.path(), &[]);
+    let t = token.as_str();
+    add_repo(&url, t, "bad", &up, &archive.key);
+    let flip = |path: &str| {
+        let mut f = files.lock().unwrap();
+        let b = f.get_mut(path).unwrap();
+        let i = b.len() / 2;
+        b[i] ^= 0x55;
+    };
+    let xz = "/debian/dists/test/main/binary-amd64/Packages.xz";
+    flip(xz);
+    let o = cli(&url, t, &["repo", "sync", "bad"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("dists/test/main/binary-amd64/Packages.xz") && err.contains("mismatch"),
+        "{err}"
+    );
+    flip(xz);
+    let deb = "/debian/pool/main/l/libgreet/libgreet_1.0_amd64.deb";
+    flip(deb);
+    let o = cli(&url, t, &["repo", "sync", "bad"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("pool/main/l/libgreet/libgreet_1.0_amd64.deb") && err.contains("mismatch"),
+        "{err}"
+    );
+    // Nothing was published, and the failure is on record.
+    let st = ok(&url, t, &["repo", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+    assert!(
+        v[0]["mirror_status"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("libgreet"),
+        "{v}"
+    );
+    assert!(v[0]["mirror_status"]["snapshot"].is_null(), "{v}");
+    // A signature from another key is refused too.
+    flip(deb);
+    let ir = "/debian/dists/test/InRelease";
+    {
+        let mut f = files.lock().unwrap();
+        let text = String::from_utf8(f[ir].clone()).unwrap();
+        f.insert(
+            ir.into(),
+            text.replace("Suite: test", "Suite: tesT").into_bytes(),
+        );
+    }
+    let o = cli(&url, t, &["repo", "sync", "bad"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("InRelease") && err.contains("signature"),
+        "{err}"
+    );
+}
