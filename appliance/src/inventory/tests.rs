@@ -626,7 +626,11 @@ fn api() -> Api {
     let dir = tempfile::tempdir().unwrap();
     let inv = sample(&dir.path().join("inventory"));
     let tokens = TokenStore::memory();
-    let token = tokens.create("ops").unwrap().1;
+    // Admin: settings are an admin route.
+    let token = tokens
+        .create_scoped("ops", crate::auth::Scope::Admin)
+        .unwrap()
+        .1;
     let state = Arc::new(InvState {
         inventory: Arc::new(RwLock::new(inv)),
         status: Mutex::new(StatusBook::open(None).unwrap()),
