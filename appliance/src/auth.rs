@@ -20,8 +20,8 @@
 //! do anything the API guards but the `admin` routes, `admin` tokens (the
 //! first token is one) everything;
 //! `replica:<node_id>` tokens are issued to a child at replication and may
-//! only call that child's own replica endpoints (check-in, sync). The
-//! operator checks ([`TokenStore::verify`]) never accept a replica token.
+//! only call that child's own replica endpoints (check-in, sync). What a
+//! scope may call is decided in one place, `crate::http::guard`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -46,17 +46,6 @@ pub enum Scope {
     /// Everything, including what only an administrator may do (tokens,
     /// the appliance's own power, settings).
     Admin,
-}
-
-impl Scope {
-    /// Whether this scope may act for the child `node_id`.
-    pub fn allows_replica(&self, node_id: &uuid::Uuid) -> bool {
-        match self {
-            Scope::Operator | Scope::Admin => true,
-            Scope::Replica(id) => id == node_id,
-            Scope::Read => false,
-        }
-    }
 }
 
 impl std::fmt::Display for Scope {
@@ -207,12 +196,6 @@ impl TokenStore {
             })?;
             bytes.push(b'\n');
             crate::state::write_atomic(path, &bytes, true, crate::state::Secrecy::Secret)?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                    .with_context(|| format!("restricting {}", path.display()))?;
-            }
         }
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         *cache = (None, tokens);
@@ -261,15 +244,6 @@ impl TokenStore {
         }
         self.save(tokens)?;
         Ok(n)
-    }
-
-    /// The name of the token `presented`, if it is a valid *operator* (or
-    /// admin) token. Replica and read tokens are refused here.
-    pub fn verify(&self, presented: &str) -> Option<String> {
-        match self.authenticate(presented) {
-            Some((name, Scope::Operator | Scope::Admin)) => Some(name),
-            _ => None,
-        }
     }
 
     /// Revokes every token of `scope`; returns how many (0 is not an error).
@@ -333,6 +307,10 @@ impl TokenStore {
 mod tests {
     use super::*;
 
+    fn name(store: &TokenStore, token: &str) -> Option<String> {
+        store.authenticate(token).map(|(n, _)| n)
+    }
+
     #[test]
     fn tokens_are_stored_hashed_and_revocable() {
         let dir = tempfile::tempdir().unwrap();
@@ -343,16 +321,16 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains(&first), "secret stored in clear");
         assert!(text.contains(&hash(&first)));
-        assert_eq!(store.verify(&first).as_deref(), Some("admin"));
+        assert_eq!(name(&store, &first).as_deref(), Some("admin"));
         // Another process (the CLI) adds a token: seen without restart.
         let other = TokenStore::open(&path);
         let (rec, ci) = other.create("ci").unwrap();
-        assert_eq!(store.verify(&ci).as_deref(), Some("ci"));
+        assert_eq!(name(&store, &ci).as_deref(), Some("ci"));
         other.revoke(&rec.id).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         // mtime granularity: force a re-read through a fresh store too.
-        assert_eq!(TokenStore::open(&path).verify(&ci), None);
-        assert_eq!(store.verify("apl_nope"), None);
+        assert_eq!(name(&TokenStore::open(&path), &ci), None);
+        assert_eq!(name(&store, "apl_nope"), None);
         assert!(other.revoke("nobody").is_err());
     }
 
@@ -394,7 +372,7 @@ mod tests {
         )
         .unwrap();
         let store = TokenStore::open(&path);
-        assert_eq!(store.verify(token).as_deref(), Some("admin"));
+        assert_eq!(name(&store, token).as_deref(), Some("admin"));
         assert_eq!(store.list().unwrap()[0].scope, Scope::Operator);
     }
 
@@ -405,12 +383,16 @@ mod tests {
         let (rec, t) = store
             .create_scoped("replica-a", Scope::Replica(id))
             .unwrap();
-        assert_eq!(store.verify(&t), None, "a replica token passed as operator");
+        assert!(
+            !matches!(
+                store.authenticate(&t),
+                Some((_, Scope::Operator | Scope::Admin))
+            ),
+            "a replica token passed as operator"
+        );
         let (name, scope) = store.authenticate(&t).unwrap();
         assert_eq!(name, "replica-a");
-        assert!(scope.allows_replica(&id));
-        assert!(!scope.allows_replica(&uuid::Uuid::new_v4()));
-        assert!(Scope::Operator.allows_replica(&id));
+        assert_eq!(scope, Scope::Replica(id));
         // Round trip through JSON.
         let v = serde_json::to_value(&rec).unwrap();
         assert_eq!(v["scope"], format!("replica:{id}"));

@@ -193,10 +193,6 @@ impl Auth {
             .find_map(|j| j.job_of(token))
     }
 
-    pub fn public_reads(&self) -> bool {
-        self.public_reads
-    }
-
     /// Decides whether a request with `token` may call a route guarded by
     /// `guard` with path parameters `params`.
     pub fn decide(

@@ -1116,6 +1116,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<(), GitE
         .map_err(io("writing", path))
 }
 
+/// A pack entry header for type `t` declaring `size` bytes (tests craft
+/// packs with it, here and in `gitpack`).
+#[cfg(test)]
+pub(crate) fn entry_header(t: u8, mut size: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut byte = (t << 4) | (size & 0x0f) as u8;
+    size >>= 4;
+    while size > 0 {
+        out.push(byte | 0x80);
+        byte = (size & 0x7f) as u8;
+        size >>= 7;
+    }
+    out.push(byte);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1159,20 +1175,6 @@ mod tests {
         let sum: [u8; 20] = Sha1::digest(&p).into();
         p.extend_from_slice(&sum);
         p
-    }
-
-    /// An entry header for type `t` declaring `size` bytes.
-    fn entry_header(t: u8, mut size: u64) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut byte = (t << 4) | (size & 0x0f) as u8;
-        size >>= 4;
-        while size > 0 {
-            out.push(byte | 0x80);
-            byte = (size & 0x7f) as u8;
-            size >>= 7;
-        }
-        out.push(byte);
-        out
     }
 
     fn zlib(data: &[u8]) -> Vec<u8> {

@@ -378,18 +378,7 @@ mod tests {
         z.finish().unwrap()
     }
 
-    fn header(t: u8, mut size: u64) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut byte = (t << 4) | (size & 0x0f) as u8;
-        size >>= 4;
-        while size > 0 {
-            out.push(byte | 0x80);
-            byte = (size & 0x7f) as u8;
-            size >>= 7;
-        }
-        out.push(byte);
-        out
-    }
+    use super::super::git::entry_header as header;
 
     /// git's offset encoding of an `OFS_DELTA` base distance.
     fn ofs(mut back: usize) -> Vec<u8> {

@@ -301,11 +301,10 @@ mod tests {
         SyncNode::new(dir, id, Arc::new(RwLock::new(inv)), None)
     }
 
-    #[test]
-    fn bundles_apply_once_and_bad_ones_apply_nothing() {
+    /// Two nodes; the first has made one change (a repo `r1`).
+    fn two_nodes_one_change(d1: &Path, d2: &Path) -> (SyncNode, SyncNode) {
         use crate::inventory::model::{Kind, Object};
-        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (a, b) = (node(d1.path()), node(d2.path()));
+        let (a, b) = (node(d1), node(d2));
         let repo = Object::from_json(
             Kind::Repo,
             serde_json::json!({"name": "r1", "mirror": "http://x"}),
@@ -316,6 +315,13 @@ mod tests {
             .unwrap()
             .create(repo, &crate::inventory::Author::new("t"))
             .unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn bundles_apply_once_and_bad_ones_apply_nothing() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = two_nodes_one_change(d1.path(), d2.path());
         std::fs::create_dir_all(a.blob_dir()).unwrap();
         let blob = b"blob bytes";
         let hex = hex::encode(Sha256::digest(blob));
@@ -348,7 +354,12 @@ mod tests {
         let r = import(&b, &file).unwrap();
         assert_eq!(r.blobs_added, 1);
         assert_eq!(b.head_and_state().1, a.head_and_state().1);
-        assert!(b.inventory.read().unwrap().get(Kind::Repo, "r1").is_some());
+        assert!(b
+            .inventory
+            .read()
+            .unwrap()
+            .get(crate::inventory::model::Kind::Repo, "r1")
+            .is_some());
         let again = import(&b, &file).unwrap();
         assert_eq!(again.merge.action, "unchanged");
         assert_eq!(again.blobs_added, 0);
@@ -432,19 +443,8 @@ mod tests {
     /// is refused; none panics or aborts.
     #[test]
     fn mutated_bundles_never_panic() {
-        use crate::inventory::model::{Kind, Object};
         let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (a, b) = (node(d1.path()), node(d2.path()));
-        let repo = Object::from_json(
-            Kind::Repo,
-            serde_json::json!({"name": "r1", "mirror": "http://x"}),
-        )
-        .unwrap();
-        a.inventory
-            .write()
-            .unwrap()
-            .create(repo, &crate::inventory::Author::new("t"))
-            .unwrap();
+        let (a, b) = two_nodes_one_change(d1.path(), d2.path());
         let mut good = Vec::new();
         export(&a, None, &mut good).unwrap();
         let body = &good[..good.len() - TRAILER as usize];
