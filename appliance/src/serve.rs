@@ -236,6 +236,11 @@ pub async fn build_app(
     let auth = crate::http::Auth::new(Some(tokens.clone()), !opts.private_reads);
     auth.add_jobs(Arc::new(cloning.clone()));
     auth.add_jobs(Arc::new(replication.clone()));
+    // The appliance's own OS installer (Debian from an apt mirror).
+    let os_installs =
+        crate::osinstall::server::OsInstalls::open(&opts.data, inventory.clone(), events.clone());
+    os_installs.start_watchdog();
+    auth.add_jobs(Arc::new(os_installs.clone()));
     crate::audit::init(&opts.data);
     let mut routes = api::routes(state.clone());
     routes.extend(crate::network::routes(networks.clone()));
@@ -247,6 +252,7 @@ pub async fn build_app(
     routes.extend(crate::clone::server::routes(cloning.clone()));
     routes.extend(crate::replicas::routes(replicas.clone()));
     routes.extend(crate::events::routes(events.clone()));
+    routes.extend(crate::osinstall::server::routes(os_installs.clone()));
     routes.extend(crate::metrics::routes(crate::metrics::MetricsState {
         app: state.clone(),
         events: events.clone(),
@@ -257,8 +263,11 @@ pub async fn build_app(
         crate::agents::Agents::open(&opts.data, events.clone()).with_work({
             let r = replication.clone();
             let c = cloning.clone();
+            let o = os_installs.clone();
             Arc::new(move |rec: &crate::agents::AgentRecord, base: &str| {
-                c.work_for(rec, base).or_else(|| r.work_for(rec, base))
+                c.work_for(rec, base)
+                    .or_else(|| r.work_for(rec, base))
+                    .or_else(|| o.work_for(rec, base))
             })
         }),
     ));

@@ -711,7 +711,8 @@ async fn cobbler_autoinstall(
 }
 
 /// Records an event; a finish turns netboot off (one commit).
-fn record(
+/// Record an install event for system `name` (and on finish, netboot off).
+pub(crate) fn record(
     st: &InvState,
     name: &str,
     event: Event,

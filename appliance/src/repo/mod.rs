@@ -625,7 +625,15 @@ pub fn sync_mirror(
             .iter()
             .flat_map(|(_, p)| p.iter().cloned())
             .collect();
-        let names = closure(&all, &spec.packages)?;
+        // What the appliance's own installer needs on every target
+        // (kernel, boot loaders, mkfs tools), where the index has it.
+        let mut wanted = spec.packages.clone();
+        for base in crate::osinstall::MIRROR_BASE {
+            if all.iter().any(|p| p.name == *base) && !wanted.iter().any(|w| w == base) {
+                wanted.push((*base).to_owned());
+            }
+        }
+        let names = closure(&all, &wanted)?;
         for (_, pkgs) in per_suite {
             let newest = newest_by_name(pkgs);
             for n in &names {
