@@ -366,11 +366,18 @@ pub fn unpack_data(mut r: impl Read, deb: &str, dest: &std::path::Path) -> Resul
             for e in ar.entries().map_err(io)? {
                 let mut e = e.map_err(io)?;
                 let raw = String::from_utf8_lossy(&e.path_bytes()).to_string();
-                if normalise_path(&raw).is_none() {
+                let Some(norm) = normalise_path(&raw) else {
                     return Err(DebError::UnsafePath {
                         deb: deb.to_string(),
                         path: raw,
                     });
+                };
+                // A directory that exists already, possibly as a link to
+                // one (`/lib` → `usr/lib` on a merged-/usr system), is
+                // kept, as dpkg keeps it.
+                if e.header().entry_type().is_dir() && dest.join(&norm).is_dir() {
+                    n += 1;
+                    continue;
                 }
                 // `unpack_in` refuses paths that resolve outside `dest`.
                 if !e.unpack_in(dest).map_err(io)? {

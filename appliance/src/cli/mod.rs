@@ -190,6 +190,11 @@ pub struct Fields {
     pub breed: Option<String>,
     #[arg(long)]
     pub os_version: Option<String>,
+    /// Who installs a distro: `appliance` (the appliance's agent installs
+    /// it from the profile's apt mirror; no kernel/initrd needed) or ``
+    /// (its own installer).
+    #[arg(long = "installer-by")]
+    pub installer_by: Option<String>,
     /// Kernel options (`key=value ...`, `!key` drops an inherited one).
     #[arg(long, allow_hyphen_values = true)]
     pub kernel_options: Option<String>,
@@ -400,6 +405,7 @@ pub fn apply_fields(kind: Kind, v: &mut Value, f: &Fields) -> Result<()> {
     set("arch", &f.arch);
     set("breed", &f.breed);
     set("os_version", &f.os_version);
+    set("installer", &f.installer_by);
     set("kernel_options", &f.kernel_options);
     set("autoinstall", &f.autoinstall);
     set("mirror", &f.mirror);

@@ -150,12 +150,20 @@ fn install(
     }
 
     phase(rep, times, &mut cur, "disk", "partitioning");
-    let disks = crate::install::scan_disks(Path::new("/sys"), Path::new("/dev"));
-    let name = crate::install::choose_disk(&disks, 4 << 30, work.disk.as_deref(), work.wipe)
-        .map_err(|e| anyhow!("choosing the target disk: {e}"))?;
+    let name = match work.disk.as_deref().and_then(|d| d.strip_prefix("/dev/")) {
+        // An explicit device path (a loop device on a host, say): the
+        // operator named it; it must be a whole block device.
+        Some(n) if !n.contains('/') && Path::new("/sys/block").join(n).exists() => n.to_owned(),
+        Some(_) => bail!("{:?} is not a whole block device under /sys/block", work.disk),
+        None => {
+            let disks = crate::install::scan_disks(Path::new("/sys"), Path::new("/dev"));
+            crate::install::choose_disk(&disks, 4 << 30, work.disk.as_deref(), work.wipe)
+                .map_err(|e| anyhow!("choosing the target disk: {e}"))?
+        }
+    };
     let dev = PathBuf::from("/dev").join(&name);
     *disk_dev = Some(dev.clone());
-    let parts = partition(&dev, &name, work, mac)?;
+    let parts = partition(&dev, &name, work, mac, firmware)?;
 
     phase(rep, times, &mut cur, "filesystems", "mkfs");
     let toolroot = scratch.join("tools");
@@ -253,6 +261,8 @@ fn second_stage_packages(work: &OsInstallWork, index: &MirrorIndex, firmware: &s
         want.extend(index.with_priority("important"));
     }
     let arch = &work.mirror.arch;
+    // Booted by systemd (`init` is only `important` in Debian 12).
+    want.push("systemd-sysv".into());
     want.push(format!("linux-image-{arch}"));
     want.push(if firmware == "uefi" { "grub-efi-amd64".into() } else { "grub-pc".into() });
     if firmware == "uefi" {
@@ -296,7 +306,7 @@ pub struct Parts {
 
 /// Zero the ends of `dev`, write the GPT, and wait for the kernel's
 /// partition devices.
-fn partition(dev: &Path, name: &str, work: &OsInstallWork, mac: &str) -> Result<Parts> {
+fn partition(dev: &Path, name: &str, work: &OsInstallWork, mac: &str, firmware: &str) -> Result<Parts> {
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -357,6 +367,8 @@ fn partition(dev: &Path, name: &str, work: &OsInstallWork, mac: &str) -> Result<
     loop {
         match crate::blkdev::reread_partitions(&f) {
             Ok(()) => break,
+            // A loop device without partition scanning (attached below).
+            Err(_) if name.starts_with("loop") => break,
             Err(e) if tries < 10 => {
                 tries += 1;
                 tracing::debug!(error = %e, "BLKRRPART busy; retrying");
@@ -367,7 +379,8 @@ fn partition(dev: &Path, name: &str, work: &OsInstallWork, mac: &str) -> Result<
     }
     drop(f);
     let part = |n: u32| -> Result<PathBuf> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let wait = if name.starts_with("loop") { 3 } else { 30 };
+        let deadline = Instant::now() + Duration::from_secs(wait);
         loop {
             if let Ok(rd) = fs::read_dir(Path::new("/sys/block").join(name)) {
                 for e in rd.flatten() {
@@ -386,10 +399,33 @@ fn partition(dev: &Path, name: &str, work: &OsInstallWork, mac: &str) -> Result<
             std::thread::sleep(Duration::from_millis(200));
         }
     };
-    let esp_dev = part(2)?;
-    let root = part(3)?;
+    let (esp_dev, root) = match (part(2), part(3)) {
+        (Ok(e), Ok(r)) => (e, r),
+        (e, r) if name.starts_with("loop") => {
+            // A host kernel that does not scan loop devices' partitions:
+            // attach each partition as its own loop device.
+            tracing::warn!(esp = ?e.err(), root = ?r.err(), "no partition devices; attaching them with losetup");
+            let attach = |p: &gpt::Placed| -> Result<PathBuf> {
+                let out = Command::new("losetup")
+                    .args(["--find", "--show", "--offset", &p.offset().to_string(), "--sizelimit", &p.len().to_string()])
+                    .arg(dev)
+                    .output()
+                    .context("running losetup")?;
+                if !out.status.success() {
+                    bail!("losetup: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+            };
+            (attach(&layout.partitions[1])?, attach(&layout.partitions[2])?)
+        }
+        (e, r) => {
+            e?;
+            r?;
+            unreachable!("one of them failed")
+        }
+    };
     Ok(Parts {
-        esp: Some(esp_dev),
+        esp: (firmware == "uefi").then_some(esp_dev),
         root,
         esp_number: 2,
     })
