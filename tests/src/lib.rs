@@ -4,6 +4,7 @@
 
 pub mod fleet;
 pub mod http;
+pub mod mirror;
 pub mod qemu;
 
 use std::path::PathBuf;

@@ -44,6 +44,10 @@ pub struct VmConfig {
     pub rng: bool,
     /// vCPUs.
     pub cpus: u32,
+    /// User-network forwards from the guest to the host:
+    /// (`10.0.2.100:8080`, host loopback port). They work with
+    /// `restrict=on`: the guest reaches exactly these, nothing else.
+    pub guestfwd: Vec<(String, u16)>,
 }
 
 impl VmConfig {
@@ -58,6 +62,7 @@ impl VmConfig {
             extra: vec![],
             rng: true,
             cpus: 2,
+            guestfwd: vec![],
         }
     }
 
@@ -205,7 +210,22 @@ pub fn boot_blank(
     fs::create_dir_all(dir)?;
     let disk = dir.join("blank.img");
     fs::File::create(&disk)?.set_len(disk_bytes)?;
-    let (mut cmd, serial_log) = base_command(firmware, dir, 1024)?;
+    boot_machine(firmware, socket, mac, &disk, dir, 1024, 2)
+}
+
+/// A machine with one NIC on `socket` (network first in its boot order)
+/// and `disk` (kept as it is: booting it again boots what is on it).
+/// Its serial log is `<dir>/serial.log` (a second boot overwrites it).
+pub fn boot_machine(
+    firmware: Firmware,
+    socket: &Path,
+    mac: &str,
+    disk: &Path,
+    dir: &Path,
+    memory_mb: u32,
+    cpus: u32,
+) -> std::io::Result<Vm> {
+    let (mut cmd, serial_log) = base_command_cpus(firmware, dir, memory_mb, cpus)?;
     let rom = if firmware == Firmware::Ovmf {
         ",romfile="
     } else {
@@ -272,8 +292,12 @@ impl Vm {
             ))
             .arg("-netdev")
             .arg(format!(
-                "user,id=up,restrict=on,hostfwd=tcp:127.0.0.1:{}-:80",
-                cfg.api_port
+                "user,id=up,restrict=on,hostfwd=tcp:127.0.0.1:{}-:80{}",
+                cfg.api_port,
+                cfg.guestfwd
+                    .iter()
+                    .map(|(guest, port)| format!(",guestfwd=tcp:{guest}-tcp:127.0.0.1:{port}"))
+                    .collect::<String>()
             ))
             .args(["-device", "virtio-net-pci,netdev=up"]);
         if cfg.rng {

@@ -20,11 +20,12 @@ pub fn run(name: &str, rest: &[&str]) -> Result<()> {
         "clone" => crate::bench_clone::run(),
         "dhcp" => crate::bench_dhcp::run(),
         "inventory" => crate::bench_inventory::run(),
+        "install" => crate::bench_install::run(),
         "tftp" => crate::bench_tftp::run(),
         "sync" => crate::bench_sync::run(),
         "replicate" => crate::bench_replicate::run(rest),
         other => {
-            bail!("unknown benchmark {other:?}; available: builder, boot, clone, dhcp, inventory, replicate, sync, tftp")
+            bail!("unknown benchmark {other:?}; available: builder, boot, clone, dhcp, install, inventory, replicate, sync, tftp")
         }
     }
 }

@@ -5,6 +5,7 @@ mod bench;
 mod bench_boot;
 mod bench_clone;
 mod bench_dhcp;
+mod bench_install;
 mod bench_inventory;
 mod bench_replicate;
 mod bench_sync;

@@ -589,3 +589,220 @@ pub fn routes(o: OsInstalls) -> Vec<Route> {
         .to(firstboot, o),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::JobTokens as _;
+    use crate::inventory::model::{Distro, Object, Profile, Repo, System};
+    use crate::inventory::Author;
+
+    const MAC: &str = "52:54:00:aa:bb:01";
+
+    fn agent(last_seen: f64) -> AgentRecord {
+        AgentRecord {
+            mac: MAC.into(),
+            hardware: crate::hwinfo::Hardware {
+                firmware: "uefi".into(),
+                cpus: 2,
+                cpu_model: None,
+                memory_bytes: 1 << 30,
+                nics: vec![],
+                disks: vec![],
+                vendor: None,
+                product: None,
+                serial: None,
+            },
+            release: None,
+            mode: Some("agent".into()),
+            first_seen: last_seen,
+            last_seen,
+            checkins: 1,
+            address: None,
+        }
+    }
+
+    /// An inventory with a synced apt repo, an appliance-installed distro,
+    /// a profile and a system for [`MAC`].
+    fn setup(dir: &Path, synced: bool) -> OsInstalls {
+        let events = Events::new();
+        let st = crate::inventory::api::open_state(dir, true, events.clone()).unwrap();
+        {
+            let mut inv = st.inventory.write().unwrap();
+            let a = Author::new("test");
+            inv.create(
+                Object::Repo(Repo {
+                    name: "bookworm".into(),
+                    mirror: "http://upstream/debian".into(),
+                    breed: "apt".into(),
+                    suites: vec!["bookworm".into()],
+                    components: vec!["main".into()],
+                    arches: vec!["amd64".into()],
+                    keyring: "/usr/share/keyrings/debian-archive-keyring.gpg".into(),
+                    snapshot: if synced { format!("sha256:{}", "ab".repeat(32)) } else { String::new() },
+                    ..Default::default()
+                }),
+                &a,
+            )
+            .unwrap();
+            inv.create(
+                Object::Distro(Distro {
+                    name: "debian12".into(),
+                    breed: "debian".into(),
+                    os_version: "bookworm".into(),
+                    installer: INSTALLER_APPLIANCE.into(),
+                    ..Default::default()
+                }),
+                &a,
+            )
+            .unwrap();
+            let mut vars = crate::inventory::model::Vars::new();
+            vars.insert("packages".into(), serde_json::json!(["less", "openssh-server"]));
+            vars.insert("ssh_authorized_keys".into(), serde_json::json!("ssh-ed25519 AAAA k1\nssh-ed25519 BBBB k2\n"));
+            vars.insert("user".into(), serde_json::json!("ops"));
+            inv.create(
+                Object::Profile(Profile {
+                    name: "deb".into(),
+                    distro: Some("debian12".into()),
+                    repos: vec!["bookworm".into()],
+                    variables: vars,
+                    ..Default::default()
+                }),
+                &a,
+            )
+            .unwrap();
+            let sys: System = serde_json::from_value(serde_json::json!({
+                "name": "web1", "profile": "deb", "hostname": "web1.example",
+                "interfaces": [{"mac": MAC}],
+            }))
+            .unwrap();
+            inv.create(Object::System(sys), &a).unwrap();
+        }
+        OsInstalls::open(dir, Some(st), events)
+    }
+
+    fn work(w: Option<Work>) -> OsInstallWork {
+        match w {
+            Some(Work::OsInstall(w)) => *w,
+            other => panic!("expected OS install work, got {other:?}"),
+        }
+    }
+
+    fn progress(phase: &str, state: &str) -> InstallProgress {
+        InstallProgress {
+            phase: phase.into(),
+            state: state.into(),
+            done_bytes: 0,
+            total_bytes: 0,
+            message: String::new(),
+            report: None,
+        }
+    }
+
+    #[test]
+    fn a_system_gets_its_install_with_its_variables_and_one_token_per_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = setup(dir.path(), true);
+        let w = work(o.work_for(&agent(100.0), "http://10.0.0.1"));
+        assert_eq!(w.system, "web1");
+        assert_eq!(w.hostname, "web1.example");
+        assert_eq!(w.attempt, 1);
+        assert_eq!(w.mirror.url, "http://10.0.0.1/repos/bookworm");
+        assert_eq!((w.mirror.suite.as_str(), w.mirror.arch.as_str()), ("bookworm", "amd64"));
+        assert_eq!(w.packages, vec!["less", "openssh-server"]);
+        assert_eq!(w.root_ssh_authorized_keys.len(), 2);
+        assert_eq!(w.users[0].name, "ops");
+        assert!(w.users[0].sudo);
+        assert!(!w.mirror.keyring_b64.is_empty());
+        assert!(w.wipe, "an assigned profile with netboot on is the request to install");
+        // The token is this attempt's, for this MAC only.
+        let j = o.job_of(&w.token).expect("the token is a job token");
+        assert_eq!((j.kind, j.mac.as_deref()), ("osinstall", Some(MAC)));
+        assert!(o.job_of("osi_wrong").is_none());
+        // Asking again without a new check-in hands out nothing new.
+        assert!(matches!(o.work_for(&agent(100.0), "http://10.0.0.1"), Some(Work::Wait { .. })));
+        assert!(o.job_of(&w.token).is_some());
+        // A reboot (killed mid-install): a new check-in, a new attempt; the
+        // old token is dead.
+        let w2 = work(o.work_for(&agent(200.0), "http://10.0.0.1"));
+        assert_eq!(w2.attempt, 2);
+        assert_ne!(w2.token, w.token);
+        assert!(o.job_of(&w.token).is_none());
+        // Tokens never leave through the API.
+        assert!(o.list().iter().all(|r| r.token.is_empty()));
+        let on_disk = std::fs::read_to_string(dir.path().join("state/os-installs.json")).unwrap();
+        assert!(on_disk.contains(&w2.token));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("state/os-installs.json")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the records hold tokens: owner only");
+    }
+
+    #[test]
+    fn finish_turns_netboot_off_and_first_boot_spends_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = setup(dir.path(), true);
+        let w = work(o.work_for(&agent(100.0), "http://10.0.0.1"));
+        o.progress(MAC, progress("packages", "running")).unwrap();
+        let mut fin = progress("finish", "done");
+        fin.report = Some(serde_json::json!({"packages": 12.5}));
+        let r = o.progress(MAC, fin).unwrap();
+        assert_eq!(r.state, "installed");
+        let inv = o.inv.as_ref().unwrap();
+        assert!(!inv.read().system("web1").unwrap().netboot, "finish turns netboot off");
+        // Netboot off: the agent gets no more install work.
+        assert!(o.work_for(&agent(300.0), "http://10.0.0.1").is_none());
+        // Progress after the finish is refused; the first boot is taken once.
+        assert!(o.progress(MAC, progress("packages", "running")).is_err());
+        assert!(o.job_of(&w.token).is_some(), "the installed system still reports its first boot");
+        let r = o
+            .firstboot(MAC, FirstBoot { debian_version: "12.15".into(), ..Default::default() })
+            .unwrap();
+        assert_eq!(r.state, "booted");
+        assert!(o.job_of(&w.token).is_none(), "the first boot spends the token");
+        assert!(o.firstboot(MAC, FirstBoot::default()).is_err());
+        let phases: Vec<&str> = r.phases.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(phases, ["assigned", "packages", "finish", "firstboot"]);
+    }
+
+    #[test]
+    fn a_failure_is_recorded_and_waits_for_a_new_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = setup(dir.path(), true);
+        work(o.work_for(&agent(100.0), "http://10.0.0.1"));
+        let mut f = progress("failed", "failed");
+        f.message = "the mirror \"bookworm\" has no package \"nginx\"".into();
+        let r = o.progress(MAC, f).unwrap();
+        assert_eq!(r.state, "failed");
+        assert!(matches!(o.work_for(&agent(100.0), "http://10.0.0.1"), Some(Work::Wait { .. })));
+        assert_eq!(work(o.work_for(&agent(150.0), "http://10.0.0.1")).attempt, 2);
+    }
+
+    #[test]
+    fn a_silent_install_is_marked_stalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = setup(dir.path(), true);
+        work(o.work_for(&agent(100.0), "http://10.0.0.1"));
+        o.lock().records.get_mut(MAC).unwrap().updated = now() - STALL_SECS - 1.0;
+        let r = &o.list()[0];
+        assert_eq!(r.state, "stalled");
+        assert!(r.message.contains("no report"), "{}", r.message);
+        // A late report brings it back.
+        assert_eq!(o.progress(MAC, progress("packages", "running")).unwrap().state, "installing");
+    }
+
+    #[test]
+    fn no_work_without_a_synced_mirror_an_appliance_distro_or_netboot() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = setup(dir.path(), false);
+        assert!(matches!(o.work_for(&agent(100.0), "http://10.0.0.1"), Some(Work::Wait { .. })));
+        assert!(o.list().is_empty());
+        // An agent booted to replicate the appliance is not ours.
+        let mut a = agent(100.0);
+        a.mode = Some("install".into());
+        assert!(o.work_for(&a, "http://10.0.0.1").is_none());
+        // An unknown MAC is not ours either.
+        let mut a = agent(100.0);
+        a.mac = "52:54:00:aa:bb:02".into();
+        assert!(o.work_for(&a, "http://10.0.0.1").is_none());
+    }
+}
