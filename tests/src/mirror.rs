@@ -57,6 +57,11 @@ impl HostMirror {
     /// archive in the host's apt sources.
     pub fn start() -> Result<HostMirror, String> {
         let data = workspace_root().join("target/osinstall-mirror");
+        let token_file = data.join("test-token");
+        if !token_file.exists() {
+            // Its first token is lost: start afresh (it prints a new one).
+            let _ = std::fs::remove_dir_all(&data);
+        }
         std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
         let port = free_port();
         let mut child = Command::new(appliance_bin())
@@ -66,8 +71,18 @@ impl HostMirror {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| e.to_string())?;
-        let token_file = data.join("test-token");
         let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        // Stopped however this returns, until it is handed over.
+        struct Guard(Option<Child>);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                if let Some(mut c) = self.0.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+        }
+        let mut guard = Guard(Some(child));
         let mut line = String::new();
         loop {
             line.clear();
@@ -78,7 +93,8 @@ impl HostMirror {
                 let t = line.split_whitespace().last().unwrap_or_default();
                 std::fs::write(&token_file, t).map_err(|e| e.to_string())?;
             }
-            if line.starts_with("listening on") {
+            // The first start prints its token after "listening on".
+            if line.starts_with("listening on") && token_file.exists() || line.contains("first API token") {
                 break;
             }
         }
@@ -106,7 +122,7 @@ impl HostMirror {
         let t = Instant::now();
         cli(&url, &token, &["repo", "sync", "bookworm"]);
         Ok(HostMirror {
-            child,
+            child: guard.0.take().expect("still held"),
             port,
             token,
             sync_secs: t.elapsed().as_secs_f64(),

@@ -296,7 +296,10 @@ impl Vm {
                 cfg.api_port,
                 cfg.guestfwd
                     .iter()
-                    .map(|(guest, port)| format!(",guestfwd=tcp:{guest}-tcp:127.0.0.1:{port}"))
+                    // `cmd:` opens one connection per guest connection
+                    // (a `tcp:` chardev would be one connection, made
+                    // when QEMU starts).
+                    .map(|(guest, port)| format!(",guestfwd=tcp:{guest}-cmd:socat - TCP:127.0.0.1:{port}"))
                     .collect::<String>()
             ))
             .args(["-device", "virtio-net-pci,netdev=up"]);
