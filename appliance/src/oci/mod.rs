@@ -441,7 +441,6 @@ pub(crate) mod fixtures {
     /// One image: its layer (uncompressed tar), the config and the files
     /// of an OCI layout holding it.
     pub struct Image {
-        pub layer_tar: Vec<u8>,
         pub layer_gz: Vec<u8>,
         pub config: Vec<u8>,
         pub manifest: Vec<u8>,
@@ -485,7 +484,6 @@ pub(crate) mod fixtures {
             blob(&layer_gz),
         ];
         Image {
-            layer_tar,
             layer_gz,
             config,
             manifest,

@@ -255,14 +255,19 @@ async fn manifest(st: &Arc<RegistryState>, name: &str, reference: &str) -> Respo
         }
     };
     let blobs = st.blobs.clone();
+    // `None`: the blob is too large or not JSON, so not a manifest.
     let read = tokio::task::spawn_blocking(move || {
+        let len = std::fs::metadata(blobs.path(&digest))?.len();
+        if len > MAX_MANIFEST {
+            return anyhow::Ok(None);
+        }
         let bytes = blobs.read_small(&digest, MAX_MANIFEST)?;
-        let mt = super::manifest_media_type(&bytes)?;
-        anyhow::Ok((bytes, mt))
+        Ok(super::manifest_media_type(&bytes).ok().map(|mt| (bytes, mt)))
     })
     .await;
     let (bytes, mt) = match read {
-        Ok(Ok(x)) => x,
+        Ok(Ok(Some(x))) => x,
+        Ok(Ok(None)) => return unknown(format!("{digest} is a blob, not a manifest")),
         Ok(Err(e)) if !st.blobs.has(&digest) => {
             return unknown(format!(
                 "manifest {digest} of {name:?} is not on this node ({e:#})"

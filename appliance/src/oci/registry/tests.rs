@@ -72,7 +72,7 @@ fn oci_code(body: &[u8]) -> String {
 #[tokio::test]
 async fn manifests_blobs_and_lists_are_served_as_the_distribution_spec_says() {
     let f = fixture();
-    let app = crate::http::unguarded(routes(f.state.clone()));
+    let app = crate::http::routes::unguarded(routes(f.state.clone()));
     let (s, h, _) = call(&app, "GET", "/v2/", &[]).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(h["docker-distribution-api-version"], "registry/2.0");
@@ -138,7 +138,7 @@ async fn manifests_blobs_and_lists_are_served_as_the_distribution_spec_says() {
 #[tokio::test]
 async fn unknown_names_and_digests_get_oci_errors_and_other_blobs_stay_hidden() {
     let f = fixture();
-    let app = crate::http::unguarded(routes(f.state.clone()));
+    let app = crate::http::routes::unguarded(routes(f.state.clone()));
     let cases = [
         ("/v2/nope/manifests/v1", StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
         ("/v2/demo/hello/manifests/v9", StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
@@ -180,6 +180,7 @@ async fn unknown_names_and_digests_get_oci_errors_and_other_blobs_stay_hidden() 
 async fn pulls_need_a_read_token_unless_the_setting_opens_them() {
     let f = fixture();
     let tokens = Arc::new(crate::auth::TokenStore::memory());
+    tokens.create("ops").unwrap();
     let read = tokens
         .create_scoped("puller", crate::auth::Scope::Read)
         .unwrap()
@@ -240,7 +241,7 @@ async fn pulls_need_a_read_token_unless_the_setting_opens_them() {
 #[tokio::test]
 async fn the_upload_route_imports_tags_and_refuses_bad_input_clearly() {
     let f = fixture();
-    let app = crate::http::unguarded(routes(f.state.clone()));
+    let app = crate::http::routes::unguarded(routes(f.state.clone()));
     let (files, _) = docker_archive("from docker", "x:y");
     let post = |uri: &str, body: Vec<u8>| {
         app.clone().oneshot(
@@ -311,7 +312,7 @@ async fn a_sync_bundle_carries_tags_and_blobs_to_an_air_gapped_node() {
     crate::sync::bundle::import(&b, &file).unwrap();
 
     let state = RegistryState::new(db.path().to_path_buf(), inv_b, crate::events::Events::new());
-    let app = crate::http::unguarded(routes(state));
+    let app = crate::http::routes::unguarded(routes(state));
     let (s, h, body) = call(&app, "GET", "/v2/site/app/manifests/1", &[]).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(h["docker-content-digest"], got.digest.to_string().as_str());
