@@ -9,6 +9,7 @@
 mod common;
 use common::{bin, server};
 
+use std::borrow::BorrowMut;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -97,12 +98,13 @@ fn docker_archive(path: &Path) -> (String, String) {
     (sha(&config), sha(&layer_tar))
 }
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().unwrap()
+fn run(mut cmd: impl BorrowMut<Command>) -> Output {
+    cmd.borrow_mut().stdin(Stdio::null()).output().unwrap()
 }
 
-fn ok(cmd: &mut Command) -> String {
-    let o = run(cmd);
+fn ok(mut cmd: impl BorrowMut<Command>) -> String {
+    let cmd = cmd.borrow_mut();
+    let o = run(&mut *cmd);
     assert!(
         o.status.success(),
         "{cmd:?}: {}{}",
@@ -112,17 +114,22 @@ fn ok(cmd: &mut Command) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
-fn skopeo(args: &[&str]) -> Command {
+fn skopeo(policy: &Path, args: &[&str]) -> Command {
     let found = Command::new("sh")
         .args(["-c", "command -v skopeo"])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    assert!(found, "skopeo is missing: it is in xtask/debian-packages.txt");
+    assert!(
+        found,
+        "skopeo is missing: it is in xtask/debian-packages.txt"
+    );
     let mut c = Command::new("skopeo");
-    // No registries.conf or auth file of the host's user is consulted.
+    // Neither the host's registries.conf nor a user's auth file counts.
     c.env("REGISTRY_AUTH_FILE", "/nonexistent/auth.json")
-        .args(["--registries-conf", "/dev/null"])
+        .env("CONTAINERS_REGISTRIES_CONF", "/dev/null")
+        .arg("--policy")
+        .arg(policy)
         .args(args);
     c
 }
@@ -134,6 +141,13 @@ fn skopeo_pulls_imported_oci_and_docker_images_with_a_read_token_and_not_without
     // Inventory reads are public (the default); pulls still need a token.
     let (_server, url, admin) = server(data.path(), &[]);
     let host = url.trim_start_matches("http://").to_owned();
+    // Signatures are not what is tested here.
+    let policy = work.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
     let cli = |args: &[&str]| {
         let mut c = bin();
         c.args(["--url", &url, "--token", &admin]).args(args);
@@ -178,20 +192,42 @@ fn skopeo_pulls_imported_oci_and_docker_images_with_a_read_token_and_not_without
     .trim()
     .to_owned();
 
-    // skopeo copy docker://… oci:DIR, then compare digests.
+    // skopeo copy docker://… oci:DIR, then compare digests. With
+    // --preserve-digests skopeo refuses any change to the manifest (for an
+    // oci: destination it would otherwise gzip the docker archive's
+    // uncompressed layers), so what arrives is what the registry served.
     let dest = work.path().join("pulled");
     for (name, tag) in [("demo/hello", "v1"), ("tools/greeter", "v2")] {
         let src = format!("docker://{host}/{name}:{tag}");
         let dst = format!("oci:{}:{tag}", dest.display());
-        ok(skopeo(&["copy", "--src-tls-verify=false", "--src-registry-token", &read, &src, &dst]));
+        ok(skopeo(
+            &policy,
+            &[
+                "copy",
+                "--preserve-digests",
+                "--src-tls-verify=false",
+                "--src-registry-token",
+                &read,
+                &src,
+                &dst,
+            ],
+        ));
     }
-    let raw = ok(skopeo(&["inspect", "--raw"]).arg(format!("oci:{}:v1", dest.display())));
-    assert_eq!(sha(raw.as_bytes()), manifest_digest, "the manifest arrived byte for byte");
-    let raw = ok(skopeo(&["inspect", "--raw"]).arg(format!("oci:{}:v2", dest.display())));
+    let raw = ok(skopeo(&policy, &["inspect", "--raw"]).arg(format!("oci:{}:v1", dest.display())));
+    assert_eq!(
+        sha(raw.as_bytes()),
+        manifest_digest,
+        "the manifest arrived byte for byte"
+    );
+    let raw = ok(skopeo(&policy, &["inspect", "--raw"]).arg(format!("oci:{}:v2", dest.display())));
     assert_eq!(sha(raw.as_bytes()), docker_manifest);
     let m: serde_json::Value = serde_json::from_str(&raw).unwrap();
     assert_eq!(m["config"]["digest"], config_digest.as_str());
-    assert_eq!(m["layers"][0]["digest"], diff_id.as_str(), "docker layers stay uncompressed");
+    assert_eq!(
+        m["layers"][0]["digest"],
+        diff_id.as_str(),
+        "docker layers stay uncompressed"
+    );
     for d in [&layer_digest, &config_digest, &diff_id] {
         let hex = d.trim_start_matches("sha256:");
         let blob = std::fs::read(dest.join("blobs/sha256").join(hex)).unwrap();
@@ -199,34 +235,43 @@ fn skopeo_pulls_imported_oci_and_docker_images_with_a_read_token_and_not_without
     }
 
     // skopeo inspect against the registry shows the manifest and config.
-    let out = ok(skopeo(&[
-        "inspect",
-        "--tls-verify=false",
-        "--registry-token",
-        &read,
-        &format!("docker://{host}/demo/hello:v1"),
-    ]));
+    let out = ok(skopeo(
+        &policy,
+        &[
+            "inspect",
+            "--tls-verify=false",
+            "--registry-token",
+            &read,
+            &format!("docker://{host}/demo/hello:v1"),
+        ],
+    ));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["Digest"], manifest_digest.as_str());
     assert_eq!(v["Architecture"], "amd64");
     assert_eq!(v["Layers"][0], layer_digest.as_str());
-    let tags = ok(skopeo(&[
-        "list-tags",
-        "--tls-verify=false",
-        "--registry-token",
-        &read,
-        &format!("docker://{host}/demo/hello"),
-    ]));
+    let tags = ok(skopeo(
+        &policy,
+        &[
+            "list-tags",
+            "--tls-verify=false",
+            "--registry-token",
+            &read,
+            &format!("docker://{host}/demo/hello"),
+        ],
+    ));
     let tags: serde_json::Value = serde_json::from_str(&tags).unwrap();
     assert_eq!(tags["Tags"], serde_json::json!(["v1"]));
 
     // Without a token: refused (public inventory reads do not open it).
     let anon = |what: &str| {
-        run(&mut skopeo(&[
-            "inspect",
-            "--tls-verify=false",
-            &format!("docker://{host}/{what}"),
-        ]))
+        run(skopeo(
+            &policy,
+            &[
+                "inspect",
+                "--tls-verify=false",
+                &format!("docker://{host}/{what}"),
+            ],
+        ))
     };
     let o = anon("demo/hello:v1");
     assert!(!o.status.success(), "an untokened pull must be refused");
@@ -235,11 +280,7 @@ fn skopeo_pulls_imported_oci_and_docker_images_with_a_read_token_and_not_without
     // …until an admin opens the registry for anonymous pulls.
     ok(cli(&["settings", "--registry-anonymous-pulls", "true"]));
     let o = anon("demo/hello:v1");
-    assert!(
-        o.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["Digest"], manifest_digest.as_str());
     let o = anon("demo/nothing:v1");

@@ -180,7 +180,12 @@ pub fn repo(cmd: RepoCmd) -> Result<()> {
 /// `appliance repo import-oci FILE --name REPO:TAG`: uploads the file (a
 /// directory is sent as a tar made on the fly into a temporary file) to
 /// `POST /api/v1/oci/import`.
-fn import_oci(c: &super::client::Client, file: &std::path::Path, name: &str, json: bool) -> Result<()> {
+fn import_oci(
+    c: &super::client::Client,
+    file: &std::path::Path,
+    name: &str,
+    json: bool,
+) -> Result<()> {
     use anyhow::Context;
     use std::io::Read;
     crate::oci::parse_name(name)?;
@@ -201,7 +206,8 @@ fn import_oci(c: &super::client::Client, file: &std::path::Path, name: &str, jso
     } else {
         file.to_path_buf()
     };
-    let mut f = std::fs::File::open(&upload).with_context(|| format!("opening {}", upload.display()))?;
+    let mut f =
+        std::fs::File::open(&upload).with_context(|| format!("opening {}", upload.display()))?;
     let path = format!("/api/v1/oci/import?name={name}");
     let (_, mut body) = c.stream(
         "POST",

@@ -431,15 +431,7 @@ fn verify_layout(
     }
     let mut keep = BTreeMap::new();
     let mut arch = String::new();
-    walk(
-        src,
-        staging,
-        &root,
-        "index.json",
-        0,
-        &mut keep,
-        &mut arch,
-    )?;
+    walk(src, staging, &root, "index.json", 0, &mut keep, &mut arch)?;
     let bytes = keep.values().map(|s| s.size).sum();
     Ok((
         Imported {
@@ -475,7 +467,10 @@ fn walk(
     }
     let path = format!("blobs/sha256/{}", d.digest.hex());
     let s = src.get(staging, &path)?.with_context(|| {
-        format!("blob {} (named by {named_by}) is missing from the layout", d.digest)
+        format!(
+            "blob {} (named by {named_by}) is missing from the layout",
+            d.digest
+        )
     })?;
     if s.digest != d.digest || s.size != d.size {
         bail!(
@@ -495,8 +490,8 @@ fn walk(
         bail!("manifests nested deeper than {MAX_DEPTH}");
     }
     let bytes = read_staged(&s, MAX_MANIFEST, &format!("manifest {}", d.digest))?;
-    let own = super::manifest_media_type(&bytes)
-        .with_context(|| format!("manifest {}", d.digest))?;
+    let own =
+        super::manifest_media_type(&bytes).with_context(|| format!("manifest {}", d.digest))?;
     if own != d.media_type {
         bail!(
             "manifest {}: its mediaType is {own:?}, {named_by} says {:?}",
@@ -504,21 +499,25 @@ fn walk(
             d.media_type
         );
     }
-    let kids =
-        super::children(&own, &bytes).with_context(|| format!("manifest {}", d.digest))?;
+    let kids = super::children(&own, &bytes).with_context(|| format!("manifest {}", d.digest))?;
     let me = format!("manifest {}", d.digest);
     if super::is_manifest(&own) {
         // The config decides the architecture (the first manifest's, for
         // an image; an index is `multi`).
         let config = &kids[0];
         if config.size > MAX_CONFIG {
-            bail!("{me}: config {} is {} bytes, more than {MAX_CONFIG}", config.digest, config.size);
+            bail!(
+                "{me}: config {} is {} bytes, more than {MAX_CONFIG}",
+                config.digest,
+                config.size
+            );
         }
         walk(src, staging, config, &me, depth + 1, keep, arch)?;
         if arch.is_empty() {
             let cs = &keep[&config.digest];
-            let v: serde_json::Value = serde_json::from_slice(&read_staged(cs, MAX_CONFIG, "config")?)
-                .with_context(|| format!("{me}: config {} is not JSON", config.digest))?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&read_staged(cs, MAX_CONFIG, "config")?)
+                    .with_context(|| format!("{me}: config {} is not JSON", config.digest))?;
             *arch = v["architecture"].as_str().unwrap_or("").to_owned();
         }
         for l in &kids[1..] {
@@ -595,7 +594,10 @@ fn verify_docker(
         .with_context(|| format!("config {cpath} (named by manifest.json) is missing"))?;
     if let Some(d) = digest_in_name(&cpath) {
         if d != cs.digest {
-            bail!("{cpath}: digest mismatch: the file is {}, its name says {d}", cs.digest);
+            bail!(
+                "{cpath}: digest mismatch: the file is {}, its name says {d}",
+                cs.digest
+            );
         }
     }
     let cbytes = read_staged(&cs, MAX_CONFIG, &cpath)?;
@@ -619,7 +621,10 @@ fn verify_docker(
             .with_context(|| format!("layer {lp} (named by manifest.json) is missing"))?;
         if let Some(d) = digest_in_name(&lp) {
             if d != ls.digest {
-                bail!("{lp}: digest mismatch: the file is {}, its name says {d}", ls.digest);
+                bail!(
+                    "{lp}: digest mismatch: the file is {}, its name says {d}",
+                    ls.digest
+                );
             }
         }
         let want: Digest = diff

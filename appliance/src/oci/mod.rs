@@ -107,7 +107,9 @@ pub fn check_tag(tag: &str) -> Result<()> {
         && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
     if !ok {
-        bail!("tag {tag:?}: use 1-128 letters, digits, '_', '.' or '-', not starting with '.' or '-'");
+        bail!(
+            "tag {tag:?}: use 1-128 letters, digits, '_', '.' or '-', not starting with '.' or '-'"
+        );
     }
     Ok(())
 }
@@ -196,8 +198,14 @@ impl Tag {
         author: &crate::inventory::Author,
     ) -> Result<()> {
         let name = self.image_name();
-        crate::inventory::model::check_name(&name)
-            .map_err(|e| anyhow::anyhow!("{}:{} gives the image name {name:?}: {}", self.repo, self.tag, e.message))?;
+        crate::inventory::model::check_name(&name).map_err(|e| {
+            anyhow::anyhow!(
+                "{}:{} gives the image name {name:?}: {}",
+                self.repo,
+                self.tag,
+                e.message
+            )
+        })?;
         let img = Image {
             name: name.clone(),
             kind: IMAGE_TYPE.into(),
@@ -344,11 +352,10 @@ pub struct Child {
 }
 
 fn child(d: &oci_spec::image::Descriptor) -> Result<Child> {
-    let digest: Digest = d
-        .digest()
-        .to_string()
-        .parse()
-        .with_context(|| format!("descriptor digest {}: only sha256 is supported", d.digest()))?;
+    let digest: Digest =
+        d.digest().to_string().parse().with_context(|| {
+            format!("descriptor digest {}: only sha256 is supported", d.digest())
+        })?;
     Ok(Child {
         media_type: d.media_type().to_string(),
         digest,
@@ -359,8 +366,8 @@ fn child(d: &oci_spec::image::Descriptor) -> Result<Child> {
 /// What a manifest or index names: config and layers, or manifests.
 pub fn children(media_type: &str, bytes: &[u8]) -> Result<Vec<Child>> {
     if is_index(media_type) {
-        let idx = oci_spec::image::ImageIndex::from_reader(bytes)
-            .context("parsing an image index")?;
+        let idx =
+            oci_spec::image::ImageIndex::from_reader(bytes).context("parsing an image index")?;
         idx.manifests().iter().map(child).collect()
     } else if is_manifest(media_type) {
         let m = oci_spec::image::ImageManifest::from_reader(bytes)
@@ -390,7 +397,9 @@ pub fn reachable(blobs: &Blobs, roots: &[Digest]) -> Result<BTreeSet<Digest>> {
         if seen.len() > MAX_DESCRIPTORS * roots.len().max(1) {
             bail!("more than {MAX_DESCRIPTORS} blobs per tag");
         }
-        let is_doc = media.as_deref().is_none_or(|m| is_index(m) || is_manifest(m));
+        let is_doc = media
+            .as_deref()
+            .is_none_or(|m| is_index(m) || is_manifest(m));
         if !is_doc || !blobs.has(&d) {
             continue;
         }
@@ -477,7 +486,10 @@ pub(crate) mod fixtures {
         .unwrap();
         let blob = |b: &[u8]| (format!("blobs/sha256/{}", Digest::of(b).hex()), b.to_vec());
         let files = vec![
-            ("oci-layout".to_string(), br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()),
+            (
+                "oci-layout".to_string(),
+                br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+            ),
             ("index.json".to_string(), index),
             blob(&manifest),
             blob(&config),

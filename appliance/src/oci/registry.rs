@@ -262,7 +262,9 @@ async fn manifest(st: &Arc<RegistryState>, name: &str, reference: &str) -> Respo
             return anyhow::Ok(None);
         }
         let bytes = blobs.read_small(&digest, MAX_MANIFEST)?;
-        Ok(super::manifest_media_type(&bytes).ok().map(|mt| (bytes, mt)))
+        Ok(super::manifest_media_type(&bytes)
+            .ok()
+            .map(|mt| (bytes, mt)))
     })
     .await;
     let (bytes, mt) = match read {
@@ -421,16 +423,17 @@ async fn import(
     let data = st.data.clone();
     let p = path.clone();
     let (r, t) = (repo.clone(), tag.clone());
-    let imported = tokio::task::spawn_blocking(move || super::import::import_path(&data, &p, &r, &t))
-        .await
-        .map_err(internal)?
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "bad_image",
-                format!("{name}: {e:#}"),
-            )
-        })?;
+    let imported =
+        tokio::task::spawn_blocking(move || super::import::import_path(&data, &p, &r, &t))
+            .await
+            .map_err(internal)?
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "bad_image",
+                    format!("{name}: {e:#}"),
+                )
+            })?;
     let t = Tag {
         repo: repo.clone(),
         tag: tag.clone(),

@@ -149,15 +149,31 @@ fn refused(d: &Path, input: &Path, needle: &str) {
 fn dot_dot_and_absolute_paths_in_a_tar_are_refused() {
     let d = data();
     let evil = raw_tar(&[("../escape", b"x", tar::EntryType::Regular, "")]);
-    refused(d.path(), &write(d.path(), "a.tar", &evil), "'..' is not allowed");
+    refused(
+        d.path(),
+        &write(d.path(), "a.tar", &evil),
+        "'..' is not allowed",
+    );
     let evil = raw_tar(&[("blobs/../../x", b"x", tar::EntryType::Regular, "")]);
-    refused(d.path(), &write(d.path(), "b.tar", &evil), "'..' is not allowed");
+    refused(
+        d.path(),
+        &write(d.path(), "b.tar", &evil),
+        "'..' is not allowed",
+    );
     let evil = raw_tar(&[("/etc/passwd", b"x", tar::EntryType::Regular, "")]);
     refused(d.path(), &write(d.path(), "c.tar", &evil), "absolute");
     let evil = raw_tar(&[("link", b"", tar::EntryType::Symlink, "../../etc/passwd")]);
-    refused(d.path(), &write(d.path(), "d.tar", &evil), "outside the archive");
+    refused(
+        d.path(),
+        &write(d.path(), "d.tar", &evil),
+        "outside the archive",
+    );
     let evil = raw_tar(&[("dev", b"", tar::EntryType::Char, "")]);
-    refused(d.path(), &write(d.path(), "e.tar", &evil), "no place in an image archive");
+    refused(
+        d.path(),
+        &write(d.path(), "e.tar", &evil),
+        "no place in an image archive",
+    );
     assert!(!d.path().join("escape").exists());
 }
 
@@ -228,7 +244,10 @@ fn a_huge_manifest_is_refused_before_it_is_parsed() {
     }))
     .unwrap();
     let files = vec![
-        ("oci-layout".to_string(), br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()),
+        (
+            "oci-layout".to_string(),
+            br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+        ),
         ("index.json".to_string(), index),
         (format!("blobs/sha256/{}", Digest::of(&huge).hex()), huge),
     ];
@@ -261,7 +280,10 @@ fn an_index_with_several_images_is_chosen_by_tag() {
     files.push(("index.json".into(), index));
     let input = write(d.path(), "in.tar", &tar_files(&files));
     assert_eq!(import_path(d.path(), &input, "x", "v2").unwrap().digest, db);
-    let e = format!("{:#}", import_path(d.path(), &input, "x", "v3").unwrap_err());
+    let e = format!(
+        "{:#}",
+        import_path(d.path(), &input, "x", "v3").unwrap_err()
+    );
     assert!(e.contains("names: v1, v2"), "{e}");
 }
 
@@ -319,7 +341,9 @@ fn names_follow_the_distribution_spec() {
     for ok in ["a", "library/busybox", "a.b_c__d---e/f0", "x/y/z"] {
         crate::oci::check_repo_name(ok).unwrap();
     }
-    for bad in ["", "A", "a/", "/a", "a//b", "a..b", "a___b", "-a", "a-", "a:b", "a/../b"] {
+    for bad in [
+        "", "A", "a/", "/a", "a//b", "a..b", "a___b", "-a", "a-", "a:b", "a/../b",
+    ] {
         assert!(crate::oci::check_repo_name(bad).is_err(), "{bad:?}");
     }
     assert_eq!(

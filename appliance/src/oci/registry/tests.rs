@@ -60,7 +60,13 @@ async fn call(
         .unwrap();
     let status = resp.status();
     let h = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
     (status, h, body)
 }
 
@@ -78,7 +84,10 @@ async fn manifests_blobs_and_lists_are_served_as_the_distribution_spec_says() {
     assert_eq!(h["docker-distribution-api-version"], "registry/2.0");
 
     let md = sha(&f.img.manifest);
-    for uri in ["/v2/demo/hello/manifests/v1".to_string(), format!("/v2/demo/hello/manifests/{md}")] {
+    for uri in [
+        "/v2/demo/hello/manifests/v1".to_string(),
+        format!("/v2/demo/hello/manifests/{md}"),
+    ] {
         let (s, h, body) = call(&app, "GET", &uri, &[]).await;
         assert_eq!(s, StatusCode::OK, "{uri}");
         assert_eq!(h["content-type"], crate::oci::OCI_MANIFEST);
@@ -86,7 +95,10 @@ async fn manifests_blobs_and_lists_are_served_as_the_distribution_spec_says() {
         assert_eq!(body, f.img.manifest);
         let (s, h, body) = call(&app, "HEAD", &uri, &[]).await;
         assert_eq!(s, StatusCode::OK);
-        assert_eq!(h["content-length"], f.img.manifest.len().to_string().as_str());
+        assert_eq!(
+            h["content-length"],
+            f.img.manifest.len().to_string().as_str()
+        );
         assert_eq!(h["docker-content-digest"], md.as_str());
         assert!(body.is_empty());
     }
@@ -100,10 +112,16 @@ async fn manifests_blobs_and_lists_are_served_as_the_distribution_spec_says() {
     let (s, h, body) = call(&app, "GET", &uri, &[("range", "bytes=2-5")]).await;
     assert_eq!(s, StatusCode::PARTIAL_CONTENT);
     assert_eq!(body, f.img.layer_gz[2..6]);
-    assert!(h["content-range"].to_str().unwrap().starts_with("bytes 2-5/"));
+    assert!(h["content-range"]
+        .to_str()
+        .unwrap()
+        .starts_with("bytes 2-5/"));
     let (s, h, body) = call(&app, "HEAD", &uri, &[]).await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(h["content-length"], f.img.layer_gz.len().to_string().as_str());
+    assert_eq!(
+        h["content-length"],
+        f.img.layer_gz.len().to_string().as_str()
+    );
     assert!(body.is_empty());
     let cd = sha(&f.img.config);
     let (s, _, body) = call(&app, "GET", &format!("/v2/demo/hello/blobs/{cd}"), &[]).await;
@@ -112,7 +130,10 @@ async fn manifests_blobs_and_lists_are_served_as_the_distribution_spec_says() {
     let (s, _, body) = call(&app, "GET", "/v2/demo/hello/tags/list", &[]).await;
     assert_eq!(s, StatusCode::OK);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(v, json!({"name": "demo/hello", "tags": ["v1", "v2", "v3", "v4"]}));
+    assert_eq!(
+        v,
+        json!({"name": "demo/hello", "tags": ["v1", "v2", "v3", "v4"]})
+    );
     let (s, h, body) = call(&app, "GET", "/v2/demo/hello/tags/list?n=2", &[]).await;
     assert_eq!(s, StatusCode::OK);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -140,13 +161,37 @@ async fn unknown_names_and_digests_get_oci_errors_and_other_blobs_stay_hidden() 
     let f = fixture();
     let app = crate::http::routes::unguarded(routes(f.state.clone()));
     let cases = [
-        ("/v2/nope/manifests/v1", StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
-        ("/v2/demo/hello/manifests/v9", StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
-        ("/v2/Demo/manifests/v1", StatusCode::BAD_REQUEST, "NAME_INVALID"),
-        ("/v2/demo/hello/manifests/sha256:zz", StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
-        ("/v2/demo/hello/blobs/sha256:00", StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+        (
+            "/v2/nope/manifests/v1",
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+        ),
+        (
+            "/v2/demo/hello/manifests/v9",
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+        ),
+        (
+            "/v2/Demo/manifests/v1",
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+        ),
+        (
+            "/v2/demo/hello/manifests/sha256:zz",
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+        ),
+        (
+            "/v2/demo/hello/blobs/sha256:00",
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+        ),
         ("/v2/nope/tags/list", StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
-        ("/v2/demo/hello/referrers/x", StatusCode::NOT_FOUND, "UNSUPPORTED"),
+        (
+            "/v2/demo/hello/referrers/x",
+            StatusCode::NOT_FOUND,
+            "UNSUPPORTED",
+        ),
     ];
     for (uri, status, code) in cases {
         let (s, _, body) = call(&app, "GET", uri, &[]).await;
@@ -170,7 +215,10 @@ async fn unknown_names_and_digests_get_oci_errors_and_other_blobs_stay_hidden() 
     // A layer asked for as a manifest is not one.
     let ld = sha(&f.img.layer_gz);
     let (s, _, body) = call(&app, "GET", &format!("/v2/demo/hello/manifests/{ld}"), &[]).await;
-    assert_eq!((s, oci_code(&body).as_str()), (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"));
+    assert_eq!(
+        (s, oci_code(&body).as_str()),
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
+    );
     // Writes do not exist.
     let (s, _, _) = call(&app, "PUT", "/v2/demo/hello/manifests/v1", &[]).await;
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
@@ -223,7 +271,11 @@ async fn pulls_need_a_read_token_unless_the_setting_opens_them() {
     let (s, _, _) = call(&app, "GET", uri, &[]).await;
     assert_eq!(s, StatusCode::OK, "anonymous pulls are open");
     let (s, _, _) = call(&app, "GET", uri, &[("authorization", "Bearer apl_0_wrong")]).await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED, "a wrong token is still refused");
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "a wrong token is still refused"
+    );
     // The import route stays an operator's.
     let resp = app
         .clone()
@@ -261,7 +313,10 @@ async fn the_upload_route_imports_tags_and_refuses_bad_input_clearly() {
     let inv = f.state.inventory.read().unwrap();
     let img = inv.image("tools.dock-1.0").unwrap();
     assert_eq!(img.kind, "oci");
-    assert_eq!(img.reference, format!("tools/dock:1.0@{}", v["digest"].as_str().unwrap()));
+    assert_eq!(
+        img.reference,
+        format!("tools/dock:1.0@{}", v["digest"].as_str().unwrap())
+    );
     drop(inv);
     let (s, _, _) = call(&app, "GET", "/v2/tools/dock/manifests/1.0", &[]).await;
     assert_eq!(s, StatusCode::OK);
@@ -305,7 +360,12 @@ async fn a_sync_bundle_carries_tags_and_blobs_to_an_air_gapped_node() {
         tag: "1".into(),
         digest: got.digest,
     }
-    .save(&mut inv_a.write().unwrap(), &got.arch, "", &Author::new("t"))
+    .save(
+        &mut inv_a.write().unwrap(),
+        &got.arch,
+        "",
+        &Author::new("t"),
+    )
     .unwrap();
     let file = da.path().join("carry.bundle");
     crate::sync::bundle::export(&a, None, std::fs::File::create(&file).unwrap()).unwrap();
