@@ -97,17 +97,17 @@ async fn base() -> Response {
 fn page<'a>(
     all: impl Iterator<Item = &'a String>,
     q: &HashMap<String, String>,
-) -> Result<(Vec<String>, Option<String>), Response> {
+) -> Result<(Vec<String>, Option<String>), Box<Response>> {
     let n = match q.get("n") {
         None => MAX_PAGE,
         Some(s) => match s.parse::<usize>() {
             Ok(n) if n <= MAX_PAGE => n,
             _ => {
-                return Err(oci_error(
+                return Err(Box::new(oci_error(
                     StatusCode::BAD_REQUEST,
                     "PAGINATION_NUMBER_INVALID",
                     format!("n={s:?}: give a number from 0 to {MAX_PAGE}"),
-                ))
+                )))
             }
         },
     };
@@ -157,7 +157,7 @@ fn catalog(st: &RegistryState, q: &HashMap<String, String>) -> Response {
     let tags = st.tags();
     let (repos, next) = match page(tags.keys(), q) {
         Ok(p) => p,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let n = repos.len();
     let mut r = Json(json!({ "repositories": repos })).into_response();
@@ -169,31 +169,31 @@ fn catalog(st: &RegistryState, q: &HashMap<String, String>) -> Response {
 }
 
 /// The tags of `name`, or the error to answer.
-fn repo_tags(st: &RegistryState, name: &str) -> Result<BTreeMap<String, Digest>, Response> {
+fn repo_tags(st: &RegistryState, name: &str) -> Result<BTreeMap<String, Digest>, Box<Response>> {
     if let Err(e) = super::check_repo_name(name) {
-        return Err(oci_error(
+        return Err(Box::new(oci_error(
             StatusCode::BAD_REQUEST,
             "NAME_INVALID",
             format!("{e:#}"),
-        ));
+        )));
     }
     st.tags().remove(name).ok_or_else(|| {
-        oci_error(
+        Box::new(oci_error(
             StatusCode::NOT_FOUND,
             "NAME_UNKNOWN",
             format!("no repository {name:?} in this registry"),
-        )
+        ))
     })
 }
 
 fn tags_list(st: &RegistryState, name: &str, q: &HashMap<String, String>) -> Response {
     let tags = match repo_tags(st, name) {
         Ok(t) => t,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let (list, next) = match page(tags.keys(), q) {
         Ok(p) => p,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let n = list.len();
     let mut r = Json(json!({ "name": name, "tags": list })).into_response();
@@ -235,7 +235,7 @@ async fn reachable_in(
 async fn manifest(st: &Arc<RegistryState>, name: &str, reference: &str) -> Response {
     let tags = match repo_tags(st, name) {
         Ok(t) => t,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let unknown = |what: String| oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", what);
     let digest = if reference.contains(':') {
@@ -307,7 +307,7 @@ async fn manifest(st: &Arc<RegistryState>, name: &str, reference: &str) -> Respo
 async fn blob(st: &Arc<RegistryState>, name: &str, digest: &str, req: Request) -> Response {
     let tags = match repo_tags(st, name) {
         Ok(t) => t,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let d: Digest = match digest.parse() {
         Ok(d) => d,
@@ -446,7 +446,7 @@ async fn import(
     {
         let mut inv = crate::inventory::fresh_write(&st.inventory);
         t.save(
-            &mut *inv,
+            &mut inv,
             &imported.arch,
             &format!("imported from a {fmt} upload"),
             &Author::new(&caller.name()),

@@ -310,14 +310,19 @@ async fn the_upload_route_imports_tags_and_refuses_bad_input_clearly() {
         serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(v["format"], "docker-archive");
     assert_eq!(v["image"], "tools.dock-1.0");
-    let inv = f.state.inventory.read().unwrap();
-    let img = inv.image("tools.dock-1.0").unwrap();
+    let img = f
+        .state
+        .inventory
+        .read()
+        .unwrap()
+        .image("tools.dock-1.0")
+        .cloned()
+        .unwrap();
     assert_eq!(img.kind, "oci");
     assert_eq!(
         img.reference,
         format!("tools/dock:1.0@{}", v["digest"].as_str().unwrap())
     );
-    drop(inv);
     let (s, _, _) = call(&app, "GET", "/v2/tools/dock/manifests/1.0", &[]).await;
     assert_eq!(s, StatusCode::OK);
 
