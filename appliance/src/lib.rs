@@ -41,6 +41,7 @@ pub(crate) mod mutate;
 pub mod net;
 pub mod network;
 pub mod node;
+pub mod oci;
 pub mod osinstall;
 pub mod parent;
 pub mod partition;

@@ -309,6 +309,22 @@ pub async fn build_app(
             },
         )));
     }
+    if let Some(inv) = &inventory {
+        // The OCI registry; anonymous pulls follow the inventory setting.
+        let i = inv.inventory.clone();
+        auth.set_registry_open(Arc::new(move || {
+            crate::inventory::fresh_read(&i)
+                .settings()
+                .registry_anonymous_pulls
+        }));
+        routes.extend(crate::oci::registry::routes(
+            crate::oci::registry::RegistryState::new(
+                opts.data.clone(),
+                inv.inventory.clone(),
+                inv.events.clone(),
+            ),
+        ));
+    }
     if let Some(inv) = inventory {
         // Apt partial mirrors of the inventory's apt repos.
         routes.extend(crate::repo::api::routes(crate::repo::api::RepoState::new(
@@ -596,6 +612,7 @@ mod tests {
                     "operator" | "job" => &[read.as_str(), replica.as_str()],
                     "admin" => &[read.as_str(), operator.as_str(), replica.as_str()],
                     "replica" => &[read.as_str(), replica.as_str()],
+                    "registry" => &[replica.as_str()],
                     g => panic!("{method} {path}: unknown guard {g}"),
                 };
                 guarded += 1;

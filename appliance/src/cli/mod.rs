@@ -276,6 +276,10 @@ pub struct SettingsCmd {
     /// Global variable KEY=VALUE; repeat.
     #[arg(long = "var", value_name = "KEY=VALUE")]
     pub vars: Vec<String>,
+    /// Let anyone pull from the OCI registry without a token (only when
+    /// no image holds a secret).
+    #[arg(long, value_name = "BOOL")]
+    pub registry_anonymous_pulls: Option<bool>,
     /// The top-level connection flags (filled in by [`run`]).
     #[arg(skip)]
     pub conn: Conn,
@@ -763,7 +767,8 @@ fn settings(s: SettingsCmd) -> Result<()> {
     let changing = s.default_boot.is_some()
         || s.default_profile.is_some()
         || s.kernel_options.is_some()
-        || !s.vars.is_empty();
+        || !s.vars.is_empty()
+        || s.registry_anonymous_pulls.is_some();
     if changing {
         let f = Fields {
             kernel_options: s.kernel_options.clone(),
@@ -776,6 +781,9 @@ fn settings(s: SettingsCmd) -> Result<()> {
         }
         if let Some(p) = s.default_profile {
             v["default_profile"] = p.into();
+        }
+        if let Some(open) = s.registry_anonymous_pulls {
+            v["registry_anonymous_pulls"] = open.into();
         }
         v = c.json("PUT", "/api/v1/settings", Some(&v))?;
     }

@@ -32,6 +32,15 @@ pub enum RepoVerb {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Import a container image into the server's OCI registry: an OCI
+    /// image layout (directory or tar) or a docker-archive (`docker save`).
+    ImportOci {
+        /// The layout directory or the tar file.
+        file: std::path::PathBuf,
+        /// Where the registry serves it, REPO:TAG (tag default: latest).
+        #[arg(long)]
+        name: String,
+    },
     #[command(flatten)]
     Common(Verb),
 }
@@ -125,6 +134,7 @@ pub fn repo(cmd: RepoCmd) -> Result<()> {
                 conn: cmd.conn,
             },
         ),
+        RepoVerb::ImportOci { file, name } => import_oci(&c, &file, &name, cmd.conn.json),
         RepoVerb::Sync { name, no_wait } => {
             let path = format!("/api/v1/repos/{name}/sync");
             let mut v = c.json("POST", &path, Some(&Value::Null))?;
@@ -165,4 +175,61 @@ pub fn repo(cmd: RepoCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `appliance repo import-oci FILE --name REPO:TAG`: uploads the file (a
+/// directory is sent as a tar made on the fly into a temporary file) to
+/// `POST /api/v1/oci/import`.
+fn import_oci(
+    c: &super::client::Client,
+    file: &std::path::Path,
+    name: &str,
+    json: bool,
+) -> Result<()> {
+    use anyhow::Context;
+    use std::io::Read;
+    crate::oci::parse_name(name)?;
+    let meta = std::fs::metadata(file).with_context(|| format!("opening {}", file.display()))?;
+    let _tmp;
+    let upload = if meta.is_dir() {
+        let t = tempfile::NamedTempFile::new().context("creating a temporary tar")?;
+        let mut b = tar::Builder::new(std::io::BufWriter::new(t.reopen()?));
+        b.follow_symlinks(false);
+        b.append_dir_all(".", file)
+            .with_context(|| format!("packing {}", file.display()))?;
+        b.into_inner()
+            .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+            .context("writing the temporary tar")?;
+        let p = t.path().to_path_buf();
+        _tmp = t;
+        p
+    } else {
+        file.to_path_buf()
+    };
+    let mut f =
+        std::fs::File::open(&upload).with_context(|| format!("opening {}", upload.display()))?;
+    let path = format!("/api/v1/oci/import?name={name}");
+    let (_, mut body) = c.stream(
+        "POST",
+        &path,
+        Some((ureq::SendBody::from_reader(&mut f), "application/x-tar")),
+    )?;
+    let mut text = String::new();
+    body.read_to_string(&mut text)?;
+    let v: Value = serde_json::from_str(&text).context("parsing the import answer")?;
+    if json {
+        print_json(&v);
+    } else {
+        println!(
+            "{}:{} = {} ({}, {} blobs, {} new, {})",
+            v["repo"].as_str().unwrap_or(""),
+            v["tag"].as_str().unwrap_or(""),
+            v["digest"].as_str().unwrap_or(""),
+            v["format"].as_str().unwrap_or(""),
+            v["blobs"],
+            v["blobs_added"],
+            human(v["bytes"].as_u64().unwrap_or(0))
+        );
+    }
+    Ok(())
 }
