@@ -619,12 +619,15 @@ fn chroot(root: &Path, args: &[String], stdin: Option<&[u8]>, log: &Log, rep: &m
         if let Some(s) = child.try_wait()? {
             break s;
         }
-        if beat.elapsed() >= Duration::from_secs(60) {
+        if beat.elapsed() >= Duration::from_secs(30) {
             beat = Instant::now();
-            rep.phase(phase, format!("{} running for {} s", args[0], started.elapsed().as_secs()));
+            // What it is doing now: the log's last line ("Setting up …").
+            let last: String = log.tail(1).chars().take(160).collect();
+            rep.phase(phase, format!("{} running for {} s: {last}", args[0], started.elapsed().as_secs()));
         }
         std::thread::sleep(Duration::from_millis(250));
     };
+    log.note(&format!("# {} ({status}, {:.1} s)", args[0], started.elapsed().as_secs_f64()));
     if !status.success() {
         bail!(
             "`{}` failed in the target ({status}); the end of its output:\n{}",
