@@ -35,6 +35,9 @@ pub const MIRROR_BASE: &[&str] = &[
     "systemd-sysv",
     "openssh-server",
     "sudo",
+    // The kernel's initramfs is compressed with it (gzip is several
+    // times slower).
+    "zstd",
 ];
 
 /// Where the target installs from: an apt mirror the appliance serves.
