@@ -182,6 +182,18 @@ impl MirrorIndex {
         })
     }
 
+    /// Whether the mirror serves `p`'s pool file (a partial mirror keeps
+    /// the whole upstream index but only its closure's files).
+    pub fn serves(&self, p: &Package) -> bool {
+        let url = format!("{}/{}", self.mirror.url.trim_end_matches('/'), p.filename);
+        matches!(client().head(&url).call(), Ok(r) if r.status().is_success())
+    }
+
+    /// Names of the packages in `pkgs` whose pool files the mirror lacks.
+    pub fn missing(&self, pkgs: &[Package]) -> Vec<String> {
+        pkgs.iter().filter(|p| !self.serves(p)).map(|p| p.name.clone()).collect()
+    }
+
     /// Download `p` into `dir` (named as in its pool path's file name),
     /// checked against its index entry; reuses a file already there and
     /// intact. Returns the path.

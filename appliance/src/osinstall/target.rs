@@ -128,10 +128,29 @@ fn install(
         stage1_roots.push("dosfstools".into());
     }
     let stage1 = index.closure(&stage1_roots, "the first stage: essential packages and apt")?;
-    let second = second_stage_packages(work, &index, firmware)?;
-    // Resolve the second stage now too, so a missing package fails here
-    // with its name, not after half an hour under apt.
-    index.closure(&second, "the profile's packages, the kernel and GRUB")?;
+    let mut second = second_stage_packages(work, &index, firmware)?;
+    // zstd only speeds the install up: without its file, go without.
+    if let Ok(z) = index.closure(&["zstd".to_owned()], "zstd") {
+        if !index.missing(&z).is_empty() {
+            second.retain(|p| p != "zstd");
+        }
+    }
+    // Resolve the second stage now too, and check the mirror serves every
+    // file of both stages, so a missing package fails here with its name,
+    // before the disk is touched, not after half an hour under apt.
+    let closure = index.closure(&second, "the profile's packages, the kernel and GRUB")?;
+    let mut missing = index.missing(&stage1);
+    missing.extend(index.missing(&closure));
+    if !missing.is_empty() {
+        missing.sort();
+        missing.dedup();
+        bail!(
+            "the mirror {:?} lists but does not hold {}: sync the repo again (`appliance repo sync {}`), adding them to its packages if they are not in its closure",
+            work.mirror.name,
+            missing.join(", "),
+            work.mirror.name
+        );
+    }
     let tools_roots: Vec<String> = if firmware == "uefi" {
         vec!["e2fsprogs".into(), "dosfstools".into()]
     } else {
@@ -224,7 +243,7 @@ fn install(
         // slower on small machines.
         write_file(
             &target.join("etc/initramfs-tools/conf.d/appliance-compress"),
-            b"# written by the appliance installer\nCOMPRESS=zstd\n",
+            b"# written by the appliance installer\nCOMPRESS=zstd\nCOMPRESSLEVEL=3\n",
             0o644,
         )?;
     }
@@ -241,7 +260,18 @@ fn install(
         "Dpkg::Options::=--force-confold",
     ]);
     args.extend(second.iter().cloned());
-    chroot(&target, &args, None, &log, rep, "packages")?;
+    // The kernel's hook skips its initramfs (`INITRD=No`) and the trigger
+    // then has none to update: one initramfs is made below, not two.
+    chroot_env(&target, &args, &[("INITRD", "No")], None, &log, rep, "packages")?;
+    let kernels: Vec<String> = fs::read_dir(target.join("usr/lib/modules"))
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    if kernels.is_empty() {
+        bail!("no kernel was installed (/lib/modules is empty)");
+    }
+    for k in &kernels {
+        chroot(&target, &sv(&["update-initramfs", "-c", "-k", k]), None, &log, rep, "packages")?;
+    }
 
     phase(rep, times, &mut cur, "configure", "system configuration");
     configure(&target, work, mac, &parts, root_uuid, esp_id, &log, rep)?;
@@ -596,6 +626,19 @@ impl Log {
 /// Run `args` chrooted into `root`, output to the log; a heartbeat to the
 /// appliance every minute while it runs.
 fn chroot(root: &Path, args: &[String], stdin: Option<&[u8]>, log: &Log, rep: &mut Reporter, phase: &str) -> Result<()> {
+    chroot_env(root, args, &[], stdin, log, rep, phase)
+}
+
+/// [`chroot`] with extra environment variables.
+fn chroot_env(
+    root: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    stdin: Option<&[u8]>,
+    log: &Log,
+    rep: &mut Reporter,
+    phase: &str,
+) -> Result<()> {
     log.note(&format!("# {}", args.join(" ")));
     let out = log.file()?;
     let err = out.try_clone()?;
@@ -608,6 +651,7 @@ fn chroot(root: &Path, args: &[String], stdin: Option<&[u8]>, log: &Log, rep: &m
         .env("DEBCONF_NONINTERACTIVE_SEEN", "true")
         .env("LC_ALL", "C")
         .env("HOME", "/root")
+        .envs(env.iter().copied())
         .stdout(out)
         .stderr(err)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
