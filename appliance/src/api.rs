@@ -133,6 +133,13 @@ pub fn routes(state: Arc<AppState>) -> Vec<Route> {
         )
         .response("Object")
         .to(version, state.clone()),
+        Route::get(
+            "/api/v1/whoami",
+            Guard::Read,
+            "The caller's token name and scope (what the console may offer)",
+        )
+        .response("Object")
+        .to(whoami, ()),
         Route::post(
             "/api/v1/power",
             Guard::Admin,
@@ -147,6 +154,31 @@ pub fn routes(state: Arc<AppState>) -> Vec<Route> {
 /// The routes of [`routes`] alone (tests), guarded by `tokens`.
 pub fn router(state: Arc<AppState>, tokens: Arc<crate::auth::TokenStore>) -> Router {
     crate::http::build(routes(state), crate::http::Auth::new(Some(tokens), true))
+}
+
+/// The body of `GET /api/v1/whoami`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WhoAmI {
+    /// The token's name (`anonymous` without one, while reads are public).
+    pub name: String,
+    /// `read`, `operator`, `admin`, `replica:<id>`, `job` or `anonymous`.
+    pub scope: String,
+    /// Whether operator routes (the inventory's writes) will take this caller.
+    pub operator: bool,
+}
+
+async fn whoami(caller: crate::http::Caller) -> Json<WhoAmI> {
+    use crate::http::guard::Role;
+    let scope = match &caller.role {
+        Role::Anonymous => "anonymous".to_owned(),
+        Role::Token { scope, .. } => scope.to_string(),
+        Role::Job(_) => "job".to_owned(),
+    };
+    Json(WhoAmI {
+        name: caller.name(),
+        scope,
+        operator: caller.is_operator(),
+    })
 }
 
 async fn healthz() -> &'static str {

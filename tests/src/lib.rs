@@ -5,6 +5,7 @@
 pub mod fleet;
 pub mod http;
 pub mod qemu;
+pub mod webdriver;
 
 use std::path::PathBuf;
 

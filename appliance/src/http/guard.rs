@@ -211,8 +211,19 @@ impl Auth {
                 scope: Scope::Admin,
             });
         }
-        if guard == Guard::Public || (guard == Guard::Read && self.public_reads) {
+        if guard == Guard::Public {
             return Ok(Role::Anonymous);
+        }
+        if guard == Guard::Read && self.public_reads {
+            // Anyone may read; a valid token still names its holder (so
+            // `whoami` answers its scope), a missing or bad one is anonymous.
+            let known = token
+                .filter(|t| !t.is_empty())
+                .and_then(|t| self.tokens.as_ref()?.authenticate(t));
+            return Ok(match known {
+                Some((name, scope)) => Role::Token { name, scope },
+                None => Role::Anonymous,
+            });
         }
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Err(self.refused("this request needs an Authorization: Bearer <token> header"));
