@@ -71,6 +71,7 @@ async function route() {
   const [, first = '', ...rest] = location.hash.replace(/^#/, '').split('/');
   const load = pages[first];
   const main = document.getElementById('main');
+  delete main.dataset.ready;
   for (const a of document.querySelectorAll('#nav a')) {
     const target = a.getAttribute('href').replace(/^#\//, '');
     const on = target === first || (first === 'systems' && target === 'machines');
@@ -81,9 +82,10 @@ async function route() {
   try {
     const mod = await load();
     main.dataset.page = first || 'overview';
-    delete main.dataset.ready;
     leave = (await mod.render(main, rest.map(decodeURIComponent))) || null;
     main.dataset.ready = '1';
+    // Time to interactive, since navigation start (`cargo xtask bench console`).
+    window.consoleReady = window.consoleReady || performance.now();
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) { token.clear(); login(e); return; }
     put(main, h('h1', {}, 'Something failed'), problem(e));

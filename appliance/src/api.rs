@@ -310,6 +310,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn whoami_answers_the_callers_scope_and_nothing_without_a_token() {
+        let st = Arc::new(state(Box::new(Recorder::default())));
+        let t = Arc::new(crate::auth::TokenStore::memory());
+        let admin = t.ensure_first().unwrap().unwrap();
+        let ro = t.create_scoped("viewer", crate::auth::Scope::Read).unwrap().1;
+        let op = t.create("ops").unwrap().1;
+        let private = crate::http::build(routes(st), crate::http::Auth::new(Some(t), false));
+        let who = |tok: Option<String>| {
+            let app = private.clone();
+            async move {
+                let mut r = Request::get("/api/v1/whoami");
+                if let Some(tok) = tok {
+                    r = r.header("authorization", format!("Bearer {tok}"));
+                }
+                let (st, body) = call(app, r.body(Body::empty()).unwrap()).await;
+                (st, serde_json::from_slice::<serde_json::Value>(&body).unwrap())
+            }
+        };
+        let (st, v) = who(Some(ro)).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!((v["name"].as_str(), v["scope"].as_str(), v["operator"].as_bool()), (Some("viewer"), Some("read"), Some(false)));
+        let (_, v) = who(Some(op)).await;
+        assert_eq!((v["scope"].as_str(), v["operator"].as_bool()), (Some("operator"), Some(true)));
+        let (_, v) = who(Some(admin)).await;
+        assert_eq!((v["scope"].as_str(), v["operator"].as_bool()), (Some("admin"), Some(true)));
+        let (st, v) = who(None).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "{v}");
+    }
+
+    #[tokio::test]
     async fn healthz_is_ok() {
         let app = router(Arc::new(state(Box::new(Recorder::default()))));
         assert_eq!(

@@ -18,13 +18,14 @@ pub fn run(name: &str, rest: &[&str]) -> Result<()> {
         "builder" => builder_bench(),
         "boot" => crate::bench_boot::run(),
         "clone" => crate::bench_clone::run(),
+        "console" => crate::bench_console::run(),
         "dhcp" => crate::bench_dhcp::run(),
         "inventory" => crate::bench_inventory::run(),
         "tftp" => crate::bench_tftp::run(),
         "sync" => crate::bench_sync::run(),
         "replicate" => crate::bench_replicate::run(rest),
         other => {
-            bail!("unknown benchmark {other:?}; available: builder, boot, clone, dhcp, inventory, replicate, sync, tftp")
+            bail!("unknown benchmark {other:?}; available: builder, boot, clone, console, dhcp, inventory, replicate, sync, tftp")
         }
     }
 }

@@ -4,7 +4,7 @@ import { api } from '../api.js';
 import { h, put, problem, duration, short, when } from '../ui.js';
 
 function dl(pairs) {
-  return h('dl', { class: 'facts' }, pairs.map(([k, v, id]) => [h('dt', {}, k), h('dd', id ? { id } : {}, v)]));
+  return h('dl', { class: 'facts' }, pairs.filter(Boolean).map(([k, v, id]) => [h('dt', {}, k), h('dd', id ? { id } : {}, v)]));
 }
 
 export async function render(main) {
@@ -24,7 +24,7 @@ export async function render(main) {
         ['Node id', h('code', {}, v.node_id), 'node-id'],
         ['Version', v.version],
         ['Release', v.release ? h('code', { title: v.release }, short(v.release)) : 'none (no release manifest)', 'release'],
-        ['Boot', [boot.firmware || 'unknown firmware', boot.medium ? ` from ${boot.medium}` : '', boot.mode ? `, ${boot.mode} mode` : ''].join(''), 'boot'],
+        boot.firmware ? ['Boot', [boot.firmware, boot.medium ? ` from ${boot.medium}` : '', boot.mode ? `, ${boot.mode} mode` : ''].join(''), 'boot'] : null,
         ['Up for', duration(v.uptime_s || 0)],
         ['Children', Array.isArray(reps) ? String(reps.length) : '—'],
       ])),

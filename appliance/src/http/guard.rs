@@ -419,6 +419,22 @@ mod tests {
     }
 
     #[test]
+    fn public_reads_still_name_a_valid_token_and_ignore_a_bad_one() {
+        let (a, [_, op, ro, _], _) = auth(true);
+        let scope = |t| match a.decide(Guard::Read, t, &[]).unwrap() {
+            Role::Token { scope, .. } => scope.to_string(),
+            Role::Anonymous => "anonymous".into(),
+            Role::Job(_) => "job".into(),
+        };
+        assert_eq!(scope(Some(&ro)), "read");
+        assert_eq!(scope(Some(&op)), "operator");
+        assert_eq!(scope(Some("apl_00000000_nope")), "anonymous");
+        assert_eq!(scope(None), "anonymous");
+        // Naming the caller opens nothing more.
+        assert!(a.decide(Guard::Operator, Some(&ro), &[]).is_err());
+    }
+
+    #[test]
     fn without_a_token_store_nothing_guarded_passes() {
         let a = Auth::new(None, false);
         for g in [
