@@ -68,6 +68,8 @@ function login(err) {
 
 async function route() {
   if (leave) { leave(); leave = null; }
+  const f = document.getElementById('flash');
+  if (f.dataset.keep !== location.hash) { f.textContent = ''; f.className = 'flash'; }
   const [, first = '', ...rest] = location.hash.replace(/^#/, '').split('/');
   const load = pages[first];
   const main = document.getElementById('main');

@@ -37,6 +37,7 @@ export function flash(msg, kind = 'ok') {
   const f = document.getElementById('flash');
   f.className = `flash ${kind}`;
   f.textContent = msg;
+  f.dataset.keep = location.hash; // a page change clears it, unless to here
   clearTimeout(flashTimer);
   flashTimer = setTimeout(() => { f.textContent = ''; f.className = 'flash'; }, 8000);
 }

@@ -72,8 +72,24 @@ fn open(s: &Session, hash: &str, page: &str) {
         .unwrap();
 }
 
+/// A screenshot of the whole page: the window grows to the page's height
+/// (at most 4,000 px) for the picture, then gets its size back.
 fn shot(s: &Session, name: &str) {
+    let size = s
+        .eval(
+            "return [window.outerWidth, window.outerHeight, window.innerHeight, document.documentElement.scrollHeight];",
+            vec![],
+        )
+        .unwrap();
+    let dim = |i: usize| size[i].as_u64().unwrap() as u32;
+    let (w, h, inner, full) = (dim(0), dim(1), dim(2), dim(3).min(4000));
+    if full > inner {
+        s.set_size(w, h + full - inner).unwrap();
+    }
     let p = s.screenshot(&screenshots().join(format!("{name}.png"))).unwrap();
+    if full > inner {
+        s.set_size(w, h).unwrap();
+    }
     eprintln!("screenshot: {}", p.display());
 }
 
@@ -218,6 +234,12 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
     s.click(&s.find("#save").unwrap()).unwrap();
     let msg = s.wait_text("#form-error [role=alert]", "no-such-distro", T).unwrap();
     eprintln!("validation message shown: {msg}");
+    let marked = s.find("#f-distro").unwrap();
+    assert_eq!(
+        s.attribute(&marked, "aria-invalid").unwrap(),
+        json!("true"),
+        "the field the API named is marked"
+    );
     shot(&s, "06-inventory-profile");
     let (_, p) = call(port, "GET", "/api/v1/profiles/web", None, &admin);
     assert_eq!(p["distro"], "deb12", "the refused edit changed nothing");

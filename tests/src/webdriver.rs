@@ -49,13 +49,38 @@ fn call(port: u16, method: &str, path: &str, body: Option<&Value>) -> Result<(u1
     );
     s.write_all(req.as_bytes())
         .map_err(|e| err(format!("sending {method} {path}: {e}")))?;
+    // chromedriver keeps the connection open even when asked to close it:
+    // read the head, then exactly the body it announces.
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .map_err(|e| err(format!("reading the answer to {method} {path}: {e}")))?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| err(format!("{method} {path}: no HTTP header in the answer")))?;
+    let mut buf = [0u8; 16384];
+    let complete = |raw: &[u8]| -> Option<usize> {
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+        let body = &raw[split + 4..];
+        if head.contains("transfer-encoding: chunked") {
+            return body.ends_with(b"0\r\n\r\n").then_some(split);
+        }
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())?;
+        (body.len() >= len).then_some(split)
+    };
+    let split = loop {
+        if let Some(split) = complete(&raw) {
+            break split;
+        }
+        let n = s
+            .read(&mut buf)
+            .map_err(|e| err(format!("reading the answer to {method} {path}: {e}")))?;
+        if n == 0 {
+            break raw
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .ok_or_else(|| err(format!("{method} {path}: no HTTP header in the answer")))?;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    };
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
     let mut content = raw[split + 4..].to_vec();
     let status: u16 = head
@@ -344,6 +369,10 @@ impl Session {
 
     pub fn property(&self, e: &Element, name: &str) -> Result<Value> {
         self.cmd("GET", &format!("/element/{}/property/{name}", e.0), None)
+    }
+
+    pub fn attribute(&self, e: &Element, name: &str) -> Result<Value> {
+        self.cmd("GET", &format!("/element/{}/attribute/{name}", e.0), None)
     }
 
     /// The visible text of the whole page (for failure messages).

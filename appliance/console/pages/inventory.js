@@ -67,7 +67,8 @@ function read(form, keys) {
 /** Marks the field an API validation message names (`field: message`). */
 function markField(form, e) {
   for (const el of form.querySelectorAll('[aria-invalid]')) el.removeAttribute('aria-invalid');
-  const m = /^([a-z_]+)[\w.[\]]*: /.exec(e.message || '');
+  // Messages name the field first: `kernel_options: …`, `distro "x" does not exist`.
+  const m = /^([a-z_]+)\b/.exec(e.message || '');
   const name = e.field || (m && m[1]);
   const el = name && form.querySelector(`#f-${name}`);
   if (el) { el.setAttribute('aria-invalid', 'true'); el.focus(); }
@@ -121,10 +122,10 @@ async function edit(main, kind, name) {
       const hint = el.dataset.type === 'list' ? h('small', { id: `f-${k}-hint` }, 'comma-separated') : null;
       return el.type === 'checkbox'
         ? h('div', { class: 'field check' }, el, h('label', { for: el.id }, label(k)))
-        : h('div', { class: 'field' }, h('label', { for: el.id }, label(k)), el, hint);
+        : h('div', { class: el.tagName === 'TEXTAREA' ? 'field wide' : 'field' }, h('label', { for: el.id }, label(k)), el, hint);
     }),
-    err,
-    readonly ? null : h('div', { class: 'row' },
+    h('div', { class: 'wide' }, err),
+    readonly ? null : h('div', { class: 'row wide' },
       h('button', { type: 'submit', class: 'primary', id: 'save', 'data-write': '' }, creating ? 'Create' : builtin ? 'Save as inventory override' : 'Save'),
       h('a', { class: 'btn', href: `#/inventory/${kind}` }, 'Cancel')));
   form.addEventListener('submit', async (ev) => {
@@ -134,8 +135,8 @@ async function edit(main, kind, name) {
       if (creating || builtin) await api('POST', `/api/v1/${kind}`, body);
       else await api('PUT', `/api/v1/${kind}/${encodeURIComponent(name)}`, body);
       put(err);
-      flash(`Saved ${kind.slice(0, -1)} ${body.name}`);
       if (creating || builtin) location.hash = `#/inventory/${kind}/${encodeURIComponent(body.name)}`;
+      flash(`Saved ${kind.slice(0, -1)} ${body.name}`);
     } catch (e) {
       put(err, problem(e));
       markField(form, e);

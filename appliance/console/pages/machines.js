@@ -28,7 +28,8 @@ export function rows(systems, agents, status) {
     let agent = null;
     for (const m of macs) { claimed.add(m); agent = agent || byMac.get(m); }
     const ip = (s.interfaces || []).map((i) => i.ip).filter(Boolean).join(' ');
-    const state = st.has(s.name) ? st.get(s.name).state : (s.netboot ? 'netboot' : 'idle');
+    const reported = st.has(s.name) ? st.get(s.name).state : 'unknown';
+    const state = reported !== 'unknown' ? reported : (s.netboot ? 'netboot' : 'local boot');
     const r = {
       kind: 'system', name: s.name, mac: macs.join(' '), ip, target: s.profile || s.image || '',
       hostname: s.hostname || '', state, agent, hw: agent ? hwSummary(agent.hardware) : '',

@@ -1,7 +1,7 @@
 // Overview: this node's identity, release, health and the networks it serves.
 
 import { api } from '../api.js';
-import { h, put, problem, duration, short, when } from '../ui.js';
+import { h, put, problem, duration, short } from '../ui.js';
 
 function dl(pairs) {
   return h('dl', { class: 'facts' }, pairs.filter(Boolean).map(([k, v, id]) => [h('dt', {}, k), h('dd', id ? { id } : {}, v)]));
@@ -36,7 +36,7 @@ export async function render(main) {
     h('section', { class: 'card', 'aria-labelledby': 'ov-nets' },
       h('h2', { id: 'ov-nets' }, 'Networks served'),
       nets instanceof Error ? problem(nets)
-        : nets.length === 0 ? h('p', { class: 'muted' }, 'This appliance serves no provisioning network yet (POST /api/v1/networks, or `appliance network add`).')
+        : nets.length === 0 ? h('p', { class: 'muted' }, 'This appliance serves no provisioning network yet (POST /api/v1/networks with an interface and a CIDR).')
           : h('div', { class: 'scroll' }, h('table', {},
             h('thead', {}, h('tr', {}, ['Interface', 'Address', 'Mode', 'Pool', 'State'].map((c) => h('th', { scope: 'col' }, c)))),
             h('tbody', {}, nets.map((n) => h('tr', {},
@@ -46,8 +46,13 @@ export async function render(main) {
               h('td', {}, n.pool || 'automatic'),
               h('td', {}, n.running ? 'serving' : 'stopped'))))))),
     release instanceof Error ? null : h('section', { class: 'card', 'aria-labelledby': 'ov-rel' },
-      h('h2', { id: 'ov-rel' }, 'Release'),
-      dl(Object.entries(release).filter(([, x]) => typeof x !== 'object').slice(0, 8)
-        .map(([k, x]) => [k, typeof x === 'number' && k.includes('time') ? when(x) : String(x)]))),
+      h('h2', { id: 'ov-rel' }, 'Rebuild'),
+      release.cached
+        ? dl([
+          ['Verdict', release.cached.identical ? 'identical: this node rebuilt its own image bit for bit' : 'DIFFERENT from the running release', 'rebuild-verdict'],
+          ['Rebuilt', h('code', { title: release.cached.rebuilt_release }, short(release.cached.rebuilt_release))],
+          ['Took', duration(release.cached.seconds || 0)],
+        ])
+        : h('p', { class: 'muted', id: 'rebuild-verdict' }, 'No rebuild has run on this node yet (POST /api/v1/release/rebuild, or `appliance rebuild`).')),
   );
 }

@@ -29,7 +29,9 @@ export async function render(main) {
   const self = node(`This appliance`, [
     ['Node', h('code', {}, v.node_id)],
     ['Release', v.release ? h('code', { title: v.release }, short(v.release)) : '—'],
-    ['Sync', s ? `${s.state || '—'}${s.last_sync ? `, last ${ago(s.last_sync)}` : ''}${s.last_error ? `, error: ${s.last_error}` : ''}` : 'not available'],
+    ['Inventory', s && s.head ? h('code', { title: s.head }, short(s.head)) : '—'],
+    ['Sync', !s ? 'not available' : !s.parent ? 'root of the tree (no parent)'
+      : `${s.last_sync ? `last ${ago(s.last_sync)}` : 'never synced'}${s.last_error ? `, error: ${s.last_error}` : ''}`],
     ['Conflicts', s ? String(s.conflicts) : '—'],
   ], kids.length ? kids : [h('li', { class: 'muted' }, 'No children registered.')]);
   const tree = s && s.parent
