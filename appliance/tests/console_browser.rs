@@ -15,6 +15,8 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use appliance::bmc::redfish::Redfish;
+use appliance::bmc::{PowerDriver, PowerError};
 use integration_tests::http::request_with_token;
 use integration_tests::webdriver::{Driver, Session};
 use serde_json::{json, Value};
@@ -211,12 +213,39 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
     s.wait_text("#count", "1 of 2 shown", T).unwrap();
     shot(&s, "04-machines");
 
+    // Its BMC: a Redfish emulator (sushy-tools), up before the page asks.
+    let bmc_dir = tempfile::tempdir().unwrap();
+    let (_bmc, bmc_url) = common::sushy(bmc_dir.path());
+    let redfish = Redfish::new(&bmc_url, "admin", "pa55word", "tls=insecure", T).unwrap();
+    let t0 = std::time::Instant::now();
+    while matches!(redfish.status(), Err(PowerError::Unreachable { .. })) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the Redfish emulator did not come up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ok(port, "PATCH", "/api/v1/systems/rack1-n1", json!({"power": {"type": "redfish",
+        "address": bmc_url, "user": "admin", "password": "pa55word", "id": "tls=insecure"}}), &admin);
+
     // The system's page: hardware from the agent, boot script, autoinstall.
     s.click(&s.find("#machine-rows a").unwrap()).unwrap();
     s.wait("main[data-page='systems'][data-ready]", T).unwrap();
     s.wait_text("#hardware", "Test CPU 9000", T).unwrap();
     s.wait_text("#boot-script", "#!ipxe", T).unwrap();
+    s.wait_text("#power-state", "(via redfish)", T).unwrap();
     shot(&s, "05-system");
+
+    // Power cycle once into the network boot: asked first, cancel keeps it.
+    s.click(&s.find("#power-boot option[value='network']").unwrap()).unwrap();
+    s.click(&s.find("#power-cycle").unwrap()).unwrap();
+    s.wait_text("dialog.confirm", "Power cycle rack1-n1, booting once from the network?", T)
+        .unwrap();
+    shot(&s, "05b-power-confirm");
+    s.click(&s.find("#confirm-no").unwrap()).unwrap();
+    let target = || redfish.system_resource().unwrap()["Boot"]["BootSourceOverrideTarget"].clone();
+    assert_ne!(target(), json!("Pxe"), "cancelled: the BMC was not asked");
+    s.click(&s.find("#power-cycle").unwrap()).unwrap();
+    s.click(&s.wait("#confirm-yes", T).unwrap()).unwrap();
+    s.wait_text("#flash", "Power cycle sent to rack1-n1", T).unwrap();
+    assert_eq!(target(), json!("Pxe"), "the BMC was told to boot once from the network");
 
     // Edit a profile; a bad reference gets the API's validation message.
     open(&s, "#/inventory/profiles/web", "inventory");
@@ -277,17 +306,30 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
     s.wait_text("#work", "No installs", T).unwrap();
     shot(&s, "11-work");
 
-    // A phone-width screen: no sideways scrolling of the page itself.
-    s.set_size(390, 844).unwrap();
-    open(&s, "#/machines", "machines");
-    let overflow = s
-        .eval("return document.documentElement.scrollWidth - window.innerWidth;", vec![])
-        .unwrap();
-    assert!(overflow.as_i64().unwrap() <= 0, "page scrolls sideways by {overflow}px");
-    shot(&s, "12-phone-machines");
-    open(&s, "#/", "overview");
-    shot(&s, "13-phone-overview");
-    s.set_size(1280, 900).unwrap();
+    // A phone (390 px wide, emulated): no page scrolls sideways.
+    {
+        let phone_profile = tempfile::tempdir().unwrap();
+        let p = driver.phone_session(phone_profile.path(), 390, 844).unwrap();
+        p.goto(&format!("{base}/")).unwrap();
+        p.wait("#token", T).unwrap();
+        login(&p, &base, &admin);
+        let width = p.eval("return window.innerWidth;", vec![]).unwrap();
+        assert_eq!(width, json!(390));
+        for (hash, page, name) in [
+            ("#/", "overview", "12-phone-overview"),
+            ("#/machines", "machines", "13-phone-machines"),
+            ("#/systems/rack1-n1", "systems", "14-phone-system"),
+            ("#/events", "events", "15-phone-events"),
+            ("#/inventory/profiles/web", "inventory", "16-phone-profile"),
+        ] {
+            open(&p, hash, page);
+            let overflow = p
+                .eval("return document.documentElement.scrollWidth - window.innerWidth;", vec![])
+                .unwrap();
+            assert!(overflow.as_i64().unwrap() <= 0, "{hash} scrolls sideways by {overflow}px");
+            shot(&p, name);
+        }
+    }
 
     // Read-only: the scope is shown, no write control anywhere.
     s.click(&s.find("#logout").unwrap()).unwrap();
@@ -299,7 +341,7 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
     open(&s, "#/machines", "machines");
     s.wait(&format!("tr.discovered[data-mac='{late}']"), T).unwrap();
     assert_eq!(write_controls(&s), Vec::<String>::new(), "write controls on machines");
-    shot(&s, "14-read-only-machines");
+    shot(&s, "17-read-only-machines");
     open(&s, "#/inventory/profiles/web", "inventory");
     s.wait("#f-kernel_options", T).unwrap();
     assert_eq!(write_controls(&s), Vec::<String>::new(), "write controls on a profile");
@@ -321,5 +363,5 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
     assert_eq!(refused["code"], "forbidden");
     let (_, p) = call(port, "GET", "/api/v1/profiles/web", None, &admin);
     assert_eq!(p["kernel_options"], "console=ttyS0 quiet");
-    shot(&s, "15-read-only-system");
+    shot(&s, "18-read-only-system");
 }

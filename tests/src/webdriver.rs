@@ -200,7 +200,24 @@ impl Driver {
 
     /// A new headless browser with a fresh profile in `profile`.
     pub fn session(&self, profile: &Path, width: u32, height: u32) -> Result<Session> {
-        let caps = json!({"capabilities": {"alwaysMatch": {
+        self.new_session(profile, width, height, None)
+    }
+
+    /// A headless browser emulating a phone screen of `width`×`height`
+    /// CSS pixels (desktop windows stop shrinking at 500 px).
+    pub fn phone_session(&self, profile: &Path, width: u32, height: u32) -> Result<Session> {
+        let m = json!({"deviceMetrics": {"width": width, "height": height, "pixelRatio": 1.0, "mobile": true, "touch": true}});
+        self.new_session(profile, width.max(500), height, Some(m))
+    }
+
+    fn new_session(
+        &self,
+        profile: &Path,
+        width: u32,
+        height: u32,
+        mobile: Option<Value>,
+    ) -> Result<Session> {
+        let mut caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {
                 "binary": CHROMIUM,
@@ -215,6 +232,9 @@ impl Driver {
                 ],
             },
         }}});
+        if let Some(m) = mobile {
+            caps["capabilities"]["alwaysMatch"]["goog:chromeOptions"]["mobileEmulation"] = m;
+        }
         let (st, v) = call(self.port, "POST", "/session", Some(&caps))?;
         let id = v["value"]["sessionId"]
             .as_str()
