@@ -48,15 +48,24 @@ export function problem(e) {
   return h('p', { class: 'error', role: 'alert' }, `${e && e.message ? e.message : e}${code}`);
 }
 
-/** Asks before a destructive action; resolves true when confirmed. */
-export function confirmAction(question, confirmLabel = 'Confirm') {
+/**
+ * Asks before a destructive action; resolves true when confirmed (with
+ * `askReason`: the reason typed, or false when cancelled).
+ */
+export function confirmAction(question, confirmLabel = 'Confirm', askReason = false) {
   return new Promise((resolve) => {
+    const reason = askReason ? h('input', { id: 'confirm-reason', autocomplete: 'off', maxlength: '300' }) : null;
     const dlg = h('dialog', { class: 'confirm', 'aria-labelledby': 'confirm-q' },
       h('p', { id: 'confirm-q' }, question),
+      reason ? field('Reason (recorded with the job)', reason) : null,
       h('div', { class: 'row' },
         h('button', { type: 'button', class: 'danger', id: 'confirm-yes', onclick: () => dlg.close('yes') }, confirmLabel),
         h('button', { type: 'button', id: 'confirm-no', onclick: () => dlg.close('no') }, 'Cancel')));
-    dlg.addEventListener('close', () => { dlg.remove(); resolve(dlg.returnValue === 'yes'); });
+    dlg.addEventListener('close', () => {
+      dlg.remove();
+      const yes = dlg.returnValue === 'yes';
+      resolve(yes && reason ? reason.value.trim() || 'no reason given' : yes);
+    });
     document.body.append(dlg);
     dlg.showModal();
     dlg.querySelector('#confirm-no').focus();

@@ -16,6 +16,7 @@ function row(e, fresh) {
 export async function render(main) {
   const kind = h('input', { id: 'ev-kind', placeholder: 'dhcp, agent.checkin, power…', autocomplete: 'off' });
   const mac = h('input', { id: 'ev-mac', placeholder: 'aa:bb:cc:dd:ee:ff', autocomplete: 'off' });
+  const system = h('input', { id: 'ev-system', placeholder: 'system name', autocomplete: 'off' });
   const live = h('input', { id: 'ev-live', type: 'checkbox', checked: true });
   const liveState = h('span', { id: 'live-state', class: 'muted', 'aria-live': 'polite' });
   const tbody = h('tbody', { id: 'event-rows' });
@@ -60,15 +61,28 @@ export async function render(main) {
   }
 
   const form = h('form', { class: 'row filters', id: 'ev-filters' },
-    field('Kind', kind), field('MAC', mac),
+    field('Kind', kind), field('System', system), field('MAC', mac),
     h('div', { class: 'field check' }, live, h('label', { for: 'ev-live' }, 'Follow live')),
     h('button', { type: 'submit' }, 'Filter'), liveState);
-  form.addEventListener('submit', async (ev) => { ev.preventDefault(); await load(); restartLive(); });
+  form.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    // A system is followed by its first MAC (events name machines by MAC).
+    if (system.value.trim()) {
+      try {
+        const sys = await api('GET', `/api/v1/systems/${encodeURIComponent(system.value.trim())}`);
+        const first = (sys.interfaces || []).find((i) => i.mac);
+        if (!first) throw new Error(`system ${sys.name} has no MAC address`);
+        mac.value = first.mac;
+      } catch (e) { put(err, problem(e)); return; }
+    }
+    await load();
+    restartLive();
+  });
   live.addEventListener('change', restartLive);
   more.addEventListener('click', () => older && load(older));
 
   put(main, h('h1', {}, 'Events'), form, err,
-    h('div', { class: 'scroll' }, h('table', { class: 'events' },
+    h('div', { class: 'scroll' }, h('table', { class: 'events cards' },
       h('thead', {}, h('tr', {}, ['#', 'Time (UTC)', 'Kind', 'MAC', 'Detail'].map((c) => h('th', { scope: 'col' }, c)))),
       tbody)),
     more);

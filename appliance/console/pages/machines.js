@@ -144,7 +144,7 @@ export async function render(main) {
     h('div', { class: 'row filters' }, field('Search', search), field('Show', kind)),
     count,
     enlistBox,
-    h('div', { class: 'scroll' }, h('table', { class: 'machines' },
+    h('div', { class: 'scroll' }, h('table', { class: 'machines cards' },
       h('caption', { class: 'sr-only' }, 'Systems and discovered agents'),
       h('thead', {}, h('tr', {}, ['Name', 'MAC', 'Address', 'Profile / image', 'State', 'Hardware', ''].map((c) => h('th', { scope: 'col' }, c)))),
       tbody)),

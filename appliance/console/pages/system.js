@@ -52,7 +52,7 @@ export async function render(main, [name]) {
     section('s-boot', 'Boot decision (iPXE script for its first MAC)', bootPre),
     section('s-auto', 'Rendered autoinstall', autoPre),
     section('s-events', 'Events',
-      h('div', { class: 'scroll' }, h('table', {},
+      h('div', { class: 'scroll' }, h('table', { class: 'cards' },
         h('thead', {}, h('tr', {}, ['Time', 'Kind', 'Detail'].map((c) => h('th', { scope: 'col' }, c)))),
         events))));
 
@@ -85,7 +85,7 @@ export async function render(main, [name]) {
 
   if (macs[0]) {
     const p = await api('GET', `/api/v1/events?order=newest&limit=50&mac=${encodeURIComponent(macs[0])}`).catch(() => ({ events: [] }));
-    put(events, p.events.length ? p.events.map((e) => h('tr', {}, h('td', {}, when(e.time)), h('td', {}, e.kind), h('td', {}, h('code', {}, JSON.stringify(e.detail)))))
+    put(events, p.events.length ? p.events.map((e) => h('tr', {}, h('td', {}, when(e.time)), h('td', {}, e.kind), h('td', { class: 'detail' }, h('code', {}, JSON.stringify(e.detail)))))
       : h('tr', {}, h('td', { colspan: 3, class: 'muted' }, 'No events for this machine.')));
   }
 }

@@ -44,7 +44,7 @@ export async function render(main) {
             bar(j.done_bytes, j.total_bytes, `${j.action} ${j.system || j.mac}`),
             h('small', {}, eta(j, j.created), j.message ? ` · ${j.message}` : ''),
             session.write && !['done', 'failed', 'cancelled'].includes(j.state)
-              ? h('button', { type: 'button', class: 'danger small', 'data-write': '', onclick: () => cancel(j) }, 'Cancel') : null)))));
+              ? h('button', { type: 'button', class: 'danger small cancel-job', 'data-write': '', 'aria-label': `Cancel job ${j.id}`, onclick: () => cancel(j) }, 'Cancel') : null)))));
   }
 
   async function forget(mac) {
@@ -52,8 +52,13 @@ export async function render(main) {
     try { await api('DELETE', `/api/v1/installs/${encodeURIComponent(mac)}`); flash(`Forgot ${mac}`); draw(); } catch (e) { flash(e.message, 'bad'); }
   }
   async function cancel(j) {
-    if (!await confirmAction(`Cancel ${j.action} of ${j.system || j.mac}?`, 'Cancel job')) return;
-    try { await api('DELETE', `/api/v1/clone/jobs/${encodeURIComponent(j.id)}`); flash(`Cancelled ${j.id}`); draw(); } catch (e) { flash(e.message, 'bad'); }
+    const reason = await confirmAction(`Cancel ${j.action} of ${j.system || j.mac}? The system goes back to booting from its disk.`, 'Cancel job', true);
+    if (!reason) return;
+    try {
+      await api('DELETE', `/api/v1/clone/jobs/${encodeURIComponent(j.id)}?reason=${encodeURIComponent(reason)}`);
+      flash(`Cancelled ${j.id}: ${reason}`);
+      draw();
+    } catch (e) { flash(e.message, 'bad'); }
   }
 
   await draw();
