@@ -314,7 +314,10 @@ mod tests {
         let st = Arc::new(state(Box::new(Recorder::default())));
         let t = Arc::new(crate::auth::TokenStore::memory());
         let admin = t.ensure_first().unwrap().unwrap();
-        let ro = t.create_scoped("viewer", crate::auth::Scope::Read).unwrap().1;
+        let ro = t
+            .create_scoped("viewer", crate::auth::Scope::Read)
+            .unwrap()
+            .1;
         let op = t.create("ops").unwrap().1;
         let private = crate::http::build(routes(st), crate::http::Auth::new(Some(t), false));
         let who = |tok: Option<String>| {
@@ -325,16 +328,32 @@ mod tests {
                     r = r.header("authorization", format!("Bearer {tok}"));
                 }
                 let (st, body) = call(app, r.body(Body::empty()).unwrap()).await;
-                (st, serde_json::from_slice::<serde_json::Value>(&body).unwrap())
+                (
+                    st,
+                    serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+                )
             }
         };
         let (st, v) = who(Some(ro)).await;
         assert_eq!(st, StatusCode::OK);
-        assert_eq!((v["name"].as_str(), v["scope"].as_str(), v["operator"].as_bool()), (Some("viewer"), Some("read"), Some(false)));
+        assert_eq!(
+            (
+                v["name"].as_str(),
+                v["scope"].as_str(),
+                v["operator"].as_bool()
+            ),
+            (Some("viewer"), Some("read"), Some(false))
+        );
         let (_, v) = who(Some(op)).await;
-        assert_eq!((v["scope"].as_str(), v["operator"].as_bool()), (Some("operator"), Some(true)));
+        assert_eq!(
+            (v["scope"].as_str(), v["operator"].as_bool()),
+            (Some("operator"), Some(true))
+        );
         let (_, v) = who(Some(admin)).await;
-        assert_eq!((v["scope"].as_str(), v["operator"].as_bool()), (Some("admin"), Some(true)));
+        assert_eq!(
+            (v["scope"].as_str(), v["operator"].as_bool()),
+            (Some("admin"), Some(true))
+        );
         let (st, v) = who(None).await;
         assert_eq!(st, StatusCode::UNAUTHORIZED, "{v}");
     }

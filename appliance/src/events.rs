@@ -156,7 +156,11 @@ impl Events {
         keep: impl Fn(&Event) -> bool,
     ) -> (Vec<Event>, u64, Option<u64>) {
         let g = self.inner.ring.lock().unwrap_or_else(|p| p.into_inner());
-        let mut it = g.1.iter().rev().filter(|e| e.id < before).filter(|e| keep(e));
+        let mut it =
+            g.1.iter()
+                .rev()
+                .filter(|e| e.id < before)
+                .filter(|e| keep(e));
         let out: Vec<Event> = it.by_ref().take(limit).cloned().collect();
         let older = match (it.next(), out.last()) {
             (Some(_), Some(last)) => Some(last.id),
@@ -274,8 +278,14 @@ async fn list(
     }
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     if q.order.as_deref() == Some("newest") {
-        let (out, next, older) = events.newest(q.before.unwrap_or(u64::MAX), limit, |e| matches(&q, e));
-        return Json(EventPage { events: out, next, older }).into_response();
+        let (out, next, older) =
+            events.newest(q.before.unwrap_or(u64::MAX), limit, |e| matches(&q, e));
+        return Json(EventPage {
+            events: out,
+            next,
+            older,
+        })
+        .into_response();
     }
     let mut out = Vec::new();
     let mut cursor = q.after;
@@ -374,7 +384,11 @@ mod tests {
     async fn newest_first_pages_walk_back_with_filters_and_name_the_live_cursor() {
         let ev = Events::new();
         for i in 0..10u64 {
-            let kind = if i % 2 == 0 { "dhcp.offer" } else { "tftp.transfer" };
+            let kind = if i % 2 == 0 {
+                "dhcp.offer"
+            } else {
+                "tftp.transfer"
+            };
             ev.publish(kind, Some("aa:bb:cc:dd:ee:ff"), serde_json::json!({"i": i}));
         }
         let app = router(ev.clone());

@@ -197,7 +197,10 @@ fn send(a: &Asset, headers: &HeaderMap, cache: &'static str, page: bool) -> Resp
     };
     let h = resp.headers_mut();
     let v = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(a.content_type));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(a.content_type),
+    );
     h.insert(header::ETAG, v(&etag));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
     h.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
@@ -213,7 +216,10 @@ fn send(a: &Asset, headers: &HeaderMap, cache: &'static str, page: bool) -> Resp
             header::CONTENT_SECURITY_POLICY,
             HeaderValue::from_static(CSP),
         );
-        h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+        h.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
         h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     }
     resp
@@ -230,7 +236,10 @@ async fn file(Path((set, path)): Path<(String, String)>, headers: HeaderMap) -> 
         None => ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("no console asset {path:?} in set {set:?} (this binary serves set {:?}: reload /)", c.set),
+            format!(
+                "no console asset {path:?} in set {set:?} (this binary serves set {:?}: reload /)",
+                c.set
+            ),
         )
         .into_response(),
     }
@@ -239,9 +248,13 @@ async fn file(Path((set, path)): Path<(String, String)>, headers: HeaderMap) -> 
 /// `GET /` and `GET /console/{set}/{*path}`, both public.
 pub fn routes() -> Vec<Route> {
     vec![
-        Route::get("/", Guard::Public, "The web console (public HTML; it logs in with an API token)")
-            .response("text")
-            .to(page, ()),
+        Route::get(
+            "/",
+            Guard::Public,
+            "The web console (public HTML; it logs in with an API token)",
+        )
+        .response("text")
+        .to(page, ()),
         Route::get(
             "/console/{set}/{*path}",
             Guard::Public,
@@ -317,9 +330,15 @@ mod tests {
         assert_eq!(out, plain);
         assert!(gz.len() < plain.len());
         let (_, h, _) = get(&uri, &[("accept-encoding", "gzip;q=0")]).await;
-        assert!(h.get(header::CONTENT_ENCODING).is_none(), "q=0 refuses gzip");
+        assert!(
+            h.get(header::CONTENT_ENCODING).is_none(),
+            "q=0 refuses gzip"
+        );
         // Two builds of the set give the same bytes.
-        assert_eq!(Console::build().files["app.js"].gzip, c.files["app.js"].gzip);
+        assert_eq!(
+            Console::build().files["app.js"].gzip,
+            c.files["app.js"].gzip
+        );
     }
 
     #[tokio::test]
@@ -351,12 +370,19 @@ mod tests {
             .chain(c.files.iter().map(|(p, a)| (p.as_str(), a)))
         {
             // An SVG's namespace is a name, not an address anything fetches.
-            let text = String::from_utf8_lossy(&a.body).replace("xmlns=\"http://www.w3.org/2000/svg\"", "");
+            let text = String::from_utf8_lossy(&a.body)
+                .replace("xmlns=\"http://www.w3.org/2000/svg\"", "");
             assert!(!text.contains("apl_"), "{p} holds something token-like");
             for outside in ["http://", "https://", "//cdn", "@import url("] {
-                assert!(!text.contains(outside), "{p} names an outside address ({outside})");
+                assert!(
+                    !text.contains(outside),
+                    "{p} names an outside address ({outside})"
+                );
             }
-            assert!(!text.contains("localStorage"), "{p}: tokens stay in sessionStorage");
+            assert!(
+                !text.contains("localStorage"),
+                "{p}: tokens stay in sessionStorage"
+            );
         }
     }
 }

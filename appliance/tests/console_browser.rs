@@ -55,8 +55,14 @@ fn check_in(port: u16, mac: &str, cpu: &str) {
         "release": null,
         "mode": "agent"
     });
-    let r = request_with_token(port, "POST", "/api/v1/agents", Some(&body.to_string()), None)
-        .unwrap();
+    let r = request_with_token(
+        port,
+        "POST",
+        "/api/v1/agents",
+        Some(&body.to_string()),
+        None,
+    )
+    .unwrap();
     assert_eq!(r.status, 200, "agent check-in: {}", r.body);
 }
 
@@ -89,7 +95,9 @@ fn shot(s: &Session, name: &str) {
     if full > inner {
         s.set_size(w, h + full - inner).unwrap();
     }
-    let p = s.screenshot(&screenshots().join(format!("{name}.png"))).unwrap();
+    let p = s
+        .screenshot(&screenshots().join(format!("{name}.png")))
+        .unwrap();
     if full > inner {
         s.set_size(w, h).unwrap();
     }
@@ -137,7 +145,8 @@ fn login(s: &Session, base: &str, token: &str) {
     s.goto(&format!("{base}/")).unwrap();
     let input = s.wait("#token", T).unwrap();
     s.type_text(&input, token).unwrap();
-    s.click(&s.find("#login button[type=submit]").unwrap()).unwrap();
+    s.click(&s.find("#login button[type=submit]").unwrap())
+        .unwrap();
     s.wait("main[data-page='overview'][data-ready]", T).unwrap();
     // The token never appears in the address.
     let url = s.eval("return location.href;", vec![]).unwrap();
@@ -164,13 +173,37 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
         .to_owned();
 
     // Inventory the operator already has, and an agent that checked in.
-    ok(port, "POST", "/api/v1/distros", json!({"name": "deb12", "kernel": "http://127.0.0.1:9/linux",
-        "initrd": "http://127.0.0.1:9/initrd.gz", "breed": "debian", "arch": "x86_64"}), &admin);
-    ok(port, "POST", "/api/v1/profiles", json!({"name": "web", "distro": "deb12"}), &admin);
-    ok(port, "POST", "/api/v1/systems", json!({"name": "alpha", "profile": "web",
-        "interfaces": [{"name": "eth0", "mac": "52:54:00:aa:00:01", "ip": "10.9.0.11"}]}), &admin);
-    ok(port, "POST", "/api/v1/templates", json!({"name": "motd.txt",
-        "body": "Welcome to {{ hostname }}\n"}), &admin);
+    ok(
+        port,
+        "POST",
+        "/api/v1/distros",
+        json!({"name": "deb12", "kernel": "http://127.0.0.1:9/linux",
+        "initrd": "http://127.0.0.1:9/initrd.gz", "breed": "debian", "arch": "x86_64"}),
+        &admin,
+    );
+    ok(
+        port,
+        "POST",
+        "/api/v1/profiles",
+        json!({"name": "web", "distro": "deb12"}),
+        &admin,
+    );
+    ok(
+        port,
+        "POST",
+        "/api/v1/systems",
+        json!({"name": "alpha", "profile": "web",
+        "interfaces": [{"name": "eth0", "mac": "52:54:00:aa:00:01", "ip": "10.9.0.11"}]}),
+        &admin,
+    );
+    ok(
+        port,
+        "POST",
+        "/api/v1/templates",
+        json!({"name": "motd.txt",
+        "body": "Welcome to {{ hostname }}\n"}),
+        &admin,
+    );
     let discovered = "52:54:00:12:34:56";
     check_in(port, discovered, "Test CPU 9000");
 
@@ -187,7 +220,8 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
     // A wrong token is refused with the server's message.
     s.type_text(&s.find("#token").unwrap(), "apl_00000000_wrong")
         .unwrap();
-    s.click(&s.find("#login button[type=submit]").unwrap()).unwrap();
+    s.click(&s.find("#login button[type=submit]").unwrap())
+        .unwrap();
     s.wait_text("#login .error", "not valid", T).unwrap();
     s.clear(&s.find("#token").unwrap()).unwrap();
 
@@ -205,7 +239,10 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
         .unwrap();
     every_control_is_labelled(&s, "machines");
     let enlist = s
-        .wait(&format!("tr.discovered[data-mac='{discovered}'] button.enlist"), T)
+        .wait(
+            &format!("tr.discovered[data-mac='{discovered}'] button.enlist"),
+            T,
+        )
         .unwrap();
     s.click(&enlist).unwrap();
     let name = s.wait("#enlist-name", T).unwrap();
@@ -234,11 +271,20 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
     let redfish = Redfish::new(&bmc_url, "admin", "pa55word", "tls=insecure", T).unwrap();
     let t0 = std::time::Instant::now();
     while matches!(redfish.status(), Err(PowerError::Unreachable { .. })) {
-        assert!(t0.elapsed() < Duration::from_secs(60), "the Redfish emulator did not come up");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the Redfish emulator did not come up"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
-    ok(port, "PATCH", "/api/v1/systems/rack1-n1", json!({"power": {"type": "redfish",
-        "address": bmc_url, "user": "admin", "password": "pa55word", "id": "tls=insecure"}}), &admin);
+    ok(
+        port,
+        "PATCH",
+        "/api/v1/systems/rack1-n1",
+        json!({"power": {"type": "redfish",
+        "address": bmc_url, "user": "admin", "password": "pa55word", "id": "tls=insecure"}}),
+        &admin,
+    );
 
     // The system's page: hardware from the agent, boot script, autoinstall.
     s.click(&s.find("#machine-rows a").unwrap()).unwrap();
@@ -249,18 +295,28 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
     shot(&s, "05-system");
 
     // Power cycle once into the network boot: asked first, cancel keeps it.
-    s.click(&s.find("#power-boot option[value='network']").unwrap()).unwrap();
-    s.click(&s.find("#power-cycle").unwrap()).unwrap();
-    s.wait_text("dialog.confirm", "Power cycle rack1-n1, booting once from the network?", T)
+    s.click(&s.find("#power-boot option[value='network']").unwrap())
         .unwrap();
+    s.click(&s.find("#power-cycle").unwrap()).unwrap();
+    s.wait_text(
+        "dialog.confirm",
+        "Power cycle rack1-n1, booting once from the network?",
+        T,
+    )
+    .unwrap();
     shot(&s, "05b-power-confirm");
     s.click(&s.find("#confirm-no").unwrap()).unwrap();
     let target = || redfish.system_resource().unwrap()["Boot"]["BootSourceOverrideTarget"].clone();
     assert_ne!(target(), json!("Pxe"), "cancelled: the BMC was not asked");
     s.click(&s.find("#power-cycle").unwrap()).unwrap();
     s.click(&s.wait("#confirm-yes", T).unwrap()).unwrap();
-    s.wait_text("#flash", "Power cycle sent to rack1-n1", T).unwrap();
-    assert_eq!(target(), json!("Pxe"), "the BMC was told to boot once from the network");
+    s.wait_text("#flash", "Power cycle sent to rack1-n1", T)
+        .unwrap();
+    assert_eq!(
+        target(),
+        json!("Pxe"),
+        "the BMC was told to boot once from the network"
+    );
 
     // Edit a profile; a bad reference gets the API's validation message.
     open(&s, "#/inventory/profiles/web", "inventory");
@@ -276,7 +332,9 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
     s.clear(&distro).unwrap();
     s.type_text(&distro, "no-such-distro").unwrap();
     s.click(&s.find("#save").unwrap()).unwrap();
-    let msg = s.wait_text("#form-error [role=alert]", "no-such-distro", T).unwrap();
+    let msg = s
+        .wait_text("#form-error [role=alert]", "no-such-distro", T)
+        .unwrap();
     eprintln!("validation message shown: {msg}");
     let marked = s.find("#f-distro").unwrap();
     assert_eq!(
@@ -299,11 +357,16 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
     s.click(&s.find("#preview-run").unwrap()).unwrap();
     s.wait_text("#preview", "Welcome to rack1-n1", T).unwrap();
     let body = s.find("#f-body").unwrap();
-    s.type_text(&body, "edited {{ system_name }} unsaved").unwrap();
-    s.wait_text("#preview", "edited rack1-n1 unsaved", T).unwrap();
+    s.type_text(&body, "edited {{ system_name }} unsaved")
+        .unwrap();
+    s.wait_text("#preview", "edited rack1-n1 unsaved", T)
+        .unwrap();
     shot(&s, "08-template-preview");
     let (_, t) = call(port, "GET", "/api/v1/templates/motd.txt", None, &admin);
-    assert_eq!(t["body"], "Welcome to {{ hostname }}\n", "a preview saves nothing");
+    assert_eq!(
+        t["body"], "Welcome to {{ hostname }}\n",
+        "a preview saves nothing"
+    );
 
     // Events: an agent checks in while the page follows live.
     open(&s, "#/events", "events");
@@ -314,8 +377,10 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
     every_control_is_labelled(&s, "events");
     shot(&s, "09-events");
     // Filtered by system: its MAC's events only (its power cycle, its check-in).
-    s.type_text(&s.find("#ev-system").unwrap(), "rack1-n1").unwrap();
-    s.click(&s.find("#ev-filters button[type=submit]").unwrap()).unwrap();
+    s.type_text(&s.find("#ev-system").unwrap(), "rack1-n1")
+        .unwrap();
+    s.click(&s.find("#ev-filters button[type=submit]").unwrap())
+        .unwrap();
     let t0 = std::time::Instant::now();
     loop {
         let rows = s.find("#event-rows").and_then(|e| s.text(&e)).unwrap();
@@ -336,40 +401,86 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
     shot(&s, "10-tree");
     // Live work: a capture of alpha; this process is its agent, checks in,
     // takes the job and reports progress; the bar moves by itself.
-    let (st, made) = call(port, "POST", "/api/v1/clone/jobs",
-        Some(json!({"action": "capture", "systems": ["alpha"], "image": "alpha-disk"})), &admin);
+    let (st, made) = call(
+        port,
+        "POST",
+        "/api/v1/clone/jobs",
+        Some(json!({"action": "capture", "systems": ["alpha"], "image": "alpha-disk"})),
+        &admin,
+    );
     assert!((200..300).contains(&st), "{made}");
-    let job_id = made[0]["id"].as_str().unwrap_or_else(|| made["id"].as_str().unwrap()).to_owned();
+    let job_id = made[0]["id"]
+        .as_str()
+        .unwrap_or_else(|| made["id"].as_str().unwrap())
+        .to_owned();
     open(&s, "#/work", "work");
     s.wait_text("#work", "No installs", T).unwrap();
-    s.wait_text("#work-live", "following progress live", T).unwrap();
+    s.wait_text("#work-live", "following progress live", T)
+        .unwrap();
     let bar = format!("li[data-id='{job_id}'] progress");
     s.wait(&bar, T).unwrap();
     check_in(port, "52:54:00:aa:00:01", "Alpha CPU");
-    let (st, work) = call(port, "GET", "/api/v1/agents/52:54:00:aa:00:01/work", None, "");
-    assert_eq!((st, work["action"].as_str()), (200, Some("capture")), "{work}");
+    let (st, work) = call(
+        port,
+        "GET",
+        "/api/v1/agents/52:54:00:aa:00:01/work",
+        None,
+        "",
+    );
+    assert_eq!(
+        (st, work["action"].as_str()),
+        (200, Some("capture")),
+        "{work}"
+    );
     let job_token = work["token"].as_str().unwrap().to_owned();
     for (done, pct) in [(256u64 << 20, "25"), (768u64 << 20, "75")] {
-        ok(port, "POST", &format!("/api/v1/clone/jobs/{job_id}/progress"), json!({"phase": "capture",
-            "state": "running", "done_bytes": done, "total_bytes": 1u64 << 30}), &job_token);
+        ok(
+            port,
+            "POST",
+            &format!("/api/v1/clone/jobs/{job_id}/progress"),
+            json!({"phase": "capture",
+            "state": "running", "done_bytes": done, "total_bytes": 1u64 << 30}),
+            &job_token,
+        );
         wait_attr(&s, &bar, "value", pct);
     }
-    s.wait_text(&format!("li[data-id='{job_id}']"), "768.0 MiB of 1.0 GiB", T).unwrap();
+    s.wait_text(
+        &format!("li[data-id='{job_id}']"),
+        "768.0 MiB of 1.0 GiB",
+        T,
+    )
+    .unwrap();
     shot(&s, "11-work");
     // Cancel with a reason, after confirmation.
-    s.click(&s.find(&format!("li[data-id='{job_id}'] button.cancel-job")).unwrap()).unwrap();
+    s.click(
+        &s.find(&format!("li[data-id='{job_id}'] button.cancel-job"))
+            .unwrap(),
+    )
+    .unwrap();
     let reason = s.wait("#confirm-reason", T).unwrap();
     s.type_text(&reason, "wrong disk").unwrap();
     shot(&s, "11b-work-cancel");
     s.click(&s.find("#confirm-yes").unwrap()).unwrap();
     s.wait_text("#flash", "wrong disk", T).unwrap();
-    let (_, job) = call(port, "GET", &format!("/api/v1/clone/jobs/{job_id}"), None, &admin);
-    assert_eq!((job["state"].as_str(), job["message"].as_str()), (Some("failed"), Some("cancelled: wrong disk")), "{job}");
+    let (_, job) = call(
+        port,
+        "GET",
+        &format!("/api/v1/clone/jobs/{job_id}"),
+        None,
+        &admin,
+    );
+    assert_eq!(
+        (job["state"].as_str(), job["message"].as_str()),
+        (Some("failed"), Some("cancelled: wrong disk")),
+        "{job}"
+    );
 
     // A phone (390 px wide, emulated): no page scrolls sideways.
     {
         let phone_profile = tempfile::tempdir().unwrap();
-        let p = driver.phone_session(phone_profile.path(), 390, 844).unwrap();
+        let p = driver
+            .phone_session(phone_profile.path(), 390, 844)
+            .unwrap();
         p.goto(&format!("{base}/")).unwrap();
         p.wait("#token", T).unwrap();
         login(&p, &base, &admin);
@@ -392,8 +503,13 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
                 )
                 .unwrap();
             assert_eq!(wide, json!([]), "{hash} is wider than a 390 px phone");
-            let w = p.eval("return document.documentElement.scrollWidth;", vec![]).unwrap();
-            assert!(w.as_u64().unwrap() <= 390, "{hash}: the page is {w} px wide");
+            let w = p
+                .eval("return document.documentElement.scrollWidth;", vec![])
+                .unwrap();
+            assert!(
+                w.as_u64().unwrap() <= 390,
+                "{hash}: the page is {w} px wide"
+            );
             shot(&p, name);
         }
     }
@@ -406,16 +522,29 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
     login(&s, &base, &viewer);
     s.wait_text("#scope", "read-only", T).unwrap();
     open(&s, "#/machines", "machines");
-    s.wait(&format!("tr.discovered[data-mac='{late}']"), T).unwrap();
-    assert_eq!(write_controls(&s), Vec::<String>::new(), "write controls on machines");
+    s.wait(&format!("tr.discovered[data-mac='{late}']"), T)
+        .unwrap();
+    assert_eq!(
+        write_controls(&s),
+        Vec::<String>::new(),
+        "write controls on machines"
+    );
     shot(&s, "17-read-only-machines");
     open(&s, "#/inventory/profiles/web", "inventory");
     s.wait("#f-kernel_options", T).unwrap();
-    assert_eq!(write_controls(&s), Vec::<String>::new(), "write controls on a profile");
+    assert_eq!(
+        write_controls(&s),
+        Vec::<String>::new(),
+        "write controls on a profile"
+    );
     let ro = s.find("#f-kernel_options").unwrap();
     assert_eq!(s.property(&ro, "readOnly").unwrap(), json!(true));
     open(&s, "#/systems/rack1-n1", "systems");
-    assert_eq!(write_controls(&s), Vec::<String>::new(), "write controls on a system");
+    assert_eq!(
+        write_controls(&s),
+        Vec::<String>::new(),
+        "write controls on a system"
+    );
     // A write forced through the console's own client is refused by the server.
     let refused = s
         .eval_async(

@@ -179,9 +179,7 @@ impl Driver {
         // It says "ChromeDriver was started successfully" on stdout; then
         // drain stdout in the background so it never blocks.
         if let Some(out) = child.stdout.take() {
-            std::thread::spawn(move || {
-                for _ in BufReader::new(out).lines() {}
-            });
+            std::thread::spawn(move || for _ in BufReader::new(out).lines() {});
         }
         let d = Driver { child, port };
         let t0 = Instant::now();
@@ -278,7 +276,8 @@ impl Session {
     }
 
     pub fn goto(&self, url: &str) -> Result<()> {
-        self.cmd("POST", "/url", Some(json!({"url": url}))).map(|_| ())
+        self.cmd("POST", "/url", Some(json!({"url": url})))
+            .map(|_| ())
     }
 
     /// Runs `script` (a function body; `arguments` holds `args`).
@@ -418,7 +417,8 @@ impl Session {
             return Err(err("the screenshot is not a PNG"));
         }
         if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d).map_err(|e| err(format!("creating {}: {e}", d.display())))?;
+            std::fs::create_dir_all(d)
+                .map_err(|e| err(format!("creating {}: {e}", d.display())))?;
         }
         std::fs::write(path, png).map_err(|e| err(format!("writing {}: {e}", path.display())))?;
         Ok(path.to_path_buf())
@@ -431,6 +431,9 @@ mod tests {
     fn base64_decodes_padding_and_all_alphabets() {
         assert_eq!(super::base64("aGVsbG8gd29ybGQ="), b"hello world");
         assert_eq!(super::base64("+/8="), [0xfb, 0xff]);
-        assert_eq!(super::dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), b"abcde");
+        assert_eq!(
+            super::dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"),
+            b"abcde"
+        );
     }
 }

@@ -8,7 +8,8 @@
 //! every response's transfer size (page, assets and the API calls).
 //! The floor runs `curl -s -H 'Authorization: …' URL/api/v1/systems | jq
 //! length` and `…/api/v1/agents | jq length`, as one shell pipeline each.
-//! Median of 5 runs each. Also reported: the assets' compressed size.
+//! Median of 5 runs each. Also reported: the assets' compressed size and
+//! the server's memory growth with 50 consoles following events live.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -55,7 +56,11 @@ fn send(agent: &ureq::Agent, url: &str, auth: &str, body: Value) -> Result<()> {
         .send(body.to_string())
         .with_context(|| format!("POST {url}"))?;
     if !r.status().is_success() {
-        bail!("POST {url}: {} {}", r.status(), r.body_mut().read_to_string()?);
+        bail!(
+            "POST {url}: {} {}",
+            r.status(),
+            r.body_mut().read_to_string()?
+        );
     }
     Ok(())
 }
@@ -96,9 +101,19 @@ pub fn run() -> Result<()> {
     let auth = format!("Bearer {token}");
     let http = ureq::Agent::new_with_defaults();
 
-    send(&http, &format!("{base}/api/v1/distros"), &auth, json!({"name": "d",
-        "kernel": "http://127.0.0.1:9/linux", "initrd": "http://127.0.0.1:9/initrd", "breed": "debian", "arch": "x86_64"}))?;
-    send(&http, &format!("{base}/api/v1/profiles"), &auth, json!({"name": "p", "distro": "d"}))?;
+    send(
+        &http,
+        &format!("{base}/api/v1/distros"),
+        &auth,
+        json!({"name": "d",
+        "kernel": "http://127.0.0.1:9/linux", "initrd": "http://127.0.0.1:9/initrd", "breed": "debian", "arch": "x86_64"}),
+    )?;
+    send(
+        &http,
+        &format!("{base}/api/v1/profiles"),
+        &auth,
+        json!({"name": "p", "distro": "d"}),
+    )?;
     for b in 0..SYSTEMS / 1000 {
         let objects: Vec<Value> = (0..1000)
             .map(|j| {
@@ -107,14 +122,24 @@ pub fn run() -> Result<()> {
                     "interfaces": [{"name": "eth0", "mac": mac(i), "ip": format!("10.1.{}.{}", i >> 8, i & 0xff)}]}})
             })
             .collect();
-        send(&http, &format!("{base}/api/v1/batch"), &auth, json!({"objects": objects}))?;
+        send(
+            &http,
+            &format!("{base}/api/v1/batch"),
+            &auth,
+            json!({"objects": objects}),
+        )?;
     }
     for i in 0..AGENTS {
         let m = mac(100_000 + i);
-        send(&http, &format!("{base}/api/v1/agents"), "", json!({"mac": m, "hardware": {
+        send(
+            &http,
+            &format!("{base}/api/v1/agents"),
+            "",
+            json!({"mac": m, "hardware": {
             "firmware": "uefi", "cpus": 2, "cpu_model": "bench", "memory_bytes": 1u64 << 32,
             "nics": [{"name": "ens3", "mac": m, "driver": null, "speed_mbps": null}], "disks": [],
-            "vendor": null, "product": null, "serial": null}}))?;
+            "vendor": null, "product": null, "serial": null}}),
+        )?;
     }
 
     // The floor: the same two lists through curl | jq.
@@ -141,8 +166,12 @@ pub fn run() -> Result<()> {
     let mut floor = Vec::new();
     for _ in 0..RUNS {
         let t = Instant::now();
-        let systems = sh(format!("curl -sf -H \"Authorization: $AUTH\" '{base}/api/v1/systems' | jq length"))?;
-        let agents = sh(format!("curl -sf -H \"Authorization: $AUTH\" '{base}/api/v1/agents' | jq length"))?;
+        let systems = sh(format!(
+            "curl -sf -H \"Authorization: $AUTH\" '{base}/api/v1/systems' | jq length"
+        ))?;
+        let agents = sh(format!(
+            "curl -sf -H \"Authorization: $AUTH\" '{base}/api/v1/agents' | jq length"
+        ))?;
         floor.push(t.elapsed().as_secs_f64() * 1000.0);
         if systems != SYSTEMS.to_string() || agents != AGENTS.to_string() {
             bail!("curl | jq counted {systems} systems and {agents} agents");
@@ -196,9 +225,45 @@ pub fn run() -> Result<()> {
         eprintln!("  run {run}: {m}");
         tti.push(m["tti"].as_f64().context("no consoleReady")?);
         fcp.push(m["fcp"].as_f64().unwrap_or(f64::NAN));
-        sizes.push((m["bytes"].as_f64().unwrap_or(0.0), m["assets"].as_f64().unwrap_or(0.0)));
+        sizes.push((
+            m["bytes"].as_f64().unwrap_or(0.0),
+            m["assets"].as_f64().unwrap_or(0.0),
+        ));
     }
+    // 50 consoles following the events live: the server's memory growth.
+    let rss = |pid: u32| -> Result<u64> {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        st.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .context("no VmRSS")
+    };
+    let pid = server.0.id();
+    let before = rss(pid)?;
+    let mut followers = Vec::new();
+    for _ in 0..50 {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(&addr)?;
+        write!(c, "GET /api/v1/events HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nAuthorization: {auth}\r\n\r\n")?;
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        let mut head = [0u8; 12];
+        c.read_exact(&mut head)?;
+        if &head != b"HTTP/1.1 200" {
+            bail!("an event follower got {:?}", String::from_utf8_lossy(&head));
+        }
+        followers.push(c);
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let after = rss(pid)?;
+    drop(followers);
     drop(server);
+    eprintln!(
+        "  server memory: {:.1} MiB before, {:.1} MiB with 50 consoles following events (+{:.2} MiB)",
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0,
+        (after as f64 - before as f64) / 1048576.0
+    );
     let ours = median(tti);
     let (bytes, assets) = sizes[sizes.len() / 2];
     let assets_gz = appliance::webui::Console::get().transfer_size();

@@ -87,7 +87,7 @@ async function list(main, kind) {
       h('thead', {}, h('tr', {}, ['Name', ...cols.map(label), ''].map((c) => h('th', { scope: 'col' }, c)))),
       h('tbody', {}, objs.slice(0, 500).map((o) => h('tr', { 'data-name': o.name },
         h('td', {}, h('a', { href: `#/inventory/${kind}/${encodeURIComponent(o.name)}` }, o.name)),
-        cols.map((c) => h('td', {}, String(o[c] ?? '—'))),
+        cols.map((c) => h('td', {}, o[c] === undefined || o[c] === null || o[c] === '' ? '—' : String(o[c]))),
         h('td', {}, session.write && o.origin !== 'builtin'
           ? h('button', { type: 'button', class: 'danger small', 'data-write': '', 'aria-label': `Delete ${o.name}`, onclick: () => remove(main, kind, o.name) }, 'Delete')
           : '')))))),

@@ -1662,7 +1662,12 @@ async fn preview_renders_unsaved_text_for_a_system_and_changes_nothing() {
     let head = a.state.read().head();
     // The system's own template, as the installer would get it.
     let (s, own) = a
-        .call("POST", "/api/v1/systems/web1/preview", Some(json!({})), true)
+        .call(
+            "POST",
+            "/api/v1/systems/web1/preview",
+            Some(json!({})),
+            true,
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{own}");
     let (_, served) = a
@@ -1689,19 +1694,38 @@ async fn preview_renders_unsaved_text_for_a_system_and_changes_nothing() {
             true,
         )
         .await;
-    assert_eq!((s, code(&body).as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "template_error"), "{body}");
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "template_error"),
+        "{body}"
+    );
     assert!(body.contains("line 2") && body.contains("nope"), "{body}");
     // A saved template that does not exist, an unknown system, no token.
     let (s, body) = a
-        .call("POST", "/api/v1/systems/web1/preview", Some(json!({"template": "missing"})), true)
+        .call(
+            "POST",
+            "/api/v1/systems/web1/preview",
+            Some(json!({"template": "missing"})),
+            true,
+        )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
     let (s, _) = a
-        .call("POST", "/api/v1/systems/nobody/preview", Some(json!({})), true)
+        .call(
+            "POST",
+            "/api/v1/systems/nobody/preview",
+            Some(json!({})),
+            true,
+        )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, _) = a
-        .call("POST", "/api/v1/systems/web1/preview", Some(json!({})), false)
+        .call(
+            "POST",
+            "/api/v1/systems/web1/preview",
+            Some(json!({})),
+            false,
+        )
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(a.state.read().head(), head, "a preview commits nothing");

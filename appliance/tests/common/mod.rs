@@ -147,4 +147,3 @@ pub fn sushy(dir: &Path) -> (Killed, String) {
         .unwrap();
     (Killed(child), format!("https://127.0.0.1:{port}"))
 }
-
