@@ -55,4 +55,5 @@ pub mod serve;
 pub mod state;
 pub mod sync;
 pub mod tftp;
+pub mod webui;
 pub mod writer;

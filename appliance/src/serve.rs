@@ -243,6 +243,7 @@ pub async fn build_app(
     auth.add_jobs(Arc::new(os_installs.clone()));
     crate::audit::init(&opts.data);
     let mut routes = api::routes(state.clone());
+    routes.extend(crate::webui::routes());
     routes.extend(crate::network::routes(networks.clone()));
     routes.extend(crate::rebuild::routes(opts.data.clone()));
     routes.extend(crate::replicate::routes(replication.clone()));

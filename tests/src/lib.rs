@@ -6,6 +6,7 @@ pub mod fleet;
 pub mod http;
 pub mod mirror;
 pub mod qemu;
+pub mod webdriver;
 
 use std::path::PathBuf;
 

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_boot;
 mod bench_clone;
+mod bench_console;
 mod bench_dhcp;
 mod bench_install;
 mod bench_inventory;
@@ -38,6 +39,7 @@ fn main() -> Result<()> {
                  fleet [N] [--faults] [--sync]  replication chain of N machines in QEMU (default 3)\n  \
                  test [ARGS]      install missing test tools, build the image, run every test\n  \
                  bench builder    the builder against mkfs.ext4/mkfs.fat/mcopy/sgdisk/dd/cpio|gzip\n  \
+                 bench console    the web console's machines page (10,000 systems) in Chromium vs curl | jq\n  \
                  bench clone      capture/deploy a 4 GiB ext4 (1 GiB used) vs partclone.ext4 -c and dd\n  \
                  bench tftp       our TFTP server against tftpd-hpa, 64 MiB over loopback\n  \
                  bench inventory  the inventory API against Cobbler 3.3.10 (XML-RPC)\n  \
@@ -94,6 +96,9 @@ const TOOLS: &[&str] = &[
     "skopeo",
     "dpkg-deb",
     "qemu-system-x86_64",
+    "chromium",
+    "chromedriver",
+    "jq",
     "openssl",
     "socat",
     "bmaptool",

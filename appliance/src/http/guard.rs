@@ -239,13 +239,24 @@ impl Auth {
                 scope: Scope::Admin,
             });
         }
-        if guard == Guard::Public || (guard == Guard::Read && self.public_reads) {
+        if guard == Guard::Public {
             return Ok(Role::Anonymous);
         }
         // A token is still checked when one is sent, so a wrong token is
         // refused even while pulls are open.
         if guard == Guard::Registry && token.is_none_or(str::is_empty) && self.registry_open() {
             return Ok(Role::Anonymous);
+        }
+        if guard == Guard::Read && self.public_reads {
+            // Anyone may read; a valid token still names its holder (so
+            // `whoami` answers its scope), a missing or bad one is anonymous.
+            let known = token
+                .filter(|t| !t.is_empty())
+                .and_then(|t| self.tokens.as_ref()?.authenticate(t));
+            return Ok(match known {
+                Some((name, scope)) => Role::Token { name, scope },
+                None => Role::Anonymous,
+            });
         }
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Err(self.refused("this request needs an Authorization: Bearer <token> header"));
@@ -481,6 +492,22 @@ mod tests {
         let (a, _, _) = auth(true);
         assert!(a.decide(Guard::Read, None, &[]).is_ok());
         assert!(a.decide(Guard::Operator, None, &[]).is_err());
+    }
+
+    #[test]
+    fn public_reads_still_name_a_valid_token_and_ignore_a_bad_one() {
+        let (a, [_, op, ro, _], _) = auth(true);
+        let scope = |t| match a.decide(Guard::Read, t, &[]).unwrap() {
+            Role::Token { scope, .. } => scope.to_string(),
+            Role::Anonymous => "anonymous".into(),
+            Role::Job(_) => "job".into(),
+        };
+        assert_eq!(scope(Some(&ro)), "read");
+        assert_eq!(scope(Some(&op)), "operator");
+        assert_eq!(scope(Some("apl_00000000_nope")), "anonymous");
+        assert_eq!(scope(None), "anonymous");
+        // Naming the caller opens nothing more.
+        assert!(a.decide(Guard::Operator, Some(&ro), &[]).is_err());
     }
 
     #[test]
