@@ -210,12 +210,15 @@ pub fn boot_blank(
     fs::create_dir_all(dir)?;
     let disk = dir.join("blank.img");
     fs::File::create(&disk)?.set_len(disk_bytes)?;
-    boot_machine(firmware, socket, mac, &disk, dir, 1024, 2)
+    boot_machine(firmware, socket, mac, &disk, dir, 1024, 2, false)
 }
 
-/// A machine with one NIC on `socket` (network first in its boot order)
-/// and `disk` (kept as it is: booting it again boots what is on it).
-/// Its serial log is `<dir>/serial.log` (a second boot overwrites it).
+/// A machine with one NIC on `socket` and `disk` (kept as it is: booting
+/// it again boots what is on it). Boot order: the network first, or with
+/// `disk_first` the disk first (a blank or wiped disk falls through to
+/// the network), as servers are usually set up. Its serial log is
+/// `<dir>/serial.log` (a second boot overwrites it).
+#[allow(clippy::too_many_arguments)]
 pub fn boot_machine(
     firmware: Firmware,
     socket: &Path,
@@ -224,7 +227,9 @@ pub fn boot_machine(
     dir: &Path,
     memory_mb: u32,
     cpus: u32,
+    disk_first: bool,
 ) -> std::io::Result<Vm> {
+    let (disk_index, net_index) = if disk_first { (1, 2) } else { (2, 1) };
     let (mut cmd, serial_log) = base_command_cpus(firmware, dir, memory_mb, cpus)?;
     let rom = if firmware == Firmware::Ovmf {
         ",romfile="
@@ -236,7 +241,7 @@ pub fn boot_machine(
     }
     cmd.arg("-drive")
         .arg(format!("if=none,id=d0,format=raw,file={}", disk.display()))
-        .args(["-device", "virtio-blk-pci,drive=d0,bootindex=2"])
+        .args(["-device", &format!("virtio-blk-pci,drive=d0,bootindex={disk_index}")])
         .arg("-netdev")
         .arg(format!(
             "stream,id=p,server=off,addr.type=unix,addr.path={}",
@@ -247,7 +252,7 @@ pub fn boot_machine(
         // on real UEFI machines); under SeaBIOS, QEMU's iPXE ROM does PXE.
         .args([
             "-device",
-            &format!("virtio-net-pci,netdev=p,mac={mac},bootindex=1{rom}"),
+            &format!("virtio-net-pci,netdev=p,mac={mac},bootindex={net_index}{rom}"),
         ])
         .args(["-device", "virtio-rng-pci"])
         .stdin(Stdio::null())
