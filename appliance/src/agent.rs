@@ -101,14 +101,7 @@ pub fn run(server: &str, release: Option<String>, install: bool, mgmt: &[String]
                             let msg = format!("{e:#}");
                             crate::console::marker(&format!("install failed: {msg}"));
                             crate::install::Reporter::new(&work.parent_url, &mac, &work.token)
-                                .send(&crate::install::InstallProgress {
-                                    phase: "failed".into(),
-                                    state: "failed".into(),
-                                    done_bytes: 0,
-                                    total_bytes: 0,
-                                    message: msg,
-                                    report: None,
-                                });
+                                .failed(msg);
                             10
                         }
                     }
@@ -120,28 +113,15 @@ pub fn run(server: &str, release: Option<String>, install: bool, mgmt: &[String]
                 Ok(Work::OsInstall(work)) => {
                     match crate::osinstall::target::run(&work, &mac, &firmware) {
                         Ok(report) => {
-                            crate::console::marker(&format!("OS install complete ({report}); rebooting"));
+                            crate::console::marker(&format!(
+                                "OS install complete ({report}); rebooting"
+                            ));
                             reboot();
                             300
                         }
                         Err(e) => {
-                            let msg = format!("{e:#}");
-                            crate::console::marker(&format!("OS install failed: {msg}"));
-                            crate::install::Reporter::to(
-                                format!(
-                                    "{}/api/v1/os-installs/{mac}/progress",
-                                    work.server_url.trim_end_matches('/')
-                                ),
-                                &work.token,
-                            )
-                            .send(&crate::install::InstallProgress {
-                                phase: "failed".into(),
-                                state: "failed".into(),
-                                done_bytes: 0,
-                                total_bytes: 0,
-                                message: msg,
-                                report: None,
-                            });
+                            // `run` reported it to the server already.
+                            crate::console::marker(&format!("OS install failed: {e:#}"));
                             30
                         }
                     }

@@ -259,6 +259,19 @@ fn decompressor<'a>(
     })
 }
 
+/// Read the `ar` magic that starts every `.deb`.
+fn read_magic(r: &mut impl Read, deb: &str) -> Result<(), DebError> {
+    let not_deb = || DebError::NotAnArchive {
+        deb: deb.to_string(),
+    };
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic).map_err(|_| not_deb())?;
+    if &magic != b"!<arch>\n" {
+        return Err(not_deb());
+    }
+    Ok(())
+}
+
 /// Normalise a tar path: strip leading `./`, drop `.` components; `None` if
 /// absolute or containing `..`. The archive root (`./`) becomes `""`.
 pub fn normalise_path(raw: &str) -> Option<String> {
@@ -289,16 +302,7 @@ pub fn extract(
         deb: deb.to_string(),
         source,
     };
-    let mut magic = [0u8; 8];
-    r.read_exact(&mut magic)
-        .map_err(|_| DebError::NotAnArchive {
-            deb: deb.to_string(),
-        })?;
-    if &magic != b"!<arch>\n" {
-        return Err(DebError::NotAnArchive {
-            deb: deb.to_string(),
-        });
-    }
+    read_magic(&mut r, deb)?;
     let mut offset = 8u64;
     let mut gnu = None;
     let mut control = None;
@@ -341,16 +345,7 @@ pub fn unpack_data(mut r: impl Read, deb: &str, dest: &std::path::Path) -> Resul
         deb: deb.to_string(),
         source,
     };
-    let mut magic = [0u8; 8];
-    r.read_exact(&mut magic)
-        .map_err(|_| DebError::NotAnArchive {
-            deb: deb.to_string(),
-        })?;
-    if &magic != b"!<arch>\n" {
-        return Err(DebError::NotAnArchive {
-            deb: deb.to_string(),
-        });
-    }
+    read_magic(&mut r, deb)?;
     let mut offset = 8u64;
     let mut gnu = None;
     while let Some(m) = next_member(&mut r, deb, &mut offset, &mut gnu)? {

@@ -14,7 +14,11 @@ use crate::{free_port, workspace_root};
 /// The static appliance binary `cargo xtask image` builds.
 pub fn appliance_bin() -> PathBuf {
     let bin = workspace_root().join("target/x86_64-unknown-linux-gnu/release/appliance");
-    assert!(bin.exists(), "{} missing: run `cargo xtask image`", bin.display());
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo xtask image`",
+        bin.display()
+    );
     bin
 }
 
@@ -94,13 +98,19 @@ impl HostMirror {
                 std::fs::write(&token_file, t).map_err(|e| e.to_string())?;
             }
             // The first start prints its token after "listening on".
-            if line.starts_with("listening on") && token_file.exists() || line.contains("first API token") {
+            if line.starts_with("listening on") && token_file.exists()
+                || line.contains("first API token")
+            {
                 break;
             }
         }
         std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         let token = std::fs::read_to_string(&token_file).map_err(|e| {
-            format!("{}: {e} (remove {} to start afresh)", token_file.display(), data.display())
+            format!(
+                "{}: {e} (remove {} to start afresh)",
+                token_file.display(),
+                data.display()
+            )
         })?;
         let url = format!("http://127.0.0.1:{port}");
         let sources = bundle::apt::host_sources().map_err(|e| e.to_string())?;
@@ -113,9 +123,21 @@ impl HostMirror {
                 &url,
                 &token,
                 &[
-                    "repo", "add", "bookworm", "--breed", "apt", "--mirror", &upstream, "--set",
-                    r#"suites=["bookworm"]"#, "--set", r#"components=["main"]"#, "--set",
-                    r#"arches=["amd64"]"#, "--set", r#"packages=["less"]"#,
+                    "repo",
+                    "add",
+                    "bookworm",
+                    "--breed",
+                    "apt",
+                    "--mirror",
+                    &upstream,
+                    "--set",
+                    r#"suites=["bookworm"]"#,
+                    "--set",
+                    r#"components=["main"]"#,
+                    "--set",
+                    r#"arches=["amd64"]"#,
+                    "--set",
+                    r#"packages=["less"]"#,
                 ],
             );
         }

@@ -241,7 +241,10 @@ pub fn boot_machine(
     }
     cmd.arg("-drive")
         .arg(format!("if=none,id=d0,format=raw,file={}", disk.display()))
-        .args(["-device", &format!("virtio-blk-pci,drive=d0,bootindex={disk_index}")])
+        .args([
+            "-device",
+            &format!("virtio-blk-pci,drive=d0,bootindex={disk_index}"),
+        ])
         .arg("-netdev")
         .arg(format!(
             "stream,id=p,server=off,addr.type=unix,addr.path={}",
@@ -304,7 +307,9 @@ impl Vm {
                     // `cmd:` opens one connection per guest connection
                     // (a `tcp:` chardev would be one connection, made
                     // when QEMU starts).
-                    .map(|(guest, port)| format!(",guestfwd=tcp:{guest}-cmd:socat - TCP:127.0.0.1:{port}"))
+                    .map(|(guest, port)| format!(
+                        ",guestfwd=tcp:{guest}-cmd:socat - TCP:127.0.0.1:{port}"
+                    ))
                     .collect::<String>()
             ))
             .args(["-device", "virtio-net-pci,netdev=up"]);

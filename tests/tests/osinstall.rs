@@ -16,28 +16,46 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::qemu::{boot_machine, Firmware, Vm, VmConfig};
 use integration_tests::mirror::{cli, HostMirror};
+use integration_tests::qemu::{boot_machine, Firmware, Vm, VmConfig};
 use integration_tests::{free_port, http, workspace_root};
 
 const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGZhY2VkZWFkYmVlZmNhZmVmYWNlZGVhZGJlZWZjYWZl test@appliance";
 
 fn image() -> PathBuf {
     let p = workspace_root().join("target/appliance/appliance.img");
-    assert!(p.exists(), "{} missing: run `cargo xtask image`", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask image`",
+        p.display()
+    );
     p
 }
 
 fn api(port: u16, method: &str, path: &str, body: &str, token: &str) -> serde_json::Value {
     let body = (!body.is_empty()).then_some(body);
     let r = http::request_with_token(port, method, path, body, Some(token)).unwrap();
-    assert!(r.status / 100 == 2, "{method} {path}: {} {}", r.status, r.body);
+    assert!(
+        r.status / 100 == 2,
+        "{method} {path}: {} {}",
+        r.status,
+        r.body
+    );
     serde_json::from_str(&r.body).unwrap_or(serde_json::Value::Null)
 }
 
 fn record(port: u16, mac: &str, token: &str) -> Option<serde_json::Value> {
-    let r = http::request_with_token(port, "GET", &format!("/api/v1/os-installs/{mac}"), None, Some(token)).ok()?;
-    (r.status == 200).then(|| serde_json::from_str(&r.body).ok()).flatten()
+    let r = http::request_with_token(
+        port,
+        "GET",
+        &format!("/api/v1/os-installs/{mac}"),
+        None,
+        Some(token),
+    )
+    .ok()?;
+    (r.status == 200)
+        .then(|| serde_json::from_str(&r.body).ok())
+        .flatten()
 }
 
 fn debugfs(img: &Path, offset: u64, cmd: &str) -> String {
@@ -47,7 +65,11 @@ fn debugfs(img: &Path, offset: u64, cmd: &str) -> String {
         .arg(format!("{}?offset={offset}", img.display()))
         .output()
         .unwrap();
-    assert!(o.status.success(), "debugfs {cmd}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "debugfs {cmd}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -57,11 +79,20 @@ fn blank_uefi_machine_installs_debian_12_from_the_appliance_alone() {
     let work = tempfile::tempdir().unwrap();
     let wire = work.path().join("wire.sock");
     let port = free_port();
-    let mut cfg = VmConfig::new(image(), port, work.path().join("a")).wire("prov", &wire, true, "52:54:00:78:00:01", None);
+    let mut cfg = VmConfig::new(image(), port, work.path().join("a")).wire(
+        "prov",
+        &wire,
+        true,
+        "52:54:00:78:00:01",
+        None,
+    );
     cfg.guestfwd.push(("10.0.2.100:8080".into(), mirror.port));
     let mut a = Vm::boot(&cfg).unwrap();
-    a.wait_http("/api/v1/version", Duration::from_secs(300)).unwrap();
-    let token = a.first_token().unwrap_or_else(|| panic!("no first token:\n{}", a.serial()));
+    a.wait_http("/api/v1/version", Duration::from_secs(300))
+        .unwrap();
+    let token = a
+        .first_token()
+        .unwrap_or_else(|| panic!("no first token:\n{}", a.serial()));
     let url = format!("http://127.0.0.1:{port}");
     api(
         port,
@@ -75,22 +106,58 @@ fn blank_uefi_machine_installs_debian_12_from_the_appliance_alone() {
         &url,
         &token,
         &[
-            "repo", "add", "bookworm", "--breed", "apt", "--mirror", "http://10.0.2.100:8080/repos/bookworm", "--set",
-            r#"suites=["bookworm"]"#, "--set", r#"components=["main"]"#, "--set", r#"arches=["amd64"]"#,
+            "repo",
+            "add",
+            "bookworm",
+            "--breed",
+            "apt",
+            "--mirror",
+            "http://10.0.2.100:8080/repos/bookworm",
+            "--set",
+            r#"suites=["bookworm"]"#,
+            "--set",
+            r#"components=["main"]"#,
+            "--set",
+            r#"arches=["amd64"]"#,
         ],
     );
     let t = Instant::now();
     let out = cli(&url, &token, &["repo", "sync", "bookworm"]);
-    eprintln!("appliance mirror synced in {:.1} s: {}", t.elapsed().as_secs_f64(), out.trim());
+    eprintln!(
+        "appliance mirror synced in {:.1} s: {}",
+        t.elapsed().as_secs_f64(),
+        out.trim()
+    );
     drop(mirror); // From here on the appliance is alone.
 
     let mac = "52:54:00:78:00:e1";
-    cli(&url, &token, &["distro", "add", "debian12", "--breed", "debian", "--os-version", "bookworm", "--installer-by", "appliance"]);
     cli(
         &url,
         &token,
         &[
-            "profile", "add", "debian12", "--distro", "debian12", "--repo", "bookworm", "--set",
+            "distro",
+            "add",
+            "debian12",
+            "--breed",
+            "debian",
+            "--os-version",
+            "bookworm",
+            "--installer-by",
+            "appliance",
+        ],
+    );
+    cli(
+        &url,
+        &token,
+        &[
+            "profile",
+            "add",
+            "debian12",
+            "--distro",
+            "debian12",
+            "--repo",
+            "bookworm",
+            "--set",
             r#"variables={"packages":["openssh-server","less"],"kernel_options_post":"console=ttyS0,115200","timezone":"Etc/UTC"}"#,
         ],
     );
@@ -103,7 +170,16 @@ fn blank_uefi_machine_installs_debian_12_from_the_appliance_alone() {
         &url,
         &token,
         &[
-            "system", "add", "web1", "--profile", "debian12", "--mac", mac, "--hostname", "web1", "--set",
+            "system",
+            "add",
+            "web1",
+            "--profile",
+            "debian12",
+            "--mac",
+            mac,
+            "--hostname",
+            "web1",
+            "--set",
             &format!("variables={vars}"),
         ],
     );
@@ -111,7 +187,10 @@ fn blank_uefi_machine_installs_debian_12_from_the_appliance_alone() {
     let bdir = work.path().join("b");
     std::fs::create_dir_all(&bdir).unwrap();
     let disk = bdir.join("disk.img");
-    std::fs::File::create(&disk).unwrap().set_len(8 << 30).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 30)
+        .unwrap();
     let started = Instant::now();
     let mut b = boot_machine(Firmware::Ovmf, &wire, mac, &disk, &bdir, 1536, 2, true).unwrap();
     // The agent installs, then reboots (QEMU runs with -no-reboot: it exits).
@@ -124,7 +203,12 @@ fn blank_uefi_machine_installs_debian_12_from_the_appliance_alone() {
                 eprintln!("[{:>5.0} s] {phase}", started.elapsed().as_secs_f64());
                 last_phase = phase;
             }
-            assert_ne!(r["state"], "failed", "the install failed: {r}\n--- target serial:\n{}", b.serial());
+            assert_ne!(
+                r["state"],
+                "failed",
+                "the install failed: {r}\n--- target serial:\n{}",
+                b.serial()
+            );
         }
         if b.exited().is_some() {
             break;
@@ -133,13 +217,30 @@ fn blank_uefi_machine_installs_debian_12_from_the_appliance_alone() {
             started.elapsed() < limit,
             "no install within {limit:?}\n--- target serial:\n{}\n--- appliance events:\n{}",
             b.serial(),
-            http::request_with_token(port, "GET", &format!("/api/v1/events?mac={mac}&limit=100"), None, Some(&token)).map(|r| r.body).unwrap_or_default()
+            http::request_with_token(
+                port,
+                "GET",
+                &format!("/api/v1/events?mac={mac}&limit=100"),
+                None,
+                Some(&token)
+            )
+            .map(|r| r.body)
+            .unwrap_or_default()
         );
         std::thread::sleep(Duration::from_secs(2));
     }
     let r = record(port, mac, &token).expect("an install record");
-    assert_eq!(r["state"], "installed", "{r}\n--- target serial:\n{}", b.serial());
-    eprintln!("install: {:.0} s; phases (s): {}", started.elapsed().as_secs_f64(), r["report"]);
+    assert_eq!(
+        r["state"],
+        "installed",
+        "{r}\n--- target serial:\n{}",
+        b.serial()
+    );
+    eprintln!(
+        "install: {:.0} s; phases (s): {}",
+        started.elapsed().as_secs_f64(),
+        r["report"]
+    );
     // Netboot is off. The machine boots its disk first, the network second
     // (as servers are set up; the blank disk fell through to PXE above).
     // Network-first machines rely on iPXE's `exit` returning to the
@@ -162,25 +263,65 @@ fn blank_uefi_machine_installs_debian_12_from_the_appliance_alone() {
         );
         std::thread::sleep(Duration::from_secs(2));
     };
-    eprintln!("first boot reported {:.0} s after power-on", boot2.elapsed().as_secs_f64());
+    eprintln!(
+        "first boot reported {:.0} s after power-on",
+        boot2.elapsed().as_secs_f64()
+    );
     let fb = &r["firstboot"];
-    assert!(fb["debian_version"].as_str().unwrap().starts_with("12."), "{fb}");
+    assert!(
+        fb["debian_version"].as_str().unwrap().starts_with("12."),
+        "{fb}"
+    );
     assert_eq!(fb["hostname"], "web1", "{fb}");
     assert_eq!(fb["dpkg_audit"], "", "{fb}");
     let serial = b.serial();
-    assert!(serial.contains("Debian GNU/Linux 12"), "the console shows no Debian 12 boot:\n{serial}");
-    let ev = http::request_with_token(port, "GET", &format!("/api/v1/events?mac={mac}&limit=500"), None, Some(&token)).unwrap().body;
-    for kind in ["osinstall.assigned", "osinstall.phase", "osinstall.finished", "osinstall.booted"] {
+    assert!(
+        serial.contains("Debian GNU/Linux 12"),
+        "the console shows no Debian 12 boot:\n{serial}"
+    );
+    let ev = http::request_with_token(
+        port,
+        "GET",
+        &format!("/api/v1/events?mac={mac}&limit=500"),
+        None,
+        Some(&token),
+    )
+    .unwrap()
+    .body;
+    for kind in [
+        "osinstall.assigned",
+        "osinstall.phase",
+        "osinstall.finished",
+        "osinstall.booted",
+    ] {
         assert!(ev.contains(kind), "no {kind} event: {ev}");
     }
     drop(b);
-    let _ = http::request_with_token(port, "POST", "/api/v1/power", Some(r#"{"action":"poweroff"}"#), Some(&token));
+    let _ = http::request_with_token(
+        port,
+        "POST",
+        "/api/v1/power",
+        Some(r#"{"action":"poweroff"}"#),
+        Some(&token),
+    );
     a.wait_exit(Duration::from_secs(60));
 
     // The disk, read from the host.
-    let v = Command::new("sgdisk").arg("-v").arg(&disk).output().unwrap();
-    assert!(String::from_utf8_lossy(&v.stdout).contains("No problems found"), "{}", String::from_utf8_lossy(&v.stdout));
-    let info = Command::new("sgdisk").args(["-i", "3"]).arg(&disk).output().unwrap();
+    let v = Command::new("sgdisk")
+        .arg("-v")
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&v.stdout).contains("No problems found"),
+        "{}",
+        String::from_utf8_lossy(&v.stdout)
+    );
+    let info = Command::new("sgdisk")
+        .args(["-i", "3"])
+        .arg(&disk)
+        .output()
+        .unwrap();
     let info = String::from_utf8_lossy(&info.stdout);
     let first: u64 = info
         .lines()
@@ -189,8 +330,17 @@ fn blank_uefi_machine_installs_debian_12_from_the_appliance_alone() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no root partition: {info}"));
     let off = first * 512;
-    let fsck = Command::new("e2fsck").arg("-fn").arg(format!("{}?offset={off}", disk.display())).output().unwrap();
-    assert!(fsck.status.success(), "e2fsck -fn: {}{}", String::from_utf8_lossy(&fsck.stdout), String::from_utf8_lossy(&fsck.stderr));
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(format!("{}?offset={off}", disk.display()))
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck -fn: {}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
     assert!(debugfs(&disk, off, "cat /etc/debian_version").starts_with("12."));
     assert_eq!(debugfs(&disk, off, "cat /etc/hostname").trim(), "web1");
     assert!(debugfs(&disk, off, "cat /root/.ssh/authorized_keys").contains(KEY));
@@ -201,13 +351,39 @@ fn blank_uefi_machine_installs_debian_12_from_the_appliance_alone() {
     let admin = db.join("dpkg");
     let q = Command::new("dpkg-query")
         .arg(format!("--admindir={}", admin.display()))
-        .args(["-W", "-f", "${Package} ${db:Status-Abbrev}\\n", "openssh-server", "less", "linux-image-amd64", "grub-efi-amd64", "systemd-sysv"])
+        .args([
+            "-W",
+            "-f",
+            "${Package} ${db:Status-Abbrev}\\n",
+            "openssh-server",
+            "less",
+            "linux-image-amd64",
+            "grub-efi-amd64",
+            "systemd-sysv",
+        ])
         .output()
         .unwrap();
     let q = String::from_utf8_lossy(&q.stdout);
-    for p in ["openssh-server", "less", "linux-image-amd64", "grub-efi-amd64", "systemd-sysv"] {
-        assert!(q.lines().any(|l| l.starts_with(&format!("{p} ii"))), "{p} is not installed: {q}");
+    for p in [
+        "openssh-server",
+        "less",
+        "linux-image-amd64",
+        "grub-efi-amd64",
+        "systemd-sysv",
+    ] {
+        assert!(
+            q.lines().any(|l| l.starts_with(&format!("{p} ii"))),
+            "{p} is not installed: {q}"
+        );
     }
-    let audit = Command::new("dpkg").arg(format!("--admindir={}", admin.display())).arg("--audit").output().unwrap();
-    assert!(audit.status.success() && audit.stdout.is_empty(), "dpkg --audit: {}", String::from_utf8_lossy(&audit.stdout));
+    let audit = Command::new("dpkg")
+        .arg(format!("--admindir={}", admin.display()))
+        .arg("--audit")
+        .output()
+        .unwrap();
+    assert!(
+        audit.status.success() && audit.stdout.is_empty(),
+        "dpkg --audit: {}",
+        String::from_utf8_lossy(&audit.stdout)
+    );
 }

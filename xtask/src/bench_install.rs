@@ -46,7 +46,12 @@ impl Drop for Loop {
     fn drop(&mut self) {
         // Partitions attached by the installer (a host kernel that does
         // not scan loop partitions) first, then the disk.
-        if let Ok(list) = sh(Command::new("losetup").args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"])) {
+        if let Ok(list) = sh(Command::new("losetup").args([
+            "--list",
+            "--noheadings",
+            "--output",
+            "NAME,BACK-FILE",
+        ])) {
             for l in list.lines() {
                 let f: Vec<&str> = l.split_whitespace().collect();
                 if f.len() == 2 && f[1] == self.0 {
@@ -86,10 +91,20 @@ fn ours(m: &HostMirror, dir: &Path, n: usize) -> Result<std::process::Child> {
     let file = dir.join(format!("disk{n}.img"));
     let disk = loop_disk(&file)?;
     let work = dir.join(format!("work{n}.json"));
-    std::fs::write(&work, serde_json::to_vec(&work_json(m, &disk.0, &format!("bench{n}"))?)?)?;
+    std::fs::write(
+        &work,
+        serde_json::to_vec(&work_json(m, &disk.0, &format!("bench{n}"))?)?,
+    )?;
     std::mem::forget(disk); // detached by `cleanup`
     Command::new(appliance_bin())
-        .args(["os-install", "--firmware", "bios", "--mac", &format!("52:54:00:99:00:{n:02x}"), "--work"])
+        .args([
+            "os-install",
+            "--firmware",
+            "bios",
+            "--mac",
+            &format!("52:54:00:99:00:{n:02x}"),
+            "--work",
+        ])
         .arg(&work)
         .env("RUST_LOG", "error")
         .stdout(std::process::Stdio::piped())
@@ -101,7 +116,10 @@ fn ours(m: &HostMirror, dir: &Path, n: usize) -> Result<std::process::Child> {
 fn finish(child: std::process::Child) -> Result<serde_json::Value> {
     let o = child.wait_with_output()?;
     if !o.status.success() {
-        bail!("appliance os-install failed: {}", String::from_utf8_lossy(&o.stderr));
+        bail!(
+            "appliance os-install failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     let out = String::from_utf8_lossy(&o.stdout);
     let last = out.lines().last().unwrap_or_default();
@@ -109,7 +127,9 @@ fn finish(child: std::process::Child) -> Result<serde_json::Value> {
 }
 
 fn cleanup(dir: &Path) {
-    if let Ok(list) = sh(Command::new("losetup").args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"])) {
+    if let Ok(list) =
+        sh(Command::new("losetup").args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"]))
+    {
         let d = dir.display().to_string();
         // Partition loops (backed by a loop device) first.
         let mut names: Vec<(String, String)> = list
@@ -119,7 +139,11 @@ fn cleanup(dir: &Path) {
                 (f.len() == 2).then(|| (f[0].to_owned(), f[1].to_owned()))
             })
             .collect();
-        let disks: Vec<String> = names.iter().filter(|(_, b)| b.starts_with(&d)).map(|(n, _)| n.clone()).collect();
+        let disks: Vec<String> = names
+            .iter()
+            .filter(|(_, b)| b.starts_with(&d))
+            .map(|(n, _)| n.clone())
+            .collect();
         names.retain(|(_, b)| disks.contains(b));
         for (n, _) in names {
             let _ = Command::new("losetup").args(["-d", &n]).status();
@@ -133,8 +157,21 @@ fn cleanup(dir: &Path) {
 fn floor(m: &HostMirror, dir: &Path) -> Result<f64> {
     let root = dir.join("floor");
     let _ = std::fs::remove_dir_all(&root);
-    let index = sh(Command::new("curl").args(["-fsS", &format!("{}/repos/bookworm/dists/bookworm/main/binary-amd64/Packages.xz", m.url())]).arg("-o").arg(dir.join("Packages.xz")))
-        .and_then(|_| sh(Command::new("xz").args(["-dc"]).arg(dir.join("Packages.xz"))))?;
+    let index = sh(Command::new("curl")
+        .args([
+            "-fsS",
+            &format!(
+                "{}/repos/bookworm/dists/bookworm/main/binary-amd64/Packages.xz",
+                m.url()
+            ),
+        ])
+        .arg("-o")
+        .arg(dir.join("Packages.xz")))
+    .and_then(|_| {
+        sh(Command::new("xz")
+            .args(["-dc"])
+            .arg(dir.join("Packages.xz")))
+    })?;
     let mut required: Vec<String> = bundle::debian::parse_packages(&index, "Packages")?
         .into_iter()
         .filter(|p| p.priority.as_deref() == Some("required"))
@@ -144,15 +181,27 @@ fn floor(m: &HostMirror, dir: &Path) -> Result<f64> {
     required.dedup();
     let t = Instant::now();
     sh(Command::new("debootstrap")
-        .args(["--variant=minbase", "--keyring=/usr/share/keyrings/debian-archive-keyring.gpg", "bookworm"])
+        .args([
+            "--variant=minbase",
+            "--keyring=/usr/share/keyrings/debian-archive-keyring.gpg",
+            "bookworm",
+        ])
         .arg(&root)
         .arg(format!("{}/repos/bookworm", m.url())))?;
     for (src, dst, fs) in [("proc", "proc", "proc"), ("sysfs", "sys", "sysfs")] {
-        sh(Command::new("mount").args(["-t", fs, src]).arg(root.join(dst)))?;
+        sh(Command::new("mount")
+            .args(["-t", fs, src])
+            .arg(root.join(dst)))?;
     }
-    sh(Command::new("mount").args(["--bind", "/dev"]).arg(root.join("dev")))?;
+    sh(Command::new("mount")
+        .args(["--bind", "/dev"])
+        .arg(root.join("dev")))?;
     let mut pkgs = required;
-    pkgs.extend(["systemd-sysv", "linux-image-amd64", "grub-pc"].iter().map(|s| s.to_string()));
+    pkgs.extend(
+        ["systemd-sysv", "linux-image-amd64", "grub-pc"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
     pkgs.extend(PACKAGES.iter().map(|s| s.to_string()));
     let r = sh(Command::new("chroot")
         .arg(&root)
@@ -197,7 +246,10 @@ pub fn run() -> Result<()> {
     for r in results {
         r?;
     }
-    eprintln!("ours, four targets at once: {four:.1} s ({:.2}× one)", four / one);
+    eprintln!(
+        "ours, four targets at once: {four:.1} s ({:.2}× one)",
+        four / one
+    );
     let _ = std::fs::remove_dir_all(&dir);
     crate::bench::report("install-4", four, "one target", one, "s", "lower");
     crate::bench::report("install", one, "debootstrap+apt-get", floor_s, "s", "lower");

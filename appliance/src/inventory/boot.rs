@@ -97,7 +97,11 @@ fn profile_entry(
         // The appliance's agent installs it: boot the agent, whose work
         // ([`crate::osinstall`]) names what to install.
         let mut e = agent_entry(inv, server_url, "");
-        e.label = format!("{} {name}: install {} (appliance installer)", kind.name(), distro.name);
+        e.label = format!(
+            "{} {name}: install {} (appliance installer)",
+            kind.name(),
+            distro.name
+        );
         return Some(e);
     }
     let blended = super::blend::blend(inv, kind, name).ok()?;

@@ -457,18 +457,18 @@ impl Object {
                     "" => {}
                     INSTALLER_APPLIANCE if d.breed == "debian" => {}
                     INSTALLER_APPLIANCE => {
-                        return Err(invalid(
-                            "installer",
-                            format!(
-                                "the appliance installs only breed \"debian\" (apt mirrors), not {:?}",
-                                d.breed
-                            ),
-                        ))
+                        let why = format!(
+                            "the appliance installs only breed debian, not {:?}",
+                            d.breed
+                        );
+                        return Err(invalid("installer", why));
                     }
                     other => {
                         return Err(invalid(
                             "installer",
-                            format!("{other:?}: use \"\" (the distro's own installer) or \"appliance\""),
+                            format!(
+                                "{other:?}: use \"\" (the distro's own installer) or \"appliance\""
+                            ),
                         ))
                     }
                 }

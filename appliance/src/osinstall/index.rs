@@ -96,7 +96,7 @@ impl MirrorIndex {
                         format!("{stem}.{ext}")
                     }
                 })
-                .find_map(|p| release.sha256.get(&p).map(|v| (p, v.clone())))
+                .find_map(|p| release.sha256.get(&p).map(|v| (p, *v)))
                 .ok_or_else(|| anyhow!("{ir_url} lists no {stem} index"))?;
             let url = format!("{base}/dists/{}/{path}", mirror.suite);
             let bytes = fetch(&url, MAX_INDEX)?;
@@ -157,7 +157,11 @@ impl MirrorIndex {
 
     /// Whether `name` is a package or something a package provides.
     pub fn has(&self, name: &str) -> bool {
-        self.packages.contains_key(name) || self.all.iter().any(|p| p.provides.iter().any(|v| v == name))
+        self.packages.contains_key(name)
+            || self
+                .all
+                .iter()
+                .any(|p| p.provides.iter().any(|v| v == name))
     }
 
     /// The `Depends`/`Pre-Depends` closure of `roots`. A root the mirror
@@ -191,7 +195,10 @@ impl MirrorIndex {
 
     /// Names of the packages in `pkgs` whose pool files the mirror lacks.
     pub fn missing(&self, pkgs: &[Package]) -> Vec<String> {
-        pkgs.iter().filter(|p| !self.serves(p)).map(|p| p.name.clone()).collect()
+        pkgs.iter()
+            .filter(|p| !self.serves(p))
+            .map(|p| p.name.clone())
+            .collect()
     }
 
     /// Download `p` into `dir` (named as in its pool path's file name),
@@ -221,7 +228,10 @@ impl MirrorIndex {
         }
         let got = builder::Digest::of(&bytes);
         if got != p.sha256 {
-            bail!("{url}: {got} does not match the signed index ({})", p.sha256);
+            bail!(
+                "{url}: {got} does not match the signed index ({})",
+                p.sha256
+            );
         }
         let tmp = dir.join(format!(".{file}.part"));
         std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;

@@ -89,7 +89,9 @@ fn now() -> f64 {
 
 /// A new job token; none while the random pool is not ready.
 fn new_token() -> Option<String> {
-    crate::entropy::secret_hex(24).ok().map(|h| format!("osi_{h}"))
+    crate::entropy::secret_hex(24)
+        .ok()
+        .map(|h| format!("osi_{h}"))
 }
 
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
@@ -123,7 +125,8 @@ impl OsInstalls {
     }
 
     fn save(&self, b: &Book) {
-        if let Err(e) = crate::state::save_json(&self.file, b, true, crate::state::Secrecy::Secret) {
+        if let Err(e) = crate::state::save_json(&self.file, b, true, crate::state::Secrecy::Secret)
+        {
             tracing::error!(error = %e, "saving OS install records");
         }
     }
@@ -231,23 +234,33 @@ impl OsInstalls {
                     sys.name
                 ));
             };
-            let Some(crate::inventory::model::Object::Repo(repo)) = inv.get(Kind::Repo, &repo_name).cloned() else {
+            let Some(crate::inventory::model::Object::Repo(repo)) =
+                inv.get(Kind::Repo, &repo_name).cloned()
+            else {
                 return None;
             };
             if repo.snapshot.is_empty() {
-                return blocked(format!("repo {repo_name} has never been synced: `appliance repo sync {repo_name}`"));
+                return blocked(format!(
+                    "repo {repo_name} has never been synced: `appliance repo sync {repo_name}`"
+                ));
             }
             let keyring = match crate::repo::MirrorSpec::from_repo(&self.data, &repo) {
                 Ok(s) => s.keyring,
                 Err(e) => return blocked(format!("repo {repo_name}: {e:#}")),
             };
-            let suite = repo.suites.first().cloned().unwrap_or_else(|| distro.os_version.clone());
-            let arch = repo.arches.first().cloned().unwrap_or_else(|| {
-                match repo.arch.as_str() {
+            let suite = repo
+                .suites
+                .first()
+                .cloned()
+                .unwrap_or_else(|| distro.os_version.clone());
+            let arch = repo
+                .arches
+                .first()
+                .cloned()
+                .unwrap_or_else(|| match repo.arch.as_str() {
                     "" | "x86_64" => "amd64".into(),
                     a => a.to_owned(),
-                }
-            });
+                });
             let components = if repo.components.is_empty() {
                 vec!["main".into()]
             } else {
@@ -256,15 +269,28 @@ impl OsInstalls {
             let s = |k: &str| vars.get(k).and_then(|v| v.as_str()).map(str::to_owned);
             let list = |k: &str| -> Vec<String> {
                 match vars.get(k) {
-                    Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
-                    Some(serde_json::Value::String(t)) => t.split_whitespace().map(str::to_owned).collect(),
+                    Some(serde_json::Value::Array(a)) => a
+                        .iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect(),
+                    Some(serde_json::Value::String(t)) => {
+                        t.split_whitespace().map(str::to_owned).collect()
+                    }
                     _ => Vec::new(),
                 }
             };
             let keys = |k: &str| -> Vec<String> {
                 match vars.get(k) {
-                    Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
-                    Some(serde_json::Value::String(t)) => t.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect(),
+                    Some(serde_json::Value::Array(a)) => a
+                        .iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect(),
+                    Some(serde_json::Value::String(t)) => t
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
                     _ => Vec::new(),
                 }
             };
@@ -281,10 +307,17 @@ impl OsInstalls {
                     name,
                     password_hash: s("user_password_hash"),
                     ssh_authorized_keys: keys("user_ssh_authorized_keys"),
-                    sudo: vars.get("user_sudo").and_then(|v| v.as_bool()).unwrap_or(true),
+                    sudo: vars
+                        .get("user_sudo")
+                        .and_then(|v| v.as_bool())
+                        .unwrap_or(true),
                 });
             }
-            let hostname = if sys.hostname.is_empty() { sys.name.clone() } else { sys.hostname.clone() };
+            let hostname = if sys.hostname.is_empty() {
+                sys.name.clone()
+            } else {
+                sys.hostname.clone()
+            };
             let work = OsInstallWork {
                 system: sys.name.clone(),
                 hostname,
@@ -302,7 +335,10 @@ impl OsInstalls {
                 priority: s("install_priority").unwrap_or_else(|| "required".into()),
                 packages: list("packages"),
                 disk: s("disk"),
-                wipe: vars.get("disk_wipe").and_then(|v| v.as_bool()).unwrap_or(true),
+                wipe: vars
+                    .get("disk_wipe")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(true),
                 esp_mib: vars.get("esp_mib").and_then(|v| v.as_u64()).unwrap_or(256),
                 root_password_hash: s("root_password_hash"),
                 root_ssh_authorized_keys: keys("ssh_authorized_keys"),
@@ -323,7 +359,12 @@ impl OsInstalls {
                     return Some(Work::Wait { retry_secs: 30 });
                 }
             }
-            let attempt = prev.as_ref().filter(|p| p.system == system).map(|p| p.attempt).unwrap_or(0) + 1;
+            let attempt = prev
+                .as_ref()
+                .filter(|p| p.system == system)
+                .map(|p| p.attempt)
+                .unwrap_or(0)
+                + 1;
             let Some(token) = new_token() else {
                 return Some(Work::Wait { retry_secs: 10 });
             };
@@ -364,7 +405,11 @@ impl OsInstalls {
             Some(&rec.mac),
             serde_json::json!({"system": system, "attempt": new_attempt, "mirror": work.mirror.url, "suite": work.mirror.suite}),
         );
-        self.status(&system, StatusEvent::Start, &format!("attempt {new_attempt}"));
+        self.status(
+            &system,
+            StatusEvent::Start,
+            &format!("attempt {new_attempt}"),
+        );
         Some(Work::OsInstall(Box::new(work)))
     }
 
@@ -374,7 +419,11 @@ impl OsInstalls {
         let (rec, changed_phase) = {
             let mut b = self.lock();
             let r = b.records.get_mut(mac).ok_or_else(|| {
-                ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no OS install for {mac}"))
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no OS install for {mac}"),
+                )
             })?;
             if r.state != "installing" && r.state != "stalled" {
                 return Err(ApiError::new(
@@ -421,7 +470,11 @@ impl OsInstalls {
                     serde_json::json!({"system": rec.system, "attempt": rec.attempt, "seconds": rec.report}),
                 );
                 // Netboot off: the next boot is from the disk.
-                self.status(&rec.system, StatusEvent::Finish, "installed by the appliance");
+                self.status(
+                    &rec.system,
+                    StatusEvent::Finish,
+                    "installed by the appliance",
+                );
             }
             "failed" => {
                 self.events.publish(
@@ -452,7 +505,11 @@ impl OsInstalls {
         let rec = {
             let mut b = self.lock();
             let r = b.records.get_mut(mac).ok_or_else(|| {
-                ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no OS install for {mac}"))
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no OS install for {mac}"),
+                )
             })?;
             if r.state != "installed" {
                 return Err(ApiError::new(
@@ -558,17 +615,31 @@ async fn get_one(
         .into_iter()
         .find(|r| r.mac == mac)
         .map(Json)
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no OS install for {mac}")))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no OS install for {mac}"),
+            )
+        })
 }
 
 pub fn routes(o: OsInstalls) -> Vec<Route> {
     vec![
-        Route::get("/api/v1/os-installs", Guard::Read, "OS installs the appliance did or is doing, per machine")
-            .response("[OsInstallRecord]")
-            .to(list, o.clone()),
-        Route::get("/api/v1/os-installs/{mac}", Guard::Read, "One machine's OS install record")
-            .response("OsInstallRecord")
-            .to(get_one, o.clone()),
+        Route::get(
+            "/api/v1/os-installs",
+            Guard::Read,
+            "OS installs the appliance did or is doing, per machine",
+        )
+        .response("[OsInstallRecord]")
+        .to(list, o.clone()),
+        Route::get(
+            "/api/v1/os-installs/{mac}",
+            Guard::Read,
+            "One machine's OS install record",
+        )
+        .response("OsInstallRecord")
+        .to(get_one, o.clone()),
         Route::post(
             "/api/v1/os-installs/{mac}/progress",
             Guard::Job,
@@ -639,7 +710,11 @@ mod tests {
                     components: vec!["main".into()],
                     arches: vec!["amd64".into()],
                     keyring: "/usr/share/keyrings/debian-archive-keyring.gpg".into(),
-                    snapshot: if synced { format!("sha256:{}", "ab".repeat(32)) } else { String::new() },
+                    snapshot: if synced {
+                        format!("sha256:{}", "ab".repeat(32))
+                    } else {
+                        String::new()
+                    },
                     ..Default::default()
                 }),
                 &a,
@@ -657,8 +732,14 @@ mod tests {
             )
             .unwrap();
             let mut vars = crate::inventory::model::Vars::new();
-            vars.insert("packages".into(), serde_json::json!(["less", "openssh-server"]));
-            vars.insert("ssh_authorized_keys".into(), serde_json::json!("ssh-ed25519 AAAA k1\nssh-ed25519 BBBB k2\n"));
+            vars.insert(
+                "packages".into(),
+                serde_json::json!(["less", "openssh-server"]),
+            );
+            vars.insert(
+                "ssh_authorized_keys".into(),
+                serde_json::json!("ssh-ed25519 AAAA k1\nssh-ed25519 BBBB k2\n"),
+            );
             vars.insert("user".into(), serde_json::json!("ops"));
             inv.create(
                 Object::Profile(Profile {
@@ -708,19 +789,28 @@ mod tests {
         assert_eq!(w.hostname, "web1.example");
         assert_eq!(w.attempt, 1);
         assert_eq!(w.mirror.url, "http://10.0.0.1/repos/bookworm");
-        assert_eq!((w.mirror.suite.as_str(), w.mirror.arch.as_str()), ("bookworm", "amd64"));
+        assert_eq!(
+            (w.mirror.suite.as_str(), w.mirror.arch.as_str()),
+            ("bookworm", "amd64")
+        );
         assert_eq!(w.packages, vec!["less", "openssh-server"]);
         assert_eq!(w.root_ssh_authorized_keys.len(), 2);
         assert_eq!(w.users[0].name, "ops");
         assert!(w.users[0].sudo);
         assert!(!w.mirror.keyring_b64.is_empty());
-        assert!(w.wipe, "an assigned profile with netboot on is the request to install");
+        assert!(
+            w.wipe,
+            "an assigned profile with netboot on is the request to install"
+        );
         // The token is this attempt's, for this MAC only.
         let j = o.job_of(&w.token).expect("the token is a job token");
         assert_eq!((j.kind, j.mac.as_deref()), ("osinstall", Some(MAC)));
         assert!(o.job_of("osi_wrong").is_none());
         // Asking again without a new check-in hands out nothing new.
-        assert!(matches!(o.work_for(&agent(100.0), "http://10.0.0.1"), Some(Work::Wait { .. })));
+        assert!(matches!(
+            o.work_for(&agent(100.0), "http://10.0.0.1"),
+            Some(Work::Wait { .. })
+        ));
         assert!(o.job_of(&w.token).is_some());
         // A reboot (killed mid-install): a new check-in, a new attempt; the
         // old token is dead.
@@ -733,7 +823,10 @@ mod tests {
         let on_disk = std::fs::read_to_string(dir.path().join("state/os-installs.json")).unwrap();
         assert!(on_disk.contains(&w2.token));
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("state/os-installs.json")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("state/os-installs.json"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "the records hold tokens: owner only");
     }
 
@@ -748,17 +841,32 @@ mod tests {
         let r = o.progress(MAC, fin).unwrap();
         assert_eq!(r.state, "installed");
         let inv = o.inv.as_ref().unwrap();
-        assert!(!inv.read().system("web1").unwrap().netboot, "finish turns netboot off");
+        assert!(
+            !inv.read().system("web1").unwrap().netboot,
+            "finish turns netboot off"
+        );
         // Netboot off: the agent gets no more install work.
         assert!(o.work_for(&agent(300.0), "http://10.0.0.1").is_none());
         // Progress after the finish is refused; the first boot is taken once.
         assert!(o.progress(MAC, progress("packages", "running")).is_err());
-        assert!(o.job_of(&w.token).is_some(), "the installed system still reports its first boot");
+        assert!(
+            o.job_of(&w.token).is_some(),
+            "the installed system still reports its first boot"
+        );
         let r = o
-            .firstboot(MAC, FirstBoot { debian_version: "12.15".into(), ..Default::default() })
+            .firstboot(
+                MAC,
+                FirstBoot {
+                    debian_version: "12.15".into(),
+                    ..Default::default()
+                },
+            )
             .unwrap();
         assert_eq!(r.state, "booted");
-        assert!(o.job_of(&w.token).is_none(), "the first boot spends the token");
+        assert!(
+            o.job_of(&w.token).is_none(),
+            "the first boot spends the token"
+        );
         assert!(o.firstboot(MAC, FirstBoot::default()).is_err());
         let phases: Vec<&str> = r.phases.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(phases, ["assigned", "packages", "finish", "firstboot"]);
@@ -773,8 +881,14 @@ mod tests {
         f.message = "the mirror \"bookworm\" has no package \"nginx\"".into();
         let r = o.progress(MAC, f).unwrap();
         assert_eq!(r.state, "failed");
-        assert!(matches!(o.work_for(&agent(100.0), "http://10.0.0.1"), Some(Work::Wait { .. })));
-        assert_eq!(work(o.work_for(&agent(150.0), "http://10.0.0.1")).attempt, 2);
+        assert!(matches!(
+            o.work_for(&agent(100.0), "http://10.0.0.1"),
+            Some(Work::Wait { .. })
+        ));
+        assert_eq!(
+            work(o.work_for(&agent(150.0), "http://10.0.0.1")).attempt,
+            2
+        );
     }
 
     #[test]
@@ -787,14 +901,22 @@ mod tests {
         assert_eq!(r.state, "stalled");
         assert!(r.message.contains("no report"), "{}", r.message);
         // A late report brings it back.
-        assert_eq!(o.progress(MAC, progress("packages", "running")).unwrap().state, "installing");
+        assert_eq!(
+            o.progress(MAC, progress("packages", "running"))
+                .unwrap()
+                .state,
+            "installing"
+        );
     }
 
     #[test]
     fn no_work_without_a_synced_mirror_an_appliance_distro_or_netboot() {
         let dir = tempfile::tempdir().unwrap();
         let o = setup(dir.path(), false);
-        assert!(matches!(o.work_for(&agent(100.0), "http://10.0.0.1"), Some(Work::Wait { .. })));
+        assert!(matches!(
+            o.work_for(&agent(100.0), "http://10.0.0.1"),
+            Some(Work::Wait { .. })
+        ));
         assert!(o.list().is_empty());
         // An agent booted to replicate the appliance is not ours.
         let mut a = agent(100.0);

@@ -74,12 +74,18 @@ pub fn run(work: &OsInstallWork, mac: &str, firmware: &str) -> Result<serde_json
                 state: "done".into(),
                 done_bytes: 0,
                 total_bytes: 0,
-                message: format!("Debian installed on {}", disk_dev.map(|d| d.display().to_string()).unwrap_or_default()),
+                message: format!(
+                    "Debian installed on {}",
+                    disk_dev
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_default()
+                ),
                 report: Some(report.clone()),
             });
             Ok(report)
         }
         Err(e) => {
+            rep.failed(format!("{e:#}"));
             cleanup_mounts();
             if let Some(dev) = &disk_dev {
                 // Nothing half-installed may boot.
@@ -94,9 +100,18 @@ pub fn run(work: &OsInstallWork, mac: &str, firmware: &str) -> Result<serde_json
     }
 }
 
-fn phase(rep: &mut Reporter, times: &mut serde_json::Map<String, serde_json::Value>, started: &mut Option<(String, Instant)>, name: &str, msg: &str) {
+fn phase(
+    rep: &mut Reporter,
+    times: &mut serde_json::Map<String, serde_json::Value>,
+    started: &mut Option<(String, Instant)>,
+    name: &str,
+    msg: &str,
+) {
     if let Some((p, t)) = started.take() {
-        times.insert(p, serde_json::json!((t.elapsed().as_secs_f64() * 10.0).round() / 10.0));
+        times.insert(
+            p,
+            serde_json::json!((t.elapsed().as_secs_f64() * 10.0).round() / 10.0),
+        );
     }
     *started = Some((name.to_owned(), Instant::now()));
     rep.phase(name, msg.to_owned());
@@ -117,7 +132,13 @@ fn install(
 
     // The index first: a mirror that cannot serve this install fails
     // before the disk is touched.
-    phase(rep, times, &mut cur, "index", &format!("verifying {} {}", work.mirror.url, work.mirror.suite));
+    phase(
+        rep,
+        times,
+        &mut cur,
+        "index",
+        &format!("verifying {} {}", work.mirror.url, work.mirror.suite),
+    );
     let index = MirrorIndex::load(&work.mirror)?;
     let arch = work.mirror.arch.as_str();
     let mut stage1_roots = index.essential();
@@ -158,7 +179,13 @@ fn install(
     };
     let tools = index.closure(&tools_roots, "the filesystem tools")?;
 
-    phase(rep, times, &mut cur, "download", &format!("{} packages", stage1.len()));
+    phase(
+        rep,
+        times,
+        &mut cur,
+        "download",
+        &format!("{} packages", stage1.len()),
+    );
     let total: u64 = stage1.iter().map(|p| p.size).sum();
     let mut done = 0;
     let mut stage1_files = Vec::new();
@@ -173,7 +200,10 @@ fn install(
         // An explicit device path (a loop device on a host, say): the
         // operator named it; it must be a whole block device.
         Some(n) if !n.contains('/') && Path::new("/sys/block").join(n).exists() => n.to_owned(),
-        Some(_) => bail!("{:?} is not a whole block device under /sys/block", work.disk),
+        Some(_) => bail!(
+            "{:?} is not a whole block device under /sys/block",
+            work.disk
+        ),
         None => {
             let disks = crate::install::scan_disks(Path::new("/sys"), Path::new("/dev"));
             crate::install::choose_disk(&disks, 4 << 30, work.disk.as_deref(), work.wipe)
@@ -193,14 +223,61 @@ fn install(
         bundle::deb::unpack_data(File::open(&f)?, &p.name, &toolroot)
             .with_context(|| format!("unpacking {} for its tools", p.name))?;
     }
-    let root_uuid = derive_uuid(&[b"root", mac.as_bytes(), work.system.as_bytes(), &work.attempt.to_le_bytes()]);
-    let esp_id = u32::from_le_bytes(derive_uuid(&[b"esp", mac.as_bytes(), work.system.as_bytes(), &work.attempt.to_le_bytes()]).as_bytes()[..4].try_into().expect("4 bytes"));
-    run_tool(&toolroot, "mke2fs", &["-q", "-F", "-t", "ext4", "-L", "root", "-U", &root_uuid.to_string(), &parts.root.display().to_string()])?;
+    let root_uuid = derive_uuid(&[
+        b"root",
+        mac.as_bytes(),
+        work.system.as_bytes(),
+        &work.attempt.to_le_bytes(),
+    ]);
+    let esp_id = u32::from_le_bytes(
+        derive_uuid(&[
+            b"esp",
+            mac.as_bytes(),
+            work.system.as_bytes(),
+            &work.attempt.to_le_bytes(),
+        ])
+        .as_bytes()[..4]
+            .try_into()
+            .expect("4 bytes"),
+    );
+    run_tool(
+        &toolroot,
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-L",
+            "root",
+            "-U",
+            &root_uuid.to_string(),
+            &parts.root.display().to_string(),
+        ],
+    )?;
     if let Some(esp) = &parts.esp {
-        run_tool(&toolroot, "mkfs.fat", &["-F", "32", "-n", "ESP", "-i", &format!("{esp_id:08X}"), &esp.display().to_string()])?;
+        run_tool(
+            &toolroot,
+            "mkfs.fat",
+            &[
+                "-F",
+                "32",
+                "-n",
+                "ESP",
+                "-i",
+                &format!("{esp_id:08X}"),
+                &esp.display().to_string(),
+            ],
+        )?;
     }
 
-    phase(rep, times, &mut cur, "unpack", &format!("{} packages", stage1_files.len()));
+    phase(
+        rep,
+        times,
+        &mut cur,
+        "unpack",
+        &format!("{} packages", stage1_files.len()),
+    );
     let target = PathBuf::from(TARGET);
     cleanup_mounts();
     fs::create_dir_all(&target)?;
@@ -224,19 +301,39 @@ fn install(
     for (_, f) in &stage1_files {
         let file = f.file_name().expect("a file name");
         fs::copy(f, archives.join(file))?;
-        in_chroot.push(format!("/var/cache/apt/archives/{}", file.to_string_lossy()));
+        in_chroot.push(format!(
+            "/var/cache/apt/archives/{}",
+            file.to_string_lossy()
+        ));
     }
     let _ = fs::remove_dir_all(&scratch);
     chroot_mounts(&target)?;
     let log = Log::open(&target.join(LOG))?;
 
     phase(rep, times, &mut cur, "base", "dpkg --install (first stage)");
-    let mut args = vec!["dpkg".to_owned(), "--install".into(), "--force-depends".into()];
+    let mut args = vec![
+        "dpkg".to_owned(),
+        "--install".into(),
+        "--force-depends".into(),
+    ];
     args.extend(in_chroot);
     chroot(&target, &args, None, &log, rep, "base")?;
-    chroot(&target, &sv(&["dpkg", "--configure", "-a"]), None, &log, rep, "base")?;
+    chroot(
+        &target,
+        &sv(&["dpkg", "--configure", "-a"]),
+        None,
+        &log,
+        rep,
+        "base",
+    )?;
 
-    phase(rep, times, &mut cur, "packages", &format!("apt-get install {}", second.join(" ")));
+    phase(
+        rep,
+        times,
+        &mut cur,
+        "packages",
+        &format!("apt-get install {}", second.join(" ")),
+    );
     write_sources(&target, work, &index.keyring)?;
     if second.iter().any(|p| p == "zstd") {
         // Without it, update-initramfs falls back to gzip: minutes
@@ -247,8 +344,15 @@ fn install(
             0o644,
         )?;
     }
-    debconf(&target, work, firmware, &name, &log, rep)?;
-    chroot(&target, &sv(&["apt-get", "update"]), None, &log, rep, "packages")?;
+    debconf(&target, firmware, &name, &log, rep)?;
+    chroot(
+        &target,
+        &sv(&["apt-get", "update"]),
+        None,
+        &log,
+        rep,
+        "packages",
+    )?;
     let mut args = sv(&[
         "apt-get",
         "install",
@@ -262,15 +366,34 @@ fn install(
     args.extend(second.iter().cloned());
     // The kernel's hook skips its initramfs (`INITRD=No`) and the trigger
     // then has none to update: one initramfs is made below, not two.
-    chroot_env(&target, &args, &[("INITRD", "No")], None, &log, rep, "packages")?;
+    chroot_env(
+        &target,
+        &args,
+        &[("INITRD", "No")],
+        None,
+        &log,
+        rep,
+        "packages",
+    )?;
     let kernels: Vec<String> = fs::read_dir(target.join("usr/lib/modules"))
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     if kernels.is_empty() {
         bail!("no kernel was installed (/lib/modules is empty)");
     }
     for k in &kernels {
-        chroot(&target, &sv(&["update-initramfs", "-c", "-k", k]), None, &log, rep, "packages")?;
+        chroot(
+            &target,
+            &sv(&["update-initramfs", "-c", "-k", k]),
+            None,
+            &log,
+            rep,
+            "packages",
+        )?;
     }
 
     phase(rep, times, &mut cur, "configure", "system configuration");
@@ -284,7 +407,10 @@ fn install(
     rustix::fs::sync();
     cleanup_mounts();
     if let Some((p, t)) = cur.take() {
-        times.insert(p, serde_json::json!((t.elapsed().as_secs_f64() * 10.0).round() / 10.0));
+        times.insert(
+            p,
+            serde_json::json!((t.elapsed().as_secs_f64() * 10.0).round() / 10.0),
+        );
     }
     Ok(())
 }
@@ -294,7 +420,11 @@ fn sv(a: &[&str]) -> Vec<String> {
 }
 
 /// What apt installs after the first stage.
-fn second_stage_packages(work: &OsInstallWork, index: &MirrorIndex, firmware: &str) -> Result<Vec<String>> {
+fn second_stage_packages(
+    work: &OsInstallWork,
+    index: &MirrorIndex,
+    firmware: &str,
+) -> Result<Vec<String>> {
     let mut want: Vec<String> = index.with_priority("required");
     if work.priority == "important" {
         want.extend(index.with_priority("important"));
@@ -303,7 +433,11 @@ fn second_stage_packages(work: &OsInstallWork, index: &MirrorIndex, firmware: &s
     // Booted by systemd (`init` is only `important` in Debian 12).
     want.push("systemd-sysv".into());
     want.push(format!("linux-image-{arch}"));
-    want.push(if firmware == "uefi" { "grub-efi-amd64".into() } else { "grub-pc".into() });
+    want.push(if firmware == "uefi" {
+        "grub-efi-amd64".into()
+    } else {
+        "grub-pc".into()
+    });
     if firmware == "uefi" {
         want.push("dosfstools".into());
     }
@@ -342,13 +476,17 @@ fn derive_uuid(parts: &[&[u8]]) -> uuid::Uuid {
 pub struct Parts {
     pub esp: Option<PathBuf>,
     pub root: PathBuf,
-    /// Partition number of the ESP.
-    pub esp_number: u32,
 }
 
 /// Zero the ends of `dev`, write the GPT, and wait for the kernel's
 /// partition devices.
-fn partition(dev: &Path, name: &str, work: &OsInstallWork, mac: &str, firmware: &str) -> Result<Parts> {
+fn partition(
+    dev: &Path,
+    name: &str,
+    work: &OsInstallWork,
+    mac: &str,
+    firmware: &str,
+) -> Result<Parts> {
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -358,12 +496,20 @@ fn partition(dev: &Path, name: &str, work: &OsInstallWork, mac: &str, firmware: 
     let size = crate::blkdev::size_of(&f).or_else(|_| f.seek(SeekFrom::End(0)))?;
     let esp = work.esp_mib.clamp(64, 4096) * MIB;
     if size < esp + 3 * MIB + (2 << 30) {
-        bail!("{} is too small: {size} bytes; a Debian install needs at least {} bytes", dev.display(), esp + 3 * MIB + (2 << 30));
+        bail!(
+            "{} is too small: {size} bytes; a Debian install needs at least {} bytes",
+            dev.display(),
+            esp + 3 * MIB + (2 << 30)
+        );
     }
     let zero = vec![0u8; MIB as usize];
     f.write_all_at(&zero, 0)?;
     f.write_all_at(&zero, size / 512 * 512 - MIB)?;
-    let seed = [mac.as_bytes(), work.system.as_bytes(), &work.attempt.to_le_bytes()];
+    let seed = [
+        mac.as_bytes(),
+        work.system.as_bytes(),
+        &work.attempt.to_le_bytes(),
+    ];
     let guid = |what: &[u8]| {
         let mut p: Vec<&[u8]> = vec![what];
         p.extend_from_slice(&seed);
@@ -392,7 +538,8 @@ fn partition(dev: &Path, name: &str, work: &OsInstallWork, mac: &str, firmware: 
             attributes: 0,
         },
     ];
-    let layout = gpt::plan(size / 512 * 512, guid(b"disk"), specs).map_err(|e| anyhow!("planning the partition table of {}: {e}", dev.display()))?;
+    let layout = gpt::plan(size / 512 * 512, guid(b"disk"), specs)
+        .map_err(|e| anyhow!("planning the partition table of {}: {e}", dev.display()))?;
     let primary = gpt::primary_region(&layout);
     let (at, backup) = gpt::backup_region(&layout);
     f.write_all_at(&backup, at)?;
@@ -402,7 +549,10 @@ fn partition(dev: &Path, name: &str, work: &OsInstallWork, mac: &str, firmware: 
     let mut check = vec![0u8; primary.len()];
     f.read_exact_at(&mut check, 0)?;
     if check != primary {
-        bail!("{}: the partition table read back differs from what was written", dev.display());
+        bail!(
+            "{}: the partition table read back differs from what was written",
+            dev.display()
+        );
     }
     f.flush()?;
     let mut tries = 0;
@@ -416,7 +566,12 @@ fn partition(dev: &Path, name: &str, work: &OsInstallWork, mac: &str, firmware: 
                 tracing::debug!(error = %e, "BLKRRPART busy; retrying");
                 std::thread::sleep(Duration::from_millis(500));
             }
-            Err(e) => return Err(anyhow!("re-reading the partition table of {}: {e}", dev.display())),
+            Err(e) => {
+                return Err(anyhow!(
+                    "re-reading the partition table of {}: {e}",
+                    dev.display()
+                ))
+            }
         }
     }
     drop(f);
@@ -427,7 +582,11 @@ fn partition(dev: &Path, name: &str, work: &OsInstallWork, mac: &str, firmware: 
             if let Ok(rd) = fs::read_dir(Path::new("/sys/block").join(name)) {
                 for e in rd.flatten() {
                     let p = e.path().join("partition");
-                    if fs::read_to_string(&p).ok().and_then(|s| s.trim().parse::<u32>().ok()) == Some(n) {
+                    if fs::read_to_string(&p)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u32>().ok())
+                        == Some(n)
+                    {
                         let dev = PathBuf::from("/dev").join(e.file_name());
                         if dev.exists() {
                             return Ok(dev);
@@ -449,7 +608,14 @@ fn partition(dev: &Path, name: &str, work: &OsInstallWork, mac: &str, firmware: 
             tracing::warn!(esp = ?e.err(), root = ?r.err(), "no partition devices; attaching them with losetup");
             let attach = |p: &gpt::Placed| -> Result<PathBuf> {
                 let out = Command::new("losetup")
-                    .args(["--find", "--show", "--offset", &p.offset().to_string(), "--sizelimit", &p.len().to_string()])
+                    .args([
+                        "--find",
+                        "--show",
+                        "--offset",
+                        &p.offset().to_string(),
+                        "--sizelimit",
+                        &p.len().to_string(),
+                    ])
                     .arg(dev)
                     .output()
                     .context("running losetup")?;
@@ -458,28 +624,35 @@ fn partition(dev: &Path, name: &str, work: &OsInstallWork, mac: &str, firmware: 
                 }
                 Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
             };
-            (attach(&layout.partitions[1])?, attach(&layout.partitions[2])?)
+            (
+                attach(&layout.partitions[1])?,
+                attach(&layout.partitions[2])?,
+            )
         }
-        (e, r) => {
-            e?;
-            r?;
-            unreachable!("one of them failed")
-        }
+        (e, r) => (e?, r?),
     };
     Ok(Parts {
         esp: (firmware == "uefi").then_some(esp_dev),
         root,
-        esp_number: 2,
     })
 }
 
 /// Run a program from an unpacked tools tree through its own loader.
 fn run_tool(root: &Path, prog: &str, args: &[&str]) -> Result<()> {
     let find = |cands: &[String]| cands.iter().map(|c| root.join(c)).find(|p| p.is_file());
-    let ld = find(&sv(&["lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "lib64/ld-linux-x86-64.so.2"]))
-        .ok_or_else(|| anyhow!("no dynamic loader in the unpacked libc6"))?;
-    let bin = find(&[format!("sbin/{prog}"), format!("usr/sbin/{prog}"), format!("bin/{prog}"), format!("usr/bin/{prog}")])
-        .ok_or_else(|| anyhow!("{prog} is not in the unpacked tools"))?;
+    let ld = find(&sv(&[
+        "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        "lib64/ld-linux-x86-64.so.2",
+    ]))
+    .ok_or_else(|| anyhow!("no dynamic loader in the unpacked libc6"))?;
+    let bin = find(&[
+        format!("sbin/{prog}"),
+        format!("usr/sbin/{prog}"),
+        format!("bin/{prog}"),
+        format!("usr/bin/{prog}"),
+    ])
+    .ok_or_else(|| anyhow!("{prog} is not in the unpacked tools"))?;
     let libs = ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"]
         .iter()
         .map(|l| root.join(l).display().to_string())
@@ -509,8 +682,20 @@ fn run_tool(root: &Path, prog: &str, args: &[&str]) -> Result<()> {
 }
 
 fn mount_fs(dev: &Path, target: &Path, fstype: &str) -> Result<()> {
-    rustix::mount::mount(dev, target, fstype, rustix::mount::MountFlags::empty(), None)
-        .with_context(|| format!("mounting {} ({fstype}) on {}", dev.display(), target.display()))
+    rustix::mount::mount(
+        dev,
+        target,
+        fstype,
+        rustix::mount::MountFlags::empty(),
+        None,
+    )
+    .with_context(|| {
+        format!(
+            "mounting {} ({fstype}) on {}",
+            dev.display(),
+            target.display()
+        )
+    })
 }
 
 /// `/bin`, `/sbin`, `/lib`, `/lib64` as links into `/usr` (Debian 12's
@@ -520,7 +705,8 @@ fn merged_usr(root: &Path) -> Result<()> {
         fs::create_dir_all(root.join("usr").join(d))?;
         let link = root.join(d);
         if fs::symlink_metadata(&link).is_err() {
-            symlink(format!("usr/{d}"), &link).with_context(|| format!("linking {}", link.display()))?;
+            symlink(format!("usr/{d}"), &link)
+                .with_context(|| format!("linking {}", link.display()))?;
         }
     }
     Ok(())
@@ -548,9 +734,21 @@ fn prepare_dpkg(root: &Path, arch: &str) -> Result<()> {
         write_file(&db.join(f), b"", 0o644)?;
     }
     write_file(&db.join("arch"), format!("{arch}\n").as_bytes(), 0o644)?;
-    write_file(&root.join("usr/sbin/policy-rc.d"), b"#!/bin/sh\n# installing: start no services\nexit 101\n", 0o755)?;
-    write_file(&root.join("etc/dpkg/dpkg.cfg.d/appliance-install"), b"force-unsafe-io\n", 0o644)?;
-    write_file(&root.join("etc/apt/apt.conf.d/99appliance-install"), b"Acquire::Languages \"none\";\nAPT::Install-Recommends \"false\";\n", 0o644)?;
+    write_file(
+        &root.join("usr/sbin/policy-rc.d"),
+        b"#!/bin/sh\n# installing: start no services\nexit 101\n",
+        0o755,
+    )?;
+    write_file(
+        &root.join("etc/dpkg/dpkg.cfg.d/appliance-install"),
+        b"force-unsafe-io\n",
+        0o644,
+    )?;
+    write_file(
+        &root.join("etc/apt/apt.conf.d/99appliance-install"),
+        b"Acquire::Languages \"none\";\nAPT::Install-Recommends \"false\";\n",
+        0o644,
+    )?;
     Ok(())
 }
 
@@ -563,10 +761,25 @@ fn chroot_mounts(root: &Path) -> Result<()> {
         fs::create_dir_all(&t).map(|()| t)
     };
     mount_bind("/dev", m("dev")?).context("binding /dev into the target")?;
-    let _ = mount("devpts", m("dev/pts")?, "devpts", MountFlags::empty(), Some(c"gid=5,mode=620,ptmxmode=666"));
-    mount("proc", m("proc")?, "proc", MountFlags::empty(), None).context("mounting proc in the target")?;
-    mount("sysfs", m("sys")?, "sysfs", MountFlags::empty(), None).context("mounting sysfs in the target")?;
-    mount("tmpfs", m("run")?, "tmpfs", MountFlags::empty(), Some(c"mode=755")).context("mounting /run in the target")?;
+    let _ = mount(
+        "devpts",
+        m("dev/pts")?,
+        "devpts",
+        MountFlags::empty(),
+        Some(c"gid=5,mode=620,ptmxmode=666"),
+    );
+    mount("proc", m("proc")?, "proc", MountFlags::empty(), None)
+        .context("mounting proc in the target")?;
+    mount("sysfs", m("sys")?, "sysfs", MountFlags::empty(), None)
+        .context("mounting sysfs in the target")?;
+    mount(
+        "tmpfs",
+        m("run")?,
+        "tmpfs",
+        MountFlags::empty(),
+        Some(c"mode=755"),
+    )
+    .context("mounting /run in the target")?;
     Ok(())
 }
 
@@ -581,7 +794,10 @@ fn cleanup_mounts() {
     let mounted = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     for t in targets {
         let s = t.display().to_string();
-        if mounted.lines().any(|l| l.split_whitespace().nth(1) == Some(s.as_str())) {
+        if mounted
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(s.as_str()))
+        {
             if let Err(e) = rustix::mount::unmount(&t, rustix::mount::UnmountFlags::empty()) {
                 tracing::warn!(error = %e, path = %s, "unmount failed; detaching");
                 let _ = rustix::mount::unmount(&t, rustix::mount::UnmountFlags::DETACH);
@@ -601,8 +817,14 @@ impl Log {
         if let Some(p) = path.parent() {
             fs::create_dir_all(p)?;
         }
-        OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
-        Ok(Log { path: path.to_owned() })
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
+        Ok(Log {
+            path: path.to_owned(),
+        })
     }
 
     fn file(&self) -> Result<File> {
@@ -625,7 +847,14 @@ impl Log {
 
 /// Run `args` chrooted into `root`, output to the log; a heartbeat to the
 /// appliance every minute while it runs.
-fn chroot(root: &Path, args: &[String], stdin: Option<&[u8]>, log: &Log, rep: &mut Reporter, phase: &str) -> Result<()> {
+fn chroot(
+    root: &Path,
+    args: &[String],
+    stdin: Option<&[u8]>,
+    log: &Log,
+    rep: &mut Reporter,
+    phase: &str,
+) -> Result<()> {
     chroot_env(root, args, &[], stdin, log, rep, phase)
 }
 
@@ -646,7 +875,10 @@ fn chroot_env(
     let mut cmd = Command::new(&args[0]);
     cmd.args(&args[1..])
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .env("DEBIAN_FRONTEND", "noninteractive")
         .env("DEBCONF_NONINTERACTIVE_SEEN", "true")
         .env("LC_ALL", "C")
@@ -654,7 +886,11 @@ fn chroot_env(
         .envs(env.iter().copied())
         .stdout(out)
         .stderr(err)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
     // SAFETY: between fork and exec only async-signal-safe calls
     // (chroot(2), chdir(2)) are made.
     #[allow(unsafe_code)]
@@ -664,7 +900,9 @@ fn chroot_env(
             std::env::set_current_dir("/")
         });
     }
-    let mut child = cmd.spawn().with_context(|| format!("starting {} in the target", args[0]))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {} in the target", args[0]))?;
     if let Some(input) = stdin {
         let mut s = child.stdin.take().expect("piped");
         s.write_all(input)?;
@@ -679,11 +917,22 @@ fn chroot_env(
             beat = Instant::now();
             // What it is doing now: the log's last line ("Setting up …").
             let last: String = log.tail(1).chars().take(160).collect();
-            rep.phase(phase, format!("{} running for {} s: {last}", args[0], started.elapsed().as_secs()));
+            rep.phase(
+                phase,
+                format!(
+                    "{} running for {} s: {last}",
+                    args[0],
+                    started.elapsed().as_secs()
+                ),
+            );
         }
         std::thread::sleep(Duration::from_millis(250));
     };
-    log.note(&format!("# {} ({status}, {:.1} s)", args[0], started.elapsed().as_secs_f64()));
+    log.note(&format!(
+        "# {} ({status}, {:.1} s)",
+        args[0],
+        started.elapsed().as_secs_f64()
+    ));
     if !status.success() {
         bail!(
             "`{}` failed in the target ({status}); the end of its output:\n{}",
@@ -695,7 +944,11 @@ fn chroot_env(
 }
 
 fn keyring_name(work: &OsInstallWork, keyring: &[u8]) -> String {
-    let ext = if keyring.starts_with(b"-----BEGIN") { "asc" } else { "gpg" };
+    let ext = if keyring.starts_with(b"-----BEGIN") {
+        "asc"
+    } else {
+        "gpg"
+    };
     format!("appliance-{}.{ext}", work.mirror.name)
 }
 
@@ -710,30 +963,63 @@ fn write_sources(root: &Path, work: &OsInstallWork, keyring: &[u8]) -> Result<()
         suite = work.mirror.suite,
         comps = work.mirror.components.join(" "),
     );
-    write_file(&root.join("etc/apt/sources.list.d/appliance.sources"), sources.as_bytes(), 0o644)?;
+    write_file(
+        &root.join("etc/apt/sources.list.d/appliance.sources"),
+        sources.as_bytes(),
+        0o644,
+    )?;
     let _ = fs::remove_file(root.join("etc/apt/sources.list"));
     Ok(())
 }
 
-fn debconf(root: &Path, work: &OsInstallWork, firmware: &str, disk: &str, log: &Log, rep: &mut Reporter) -> Result<()> {
+fn debconf(root: &Path, firmware: &str, disk: &str, log: &Log, rep: &mut Reporter) -> Result<()> {
     let mut sel = String::new();
     if firmware == "bios" {
-        sel.push_str(&format!("grub-pc grub-pc/install_devices multiselect /dev/{disk}\n"));
+        sel.push_str(&format!(
+            "grub-pc grub-pc/install_devices multiselect /dev/{disk}\n"
+        ));
         sel.push_str("grub-pc grub-pc/install_devices_empty boolean false\n");
     } else {
         sel.push_str("grub-efi-amd64 grub2/force_efi_extra_removable boolean true\n");
         sel.push_str("grub-efi-amd64 grub2/update_nvram boolean false\n");
     }
-    let _ = work;
-    chroot(root, &sv(&["debconf-set-selections"]), Some(sel.as_bytes()), log, rep, "packages")
+    chroot(
+        root,
+        &sv(&["debconf-set-selections"]),
+        Some(sel.as_bytes()),
+        log,
+        rep,
+        "packages",
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
-fn configure(root: &Path, work: &OsInstallWork, mac: &str, parts: &Parts, root_uuid: uuid::Uuid, esp_id: u32, log: &Log, rep: &mut Reporter) -> Result<()> {
-    let host = if work.hostname.is_empty() { work.system.as_str() } else { work.hostname.as_str() };
+fn configure(
+    root: &Path,
+    work: &OsInstallWork,
+    mac: &str,
+    parts: &Parts,
+    root_uuid: uuid::Uuid,
+    esp_id: u32,
+    log: &Log,
+    rep: &mut Reporter,
+) -> Result<()> {
+    let host = if work.hostname.is_empty() {
+        work.system.as_str()
+    } else {
+        work.hostname.as_str()
+    };
     let short = host.split('.').next().unwrap_or(host);
-    write_file(&root.join("etc/hostname"), format!("{short}\n").as_bytes(), 0o644)?;
-    let fqdn = if host.contains('.') { format!("{host} {short}") } else { short.to_owned() };
+    write_file(
+        &root.join("etc/hostname"),
+        format!("{short}\n").as_bytes(),
+        0o644,
+    )?;
+    let fqdn = if host.contains('.') {
+        format!("{host} {short}")
+    } else {
+        short.to_owned()
+    };
     write_file(
         &root.join("etc/hosts"),
         format!("127.0.0.1\tlocalhost\n127.0.1.1\t{fqdn}\n\n::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n").as_bytes(),
@@ -741,7 +1027,11 @@ fn configure(root: &Path, work: &OsInstallWork, mac: &str, parts: &Parts, root_u
     )?;
     let mut fstab = format!("# written by the appliance installer\nUUID={root_uuid}\t/\text4\terrors=remount-ro\t0\t1\n");
     if parts.esp.is_some() {
-        fstab.push_str(&format!("UUID={:04X}-{:04X}\t/boot/efi\tvfat\tumask=0077\t0\t1\n", esp_id >> 16, esp_id & 0xffff));
+        fstab.push_str(&format!(
+            "UUID={:04X}-{:04X}\t/boot/efi\tvfat\tumask=0077\t0\t1\n",
+            esp_id >> 16,
+            esp_id & 0xffff
+        ));
     }
     write_file(&root.join("etc/fstab"), fstab.as_bytes(), 0o644)?;
     write_file(
@@ -749,23 +1039,48 @@ fn configure(root: &Path, work: &OsInstallWork, mac: &str, parts: &Parts, root_u
         format!("# The NIC this machine was installed through (written by the appliance installer).\n[Match]\nMACAddress={mac}\n\n[Network]\nDHCP=yes\n").as_bytes(),
         0o644,
     )?;
-    chroot(root, &sv(&["systemctl", "enable", "systemd-networkd.service"]), None, log, rep, "configure")?;
+    chroot(
+        root,
+        &sv(&["systemctl", "enable", "systemd-networkd.service"]),
+        None,
+        log,
+        rep,
+        "configure",
+    )?;
     if !work.timezone.is_empty() {
         let zone = root.join("usr/share/zoneinfo").join(&work.timezone);
         if valid_zone(&work.timezone) && zone.exists() {
             let lt = root.join("etc/localtime");
             let _ = fs::remove_file(&lt);
             symlink(format!("/usr/share/zoneinfo/{}", work.timezone), &lt)?;
-            write_file(&root.join("etc/timezone"), format!("{}\n", work.timezone).as_bytes(), 0o644)?;
+            write_file(
+                &root.join("etc/timezone"),
+                format!("{}\n", work.timezone).as_bytes(),
+                0o644,
+            )?;
         }
     }
     // Root.
     match &work.root_password_hash {
         Some(h) => {
             check_hash(h)?;
-            chroot(root, &sv(&["usermod", "--password", h, "root"]), None, log, rep, "configure")?;
+            chroot(
+                root,
+                &sv(&["usermod", "--password", h, "root"]),
+                None,
+                log,
+                rep,
+                "configure",
+            )?;
         }
-        None => chroot(root, &sv(&["passwd", "--lock", "root"]), None, log, rep, "configure")?,
+        None => chroot(
+            root,
+            &sv(&["passwd", "--lock", "root"]),
+            None,
+            log,
+            rep,
+            "configure",
+        )?,
     }
     if !work.root_ssh_authorized_keys.is_empty() {
         write_keys(root, "root", &work.root_ssh_authorized_keys, log, rep)?;
@@ -790,7 +1105,13 @@ fn configure(root: &Path, work: &OsInstallWork, mac: &str, parts: &Parts, root_u
 fn valid_zone(z: &str) -> bool {
     !z.is_empty()
         && !z.starts_with('/')
-        && z.split('/').all(|c| !c.is_empty() && c != "." && c != ".." && c.chars().all(|ch| ch.is_ascii_alphanumeric() || "_+-".contains(ch)))
+        && z.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "_+-".contains(ch))
+        })
 }
 
 /// A crypt(3) hash usable as `usermod --password`.
@@ -806,7 +1127,8 @@ pub fn valid_user_name(n: &str) -> bool {
     let mut c = n.chars();
     matches!(c.next(), Some('a'..='z' | '_'))
         && n.len() <= 32
-        && n.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '-')
+        && n.chars()
+            .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '-')
 }
 
 fn add_user(root: &Path, u: &User, log: &Log, rep: &mut Reporter) -> Result<()> {
@@ -829,19 +1151,36 @@ fn add_user(root: &Path, u: &User, log: &Log, rep: &mut Reporter) -> Result<()> 
     Ok(())
 }
 
-fn write_keys(root: &Path, user: &str, keys: &[String], log: &Log, rep: &mut Reporter) -> Result<()> {
+fn write_keys(
+    root: &Path,
+    user: &str,
+    keys: &[String],
+    log: &Log,
+    rep: &mut Reporter,
+) -> Result<()> {
     for k in keys {
         if k.contains(['\n', '\r']) || k.trim().is_empty() {
             bail!("an SSH key for {user} is empty or spans lines");
         }
     }
-    let home = if user == "root" { PathBuf::from("root") } else { PathBuf::from("home").join(user) };
+    let home = if user == "root" {
+        PathBuf::from("root")
+    } else {
+        PathBuf::from("home").join(user)
+    };
     let dir = root.join(&home).join(".ssh");
     let body = keys.iter().map(|k| k.trim()).collect::<Vec<_>>().join("\n") + "\n";
     write_file(&dir.join("authorized_keys"), body.as_bytes(), 0o600)?;
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
     let inside = format!("/{}", home.join(".ssh").display());
-    chroot(root, &sv(&["chown", "-R", &format!("{user}:"), &inside]), None, log, rep, "configure")
+    chroot(
+        root,
+        &sv(&["chown", "-R", &format!("{user}:"), &inside]),
+        None,
+        log,
+        rep,
+        "configure",
+    )
 }
 
 /// The one-shot unit that reports the first boot of the installed system
@@ -855,10 +1194,17 @@ fn firstboot_unit(root: &Path, work: &OsInstallWork, mac: &str) -> Result<()> {
         Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_owned(), p.to_owned()),
         _ => (hostport.to_owned(), "80".to_owned()),
     };
-    if !host.chars().all(|c| c.is_ascii_alphanumeric() || ".-[]:".contains(c)) {
+    if !host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || ".-[]:".contains(c))
+    {
         bail!("server host {host:?} cannot go into the first-boot script");
     }
-    write_file(&root.join("etc/appliance/firstboot.token"), work.token.as_bytes(), 0o600)?;
+    write_file(
+        &root.join("etc/appliance/firstboot.token"),
+        work.token.as_bytes(),
+        0o600,
+    )?;
     let script = format!(
         r#"#!/bin/bash
 # Reports this system's first boot to the appliance that installed it,
@@ -884,9 +1230,17 @@ done
 exit 1
 "#
     );
-    write_file(&root.join("usr/local/sbin/appliance-firstboot"), script.as_bytes(), 0o755)?;
+    write_file(
+        &root.join("usr/local/sbin/appliance-firstboot"),
+        script.as_bytes(),
+        0o755,
+    )?;
     let unit = "[Unit]\nDescription=Report the first boot to the appliance that installed this system\nWants=network-online.target\nAfter=network-online.target\nConditionPathExists=/etc/appliance/firstboot.token\n\n[Service]\nType=oneshot\nExecStart=/usr/local/sbin/appliance-firstboot\nStandardOutput=journal+console\n\n[Install]\nWantedBy=multi-user.target\n";
-    write_file(&root.join("etc/systemd/system/appliance-firstboot.service"), unit.as_bytes(), 0o644)?;
+    write_file(
+        &root.join("etc/systemd/system/appliance-firstboot.service"),
+        unit.as_bytes(),
+        0o644,
+    )?;
     let wants = root.join("etc/systemd/system/multi-user.target.wants");
     fs::create_dir_all(&wants)?;
     let link = wants.join("appliance-firstboot.service");
@@ -895,7 +1249,13 @@ exit 1
     Ok(())
 }
 
-fn bootloader(root: &Path, firmware: &str, dev: &Path, log: &Log, rep: &mut Reporter) -> Result<()> {
+fn bootloader(
+    root: &Path,
+    firmware: &str,
+    dev: &Path,
+    log: &Log,
+    rep: &mut Reporter,
+) -> Result<()> {
     if firmware == "uefi" {
         chroot(
             root,
@@ -913,16 +1273,33 @@ fn bootloader(root: &Path, firmware: &str, dev: &Path, log: &Log, rep: &mut Repo
             "bootloader",
         )?;
     } else {
-        chroot(root, &sv(&["grub-install", "--target=i386-pc", &dev.display().to_string()]), None, log, rep, "bootloader")?;
+        chroot(
+            root,
+            &sv(&[
+                "grub-install",
+                "--target=i386-pc",
+                &dev.display().to_string(),
+            ]),
+            None,
+            log,
+            rep,
+            "bootloader",
+        )?;
     }
     chroot(root, &sv(&["update-grub"]), None, log, rep, "bootloader")?;
     // Verify before calling it done.
-    let cfg = fs::read_to_string(root.join("boot/grub/grub.cfg")).context("reading the new /boot/grub/grub.cfg")?;
+    let cfg = fs::read_to_string(root.join("boot/grub/grub.cfg"))
+        .context("reading the new /boot/grub/grub.cfg")?;
     if !cfg.contains("linux") {
         bail!("/boot/grub/grub.cfg has no kernel entry:\n{}", log.tail(15));
     }
-    let boot = fs::read_dir(root.join("boot"))?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect::<Vec<_>>();
-    if !boot.iter().any(|f| f.starts_with("vmlinuz-")) || !boot.iter().any(|f| f.starts_with("initrd.img-")) {
+    let boot = fs::read_dir(root.join("boot"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    if !boot.iter().any(|f| f.starts_with("vmlinuz-"))
+        || !boot.iter().any(|f| f.starts_with("initrd.img-"))
+    {
         bail!("/boot holds no kernel and initrd after the install: {boot:?}");
     }
     if firmware == "uefi" && !root.join("boot/efi/EFI/BOOT/BOOTX64.EFI").exists() {
@@ -933,7 +1310,11 @@ fn bootloader(root: &Path, firmware: &str, dev: &Path, log: &Log, rep: &mut Repo
 
 /// Undo what only the install needed.
 fn finish_system(root: &Path, log: &Log, rep: &mut Reporter) -> Result<()> {
-    for f in ["usr/sbin/policy-rc.d", "etc/dpkg/dpkg.cfg.d/appliance-install", "etc/apt/apt.conf.d/99appliance-install"] {
+    for f in [
+        "usr/sbin/policy-rc.d",
+        "etc/dpkg/dpkg.cfg.d/appliance-install",
+        "etc/apt/apt.conf.d/99appliance-install",
+    ] {
         let _ = fs::remove_file(root.join(f));
     }
     chroot(root, &sv(&["apt-get", "clean"]), None, log, rep, "finish")?;
