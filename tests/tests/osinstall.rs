@@ -274,11 +274,17 @@ fn blank_uefi_machine_installs_debian_12_from_the_appliance_alone() {
     );
     assert_eq!(fb["hostname"], "web1", "{fb}");
     assert_eq!(fb["dpkg_audit"], "", "{fb}");
-    let serial = b.serial();
-    assert!(
-        serial.contains("Debian GNU/Linux 12"),
-        "the console shows no Debian 12 boot:\n{serial}"
-    );
+    // The login banner comes from getty, which may start after the
+    // first-boot unit has reported: wait for it rather than race it.
+    let banner = Instant::now();
+    while !b.serial().contains("Debian GNU/Linux 12") {
+        assert!(
+            banner.elapsed() < Duration::from_secs(180),
+            "the console shows no Debian 12 login banner:\n{}",
+            b.serial()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
     let ev = http::request_with_token(
         port,
         "GET",
