@@ -85,6 +85,19 @@ pub enum DebianError {
 pub trait Fetch: Send + Sync {
     /// Start fetching `url`; a non-success status is an error.
     fn get(&self, url: &str) -> Result<Box<dyn Read + Send>, DebianError>;
+
+    /// Fetch `url` from byte `offset` on (an HTTP `Range` request). Returns
+    /// the body and whether it starts at `offset` (`false`: the whole file,
+    /// from byte 0, because the server ignored the range). The default
+    /// always fetches the whole file.
+    fn get_from(
+        &self,
+        url: &str,
+        offset: u64,
+    ) -> Result<(Box<dyn Read + Send>, bool), DebianError> {
+        let _ = offset;
+        Ok((self.get(url)?, false))
+    }
 }
 
 /// Plain HTTP through `ureq`, honouring the usual proxy variables.
@@ -129,6 +142,45 @@ impl Fetch for HttpFetcher {
             detail: e.to_string(),
         })?;
         Ok(Box::new(resp.into_body().into_reader()))
+    }
+
+    fn get_from(
+        &self,
+        url: &str,
+        offset: u64,
+    ) -> Result<(Box<dyn Read + Send>, bool), DebianError> {
+        if offset == 0 {
+            return Ok((self.get(url)?, false));
+        }
+        let resp = self
+            .agent
+            .get(url)
+            .header("Range", &format!("bytes={offset}-"))
+            .call()
+            .map_err(|e| DebianError::Fetch {
+                url: url.to_string(),
+                detail: e.to_string(),
+            })?;
+        let resumed = resp.status().as_u16() == 206;
+        if resumed {
+            // A 206 must start where we asked, or the bytes do not fit.
+            let start = resp
+                .headers()
+                .get("content-range")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes "))
+                .and_then(|v| v.split('-').next())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if start != Some(offset) {
+                return Err(DebianError::Fetch {
+                    url: url.to_string(),
+                    detail: format!(
+                        "asked for bytes from {offset}, got Content-Range starting at {start:?}"
+                    ),
+                });
+            }
+        }
+        Ok((Box::new(resp.into_body().into_reader()), resumed))
     }
 }
 
@@ -345,7 +397,9 @@ pub fn parse_release(text: &str, what: &str) -> Result<Release, DebianError> {
     })
 }
 
-fn parse_deps(v: &str) -> Vec<Vec<Dep>> {
+/// Parses a dependency field (`a (>= 1) | b, c`) into groups of
+/// alternatives.
+pub fn parse_deps(v: &str) -> Vec<Vec<Dep>> {
     v.split(',')
         .map(|group| {
             group
