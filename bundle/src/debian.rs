@@ -406,12 +406,14 @@ pub fn parse_deps(v: &str) -> Vec<Vec<Dep>> {
                 .split('|')
                 .filter_map(|alt| {
                     let alt = alt.trim();
-                    // Drop [arch] and <profile> restrictions.
-                    let alt = alt.split(['[', '<']).next().unwrap_or("").trim();
+                    // The version constraint is inside `(…)`; `[arch]` and
+                    // `<profile>` restrictions follow it (a `<` inside the
+                    // parentheses is the `<<`/`<=` operator, kept).
                     let (name, constraint) = match alt.split_once('(') {
-                        Some((n, c)) => (n.trim(), Some(c.trim_end_matches(')').trim())),
+                        Some((n, c)) => (n, Some(c.split(')').next().unwrap_or("").trim())),
                         None => (alt, None),
                     };
+                    let name = name.split(['[', '<']).next().unwrap_or("").trim();
                     let name = name.split(':').next().unwrap_or("").trim();
                     (!name.is_empty()).then(|| Dep {
                         name: name.to_string(),
@@ -1217,7 +1219,10 @@ mod tests {
         assert_eq!(d.len(), 3);
         assert_eq!(d[0][0].constraint.as_deref(), Some(">= 2.34"));
         assert_eq!(d[1][1].name, "b");
+        // `<<` is an operator inside the parentheses, not a profile.
+        assert_eq!(d[1][1].constraint.as_deref(), Some("<< 3"));
         assert_eq!(d[2][0].name, "python3");
+        assert_eq!(d[2][0].constraint, None);
         use std::cmp::Ordering::*;
         assert_eq!(compare_versions("1.0", "1.0"), Equal);
         assert_eq!(compare_versions("1.0~rc1", "1.0"), Less);

@@ -258,7 +258,7 @@ impl Fetch for Flaky {
             detail: "404".into(),
         })?;
         let from = if self.ranges { offset as usize } else { 0 };
-        let end = (from + self.cut).min(b.len());
+        let end = from.saturating_add(self.cut).min(b.len());
         Ok((Box::new(std::io::Cursor::new(b[from..end].to_vec())), self.ranges))
     }
 }
