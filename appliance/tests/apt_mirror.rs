@@ -66,7 +66,11 @@ impl Archive {
     /// Builds `pool/main/<n>/<name>/<name>_<version>_amd64.deb`; `payload`
     /// bytes go in stored uncompressed (a large package).
     fn add_package(&self, name: &str, version: &str, prio: &str, extra: &str, payload: &[u8]) {
-        let src = self._dir.path().join("src").join(format!("{name}-{version}"));
+        let src = self
+            ._dir
+            .path()
+            .join("src")
+            .join(format!("{name}-{version}"));
         std::fs::create_dir_all(src.join("DEBIAN")).unwrap();
         let doc = src.join("usr/share/doc").join(name);
         std::fs::create_dir_all(&doc).unwrap();
@@ -105,7 +109,9 @@ impl Archive {
             .current_dir(root))
         .stdout;
         std::fs::write(bin_dir.join("Packages"), packages).unwrap();
-        run(Command::new("xz").args(["-k"]).arg(bin_dir.join("Packages")));
+        run(Command::new("xz")
+            .args(["-k"])
+            .arg(bin_dir.join("Packages")));
         run(Command::new("gzip")
             .args(["-kn"])
             .arg(bin_dir.join("Packages")));
@@ -684,7 +690,11 @@ fn restart(data: &Path) -> (common::Killed, String) {
     BufReader::new(child.0.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
     (child, format!("http://{addr}"))
 }
 
@@ -772,7 +782,11 @@ fn a_killed_sync_keeps_the_old_snapshot_served_and_resumes_where_it_stopped() {
         archive.key.display()
     );
     let o = apt(work.path(), &source, &["update"]);
-    assert!(o.status.success() && !text(&o).contains("E:"), "{}", text(&o));
+    assert!(
+        o.status.success() && !text(&o).contains("E:"),
+        "{}",
+        text(&o)
+    );
     let o = apt(
         work.path(),
         &source,
@@ -814,7 +828,11 @@ fn a_killed_sync_keeps_the_old_snapshot_served_and_resumes_where_it_stopped() {
         std::fs::read(archive.root.join("dists/test/InRelease")).unwrap()
     );
     let o = apt(work.path(), &source, &["update"]);
-    assert!(o.status.success() && !text(&o).contains("E:"), "{}", text(&o));
+    assert!(
+        o.status.success() && !text(&o).contains("E:"),
+        "{}",
+        text(&o)
+    );
     let o = apt(
         work.path(),
         &source,
@@ -882,7 +900,8 @@ fn mirror_files_answer_range_and_conditional_requests() {
     assert_eq!(status, 206);
     assert_eq!(body, deb[10..20]);
     assert_eq!(cr, format!("bytes 10-19/{}", deb.len()));
-    let (status, _, _, _, _, body) = get(deb_path, &[("Range", &format!("bytes={}-", deb.len() + 5))]);
+    let (status, _, _, _, _, body) =
+        get(deb_path, &[("Range", &format!("bytes={}-", deb.len() + 5))]);
     assert_eq!(status, 416, "{}", String::from_utf8_lossy(&body));
 
     let (status, e304, _, _, _, body) = get(deb_path, &[("If-None-Match", &etag)]);
@@ -897,8 +916,10 @@ fn mirror_files_answer_range_and_conditional_requests() {
     assert_eq!(status, 200);
     let (status, ..) = get(deb_path, &[("If-Modified-Since", &lm)]);
     assert_eq!(status, 304);
-    let (status, _, _, _, _, body) =
-        get(deb_path, &[("Range", "bytes=0-3"), ("If-Range", "\"other\"")]);
+    let (status, _, _, _, _, body) = get(
+        deb_path,
+        &[("Range", "bytes=0-3"), ("If-Range", "\"other\"")],
+    );
     assert_eq!((status, body.len()), (200, deb.len()));
     let (status, _, _, _, _, body) = get(deb_path, &[("Range", "bytes=0-3"), ("If-Range", &etag)]);
     assert_eq!((status, body.as_slice()), (206, &deb[..4]));
@@ -916,5 +937,9 @@ fn mirror_files_answer_range_and_conditional_requests() {
     let o = apt(work.path(), &source, &["update"]);
     assert!(o.status.success(), "{}", text(&o));
     let o = apt(work.path(), &source, &["update"]);
-    assert!(o.status.success() && text(&o).contains("Hit:"), "{}", text(&o));
+    assert!(
+        o.status.success() && text(&o).contains("Hit:"),
+        "{}",
+        text(&o)
+    );
 }

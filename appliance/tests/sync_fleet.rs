@@ -490,7 +490,13 @@ fn bundle_blobs(path: &Path) -> Vec<String> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| b["digest"].as_str().unwrap().trim_start_matches("sha256:").to_owned())
+        .map(|b| {
+            b["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_owned()
+        })
         .collect();
     v.sort();
     v
@@ -513,7 +519,12 @@ fn a_bundle_for_a_node_carries_only_the_blobs_it_lacks() {
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let a = Node::start("A", dirs[0].path());
     let old: Vec<String> = (0..3)
-        .map(|i| put_blob(&a.data, format!("mirror blob {i}\n").repeat(1000).as_bytes()))
+        .map(|i| {
+            put_blob(
+                &a.data,
+                format!("mirror blob {i}\n").repeat(1000).as_bytes(),
+            )
+        })
         .collect();
     a.ok(&["repo", "add", "r1", "--mirror", "http://a/1"]);
     let b = a.adopt("B", dirs[1].path());
@@ -531,7 +542,10 @@ fn a_bundle_for_a_node_carries_only_the_blobs_it_lacks() {
         path
     };
     // In sync: the bundle for B holds no blob; one for anyone holds all.
-    assert_eq!(bundle_blobs(&export(&a, "b0.bundle", Some(&b.id))), Vec::<String>::new());
+    assert_eq!(
+        bundle_blobs(&export(&a, "b0.bundle", Some(&b.id))),
+        Vec::<String>::new()
+    );
     let mut all = old.clone();
     all.sort();
     assert_eq!(bundle_blobs(&export(&a, "any.bundle", None)), all);
@@ -549,7 +563,11 @@ fn a_bundle_for_a_node_carries_only_the_blobs_it_lacks() {
     // B knows A holds what A sent: B's bundle for A carries only B's own.
     let mine = put_blob(&b.data, b"made on B\n");
     assert_eq!(bundle_blobs(&export(&b, "a.bundle", Some(&a.id))), {
-        let mut v: Vec<String> = b.data.join("blobs/sha256").read_dir().unwrap()
+        let mut v: Vec<String> = b
+            .data
+            .join("blobs/sha256")
+            .read_dir()
+            .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n.len() == 64 && *n != new && !old.contains(n))
             .collect();
@@ -559,5 +577,8 @@ fn a_bundle_for_a_node_carries_only_the_blobs_it_lacks() {
     });
     // Once B syncs online, A knows B holds everything: empty again.
     b.sync();
-    assert_eq!(bundle_blobs(&export(&a, "b2.bundle", Some(&b.id))), Vec::<String>::new());
+    assert_eq!(
+        bundle_blobs(&export(&a, "b2.bundle", Some(&b.id))),
+        Vec::<String>::new()
+    );
 }

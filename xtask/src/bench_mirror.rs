@@ -159,7 +159,13 @@ fn http_server(dir: &Path) -> Result<(Proc, String)> {
     let port = free_port()?;
     let p = Proc(
         Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()])
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ])
             .arg("--directory")
             .arg(dir)
             .stdout(Stdio::null())
@@ -228,8 +234,8 @@ fn client(work: &Path, source: &str) -> Result<f64> {
             .env_remove("HTTP_PROXY")
             .stdin(Stdio::null());
         let o = out_ok(&mut c)?;
-        let text = String::from_utf8_lossy(&o.stdout).into_owned()
-            + &String::from_utf8_lossy(&o.stderr);
+        let text =
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
         if text.contains("W:") || text.contains("E:") {
             bail!("apt-get {args:?}: {text}");
         }

@@ -86,7 +86,10 @@ impl SyncProgress {
             && phase != self.last_phase
             && (self.last_line.elapsed() >= Duration::from_secs(2) || !phase.starts_with("pool:"))
         {
-            eprintln!("{}: {phase} ({done}/{total} files, {down} downloaded)", self.name);
+            eprintln!(
+                "{}: {phase} ({done}/{total} files, {down} downloaded)",
+                self.name
+            );
             self.last_phase = phase;
             self.last_line = Instant::now();
         }

@@ -103,13 +103,20 @@ impl RepoState {
     /// node published itself (a snapshot that arrived by sync before its
     /// blobs did is never served half). `None`: nothing whole to serve.
     pub fn published(&self, name: &str, repo: &Repo) -> anyhow::Result<Option<Arc<Manifest>>> {
-        let local = self.last(name).snapshot;
         let mut first_err = None;
-        for d in [Some(repo.snapshot.clone()), local].into_iter().flatten() {
+        // The node-local record is read only when the repo's own snapshot
+        // is not whole here.
+        let candidates = std::iter::once(Some(repo.snapshot.clone()))
+            .chain(std::iter::once_with(|| self.last(name).snapshot))
+            .flatten();
+        for d in candidates {
             if d.is_empty() {
                 continue;
             }
-            match self.manifest(&d).and_then(|m| self.whole(&d, &m).map(|_| m)) {
+            match self
+                .manifest(&d)
+                .and_then(|m| self.whole(&d, &m).map(|_| m))
+            {
                 Ok(m) => return Ok(Some(m)),
                 Err(e) => {
                     tracing::warn!(repo = name, snapshot = %d, error = format!("{e:#}"), "not serving an incomplete snapshot");

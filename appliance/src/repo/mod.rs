@@ -499,8 +499,12 @@ fn decompress(path: &str, bytes: &[u8]) -> Result<String> {
 /// Whether `e` is the upstream not having a file (as opposed to a file
 /// that failed verification, which must stop the sync).
 fn is_fetch_error(e: &anyhow::Error) -> bool {
-    e.chain()
-        .any(|c| matches!(c.downcast_ref::<debian::DebianError>(), Some(debian::DebianError::Fetch { .. })))
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<debian::DebianError>(),
+            Some(debian::DebianError::Fetch { .. })
+        )
+    })
 }
 
 fn fetch_all(f: &dyn Fetch, url: &str, max: u64) -> Result<Vec<u8>> {
@@ -828,19 +832,17 @@ pub fn sync_mirror(
             roots.insert(n.clone(), format!("asked for by repo {}", spec.name));
         }
         let roots: Vec<(String, String)> = roots.into_iter().collect();
-        let chosen = closure::resolve(
-            &all,
-            spec.recommends.then_some(&recommends),
-            &roots,
-        )
-        .with_context(|| format!("resolving the closure for {arch}"))?;
+        let chosen = closure::resolve(&all, spec.recommends.then_some(&recommends), &roots)
+            .with_context(|| format!("resolving the closure for {arch}"))?;
         let names: BTreeSet<&str> = chosen.iter().map(|(n, _)| n.as_str()).collect();
         for (_, pkgs) in per_suite {
             let newest = newest_by_name(pkgs);
             for p in pkgs {
                 let take = chosen.contains(&(p.name.clone(), p.version.clone()))
                     || (names.contains(p.name.as_str())
-                        && newest.get(p.name.as_str()).is_some_and(|q| std::ptr::eq(*q, p)));
+                        && newest
+                            .get(p.name.as_str())
+                            .is_some_and(|q| std::ptr::eq(*q, p)));
                 if !take {
                     continue;
                 }

@@ -149,7 +149,12 @@ fn roots(names: &[&str]) -> Vec<(String, String)> {
 #[test]
 fn versioned_dependencies_pick_the_newest_version_that_satisfies_them() {
     let (_, idx) = index(&[
-        stanza("app", "1", "optional", "Depends: libc (>= 2), libold (<< 2), virt\n"),
+        stanza(
+            "app",
+            "1",
+            "optional",
+            "Depends: libc (>= 2), libold (<< 2), virt\n",
+        ),
         stanza("libc", "1", "optional", ""),
         stanza("libc", "2", "optional", ""),
         stanza("libc", "3", "optional", ""),
@@ -165,7 +170,14 @@ fn versioned_dependencies_pick_the_newest_version_that_satisfies_them() {
     // 1.5 (<< 2: not the newest), the first provider of virt by name.
     assert_eq!(
         got,
-        ["app=1", "libc=2", "libc=3", "libold=1.5", "prov-a=1", "tool=1"]
+        [
+            "app=1",
+            "libc=2",
+            "libc=3",
+            "libold=1.5",
+            "prov-a=1",
+            "tool=1"
+        ]
     );
     assert!(closure::satisfies("1:1.0", Some(">> 2.0")));
     assert!(closure::satisfies("2.36-9+deb12u4", Some(">= 2.36")));
@@ -175,7 +187,12 @@ fn versioned_dependencies_pick_the_newest_version_that_satisfies_them() {
 #[test]
 fn recommends_are_followed_only_when_the_repo_says_installs_take_them() {
     let (text, idx) = index(&[
-        stanza("app", "1", "optional", "Depends: lib\nRecommends: extra | gone, missing-rec\n"),
+        stanza(
+            "app",
+            "1",
+            "optional",
+            "Depends: lib\nRecommends: extra | gone, missing-rec\n",
+        ),
         stanza("lib", "1", "optional", ""),
         stanza("extra", "1", "optional", "Depends: lib\n"),
     ]);
@@ -194,7 +211,12 @@ fn recommends_are_followed_only_when_the_repo_says_installs_take_them() {
 fn a_missing_package_is_an_error_naming_it_and_who_needs_it() {
     let (_, idx) = index(&[
         stanza("base", "1", "required", ""),
-        stanza("app", "1", "optional", "Depends: base, libfoo (>= 3) | libbar\n"),
+        stanza(
+            "app",
+            "1",
+            "optional",
+            "Depends: base, libfoo (>= 3) | libbar\n",
+        ),
         stanza("libfoo", "2", "optional", ""),
     ]);
     let err = closure::resolve(&idx, None, &roots(&["app"])).unwrap_err();
@@ -231,7 +253,10 @@ fn a_snapshot_with_a_missing_blob_is_not_complete() {
         },
     );
     let err = check_complete(dir.path(), &files).unwrap_err().to_string();
-    assert!(err.contains("pool/main/x.deb") && err.contains("not on this node"), "{err}");
+    assert!(
+        err.contains("pool/main/x.deb") && err.contains("not on this node"),
+        "{err}"
+    );
 }
 
 /// A fetcher over a map that serves at most `cut` bytes of a file per
@@ -253,13 +278,19 @@ impl Fetch for Flaky {
         offset: u64,
     ) -> Result<(Box<dyn Read + Send>, bool), debian::DebianError> {
         self.calls.lock().unwrap().push((url.to_owned(), offset));
-        let b = self.files.get(url).ok_or_else(|| debian::DebianError::Fetch {
-            url: url.to_owned(),
-            detail: "404".into(),
-        })?;
+        let b = self
+            .files
+            .get(url)
+            .ok_or_else(|| debian::DebianError::Fetch {
+                url: url.to_owned(),
+                detail: "404".into(),
+            })?;
         let from = if self.ranges { offset as usize } else { 0 };
         let end = from.saturating_add(self.cut).min(b.len());
-        Ok((Box::new(std::io::Cursor::new(b[from..end].to_vec())), self.ranges))
+        Ok((
+            Box::new(std::io::Cursor::new(b[from..end].to_vec())),
+            self.ranges,
+        ))
     }
 }
 
@@ -280,14 +311,25 @@ fn cut_downloads_resume_with_ranges_or_restart_cleanly() {
             assert_eq!(r.unwrap(), 10_000);
             let offsets: Vec<u64> = f.calls.lock().unwrap().iter().map(|c| c.1).collect();
             assert_eq!(offsets, [0, 4000, 8000]);
-            assert_eq!(std::fs::read(blob_path(dir.path(), &want.0.to_string()).unwrap()).unwrap(), body);
+            assert_eq!(
+                std::fs::read(blob_path(dir.path(), &want.0.to_string()).unwrap()).unwrap(),
+                body
+            );
         } else {
             // Never more than 4000 bytes: each retry restarts from 0, and
             // the error says what happened; the partial stays for later.
             let err = format!("{:#}", r.unwrap_err());
-            assert!(err.contains("pool/x.deb") && err.contains("cut short"), "{err}");
+            assert!(
+                err.contains("pool/x.deb") && err.contains("cut short"),
+                "{err}"
+            );
             assert!(!has_blob(dir.path(), &want.0));
-            assert_eq!(std::fs::metadata(partial_path(dir.path(), &want.0)).unwrap().len(), 4000);
+            assert_eq!(
+                std::fs::metadata(partial_path(dir.path(), &want.0))
+                    .unwrap()
+                    .len(),
+                4000
+            );
         }
     }
     // A partial that does not belong to the file is dropped, not kept.

@@ -242,7 +242,10 @@ pub fn import(node: &SyncNode, path: &Path) -> Result<ImportReport> {
     // The sender holds what it sent.
     node.note_peer_blobs(
         &header.from.to_string(),
-        header.blobs.iter().filter_map(|b| b.digest.strip_prefix("sha256:")),
+        header
+            .blobs
+            .iter()
+            .filter_map(|b| b.digest.strip_prefix("sha256:")),
         false,
     )?;
     Ok(ImportReport {
