@@ -77,8 +77,11 @@ pub fn satisfies(version: &str, constraint: Option<&str>) -> bool {
     }
 }
 
-/// The closure of `roots` (names; each root's newest version) over
-/// `index`. `wanted_by` names where each root came from, for errors.
+/// The closure of `roots` (`(name, why it is wanted)`; each root's newest
+/// version) over `index`. A dependency already met by a package chosen or
+/// waiting to be (by name and version, or unversioned by what it
+/// provides) adds nothing: `base-files`' `awk` is `mawk`, a required
+/// root, not the first provider by name.
 pub fn resolve(
     index: &[Package],
     recommends: Option<&Recommends>,
@@ -123,9 +126,10 @@ pub fn resolve(
             .get(&d.name)
             .is_some_and(|vs| vs.iter().any(|v| satisfies(v, d.constraint.as_deref())))
             || (d.constraint.is_none() && provided.contains(&d.name))
-            || queue
-                .iter()
-                .any(|q| q.name == d.name && satisfies(&q.version, d.constraint.as_deref()))
+            || queue.iter().any(|q| {
+                (q.name == d.name && satisfies(&q.version, d.constraint.as_deref()))
+                    || (d.constraint.is_none() && q.provides.contains(&d.name))
+            })
     };
     let mut i = 0;
     while i < queue.len() {

@@ -163,8 +163,12 @@ fn versioned_dependencies_pick_the_newest_version_that_satisfies_them() {
         stanza("prov-b", "1", "optional", "Provides: virt\n"),
         stanza("prov-a", "1", "optional", "Provides: virt\n"),
         stanza("tool", "1", "optional", "Depends: libc (= 2)\n"),
+        // `awk` is met by mawk, a root still waiting when base is taken.
+        stanza("base", "1", "required", "Pre-Depends: awk\n"),
+        stanza("gawk", "1", "optional", "Provides: awk\n"),
+        stanza("mawk", "1", "required", "Provides: awk\n"),
     ]);
-    let got = closure::resolve(&idx, None, &roots(&["app", "tool"])).unwrap();
+    let got = closure::resolve(&idx, None, &roots(&["app", "base", "mawk", "tool"])).unwrap();
     let got: Vec<String> = got.iter().map(|(n, v)| format!("{n}={v}")).collect();
     // libc 3 for app (newest >= 2), libc 2 too for tool (= 2), libold
     // 1.5 (<< 2: not the newest), the first provider of virt by name.
@@ -172,9 +176,11 @@ fn versioned_dependencies_pick_the_newest_version_that_satisfies_them() {
         got,
         [
             "app=1",
+            "base=1",
             "libc=2",
             "libc=3",
             "libold=1.5",
+            "mawk=1",
             "prov-a=1",
             "tool=1"
         ]
