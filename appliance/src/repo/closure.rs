@@ -118,6 +118,10 @@ pub fn resolve(
             None => bail!("package {name} ({why}) is not in the mirror's index"),
         }
     }
+    // A name that is also a real package is met only by it: apt installing
+    // onto an empty system takes the real `lsb-base`, not
+    // `sysvinit-utils` that provides it.
+    let virtual_only = |name: &str| !by_name.contains_key(name);
     let is_satisfied = |d: &Dep,
                         names: &HashMap<String, Vec<String>>,
                         provided: &BTreeSet<String>,
@@ -125,10 +129,12 @@ pub fn resolve(
         names
             .get(&d.name)
             .is_some_and(|vs| vs.iter().any(|v| satisfies(v, d.constraint.as_deref())))
-            || (d.constraint.is_none() && provided.contains(&d.name))
+            || (virtual_only(&d.name) && d.constraint.is_none() && provided.contains(&d.name))
             || queue.iter().any(|q| {
                 (q.name == d.name && satisfies(&q.version, d.constraint.as_deref()))
-                    || (d.constraint.is_none() && q.provides.contains(&d.name))
+                    || (virtual_only(&d.name)
+                        && d.constraint.is_none()
+                        && q.provides.contains(&d.name))
             })
     };
     let mut i = 0;

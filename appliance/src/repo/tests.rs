@@ -167,8 +167,17 @@ fn versioned_dependencies_pick_the_newest_version_that_satisfies_them() {
         stanza("base", "1", "required", "Pre-Depends: awk\n"),
         stanza("gawk", "1", "optional", "Provides: awk\n"),
         stanza("mawk", "1", "required", "Provides: awk\n"),
+        // `lsb` is a real package and provided: apt takes the real one.
+        stanza("sysv", "1", "required", "Provides: lsb\n"),
+        stanza("lsb", "11", "optional", ""),
+        stanza("sshd", "1", "optional", "Depends: lsb\n"),
     ]);
-    let got = closure::resolve(&idx, None, &roots(&["app", "base", "mawk", "tool"])).unwrap();
+    let got = closure::resolve(
+        &idx,
+        None,
+        &roots(&["app", "base", "mawk", "sshd", "sysv", "tool"]),
+    )
+    .unwrap();
     let got: Vec<String> = got.iter().map(|(n, v)| format!("{n}={v}")).collect();
     // libc 3 for app (newest >= 2), libc 2 too for tool (= 2), libold
     // 1.5 (<< 2: not the newest), the first provider of virt by name.
@@ -180,8 +189,11 @@ fn versioned_dependencies_pick_the_newest_version_that_satisfies_them() {
             "libc=2",
             "libc=3",
             "libold=1.5",
+            "lsb=11",
             "mawk=1",
             "prov-a=1",
+            "sshd=1",
+            "sysv=1",
             "tool=1"
         ]
     );
