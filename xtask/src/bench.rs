@@ -25,8 +25,9 @@ pub fn run(name: &str, rest: &[&str]) -> Result<()> {
         "tftp" => crate::bench_tftp::run(),
         "sync" => crate::bench_sync::run(),
         "replicate" => crate::bench_replicate::run(rest),
+        "mirror" => crate::bench_mirror::run(),
         other => {
-            bail!("unknown benchmark {other:?}; available: builder, boot, clone, console, dhcp, install, inventory, replicate, sync, tftp")
+            bail!("unknown benchmark {other:?}; available: builder, boot, clone, console, dhcp, install, inventory, mirror, replicate, sync, tftp")
         }
     }
 }

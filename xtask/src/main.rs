@@ -8,6 +8,7 @@ mod bench_console;
 mod bench_dhcp;
 mod bench_install;
 mod bench_inventory;
+mod bench_mirror;
 mod bench_replicate;
 mod bench_sync;
 mod bench_tftp;
@@ -44,6 +45,7 @@ fn main() -> Result<()> {
                  bench tftp       our TFTP server against tftpd-hpa, 64 MiB over loopback\n  \
                  bench inventory  the inventory API against Cobbler 3.3.10 (XML-RPC)\n  \
                  bench replicate  image onto a child's disk: verified block-map writer against curl|dd\n  \
+                 bench mirror     apt partial mirror vs aptly mirror create+update\n  \
                  bench sync       10,000 objects + 1 GiB of blobs to a parent vs git push + rsync\n  \
                  deps             install the Debian packages tests need (as root)"
             );

@@ -261,6 +261,10 @@ pub struct Repo {
     /// Apt: also mirror the `debian-installer` (udeb) indexes.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub installer: bool,
+    /// Apt: installs from this mirror take `Recommends`, so the mirror's
+    /// closure follows them too.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub recommends: bool,
     /// Apt: the OpenPGP keyring `InRelease` must verify against: a path on
     /// the server, `sha256:<hex>` (a blob), or an ASCII-armoured key block;
     /// empty means Debian's archive keyring.
