@@ -276,6 +276,20 @@ pub async fn build_app(
     // replication (registered replicas install, installed ones boot
     // locally), then the inventory.
     let inv_policy = inventory.as_ref().map(|inv| inv.boot_policy());
+    {
+        // The DHCP side of the same decision: a system with netboot off,
+        // for which no clone job or replication has work, boots its disk.
+        let (c, r, inv) = (cloning.clone(), replication.clone(), inv_policy.clone());
+        networks.set_local_boot(Arc::new(move |mac: &str| {
+            c.ipxe_for_mac(mac, "").is_none()
+                && r.ipxe_for_mac(mac, "").is_none()
+                && inv.as_ref().is_some_and(|inv| {
+                    crate::inventory::fresh_read(inv)
+                        .system_by_mac(mac)
+                        .is_some_and(|s| !s.netboot)
+                })
+        }));
+    }
     let policy: Option<crate::pxe::BootPolicy> = Some(Arc::new(move |mac: &str, server: &str| {
         use crate::inventory::boot::BootPolicy as _;
         cloning
