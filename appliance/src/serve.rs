@@ -123,6 +123,16 @@ pub fn build_state(opts: &ServeOptions) -> AppState {
 /// Runs the server until SIGTERM/SIGINT.
 pub async fn run(opts: ServeOptions) -> Result<()> {
     crate::http::server::raise_file_limit();
+    // A new data directory is created (as `git init` would); one that
+    // cannot be is a degraded reason below, not a refusal to serve.
+    if !opts.data.exists() {
+        match std::fs::create_dir_all(&opts.data) {
+            Ok(()) => tracing::info!(data = %opts.data.display(), "created the data directory"),
+            Err(e) => {
+                tracing::error!(data = %opts.data.display(), error = %e, "cannot create the data directory")
+            }
+        }
+    }
     let mut state = build_state(&opts);
     let events = crate::events::Events::new();
     // The inventory (issue 6): `<data>/inventory` and `<data>/state/tokens.json`.
