@@ -38,6 +38,9 @@ pub const MIRROR_BASE: &[&str] = &[
     // The kernel's initramfs is compressed with it (gzip is several
     // times slower).
     "zstd",
+    // Debian 12's debootstrap installs it (merged /usr), so a stock
+    // debootstrap against the mirror works too.
+    "usr-is-merged",
 ];
 
 /// Where the target installs from: an apt mirror the appliance serves.
