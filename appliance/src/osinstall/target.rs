@@ -145,10 +145,15 @@ fn install(
     for extra in ["apt", "debconf", "e2fsprogs"] {
         stage1_roots.push(extra.into());
     }
-    // Debian's awk (Priority: required, as debootstrap installs it), so
-    // base-files' `awk` is met by it and not by the first provider found.
-    if index.has("mawk") {
-        stage1_roots.push("mawk".into());
+    // What debootstrap roots besides the essential set, so alternatives
+    // resolve as on a stock Debian (and as the mirror's sync did, which
+    // roots both): base-files' `awk` is `mawk`, and init-system-helpers'
+    // `usrmerge | usr-is-merged` is met by `usr-is-merged` (merged /usr
+    // is what we unpack), not by `usrmerge` and Perl.
+    for default in ["mawk", "usr-is-merged"] {
+        if index.has(default) {
+            stage1_roots.push(default.into());
+        }
     }
     if firmware == "uefi" {
         stage1_roots.push("dosfstools".into());
@@ -164,7 +169,15 @@ fn install(
     // Resolve the second stage now too, and check the mirror serves every
     // file of both stages, so a missing package fails here with its name,
     // before the disk is touched, not after half an hour under apt.
-    let closure = index.closure(&second, "the profile's packages, the kernel and GRUB")?;
+    // With the first stage's roots: what it installs meets alternatives.
+    let closure = index.closure(
+        &stage1_roots
+            .iter()
+            .chain(&second)
+            .cloned()
+            .collect::<Vec<_>>(),
+        "the profile's packages, the kernel and GRUB",
+    )?;
     let mut missing = index.missing(&stage1);
     missing.extend(index.missing(&closure));
     if !missing.is_empty() {
