@@ -44,6 +44,9 @@ pub struct VmConfig {
     pub rng: bool,
     /// vCPUs.
     pub cpus: u32,
+    /// `guestfwd` rules added to the uplink (`tcp:10.0.2.100:8080-tcp:127.0.0.1:PORT`):
+    /// a service on the host the guest may reach despite `restrict=on`.
+    pub guestfwd: Vec<String>,
 }
 
 impl VmConfig {
@@ -58,6 +61,7 @@ impl VmConfig {
             extra: vec![],
             rng: true,
             cpus: 2,
+            guestfwd: vec![],
         }
     }
 
@@ -272,8 +276,12 @@ impl Vm {
             ))
             .arg("-netdev")
             .arg(format!(
-                "user,id=up,restrict=on,hostfwd=tcp:127.0.0.1:{}-:80",
-                cfg.api_port
+                "user,id=up,restrict=on,hostfwd=tcp:127.0.0.1:{}-:80{}",
+                cfg.api_port,
+                cfg.guestfwd
+                    .iter()
+                    .map(|g| format!(",guestfwd={g}"))
+                    .collect::<String>()
             ))
             .args(["-device", "virtio-net-pci,netdev=up"]);
         if cfg.rng {

@@ -46,6 +46,7 @@ fn boot(disk: &std::path::Path, dir: &std::path::Path, port: u16) -> Vm {
         extra: vec![],
         rng: false,
         cpus: 1,
+        guestfwd: vec![],
     })
     .unwrap()
 }

@@ -20,6 +20,8 @@
 //! and when a suite's `InRelease` is unchanged nothing but it is fetched.
 
 pub mod api;
+pub mod installer;
+pub mod udeb;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Write};
@@ -67,6 +69,10 @@ pub struct Manifest {
     pub packages: Vec<String>,
     /// Bytes of the distinct blobs the mirror uses.
     pub bytes: u64,
+    /// Installer udebs the index lists but upstream did not have (404):
+    /// see [`udeb`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<udeb::Missing>,
 }
 
 impl Manifest {
@@ -625,7 +631,11 @@ pub fn sync_mirror(
             .iter()
             .flat_map(|(_, p)| p.iter().cloned())
             .collect();
-        let names = closure(&all, &spec.packages)?;
+        let mut wanted = spec.packages.clone();
+        if spec.installer {
+            wanted.extend(udeb::netboot_packages(&all, arch));
+        }
+        let names = closure(&all, &wanted)?;
         for (_, pkgs) in per_suite {
             let newest = newest_by_name(pkgs);
             for n in &names {
@@ -662,6 +672,19 @@ pub fn sync_mirror(
         packages.insert(id.clone());
         prog.files_done += 1;
     }
+    let missing = if spec.installer {
+        sync_udebs(
+            data,
+            spec,
+            &mut files,
+            &mut packages,
+            fetcher,
+            &mut prog,
+            progress,
+        )?
+    } else {
+        Vec::new()
+    };
     let bytes: u64 = files
         .values()
         .map(|f| (f.digest.as_str(), f.size))
@@ -675,6 +698,7 @@ pub fn sync_mirror(
         files,
         packages: packages.into_iter().collect(),
         bytes,
+        missing,
     };
     let bytes = serde_json::to_vec_pretty(&manifest)?;
     let (snapshot, _) = put_blob(data, &bytes[..], None, "mirror manifest")?;
@@ -688,6 +712,97 @@ pub fn sync_mirror(
         bytes_downloaded: prog.bytes_downloaded,
         suites,
     })
+}
+
+/// The installer's udebs ([`udeb::select`] over every suite's
+/// `debian-installer` index already in `files`), fetched into the blob
+/// store; a 404 is recorded as missing, any other failure is an error.
+fn sync_udebs(
+    data: &Path,
+    spec: &MirrorSpec,
+    files: &mut BTreeMap<String, FileRef>,
+    packages: &mut BTreeSet<String>,
+    fetcher: &dyn Fetch,
+    prog: &mut Progress,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Vec<udeb::Missing>> {
+    let mut wanted: BTreeMap<String, (Digest, u64, String)> = BTreeMap::new();
+    for suite in &spec.suites {
+        for comp in &spec.components {
+            for arch in &spec.arches {
+                let dir = format!("dists/{suite}/{comp}/debian-installer/binary-{arch}");
+                let Some((path, f)) =
+                    ["Packages.xz", "Packages.gz", "Packages"]
+                        .iter()
+                        .find_map(|n| {
+                            let p = format!("{dir}/{n}");
+                            files.get(&p).map(|f| (p, f.clone()))
+                        })
+                else {
+                    continue;
+                };
+                let text = decompress(&path, &read_blob(data, &f.digest)?)?;
+                let index = debian::parse_packages(&text, &path)?;
+                for p in udeb::select(&index).1 {
+                    if p.filename.starts_with('/') || p.filename.split('/').any(|s| s == "..") {
+                        bail!("{}: unsafe Filename {:?}", p.name, p.filename);
+                    }
+                    wanted.insert(
+                        p.filename.clone(),
+                        (
+                            p.sha256,
+                            p.size,
+                            format!("{}_{}_{}", p.name, p.version, p.architecture),
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    prog.files_total += wanted.len() as u64;
+    for (filename, (digest, size, id)) in wanted {
+        prog.phase = format!("udeb: {filename}");
+        progress(prog);
+        prog.files_done += 1;
+        let got = if has_blob(data, &digest) {
+            (digest, size)
+        } else {
+            match fetcher.get(&format!("{}/{filename}", spec.upstream)) {
+                Ok(r) => {
+                    let got = put_blob(data, r, Some((digest, size)), &filename)?;
+                    prog.files_downloaded += 1;
+                    prog.bytes_downloaded += got.1;
+                    got
+                }
+                Err(e) if udeb::is_not_found(&e) => {
+                    missing.push(udeb::Missing {
+                        path: filename,
+                        package: id,
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e).with_context(|| format!("fetching udeb {filename}")),
+            }
+        };
+        files.insert(
+            filename,
+            FileRef {
+                digest: got.0.to_string(),
+                size: got.1,
+            },
+        );
+        packages.insert(id);
+    }
+    if !missing.is_empty() {
+        tracing::warn!(
+            repo = %spec.name,
+            missing = missing.len(),
+            "upstream does not serve some installer udebs; the installer will stop at loading additional components"
+        );
+    }
+    Ok(missing)
 }
 
 #[cfg(test)]

@@ -1,0 +1,333 @@
+//! The Debian installer (preseed path) against the appliance's own mirror,
+//! as far as this machine's package source allows (it answers 404 for
+//! every `.udeb`).
+//!
+//! 1. Host: a partial mirror of the Debian archive named in the host's apt
+//!    sources (`bookworm`, `installer`: the debian-installer index and the
+//!    signed `debian-installer-12-netboot-amd64` package), synced once by
+//!    the host's `appliance serve` into `cache/di-mirror/` (≈300 MB; later
+//!    runs reuse it) and served from there on loopback.
+//! 2. VM A boots the shipped image; its uplink may reach that server only
+//!    (`restrict=on` + `guestfwd` 10.0.2.100:8080). A syncs the mirror from
+//!    it (verifying `InRelease` with Debian's key from its bundle: a
+//!    mirror of a mirror), imports the installer (`POST
+//!    /api/v1/repos/deb12/import`: kernel ABI checked against the udebs'),
+//!    and serves PXE on its provisioning wire for a system with the
+//!    preseed profile (`console=ttyS0`).
+//! 3. VM B, blank, under OVMF: PXE → iPXE → the d-i kernel and initrd from
+//!    A → the rendered preseed → reports `start` (early_command, wget) →
+//!    accepts A's mirror (Release + Release.gpg) → "Loading additional
+//!    components", read from B's serial console; A's mirror lists the
+//!    udebs upstream did not serve.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::qemu::{boot_blank, Firmware, Vm, VmConfig};
+use integration_tests::{free_port, http, workspace_root};
+
+const REPO: &str = "deb12";
+
+fn image() -> PathBuf {
+    let p = workspace_root().join("target/appliance/appliance.img");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask image` (cargo xtask test does)",
+        p.display()
+    );
+    p
+}
+
+/// The static `appliance` binary `cargo xtask image` builds.
+fn appliance_bin() -> PathBuf {
+    let p = workspace_root().join("target/x86_64-unknown-linux-gnu/release/appliance");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask image`",
+        p.display()
+    );
+    p
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+    token: Option<String>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `appliance serve` on the host, on a loopback port, with `data`.
+fn host_serve(data: &Path) -> Server {
+    let mut child = Command::new(appliance_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting the host's appliance serve");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("appliance serve said {line:?}"))
+        .to_owned();
+    let port = addr.rsplit(':').next().unwrap().parse().unwrap();
+    // A fresh data directory (marked by the caller) prints its first
+    // token next.
+    let mut token = None;
+    let mut l2 = String::new();
+    if data.join(".fresh").exists() {
+        out.read_line(&mut l2).unwrap();
+        token = l2
+            .trim()
+            .rsplit(' ')
+            .next()
+            .filter(|t| t.starts_with("apl_"))
+            .map(str::to_owned);
+        assert!(token.is_some(), "no first token: {l2:?}");
+    }
+    // Keep the pipe drained so the server never blocks on stdout.
+    std::thread::spawn(move || for _ in out.lines() {});
+    Server { child, port, token }
+}
+
+/// The Debian archive of the host's apt sources.
+fn archive_url() -> String {
+    let sources = bundle::apt::host_sources().expect("reading the host's apt sources");
+    bundle::apt::debian_archive(&sources)
+        .expect("a Debian archive in the host's apt sources")
+        .0
+}
+
+fn wait_sync(port: u16, token: &str, what: &str, timeout: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = http::request_with_token(
+            port,
+            "GET",
+            &format!("/api/v1/repos/{REPO}/sync"),
+            None,
+            Some(token),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        match v["state"].as_str() {
+            Some("done") => return v,
+            Some("failed") => panic!("{what}: sync failed: {}", v["job"]["error"]),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: sync not done within {timeout:?}: {v}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn repo_json(mirror: &str) -> String {
+    serde_json::json!({"name": REPO, "breed": "apt", "mirror": mirror,
+        "suites": ["bookworm"], "components": ["main"], "arches": ["amd64"],
+        "installer": true})
+    .to_string()
+}
+
+/// The host's mirror in `cache/di-mirror` (synced once from the archive),
+/// served on a loopback port.
+fn host_mirror() -> Server {
+    let cache = workspace_root().join("cache/di-mirror");
+    if !cache.join("synced").exists() {
+        let tmp = workspace_root().join("cache/di-mirror.tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::write(tmp.join(".fresh"), "").unwrap();
+        let srv = host_serve(&tmp);
+        let token = srv.token.clone().unwrap();
+        let r = http::post_auth(
+            srv.port,
+            "/api/v1/repos",
+            &repo_json(&archive_url()),
+            &token,
+        )
+        .unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+        let r =
+            http::post_auth(srv.port, &format!("/api/v1/repos/{REPO}/sync"), "", &token).unwrap();
+        assert_eq!(r.status, 202, "{}", r.body);
+        let v = wait_sync(srv.port, &token, "host", Duration::from_secs(1800));
+        assert!(v["packages"].as_u64().unwrap() > 50, "{v}");
+        drop(srv);
+        std::fs::remove_file(tmp.join(".fresh")).unwrap();
+        std::fs::write(tmp.join("synced"), "").unwrap();
+        let _ = std::fs::remove_dir_all(&cache);
+        std::fs::rename(&tmp, &cache).unwrap();
+    }
+    host_serve(&cache)
+}
+
+#[test]
+fn the_debian_installer_boots_from_the_appliance_and_accepts_its_mirror() {
+    let upstream = host_mirror();
+    // The mirror really is served: its InRelease.
+    let r = http::get(
+        upstream.port,
+        &format!("/repos/{REPO}/dists/bookworm/InRelease"),
+    )
+    .unwrap();
+    assert!(
+        r.status == 200 && r.body.contains("Codename: bookworm"),
+        "{} {}",
+        r.status,
+        &r.body[..r.body.len().min(300)]
+    );
+
+    let work = tempfile::tempdir().unwrap();
+    let wire = work.path().join("wire.sock");
+    let port = free_port();
+    let mut cfg = VmConfig::new(image(), port, work.path().join("a")).wire(
+        "prov",
+        &wire,
+        true,
+        "52:54:00:d1:00:01",
+        None,
+    );
+    cfg.guestfwd.push(format!(
+        "tcp:10.0.2.100:8080-tcp:127.0.0.1:{}",
+        upstream.port
+    ));
+    let mut a = Vm::boot(&cfg).unwrap();
+    a.wait_http("/api/v1/version", Duration::from_secs(300))
+        .unwrap();
+    let token = a
+        .first_token()
+        .unwrap_or_else(|| panic!("no first API token on A's console:\n{}", a.serial()));
+    let api = |method: &str, path: &str, body: Option<&str>| {
+        http::request_within(
+            port,
+            method,
+            path,
+            body,
+            Some(&token),
+            Duration::from_secs(600),
+        )
+        .unwrap()
+    };
+
+    // A mirrors the host's mirror (verified again with Debian's key).
+    let r = api(
+        "POST",
+        "/api/v1/repos",
+        Some(&repo_json(&format!("http://10.0.2.100:8080/repos/{REPO}"))),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = api("POST", &format!("/api/v1/repos/{REPO}/sync"), None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let st = wait_sync(port, &token, "A", Duration::from_secs(900));
+    // Upstream serves no udebs: recorded, listed, not fatal.
+    let missing = st["missing"].as_array().expect("a missing list");
+    assert!(
+        missing.len() > 20
+            && missing
+                .iter()
+                .all(|m| m["path"].as_str().unwrap().ends_with(".udeb")),
+        "{st}"
+    );
+    assert!(
+        missing
+            .iter()
+            .any(|m| m["package"].as_str().unwrap().starts_with("kernel-image-")),
+        "{st}"
+    );
+
+    // The installer's kernel and initrd from the signed netboot package.
+    let r = api(
+        "POST",
+        &format!("/api/v1/repos/{REPO}/import"),
+        Some(r#"{"name":"deb12-di"}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let imp: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let release = imp["report"]["kernel_release"].as_str().unwrap();
+    assert!(
+        release.ends_with("-amd64")
+            && imp["report"]["udeb_abis"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a == release),
+        "{imp}"
+    );
+    assert_eq!(imp["distro"]["breed"], "debian", "{imp}");
+
+    // The provisioning wire and a system that installs with the preseed.
+    let r = api(
+        "POST",
+        "/api/v1/networks",
+        Some(
+            r#"{"iface":"eth1","cidr":"10.77.0.1/24","mode":"authoritative","pool":"10.77.0.100-10.77.0.199"}"#,
+        ),
+    );
+    assert!(r.status == 200 || r.status == 201, "{}", r.body);
+    let mac = "52:54:00:d1:00:b1";
+    let system = serde_json::json!({
+        "name": "target1", "profile": "deb12-di", "netboot": true,
+        "interfaces": [{"name": "eth0", "mac": mac}],
+        "kernel_options": "console=ttyS0,115200n8",
+        "variables": {"root_password_hash": "$6$abc$xyz", "user_name": "ops",
+            "user_password_hash": "$6$abc$xyz",
+            "ssh_authorized_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey ops@lab"]}
+    });
+    let r = api("POST", "/api/v1/systems", Some(&system.to_string()));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let preseed = api("GET", "/api/v1/systems/target1/autoinstall", None);
+    assert!(
+        preseed.status == 200
+            && preseed
+                .body
+                .contains(&format!("d-i mirror/http/directory string /repos/{REPO}")),
+        "{} {}",
+        preseed.status,
+        preseed.body
+    );
+
+    let b = boot_blank(Firmware::Ovmf, &wire, mac, 8 << 30, &work.path().join("b")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut started = false;
+    loop {
+        if !started {
+            let s = api("GET", "/api/v1/systems/target1/status", None);
+            started = s.body.contains("\"start\"");
+        }
+        let serial = b.serial();
+        if started && serial.contains("Loading additional components") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the installer did not reach \"Loading additional components\" (start reported: {started})\n--- B serial (last 6000 bytes):\n{}\n--- events:\n{}",
+            &serial[serial.len().saturating_sub(6000)..],
+            api("GET", &format!("/api/v1/events?mac={mac}&limit=100"), None).body
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let ev = api("GET", &format!("/api/v1/events?mac={mac}&limit=500"), None).body;
+    for kind in ["dhcp.ack", "tftp.transfer", "http.ipxe", "install.status"] {
+        assert!(
+            ev.contains(&format!("\"kind\":\"{kind}\"")),
+            "no {kind} event for {mac}: {ev}"
+        );
+    }
+    drop(b);
+    let _ = http::post_auth(port, "/api/v1/power", r#"{"action":"poweroff"}"#, &token);
+    a.wait_exit(Duration::from_secs(60));
+}
