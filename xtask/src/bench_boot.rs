@@ -48,6 +48,7 @@ fn boot_ours(disk: &Path, work: &Path) -> Result<Sample> {
         extra: vec![],
         rng: true,
         cpus: 2,
+        guestfwd: vec![],
     })?;
     let t0 = vm.started;
     let (mut fw, mut init) = (None, None);
@@ -96,6 +97,7 @@ fn boot_floor(disk: &Path, work: &Path) -> Result<Sample> {
         extra: vec![],
         rng: true,
         cpus: 2,
+        guestfwd: vec![],
     })?;
     let t0 = vm.started;
     let mut fw = None;

@@ -50,6 +50,7 @@ pub fn qemu(args: &[&str]) -> Result<()> {
         extra: vec![],
         rng,
         cpus,
+        guestfwd: vec![],
     };
     let mut vm = Vm::boot(&cfg)?;
     println!(

@@ -771,7 +771,16 @@ struct Api {
 
 fn api() -> Api {
     let dir = tempfile::tempdir().unwrap();
-    let inv = sample(&dir.path().join("inventory"));
+    let mut inv = sample(&dir.path().join("inventory"));
+    // web1 installs Debian with the preseed: it needs a mirror and a login.
+    let mut web1 = inv.system("web1").unwrap().clone();
+    web1.variables
+        .insert("root_password_hash".into(), json!("$6$salt$hash"));
+    web1.variables
+        .insert("mirror_host".into(), json!("10.0.0.1:8080"));
+    web1.variables
+        .insert("mirror_dir".into(), json!("/repos/deb12"));
+    inv.update(Object::System(web1), &who()).unwrap();
     let tokens = TokenStore::memory();
     // Admin: settings are an admin route.
     let token = tokens
