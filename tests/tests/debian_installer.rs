@@ -305,8 +305,13 @@ fn the_debian_installer_boots_from_the_appliance_and_accepts_its_mirror() {
     let mut started = false;
     loop {
         if !started {
-            let s = api("GET", "/api/v1/systems/target1/status", None);
-            started = s.body.contains("\"start\"");
+            // The preseed's early_command (d-i's own wget) reported start.
+            let s = api(
+                "GET",
+                &format!("/api/v1/events?mac={mac}&kind=install.status&limit=50"),
+                None,
+            );
+            started = s.body.contains("\"event\":\"start\"");
         }
         let serial = b.serial();
         if started && serial.contains("Loading additional components") {
