@@ -44,8 +44,10 @@ pub struct VmConfig {
     pub rng: bool,
     /// vCPUs.
     pub cpus: u32,
-    /// `guestfwd` rules added to the uplink (`tcp:10.0.2.100:8080-tcp:127.0.0.1:PORT`):
-    /// a service on the host the guest may reach despite `restrict=on`.
+    /// `guestfwd` rules added to the uplink
+    /// (`tcp:10.0.2.100:8080-cmd:socat STDIO TCP:127.0.0.1:PORT`, a socat
+    /// per connection): a host service the guest may reach despite
+    /// `restrict=on`.
     pub guestfwd: Vec<String>,
 }
 

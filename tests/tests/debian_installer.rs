@@ -201,8 +201,10 @@ fn the_debian_installer_boots_from_the_appliance_and_accepts_its_mirror() {
         "52:54:00:d1:00:01",
         None,
     );
+    // A chardev target (`tcp:…`) is one connection made at QEMU's start;
+    // `cmd:` runs a socat per guest connection.
     cfg.guestfwd.push(format!(
-        "tcp:10.0.2.100:8080-tcp:127.0.0.1:{}",
+        "tcp:10.0.2.100:8080-cmd:socat STDIO TCP:127.0.0.1:{}",
         upstream.port
     ));
     let mut a = Vm::boot(&cfg).unwrap();
@@ -232,7 +234,7 @@ fn the_debian_installer_boots_from_the_appliance_and_accepts_its_mirror() {
     assert_eq!(r.status, 201, "{}", r.body);
     let r = api("POST", &format!("/api/v1/repos/{REPO}/sync"), None);
     assert_eq!(r.status, 202, "{}", r.body);
-    let st = wait_sync(port, &token, "A", Duration::from_secs(900));
+    let st = wait_sync(port, &token, "A", Duration::from_secs(600));
     // Upstream serves no udebs: recorded, listed, not fatal.
     let missing = st["missing"].as_array().expect("a missing list");
     assert!(
