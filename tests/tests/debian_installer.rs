@@ -286,7 +286,8 @@ fn the_debian_installer_boots_from_the_appliance_and_accepts_its_mirror() {
     let system = serde_json::json!({
         "name": "target1", "profile": "deb12-di", "netboot": true,
         "interfaces": [{"name": "eth0", "mac": mac}],
-        "kernel_options": "console=ttyS0,115200n8",
+        // The imported profile carries netcfg/no_default_route=true too.
+        "kernel_options": "console=ttyS0,115200n8 netcfg/no_default_route=true",
         "variables": {"root_password_hash": "$6$abc$xyz", "user_name": "ops",
             "user_password_hash": "$6$abc$xyz",
             "ssh_authorized_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey ops@lab"]}

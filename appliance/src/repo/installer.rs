@@ -280,6 +280,9 @@ pub fn import(
         name: name.to_owned(),
         distro: Some(name.to_owned()),
         autoinstall: "preseed.cfg".into(),
+        // A provisioning network often has no router: netcfg would ask
+        // "Continue without a default route?" before the preseed loads.
+        kernel_options: "netcfg/no_default_route=true".into(),
         repos: vec![repo.name.clone()],
         comment: format!("Debian installer (preseed) from the mirror {}", repo.name),
         ..Default::default()
