@@ -286,8 +286,10 @@ fn the_debian_installer_boots_from_the_appliance_and_accepts_its_mirror() {
     let system = serde_json::json!({
         "name": "target1", "profile": "deb12-di", "netboot": true,
         "interfaces": [{"name": "eth0", "mac": mac}],
-        // The imported profile carries netcfg/no_default_route=true too.
-        "kernel_options": "console=ttyS0,115200n8 netcfg/no_default_route=true",
+        // The imported profile carries netcfg/no_default_route=true too;
+        // the provisioning network's DHCP names no DNS server, so netcfg
+        // would ask for one before the preseed loads.
+        "kernel_options": "console=ttyS0,115200n8 netcfg/no_default_route=true netcfg/get_nameservers=10.77.0.1",
         "variables": {"root_password_hash": "$6$abc$xyz", "user_name": "ops",
             "user_password_hash": "$6$abc$xyz",
             "ssh_authorized_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey ops@lab"]}
