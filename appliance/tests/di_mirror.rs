@@ -118,6 +118,12 @@ fn build_archive(kernel_release: &str, udeb_abi: &str) -> Archive {
     .stdout;
     std::fs::write(bin_dir.join("Packages"), packages).unwrap();
     run(Command::new("xz").arg("-k").arg(bin_dir.join("Packages")));
+    // The per-component Release the installer's choose-mirror checks.
+    std::fs::write(
+        bin_dir.join("Release"),
+        "Archive: test\nComponent: main\nArchitecture: amd64\n",
+    )
+    .unwrap();
 
     // The installer index: two udebs served, one listed but absent.
     let mut di = String::new();
@@ -338,6 +344,7 @@ fn an_installer_mirror_records_missing_udebs_and_imports_the_netboot_kernel() {
     };
     for p in [
         "dists/test/main/debian-installer/binary-amd64/Packages.xz",
+        "dists/test/main/binary-amd64/Release",
         "pool/main/a/anna/anna_1_amd64.udeb",
         "pool/main/d/debian-installer-12-netboot-amd64/debian-installer-12-netboot-amd64_20230607+deb12u99_all.deb",
     ] {

@@ -146,7 +146,8 @@ fn repo_json(mirror: &str) -> String {
 /// served on a loopback port.
 fn host_mirror() -> Server {
     let cache = workspace_root().join("cache/di-mirror");
-    if !cache.join("synced").exists() {
+    // Bump the marker when what a sync mirrors changes.
+    if !cache.join("synced-v2").exists() {
         let tmp = workspace_root().join("cache/di-mirror.tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).unwrap();
@@ -168,7 +169,7 @@ fn host_mirror() -> Server {
         assert!(v["packages"].as_u64().unwrap() > 50, "{v}");
         drop(srv);
         std::fs::remove_file(tmp.join(".fresh")).unwrap();
-        std::fs::write(tmp.join("synced"), "").unwrap();
+        std::fs::write(tmp.join("synced-v2"), "").unwrap();
         let _ = std::fs::remove_dir_all(&cache);
         std::fs::rename(&tmp, &cache).unwrap();
     }

@@ -527,13 +527,13 @@ pub fn sync_mirror(
                 dirs.push((
                     format!("{comp}/binary-{arch}"),
                     Some(arch.clone()),
-                    &["Packages.xz", "Packages.gz", "Packages"],
+                    &["Packages.xz", "Packages.gz", "Packages", "Release"],
                 ));
                 if spec.installer {
                     dirs.push((
                         format!("{comp}/debian-installer/binary-{arch}"),
                         None,
-                        &["Packages.xz", "Packages.gz", "Packages"],
+                        &["Packages.xz", "Packages.gz", "Packages", "Release"],
                     ));
                 }
             }
