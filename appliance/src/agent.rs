@@ -65,6 +65,7 @@ pub fn run(server: &str, release: Option<String>, install: bool, mgmt: &[String]
         .filter(|n| n.mac != mac && !mgmt.contains(&n.name))
         .map(|n| n.name.clone())
         .collect();
+    let firmware = hw.firmware.clone();
     let ci = CheckIn {
         mac: mac.clone(),
         hardware: hw,
@@ -100,14 +101,7 @@ pub fn run(server: &str, release: Option<String>, install: bool, mgmt: &[String]
                             let msg = format!("{e:#}");
                             crate::console::marker(&format!("install failed: {msg}"));
                             crate::install::Reporter::new(&work.parent_url, &mac, &work.token)
-                                .send(&crate::install::InstallProgress {
-                                    phase: "failed".into(),
-                                    state: "failed".into(),
-                                    done_bytes: 0,
-                                    total_bytes: 0,
-                                    message: msg,
-                                    report: None,
-                                });
+                                .failed(msg);
                             10
                         }
                     }
@@ -115,6 +109,22 @@ pub fn run(server: &str, release: Option<String>, install: bool, mgmt: &[String]
                 Ok(Work::Install(_)) => {
                     tracing::warn!("install work ignored: this boot is not in install mode");
                     30
+                }
+                Ok(Work::OsInstall(work)) => {
+                    match crate::osinstall::target::run(&work, &mac, &firmware) {
+                        Ok(report) => {
+                            crate::console::marker(&format!(
+                                "OS install complete ({report}); rebooting"
+                            ));
+                            reboot();
+                            300
+                        }
+                        Err(e) => {
+                            // `run` reported it to the server already.
+                            crate::console::marker(&format!("OS install failed: {e:#}"));
+                            30
+                        }
+                    }
                 }
                 Ok(Work::Capture(work)) => {
                     match crate::clone::agent::capture(&work) {

@@ -71,6 +71,10 @@ pub enum Work {
     Capture(crate::clone::server::CaptureWork),
     /// Write a captured image onto the local disk (deploy or restore).
     Deploy(Box<crate::clone::server::DeployWork>),
+    /// Install an OS (Debian) onto the local disk from the appliance's
+    /// mirror ([`crate::osinstall`]).
+    #[serde(rename = "os-install")]
+    OsInstall(Box<crate::osinstall::OsInstallWork>),
 }
 
 /// Decides an agent's work (`None`: wait). Given the agent's record and

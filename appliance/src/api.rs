@@ -133,6 +133,13 @@ pub fn routes(state: Arc<AppState>) -> Vec<Route> {
         )
         .response("Object")
         .to(version, state.clone()),
+        Route::get(
+            "/api/v1/whoami",
+            Guard::Read,
+            "The caller's token name and scope (what the console may offer)",
+        )
+        .response("Object")
+        .to(whoami, ()),
         Route::post(
             "/api/v1/power",
             Guard::Admin,
@@ -147,6 +154,31 @@ pub fn routes(state: Arc<AppState>) -> Vec<Route> {
 /// The routes of [`routes`] alone (tests), guarded by `tokens`.
 pub fn router(state: Arc<AppState>, tokens: Arc<crate::auth::TokenStore>) -> Router {
     crate::http::build(routes(state), crate::http::Auth::new(Some(tokens), true))
+}
+
+/// The body of `GET /api/v1/whoami`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WhoAmI {
+    /// The token's name (`anonymous` without one, while reads are public).
+    pub name: String,
+    /// `read`, `operator`, `admin`, `replica:<id>`, `job` or `anonymous`.
+    pub scope: String,
+    /// Whether operator routes (the inventory's writes) will take this caller.
+    pub operator: bool,
+}
+
+async fn whoami(caller: crate::http::Caller) -> Json<WhoAmI> {
+    use crate::http::guard::Role;
+    let scope = match &caller.role {
+        Role::Anonymous => "anonymous".to_owned(),
+        Role::Token { scope, .. } => scope.to_string(),
+        Role::Job(_) => "job".to_owned(),
+    };
+    Json(WhoAmI {
+        name: caller.name(),
+        scope,
+        operator: caller.is_operator(),
+    })
 }
 
 async fn healthz() -> &'static str {
@@ -275,6 +307,55 @@ mod tests {
             .header("content-type", "application/json")
             .body(Body::from(body.to_owned()))
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn whoami_answers_the_callers_scope_and_nothing_without_a_token() {
+        let st = Arc::new(state(Box::new(Recorder::default())));
+        let t = Arc::new(crate::auth::TokenStore::memory());
+        let admin = t.ensure_first().unwrap().unwrap();
+        let ro = t
+            .create_scoped("viewer", crate::auth::Scope::Read)
+            .unwrap()
+            .1;
+        let op = t.create("ops").unwrap().1;
+        let private = crate::http::build(routes(st), crate::http::Auth::new(Some(t), false));
+        let who = |tok: Option<String>| {
+            let app = private.clone();
+            async move {
+                let mut r = Request::get("/api/v1/whoami");
+                if let Some(tok) = tok {
+                    r = r.header("authorization", format!("Bearer {tok}"));
+                }
+                let (st, body) = call(app, r.body(Body::empty()).unwrap()).await;
+                (
+                    st,
+                    serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+                )
+            }
+        };
+        let (st, v) = who(Some(ro)).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(
+            (
+                v["name"].as_str(),
+                v["scope"].as_str(),
+                v["operator"].as_bool()
+            ),
+            (Some("viewer"), Some("read"), Some(false))
+        );
+        let (_, v) = who(Some(op)).await;
+        assert_eq!(
+            (v["scope"].as_str(), v["operator"].as_bool()),
+            (Some("operator"), Some(true))
+        );
+        let (_, v) = who(Some(admin)).await;
+        assert_eq!(
+            (v["scope"].as_str(), v["operator"].as_bool()),
+            (Some("admin"), Some(true))
+        );
+        let (st, v) = who(None).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "{v}");
     }
 
     #[tokio::test]

@@ -2,6 +2,9 @@
 //! check-in, as structured events. Kept in a bounded in-memory ring (paged
 //! JSON at `GET /api/v1/events?after=ID&limit=N`) and broadcast live
 //! (server-sent events at the same URL with `Accept: text/event-stream`).
+//! `?order=newest[&before=ID]` pages backwards from the newest event
+//! instead (newest first; `older` is the next cursor), which is where the
+//! web console starts before it follows live from `next`.
 //! Every event is also a `tracing` event, so it lands in the logs.
 
 use std::collections::VecDeque;
@@ -143,6 +146,29 @@ impl Events {
             .collect()
     }
 
+    /// The newest `limit` events below id `before` that `keep` admits,
+    /// newest first; the newest id in the ring; and the cursor for older
+    /// matching events, if any remain.
+    pub fn newest(
+        &self,
+        before: u64,
+        limit: usize,
+        keep: impl Fn(&Event) -> bool,
+    ) -> (Vec<Event>, u64, Option<u64>) {
+        let g = self.inner.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut it =
+            g.1.iter()
+                .rev()
+                .filter(|e| e.id < before)
+                .filter(|e| keep(e));
+        let out: Vec<Event> = it.by_ref().take(limit).cloned().collect();
+        let older = match (it.next(), out.last()) {
+            (Some(_), Some(last)) => Some(last.id),
+            _ => None,
+        };
+        (out, g.0, older)
+    }
+
     /// (kind, events published, sum of their `bytes`) for every kind seen.
     pub fn kind_counts(&self) -> Vec<(String, u64, u64)> {
         self.inner
@@ -167,14 +193,22 @@ struct PageQuery {
     limit: Option<usize>,
     kind: Option<String>,
     mac: Option<String>,
+    /// `newest`: the page ends at the newest event (or just before
+    /// `before`) and lists newest first.
+    order: Option<String>,
+    before: Option<u64>,
 }
 
 /// The body of the paged list.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct EventPage {
     pub events: Vec<Event>,
-    /// Pass as `after` to get the next page.
+    /// Pass as `after` to get the next page (with `order=newest`: the
+    /// newest id in the log, where following live should start).
     pub next: u64,
+    /// With `order=newest`, when older events match: pass as `before`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub older: Option<u64>,
 }
 
 /// `GET /api/v1/events`.
@@ -243,6 +277,16 @@ async fn list(
             .into_response();
     }
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    if q.order.as_deref() == Some("newest") {
+        let (out, next, older) =
+            events.newest(q.before.unwrap_or(u64::MAX), limit, |e| matches(&q, e));
+        return Json(EventPage {
+            events: out,
+            next,
+            older,
+        })
+        .into_response();
+    }
     let mut out = Vec::new();
     let mut cursor = q.after;
     // Filtered pages scan forward until they fill or the ring ends.
@@ -267,6 +311,7 @@ async fn list(
     Json(EventPage {
         events: out,
         next: cursor,
+        older: None,
     })
     .into_response()
 }
@@ -333,6 +378,39 @@ mod tests {
         assert_eq!(page.events.len(), 1);
         assert_eq!(page.events[0].kind, "dhcp.offer");
         assert_eq!(page.next, 3);
+    }
+
+    #[tokio::test]
+    async fn newest_first_pages_walk_back_with_filters_and_name_the_live_cursor() {
+        let ev = Events::new();
+        for i in 0..10u64 {
+            let kind = if i % 2 == 0 {
+                "dhcp.offer"
+            } else {
+                "tftp.transfer"
+            };
+            ev.publish(kind, Some("aa:bb:cc:dd:ee:ff"), serde_json::json!({"i": i}));
+        }
+        let app = router(ev.clone());
+        let get = |uri: &'static str| {
+            let app = app.clone();
+            async move {
+                let r = app
+                    .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+                    .await
+                    .unwrap();
+                let b = r.into_body().collect().await.unwrap().to_bytes();
+                serde_json::from_slice::<EventPage>(&b).unwrap()
+            }
+        };
+        let p = get("/api/v1/events?order=newest&limit=3&kind=dhcp").await;
+        let ids: Vec<u64> = p.events.iter().map(|e| e.id).collect();
+        assert_eq!(ids, [9, 7, 5]);
+        assert_eq!((p.next, p.older), (10, Some(5)));
+        let p = get("/api/v1/events?order=newest&limit=3&kind=dhcp&before=5").await;
+        let ids: Vec<u64> = p.events.iter().map(|e| e.id).collect();
+        assert_eq!(ids, [3, 1]);
+        assert_eq!(p.older, None);
     }
 
     #[tokio::test]

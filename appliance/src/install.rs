@@ -275,6 +275,18 @@ impl Reporter {
         }
     }
 
+    /// Reports the install failed, with `message` (the error, in full).
+    pub fn failed(&mut self, message: impl Into<String>) {
+        self.send(&InstallProgress {
+            phase: "failed".into(),
+            state: "failed".into(),
+            done_bytes: 0,
+            total_bytes: 0,
+            message: message.into(),
+            report: None,
+        });
+    }
+
     pub fn phase(&mut self, phase: &str, message: impl Into<String>) {
         self.send(&InstallProgress {
             phase: phase.into(),

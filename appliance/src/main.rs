@@ -68,6 +68,21 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         mgmt: Vec<String>,
     },
+    /// Run one OS install work item (the JSON an agent gets as
+    /// `os-install` work) on this machine: what a PXE-booted agent does,
+    /// for installing from a running system or a rescue shell.
+    #[command(hide = true)]
+    OsInstall {
+        /// The work, as JSON.
+        #[arg(long)]
+        work: std::path::PathBuf,
+        /// The MAC the installed system configures DHCP on.
+        #[arg(long)]
+        mac: String,
+        /// `uefi` or `bios`.
+        #[arg(long, default_value = "uefi")]
+        firmware: String,
+    },
     /// Rebuild this appliance's image from the bundle on its data
     /// partition, offline, and check it is bit-identical to the booted one.
     Rebuild {
@@ -182,6 +197,19 @@ fn run() -> Result<()> {
             let release =
                 appliance::serve::file_digest(std::path::Path::new("/etc/appliance/release")).ok();
             appliance::agent::run(&server, release, install, &mgmt)
+        }
+        Command::OsInstall {
+            work,
+            mac,
+            firmware,
+        } => {
+            let w: appliance::osinstall::OsInstallWork = serde_json::from_slice(
+                &std::fs::read(&work).with_context(|| format!("reading {}", work.display()))?,
+            )
+            .with_context(|| format!("{}: not OS install work", work.display()))?;
+            let report = appliance::osinstall::target::run(&w, &mac, &firmware)?;
+            println!("{report}");
+            Ok(())
         }
         Command::Rebuild { data, out } => {
             appliance::rebuild::run_cli(&appliance::cli::defaults::data(data)?, &out, json)

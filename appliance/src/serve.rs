@@ -236,8 +236,14 @@ pub async fn build_app(
     let auth = crate::http::Auth::new(Some(tokens.clone()), !opts.private_reads);
     auth.add_jobs(Arc::new(cloning.clone()));
     auth.add_jobs(Arc::new(replication.clone()));
+    // The appliance's own OS installer (Debian from an apt mirror).
+    let os_installs =
+        crate::osinstall::server::OsInstalls::open(&opts.data, inventory.clone(), events.clone());
+    os_installs.start_watchdog();
+    auth.add_jobs(Arc::new(os_installs.clone()));
     crate::audit::init(&opts.data);
     let mut routes = api::routes(state.clone());
+    routes.extend(crate::webui::routes());
     routes.extend(crate::network::routes(networks.clone()));
     routes.extend(crate::rebuild::routes(opts.data.clone()));
     routes.extend(crate::replicate::routes(replication.clone()));
@@ -247,6 +253,7 @@ pub async fn build_app(
     routes.extend(crate::clone::server::routes(cloning.clone()));
     routes.extend(crate::replicas::routes(replicas.clone()));
     routes.extend(crate::events::routes(events.clone()));
+    routes.extend(crate::osinstall::server::routes(os_installs.clone()));
     routes.extend(crate::metrics::routes(crate::metrics::MetricsState {
         app: state.clone(),
         events: events.clone(),
@@ -257,8 +264,11 @@ pub async fn build_app(
         crate::agents::Agents::open(&opts.data, events.clone()).with_work({
             let r = replication.clone();
             let c = cloning.clone();
+            let o = os_installs.clone();
             Arc::new(move |rec: &crate::agents::AgentRecord, base: &str| {
-                c.work_for(rec, base).or_else(|| r.work_for(rec, base))
+                c.work_for(rec, base)
+                    .or_else(|| r.work_for(rec, base))
+                    .or_else(|| o.work_for(rec, base))
             })
         }),
     ));
@@ -299,6 +309,22 @@ pub async fn build_app(
                 public_reads: !opts.private_reads,
             },
         )));
+    }
+    if let Some(inv) = &inventory {
+        // The OCI registry; anonymous pulls follow the inventory setting.
+        let i = inv.inventory.clone();
+        auth.set_registry_open(Arc::new(move || {
+            crate::inventory::fresh_read(&i)
+                .settings()
+                .registry_anonymous_pulls
+        }));
+        routes.extend(crate::oci::registry::routes(
+            crate::oci::registry::RegistryState::new(
+                opts.data.clone(),
+                inv.inventory.clone(),
+                inv.events.clone(),
+            ),
+        ));
     }
     if let Some(inv) = inventory {
         // Apt partial mirrors of the inventory's apt repos.
@@ -587,6 +613,7 @@ mod tests {
                     "operator" | "job" => &[read.as_str(), replica.as_str()],
                     "admin" => &[read.as_str(), operator.as_str(), replica.as_str()],
                     "replica" => &[read.as_str(), replica.as_str()],
+                    "registry" => &[replica.as_str()],
                     g => panic!("{method} {path}: unknown guard {g}"),
                 };
                 guarded += 1;

@@ -46,6 +46,124 @@ struct Archive {
     _dir: tempfile::TempDir,
     root: PathBuf,
     key: PathBuf,
+    gnupg: PathBuf,
+}
+
+impl Archive {
+    fn gpg(&self) -> Command {
+        let mut c = Command::new("gpg");
+        c.env("GNUPGHOME", &self.gnupg).args([
+            "--batch",
+            "--quiet",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase",
+            "",
+        ]);
+        c
+    }
+
+    /// Builds `pool/main/<n>/<name>/<name>_<version>_amd64.deb`; `payload`
+    /// bytes go in stored uncompressed (a large package).
+    fn add_package(&self, name: &str, version: &str, prio: &str, extra: &str, payload: &[u8]) {
+        let src = self
+            ._dir
+            .path()
+            .join("src")
+            .join(format!("{name}-{version}"));
+        std::fs::create_dir_all(src.join("DEBIAN")).unwrap();
+        let doc = src.join("usr/share/doc").join(name);
+        std::fs::create_dir_all(&doc).unwrap();
+        std::fs::write(doc.join("README"), name).unwrap();
+        if !payload.is_empty() {
+            std::fs::write(doc.join("payload"), payload).unwrap();
+        }
+        std::fs::write(
+            src.join("DEBIAN/control"),
+            format!(
+                "Package: {name}\nVersion: {version}\nArchitecture: amd64\n\
+                 Maintainer: Test <test@example.invalid>\nPriority: {prio}\n{extra}\
+                 Description: test package {name}\n"
+            ),
+        )
+        .unwrap();
+        let pool = self.root.join(format!("pool/main/{}/{name}", &name[..1]));
+        std::fs::create_dir_all(&pool).unwrap();
+        run(Command::new("dpkg-deb")
+            .args(["--root-owner-group", "--build"])
+            .arg(if payload.is_empty() { "-Zxz" } else { "-Znone" })
+            .arg(&src)
+            .arg(pool.join(format!("{name}_{version}_amd64.deb"))));
+    }
+
+    /// (Re)writes the indexes and the signed Release files.
+    fn publish(&self) {
+        let root = &self.root;
+        let bin_dir = root.join("dists/test/main/binary-amd64");
+        std::fs::create_dir_all(&bin_dir).unwrap();
+        for f in ["Packages", "Packages.xz", "Packages.gz"] {
+            let _ = std::fs::remove_file(bin_dir.join(f));
+        }
+        let packages = run(Command::new("apt-ftparchive")
+            .args(["packages", "pool"])
+            .current_dir(root))
+        .stdout;
+        std::fs::write(bin_dir.join("Packages"), packages).unwrap();
+        run(Command::new("xz")
+            .args(["-k"])
+            .arg(bin_dir.join("Packages")));
+        run(Command::new("gzip")
+            .args(["-kn"])
+            .arg(bin_dir.join("Packages")));
+        let dist = root.join("dists/test");
+        for f in ["Release", "InRelease", "Release.gpg"] {
+            let _ = std::fs::remove_file(dist.join(f));
+        }
+        let release = run(Command::new("apt-ftparchive")
+            .args([
+                "-o",
+                "APT::FTPArchive::Release::Suite=test",
+                "-o",
+                "APT::FTPArchive::Release::Codename=test",
+                "-o",
+                "APT::FTPArchive::Release::Components=main",
+                "-o",
+                "APT::FTPArchive::Release::Architectures=amd64",
+                "-o",
+                "APT::FTPArchive::Release::Acquire-By-Hash=yes",
+                "release",
+                "dists/test",
+            ])
+            .current_dir(root))
+        .stdout;
+        std::fs::write(dist.join("Release"), release).unwrap();
+        run(self
+            .gpg()
+            .args(["--yes", "--digest-algo", "SHA256", "--clearsign", "-o"])
+            .arg(dist.join("InRelease"))
+            .arg(dist.join("Release")));
+        run(self
+            .gpg()
+            .args([
+                "--yes",
+                "--digest-algo",
+                "SHA256",
+                "--armor",
+                "--detach-sign",
+                "-o",
+            ])
+            .arg(dist.join("Release.gpg"))
+            .arg(dist.join("Release")));
+    }
+}
+
+impl Drop for Archive {
+    fn drop(&mut self) {
+        let _ = Command::new("gpgconf")
+            .env("GNUPGHOME", &self.gnupg)
+            .args(["--kill", "gpg-agent"])
+            .status();
+    }
 }
 
 /// Six packages: `hello-app` depends on `libgreet (>= 1.0)`,
@@ -56,6 +174,17 @@ fn build_archive() -> Archive {
     need_tools();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("archive");
+    // A throwaway signing key in a temp GNUPGHOME.
+    let gnupg = dir.path().join("gnupg");
+    std::fs::create_dir_all(&gnupg).unwrap();
+    std::fs::set_permissions(&gnupg, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let key = dir.path().join("archive-key.gpg");
+    let a = Archive {
+        _dir: dir,
+        root,
+        key,
+        gnupg,
+    };
     let pkgs: &[(&str, &str, &str)] = &[
         (
             "hello-app",
@@ -69,117 +198,38 @@ fn build_archive() -> Archive {
         ("outsider", "optional", "Depends: libgreet\n"),
     ];
     for (name, prio, extra) in pkgs {
-        let src = dir.path().join("src").join(name);
-        std::fs::create_dir_all(src.join("DEBIAN")).unwrap();
-        std::fs::create_dir_all(src.join("usr/share/doc").join(name)).unwrap();
-        std::fs::write(src.join("usr/share/doc").join(name).join("README"), name).unwrap();
-        std::fs::write(
-            src.join("DEBIAN/control"),
-            format!(
-                "Package: {name}\nVersion: 1.0\nArchitecture: amd64\n\
-                 Maintainer: Test <test@example.invalid>\nPriority: {prio}\n{extra}\
-                 Description: test package {name}\n"
-            ),
-        )
-        .unwrap();
-        let pool = root.join(format!("pool/main/{}/{name}", &name[..1]));
-        std::fs::create_dir_all(&pool).unwrap();
-        run(Command::new("dpkg-deb")
-            .args(["--root-owner-group", "-Zxz", "--build"])
-            .arg(&src)
-            .arg(pool.join(format!("{name}_1.0_amd64.deb"))));
+        a.add_package(name, "1.0", prio, extra, b"");
     }
-    let bin_dir = root.join("dists/test/main/binary-amd64");
-    std::fs::create_dir_all(&bin_dir).unwrap();
-    let packages = run(Command::new("apt-ftparchive")
-        .args(["packages", "pool"])
-        .current_dir(&root))
-    .stdout;
-    std::fs::write(bin_dir.join("Packages"), packages).unwrap();
-    run(Command::new("xz")
-        .args(["-k"])
-        .arg(bin_dir.join("Packages")));
-    run(Command::new("gzip")
-        .args(["-kn"])
-        .arg(bin_dir.join("Packages")));
-    let release = run(Command::new("apt-ftparchive")
-        .args([
-            "-o",
-            "APT::FTPArchive::Release::Suite=test",
-            "-o",
-            "APT::FTPArchive::Release::Codename=test",
-            "-o",
-            "APT::FTPArchive::Release::Components=main",
-            "-o",
-            "APT::FTPArchive::Release::Architectures=amd64",
-            "-o",
-            "APT::FTPArchive::Release::Acquire-By-Hash=yes",
-            "release",
-            "dists/test",
-        ])
-        .current_dir(&root))
-    .stdout;
-    let dist = root.join("dists/test");
-    std::fs::write(dist.join("Release"), release).unwrap();
-    // A throwaway signing key in a temp GNUPGHOME.
-    let gnupg = dir.path().join("gnupg");
-    std::fs::create_dir_all(&gnupg).unwrap();
-    std::fs::set_permissions(&gnupg, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let gpg = || {
-        let mut c = Command::new("gpg");
-        c.env("GNUPGHOME", &gnupg).args([
-            "--batch",
-            "--quiet",
-            "--pinentry-mode",
-            "loopback",
-            "--passphrase",
-            "",
-        ]);
-        c
-    };
-    run(gpg().args([
+    run(a.gpg().args([
         "--quick-gen-key",
         "Test Archive <archive@example.invalid>",
         "ed25519",
         "sign",
         "never",
     ]));
-    run(gpg()
-        .args(["--yes", "--digest-algo", "SHA256", "--clearsign", "-o"])
-        .arg(dist.join("InRelease"))
-        .arg(dist.join("Release")));
-    run(gpg()
-        .args([
-            "--yes",
-            "--digest-algo",
-            "SHA256",
-            "--armor",
-            "--detach-sign",
-            "-o",
-        ])
-        .arg(dist.join("Release.gpg"))
-        .arg(dist.join("Release")));
-    let key = dir.path().join("archive-key.gpg");
-    let exported = run(gpg().args(["--export"])).stdout;
+    a.publish();
+    let exported = run(a.gpg().args(["--export"])).stdout;
     assert!(!exported.is_empty());
-    std::fs::write(&key, exported).unwrap();
-    let _ = Command::new("gpgconf")
-        .env("GNUPGHOME", &gnupg)
-        .args(["--kill", "gpg-agent"])
-        .status();
-    Archive {
-        _dir: dir,
-        root,
-        key,
-    }
+    std::fs::write(&a.key, exported).unwrap();
+    a
 }
 
 type Files = Arc<Mutex<HashMap<String, Vec<u8>>>>;
 type Log = Arc<Mutex<Vec<String>>>;
 
-/// A loopback HTTP server holding every file of `root` in memory (so a
-/// test can tamper with one), logging the paths asked for.
-fn upstream(root: &Path) -> (String, Files, Log) {
+/// A fault the fixture server plays on one path.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Send this many bytes of the body, then drop the connection (once).
+    CutAfter(usize),
+    /// Send this many bytes, then hang until the fault is removed, then
+    /// drop the connection.
+    StallAfter(usize),
+}
+type Faults = Arc<Mutex<HashMap<String, Fault>>>;
+
+/// Every file under `root`, keyed by its URL path.
+fn load(root: &Path) -> HashMap<String, Vec<u8>> {
     let mut files = HashMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -193,49 +243,107 @@ fn upstream(root: &Path) -> (String, Files, Log) {
             }
         }
     }
-    let files: Files = Arc::new(Mutex::new(files));
-    let log: Log = Arc::default();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/debian", listener.local_addr().unwrap());
-    let (f, l) = (files.clone(), log.clone());
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(s) = s else { continue };
-            let (f, l) = (f.clone(), l.clone());
-            std::thread::spawn(move || {
-                let _ = handle(s, &f, &l);
-            });
-        }
-    });
+    files
+}
+
+/// A loopback HTTP server holding every file of `root` in memory (so a
+/// test can tamper with one), logging the paths asked for (with ` Range:
+/// <value>` when a range was asked), honouring `Range: bytes=N-`.
+fn upstream(root: &Path) -> (String, Files, Log) {
+    let (url, files, log, _) = upstream_with_faults(root);
     (url, files, log)
 }
 
-fn handle(mut s: TcpStream, files: &Files, log: &Log) -> std::io::Result<()> {
+fn upstream_with_faults(root: &Path) -> (String, Files, Log, Faults) {
+    let files: Files = Arc::new(Mutex::new(load(root)));
+    let log: Log = Arc::default();
+    let faults: Faults = Arc::default();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/debian", listener.local_addr().unwrap());
+    let (f, l, x) = (files.clone(), log.clone(), faults.clone());
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { continue };
+            let (f, l, x) = (f.clone(), l.clone(), x.clone());
+            std::thread::spawn(move || {
+                let _ = handle(s, &f, &l, &x);
+            });
+        }
+    });
+    (url, files, log, faults)
+}
+
+fn handle(mut s: TcpStream, files: &Files, log: &Log, faults: &Faults) -> std::io::Result<()> {
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     let mut r = BufReader::new(s.try_clone()?);
     let mut line = String::new();
     r.read_line(&mut line)?;
     let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+    let mut range = None;
     loop {
         let mut h = String::new();
         if r.read_line(&mut h)? == 0 || h.trim().is_empty() {
             break;
         }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("range") {
+                range = Some(v.trim().to_owned());
+            }
+        }
     }
-    log.lock().unwrap().push(path.clone());
-    match files.lock().unwrap().get(&path).cloned() {
-        Some(b) => {
+    log.lock().unwrap().push(match &range {
+        Some(r) => format!("{path} Range: {r}"),
+        None => path.clone(),
+    });
+    let Some(b) = files.lock().unwrap().get(&path).cloned() else {
+        write!(
+            s,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        return s.flush();
+    };
+    let from = range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse::<usize>().ok());
+    let body = match from {
+        Some(n) if n < b.len() => {
+            write!(
+                s,
+                "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {n}-{}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                b.len() - 1,
+                b.len(),
+                b.len() - n
+            )?;
+            &b[n..]
+        }
+        _ => {
             write!(
                 s,
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 b.len()
             )?;
-            s.write_all(&b)?;
+            &b[..]
         }
-        None => write!(
-            s,
-            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )?,
+    };
+    let fault = faults.lock().unwrap().get(&path).copied();
+    match fault {
+        Some(Fault::CutAfter(n)) => {
+            faults.lock().unwrap().remove(&path);
+            s.write_all(&body[..n.min(body.len())])?;
+            s.flush()?;
+            return s.shutdown(std::net::Shutdown::Both);
+        }
+        Some(Fault::StallAfter(n)) => {
+            s.write_all(&body[..n.min(body.len())])?;
+            s.flush()?;
+            while faults.lock().unwrap().contains_key(&path) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            return s.shutdown(std::net::Shutdown::Both);
+        }
+        None => s.write_all(body)?,
     }
     s.flush()
 }
@@ -562,5 +670,276 @@ fn tampered_indexes_and_packages_are_refused_naming_the_file() {
     assert!(
         !o.status.success() && err.contains("InRelease") && err.contains("signature"),
         "{err}"
+    );
+}
+
+/// Starts `appliance serve` again on a data directory that already has
+/// its tokens (no first token is printed then); returns it and its URL.
+fn restart(data: &Path) -> (common::Killed, String) {
+    let mut child = common::Killed(
+        bin()
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    (child, format!("http://{addr}"))
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(t0.elapsed().as_secs() < 60, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Incompressible bytes (stored as they are in a `-Znone` package).
+fn noise(n: usize) -> Vec<u8> {
+    let mut x = 0x9e3779b97f4a7c15u64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_sync_keeps_the_old_snapshot_served_and_resumes_where_it_stopped() {
+    let archive = build_archive();
+    let (up, files, log, faults) = upstream_with_faults(&archive.root);
+    let data = tempfile::tempdir().unwrap();
+    let (first, url, token) = server(data.path(), &[]);
+    let t = token.as_str();
+    add_repo(&url, t, "local", &up, &archive.key);
+    ok(&url, t, &["repo", "sync", "local"]);
+    let old_inrelease = std::fs::read(archive.root.join("dists/test/InRelease")).unwrap();
+
+    // Upstream publishes three new required packages; the sync of them is
+    // killed a MiB into the large one (after `add-on`, before `small-req`).
+    archive.add_package("add-on", "1.0", "required", "", b"");
+    archive.add_package("big-req", "1.0", "required", "", &noise(3 << 20));
+    archive.add_package("small-req", "1.0", "required", "", b"");
+    archive.publish();
+    *files.lock().unwrap() = load(&archive.root);
+    let big = "/debian/pool/main/b/big-req/big-req_1.0_amd64.deb";
+    let small = "/debian/pool/main/s/small-req/small-req_1.0_amd64.deb";
+    faults
+        .lock()
+        .unwrap()
+        .insert(big.into(), Fault::StallAfter(1 << 20));
+    log.lock().unwrap().clear();
+    ok(&url, t, &["repo", "sync", "local", "--no-wait"]);
+    let partial = data.path().join("blobs/apt-partial");
+    let held = || -> u64 {
+        std::fs::read_dir(&partial)
+            .map(|rd| rd.flatten().map(|e| e.metadata().unwrap().len()).sum())
+            .unwrap_or(0)
+    };
+    wait_for("a MiB of big-req on disk", || held() >= 1 << 20);
+    drop(first); // SIGKILL, mid-file
+    assert_eq!(held(), 1 << 20);
+    let before_kill = log.lock().unwrap().clone();
+    assert!(
+        before_kill.iter().any(|l| l.contains("add-on"))
+            && !before_kill.iter().any(|l| l.contains("small-req")),
+        "{before_kill:?}"
+    );
+
+    // The old snapshot is still what is served, whole, to stock apt-get.
+    let (_second, url) = restart(data.path());
+    let mirror = format!("{url}/repos/local");
+    assert_eq!(
+        http_get(&format!("{mirror}/dists/test/InRelease")).unwrap(),
+        old_inrelease
+    );
+    let work = tempfile::tempdir().unwrap();
+    let source = format!(
+        "deb [arch=amd64 signed-by={}] {mirror} test main\n",
+        archive.key.display()
+    );
+    let o = apt(work.path(), &source, &["update"]);
+    assert!(
+        o.status.success() && !text(&o).contains("E:"),
+        "{}",
+        text(&o)
+    );
+    let o = apt(
+        work.path(),
+        &source,
+        &["install", "--download-only", "-y", "hello-app"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let o = apt(
+        work.path(),
+        &source,
+        &["install", "--download-only", "-y", "big-req"],
+    );
+    assert!(!o.status.success(), "big-req served early: {}", text(&o));
+
+    // Resume: what was verified is not fetched again, big-req continues
+    // from its MiB, and a connection dropped in small-req resumes too.
+    faults.lock().unwrap().remove(big);
+    faults
+        .lock()
+        .unwrap()
+        .insert(small.into(), Fault::CutAfter(300));
+    log.lock().unwrap().clear();
+    let out = ok(&url, t, &["repo", "sync", "local"]);
+    assert!(out.contains("local: 8 packages"), "{out}");
+    let mut got = log.lock().unwrap().clone();
+    got.sort();
+    let mut want = vec![
+        "/debian/dists/test/InRelease".to_string(),
+        "/debian/dists/test/Release".into(),
+        "/debian/dists/test/Release.gpg".into(),
+        format!("{big} Range: bytes={}-", 1 << 20),
+        small.into(),
+        format!("{small} Range: bytes=300-"),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    assert!(!partial.exists() || held() == 0);
+    assert_eq!(
+        http_get(&format!("{mirror}/dists/test/InRelease")).unwrap(),
+        std::fs::read(archive.root.join("dists/test/InRelease")).unwrap()
+    );
+    let o = apt(work.path(), &source, &["update"]);
+    assert!(
+        o.status.success() && !text(&o).contains("E:"),
+        "{}",
+        text(&o)
+    );
+    let o = apt(
+        work.path(),
+        &source,
+        &["install", "--download-only", "-y", "big-req"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        std::fs::read(work.path().join("cache/archives/big-req_1.0_amd64.deb")).unwrap(),
+        std::fs::read(archive.root.join(&big["/debian/".len()..])).unwrap()
+    );
+
+    // Nothing new upstream: only the Release file travels.
+    log.lock().unwrap().clear();
+    ok(&url, t, &["repo", "sync", "local"]);
+    assert_eq!(*log.lock().unwrap(), ["/debian/dists/test/InRelease"]);
+}
+
+#[test]
+fn mirror_files_answer_range_and_conditional_requests() {
+    let archive = build_archive();
+    let (up, _files, _log) = upstream(&archive.root);
+    let data = tempfile::tempdir().unwrap();
+    let (_server, url, token) = server(data.path(), &[]);
+    let t = token.as_str();
+    add_repo(&url, t, "local", &up, &archive.key);
+    ok(&url, t, &["repo", "sync", "local"]);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .proxy(None)
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let get = |path: &str, headers: &[(&str, &str)]| {
+        let mut r = agent.get(format!("{url}/repos/local/{path}"));
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        let mut resp = r.call().unwrap();
+        let h = |k: &str| {
+            resp.headers()
+                .get(k)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        let (etag, lm, cc, cr) = (
+            h("etag"),
+            h("last-modified"),
+            h("cache-control"),
+            h("content-range"),
+        );
+        let body = resp.body_mut().read_to_vec().unwrap();
+        (resp.status().as_u16(), etag, lm, cc, cr, body)
+    };
+    let deb_path = "pool/main/h/hello-app/hello-app_1.0_amd64.deb";
+    let deb = std::fs::read(archive.root.join(deb_path)).unwrap();
+    let hex = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&deb))
+    };
+    let (status, etag, lm, cc, _, body) = get(deb_path, &[]);
+    assert_eq!((status, body.as_slice()), (200, deb.as_slice()));
+    assert_eq!(etag, format!("\"{hex}\""));
+    assert!(cc.contains("immutable") && !lm.is_empty(), "{cc} {lm}");
+
+    let (status, _, _, _, cr, body) = get(deb_path, &[("Range", "bytes=10-19")]);
+    assert_eq!(status, 206);
+    assert_eq!(body, deb[10..20]);
+    assert_eq!(cr, format!("bytes 10-19/{}", deb.len()));
+    let (status, _, _, _, _, body) =
+        get(deb_path, &[("Range", &format!("bytes={}-", deb.len() + 5))]);
+    assert_eq!(status, 416, "{}", String::from_utf8_lossy(&body));
+
+    let (status, e304, _, _, _, body) = get(deb_path, &[("If-None-Match", &etag)]);
+    assert_eq!((status, body.len(), e304.as_str()), (304, 0, etag.as_str()));
+    let (status, ..) = get(deb_path, &[("If-None-Match", "\"other\"")]);
+    assert_eq!(status, 200);
+    // If-None-Match wins over If-Modified-Since.
+    let (status, ..) = get(
+        deb_path,
+        &[("If-None-Match", "\"other\""), ("If-Modified-Since", &lm)],
+    );
+    assert_eq!(status, 200);
+    let (status, ..) = get(deb_path, &[("If-Modified-Since", &lm)]);
+    assert_eq!(status, 304);
+    let (status, _, _, _, _, body) = get(
+        deb_path,
+        &[("Range", "bytes=0-3"), ("If-Range", "\"other\"")],
+    );
+    assert_eq!((status, body.len()), (200, deb.len()));
+    let (status, _, _, _, _, body) = get(deb_path, &[("Range", "bytes=0-3"), ("If-Range", &etag)]);
+    assert_eq!((status, body.as_slice()), (206, &deb[..4]));
+
+    let (status, _, _, cc, _, _) = get("dists/test/InRelease", &[]);
+    assert_eq!(status, 200);
+    assert!(cc.contains("must-revalidate"), "{cc}");
+
+    // Stock apt revalidates: a second update hits what it has.
+    let work = tempfile::tempdir().unwrap();
+    let source = format!(
+        "deb [arch=amd64 signed-by={}] {url}/repos/local test main\n",
+        archive.key.display()
+    );
+    let o = apt(work.path(), &source, &["update"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = apt(work.path(), &source, &["update"]);
+    assert!(
+        o.status.success() && text(&o).contains("Hit:"),
+        "{}",
+        text(&o)
     );
 }

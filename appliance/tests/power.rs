@@ -10,7 +10,7 @@
 //! `target/peers/venv`); a missing peer fails the test, it never skips.
 
 mod common;
-use common::{bin, server, Killed};
+use common::{bin, server, sushy, Killed};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, UdpSocket};
@@ -129,46 +129,6 @@ fn qmp_powers_and_boots_a_real_qemu() {
 
 // ---- Redfish against sushy-tools ----
 
-/// The `sushy-emulator` script: `$SUSHY_EMULATOR`, the workspace's
-/// `target/peers/venv`, or `PATH`.
-fn sushy_emulator() -> PathBuf {
-    if let Some(p) = std::env::var_os("SUSHY_EMULATOR") {
-        return p.into();
-    }
-    let venv =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/peers/venv/bin/sushy-emulator");
-    if venv.exists() {
-        return venv;
-    }
-    std::env::var_os("PATH")
-        .and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("sushy-emulator"))
-                .find(|c| c.is_file())
-        })
-        .expect(
-            "sushy-emulator not found: run .ci/run or `python3 -m venv target/peers/venv && \
-             target/peers/venv/bin/pip install -r xtask/python-packages.txt`",
-        )
-}
-
-/// The Python interpreter of a script (its `#!` line).
-fn python_of(script: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(script).unwrap();
-    let first = text.lines().next().unwrap();
-    let interp = first.trim_start_matches("#!").trim();
-    // `#!/usr/bin/env python3` or `#!/path/python3`.
-    interp.split_whitespace().last().unwrap().into()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Serves `body` for any GET, until the test ends.
 fn iso_server(body: &'static [u8]) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -190,71 +150,6 @@ fn iso_server(body: &'static [u8]) -> String {
         }
     });
     format!("http://{addr}/appliance.iso")
-}
-
-fn sushy(dir: &Path) -> (Killed, String) {
-    let exe = sushy_emulator();
-    let python = python_of(&exe);
-    let hash = Command::new(&python)
-        .args([
-            "-c",
-            "import bcrypt; print(bcrypt.hashpw(b'pa55word', bcrypt.gensalt()).decode())",
-        ])
-        .output()
-        .unwrap();
-    assert!(hash.status.success(), "{hash:?}");
-    let htpasswd = dir.join("htpasswd");
-    std::fs::write(
-        &htpasswd,
-        format!("admin:{}", String::from_utf8(hash.stdout).unwrap()),
-    )
-    .unwrap();
-    let (cert, key) = (dir.join("bmc.crt"), dir.join("bmc.key"));
-    let o = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args(["-subj", "/CN=bmc.invalid", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .output()
-        .expect("openssl (Debian openssl; xtask/debian-packages.txt)");
-    assert!(o.status.success());
-    let port = free_port();
-    let state = dir.join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let config = dir.join("emulator.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "SUSHY_EMULATOR_LISTEN_IP = '127.0.0.1'\n\
-             SUSHY_EMULATOR_LISTEN_PORT = {port}\n\
-             SUSHY_EMULATOR_FAKE_DRIVER = True\n\
-             SUSHY_EMULATOR_STATE_DIR = '{}'\n\
-             SUSHY_EMULATOR_AUTH_FILE = '{}'\n\
-             SUSHY_EMULATOR_SSL_CERT = '{}'\n\
-             SUSHY_EMULATOR_SSL_KEY = '{}'\n\
-             SUSHY_EMULATOR_FAKE_SYSTEMS = [{{'uuid': '6d7e2f0c-0000-4000-8000-000000000001', \
-             'name': 'node0', 'power_state': 'Off', 'external_notifier': False, \
-             'nics': [{{'mac': '52:54:00:aa:bb:01', 'ip': '10.77.0.10'}}]}}]\n",
-            state.display(),
-            htpasswd.display(),
-            cert.display(),
-            key.display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(&exe)
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    (Killed(child), format!("https://127.0.0.1:{port}"))
 }
 
 fn eventually(r: &Redfish, want: PowerState) {

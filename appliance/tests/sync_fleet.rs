@@ -479,3 +479,106 @@ fn independent_histories_keep_syncing_after_a_conflict() {
     assert_eq!(a.mirror("b-2").as_deref(), Some("http://b/r"));
     assert_eq!(b.mirror("both").as_deref(), Some("http://a/2x"));
 }
+
+/// The blob digests a bundle file carries (its header line).
+fn bundle_blobs(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let mut lines = bytes.split(|b| *b == b'\n');
+    assert_eq!(lines.next().unwrap(), b"APPLIANCE-SYNC-BUNDLE 1");
+    let header: Value = serde_json::from_slice(lines.next().unwrap()).unwrap();
+    let mut v: Vec<String> = header["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            b["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_owned()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn put_blob(data: &Path, bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let hex = hex::encode(sha2::Sha256::digest(bytes));
+    std::fs::create_dir_all(data.join("blobs/sha256")).unwrap();
+    std::fs::write(data.join("blobs/sha256").join(&hex), bytes).unwrap();
+    hex
+}
+
+/// Issue 16: a bundle for a child already in sync held every blob (49 MB
+/// for an almost empty inventory). Now it carries only what the child is
+/// not known to hold: nothing after an online sync, the one new (mirror)
+/// blob after that, everything when it is for nobody in particular.
+#[test]
+fn a_bundle_for_a_node_carries_only_the_blobs_it_lacks() {
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Node::start("A", dirs[0].path());
+    let old: Vec<String> = (0..3)
+        .map(|i| {
+            put_blob(
+                &a.data,
+                format!("mirror blob {i}\n").repeat(1000).as_bytes(),
+            )
+        })
+        .collect();
+    a.ok(&["repo", "add", "r1", "--mirror", "http://a/1"]);
+    let b = a.adopt("B", dirs[1].path());
+    b.sync();
+    for h in &old {
+        assert!(b.data.join("blobs/sha256").join(h).is_file());
+    }
+    let export = |n: &Node, file: &str, for_node: Option<&str>| {
+        let path = n.data.join(file);
+        let mut args = vec!["bundle", "export", "-o", path.to_str().unwrap()];
+        if let Some(f) = for_node {
+            args.extend(["--for", f]);
+        }
+        n.ok(&args);
+        path
+    };
+    // In sync: the bundle for B holds no blob; one for anyone holds all.
+    assert_eq!(
+        bundle_blobs(&export(&a, "b0.bundle", Some(&b.id))),
+        Vec::<String>::new()
+    );
+    let mut all = old.clone();
+    all.sort();
+    assert_eq!(bundle_blobs(&export(&a, "any.bundle", None)), all);
+
+    // A new mirror blob and a new object on A: the bundle carries that blob
+    // alone, and B, offline, takes it.
+    let new = put_blob(&a.data, b"a new .deb\n");
+    a.ok(&["repo", "add", "r2", "--mirror", "http://a/2"]);
+    let file = export(&a, "b1.bundle", Some(&b.id));
+    assert_eq!(bundle_blobs(&file), vec![new.clone()]);
+    let r = b.json(&["bundle", "import", file.to_str().unwrap()]);
+    assert_eq!(r["blobs_added"], 1, "{r}");
+    assert_eq!(b.mirror("r2").as_deref(), Some("http://a/2"));
+    assert!(b.data.join("blobs/sha256").join(&new).is_file());
+    // B knows A holds what A sent: B's bundle for A carries only B's own.
+    let mine = put_blob(&b.data, b"made on B\n");
+    assert_eq!(bundle_blobs(&export(&b, "a.bundle", Some(&a.id))), {
+        let mut v: Vec<String> = b
+            .data
+            .join("blobs/sha256")
+            .read_dir()
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.len() == 64 && *n != new && !old.contains(n))
+            .collect();
+        v.sort();
+        assert!(v.contains(&mine));
+        v
+    });
+    // Once B syncs online, A knows B holds everything: empty again.
+    b.sync();
+    assert_eq!(
+        bundle_blobs(&export(&a, "b2.bundle", Some(&b.id))),
+        Vec::<String>::new()
+    );
+}

@@ -259,6 +259,19 @@ fn decompressor<'a>(
     })
 }
 
+/// Read the `ar` magic that starts every `.deb`.
+fn read_magic(r: &mut impl Read, deb: &str) -> Result<(), DebError> {
+    let not_deb = || DebError::NotAnArchive {
+        deb: deb.to_string(),
+    };
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic).map_err(|_| not_deb())?;
+    if &magic != b"!<arch>\n" {
+        return Err(not_deb());
+    }
+    Ok(())
+}
+
 /// Normalise a tar path: strip leading `./`, drop `.` components; `None` if
 /// absolute or containing `..`. The archive root (`./`) becomes `""`.
 pub fn normalise_path(raw: &str) -> Option<String> {
@@ -289,16 +302,7 @@ pub fn extract(
         deb: deb.to_string(),
         source,
     };
-    let mut magic = [0u8; 8];
-    r.read_exact(&mut magic)
-        .map_err(|_| DebError::NotAnArchive {
-            deb: deb.to_string(),
-        })?;
-    if &magic != b"!<arch>\n" {
-        return Err(DebError::NotAnArchive {
-            deb: deb.to_string(),
-        });
-    }
+    read_magic(&mut r, deb)?;
     let mut offset = 8u64;
     let mut gnu = None;
     let mut control = None;
@@ -327,6 +331,66 @@ pub fn extract(
     Ok(DebContents {
         control: control.flatten(),
         entries,
+    })
+}
+
+/// Unpack the `data.tar` of the `.deb` read from `r` into the directory
+/// `dest` (which must exist), as `dpkg --extract` would: modes, owners
+/// and links kept, existing files replaced. Every path is checked before
+/// anything is written: absolute paths and `..` are refused, and nothing
+/// is written through a symlink that leads outside `dest`. Returns the
+/// number of entries unpacked. `deb` names the package in errors.
+pub fn unpack_data(mut r: impl Read, deb: &str, dest: &std::path::Path) -> Result<u64, DebError> {
+    let io = |source| DebError::Io {
+        deb: deb.to_string(),
+        source,
+    };
+    read_magic(&mut r, deb)?;
+    let mut offset = 8u64;
+    let mut gnu = None;
+    while let Some(m) = next_member(&mut r, deb, &mut offset, &mut gnu)? {
+        let mut take = (&mut r).take(m.size);
+        if m.name.starts_with("data.tar") {
+            let mut ar = tar::Archive::new(decompressor(&m.name, &mut take, deb)?);
+            ar.set_preserve_permissions(true);
+            ar.set_preserve_ownerships(true);
+            ar.set_preserve_mtime(true);
+            ar.set_unpack_xattrs(false);
+            ar.set_overwrite(true);
+            let mut n = 0u64;
+            for e in ar.entries().map_err(io)? {
+                let mut e = e.map_err(io)?;
+                let raw = String::from_utf8_lossy(&e.path_bytes()).to_string();
+                let Some(norm) = normalise_path(&raw) else {
+                    return Err(DebError::UnsafePath {
+                        deb: deb.to_string(),
+                        path: raw,
+                    });
+                };
+                // A directory that exists already, possibly as a link to
+                // one (`/lib` → `usr/lib` on a merged-/usr system), is
+                // kept, as dpkg keeps it.
+                if e.header().entry_type().is_dir() && dest.join(&norm).is_dir() {
+                    n += 1;
+                    continue;
+                }
+                // `unpack_in` refuses paths that resolve outside `dest`.
+                if !e.unpack_in(dest).map_err(io)? {
+                    return Err(DebError::UnsafePath {
+                        deb: deb.to_string(),
+                        path: raw,
+                    });
+                }
+                n += 1;
+            }
+            return Ok(n);
+        }
+        io::copy(&mut take, &mut io::sink()).map_err(io)?;
+        offset += m.size;
+    }
+    Err(DebError::MissingMember {
+        deb: deb.to_string(),
+        member: "data.tar",
     })
 }
 

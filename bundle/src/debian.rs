@@ -85,6 +85,19 @@ pub enum DebianError {
 pub trait Fetch: Send + Sync {
     /// Start fetching `url`; a non-success status is an error.
     fn get(&self, url: &str) -> Result<Box<dyn Read + Send>, DebianError>;
+
+    /// Fetch `url` from byte `offset` on (an HTTP `Range` request). Returns
+    /// the body and whether it starts at `offset` (`false`: the whole file,
+    /// from byte 0, because the server ignored the range). The default
+    /// always fetches the whole file.
+    fn get_from(
+        &self,
+        url: &str,
+        offset: u64,
+    ) -> Result<(Box<dyn Read + Send>, bool), DebianError> {
+        let _ = offset;
+        Ok((self.get(url)?, false))
+    }
 }
 
 /// Plain HTTP through `ureq`, honouring the usual proxy variables.
@@ -129,6 +142,45 @@ impl Fetch for HttpFetcher {
             detail: e.to_string(),
         })?;
         Ok(Box::new(resp.into_body().into_reader()))
+    }
+
+    fn get_from(
+        &self,
+        url: &str,
+        offset: u64,
+    ) -> Result<(Box<dyn Read + Send>, bool), DebianError> {
+        if offset == 0 {
+            return Ok((self.get(url)?, false));
+        }
+        let resp = self
+            .agent
+            .get(url)
+            .header("Range", &format!("bytes={offset}-"))
+            .call()
+            .map_err(|e| DebianError::Fetch {
+                url: url.to_string(),
+                detail: e.to_string(),
+            })?;
+        let resumed = resp.status().as_u16() == 206;
+        if resumed {
+            // A 206 must start where we asked, or the bytes do not fit.
+            let start = resp
+                .headers()
+                .get("content-range")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes "))
+                .and_then(|v| v.split('-').next())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if start != Some(offset) {
+                return Err(DebianError::Fetch {
+                    url: url.to_string(),
+                    detail: format!(
+                        "asked for bytes from {offset}, got Content-Range starting at {start:?}"
+                    ),
+                });
+            }
+        }
+        Ok((Box::new(resp.into_body().into_reader()), resumed))
     }
 }
 
@@ -345,19 +397,23 @@ pub fn parse_release(text: &str, what: &str) -> Result<Release, DebianError> {
     })
 }
 
-fn parse_deps(v: &str) -> Vec<Vec<Dep>> {
+/// Parses a dependency field (`a (>= 1) | b, c`) into groups of
+/// alternatives.
+pub fn parse_deps(v: &str) -> Vec<Vec<Dep>> {
     v.split(',')
         .map(|group| {
             group
                 .split('|')
                 .filter_map(|alt| {
                     let alt = alt.trim();
-                    // Drop [arch] and <profile> restrictions.
-                    let alt = alt.split(['[', '<']).next().unwrap_or("").trim();
+                    // The version constraint is inside `(…)`; `[arch]` and
+                    // `<profile>` restrictions follow it (a `<` inside the
+                    // parentheses is the `<<`/`<=` operator, kept).
                     let (name, constraint) = match alt.split_once('(') {
-                        Some((n, c)) => (n.trim(), Some(c.trim_end_matches(')').trim())),
+                        Some((n, c)) => (n, Some(c.split(')').next().unwrap_or("").trim())),
                         None => (alt, None),
                     };
+                    let name = name.split(['[', '<']).next().unwrap_or("").trim();
                     let name = name.split(':').next().unwrap_or("").trim();
                     (!name.is_empty()).then(|| Dep {
                         name: name.to_string(),
@@ -1163,7 +1219,10 @@ mod tests {
         assert_eq!(d.len(), 3);
         assert_eq!(d[0][0].constraint.as_deref(), Some(">= 2.34"));
         assert_eq!(d[1][1].name, "b");
+        // `<<` is an operator inside the parentheses, not a profile.
+        assert_eq!(d[1][1].constraint.as_deref(), Some("<< 3"));
         assert_eq!(d[2][0].name, "python3");
+        assert_eq!(d[2][0].constraint, None);
         use std::cmp::Ordering::*;
         assert_eq!(compare_versions("1.0", "1.0"), Equal);
         assert_eq!(compare_versions("1.0~rc1", "1.0"), Less);

@@ -4,7 +4,9 @@
 
 pub mod fleet;
 pub mod http;
+pub mod mirror;
 pub mod qemu;
+pub mod webdriver;
 
 use std::path::PathBuf;
 

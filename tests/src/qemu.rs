@@ -44,11 +44,10 @@ pub struct VmConfig {
     pub rng: bool,
     /// vCPUs.
     pub cpus: u32,
-    /// `guestfwd` rules added to the uplink
-    /// (`tcp:10.0.2.100:8080-cmd:socat STDIO TCP:127.0.0.1:PORT`, a socat
-    /// per connection): a host service the guest may reach despite
-    /// `restrict=on`.
-    pub guestfwd: Vec<String>,
+    /// User-network forwards from the guest to the host:
+    /// (`10.0.2.100:8080`, host loopback port). They work with
+    /// `restrict=on`: the guest reaches exactly these, nothing else.
+    pub guestfwd: Vec<(String, u16)>,
 }
 
 impl VmConfig {
@@ -211,7 +210,27 @@ pub fn boot_blank(
     fs::create_dir_all(dir)?;
     let disk = dir.join("blank.img");
     fs::File::create(&disk)?.set_len(disk_bytes)?;
-    let (mut cmd, serial_log) = base_command(firmware, dir, 1024)?;
+    boot_machine(firmware, socket, mac, &disk, dir, 1024, 2, false)
+}
+
+/// A machine with one NIC on `socket` and `disk` (kept as it is: booting
+/// it again boots what is on it). Boot order: the network first, or with
+/// `disk_first` the disk first (a blank or wiped disk falls through to
+/// the network), as servers are usually set up. Its serial log is
+/// `<dir>/serial.log` (a second boot overwrites it).
+#[allow(clippy::too_many_arguments)]
+pub fn boot_machine(
+    firmware: Firmware,
+    socket: &Path,
+    mac: &str,
+    disk: &Path,
+    dir: &Path,
+    memory_mb: u32,
+    cpus: u32,
+    disk_first: bool,
+) -> std::io::Result<Vm> {
+    let (disk_index, net_index) = if disk_first { (1, 2) } else { (2, 1) };
+    let (mut cmd, serial_log) = base_command_cpus(firmware, dir, memory_mb, cpus)?;
     let rom = if firmware == Firmware::Ovmf {
         ",romfile="
     } else {
@@ -222,7 +241,10 @@ pub fn boot_blank(
     }
     cmd.arg("-drive")
         .arg(format!("if=none,id=d0,format=raw,file={}", disk.display()))
-        .args(["-device", "virtio-blk-pci,drive=d0,bootindex=2"])
+        .args([
+            "-device",
+            &format!("virtio-blk-pci,drive=d0,bootindex={disk_index}"),
+        ])
         .arg("-netdev")
         .arg(format!(
             "stream,id=p,server=off,addr.type=unix,addr.path={}",
@@ -233,7 +255,7 @@ pub fn boot_blank(
         // on real UEFI machines); under SeaBIOS, QEMU's iPXE ROM does PXE.
         .args([
             "-device",
-            &format!("virtio-net-pci,netdev=p,mac={mac},bootindex=1{rom}"),
+            &format!("virtio-net-pci,netdev=p,mac={mac},bootindex={net_index}{rom}"),
         ])
         .args(["-device", "virtio-rng-pci"])
         .stdin(Stdio::null())
@@ -282,7 +304,12 @@ impl Vm {
                 cfg.api_port,
                 cfg.guestfwd
                     .iter()
-                    .map(|g| format!(",guestfwd={g}"))
+                    // `cmd:` opens one connection per guest connection
+                    // (a `tcp:` chardev would be one connection, made
+                    // when QEMU starts).
+                    .map(|(guest, port)| format!(
+                        ",guestfwd=tcp:{guest}-cmd:socat - TCP:127.0.0.1:{port}"
+                    ))
                     .collect::<String>()
             ))
             .args(["-device", "virtio-net-pci,netdev=up"]);

@@ -4,9 +4,10 @@
 //!
 //! 1. Host: a partial mirror of the Debian archive named in the host's apt
 //!    sources (`bookworm`, `installer`: the debian-installer index and the
-//!    signed `debian-installer-12-netboot-amd64` package), synced once by
-//!    the host's `appliance serve` into `cache/di-mirror/` (≈300 MB; later
-//!    runs reuse it) and served from there on loopback.
+//!    signed `debian-installer-12-netboot-amd64` package), synced by the
+//!    host's `appliance serve` (`integration_tests::mirror::HostMirror`)
+//!    into `cache/di-mirror/` (≈300 MB the first time; later runs fetch
+//!    only what changed) and served from there on loopback.
 //! 2. VM A boots the shipped image; its uplink may reach that server only
 //!    (`restrict=on` + `guestfwd` 10.0.2.100:8080). A syncs the mirror from
 //!    it (verifying `InRelease` with Debian's key from its bundle: a
@@ -20,11 +21,10 @@
 //!    components", read from B's serial console; A's mirror lists the
 //!    udebs upstream did not serve.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use integration_tests::mirror::HostMirror;
 use integration_tests::qemu::{boot_blank, Firmware, Vm, VmConfig};
 use integration_tests::{free_port, http, workspace_root};
 
@@ -38,68 +38,6 @@ fn image() -> PathBuf {
         p.display()
     );
     p
-}
-
-/// The static `appliance` binary `cargo xtask image` builds.
-fn appliance_bin() -> PathBuf {
-    let p = workspace_root().join("target/x86_64-unknown-linux-gnu/release/appliance");
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo xtask image`",
-        p.display()
-    );
-    p
-}
-
-struct Server {
-    child: Child,
-    port: u16,
-    token: Option<String>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `appliance serve` on the host, on a loopback port, with `data`.
-fn host_serve(data: &Path) -> Server {
-    let mut child = Command::new(appliance_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(data)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting the host's appliance serve");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("appliance serve said {line:?}"))
-        .to_owned();
-    let port = addr.rsplit(':').next().unwrap().parse().unwrap();
-    // A fresh data directory (marked by the caller) prints its first
-    // token next.
-    let mut token = None;
-    let mut l2 = String::new();
-    if data.join(".fresh").exists() {
-        out.read_line(&mut l2).unwrap();
-        token = l2
-            .trim()
-            .rsplit(' ')
-            .next()
-            .filter(|t| t.starts_with("apl_"))
-            .map(str::to_owned);
-        assert!(token.is_some(), "no first token: {l2:?}");
-    }
-    // Keep the pipe drained so the server never blocks on stdout.
-    std::thread::spawn(move || for _ in out.lines() {});
-    Server { child, port, token }
 }
 
 /// The Debian archive of the host's apt sources.
@@ -142,38 +80,34 @@ fn repo_json(mirror: &str) -> String {
     .to_string()
 }
 
-/// The host's mirror in `cache/di-mirror` (synced once from the archive),
-/// served on a loopback port.
-fn host_mirror() -> Server {
-    let cache = workspace_root().join("cache/di-mirror");
-    // Bump the marker when what a sync mirrors changes.
-    if !cache.join("synced-v2").exists() {
-        let tmp = workspace_root().join("cache/di-mirror.tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).unwrap();
-        std::fs::write(tmp.join(".fresh"), "").unwrap();
-        let srv = host_serve(&tmp);
-        let token = srv.token.clone().unwrap();
+/// The host's mirror: `appliance serve` on `cache/di-mirror` (the shared
+/// harness, kept between runs: a later sync fetches only what changed
+/// upstream), repo `deb12` synced from the host's archive.
+fn host_mirror() -> HostMirror {
+    let m = HostMirror::serve(&workspace_root().join("cache/di-mirror")).expect("the host mirror");
+    let r = http::request_with_token(
+        m.port,
+        "GET",
+        &format!("/api/v1/repos/{REPO}"),
+        None,
+        Some(&m.token),
+    )
+    .unwrap();
+    if r.status == 404 {
         let r = http::post_auth(
-            srv.port,
+            m.port,
             "/api/v1/repos",
             &repo_json(&archive_url()),
-            &token,
+            &m.token,
         )
         .unwrap();
         assert_eq!(r.status, 201, "{}", r.body);
-        let r =
-            http::post_auth(srv.port, &format!("/api/v1/repos/{REPO}/sync"), "", &token).unwrap();
-        assert_eq!(r.status, 202, "{}", r.body);
-        let v = wait_sync(srv.port, &token, "host", Duration::from_secs(1800));
-        assert!(v["packages"].as_u64().unwrap() > 50, "{v}");
-        drop(srv);
-        std::fs::remove_file(tmp.join(".fresh")).unwrap();
-        std::fs::write(tmp.join("synced-v2"), "").unwrap();
-        let _ = std::fs::remove_dir_all(&cache);
-        std::fs::rename(&tmp, &cache).unwrap();
     }
-    host_serve(&cache)
+    let r = http::post_auth(m.port, &format!("/api/v1/repos/{REPO}/sync"), "", &m.token).unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let v = wait_sync(m.port, &m.token, "host", Duration::from_secs(1800));
+    assert!(v["packages"].as_u64().unwrap() > 50, "{v}");
+    m
 }
 
 #[test]
@@ -202,12 +136,7 @@ fn the_debian_installer_boots_from_the_appliance_and_accepts_its_mirror() {
         "52:54:00:d1:00:01",
         None,
     );
-    // A chardev target (`tcp:…`) is one connection made at QEMU's start;
-    // `cmd:` runs a socat per guest connection.
-    cfg.guestfwd.push(format!(
-        "tcp:10.0.2.100:8080-cmd:socat STDIO TCP:127.0.0.1:{}",
-        upstream.port
-    ));
+    cfg.guestfwd.push(("10.0.2.100:8080".into(), upstream.port));
     let mut a = Vm::boot(&cfg).unwrap();
     a.wait_http("/api/v1/version", Duration::from_secs(300))
         .unwrap();

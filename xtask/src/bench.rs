@@ -18,13 +18,16 @@ pub fn run(name: &str, rest: &[&str]) -> Result<()> {
         "builder" => builder_bench(),
         "boot" => crate::bench_boot::run(),
         "clone" => crate::bench_clone::run(),
+        "console" => crate::bench_console::run(),
         "dhcp" => crate::bench_dhcp::run(),
         "inventory" => crate::bench_inventory::run(),
+        "install" => crate::bench_install::run(),
         "tftp" => crate::bench_tftp::run(),
         "sync" => crate::bench_sync::run(),
         "replicate" => crate::bench_replicate::run(rest),
+        "mirror" => crate::bench_mirror::run(),
         other => {
-            bail!("unknown benchmark {other:?}; available: builder, boot, clone, dhcp, inventory, replicate, sync, tftp")
+            bail!("unknown benchmark {other:?}; available: builder, boot, clone, console, dhcp, install, inventory, mirror, replicate, sync, tftp")
         }
     }
 }

@@ -4,8 +4,11 @@
 mod bench;
 mod bench_boot;
 mod bench_clone;
+mod bench_console;
 mod bench_dhcp;
+mod bench_install;
 mod bench_inventory;
+mod bench_mirror;
 mod bench_replicate;
 mod bench_sync;
 mod bench_tftp;
@@ -37,10 +40,12 @@ fn main() -> Result<()> {
                  fleet [N] [--faults] [--sync]  replication chain of N machines in QEMU (default 3)\n  \
                  test [ARGS]      install missing test tools, build the image, run every test\n  \
                  bench builder    the builder against mkfs.ext4/mkfs.fat/mcopy/sgdisk/dd/cpio|gzip\n  \
+                 bench console    the web console's machines page (10,000 systems) in Chromium vs curl | jq\n  \
                  bench clone      capture/deploy a 4 GiB ext4 (1 GiB used) vs partclone.ext4 -c and dd\n  \
                  bench tftp       our TFTP server against tftpd-hpa, 64 MiB over loopback\n  \
                  bench inventory  the inventory API against Cobbler 3.3.10 (XML-RPC)\n  \
                  bench replicate  image onto a child's disk: verified block-map writer against curl|dd\n  \
+                 bench mirror     apt partial mirror vs aptly mirror create+update\n  \
                  bench sync       10,000 objects + 1 GiB of blobs to a parent vs git push + rsync\n  \
                  deps             install the Debian packages tests need (as root)"
             );
@@ -93,6 +98,9 @@ const TOOLS: &[&str] = &[
     "skopeo",
     "dpkg-deb",
     "qemu-system-x86_64",
+    "chromium",
+    "chromedriver",
+    "jq",
     "openssl",
     "socat",
     "bmaptool",

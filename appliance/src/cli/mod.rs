@@ -190,6 +190,11 @@ pub struct Fields {
     pub breed: Option<String>,
     #[arg(long)]
     pub os_version: Option<String>,
+    /// Who installs a distro: `appliance` (the appliance's agent installs
+    /// it from the profile's apt mirror; no kernel/initrd needed) or ``
+    /// (its own installer).
+    #[arg(long = "installer-by")]
+    pub installer_by: Option<String>,
     /// Kernel options (`key=value ...`, `!key` drops an inherited one).
     #[arg(long, allow_hyphen_values = true)]
     pub kernel_options: Option<String>,
@@ -281,6 +286,10 @@ pub struct SettingsCmd {
     /// Global variable KEY=VALUE; repeat.
     #[arg(long = "var", value_name = "KEY=VALUE")]
     pub vars: Vec<String>,
+    /// Let anyone pull from the OCI registry without a token (only when
+    /// no image holds a secret).
+    #[arg(long, value_name = "BOOL")]
+    pub registry_anonymous_pulls: Option<bool>,
     /// The top-level connection flags (filled in by [`run`]).
     #[arg(skip)]
     pub conn: Conn,
@@ -416,6 +425,7 @@ pub fn apply_fields(kind: Kind, v: &mut Value, f: &Fields) -> Result<()> {
     set("arch", &f.arch);
     set("breed", &f.breed);
     set("os_version", &f.os_version);
+    set("installer", &f.installer_by);
     set("kernel_options", &f.kernel_options);
     set("autoinstall", &f.autoinstall);
     set("mirror", &f.mirror);
@@ -789,7 +799,8 @@ fn settings(s: SettingsCmd) -> Result<()> {
     let changing = s.default_boot.is_some()
         || s.default_profile.is_some()
         || s.kernel_options.is_some()
-        || !s.vars.is_empty();
+        || !s.vars.is_empty()
+        || s.registry_anonymous_pulls.is_some();
     if changing {
         let f = Fields {
             kernel_options: s.kernel_options.clone(),
@@ -802,6 +813,9 @@ fn settings(s: SettingsCmd) -> Result<()> {
         }
         if let Some(p) = s.default_profile {
             v["default_profile"] = p.into();
+        }
+        if let Some(open) = s.registry_anonymous_pulls {
+            v["registry_anonymous_pulls"] = open.into();
         }
         v = c.json("PUT", "/api/v1/settings", Some(&v))?;
     }

@@ -2,7 +2,8 @@
 //! an apt repo now, waiting for the end) and a `repo list` that shows what
 //! each mirror holds.
 
-use std::time::Duration;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
@@ -32,8 +33,82 @@ pub enum RepoVerb {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Import a container image into the server's OCI registry: an OCI
+    /// image layout (directory or tar) or a docker-archive (`docker save`).
+    ImportOci {
+        /// The layout directory or the tar file.
+        file: std::path::PathBuf,
+        /// Where the registry serves it, REPO:TAG (tag default: latest).
+        #[arg(long)]
+        name: String,
+    },
     #[command(flatten)]
     Common(Verb),
+}
+
+/// A sync's progress on the terminal: a bar over the pool files (with
+/// the bytes downloaded) when stderr is a terminal, else a line per phase
+/// change at most every few seconds; nothing with `--json`.
+struct SyncProgress {
+    name: String,
+    bar: Option<indicatif::ProgressBar>,
+    quiet: bool,
+    last_phase: String,
+    last_line: Instant,
+}
+
+impl SyncProgress {
+    fn new(name: &str, terminal: bool, quiet: bool) -> Self {
+        let bar = terminal.then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} files {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b.set_prefix(name.to_owned());
+            b
+        });
+        SyncProgress {
+            name: name.to_owned(),
+            bar,
+            quiet,
+            last_phase: String::new(),
+            last_line: Instant::now(),
+        }
+    }
+
+    fn update(&mut self, p: &Value) {
+        let phase = p["phase"].as_str().unwrap_or("").to_owned();
+        let (done, total) = (
+            p["files_done"].as_u64().unwrap_or(0),
+            p["files_total"].as_u64().unwrap_or(0),
+        );
+        let down = human(p["bytes_downloaded"].as_u64().unwrap_or(0));
+        if let Some(b) = &self.bar {
+            b.set_length(total);
+            b.set_position(done);
+            b.set_message(format!("{down} downloaded; {phase}"));
+        } else if !self.quiet
+            && phase != self.last_phase
+            && (self.last_line.elapsed() >= Duration::from_secs(2) || !phase.starts_with("pool:"))
+        {
+            eprintln!(
+                "{}: {phase} ({done}/{total} files, {down} downloaded)",
+                self.name
+            );
+            self.last_phase = phase;
+            self.last_line = Instant::now();
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
 }
 
 fn human(bytes: u64) -> String {
@@ -170,22 +245,21 @@ pub fn repo(cmd: RepoCmd) -> Result<()> {
                 conn: cmd.conn,
             },
         ),
+        RepoVerb::ImportOci { file, name } => import_oci(&c, &file, &name, cmd.conn.json),
         RepoVerb::Sync { name, no_wait } => {
             let path = format!("/api/v1/repos/{name}/sync");
             let mut v = c.json("POST", &path, Some(&Value::Null))?;
-            let mut last_phase = String::new();
+            let mut shown = SyncProgress::new(
+                &name,
+                !cmd.conn.json && std::io::stderr().is_terminal(),
+                cmd.conn.json,
+            );
             while !no_wait && v["state"] == "running" {
                 std::thread::sleep(Duration::from_millis(250));
                 v = c.json("GET", &path, None)?;
-                let phase = v["job"]["progress"]["phase"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_owned();
-                if phase != last_phase && !cmd.conn.json {
-                    eprintln!("{name}: {phase}");
-                    last_phase = phase;
-                }
+                shown.update(&v["job"]["progress"]);
             }
+            shown.finish();
             if cmd.conn.json {
                 print_json(&v);
             } else if v["state"] == "done" {
@@ -210,4 +284,61 @@ pub fn repo(cmd: RepoCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `appliance repo import-oci FILE --name REPO:TAG`: uploads the file (a
+/// directory is sent as a tar made on the fly into a temporary file) to
+/// `POST /api/v1/oci/import`.
+fn import_oci(
+    c: &super::client::Client,
+    file: &std::path::Path,
+    name: &str,
+    json: bool,
+) -> Result<()> {
+    use anyhow::Context;
+    use std::io::Read;
+    crate::oci::parse_name(name)?;
+    let meta = std::fs::metadata(file).with_context(|| format!("opening {}", file.display()))?;
+    let _tmp;
+    let upload = if meta.is_dir() {
+        let t = tempfile::NamedTempFile::new().context("creating a temporary tar")?;
+        let mut b = tar::Builder::new(std::io::BufWriter::new(t.reopen()?));
+        b.follow_symlinks(false);
+        b.append_dir_all(".", file)
+            .with_context(|| format!("packing {}", file.display()))?;
+        b.into_inner()
+            .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+            .context("writing the temporary tar")?;
+        let p = t.path().to_path_buf();
+        _tmp = t;
+        p
+    } else {
+        file.to_path_buf()
+    };
+    let mut f =
+        std::fs::File::open(&upload).with_context(|| format!("opening {}", upload.display()))?;
+    let path = format!("/api/v1/oci/import?name={name}");
+    let (_, mut body) = c.stream(
+        "POST",
+        &path,
+        Some((ureq::SendBody::from_reader(&mut f), "application/x-tar")),
+    )?;
+    let mut text = String::new();
+    body.read_to_string(&mut text)?;
+    let v: Value = serde_json::from_str(&text).context("parsing the import answer")?;
+    if json {
+        print_json(&v);
+    } else {
+        println!(
+            "{}:{} = {} ({}, {} blobs, {} new, {})",
+            v["repo"].as_str().unwrap_or(""),
+            v["tag"].as_str().unwrap_or(""),
+            v["digest"].as_str().unwrap_or(""),
+            v["format"].as_str().unwrap_or(""),
+            v["blobs"],
+            v["blobs_added"],
+            human(v["bytes"].as_u64().unwrap_or(0))
+        );
+    }
+    Ok(())
 }

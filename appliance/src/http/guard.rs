@@ -10,6 +10,7 @@
 //! | `admin` | an `admin` token |
 //! | `replica` | the `replica:<id>` token of the node in the path (`{node}`/`{node_id}`), or an operator |
 //! | `job` | the token of an open job (clone job or install attempt) matching the path's `{id}`/`{mac}`, or an operator |
+//! | `registry` | a `read`, `operator` or `admin` token; anyone only while the `registry_anonymous_pulls` setting is on (public reads do not open it) |
 //!
 //! Anything the guard cannot check (no token file, no job registry, a path
 //! without the parameter a scoped token is bound to) is refused.
@@ -36,6 +37,8 @@ pub enum Guard {
     Admin,
     Replica,
     Job,
+    /// Pulls from the OCI registry (`/v2/`).
+    Registry,
 }
 
 impl Guard {
@@ -47,6 +50,7 @@ impl Guard {
             Guard::Admin => "admin",
             Guard::Replica => "replica",
             Guard::Job => "job",
+            Guard::Registry => "registry",
         }
     }
 }
@@ -143,11 +147,17 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
+/// Says whether anonymous pulls from the registry are allowed now.
+pub type RegistryOpen = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// What the guards check against.
 pub struct Auth {
     tokens: Option<Arc<TokenStore>>,
     public_reads: bool,
     jobs: RwLock<Vec<Arc<dyn JobTokens>>>,
+    /// Whether anonymous registry pulls are allowed now (the inventory
+    /// setting); absent means no.
+    registry_open: RwLock<Option<RegistryOpen>>,
     /// Unit tests of one module's handlers only (never in a build).
     #[cfg(test)]
     allow_all: bool,
@@ -159,6 +169,7 @@ impl Auth {
             tokens,
             public_reads,
             jobs: RwLock::new(Vec::new()),
+            registry_open: RwLock::new(None),
             #[cfg(test)]
             allow_all: false,
         })
@@ -173,6 +184,7 @@ impl Auth {
             tokens: None,
             public_reads: true,
             jobs: RwLock::new(Vec::new()),
+            registry_open: RwLock::new(None),
             allow_all: true,
         })
     }
@@ -183,6 +195,22 @@ impl Auth {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .push(jobs);
+    }
+
+    /// Sets what decides whether anonymous registry pulls are allowed.
+    pub fn set_registry_open(&self, open: RegistryOpen) {
+        *self
+            .registry_open
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(open);
+    }
+
+    fn registry_open(&self) -> bool {
+        self.registry_open
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|f| f())
     }
 
     fn job_of(&self, token: &str) -> Option<JobRef> {
@@ -211,8 +239,24 @@ impl Auth {
                 scope: Scope::Admin,
             });
         }
-        if guard == Guard::Public || (guard == Guard::Read && self.public_reads) {
+        if guard == Guard::Public {
             return Ok(Role::Anonymous);
+        }
+        // A token is still checked when one is sent, so a wrong token is
+        // refused even while pulls are open.
+        if guard == Guard::Registry && token.is_none_or(str::is_empty) && self.registry_open() {
+            return Ok(Role::Anonymous);
+        }
+        if guard == Guard::Read && self.public_reads {
+            // Anyone may read; a valid token still names its holder (so
+            // `whoami` answers its scope), a missing or bad one is anonymous.
+            let known = token
+                .filter(|t| !t.is_empty())
+                .and_then(|t| self.tokens.as_ref()?.authenticate(t));
+            return Ok(match known {
+                Some((name, scope)) => Role::Token { name, scope },
+                None => Role::Anonymous,
+            });
         }
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Err(self.refused("this request needs an Authorization: Bearer <token> header"));
@@ -250,8 +294,11 @@ impl Auth {
         let ok = match (guard, &scope) {
             (_, Scope::Admin) => true,
             (Guard::Admin, _) => false,
-            (Guard::Read | Guard::Operator | Guard::Replica | Guard::Job, Scope::Operator) => true,
-            (Guard::Read, Scope::Read) => true,
+            (
+                Guard::Read | Guard::Operator | Guard::Replica | Guard::Job | Guard::Registry,
+                Scope::Operator,
+            ) => true,
+            (Guard::Read | Guard::Registry, Scope::Read) => true,
             (Guard::Replica, Scope::Replica(id)) => match param(&["node", "node_id"]) {
                 Some(p) => uuid::Uuid::parse_str(p).is_ok_and(|p| p == *id),
                 None => false,
@@ -305,7 +352,8 @@ pub async fn check(
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0);
-    match auth.decide(guard, token, &pairs) {
+    let decided = auth.decide(guard, token, &pairs);
+    match decided {
         Ok(role) => {
             let caller = Caller { role, peer };
             let write = !matches!(
@@ -321,8 +369,47 @@ pub async fn check(
             }
             resp
         }
+        Err(e) if guard == Guard::Registry => registry_refusal(e, req.headers()),
         Err(e) => e.into_response(),
     }
+}
+
+/// A refusal as OCI clients expect it: the distribution spec's error
+/// JSON, and on 401 a `WWW-Authenticate: Bearer` challenge (skopeo and
+/// podman send their `--registry-token` only after one). The realm is
+/// this server's `/v2/token`, which answers nobody a token: there is no
+/// token service, tokens are made with `appliance token create`.
+fn registry_refusal(e: ApiError, headers: &axum::http::HeaderMap) -> Response {
+    let code = match e.status {
+        StatusCode::UNAUTHORIZED => "UNAUTHORIZED",
+        StatusCode::FORBIDDEN => "DENIED",
+        _ => "UNAVAILABLE",
+    };
+    let body = serde_json::json!({"errors": [{"code": code, "message": e.message, "detail": {"reason": e.code}}]});
+    let mut r = (e.status, axum::Json(body)).into_response();
+    if e.status == StatusCode::UNAUTHORIZED {
+        // The Host header only shapes the URL sent back to the same caller;
+        // anything but a plain host[:port] gives `localhost`.
+        let host = headers
+            .get(axum::http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| {
+                !h.is_empty()
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+            })
+            .unwrap_or("localhost");
+        let v = format!("Bearer realm=\"http://{host}/v2/token\",service=\"appliance\"");
+        if let Ok(v) = axum::http::HeaderValue::from_str(&v) {
+            r.headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, v);
+        }
+    }
+    r.headers_mut().insert(
+        "docker-distribution-api-version",
+        axum::http::HeaderValue::from_static("registry/2.0"),
+    );
+    r
 }
 
 #[cfg(test)]
@@ -405,6 +492,22 @@ mod tests {
         let (a, _, _) = auth(true);
         assert!(a.decide(Guard::Read, None, &[]).is_ok());
         assert!(a.decide(Guard::Operator, None, &[]).is_err());
+    }
+
+    #[test]
+    fn public_reads_still_name_a_valid_token_and_ignore_a_bad_one() {
+        let (a, [_, op, ro, _], _) = auth(true);
+        let scope = |t| match a.decide(Guard::Read, t, &[]).unwrap() {
+            Role::Token { scope, .. } => scope.to_string(),
+            Role::Anonymous => "anonymous".into(),
+            Role::Job(_) => "job".into(),
+        };
+        assert_eq!(scope(Some(&ro)), "read");
+        assert_eq!(scope(Some(&op)), "operator");
+        assert_eq!(scope(Some("apl_00000000_nope")), "anonymous");
+        assert_eq!(scope(None), "anonymous");
+        // Naming the caller opens nothing more.
+        assert!(a.decide(Guard::Operator, Some(&ro), &[]).is_err());
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub fn document(routes: &[RouteDoc]) -> utoipa::openapi::OpenApi {
         .schema_from::<crate::inventory::api::BatchItem>()
         .schema_from::<crate::bmc::api::PowerStatus>()
         .schema_from::<crate::bmc::api::PowerRequest>()
+        .schema_from::<crate::inventory::api::PreviewRequest>()
         .schema_from::<crate::bmc::api::PowerAction>()
         .schema_from::<crate::bmc::api::PowerDone>()
         .schema_from::<crate::bmc::api::MediaRequest>()

@@ -306,6 +306,15 @@ pub fn routes(state: Arc<InvState>) -> Vec<Route> {
         .response("PowerDone")
         .to(crate::bmc::api::post_power, st.clone()),
         Route::post(
+            "/api/v1/systems/{name}/preview",
+            Operator,
+            "Render a template (saved, or unsaved text) for this system, changing nothing",
+        )
+        .request("PreviewRequest")
+        .response("text")
+        .limit(256 * 1024)
+        .to(preview, st.clone()),
+        Route::post(
             "/api/v1/systems/{name}/media",
             Operator,
             "Insert an ISO by URL as virtual media, or eject it (Redfish BMCs)",
@@ -675,6 +684,47 @@ async fn autoinstall(
     render(&st, kind, &name, Document::Autoinstall, &headers)
 }
 
+/// The body of `POST /api/v1/systems/{name}/preview`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreviewRequest {
+    /// Template to render (saved or shipped); empty: the system's own.
+    pub template: String,
+    /// Source text to render under that name instead of the saved one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+async fn preview(
+    State(st): S,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: PreviewRequest = serde_json::from_slice(&body).map_err(|e| {
+        bad_request(format!(
+            "expected {{\"template\": NAME, \"body\": TEXT (optional)}}: {e}"
+        ))
+    })?;
+    let mut job = templates::prepare(
+        &st.read(),
+        Kind::System,
+        &name,
+        Document::Autoinstall,
+        &server_url(&headers),
+    )?;
+    if !req.template.is_empty() || req.body.is_some() {
+        let t = if req.template.is_empty() {
+            job.template().to_owned()
+        } else {
+            req.template
+        };
+        job = job.with_template(&t, req.body)?;
+    }
+    let text = job.render()?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
 async fn nocloud(
     State(st): S,
     Path((name, doc)): Path<(String, String)>,
@@ -711,7 +761,8 @@ async fn cobbler_autoinstall(
 }
 
 /// Records an event; a finish turns netboot off (one commit).
-fn record(
+/// Record an install event for system `name` (and on finish, netboot off).
+pub(crate) fn record(
     st: &InvState,
     name: &str,
     event: Event,

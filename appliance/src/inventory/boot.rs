@@ -9,6 +9,9 @@
 //!   distro's kernel and initrd with the blended kernel options plus the
 //!   breed's autoinstall argument (`inst.ks=`, `url=`, `ds=nocloud-net`,
 //!   `ignition.config.url=`);
+//! - a known system with netboot on and a profile whose distro's
+//!   `installer` is `appliance` → the appliance agent, whose work is the
+//!   OS install ([`crate::osinstall`]);
 //! - a known system with netboot on and an image → the appliance agent in
 //!   deploy mode for that image;
 //! - a known system with netboot off → local boot;
@@ -90,6 +93,17 @@ fn profile_entry(
     server_url: &str,
 ) -> Option<BootEntry> {
     let distro = inv.profile_distro(profile)?;
+    if distro.installer == super::model::INSTALLER_APPLIANCE {
+        // The appliance's agent installs it: boot the agent, whose work
+        // ([`crate::osinstall`]) names what to install.
+        let mut e = agent_entry(inv, server_url, "");
+        e.label = format!(
+            "{} {name}: install {} (appliance installer)",
+            kind.name(),
+            distro.name
+        );
+        return Some(e);
+    }
     let blended = super::blend::blend(inv, kind, name).ok()?;
     let kopts = blended
         .variables

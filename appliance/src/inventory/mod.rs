@@ -69,6 +69,11 @@ pub struct Settings {
     pub default_profile: String,
     /// Kernel options for `default_boot = agent`.
     pub agent_kernel_options: String,
+    /// Anyone on the network may pull from the OCI registry (`/v2/`)
+    /// without a token. Off by default: turn it on only when no image
+    /// carries a secret.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub registry_anonymous_pulls: bool,
 }
 
 impl Settings {

@@ -113,7 +113,16 @@ pub struct Distro {
     #[schema(value_type = Object)]
     pub variables: Vars,
     pub comment: String,
+    /// Who installs it: empty (the distro's own installer: its kernel and
+    /// initrd boot with the breed's autoinstall file), or `appliance` (the
+    /// appliance's agent installs it onto the disk from the profile's apt
+    /// mirror; kernel and initrd may then be empty).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub installer: String,
 }
+
+/// The distro's `installer` value for installs the appliance does itself.
+pub const INSTALLER_APPLIANCE: &str = "appliance";
 
 /// A distro (or parent profile) plus an autoinstall template and settings.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
@@ -252,6 +261,10 @@ pub struct Repo {
     /// Apt: also mirror the `debian-installer` (udeb) indexes.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub installer: bool,
+    /// Apt: installs from this mirror take `Recommends`, so the mirror's
+    /// closure follows them too.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub recommends: bool,
     /// Apt: the OpenPGP keyring `InRelease` must verify against: a path on
     /// the server, `sha256:<hex>` (a blob), or an ASCII-armoured key block;
     /// empty means Debian's archive keyring.
@@ -444,8 +457,30 @@ impl Object {
         check_name(self.name())?;
         match self {
             Object::Distro(d) => {
+                match d.installer.as_str() {
+                    "" => {}
+                    INSTALLER_APPLIANCE if d.breed == "debian" => {}
+                    INSTALLER_APPLIANCE => {
+                        let why = format!(
+                            "the appliance installs only breed debian, not {:?}",
+                            d.breed
+                        );
+                        return Err(invalid("installer", why));
+                    }
+                    other => {
+                        return Err(invalid(
+                            "installer",
+                            format!(
+                                "{other:?}: use \"\" (the distro's own installer) or \"appliance\""
+                            ),
+                        ))
+                    }
+                }
                 for (field, v) in [("kernel", &d.kernel), ("initrd", &d.initrd)] {
                     if v.is_empty() {
+                        if d.installer == INSTALLER_APPLIANCE {
+                            continue;
+                        }
                         return Err(invalid(field, "required"));
                     }
                     check_location(field, v)?;

@@ -264,6 +264,30 @@ pub fn prepare(
 }
 
 impl RenderJob {
+    /// Renders `template` instead of the profile's (a preview), with `body`
+    /// as its source when given (unsaved text) instead of the stored one.
+    pub fn with_template(
+        mut self,
+        template: &str,
+        body: Option<String>,
+    ) -> Result<RenderJob, RenderError> {
+        match body {
+            Some(b) => {
+                Arc::make_mut(&mut self.sources).insert(template.to_owned(), b);
+            }
+            None if !self.sources.contains_key(template) => {
+                return Err(InvError::NotFound {
+                    kind: Kind::Template,
+                    name: template.to_owned(),
+                }
+                .into())
+            }
+            None => {}
+        }
+        self.template = template.to_owned();
+        Ok(self)
+    }
+
     /// The template being rendered.
     pub fn template(&self) -> &str {
         &self.template

@@ -1811,3 +1811,78 @@ fn random_values_never_add_an_ipxe_line() {
         assert_only_our_lines(&crate::pxe::agent_script(&server, &word(&mut rng)));
     }
 }
+
+#[tokio::test]
+async fn preview_renders_unsaved_text_for_a_system_and_changes_nothing() {
+    let a = api();
+    let head = a.state.read().head();
+    // The system's own template, as the installer would get it.
+    let (s, own) = a
+        .call(
+            "POST",
+            "/api/v1/systems/web1/preview",
+            Some(json!({})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{own}");
+    let (_, served) = a
+        .call("GET", "/api/v1/systems/web1/autoinstall", None, false)
+        .await;
+    assert_eq!(own, served);
+    // Unsaved text under a new name, with the system's blended variables.
+    let (s, text) = a
+        .call(
+            "POST",
+            "/api/v1/systems/web1/preview",
+            Some(json!({"template": "motd", "body": "{{ hostname }} is a {{ role }} in {{ timezone }}"})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(text, "web1.lab is a frontend in Europe/Paris");
+    // Errors name the line and the undefined variable.
+    let (s, body) = a
+        .call(
+            "POST",
+            "/api/v1/systems/web1/preview",
+            Some(json!({"template": "motd", "body": "ok\n{{ nope }}"})),
+            true,
+        )
+        .await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "template_error"),
+        "{body}"
+    );
+    assert!(body.contains("line 2") && body.contains("nope"), "{body}");
+    // A saved template that does not exist, an unknown system, no token.
+    let (s, body) = a
+        .call(
+            "POST",
+            "/api/v1/systems/web1/preview",
+            Some(json!({"template": "missing"})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+    let (s, _) = a
+        .call(
+            "POST",
+            "/api/v1/systems/nobody/preview",
+            Some(json!({})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = a
+        .call(
+            "POST",
+            "/api/v1/systems/web1/preview",
+            Some(json!({})),
+            false,
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(a.state.read().head(), head, "a preview commits nothing");
+}

@@ -12,13 +12,13 @@
 //!   a token; the mirror holds no secret): a file of the mirror, the
 //!   same bytes upstream served, from the blob store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path as UrlPath, Request, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -61,6 +61,8 @@ pub struct RepoState {
     pub events: crate::events::Events,
     jobs: Mutex<HashMap<String, Job>>,
     manifests: Mutex<HashMap<String, Arc<Manifest>>>,
+    /// Snapshots found whole (blobs are immutable: once whole, always).
+    whole: Mutex<HashSet<String>>,
 }
 
 impl RepoState {
@@ -75,6 +77,7 @@ impl RepoState {
             events,
             jobs: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
+            whole: Mutex::new(HashSet::new()),
         })
     }
 
@@ -96,6 +99,52 @@ impl RepoState {
         }
         cache.insert(digest.to_owned(), m.clone());
         Ok(m)
+    }
+
+    /// The snapshot `/repos/NAME/` serves: the repo's `snapshot` when
+    /// every file it names is on this node, else the last snapshot this
+    /// node published itself (a snapshot that arrived by sync before its
+    /// blobs did is never served half). `None`: nothing whole to serve.
+    pub fn published(&self, name: &str, repo: &Repo) -> anyhow::Result<Option<Arc<Manifest>>> {
+        let mut first_err = None;
+        // The node-local record is read only when the repo's own snapshot
+        // is not whole here.
+        let candidates = std::iter::once(Some(repo.snapshot.clone()))
+            .chain(std::iter::once_with(|| self.last(name).snapshot))
+            .flatten();
+        for d in candidates {
+            if d.is_empty() {
+                continue;
+            }
+            match self
+                .manifest(&d)
+                .and_then(|m| self.whole(&d, &m).map(|_| m))
+            {
+                Ok(m) => return Ok(Some(m)),
+                Err(e) => {
+                    tracing::warn!(repo = name, snapshot = %d, error = format!("{e:#}"), "not serving an incomplete snapshot");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
+    }
+
+    /// Checks once per snapshot that all its blobs are here.
+    fn whole(&self, digest: &str, m: &Manifest) -> anyhow::Result<()> {
+        if self.lock_whole().contains(digest) {
+            return Ok(());
+        }
+        super::check_complete(&self.data, &m.files)?;
+        self.lock_whole().insert(digest.to_owned());
+        Ok(())
+    }
+
+    fn lock_whole(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.whole.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_manifests(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Manifest>>> {
@@ -332,12 +381,12 @@ async fn mirror_file(
     let Some(repo) = st.repo(&name) else {
         return no_repo(&name).into_response();
     };
-    if repo.snapshot.is_empty() {
-        return not_found(format!("repo {name} has not been synced"));
-    }
-    let m = match st.manifest(&repo.snapshot) {
-        Ok(m) => m,
-        Err(e) => {
+    let s2 = st.0.clone();
+    let n2 = name.clone();
+    let m = match tokio::task::spawn_blocking(move || s2.published(&n2, &repo)).await {
+        Ok(Ok(Some(m))) => m,
+        Ok(Ok(None)) => return not_found(format!("repo {name} has not been synced")),
+        Ok(Err(e)) => {
             return ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "manifest_unreadable",
@@ -345,8 +394,17 @@ async fn mirror_file(
             )
             .into_response()
         }
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "manifest_unreadable",
+                e.to_string(),
+            )
+            .into_response()
+        }
     };
-    let Some(f) = m.files.get(path.trim_start_matches('/')) else {
+    let rel = path.trim_start_matches('/');
+    let Some(f) = m.files.get(rel) else {
         return not_found(format!("{path} is not in the mirror {name}"));
     };
     let Ok(blob) = super::blob_path(&st.data, &f.digest) else {
@@ -355,14 +413,64 @@ async fn mirror_file(
     if !blob.is_file() {
         return not_found(format!("{path}: blob {} is not on this node", f.digest));
     }
+    let etag = format!("\"{}\"", f.digest.trim_start_matches("sha256:"));
+    let cache = cache_control(rel);
+    let mut req = req;
+    // If-None-Match wins over If-Modified-Since (RFC 9110 13.2.2).
+    if let Some(inm) = req.headers().get(header::IF_NONE_MATCH) {
+        let hit = inm.to_str().unwrap_or("").split(',').any(|t| {
+            let t = t.trim();
+            t == "*" || t.trim_start_matches("W/") == etag
+        });
+        if hit && matches!(*req.method(), Method::GET | Method::HEAD) {
+            let mut r = StatusCode::NOT_MODIFIED.into_response();
+            r.headers_mut().insert(header::ETAG, hv(&etag));
+            r.headers_mut().insert(header::CACHE_CONTROL, hv(cache));
+            return r;
+        }
+        req.headers_mut().remove(header::IF_MODIFIED_SINCE);
+    }
+    // An If-Range naming another entity: the whole file.
+    if let Some(ir) = req.headers().get(header::IF_RANGE) {
+        let ir = ir.to_str().unwrap_or("");
+        if ir.starts_with('"') || ir.starts_with("W/") {
+            if ir != etag {
+                req.headers_mut().remove(header::RANGE);
+            }
+            req.headers_mut().remove(header::IF_RANGE);
+        }
+    }
     match ServeFile::new(&blob).oneshot(req).await {
-        Ok(resp) => resp.into_response(),
+        Ok(resp) => {
+            let mut resp = resp.into_response();
+            let h = resp.headers_mut();
+            h.insert(header::ETAG, hv(&etag));
+            h.insert(header::CACHE_CONTROL, hv(cache));
+            h.insert(header::ACCEPT_RANGES, hv("bytes"));
+            resp
+        }
         Err(e) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "read_failed",
             format!("{path}: {e}"),
         )
         .into_response(),
+    }
+}
+
+fn hv(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// How long a client may cache a mirror file: pool files and by-hash
+/// indexes are named by what they hold and never change; the Release
+/// files and the indexes at their plain names change with each upstream
+/// publish, so clients revalidate (cheap: ETag, Last-Modified).
+pub fn cache_control(path: &str) -> &'static str {
+    if path.starts_with("pool/") || path.contains("/by-hash/") {
+        "public, max-age=31536000, immutable"
+    } else {
+        "public, max-age=0, must-revalidate"
     }
 }
 

@@ -20,6 +20,7 @@
 //! and when a suite's `InRelease` is unchanged nothing but it is fetched.
 
 pub mod api;
+pub mod closure;
 pub mod installer;
 pub mod udeb;
 
@@ -98,6 +99,8 @@ pub struct MirrorSpec {
     pub packages: Vec<String>,
     pub installer: bool,
     pub keyring: Vec<u8>,
+    /// Installs from this mirror take `Recommends`: the closure follows them.
+    pub recommends: bool,
 }
 
 impl MirrorSpec {
@@ -137,6 +140,7 @@ impl MirrorSpec {
             packages: r.packages.clone(),
             installer: r.installer,
             keyring: load_keyring(data, &r.keyring)?,
+            recommends: r.recommends,
         })
     }
 }
@@ -265,6 +269,169 @@ fn has_blob(data: &Path, d: &Digest) -> bool {
     blob_dir(data).join(d.hex()).is_file()
 }
 
+/// Where a download of blob `hex` in progress is kept, so a sync killed or
+/// cut off mid-file resumes it (`<data>/blobs/apt-partial/<hex>`).
+fn partial_path(data: &Path, d: &Digest) -> PathBuf {
+    data.join("blobs/apt-partial").join(d.hex())
+}
+
+/// How often one file's download is retried within a sync after a dropped
+/// connection or a short body (each retry resumes with `Range`).
+const RETRIES: u32 = 3;
+
+/// Downloads `url` into the blob store as the blob `want` (`size` bytes),
+/// resumably: bytes already received (by this sync or an earlier, killed
+/// one) are kept in [`partial_path`] and the rest is asked for with
+/// `Range`; a server that ignores the range restarts the file cleanly. A
+/// dropped connection or short body is retried [`RETRIES`] times. The
+/// whole file is checked against `want` before it is named; a mismatch
+/// deletes the partial file and is an error naming `what`. Returns the
+/// bytes transferred.
+fn fetch_blob(
+    data: &Path,
+    fetcher: &dyn Fetch,
+    url: &str,
+    (want, size): (Digest, u64),
+    what: &str,
+) -> Result<u64> {
+    use sha2::Digest as _;
+    let part = partial_path(data, &want);
+    let dir = part.parent().expect("has a parent");
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut transferred = 0u64;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&part)
+            .with_context(|| format!("opening {}", part.display()))?;
+        let mut held = f.metadata()?.len();
+        if held > size {
+            f.set_len(0)?;
+            held = 0;
+        }
+        // The hash of what is held, then of what arrives.
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        if held > 0 {
+            let mut r = std::fs::File::open(&part)?.take(held);
+            loop {
+                let k = r.read(&mut buf)?;
+                if k == 0 {
+                    break;
+                }
+                h.update(&buf[..k]);
+            }
+        }
+        let mut n = held;
+        let mut cut: Option<String> = None;
+        if held < size {
+            let (mut r, resumed) = match fetcher.get_from(url, held) {
+                Ok(x) => x,
+                // Nothing came at all: retry only after progress.
+                Err(e) if attempt <= RETRIES && transferred > 0 => {
+                    tracing::debug!(what, error = %e, "retrying");
+                    continue;
+                }
+                Err(e) => return Err(e).with_context(|| format!("downloading {what}")),
+            };
+            if held > 0 && !resumed {
+                f.set_len(0)?;
+                h = sha2::Sha256::new();
+                n = 0;
+            }
+            loop {
+                let k = match r.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(k) => k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        cut = Some(e.to_string());
+                        break;
+                    }
+                };
+                if n + k as u64 > size {
+                    drop(f);
+                    let _ = std::fs::remove_file(&part);
+                    bail!("{what}: longer than the {size} bytes its index says");
+                }
+                h.update(&buf[..k]);
+                f.write_all(&buf[..k])
+                    .with_context(|| format!("writing {}", part.display()))?;
+                n += k as u64;
+                transferred += k as u64;
+            }
+        }
+        if n < size {
+            let why = cut.unwrap_or_else(|| format!("got {n} of {size} bytes"));
+            if attempt <= RETRIES {
+                tracing::info!(what, held = n, "download cut short ({why}); resuming");
+                continue;
+            }
+            bail!("downloading {what}: cut short after {attempt} attempts: {why}");
+        }
+        let got = Digest(h.finalize().into());
+        if got != want {
+            drop(f);
+            let _ = std::fs::remove_file(&part);
+            if held > 0 && attempt <= RETRIES {
+                // The bytes kept from before did not belong: start over.
+                continue;
+            }
+            bail!(
+                "{what}: hash mismatch: got {got} ({n} bytes), its signed index says {want} ({size} bytes)"
+            );
+        }
+        f.sync_all()
+            .with_context(|| format!("syncing {}", part.display()))?;
+        let dest = blob_dir(data).join(want.hex());
+        std::fs::create_dir_all(blob_dir(data))?;
+        std::fs::rename(&part, &dest).with_context(|| format!("naming {}", dest.display()))?;
+        return Ok(transferred);
+    }
+}
+
+/// Removes temporary files a killed sync left in the blob store (named
+/// with another process's id: only one server owns a data directory).
+fn clean_stale_temps(data: &Path) {
+    let me = format!(".apt-{}-", std::process::id());
+    let Ok(rd) = std::fs::read_dir(blob_dir(data)) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".apt-") && name.ends_with(".tmp") && !name.starts_with(&me) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Checks that every file of a snapshot is in the blob store with its
+/// size, so a snapshot is published (and served) only when whole.
+pub fn check_complete(data: &Path, files: &BTreeMap<String, FileRef>) -> Result<()> {
+    let mut seen = BTreeSet::new();
+    for (path, f) in files {
+        if !seen.insert(f.digest.as_str()) {
+            continue;
+        }
+        let p = blob_path(data, &f.digest)?;
+        match std::fs::metadata(&p) {
+            Ok(m) if m.len() == f.size => {}
+            Ok(m) => bail!(
+                "{path}: blob {} holds {} bytes, the snapshot says {}",
+                f.digest,
+                m.len(),
+                f.size
+            ),
+            Err(_) => bail!("{path}: blob {} is not on this node", f.digest),
+        }
+    }
+    Ok(())
+}
+
 /// Progress of a running sync, reported through a callback.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Progress {
@@ -335,6 +502,17 @@ fn decompress(path: &str, bytes: &[u8]) -> Result<String> {
     Ok(s)
 }
 
+/// Whether `e` is the upstream not having a file (as opposed to a file
+/// that failed verification, which must stop the sync).
+fn is_fetch_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<debian::DebianError>(),
+            Some(debian::DebianError::Fetch { .. })
+        )
+    })
+}
+
 fn fetch_all(f: &dyn Fetch, url: &str, max: u64) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     f.get(url)?
@@ -401,11 +579,13 @@ pub fn sync_mirror(
     fetcher: &dyn Fetch,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<SyncReport> {
+    clean_stale_temps(data);
     let mut prog = Progress::default();
     let mut files: BTreeMap<String, FileRef> = BTreeMap::new();
     let mut suites = BTreeMap::new();
     // Per arch: every suite's packages, and per suite its own index.
     let mut per_arch: BTreeMap<String, Vec<(String, Vec<Package>)>> = BTreeMap::new();
+    let mut recommends = closure::Recommends::new();
     let url = |p: &str| format!("{}/{p}", spec.upstream);
 
     let download =
@@ -416,10 +596,20 @@ pub fn sync_mirror(
                 }
             }
             let u = url(path);
-            let r = fetcher.get(&u)?;
-            let got = put_blob(data, r, want, path)?;
+            let got = match want {
+                Some(w) => {
+                    let n = fetch_blob(data, fetcher, &u, w, path)?;
+                    prog.bytes_downloaded += n;
+                    w
+                }
+                None => {
+                    let r = fetcher.get(&u)?;
+                    let got = put_blob(data, r, want, path)?;
+                    prog.bytes_downloaded += got.1;
+                    got
+                }
+            };
             prog.files_downloaded += 1;
-            prog.bytes_downloaded += got.1;
             Ok(got)
         };
 
@@ -564,16 +754,17 @@ pub fn sync_mirror(
                 let got = if has_blob(data, &digest) {
                     Ok((digest, size))
                 } else {
-                    match fetcher.get(&url(&path)) {
-                        // Upstream lists more compressions than it has
-                        // (Debian lists the uncompressed Packages).
-                        Err(e) => Err(e),
-                        Ok(r) => {
-                            let (d, s) = put_blob(data, r, Some((digest, size)), &path)?;
+                    match fetch_blob(data, fetcher, &url(&path), (digest, size), &path) {
+                        Ok(n) => {
                             prog.files_downloaded += 1;
-                            prog.bytes_downloaded += s;
-                            Ok((d, s))
+                            prog.bytes_downloaded += n;
+                            Ok((digest, size))
                         }
+                        // Upstream lists more compressions than it has
+                        // (Debian lists the uncompressed Packages); a
+                        // wrong hash is an error, not a missing file.
+                        Err(e) if is_fetch_error(&e) => Err(e),
+                        Err(e) => return Err(e),
                     }
                 };
                 match got {
@@ -597,9 +788,12 @@ pub fn sync_mirror(
                             let bytes = read_blob(data, &d.to_string())?;
                             let text = decompress(&path, &bytes)?;
                             parsed = Some(debian::parse_packages(&text, &path)?);
+                            if spec.recommends {
+                                recommends.extend(closure::parse_recommends(&text));
+                            }
                         }
                     }
-                    Err(e) => errors.push(e.to_string()),
+                    Err(e) => errors.push(format!("{e:#}")),
                 }
             }
             if let Some(arch) = arch {
@@ -621,8 +815,9 @@ pub fn sync_mirror(
         }
     }
 
-    // The closure, per architecture over every suite; then each chosen
-    // name's newest version in every suite that has it.
+    // The closure, per architecture over every suite, by name and
+    // version; then the chosen versions, and each chosen name's newest
+    // version in every suite that has it (so each suite stands alone).
     let mut debs: BTreeMap<String, (Digest, u64, String)> = BTreeMap::new();
     for (arch, per_suite) in &per_arch {
         prog.phase = format!("closure ({arch})");
@@ -631,27 +826,61 @@ pub fn sync_mirror(
             .iter()
             .flat_map(|(_, p)| p.iter().cloned())
             .collect();
-        let mut wanted = spec.packages.clone();
-        if spec.installer {
-            wanted.extend(udeb::netboot_packages(&all, arch));
+        let mut roots: BTreeMap<String, String> = BTreeMap::new();
+        for p in &all {
+            if let Some(prio @ ("required" | "important")) = p.priority.as_deref() {
+                roots
+                    .entry(p.name.clone())
+                    .or_insert_with(|| format!("priority {prio}"));
+            }
         }
-        let names = closure(&all, &wanted)?;
+        for n in &spec.packages {
+            roots.insert(n.clone(), format!("asked for by repo {}", spec.name));
+        }
+        // What the appliance's own installer needs on every target
+        // (kernel, boot loaders, mkfs tools), where the index has it.
+        for base in crate::osinstall::MIRROR_BASE {
+            if all.iter().any(|p| p.name == *base) {
+                roots
+                    .entry((*base).to_owned())
+                    .or_insert_with(|| "the appliance's installer".to_owned());
+            }
+        }
+        // The installer's netboot package (its kernel and initrd are what
+        // `import --repo` extracts).
+        if spec.installer {
+            for n in udeb::netboot_packages(&all, arch) {
+                roots
+                    .entry(n)
+                    .or_insert_with(|| "the Debian installer's netboot package".to_owned());
+            }
+        }
+        let roots: Vec<(String, String)> = roots.into_iter().collect();
+        let chosen = closure::resolve(&all, spec.recommends.then_some(&recommends), &roots)
+            .with_context(|| format!("resolving the closure for {arch}"))?;
+        let names: BTreeSet<&str> = chosen.iter().map(|(n, _)| n.as_str()).collect();
         for (_, pkgs) in per_suite {
             let newest = newest_by_name(pkgs);
-            for n in &names {
-                if let Some(p) = newest.get(n.as_str()) {
-                    if p.filename.starts_with('/') || p.filename.split('/').any(|s| s == "..") {
-                        bail!("{}: unsafe Filename {:?}", p.name, p.filename);
-                    }
-                    debs.insert(
-                        p.filename.clone(),
-                        (
-                            p.sha256,
-                            p.size,
-                            format!("{}_{}_{}", p.name, p.version, p.architecture),
-                        ),
-                    );
+            for p in pkgs {
+                let take = chosen.contains(&(p.name.clone(), p.version.clone()))
+                    || (names.contains(p.name.as_str())
+                        && newest
+                            .get(p.name.as_str())
+                            .is_some_and(|q| std::ptr::eq(*q, p)));
+                if !take {
+                    continue;
                 }
+                if p.filename.starts_with('/') || p.filename.split('/').any(|s| s == "..") {
+                    bail!("{}: unsafe Filename {:?}", p.name, p.filename);
+                }
+                debs.insert(
+                    p.filename.clone(),
+                    (
+                        p.sha256,
+                        p.size,
+                        format!("{}_{}_{}", p.name, p.version, p.architecture),
+                    ),
+                );
             }
         }
     }
@@ -691,6 +920,10 @@ pub fn sync_mirror(
         .collect::<BTreeMap<&str, u64>>()
         .values()
         .sum();
+    // Publish only a whole snapshot: every file it names is here.
+    prog.phase = "checking".into();
+    progress(&prog);
+    check_complete(data, &files)?;
     let manifest = Manifest {
         schema: MANIFEST_SCHEMA.into(),
         upstream: spec.upstream.clone(),

@@ -124,3 +124,243 @@ fn by_hash_names_come_from_the_signed_release() {
         "aa"
     );
 }
+
+fn stanza(name: &str, version: &str, prio: &str, fields: &str) -> String {
+    format!(
+        "Package: {name}\nVersion: {version}\nArchitecture: amd64\nPriority: {prio}\n\
+         Filename: pool/main/{name}_{version}_amd64.deb\nSize: 1\nSHA256: {}\n{fields}",
+        "0".repeat(64)
+    )
+}
+
+fn index(stanzas: &[String]) -> (String, Vec<Package>) {
+    let text = stanzas.join("\n");
+    let pkgs = debian::parse_packages(&text, "test").unwrap();
+    (text, pkgs)
+}
+
+fn roots(names: &[&str]) -> Vec<(String, String)> {
+    names
+        .iter()
+        .map(|n| (n.to_string(), "asked for by repo t".to_string()))
+        .collect()
+}
+
+#[test]
+fn versioned_dependencies_pick_the_newest_version_that_satisfies_them() {
+    let (_, idx) = index(&[
+        stanza(
+            "app",
+            "1",
+            "optional",
+            "Depends: libc (>= 2), libold (<< 2), virt\n",
+        ),
+        stanza("libc", "1", "optional", ""),
+        stanza("libc", "2", "optional", ""),
+        stanza("libc", "3", "optional", ""),
+        stanza("libold", "1.5", "optional", ""),
+        stanza("libold", "2.1", "optional", ""),
+        stanza("prov-b", "1", "optional", "Provides: virt\n"),
+        stanza("prov-a", "1", "optional", "Provides: virt\n"),
+        stanza("tool", "1", "optional", "Depends: libc (= 2)\n"),
+        // `awk` is met by mawk, a root still waiting when base is taken.
+        stanza("base", "1", "required", "Pre-Depends: awk\n"),
+        stanza("gawk", "1", "optional", "Provides: awk\n"),
+        stanza("mawk", "1", "required", "Provides: awk\n"),
+        // `lsb` is a real package and provided: apt takes the real one.
+        stanza("sysv", "1", "required", "Provides: lsb\n"),
+        stanza("lsb", "11", "optional", ""),
+        stanza("sshd", "1", "optional", "Depends: lsb\n"),
+    ]);
+    let got = closure::resolve(
+        &idx,
+        None,
+        &roots(&["app", "base", "mawk", "sshd", "sysv", "tool"]),
+    )
+    .unwrap();
+    let got: Vec<String> = got.iter().map(|(n, v)| format!("{n}={v}")).collect();
+    // libc 3 for app (newest >= 2), libc 2 too for tool (= 2), libold
+    // 1.5 (<< 2: not the newest), the first provider of virt by name.
+    assert_eq!(
+        got,
+        [
+            "app=1",
+            "base=1",
+            "libc=2",
+            "libc=3",
+            "libold=1.5",
+            "lsb=11",
+            "mawk=1",
+            "prov-a=1",
+            "sshd=1",
+            "sysv=1",
+            "tool=1"
+        ]
+    );
+    assert!(closure::satisfies("1:1.0", Some(">> 2.0")));
+    assert!(closure::satisfies("2.36-9+deb12u4", Some(">= 2.36")));
+    assert!(!closure::satisfies("2.36~rc1", Some(">= 2.36")));
+}
+
+#[test]
+fn recommends_are_followed_only_when_the_repo_says_installs_take_them() {
+    let (text, idx) = index(&[
+        stanza(
+            "app",
+            "1",
+            "optional",
+            "Depends: lib\nRecommends: extra | gone, missing-rec\n",
+        ),
+        stanza("lib", "1", "optional", ""),
+        stanza("extra", "1", "optional", "Depends: lib\n"),
+    ]);
+    let recs = closure::parse_recommends(&text);
+    let names = |set: BTreeSet<(String, String)>| -> Vec<String> {
+        set.into_iter().map(|(n, _)| n).collect()
+    };
+    let without = closure::resolve(&idx, None, &roots(&["app"])).unwrap();
+    assert_eq!(names(without), ["app", "lib"]);
+    // A recommendation nothing satisfies is skipped, as apt does.
+    let with = closure::resolve(&idx, Some(&recs), &roots(&["app"])).unwrap();
+    assert_eq!(names(with), ["app", "extra", "lib"]);
+}
+
+#[test]
+fn a_missing_package_is_an_error_naming_it_and_who_needs_it() {
+    let (_, idx) = index(&[
+        stanza("base", "1", "required", ""),
+        stanza(
+            "app",
+            "1",
+            "optional",
+            "Depends: base, libfoo (>= 3) | libbar\n",
+        ),
+        stanza("libfoo", "2", "optional", ""),
+    ]);
+    let err = closure::resolve(&idx, None, &roots(&["app"])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "package app 1 needs libfoo (>= 3) | libbar, which no package in the mirror's index \
+         satisfies (the index has libfoo 2)"
+    );
+    let err = closure::resolve(&idx, None, &roots(&["nope"])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "package nope (asked for by repo t) is not in the mirror's index"
+    );
+}
+
+#[test]
+fn a_snapshot_with_a_missing_blob_is_not_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, n) = put_blob(dir.path(), &b"present"[..], None, "a").unwrap();
+    let mut files = BTreeMap::new();
+    files.insert(
+        "dists/t/InRelease".to_string(),
+        FileRef {
+            digest: d.to_string(),
+            size: n,
+        },
+    );
+    check_complete(dir.path(), &files).unwrap();
+    files.insert(
+        "pool/main/x.deb".to_string(),
+        FileRef {
+            digest: Digest::of(b"absent").to_string(),
+            size: 6,
+        },
+    );
+    let err = check_complete(dir.path(), &files).unwrap_err().to_string();
+    assert!(
+        err.contains("pool/main/x.deb") && err.contains("not on this node"),
+        "{err}"
+    );
+}
+
+/// A fetcher over a map that serves at most `cut` bytes of a file per
+/// request (a dropped connection), honouring offsets when `ranges`.
+struct Flaky {
+    files: HashMap<String, Vec<u8>>,
+    cut: usize,
+    ranges: bool,
+    calls: std::sync::Mutex<Vec<(String, u64)>>,
+}
+
+impl Fetch for Flaky {
+    fn get(&self, url: &str) -> Result<Box<dyn Read + Send>, debian::DebianError> {
+        Ok(self.get_from(url, 0)?.0)
+    }
+    fn get_from(
+        &self,
+        url: &str,
+        offset: u64,
+    ) -> Result<(Box<dyn Read + Send>, bool), debian::DebianError> {
+        self.calls.lock().unwrap().push((url.to_owned(), offset));
+        let b = self
+            .files
+            .get(url)
+            .ok_or_else(|| debian::DebianError::Fetch {
+                url: url.to_owned(),
+                detail: "404".into(),
+            })?;
+        let from = if self.ranges { offset as usize } else { 0 };
+        let end = from.saturating_add(self.cut).min(b.len());
+        Ok((
+            Box::new(std::io::Cursor::new(b[from..end].to_vec())),
+            self.ranges,
+        ))
+    }
+}
+
+#[test]
+fn cut_downloads_resume_with_ranges_or_restart_cleanly() {
+    let body: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    let want = (Digest::of(&body), body.len() as u64);
+    for ranges in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Flaky {
+            files: [("u".to_string(), body.clone())].into(),
+            cut: 4000,
+            ranges,
+            calls: Default::default(),
+        };
+        let r = fetch_blob(dir.path(), &f, "u", want, "pool/x.deb");
+        if ranges {
+            assert_eq!(r.unwrap(), 10_000);
+            let offsets: Vec<u64> = f.calls.lock().unwrap().iter().map(|c| c.1).collect();
+            assert_eq!(offsets, [0, 4000, 8000]);
+            assert_eq!(
+                std::fs::read(blob_path(dir.path(), &want.0.to_string()).unwrap()).unwrap(),
+                body
+            );
+        } else {
+            // Never more than 4000 bytes: each retry restarts from 0, and
+            // the error says what happened; the partial stays for later.
+            let err = format!("{:#}", r.unwrap_err());
+            assert!(
+                err.contains("pool/x.deb") && err.contains("cut short"),
+                "{err}"
+            );
+            assert!(!has_blob(dir.path(), &want.0));
+            assert_eq!(
+                std::fs::metadata(partial_path(dir.path(), &want.0))
+                    .unwrap()
+                    .len(),
+                4000
+            );
+        }
+    }
+    // A partial that does not belong to the file is dropped, not kept.
+    let dir = tempfile::tempdir().unwrap();
+    let part = partial_path(dir.path(), &want.0);
+    std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+    std::fs::write(&part, vec![0xffu8; 5000]).unwrap();
+    let f = Flaky {
+        files: [("u".to_string(), body.clone())].into(),
+        cut: usize::MAX,
+        ranges: true,
+        calls: Default::default(),
+    };
+    fetch_blob(dir.path(), &f, "u", want, "x").unwrap();
+    assert!(has_blob(dir.path(), &want.0) && !part.exists());
+}

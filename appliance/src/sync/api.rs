@@ -186,6 +186,9 @@ struct HeadQ {
     head: Option<String>,
     /// The parent head the child last recorded: is it still held here?
     base: Option<String>,
+    /// The hash of the child's blob list: when it equals ours, the child
+    /// holds every blob we do (recorded for bundle export).
+    blobs: Option<String>,
 }
 
 async fn state_info(
@@ -193,10 +196,18 @@ async fn state_info(
     Path(node): Path<String>,
     Query(q): Query<HeadQ>,
 ) -> Result<Json<super::StateInfo>, ApiError> {
-    node_id(&node)?;
+    let id = node_id(&node)?;
     let n = st.node.clone();
     Ok(Json(
-        blocking(move || n.state_info(q.head.as_deref(), q.base.as_deref())).await?,
+        blocking(move || {
+            let info = n.state_info(q.head.as_deref(), q.base.as_deref())?;
+            if q.blobs.is_some() && q.blobs.as_deref() == Some(info.blobs.as_str()) {
+                let ours = n.blob_list()?;
+                n.note_peer_blobs(&id.to_string(), ours.iter().map(String::as_str), true)?;
+            }
+            Ok(info)
+        })
+        .await?,
     ))
 }
 
@@ -210,9 +221,11 @@ async fn blobs(
     Path(node): Path<String>,
     Json(h): Json<Have>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    node_id(&node)?;
+    let id = node_id(&node)?;
     let n = st.node.clone();
     blocking(move || {
+        // The child's whole list: what a bundle for it may leave out.
+        n.note_peer_blobs(&id.to_string(), h.have.iter().map(String::as_str), true)?;
         let ours = n.blob_list()?;
         let theirs: std::collections::BTreeSet<&String> = h.have.iter().collect();
         let ours_set: std::collections::BTreeSet<&String> = ours.iter().collect();

@@ -84,8 +84,14 @@ pub fn export(node: &SyncNode, for_node: Option<&str>, out: impl Write) -> Resul
         }
     }
     let (pack, objects) = node.build_pack(&git::parse_hex_oid(&head)?, &have)?;
+    // Only the blobs the receiver is not known to hold (from its last
+    // sync with us, or bundles it sent us).
+    let known = match for_node {
+        Some(peer) => node.peer_blobs(peer)?,
+        None => Default::default(),
+    };
     let mut blobs = Vec::new();
-    for hex in node.blob_list()? {
+    for hex in node.blob_list()?.into_iter().filter(|h| !known.contains(h)) {
         let size = std::fs::metadata(node.blob_dir().join(&hex))?.len();
         blobs.push(BlobRef {
             digest: format!("sha256:{hex}"),
@@ -233,6 +239,15 @@ pub fn import(node: &SyncNode, path: &Path) -> Result<ImportReport> {
     }
     let merge = node.merge(&head, &format!("bundle-{}", header.from))?;
     node.note_peer(&header.from.to_string(), &header.head)?;
+    // The sender holds what it sent.
+    node.note_peer_blobs(
+        &header.from.to_string(),
+        header
+            .blobs
+            .iter()
+            .filter_map(|b| b.digest.strip_prefix("sha256:")),
+        false,
+    )?;
     Ok(ImportReport {
         from: header.from,
         objects: n,

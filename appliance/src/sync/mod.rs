@@ -44,6 +44,9 @@ use crate::parent::ParentLink;
 pub const SYNC_FILE: &str = "state/sync.json";
 /// Node-local record of the heads each peer is known to have.
 pub const PEERS_FILE: &str = "state/sync-peers.json";
+/// Node-local record of the blobs each peer is known to hold
+/// (`<dir>/<node id>.json`), so a bundle for it carries only the others.
+pub const PEER_BLOBS_DIR: &str = "state/sync-peer-blobs";
 /// How far ahead of the parent's clock a pushed stamp may be (a child with
 /// a clock far in the future would otherwise win every merge for as long).
 pub const MAX_SKEW_MS: u64 = 3_600_000;
@@ -368,6 +371,49 @@ impl SyncNode {
             .map(str::to_owned))
     }
 
+    fn peer_blobs_path(&self, peer: &str) -> Result<PathBuf> {
+        // Peers are node ids (uuids): nothing else names a file here.
+        let id: Uuid = peer
+            .parse()
+            .with_context(|| format!("{peer:?} is not a node id"))?;
+        Ok(self
+            .data
+            .join(PEER_BLOBS_DIR)
+            .join(format!("{}.json", id.hyphenated())))
+    }
+
+    /// Records blobs `peer` is known to hold: `complete` when `blobs` is its
+    /// whole list (it told us), else added to what was known (blobs are
+    /// immutable and never removed, so knowledge only grows).
+    pub fn note_peer_blobs<'a>(
+        &self,
+        peer: &str,
+        blobs: impl IntoIterator<Item = &'a str>,
+        complete: bool,
+    ) -> Result<()> {
+        let path = self.peer_blobs_path(peer)?;
+        let old = self.peer_blobs(peer)?;
+        let mut set = if complete {
+            Default::default()
+        } else {
+            old.clone()
+        };
+        set.extend(blobs.into_iter().filter(|h| is_hex64(h)).map(str::to_owned));
+        if set == old && path.exists() {
+            return Ok(()); // a quiet sync writes nothing
+        }
+        write_json(&path, &set)
+    }
+
+    /// The blobs `peer` is known to hold (empty when nothing is known, or
+    /// `peer` is not a node id).
+    pub fn peer_blobs(&self, peer: &str) -> Result<std::collections::BTreeSet<String>> {
+        match self.peer_blobs_path(peer) {
+            Ok(p) => read_json(&p),
+            Err(_) => Ok(Default::default()),
+        }
+    }
+
     /// Bytes already received of blob `hex` (0 when none).
     pub fn partial_len(&self, hex: &str) -> u64 {
         std::fs::metadata(self.partial_dir().join(hex))
@@ -486,6 +532,8 @@ impl SyncNode {
         if let Some(b) = &recorded {
             q.push(format!("base={b}"));
         }
+        let our_hash = Self::blob_hash(&blobs);
+        q.push(format!("blobs={}", our_hash.replace(':', "%3A")));
         let q = if q.is_empty() {
             String::new()
         } else {
@@ -498,14 +546,19 @@ impl SyncNode {
         )
         .context("parsing the parent's state")?;
         rep.round_trips += 1;
-        if st.head == head && st.blobs == Self::blob_hash(&blobs) {
+        let parent = link.parent_node_id.to_string();
+        if st.head == head && st.blobs == our_hash {
+            self.note_peer_blobs(&parent, blobs.iter().map(String::as_str), true)?;
             rep.state = st.state;
             rep.parent_head = st.head;
             return Ok(rep);
         }
         // Blobs first, so the parent never holds state naming a blob it lacks.
-        if st.blobs != Self::blob_hash(&blobs) {
+        if st.blobs != our_hash {
             self.exchange_blobs(&client, &base, &blobs, &mut rep)?;
+            // The parent holds every blob we held and every one we fetched.
+            let now = self.blob_list()?;
+            self.note_peer_blobs(&parent, now.iter().map(String::as_str), false)?;
         }
         let mut parent_head = st.head.clone();
         if let (Some(h), false) = (&head, st.known) {
@@ -639,6 +692,20 @@ impl SyncNode {
             }
             self.finish_blob(hex, &path)?;
             rep.blobs_down += 1;
+        }
+        if !a.child_lacks.is_empty() {
+            // Tell the parent what we hold now (it answers what each side
+            // lacks; the answer is not needed), so a bundle it exports for
+            // us carries only what we lack.
+            let now = self.blob_list()?;
+            client
+                .json(
+                    "POST",
+                    &format!("{base}/blobs"),
+                    Some(&serde_json::json!({"have": now})),
+                )
+                .context("confirming the blobs received")?;
+            rep.round_trips += 1;
         }
         Ok(())
     }
