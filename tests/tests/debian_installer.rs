@@ -17,9 +17,12 @@
 //!    preseed profile (`console=ttyS0`).
 //! 3. VM B, blank, under OVMF: PXE → iPXE → the d-i kernel and initrd from
 //!    A → the rendered preseed → reports `start` (early_command, wget) →
-//!    accepts A's mirror (Release + Release.gpg) → "Loading additional
-//!    components", read from B's serial console; A's mirror lists the
-//!    udebs upstream did not serve.
+//!    accepts A's mirror (Release + Release.gpg, the architecture) →
+//!    "Loading additional components" → fails retrieving the first udeb
+//!    upstream did not serve ("Download installer components"), read from
+//!    B's serial console: that udeb is on A's list of missing ones. That is
+//!    where this test stops: the host's archive has no more of the
+//!    installer to give.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -238,9 +241,17 @@ fn the_debian_installer_boots_from_the_appliance_and_accepts_its_mirror() {
     );
 
     let b = boot_blank(Firmware::Ovmf, &wire, mac, 8 << 30, &work.path().join("b")).unwrap();
+    // The boundary of this machine's package source: d-i checks A's
+    // mirror (choose-mirror: Release, its signature, the architecture),
+    // anna reads the signed debian-installer index from it and starts
+    // "Loading additional components"; the first udeb it retrieves is one
+    // upstream answered 404 for (recorded missing by A's sync), so A
+    // answers 404 too and d-i stops at "Download installer components".
+    // With an archive that serves the udebs, d-i would go on from there.
+    const FAILED: &str = "Download installer components";
     let deadline = Instant::now() + Duration::from_secs(900);
     let mut started = false;
-    loop {
+    let serial = loop {
         if !started {
             // The preseed's early_command (d-i's own wget) reported start.
             let s = api(
@@ -251,17 +262,52 @@ fn the_debian_installer_boots_from_the_appliance_and_accepts_its_mirror() {
             started = s.body.contains("\"event\":\"start\"");
         }
         let serial = b.serial();
-        if started && serial.contains("Loading additional components") {
-            break;
+        if started && serial.contains(FAILED) {
+            break serial;
         }
         assert!(
             Instant::now() < deadline,
-            "the installer did not reach \"Loading additional components\" (start reported: {started})\n--- B serial (last 6000 bytes):\n{}\n--- events:\n{}",
+            "the installer did not reach the missing udebs (\"{FAILED}\"; start reported: {started})\n--- B serial (last 6000 bytes):\n{}\n--- events:\n{}",
             &serial[serial.len().saturating_sub(6000)..],
             api("GET", &format!("/api/v1/events?mac={mac}&limit=100"), None).body
         );
         std::thread::sleep(Duration::from_secs(2));
+    };
+    let tail = &serial[serial.len().saturating_sub(6000)..];
+    let at = |needle: &str| {
+        serial
+            .find(needle)
+            .unwrap_or_else(|| panic!("no {needle:?} on B's serial console:\n{tail}"))
+    };
+    // In order: the mirror checked and accepted, components loading, the
+    // download failure.
+    let checked = at("Checking the Debian archive mirror");
+    let loading = at("Loading additional components");
+    let failed = at(FAILED);
+    assert!(checked < loading && loading < failed, "{tail}");
+    for refused in ["Architecture not supported", "Bad archive mirror"] {
+        assert!(!serial.contains(refused), "d-i refused A's mirror: {tail}");
     }
+    // What anna was retrieving when the download failed is a udeb A's
+    // sync recorded as missing (upstream's 404), not one A has.
+    let retrieving = serial[loading..failed]
+        .rmatch_indices("Retrieving ")
+        .next()
+        .map(|(i, r)| &serial[loading + i + r.len()..failed])
+        .unwrap_or_else(|| panic!("no \"Retrieving …\" before the failure: {tail}"));
+    let component: String = retrieving
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || "-+.".contains(*c))
+        .collect();
+    assert!(
+        !component.is_empty()
+            && missing.iter().any(|m| m["package"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{component}_"))),
+        "d-i failed retrieving {component:?}, which A's sync did not record as missing: {st}\n{tail}"
+    );
+    eprintln!("d-i accepted A's mirror and stopped retrieving {component} (missing upstream)");
     let ev = api("GET", &format!("/api/v1/events?mac={mac}&limit=500"), None).body;
     for kind in ["dhcp.ack", "tftp.transfer", "http.ipxe", "install.status"] {
         assert!(
