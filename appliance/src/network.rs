@@ -143,6 +143,7 @@ pub struct Networks {
     inner: Arc<tokio::sync::Mutex<BTreeMap<String, Running>>>,
     data: PathBuf,
     events: Events,
+    local_boot: Arc<std::sync::OnceLock<crate::dhcp::LocalBootCheck>>,
 }
 
 /// A network in `GET /api/v1/networks`.
@@ -155,11 +156,18 @@ pub struct NetworkStatus {
 }
 
 impl Networks {
+    /// Tells every DHCP server (running or started later) which machines
+    /// boot from their disk: those get no boot file. Set once.
+    pub fn set_local_boot(&self, check: crate::dhcp::LocalBootCheck) {
+        let _ = self.local_boot.set(check);
+    }
+
     pub fn new(data: &Path, events: Events) -> Networks {
         Networks {
             inner: Default::default(),
             data: data.to_path_buf(),
             events,
+            local_boot: Default::default(),
         }
     }
 
@@ -299,7 +307,10 @@ impl Networks {
         let tftp = self.spawn_tftp(plan.addr)?;
         let (tx, rx) = broadcast::channel::<DhcpEvent>(1024);
         let mut tasks = vec![tftp];
-        let backend = Arc::new(crate::dhcp::boot::DefaultBootBackend::new(&base));
+        let backend = Arc::new(crate::dhcp::PolicyBootBackend {
+            default: crate::dhcp::DefaultBootBackend::new(&base),
+            local: self.local_boot.clone(),
+        });
         let iface = spec.iface.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = crate::dhcp::server::serve(cfg, backend, tx).await {

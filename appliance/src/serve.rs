@@ -123,6 +123,16 @@ pub fn build_state(opts: &ServeOptions) -> AppState {
 /// Runs the server until SIGTERM/SIGINT.
 pub async fn run(opts: ServeOptions) -> Result<()> {
     crate::http::server::raise_file_limit();
+    // A new data directory is created (as `git init` would); one that
+    // cannot be is a degraded reason below, not a refusal to serve.
+    if !opts.data.exists() {
+        match std::fs::create_dir_all(&opts.data) {
+            Ok(()) => tracing::info!(data = %opts.data.display(), "created the data directory"),
+            Err(e) => {
+                tracing::error!(data = %opts.data.display(), error = %e, "cannot create the data directory")
+            }
+        }
+    }
     let mut state = build_state(&opts);
     let events = crate::events::Events::new();
     // The inventory (issue 6): `<data>/inventory` and `<data>/state/tokens.json`.
@@ -276,6 +286,20 @@ pub async fn build_app(
     // replication (registered replicas install, installed ones boot
     // locally), then the inventory.
     let inv_policy = inventory.as_ref().map(|inv| inv.boot_policy());
+    {
+        // The DHCP side of the same decision: a system with netboot off,
+        // for which no clone job or replication has work, boots its disk.
+        let (c, r, inv) = (cloning.clone(), replication.clone(), inv_policy.clone());
+        networks.set_local_boot(Arc::new(move |mac: &str| {
+            c.ipxe_for_mac(mac, "").is_none()
+                && r.ipxe_for_mac(mac, "").is_none()
+                && inv.as_ref().is_some_and(|inv| {
+                    crate::inventory::fresh_read(inv)
+                        .system_by_mac(mac)
+                        .is_some_and(|s| !s.netboot)
+                })
+        }));
+    }
     let policy: Option<crate::pxe::BootPolicy> = Some(Arc::new(move |mac: &str, server: &str| {
         use crate::inventory::boot::BootPolicy as _;
         cloning

@@ -130,3 +130,37 @@ fn help_fits_80_columns() {
         }
     }
 }
+
+#[test]
+fn serve_creates_a_missing_data_directory_and_keeps_its_node_id_there() {
+    let parent = tempfile::tempdir().unwrap();
+    let data = parent.path().join("new/data");
+    let child = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let (status, body) = http(
+        &addr,
+        "GET /api/v1/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let degraded = v["degraded"].to_string();
+    assert!(!degraded.contains("node id"), "{degraded}");
+    let stored = std::fs::read_to_string(data.join("state/node.json")).unwrap();
+    assert!(stored.contains(v["node_id"].as_str().unwrap()));
+}

@@ -241,16 +241,15 @@ fn blank_uefi_machine_installs_debian_12_from_the_appliance_alone() {
         started.elapsed().as_secs_f64(),
         r["report"]
     );
-    // Netboot is off. The machine boots its disk first, the network second
-    // (as servers are set up; the blank disk fell through to PXE above).
-    // Network-first machines rely on iPXE's `exit` returning to the
-    // firmware, which Debian 12's ipxe.efi under OVMF did not do here.
+    // Netboot is off. The machine now boots the network first: the
+    // appliance's DHCP gives it an address but no boot file, so its
+    // firmware goes on to the disk (iPXE's `exit` under OVMF did not).
     let sys = api(port, "GET", "/api/v1/systems/web1", "", &token);
     assert_eq!(sys["netboot"], false, "{sys}");
     drop(b);
 
     let boot2 = Instant::now();
-    let b = boot_machine(Firmware::Ovmf, &wire, mac, &disk, &bdir, 1024, 2, true).unwrap();
+    let b = boot_machine(Firmware::Ovmf, &wire, mac, &disk, &bdir, 1024, 2, false).unwrap();
     let r = loop {
         let r = record(port, mac, &token).expect("an install record");
         if r["state"] == "booted" {
@@ -285,6 +284,12 @@ fn blank_uefi_machine_installs_debian_12_from_the_appliance_alone() {
         );
         std::thread::sleep(Duration::from_secs(1));
     }
+    // The network came first but offered nothing to boot: no iPXE ran.
+    assert!(
+        !b.serial().contains("iPXE initialising"),
+        "a machine with netboot off was given iPXE:\n{}",
+        b.serial()
+    );
     let ev = http::request_with_token(
         port,
         "GET",

@@ -141,6 +141,36 @@ pub fn classify(p: &Packet<'_>) -> ClientClass {
     }
 }
 
+/// Whether everything the appliance knows (open jobs, replication, the
+/// inventory) says this MAC (`aa:bb:…`) boots from its own disk now.
+pub type LocalBootCheck = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// [`DefaultBootBackend`], except that a machine the appliance has decided
+/// boots from its disk (a system with netboot off and no job open) gets
+/// an address but no boot file: its firmware finds nothing to boot on the
+/// network and goes on to the next boot option, its disk. Answering such
+/// a machine with iPXE and an `exit` script relied on iPXE handing control
+/// back to the firmware, which Debian 12's `ipxe.efi` under OVMF does not
+/// do, so network-first machines never reached their disk.
+#[derive(Clone)]
+pub struct PolicyBootBackend {
+    pub default: DefaultBootBackend,
+    /// Filled once the server's jobs and inventory exist (networks are
+    /// restored before them); until then every MAC gets the default.
+    pub local: std::sync::Arc<std::sync::OnceLock<LocalBootCheck>>,
+}
+
+impl BootBackend for PolicyBootBackend {
+    fn boot_decision(&self, mac: MacAddr, class: ClientClass) -> BootDecision {
+        if let Some(local) = self.local.get() {
+            if local(&mac.to_string()) {
+                return BootDecision::LocalBoot;
+            }
+        }
+        self.default.boot_decision(mac, class)
+    }
+}
+
 /// The standard policy: BIOS PXE → `undionly.kpxe`, UEFI PXE →
 /// `ipxe.efi` (`ipxe-arm64.efi` on arm64) over TFTP; UEFI HTTP boot →
 /// `<base>/boot/ipxe.efi`; iPXE → `<base>/boot/<mac>.ipxe`.
@@ -264,6 +294,33 @@ mod tests {
         assert_eq!(
             b.boot_decision(MAC, ClientClass::Unknown),
             BootDecision::Ignore
+        );
+    }
+
+    #[test]
+    fn a_machine_decided_local_gets_no_boot_file_and_others_the_default() {
+        let local: LocalBootCheck = std::sync::Arc::new(|mac: &str| mac == "02:00:00:00:00:09");
+        let b = PolicyBootBackend {
+            default: DefaultBootBackend::new("http://10.0.0.1"),
+            local: Default::default(),
+        };
+        // Before the server's policy exists: the default.
+        assert_eq!(
+            b.boot_decision(MAC, ClientClass::UefiX64Pxe),
+            BootDecision::Chain {
+                tftp_file: "ipxe.efi".into()
+            }
+        );
+        b.local.set(local).ok().unwrap();
+        assert_eq!(
+            b.boot_decision(MAC, ClientClass::UefiX64Pxe),
+            BootDecision::LocalBoot
+        );
+        assert_eq!(
+            b.boot_decision(MacAddr([2, 0, 0, 0, 0, 8]), ClientClass::BiosPxe),
+            BootDecision::Chain {
+                tftp_file: "undionly.kpxe".into()
+            }
         );
     }
 }

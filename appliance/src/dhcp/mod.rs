@@ -12,7 +12,9 @@ pub mod packet;
 pub mod ra;
 pub mod server;
 
-pub use boot::{BootBackend, BootDecision, ClientClass, DefaultBootBackend};
+pub use boot::{
+    BootBackend, BootDecision, ClientClass, DefaultBootBackend, LocalBootCheck, PolicyBootBackend,
+};
 pub use packet::MacAddr;
 pub use server::{
     probe_other_servers, serve, DhcpEvent, DhcpEventKind, DhcpMode, DhcpServerConfig,

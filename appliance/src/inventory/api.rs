@@ -827,12 +827,46 @@ fn peer(caller: &Caller) -> String {
     caller.peer.map(|p| p.ip().to_string()).unwrap_or_default()
 }
 
+/// A tokenless install report speaks for `name` only from an address this
+/// appliance's DHCP leased to one of the system's MACs, or from an address
+/// it never leased (another DHCP server's network: nothing to check
+/// against, as for agent check-ins). Without this any machine could turn
+/// any system's netboot off, or forge its install history.
+fn check_reporter(st: &InvState, name: &str, caller: &Caller) -> Result<(), ApiError> {
+    let Some(ip) = caller.peer.map(|p| p.ip()) else {
+        return Ok(());
+    };
+    let Some(leased) = st.events.mac_of(ip) else {
+        return Ok(());
+    };
+    let inv = st.read();
+    let sys = inv.system(name).ok_or_else(|| InvError::NotFound {
+        kind: Kind::System,
+        name: name.to_owned(),
+    })?;
+    let ours = sys
+        .interfaces
+        .iter()
+        .filter_map(|i| crate::net::parse_mac(&i.mac))
+        .any(|m| crate::net::parse_mac(&leased) == Some(m));
+    if ours {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "lease_mismatch",
+            format!("{ip} was leased to {leased}, which is not an interface of system {name}"),
+        ))
+    }
+}
+
 async fn report_status(
     State(st): S,
     caller: Caller,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Json<StatusRow>, ApiError> {
+    check_reporter(&st, &name, &caller)?;
     let r: StatusReport = serde_json::from_slice(&body).map_err(|e| {
         bad_request(format!(
             "expected {{\"event\": \"start|finish|failure\"}}: {e}"
@@ -863,6 +897,7 @@ async fn report_event(
     caller: Caller,
     Path((name, event)): Path<(String, String)>,
 ) -> Result<Json<StatusRow>, ApiError> {
+    check_reporter(&st, &name, &caller)?;
     Ok(Json(record(
         &st,
         &name,
@@ -877,6 +912,7 @@ async fn cobbler_nopxe(
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<&'static str, ApiError> {
+    check_reporter(&st, &name, &caller)?;
     record(&st, &name, Event::Finish, "nopxe", &peer(&caller))?;
     Ok("True")
 }
@@ -886,6 +922,7 @@ async fn cobbler_trig(
     caller: Caller,
     Path((mode, name)): Path<(String, String)>,
 ) -> Result<&'static str, ApiError> {
+    check_reporter(&st, &name, &caller)?;
     record(&st, &name, parse_event(&mode)?, "trigger", &peer(&caller))?;
     Ok("True")
 }

@@ -831,6 +831,83 @@ impl Api {
     }
 }
 
+impl Api {
+    /// A tokenless POST from the TCP peer `peer`.
+    async fn post_from(&self, uri: &str, peer: &str) -> (StatusCode, String) {
+        let peer: std::net::SocketAddr = peer.parse().unwrap();
+        let mut req = Request::post(uri)
+            .header("host", "10.0.0.1:8080")
+            .body(Body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn netboot(&self, system: &str) -> bool {
+        self.state
+            .inventory
+            .read()
+            .unwrap()
+            .system(system)
+            .unwrap()
+            .netboot
+    }
+}
+
+#[tokio::test]
+async fn a_leased_address_reports_install_status_only_for_its_own_system() {
+    let a = api();
+    // Our DHCP leased .50 to web1's MAC and .51 to another machine.
+    a.state
+        .events
+        .learn("10.0.0.50".parse().unwrap(), "aa:bb:cc:00:00:01");
+    a.state
+        .events
+        .learn("10.0.0.51".parse().unwrap(), "52:54:00:99:99:99");
+    for uri in [
+        "/api/v1/systems/web1/status/finish",
+        "/cblr/svc/op/nopxe/system/web1",
+        "/cblr/svc/op/trig/mode/post/system/web1",
+    ] {
+        let (s, body) = a.post_from(uri, "10.0.0.51:40000").await;
+        assert_eq!(
+            (s, code(&body).as_str()),
+            (StatusCode::FORBIDDEN, "lease_mismatch"),
+            "{uri}: {body}"
+        );
+        assert!(
+            a.netboot("web1"),
+            "{uri} from another machine turned netboot off"
+        );
+    }
+    let (s, body) = a
+        .post_from("/api/v1/systems/web1/status/start", "10.0.0.51:1")
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert!(a.state.status.lock().unwrap().get("web1").is_none());
+    // The machine itself may.
+    let (s, body) = a
+        .post_from("/api/v1/systems/web1/status/finish", "10.0.0.50:40000")
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(!a.netboot("web1"));
+}
+
+#[tokio::test]
+async fn an_address_this_appliance_never_leased_reports_as_before() {
+    // Another DHCP server's network: there is nothing to check against.
+    let a = api();
+    let (s, body) = a
+        .post_from("/api/v1/systems/web1/status/finish", "192.0.2.7:40000")
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(!a.netboot("web1"));
+}
+
 fn code(body: &str) -> String {
     serde_json::from_str::<Value>(body).unwrap()["code"]
         .as_str()

@@ -177,13 +177,27 @@ impl MirrorIndex {
                 );
             }
         }
-        let names: Vec<&str> = roots.iter().map(String::as_str).collect();
-        debian::resolve(&self.all, &names, true).map_err(|e| {
+        // The mirror's own resolver, so the agent wants exactly the files
+        // a sync of these roots fetched (e.g. `awk` is the `mawk` already
+        // chosen, not the first provider by name).
+        let roots: Vec<(String, String)> =
+            roots.iter().map(|r| (r.clone(), why.to_owned())).collect();
+        let chosen = crate::repo::closure::resolve(&self.all, None, &roots).map_err(|e| {
             anyhow!(
                 "resolving {why} in the mirror {:?}: {e} (a dependency is missing from the mirror: sync it again, or add the package to the repo's packages)",
                 self.mirror.name
             )
-        })
+        })?;
+        let mut seen = BTreeSet::new();
+        Ok(self
+            .all
+            .iter()
+            .filter(|p| {
+                let key = (p.name.clone(), p.version.clone());
+                chosen.contains(&key) && seen.insert(key)
+            })
+            .cloned()
+            .collect())
     }
 
     /// Whether the mirror serves `p`'s pool file (a partial mirror keeps

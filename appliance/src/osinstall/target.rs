@@ -145,6 +145,11 @@ fn install(
     for extra in ["apt", "debconf", "e2fsprogs"] {
         stage1_roots.push(extra.into());
     }
+    // Debian's awk (Priority: required, as debootstrap installs it), so
+    // base-files' `awk` is met by it and not by the first provider found.
+    if index.has("mawk") {
+        stage1_roots.push("mawk".into());
+    }
     if firmware == "uefi" {
         stage1_roots.push("dosfstools".into());
     }
