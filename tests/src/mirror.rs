@@ -5,7 +5,7 @@
 //! the upstream Release); the first API token is kept beside it.
 
 use std::io::BufRead;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
@@ -60,17 +60,57 @@ impl HostMirror {
     /// Start it and sync repo `bookworm` (main, amd64) from the Debian
     /// archive in the host's apt sources.
     pub fn start() -> Result<HostMirror, String> {
-        let data = workspace_root().join("target/osinstall-mirror");
+        let mut m = HostMirror::serve(&workspace_root().join("target/osinstall-mirror"))?;
+        let (url, token) = (m.url(), m.token.clone());
+        let sources = bundle::apt::host_sources().map_err(|e| e.to_string())?;
+        let (upstream, suite) = bundle::apt::debian_archive(&sources).map_err(|e| e.to_string())?;
+        if suite != "bookworm" {
+            return Err(format!("the host's Debian suite is {suite}; the install test installs Debian 12 (bookworm)"));
+        }
+        if !cli(&url, &token, &["repo", "list"]).contains("bookworm") {
+            cli(
+                &url,
+                &token,
+                &[
+                    "repo",
+                    "add",
+                    "bookworm",
+                    "--breed",
+                    "apt",
+                    "--mirror",
+                    &upstream,
+                    "--set",
+                    r#"suites=["bookworm"]"#,
+                    "--set",
+                    r#"components=["main"]"#,
+                    "--set",
+                    r#"arches=["amd64"]"#,
+                    "--set",
+                    r#"packages=["less"]"#,
+                ],
+            );
+        }
+        let t = Instant::now();
+        cli(&url, &token, &["repo", "sync", "bookworm"]);
+        m.sync_secs = t.elapsed().as_secs_f64();
+        Ok(m)
+    }
+
+    /// `appliance serve` on a loopback port with the data directory
+    /// `data`, kept between runs (its first API token is kept beside it,
+    /// in `test-token`; without that file the directory is started
+    /// afresh). Repos and syncs are the caller's.
+    pub fn serve(data: &Path) -> Result<HostMirror, String> {
         let token_file = data.join("test-token");
         if !token_file.exists() {
             // Its first token is lost: start afresh (it prints a new one).
-            let _ = std::fs::remove_dir_all(&data);
+            let _ = std::fs::remove_dir_all(data);
         }
-        std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(data).map_err(|e| e.to_string())?;
         let port = free_port();
         let mut child = Command::new(appliance_bin())
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
-            .arg(&data)
+            .arg(data)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -112,43 +152,17 @@ impl HostMirror {
                 data.display()
             )
         })?;
-        let url = format!("http://127.0.0.1:{port}");
-        let sources = bundle::apt::host_sources().map_err(|e| e.to_string())?;
-        let (upstream, suite) = bundle::apt::debian_archive(&sources).map_err(|e| e.to_string())?;
-        if suite != "bookworm" {
-            return Err(format!("the host's Debian suite is {suite}; the install test installs Debian 12 (bookworm)"));
-        }
-        if !cli(&url, &token, &["repo", "list"]).contains("bookworm") {
-            cli(
-                &url,
-                &token,
-                &[
-                    "repo",
-                    "add",
-                    "bookworm",
-                    "--breed",
-                    "apt",
-                    "--mirror",
-                    &upstream,
-                    "--set",
-                    r#"suites=["bookworm"]"#,
-                    "--set",
-                    r#"components=["main"]"#,
-                    "--set",
-                    r#"arches=["amd64"]"#,
-                    "--set",
-                    r#"packages=["less"]"#,
-                ],
-            );
-        }
-        let t = Instant::now();
-        cli(&url, &token, &["repo", "sync", "bookworm"]);
         Ok(HostMirror {
             child: guard.0.take().expect("still held"),
             port,
-            token,
-            sync_secs: t.elapsed().as_secs_f64(),
+            token: token.trim().to_owned(),
+            sync_secs: 0.0,
         })
+    }
+
+    /// The appliance CLI against this mirror.
+    pub fn cli(&self, args: &[&str]) -> String {
+        cli(&self.url(), &self.token, args)
     }
 
     pub fn url(&self) -> String {

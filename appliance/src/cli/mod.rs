@@ -225,6 +225,16 @@ pub struct Fields {
     /// Mirror URL of a repo.
     #[arg(long)]
     pub mirror: Option<String>,
+    /// Apt repo: a suite to mirror (repeat).
+    #[arg(long = "suite")]
+    pub suites: Vec<String>,
+    /// Apt repo: packages to mirror with their closure (space-separated;
+    /// repeat).
+    #[arg(long = "packages")]
+    pub packages: Vec<String>,
+    /// Apt repo: also mirror the Debian installer (udebs, netboot).
+    #[arg(long, require_equals = true, num_args = 0..=1, default_missing_value = "true")]
+    pub installer: Option<bool>,
     /// Template or snippet text from a file.
     #[arg(long)]
     pub file: Option<PathBuf>,
@@ -287,13 +297,19 @@ pub struct SettingsCmd {
 
 /// `appliance import`.
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["path", "repo"])))]
 pub struct Import {
     /// Installer tree: a directory or an ISO image.
     #[arg(long)]
-    pub path: PathBuf,
-    /// Name of the new distro and profile.
+    pub path: Option<PathBuf>,
+    /// An apt mirror synced with --installer: the Debian installer's
+    /// netboot kernel and initrd from it (on the server).
+    #[arg(long, conflicts_with = "offline")]
+    pub repo: Option<String>,
+    /// Name of the new distro and profile [default with --repo: the
+    /// repo's name].
     #[arg(long)]
-    pub name: String,
+    pub name: Option<String>,
     /// Data directory holding `blobs/` (and `inventory/` without --url)
     /// [default: config file's `data`, else /data].
     #[arg(long, env = "APPLIANCE_DATA")]
@@ -423,6 +439,22 @@ pub fn apply_fields(kind: Kind, v: &mut Value, f: &Fields) -> Result<()> {
     if let Some(nb) = f.netboot {
         m.insert("netboot".into(), nb.into());
     }
+    if kind == Kind::Repo {
+        if !f.suites.is_empty() {
+            m.insert("suites".into(), json!(f.suites));
+        }
+        if !f.packages.is_empty() {
+            let p: Vec<&str> = f
+                .packages
+                .iter()
+                .flat_map(|p| p.split_whitespace())
+                .collect();
+            m.insert("packages".into(), json!(p));
+        }
+        if let Some(i) = f.installer {
+            m.insert("installer".into(), i.into());
+        }
+    }
     if let Some(file) = &f.file {
         let body =
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
@@ -534,7 +566,7 @@ fn summary(kind: Kind, o: &Value) -> String {
     }
 }
 
-fn print_object(kind: Kind, o: &Value) {
+pub(crate) fn print_object(kind: Kind, o: &Value) {
     if kind.is_text() {
         print!("{}", o.get("body").and_then(Value::as_str).unwrap_or(""));
         return;
@@ -796,9 +828,15 @@ fn settings(s: SettingsCmd) -> Result<()> {
 }
 
 fn import(i: Import) -> Result<()> {
+    if let Some(repo) = &i.repo {
+        return import_repo(&i, repo);
+    }
+    let (Some(path), Some(name)) = (&i.path, &i.name) else {
+        anyhow::bail!("import --path needs --name");
+    };
     let data = defaults::data(i.data.clone())?;
     let blobs = data.join("blobs/sha256");
-    let (distro, profile) = crate::inventory::import::import(&i.path, &i.name, &blobs)?;
+    let (distro, profile) = crate::inventory::import::import(path, name, &blobs)?;
     let d = serde_json::to_value(&distro)?;
     let p = serde_json::to_value(&profile)?;
     if i.offline {
@@ -832,6 +870,37 @@ fn import(i: Import) -> Result<()> {
             distro.kernel,
             distro.initrd
         );
+    }
+    Ok(())
+}
+
+/// `appliance import --repo NAME`: the server extracts and checks the
+/// installer (`POST /api/v1/repos/{name}/import`).
+fn import_repo(i: &Import, repo: &str) -> Result<()> {
+    let c = i.conn.client();
+    let body = match &i.name {
+        Some(n) => json!({ "name": n }),
+        None => json!({}),
+    };
+    let v = c.json("POST", &format!("/api/v1/repos/{repo}/import"), Some(&body))?;
+    if i.conn.json {
+        print_json(&v);
+    } else {
+        let r = &v["report"];
+        println!(
+            "imported distro {} and profile {} from repo {repo}\n  netboot {} (kernel {}, matches the mirrored udebs)\n  kernel {}\n  initrd {}",
+            v["distro"]["name"].as_str().unwrap_or(""),
+            v["profile"]["name"].as_str().unwrap_or(""),
+            r["netboot"].as_str().unwrap_or(""),
+            r["kernel_release"].as_str().unwrap_or(""),
+            v["distro"]["kernel"].as_str().unwrap_or(""),
+            v["distro"]["initrd"].as_str().unwrap_or(""),
+        );
+        if let Some(n) = r["missing_udebs"].as_u64().filter(|n| *n > 0) {
+            println!(
+                "  warning: upstream did not serve {n} installer udebs; the installer will stop at \"Loading additional components\" (appliance repo show {repo})"
+            );
+        }
     }
     Ok(())
 }

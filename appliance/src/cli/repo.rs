@@ -193,6 +193,51 @@ pub fn repo(cmd: RepoCmd) -> Result<()> {
             }
             Ok(())
         }
+        RepoVerb::Common(Verb::Show { name }) => {
+            let obj = c.json("GET", &format!("/api/v1/repos/{name}"), None)?;
+            let st = if obj["breed"] == "apt" {
+                c.json("GET", &format!("/api/v1/repos/{name}/sync"), None)?
+            } else {
+                Value::Null
+            };
+            if cmd.conn.json {
+                let mut v = obj;
+                v["mirror_status"] = st;
+                print_json(&v);
+                return Ok(());
+            }
+            super::print_object(Kind::Repo, &obj);
+            if st.is_null() {
+                return Ok(());
+            }
+            println!(
+                "mirror: {}, last sync {}, {} packages, {} files, {}",
+                st["state"].as_str().unwrap_or("?"),
+                when(st["last_sync"].as_f64()),
+                st["packages"].as_u64().unwrap_or(0),
+                st["files"].as_u64().unwrap_or(0),
+                st["bytes"].as_u64().map(human).unwrap_or("-".into()),
+            );
+            if let Some(e) = st["last_error"].as_str() {
+                println!("last error: {e}");
+            }
+            let missing = st["missing"].as_array().cloned().unwrap_or_default();
+            if !missing.is_empty() {
+                println!(
+                    "missing udebs ({}): upstream did not serve them; the Debian installer \
+                     will stop at \"Loading additional components\"",
+                    missing.len()
+                );
+                for m in &missing {
+                    println!(
+                        "  {}  {}",
+                        m["package"].as_str().unwrap_or(""),
+                        m["path"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            Ok(())
+        }
         RepoVerb::Common(verb) => super::noun(
             Kind::Repo,
             Noun {

@@ -61,6 +61,10 @@ pub const SHIPPED_SNIPPETS: &[(&str, &str)] = &[
         "status_finish_wget",
         include_str!("templates/snippets/status_finish_wget"),
     ),
+    (
+        "ssh_keys_target",
+        include_str!("templates/snippets/ssh_keys_target"),
+    ),
 ];
 
 /// A shipped template by name.
@@ -188,6 +192,45 @@ pub fn prepare(
             _ => None,
         })
         .collect();
+    // The first synced apt mirror of the profile's repos, served by this
+    // appliance at `/repos/NAME/`: the installer's mirror (preseed's
+    // `mirror_host`/`mirror_dir`/`mirror_suite` unless variables set them).
+    let apt_mirror = inv
+        .profile(&profile)
+        .map(|_| inv.profile_chain(&profile))
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|p| p.repos.iter())
+        .find_map(|r| match inv.get(Kind::Repo, r) {
+            Some(Object::Repo(r)) if r.breed == "apt" => Some(r.clone()),
+            _ => None,
+        });
+    if let Some(r) = apt_mirror {
+        let host = server_url
+            .split_once("://")
+            .map(|x| x.1)
+            .unwrap_or(server_url)
+            .trim_end_matches('/');
+        context.entry("mirror_host").or_insert_with(|| host.into());
+        context
+            .entry("mirror_dir")
+            .or_insert_with(|| format!("/repos/{}", r.name).into());
+        if let Some(s) = r.suites.first() {
+            context
+                .entry("mirror_suite")
+                .or_insert_with(|| s.clone().into());
+        }
+    }
+    let repos: Vec<serde_json::Value> = repos
+        .into_iter()
+        .map(|mut v| {
+            if v["breed"] == "apt" {
+                v["url"] =
+                    format!("{server_url}/repos/{}", v["name"].as_str().unwrap_or("")).into();
+            }
+            v
+        })
+        .collect();
     context.insert("repo_urls".into(), repos.into());
     let mut sources = BTreeMap::new();
     for (n, s) in SHIPPED {
@@ -258,6 +301,14 @@ impl RenderJob {
         // Autoinstall files are not HTML; never escape (minijinja would
         // JSON-quote every value in `.yaml` and `.json` templates).
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+        env.add_filter("sh_quote", sh_quote);
+        env.add_filter("sh_word", sh_word);
+        env.add_function("fail", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        });
         let sources = self.sources.clone();
         env.set_loader(move |name| Ok(sources.get(name).cloned()));
         let tmpl = env
@@ -305,6 +356,36 @@ impl RenderJob {
         }
         RenderError::Template(msg)
     }
+}
+
+/// `sh_quote`: one shell word in single quotes, for values that go into a
+/// shell command line (preseed `late_command`). A value with a line break
+/// or another control character is refused: preseed values are one line.
+fn sh_quote(v: String) -> Result<String, minijinja::Error> {
+    if v.chars().any(|c| c.is_control()) {
+        return Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("sh_quote: {v:?} has a line break or control character"),
+        ));
+    }
+    Ok(format!("'{}'", v.replace('\'', "'\\''")))
+}
+
+/// `sh_word`: a value used unquoted as a user or file name: only
+/// `[A-Za-z0-9._-]`, not starting with `-`.
+fn sh_word(v: String) -> Result<String, minijinja::Error> {
+    if v.is_empty()
+        || v.starts_with('-')
+        || !v
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("sh_word: {v:?} is not a plain name ([A-Za-z0-9._-], not starting with -)"),
+        ));
+    }
+    Ok(v)
 }
 
 /// Renders one document in one call.

@@ -478,6 +478,22 @@ fn shipped_templates_render_golden() {
         &who(),
     )
     .unwrap();
+    inv.create(
+        Object::Repo(model::Repo {
+            name: "bookworm".into(),
+            breed: "apt".into(),
+            mirror: "http://upstream.invalid/debian".into(),
+            suites: vec!["bookworm".into()],
+            installer: true,
+            ..Default::default()
+        }),
+        &who(),
+    )
+    .unwrap();
+    let mut web = inv.system("web1").unwrap().clone();
+    web.variables
+        .insert("root_password_hash".into(), json!("$6$salt$hash"));
+    inv.update(Object::System(web), &who()).unwrap();
     for (breed, template, file) in [
         ("redhat", "kickstart.ks", "kickstart.ks"),
         ("debian", "preseed.cfg", "preseed.cfg"),
@@ -491,6 +507,8 @@ fn shipped_templates_render_golden() {
         let mut p = inv.profile("base").unwrap().clone();
         p.repos = if breed == "redhat" {
             vec!["extras".into()]
+        } else if breed == "debian" {
+            vec!["bookworm".into()]
         } else {
             vec![]
         };
@@ -507,6 +525,135 @@ fn shipped_templates_render_golden() {
         "meta-data",
         &render(&inv, Kind::System, "web1", Document::MetaData, server).unwrap(),
     );
+}
+
+/// The rendered preseed is checked by debconf's own parser
+/// (`debconf-set-selections --checkonly`): every line `owner question type
+/// value`, and the values the installer needs to run unattended against
+/// the appliance's mirror, with a user, keys and the status reports.
+#[test]
+fn the_rendered_preseed_passes_debconf_checkonly_and_uses_the_appliance_mirror() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inv = sample(dir.path());
+    inv.create(
+        Object::Repo(model::Repo {
+            name: "deb12".into(),
+            breed: "apt".into(),
+            mirror: "http://upstream.invalid/debian".into(),
+            suites: vec!["bookworm".into()],
+            installer: true,
+            ..Default::default()
+        }),
+        &who(),
+    )
+    .unwrap();
+    let mut d = inv.distro("deb").unwrap().clone();
+    d.breed = "debian".into();
+    inv.update(Object::Distro(d), &who()).unwrap();
+    let mut p = inv.profile("base").unwrap().clone();
+    p.repos = vec!["deb12".into()];
+    p.variables.insert("partition_method".into(), json!("lvm"));
+    p.variables.insert("install_disk".into(), json!("/dev/vda"));
+    inv.update(Object::Profile(p), &who()).unwrap();
+    let mut web = inv.system("web1").unwrap().clone();
+    for (k, v) in [
+        ("user_name", json!("ops")),
+        ("user_password_hash", json!("$6$rounds=5000$salt$abc/def.")),
+        (
+            "ssh_authorized_keys",
+            json!([
+                "ssh-ed25519 AAAAC3Nza ops@lab",
+                "ssh-rsa AAAAB3 it's-quoted"
+            ]),
+        ),
+        ("packages", json!(["curl"])),
+    ] {
+        web.variables.insert(k.into(), v);
+    }
+    inv.update(Object::System(web.clone()), &who()).unwrap();
+    let server = "http://10.77.0.1:80";
+    let text = render(&inv, Kind::System, "web1", Document::Autoinstall, server).unwrap();
+    let check = |text: &str| {
+        let f = dir.path().join("preseed.cfg");
+        std::fs::write(&f, text).unwrap();
+        std::process::Command::new("debconf-set-selections")
+            .arg("--checkonly")
+            .arg(&f)
+            .output()
+            .expect("debconf-set-selections (Debian package debconf, in xtask/debian-packages.txt)")
+    };
+    let o = check(&text);
+    assert!(
+        o.status.success() && o.stderr.is_empty(),
+        "debconf-set-selections --checkonly refused the preseed: {}\n{text}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The checker is real: a malformed line fails it.
+    let o = check(&format!("{text}d-i broken-line-without-type\n"));
+    assert!(
+        !o.status.success() || !o.stderr.is_empty(),
+        "checkonly accepted a broken line"
+    );
+    for want in [
+        "d-i mirror/http/hostname string 10.77.0.1:80\n",
+        "d-i mirror/http/directory string /repos/deb12\n",
+        "d-i mirror/suite string bookworm\n",
+        "d-i passwd/root-login boolean false\n",
+        "d-i passwd/make-user boolean true\n",
+        "d-i passwd/username string ops\n",
+        "d-i passwd/user-password-crypted password $6$rounds=5000$salt$abc/def.\n",
+        "d-i partman-auto/method string lvm\n",
+        "d-i partman-auto/disk string /dev/vda\n",
+        "d-i pkgsel/include string curl openssh-server\n",
+        "d-i preseed/early_command string wget -q -O /dev/null --post-data= http://10.77.0.1:80/api/v1/systems/web1/status/start || true\n",
+        "echo 'ssh-rsa AAAAB3 it'\\''s-quoted' >> /target/root/.ssh/authorized_keys",
+        "in-target chown -R ops: /home/ops/.ssh; wget -q -O /dev/null --post-data= http://10.77.0.1:80/api/v1/systems/web1/status/finish || true\n",
+    ] {
+        assert!(text.contains(want), "no {want:?} in\n{text}");
+    }
+    assert!(!text.contains("upstream.invalid"), "{text}");
+    // The late_command is one shell line that sh parses.
+    let late = text
+        .lines()
+        .find_map(|l| l.strip_prefix("d-i preseed/late_command string "))
+        .unwrap();
+    let o = std::process::Command::new("sh")
+        .args(["-n", "-c", late])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "sh -n: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // No login at all, no mirror, a key with a line break: clear errors.
+    let mut bare = web.clone();
+    bare.variables.remove("user_name");
+    inv.update(Object::System(bare), &who()).unwrap();
+    let e = render(&inv, Kind::System, "web1", Document::Autoinstall, server)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no login") && e.contains("root_password_hash"),
+        "{e}"
+    );
+    let mut bad = web.clone();
+    bad.variables
+        .insert("ssh_authorized_keys".into(), json!("ssh-ed25519 A\nreboot"));
+    inv.update(Object::System(bad), &who()).unwrap();
+    let e = render(&inv, Kind::System, "web1", Document::Autoinstall, server)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line break"), "{e}");
+    inv.update(Object::System(web), &who()).unwrap();
+    let mut p = inv.profile("base").unwrap().clone();
+    p.repos.clear();
+    inv.update(Object::Profile(p), &who()).unwrap();
+    let e = render(&inv, Kind::System, "web1", Document::Autoinstall, server)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no mirror"), "{e}");
 }
 
 #[test]
@@ -624,7 +771,16 @@ struct Api {
 
 fn api() -> Api {
     let dir = tempfile::tempdir().unwrap();
-    let inv = sample(&dir.path().join("inventory"));
+    let mut inv = sample(&dir.path().join("inventory"));
+    // web1 installs Debian with the preseed: it needs a mirror and a login.
+    let mut web1 = inv.system("web1").unwrap().clone();
+    web1.variables
+        .insert("root_password_hash".into(), json!("$6$salt$hash"));
+    web1.variables
+        .insert("mirror_host".into(), json!("10.0.0.1:8080"));
+    web1.variables
+        .insert("mirror_dir".into(), json!("/repos/deb12"));
+    inv.update(Object::System(web1), &who()).unwrap();
     let tokens = TokenStore::memory();
     // Admin: settings are an admin route.
     let token = tokens

@@ -5,6 +5,9 @@
 //! - `GET /api/v1/repos/{name}/sync` (read): the job's progress, the last
 //!   sync (node-local, `<data>/state/repos/<name>.json`) and what the
 //!   mirror holds (from the manifest the repo's `snapshot` names).
+//! - `POST /api/v1/repos/{name}/import` (operator) `{"name"?}`: the
+//!   Debian installer's distro and profile from an `installer` mirror
+//!   ([`super::installer`]) → 201 `{"distro","profile","report"}`.
 //! - `GET /repos/{name}/{*path}` (public: installers and apt fetch without
 //!   a token; the mirror holds no secret): a file of the mirror, the
 //!   same bytes upstream served, from the blob store.
@@ -274,6 +277,8 @@ impl RepoState {
                     v["packages"] = m.packages.len().into();
                     v["bytes"] = m.bytes.into();
                     v["files"] = m.files.len().into();
+                    // Installer udebs upstream did not serve (404).
+                    v["missing"] = json!(m.missing);
                     v["suites"] = json!(m
                         .suites
                         .iter()
@@ -469,6 +474,117 @@ pub fn cache_control(path: &str) -> &'static str {
     }
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ImportRequest {
+    /// Name of the new distro and profile (default: the repo's name).
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn import_installer(
+    st: S,
+    caller: Caller,
+    UrlPath(repo_name): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let st = st.0;
+    let req: ImportRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ImportRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("import request: {e} (expected {{\"name\"?: string}})"),
+                )
+                .into_response()
+            }
+        }
+    };
+    let Some(repo) = st.repo(&repo_name) else {
+        return no_repo(&repo_name).into_response();
+    };
+    let name = req.name.unwrap_or_else(|| repo_name.clone());
+    if repo.snapshot.is_empty() {
+        return ApiError::new(
+            StatusCode::CONFLICT,
+            "not_synced",
+            format!(
+                "repo {repo_name} has not been synced: run `appliance repo sync {repo_name}` first"
+            ),
+        )
+        .into_response();
+    }
+    {
+        let inv = crate::inventory::fresh_read(&st.inventory);
+        for kind in [Kind::Distro, Kind::Profile] {
+            if inv.get(kind, &name).is_some() {
+                return ApiError::new(
+                    StatusCode::CONFLICT,
+                    "already_exists",
+                    format!("{} {name} already exists", kind.name()),
+                )
+                .into_response();
+            }
+        }
+    }
+    let s = st.clone();
+    let r = repo.clone();
+    let n = name.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let m = s.manifest(&r.snapshot)?;
+        super::installer::import(&s.data, &r, &m, &n)
+    })
+    .await;
+    let (distro, profile, report) = match result {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            return ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "import_failed",
+                format!("importing the installer of repo {repo_name}: {e:#}"),
+            )
+            .into_response()
+        }
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "import_failed",
+                format!("import task: {e}"),
+            )
+            .into_response()
+        }
+    };
+    let author = Author::new(&caller.name());
+    let mut inv = crate::inventory::fresh_write(&st.inventory);
+    if let Err(e) = inv.create(Object::Distro(distro.clone()), &author) {
+        return ApiError::from(e).into_response();
+    }
+    if let Err(e) = inv.create(Object::Profile(profile.clone()), &author) {
+        // Nothing half-made: take the distro back out.
+        let _ = inv.remove(Kind::Distro, &distro.name, false, &author);
+        return ApiError::from(e).into_response();
+    }
+    st.events.publish(
+        "repo.import",
+        None,
+        json!({"repo": repo_name, "distro": distro.name, "kernel_release": report.kernel_release,
+               "netboot": report.netboot, "missing_udebs": report.missing_udebs}),
+    );
+    (
+        StatusCode::CREATED,
+        Json(json!({
+            "distro": Object::Distro(distro).to_api_json(),
+            "profile": Object::Profile(profile).to_api_json(),
+            "report": report,
+        })),
+    )
+        .into_response()
+}
+
 /// The mirror's routes.
 pub fn routes(state: Arc<RepoState>) -> Vec<Route> {
     vec![
@@ -486,6 +602,15 @@ pub fn routes(state: Arc<RepoState>) -> Vec<Route> {
         )
         .response("Object")
         .to(sync_status, state.clone()),
+        Route::post(
+            "/api/v1/repos/{name}/import",
+            Guard::Operator,
+            "Create the Debian installer's distro and profile from an installer mirror",
+        )
+        .request("Object")
+        .response("Object")
+        .creates()
+        .to(import_installer, state.clone()),
         Route::get(
             "/repos/{name}/{*path}",
             Guard::Public,

@@ -21,6 +21,8 @@
 
 pub mod api;
 pub mod closure;
+pub mod installer;
+pub mod udeb;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Write};
@@ -68,6 +70,10 @@ pub struct Manifest {
     pub packages: Vec<String>,
     /// Bytes of the distinct blobs the mirror uses.
     pub bytes: u64,
+    /// Installer udebs the index lists but upstream did not have (404):
+    /// see [`udeb`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<udeb::Missing>,
 }
 
 impl Manifest {
@@ -711,13 +717,13 @@ pub fn sync_mirror(
                 dirs.push((
                     format!("{comp}/binary-{arch}"),
                     Some(arch.clone()),
-                    &["Packages.xz", "Packages.gz", "Packages"],
+                    &["Packages.xz", "Packages.gz", "Packages", "Release"],
                 ));
                 if spec.installer {
                     dirs.push((
                         format!("{comp}/debian-installer/binary-{arch}"),
                         None,
-                        &["Packages.xz", "Packages.gz", "Packages"],
+                        &["Packages.xz", "Packages.gz", "Packages", "Release"],
                     ));
                 }
             }
@@ -840,6 +846,15 @@ pub fn sync_mirror(
                     .or_insert_with(|| "the appliance's installer".to_owned());
             }
         }
+        // The installer's netboot package (its kernel and initrd are what
+        // `import --repo` extracts).
+        if spec.installer {
+            for n in udeb::netboot_packages(&all, arch) {
+                roots
+                    .entry(n)
+                    .or_insert_with(|| "the Debian installer's netboot package".to_owned());
+            }
+        }
         let roots: Vec<(String, String)> = roots.into_iter().collect();
         let chosen = closure::resolve(&all, spec.recommends.then_some(&recommends), &roots)
             .with_context(|| format!("resolving the closure for {arch}"))?;
@@ -886,6 +901,19 @@ pub fn sync_mirror(
         packages.insert(id.clone());
         prog.files_done += 1;
     }
+    let missing = if spec.installer {
+        sync_udebs(
+            data,
+            spec,
+            &mut files,
+            &mut packages,
+            fetcher,
+            &mut prog,
+            progress,
+        )?
+    } else {
+        Vec::new()
+    };
     let bytes: u64 = files
         .values()
         .map(|f| (f.digest.as_str(), f.size))
@@ -903,6 +931,7 @@ pub fn sync_mirror(
         files,
         packages: packages.into_iter().collect(),
         bytes,
+        missing,
     };
     let bytes = serde_json::to_vec_pretty(&manifest)?;
     let (snapshot, _) = put_blob(data, &bytes[..], None, "mirror manifest")?;
@@ -916,6 +945,97 @@ pub fn sync_mirror(
         bytes_downloaded: prog.bytes_downloaded,
         suites,
     })
+}
+
+/// The installer's udebs ([`udeb::select`] over every suite's
+/// `debian-installer` index already in `files`), fetched into the blob
+/// store; a 404 is recorded as missing, any other failure is an error.
+fn sync_udebs(
+    data: &Path,
+    spec: &MirrorSpec,
+    files: &mut BTreeMap<String, FileRef>,
+    packages: &mut BTreeSet<String>,
+    fetcher: &dyn Fetch,
+    prog: &mut Progress,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Vec<udeb::Missing>> {
+    let mut wanted: BTreeMap<String, (Digest, u64, String)> = BTreeMap::new();
+    for suite in &spec.suites {
+        for comp in &spec.components {
+            for arch in &spec.arches {
+                let dir = format!("dists/{suite}/{comp}/debian-installer/binary-{arch}");
+                let Some((path, f)) =
+                    ["Packages.xz", "Packages.gz", "Packages"]
+                        .iter()
+                        .find_map(|n| {
+                            let p = format!("{dir}/{n}");
+                            files.get(&p).map(|f| (p, f.clone()))
+                        })
+                else {
+                    continue;
+                };
+                let text = decompress(&path, &read_blob(data, &f.digest)?)?;
+                let index = debian::parse_packages(&text, &path)?;
+                for p in udeb::select(&index).1 {
+                    if p.filename.starts_with('/') || p.filename.split('/').any(|s| s == "..") {
+                        bail!("{}: unsafe Filename {:?}", p.name, p.filename);
+                    }
+                    wanted.insert(
+                        p.filename.clone(),
+                        (
+                            p.sha256,
+                            p.size,
+                            format!("{}_{}_{}", p.name, p.version, p.architecture),
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    prog.files_total += wanted.len() as u64;
+    for (filename, (digest, size, id)) in wanted {
+        prog.phase = format!("udeb: {filename}");
+        progress(prog);
+        prog.files_done += 1;
+        let got = if has_blob(data, &digest) {
+            (digest, size)
+        } else {
+            match fetcher.get(&format!("{}/{filename}", spec.upstream)) {
+                Ok(r) => {
+                    let got = put_blob(data, r, Some((digest, size)), &filename)?;
+                    prog.files_downloaded += 1;
+                    prog.bytes_downloaded += got.1;
+                    got
+                }
+                Err(e) if udeb::is_not_found(&e) => {
+                    missing.push(udeb::Missing {
+                        path: filename,
+                        package: id,
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e).with_context(|| format!("fetching udeb {filename}")),
+            }
+        };
+        files.insert(
+            filename,
+            FileRef {
+                digest: got.0.to_string(),
+                size: got.1,
+            },
+        );
+        packages.insert(id);
+    }
+    if !missing.is_empty() {
+        tracing::warn!(
+            repo = %spec.name,
+            missing = missing.len(),
+            "upstream does not serve some installer udebs; the installer will stop at loading additional components"
+        );
+    }
+    Ok(missing)
 }
 
 #[cfg(test)]
