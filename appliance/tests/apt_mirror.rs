@@ -928,7 +928,19 @@ fn mirror_files_answer_range_and_conditional_requests() {
     assert_eq!(status, 200);
     assert!(cc.contains("must-revalidate"), "{cc}");
 
-    // Stock apt revalidates: a second update hits what it has.
+    // Files that change with each publish carry no Last-Modified and
+    // ignore If-Modified-Since: a blob's mtime is not its publish time
+    // (two publishes in one second left apt on the old index).
+    let (status, _, lm, _, _, _) = get("dists/test/InRelease", &[]);
+    assert_eq!((status, lm.as_str()), (200, ""));
+    let (status, ..) = get(
+        "dists/test/InRelease",
+        &[("If-Modified-Since", "Fri, 01 Jan 2100 00:00:00 GMT")],
+    );
+    assert_eq!(status, 200);
+
+    // Stock apt: a second update fetches the InRelease again (no date to
+    // revalidate by) but no index, since their hashes did not change.
     let work = tempfile::tempdir().unwrap();
     let source = format!(
         "deb [arch=amd64 signed-by={}] {url}/repos/local test main\n",
@@ -938,7 +950,7 @@ fn mirror_files_answer_range_and_conditional_requests() {
     assert!(o.status.success(), "{}", text(&o));
     let o = apt(work.path(), &source, &["update"]);
     assert!(
-        o.status.success() && text(&o).contains("Hit:"),
+        o.status.success() && !text(&o).contains("Packages"),
         "{}",
         text(&o)
     );

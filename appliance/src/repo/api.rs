@@ -430,6 +430,16 @@ async fn mirror_file(
         }
         req.headers_mut().remove(header::IF_MODIFIED_SINCE);
     }
+    // A path that changes with each publish is validated by its ETag
+    // only: a blob's mtime says when those bytes reached this node, not
+    // when they were published here (a new InRelease written in the same
+    // second as the old one, or a publish back to older bytes, would be
+    // answered 304 and apt would keep the stale index).
+    let mutable = !cache.contains("immutable");
+    if mutable {
+        req.headers_mut().remove(header::IF_MODIFIED_SINCE);
+        req.headers_mut().remove(header::IF_UNMODIFIED_SINCE);
+    }
     // An If-Range naming another entity: the whole file.
     if let Some(ir) = req.headers().get(header::IF_RANGE) {
         let ir = ir.to_str().unwrap_or("");
@@ -437,6 +447,10 @@ async fn mirror_file(
             if ir != etag {
                 req.headers_mut().remove(header::RANGE);
             }
+            req.headers_mut().remove(header::IF_RANGE);
+        } else if mutable {
+            // A date cannot name these bytes (see above): the whole file.
+            req.headers_mut().remove(header::RANGE);
             req.headers_mut().remove(header::IF_RANGE);
         }
     }
@@ -447,6 +461,9 @@ async fn mirror_file(
             h.insert(header::ETAG, hv(&etag));
             h.insert(header::CACHE_CONTROL, hv(cache));
             h.insert(header::ACCEPT_RANGES, hv("bytes"));
+            if mutable {
+                h.remove(header::LAST_MODIFIED);
+            }
             resp
         }
         Err(e) => ApiError::new(
@@ -465,7 +482,7 @@ fn hv(s: &str) -> HeaderValue {
 /// How long a client may cache a mirror file: pool files and by-hash
 /// indexes are named by what they hold and never change; the Release
 /// files and the indexes at their plain names change with each upstream
-/// publish, so clients revalidate (cheap: ETag, Last-Modified).
+/// publish, so clients revalidate (by ETag; they carry no Last-Modified).
 pub fn cache_control(path: &str) -> &'static str {
     if path.starts_with("pool/") || path.contains("/by-hash/") {
         "public, max-age=31536000, immutable"
