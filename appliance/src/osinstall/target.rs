@@ -126,7 +126,8 @@ fn install(
     disk_dev: &mut Option<PathBuf>,
 ) -> Result<()> {
     let mut cur = None;
-    let scratch = PathBuf::from(SCRATCH);
+    // One per process: on a host, several installs may run at once.
+    let scratch = PathBuf::from(format!("{SCRATCH}-{}", std::process::id()));
     let debs = scratch.join("debs");
     fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
 
@@ -296,7 +297,7 @@ fn install(
         "unpack",
         &format!("{} packages", stage1_files.len()),
     );
-    let target = PathBuf::from(TARGET);
+    let target = target_dir();
     cleanup_mounts();
     fs::create_dir_all(&target)?;
     mount_fs(&parts.root, &target, "ext4")?;
@@ -802,8 +803,14 @@ fn chroot_mounts(root: &Path) -> Result<()> {
 }
 
 /// Unmount everything under the target, innermost first (best effort).
+/// Where the target's root is mounted: one per process, since several
+/// installs may run at once on a host.
+fn target_dir() -> PathBuf {
+    PathBuf::from(format!("{TARGET}-{}", std::process::id()))
+}
+
 fn cleanup_mounts() {
-    let root = Path::new(TARGET);
+    let root = &target_dir();
     let mut targets: Vec<PathBuf> = CHROOT_MOUNTS.iter().map(|p| root.join(p)).collect();
     targets.push(root.join("boot/efi"));
     targets.push(root.to_path_buf());
@@ -822,6 +829,8 @@ fn cleanup_mounts() {
             }
         }
     }
+    // Empty once unmounted (remove_dir refuses anything else).
+    let _ = fs::remove_dir(root);
 }
 
 /// The install log: every chroot command's output, kept on the new
