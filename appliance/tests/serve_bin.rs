@@ -145,9 +145,13 @@ fn serve_creates_a_missing_data_directory_and_keeps_its_node_id_there() {
         .unwrap();
     let mut child = Killed(child);
     let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    // Kept open to the end: serve prints its first token next, and a
+    // closed pipe would stop it.
+    let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
+    stdout.read_line(&mut line).unwrap();
+    let mut token_line = String::new();
+    stdout.read_line(&mut token_line).unwrap();
+    assert!(token_line.contains("first API token"), "{token_line:?}");
     let addr = line
         .trim()
         .strip_prefix("listening on ")
