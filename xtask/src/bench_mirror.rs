@@ -22,7 +22,6 @@
 //! the last says bytes ours vs aptly; the last line is the JSON headline:
 //! seconds of our sync against aptly's create + update.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -42,13 +41,7 @@ const SOURCE_EXTRA: &[&str] = &[];
 /// Debian's archive keyring.
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
-struct Proc(std::process::Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::bench_sync::Proc;
 
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -313,27 +306,7 @@ fn bench(base: &Path, tree: &Path, suite: &str) -> Result<()> {
     // Ours: a real `appliance serve`, driven by its CLI.
     let data = base.join("ours");
     std::fs::create_dir_all(&data)?;
-    let mut child = Command::new(appliance())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(&data)
-        .args(["--sync-interval", "0", "--checkin-interval", "3600"])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting appliance serve")?;
-    let mut out = BufReader::new(child.stdout.take().context("stdout")?);
-    let _server = Proc(child);
-    let mut line = String::new();
-    out.read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .context("no listening line")?
-        .to_owned();
-    line.clear();
-    out.read_line(&mut line)?;
-    let token = line.trim().rsplit(' ').next().unwrap_or("").to_owned();
-    let url = format!("http://{addr}");
+    let (_server, url, token) = crate::bench_sync::serve(&data)?;
     let cli = |args: &[&str]| -> Result<Output> {
         out_ok(
             Command::new(appliance())

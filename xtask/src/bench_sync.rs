@@ -23,7 +23,7 @@ use crate::root;
 const OBJECTS: usize = 10_000;
 const BLOB_MIB: usize = 64;
 
-struct Proc(std::process::Child);
+pub(crate) struct Proc(pub(crate) std::process::Child);
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -42,7 +42,7 @@ fn bin() -> PathBuf {
 }
 
 /// Starts `appliance serve`; returns it, its URL and its first token.
-fn serve(data: &Path) -> Result<(Proc, String, String)> {
+pub(crate) fn serve(data: &Path) -> Result<(Proc, String, String)> {
     let mut child = Command::new(bin())
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(data)
