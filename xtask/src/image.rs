@@ -88,7 +88,12 @@ pub fn build_appliance_binary() -> Result<PathBuf> {
             "--target",
             TARGET,
         ])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static"))?;
+        // Stripped: symbols are a third of the binary and the image
+        // carries no debugger; panics still print their message.
+        .env(
+            "RUSTFLAGS",
+            "-C target-feature=+crt-static -C strip=symbols",
+        ))?;
     Ok(bin)
 }
 

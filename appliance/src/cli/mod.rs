@@ -274,7 +274,8 @@ pub struct StatusCmd {
 /// `appliance settings`.
 #[derive(Debug, Args)]
 pub struct SettingsCmd {
-    /// Boot action for unknown MACs: local, menu, agent or install.
+    /// Boot action for unknown MACs: local, menu, agent, install or
+    /// replicate (install this appliance onto the machine: a child).
     #[arg(long)]
     pub default_boot: Option<String>,
     /// Profile for `install` (and the menu's default).

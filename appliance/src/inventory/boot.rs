@@ -15,7 +15,7 @@
 //! - a known system with netboot on and an image → the appliance agent in
 //!   deploy mode for that image;
 //! - a known system with netboot off → local boot;
-//! - an unknown MAC → `settings.default_boot`: local, menu, agent, install.
+//! - an unknown MAC → `settings.default_boot`: local, menu, agent, install, replicate.
 //!
 //! The appliance's own kernel and initrd (agent mode) are expected at
 //! `<server>/boot/vmlinuz` and `<server>/boot/initrd.img`;

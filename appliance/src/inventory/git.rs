@@ -10,9 +10,10 @@
 //! [`Repo::head_files`] (the committed tree) is the truth, and callers
 //! rewrite the work tree from it at start-up.
 //!
-//! Stock git must not pack this repository behind our back (we read only
-//! loose objects), so [`Repo::init`] sets `gc.auto = 0`; when an object is
-//! missing anyway (someone ran `git gc`), reading fails with a clear error.
+//! We write loose objects only and read both loose objects and the packs
+//! stock `git gc` makes (`gitpack.rs`); [`Repo::init`] still sets
+//! `gc.auto = 0` so git never repacks behind a running appliance's back.
+//! An object found in neither place fails with a clear error.
 
 use std::collections::BTreeMap;
 use std::fs;

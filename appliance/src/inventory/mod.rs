@@ -1028,9 +1028,10 @@ This git repository is the provisioning inventory of an appliance\n\
   `repos/NAME.json`, `images/NAME.json`: pretty JSON, the file name is the name\n\
 - `templates/NAME`, `snippets/NAME`: minijinja (Jinja2) text\n\n\
 Every change the appliance makes is a commit by the API token's name.\n\
-History, diff and revert work with stock git; restart `appliance serve`\n\
-after changing the repository by hand. Do not run `git gc` here: the\n\
-appliance reads loose objects only.\n";
+History, diff and revert work with stock git. Commits made here by hand\n\
+(on the checked-out branch) are picked up by the running appliance at its\n\
+next request; a file that does not parse is skipped and logged, the rest\n\
+stay served. Stock `git gc` is safe: the appliance reads packs.\n";
 
 #[cfg(test)]
 pub(crate) mod tests;
