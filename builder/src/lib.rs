@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod plan;
 pub mod signature;
 pub mod sink;
+pub mod sshsig;
 pub mod tree;
 pub mod treefile;
 pub mod uki;

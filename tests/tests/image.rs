@@ -43,7 +43,10 @@ fn second_image_build_is_offline_and_byte_identical() {
     for f in [
         "manifest.json",
         "manifest.json.sig",
+        "manifest.json.sshsig",
+        "allowed_signers",
         "appliance.img.sha256",
+        "appliance.img.sha256.sshsig",
         "appliance.efi",
         "initrd.img",
         "vmlinuz",
@@ -51,5 +54,37 @@ fn second_image_build_is_offline_and_byte_identical() {
         let a = std::fs::read(first.join(f)).unwrap();
         let b = std::fs::read(out.path().join(f)).unwrap();
         assert!(a == b, "{f} differs between two builds of the same inputs");
+    }
+    // An operator verifies the release with stock OpenSSH alone (README),
+    // and a changed file is refused.
+    let tampered = out.path().join("manifest.json");
+    let mut bytes = std::fs::read(&tampered).unwrap();
+    bytes.push(b' ');
+    std::fs::write(&tampered, bytes).unwrap();
+    for (signed, want) in [
+        (first.join("manifest.json"), true),
+        (first.join("appliance.img.sha256"), true),
+        (tampered, false),
+    ] {
+        let sig = first.join(format!(
+            "{}.sshsig",
+            signed.file_name().unwrap().to_str().unwrap()
+        ));
+        let o = Command::new("ssh-keygen")
+            .args(["-Y", "verify", "-f"])
+            .arg(first.join("allowed_signers"))
+            .args(["-I", "release@appliance", "-n", "appliance-release", "-s"])
+            .arg(&sig)
+            .stdin(std::fs::File::open(&signed).unwrap())
+            .output()
+            .expect("running ssh-keygen (openssh-client)");
+        assert_eq!(
+            o.status.success(),
+            want,
+            "ssh-keygen -Y verify on {}: {}{}",
+            signed.display(),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 }

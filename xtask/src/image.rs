@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use builder::definition::{self, Definition, InputKind};
 use builder::plan::{self, BuildRequest, ResolvedInput};
 use builder::signature::{self, SigningKey};
+use builder::sshsig;
 use builder::treefile::BlobDir;
 use builder::Digest;
 use bundle::deb::{self, DebEntry};
@@ -225,6 +226,32 @@ pub fn image(opts: &ImageOptions) -> Result<PathBuf> {
     eprintln!("release {} ({})", r.release, r.manifest_path.display());
     if let Some(p) = &r.signature_path {
         eprintln!("signed  {}", p.display());
+    }
+    // The same signature in the form stock OpenSSH checks, with the
+    // `allowed_signers` line that trusts the release key (README: "Verifying
+    // a release by hand").
+    let manifest_bytes = std::fs::read(&r.manifest_path)
+        .with_context(|| format!("reading {}", r.manifest_path.display()))?;
+    let ssh_sig = opts.out.join("manifest.json.sshsig");
+    write_replacing(
+        &ssh_sig,
+        sshsig::sign(&key.secret, &manifest_bytes).as_bytes(),
+    )?;
+    write_replacing(
+        &opts.out.join("allowed_signers"),
+        sshsig::allowed_signers_line(&key.secret.verifying_key()).as_bytes(),
+    )?;
+    eprintln!("signed  {} (ssh-keygen -Y verify)", ssh_sig.display());
+    // The manifest cannot name the disk's digest (the disk holds the
+    // manifest), so the digest file is signed on its own: verifying it and
+    // then `sha256sum -c` checks the image itself.
+    let sums = opts.out.join("appliance.img.sha256");
+    if r.disk.is_some() {
+        let text = std::fs::read(&sums).with_context(|| format!("reading {}", sums.display()))?;
+        write_replacing(
+            &opts.out.join("appliance.img.sha256.sshsig"),
+            sshsig::sign(&key.secret, &text).as_bytes(),
+        )?;
     }
     if let Some((p, d)) = &r.disk {
         eprintln!("disk    {d} ({})", p.display());
@@ -452,4 +479,12 @@ fn signing_key() -> Result<ReleaseKey> {
         secret,
         public_path,
     })
+}
+
+/// Writes `data` to `path` through a temporary file and a rename, so a
+/// reader never sees half a file.
+fn write_replacing(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
 }
