@@ -357,6 +357,7 @@ pub async fn build_app(
             inv.inventory.clone(),
             inv.events.clone(),
         )));
+        routes.extend(crate::inventory::upload::routes(inv.clone()));
         routes.extend(crate::inventory::api::routes(inv));
     }
     let app = crate::http::build(routes, auth);

@@ -138,7 +138,7 @@ impl Lab {
     }
 
     fn cli_cmd(&self, args: &[&str]) -> Command {
-        let bin = workspace_root().join("target/x86_64-unknown-linux-gnu/release/appliance");
+        let bin = workspace_root().join("target/release/appliance");
         assert!(
             bin.exists(),
             "{} missing: run `cargo xtask image`",

@@ -25,7 +25,6 @@ use bundle::store::{self, Descriptor, Store};
 use crate::{cargo, root, run};
 
 pub const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
-pub const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// The release signing key, relative to the workspace, unless
 /// `APPLIANCE_SIGNING_KEY` names another file.
 pub const SIGNING_KEY: &str = "cache/keys/release.ed25519";
@@ -71,31 +70,61 @@ impl ImageOptions {
 
 /// Build the static appliance binary (not part of the image's inputs'
 /// resolution: its bytes are, through the `file` input).
+///
+/// Only the final link is static (`cargo rustc … -- -C
+/// target-feature=+crt-static`): the dependencies are the very artifacts
+/// `cargo xtask` itself was built from (same profile, same target
+/// directory), so a fresh machine compiles them once, not twice.
 pub fn build_appliance_binary() -> Result<PathBuf> {
-    let bin = root().join(format!("target/{TARGET}/release/appliance"));
+    let bin = appliance_binary();
     // Tests that run this tool from inside `cargo test` reuse the binary
     // `cargo xtask test` already built instead of running cargo again.
     if std::env::var_os("XTASK_SKIP_APPLIANCE_BUILD").is_some() && bin.exists() {
         return Ok(bin);
     }
-    run(Command::new(cargo())
-        .current_dir(root())
-        .args([
-            "build",
-            "--release",
-            "-q",
-            "-p",
-            "appliance",
-            "--target",
-            TARGET,
-        ])
-        // Stripped: symbols are a third of the binary and the image
-        // carries no debugger; panics still print their message.
-        .env(
-            "RUSTFLAGS",
-            "-C target-feature=+crt-static -C strip=symbols",
-        ))?;
+    run(Command::new(cargo()).current_dir(root()).args([
+        "rustc",
+        "--release",
+        "-q",
+        "-p",
+        "appliance",
+        "--bin",
+        "appliance",
+        "--",
+        "-C",
+        "target-feature=+crt-static",
+        // Symbols are a fifth of the binary and the image carries no
+        // debugger; panics still print their message and location.
+        "-C",
+        "strip=symbols",
+    ]))?;
+    check_static(&bin)?;
     Ok(bin)
+}
+
+/// Where [`build_appliance_binary`] leaves the static binary.
+pub fn appliance_binary() -> PathBuf {
+    root().join("target/release/appliance")
+}
+
+/// Refuses a dynamically linked binary (e.g. one a plain `cargo build
+/// --release` left at the same path): it would not start as PID 1.
+fn check_static(bin: &Path) -> Result<()> {
+    let out = Command::new("readelf")
+        .arg("-lW")
+        .arg(bin)
+        .output()
+        .with_context(|| format!("running readelf on {}", bin.display()))?;
+    if !out.status.success() {
+        bail!("readelf -l {} failed", bin.display());
+    }
+    if String::from_utf8_lossy(&out.stdout).contains("INTERP") {
+        bail!(
+            "{} is dynamically linked (it has a program interpreter); rebuild it with `cargo xtask image`",
+            bin.display()
+        );
+    }
+    Ok(())
 }
 
 /// `cargo xtask image`: returns the output directory.

@@ -21,6 +21,7 @@ mod power;
 mod replica;
 mod repo;
 mod sync;
+mod upload;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -311,8 +312,10 @@ pub struct Import {
     /// repo's name].
     #[arg(long)]
     pub name: Option<String>,
-    /// Data directory holding `blobs/` (and `inventory/` without --url)
-    /// [default: config file's `data`, else /data].
+    /// With --offline: the data directory whose `blobs/` and `inventory/`
+    /// are written [default: config file's `data`, else /data]. Without
+    /// it the boot files are uploaded to the server and nothing is
+    /// written here.
     #[arg(long, env = "APPLIANCE_DATA")]
     pub data: Option<PathBuf>,
     /// Write the inventory directly instead of through a server's API.
@@ -835,12 +838,25 @@ fn import(i: Import) -> Result<()> {
     let (Some(path), Some(name)) = (&i.path, &i.name) else {
         anyhow::bail!("import --path needs --name");
     };
+    if !i.offline {
+        // Through the API from any machine: the boot files are uploaded
+        // (resumable, verified by the server), never written here.
+        let c = i.conn.client();
+        let (distro, profile) = crate::inventory::import::import_with(path, name, &mut |r, what| {
+            upload::upload_blob(&c, r, what)
+        })?;
+        let d = serde_json::to_value(&distro)?;
+        let p = serde_json::to_value(&profile)?;
+        c.json("POST", "/api/v1/distros", Some(&d))?;
+        c.json("POST", "/api/v1/profiles", Some(&p))?;
+        return print_imported(&i, &distro, &profile, d, p);
+    }
     let data = defaults::data(i.data.clone())?;
     let blobs = data.join("blobs/sha256");
     let (distro, profile) = crate::inventory::import::import(path, name, &blobs)?;
     let d = serde_json::to_value(&distro)?;
     let p = serde_json::to_value(&profile)?;
-    if i.offline {
+    {
         let root = data.join("inventory");
         let mut inv = crate::inventory::Inventory::open(&root)
             .with_context(|| format!("opening {}", root.display()))?;
@@ -853,11 +869,17 @@ fn import(i: Import) -> Result<()> {
             crate::inventory::model::Object::Profile(profile.clone()),
             &who,
         )?;
-    } else {
-        let c = i.conn.client();
-        c.json("POST", "/api/v1/distros", Some(&d))?;
-        c.json("POST", "/api/v1/profiles", Some(&p))?;
     }
+    print_imported(&i, &distro, &profile, d, p)
+}
+
+fn print_imported(
+    i: &Import,
+    distro: &crate::inventory::model::Distro,
+    profile: &crate::inventory::model::Profile,
+    d: serde_json::Value,
+    p: serde_json::Value,
+) -> Result<()> {
     if i.conn.json {
         print_json(&json!({"distro": d, "profile": p}));
     } else {

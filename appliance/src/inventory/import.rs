@@ -302,9 +302,19 @@ pub fn put_blob(blobs: &Path, src: &Path) -> Result<String> {
     put_blob_from(blobs, &mut f, &src.display().to_string())
 }
 
+/// Where [`import_with`] puts the boot files: given a reader and what it
+/// reads (for errors), stores the bytes and returns `sha256:<hex>`.
+pub type PutBlob<'a> = dyn FnMut(&mut dyn Read, &str) -> Result<String> + 'a;
+
 /// Imports the tree at `path` (a directory or an ISO image) as distro and
-/// profile `name`.
+/// profile `name`, its boot files copied into `blobs`.
 pub fn import(path: &Path, name: &str, blobs: &Path) -> Result<(Distro, Profile)> {
+    import_with(path, name, &mut |r, what| put_blob_from(blobs, r, what))
+}
+
+/// [`import`], with the boot files handed to `put` (the CLI uploads them
+/// through the API).
+pub fn import_with(path: &Path, name: &str, put: &mut PutBlob<'_>) -> Result<(Distro, Profile)> {
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     super::model::check_name(name).map_err(|e| anyhow::anyhow!("distro {e}"))?;
     let tree: Box<dyn Tree> = if meta.is_dir() {
@@ -323,8 +333,8 @@ pub fn import(path: &Path, name: &str, blobs: &Path) -> Result<(Distro, Profile)
             bail!("{}: missing from the tree", tree.describe(f));
         }
     }
-    let kernel = put_blob_from(blobs, &mut tree.open(&d.kernel)?, &tree.describe(&d.kernel))?;
-    let initrd = put_blob_from(blobs, &mut tree.open(&d.initrd)?, &tree.describe(&d.initrd))?;
+    let kernel = put(&mut tree.open(&d.kernel)?, &tree.describe(&d.kernel))?;
+    let initrd = put(&mut tree.open(&d.initrd)?, &tree.describe(&d.initrd))?;
     let distro = Distro {
         name: name.to_owned(),
         kernel,

@@ -25,6 +25,7 @@ pub mod import;
 pub mod model;
 pub mod status;
 pub mod templates;
+pub mod upload;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
