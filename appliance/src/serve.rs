@@ -358,6 +358,7 @@ pub async fn build_app(
             inv.events.clone(),
         )));
         routes.extend(crate::inventory::upload::routes(inv.clone()));
+        routes.extend(crate::inventory::profile_report::routes(inv.clone()));
         routes.extend(crate::inventory::api::routes(inv));
     }
     let app = crate::http::build(routes, auth);

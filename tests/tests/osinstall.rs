@@ -39,7 +39,13 @@ fn firmware() -> (Firmware, &'static str) {
 
 /// The newest event id in the appliance's log.
 fn last_event_id(port: u16, token: &str) -> u64 {
-    let v = api(port, "GET", "/api/v1/events?order=newest&limit=1", "", token);
+    let v = api(
+        port,
+        "GET",
+        "/api/v1/events?order=newest&limit=1",
+        "",
+        token,
+    );
     v["next"].as_u64().unwrap_or(0)
 }
 
@@ -331,7 +337,12 @@ fn blank_machine_installs_debian_12_from_the_appliance_alone() {
         .expect("an events list")
         .iter()
         .filter(|e| e["id"].as_u64().unwrap_or(0) > before_boot2)
-        .filter(|e| matches!(e["kind"].as_str(), Some("tftp.start" | "tftp.transfer" | "http.ipxe")))
+        .filter(|e| {
+            matches!(
+                e["kind"].as_str(),
+                Some("tftp.start" | "tftp.transfer" | "http.ipxe")
+            )
+        })
         .collect();
     assert!(
         fetched.is_empty(),

@@ -842,9 +842,10 @@ fn import(i: Import) -> Result<()> {
         // Through the API from any machine: the boot files are uploaded
         // (resumable, verified by the server), never written here.
         let c = i.conn.client();
-        let (distro, profile) = crate::inventory::import::import_with(path, name, &mut |r, what| {
-            upload::upload_blob(&c, r, what)
-        })?;
+        let (distro, profile) =
+            crate::inventory::import::import_with(path, name, &mut |r, what| {
+                upload::upload_blob(&c, r, what)
+            })?;
         let d = serde_json::to_value(&distro)?;
         let p = serde_json::to_value(&profile)?;
         c.json("POST", "/api/v1/distros", Some(&d))?;

@@ -22,12 +22,15 @@ pub fn upload_blob(c: &Client, input: &mut dyn Read, what: &str) -> Result<Strin
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = input.read(&mut buf).with_context(|| format!("reading {what}"))?;
+        let n = input
+            .read(&mut buf)
+            .with_context(|| format!("reading {what}"))?;
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
-        tmp.write_all(&buf[..n]).context("writing a temporary file")?;
+        tmp.write_all(&buf[..n])
+            .context("writing a temporary file")?;
         size += n as u64;
     }
     let hex = hex::encode(h.finalize());
@@ -41,7 +44,11 @@ fn server_offset(c: &Client, hex: &str) -> Result<Option<u64>> {
     if v["state"] == "present" {
         return Ok(None);
     }
-    Ok(Some(v["offset"].as_u64().context("the server's answer has no offset")?))
+    Ok(Some(
+        v["offset"]
+            .as_u64()
+            .context("the server's answer has no offset")?,
+    ))
 }
 
 fn send(c: &Client, file: &mut std::fs::File, hex: &str, size: u64) -> Result<()> {
@@ -60,11 +67,15 @@ fn send(c: &Client, file: &mut std::fs::File, hex: &str, size: u64) -> Result<()
             .stream(
                 "PUT",
                 &path,
-                Some((ureq::SendBody::from_reader(&mut piece), "application/octet-stream")),
+                Some((
+                    ureq::SendBody::from_reader(&mut piece),
+                    "application/octet-stream",
+                )),
             )
             .and_then(|(_, mut r)| {
                 let mut body = Vec::new();
-                r.read_to_end(&mut body).context("reading the server's answer")?;
+                r.read_to_end(&mut body)
+                    .context("reading the server's answer")?;
                 Ok(body)
             });
         match sent {
@@ -74,12 +85,16 @@ fn send(c: &Client, file: &mut std::fs::File, hex: &str, size: u64) -> Result<()
                 if v["state"] == "present" {
                     return Ok(());
                 }
-                offset = v["offset"].as_u64().context("the server's answer has no offset")?;
+                offset = v["offset"]
+                    .as_u64()
+                    .context("the server's answer has no offset")?;
             }
             // Verification failed, or we may not upload: retrying cannot help.
             Err(e)
                 if e.downcast_ref::<ApiFailure>().is_some_and(|f| {
-                    f.code != "upload_offset" && f.code != "upload_interrupted" && f.code != "upload_in_progress"
+                    f.code != "upload_offset"
+                        && f.code != "upload_interrupted"
+                        && f.code != "upload_in_progress"
                 }) =>
             {
                 return Err(e)

@@ -417,7 +417,9 @@ pub fn routes(state: Arc<InvState>) -> Vec<Route> {
 /// The inventory's routes alone (tests), guarded by its own tokens.
 pub fn router(state: Arc<InvState>) -> Router {
     let auth = crate::http::Auth::new(Some(state.tokens.clone()), state.public_reads);
-    crate::http::build(routes(state), auth)
+    let mut all = routes(state.clone());
+    all.extend(super::profile_report::routes(state));
+    crate::http::build(all, auth)
 }
 
 /// Whether `sha256:<hex>` is a distro's kernel or initrd.
@@ -823,7 +825,7 @@ pub(crate) fn record(
 }
 
 /// The reporting machine's address: the TCP peer, never a header it sent.
-fn peer(caller: &Caller) -> String {
+pub(super) fn peer(caller: &Caller) -> String {
     caller.peer.map(|p| p.ip().to_string()).unwrap_or_default()
 }
 
@@ -881,7 +883,7 @@ async fn report_status(
     )?))
 }
 
-fn parse_event(s: &str) -> Result<Event, ApiError> {
+pub(super) fn parse_event(s: &str) -> Result<Event, ApiError> {
     match s {
         "start" | "pre" => Ok(Event::Start),
         "finish" | "post" => Ok(Event::Finish),

@@ -23,6 +23,7 @@ pub mod git;
 pub mod gitpack;
 pub mod import;
 pub mod model;
+pub mod profile_report;
 pub mod status;
 pub mod templates;
 pub mod upload;

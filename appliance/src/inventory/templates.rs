@@ -174,8 +174,17 @@ pub fn prepare(
         format!("{base}/autoinstall").into(),
     );
     context.insert("status_url".into(), format!("{base}/status").into());
-    context.entry("system_name").or_insert_with(|| name.into());
-    context.entry("hostname").or_insert_with(|| name.into());
+    if kind == Kind::Profile {
+        // A profile's file serves any machine: it names no system, and the
+        // hostname is what DHCP gives (Debian's example value until then).
+        context.entry("system_name").or_insert_with(|| "".into());
+        context
+            .entry("hostname")
+            .or_insert_with(|| "unassigned-hostname".into());
+    } else {
+        context.entry("system_name").or_insert_with(|| name.into());
+        context.entry("hostname").or_insert_with(|| name.into());
+    }
     context
         .entry("interfaces")
         .or_insert_with(|| serde_json::Value::Array(vec![]));

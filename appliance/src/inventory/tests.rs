@@ -1963,3 +1963,69 @@ async fn preview_renders_unsaved_text_for_a_system_and_changes_nothing() {
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(a.state.read().head(), head, "a preview commits nothing");
 }
+
+#[tokio::test]
+async fn a_profile_level_install_reports_by_its_lease() {
+    let a = api();
+    {
+        let mut inv = a.state.inventory.write().unwrap();
+        let mut web = inv.profile("web").unwrap().clone();
+        for (k, v) in [
+            ("root_password_hash", "$6$salt$hash"),
+            ("mirror_host", "10.0.0.1:8080"),
+            ("mirror_dir", "/repos/deb12"),
+        ] {
+            web.variables.insert(k.into(), json!(v));
+        }
+        inv.update(Object::Profile(web), &who()).unwrap();
+    }
+    // The profile's own autoinstall file points its reports at a route
+    // that exists, and names no system.
+    let (s, text) = a
+        .call("GET", "/api/v1/profiles/web/autoinstall", None, false)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert!(
+        text.contains("/api/v1/profiles/web/status/finish"),
+        "{text}"
+    );
+    assert!(!text.contains("netcfg/get_hostname string web\n"), "{text}");
+    a.state
+        .events
+        .learn("10.0.0.50".parse().unwrap(), "aa:bb:cc:00:00:01");
+    a.state
+        .events
+        .learn("10.0.0.60".parse().unwrap(), "52:54:00:12:34:56");
+    // Never leased by us: refused, nothing recorded.
+    let (s, body) = a
+        .post_from("/api/v1/profiles/web/status/start", "192.0.2.9:1")
+        .await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::FORBIDDEN, "unknown_reporter"),
+        "{body}"
+    );
+    // An unknown machine: an event, no inventory change.
+    let (s, body) = a
+        .post_from("/api/v1/profiles/web/status/finish", "10.0.0.60:1")
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+    let ev = a.state.events.page(0, 1000);
+    assert!(
+        ev.iter().any(|e| e.kind == "install.status"
+            && e.mac.as_deref() == Some("52:54:00:12:34:56")
+            && e.detail["profile"] == "web"),
+        "{ev:?}"
+    );
+    // A known machine's lease: recorded for its system (netboot off).
+    let (s, body) = a
+        .post_from("/api/v1/profiles/web/status/finish", "10.0.0.50:1")
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(!a.netboot("web1"));
+    // No such profile.
+    let (s, _) = a
+        .post_from("/api/v1/profiles/nope/status/finish", "10.0.0.60:1")
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

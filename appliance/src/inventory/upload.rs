@@ -118,7 +118,10 @@ async fn state_of(st: &InvState, hex: &str) -> Result<(&'static str, u64), ApiEr
     }
 }
 
-async fn status(State(st): State<Arc<InvState>>, Path(hex): Path<String>) -> Result<Response, ApiError> {
+async fn status(
+    State(st): State<Arc<InvState>>,
+    Path(hex): Path<String>,
+) -> Result<Response, ApiError> {
     check_hex(&hex)?;
     let (state, n) = state_of(&st, &hex).await?;
     let mut v = json!({"digest": format!("sha256:{hex}"), "state": state, "offset": n});
@@ -139,7 +142,12 @@ fn parse_query(q: Option<&str>) -> Result<(u64, u64), ApiError> {
         match k {
             "offset" => offset = Some(n),
             "size" => size = Some(n),
-            _ => return Err(bad("bad_query", format!("unknown parameter {k:?} (known: offset, size)"))),
+            _ => {
+                return Err(bad(
+                    "bad_query",
+                    format!("unknown parameter {k:?} (known: offset, size)"),
+                ))
+            }
         }
     }
     let (Some(offset), Some(size)) = (offset, size) else {
@@ -156,7 +164,10 @@ fn parse_query(q: Option<&str>) -> Result<(u64, u64), ApiError> {
         ));
     }
     if offset > size {
-        return Err(bad("bad_query", format!("offset {offset} is past size {size}")));
+        return Err(bad(
+            "bad_query",
+            format!("offset {offset} is past size {size}"),
+        ));
     }
     Ok((offset, size))
 }
@@ -175,7 +186,11 @@ async fn put(
     let _slot = Slot::take(&hex)?;
     let (state, held) = state_of(&st, &hex).await?;
     if state == "present" {
-        return Ok((StatusCode::OK, Json(json!({"digest": format!("sha256:{hex}"), "state": "present", "size": held}))).into_response());
+        return Ok((
+            StatusCode::OK,
+            Json(json!({"digest": format!("sha256:{hex}"), "state": "present", "size": held})),
+        )
+            .into_response());
     }
     if offset != held {
         return Err(ApiError::new(
@@ -230,7 +245,11 @@ async fn put(
         ));
     }
     if n < size {
-        return Ok((StatusCode::ACCEPTED, Json(json!({"digest": format!("sha256:{hex}"), "state": "partial", "offset": n}))).into_response());
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"digest": format!("sha256:{hex}"), "state": "partial", "offset": n})),
+        )
+            .into_response());
     }
     // Complete: verify the whole file before it takes the blob's name.
     let p = path.clone();
@@ -254,7 +273,11 @@ async fn put(
     tokio::fs::rename(&path, &dst)
         .await
         .map_err(internal(format!("renaming into {}", dst.display())))?;
-    Ok((StatusCode::CREATED, Json(json!({"digest": format!("sha256:{hex}"), "state": "present", "size": size}))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"digest": format!("sha256:{hex}"), "state": "present", "size": size})),
+    )
+        .into_response())
 }
 
 /// The upload routes (operators only: an upload fills the data partition).
@@ -322,7 +345,13 @@ mod tests {
     }
 
     impl Up {
-        async fn call(&self, method: &str, uri: &str, body: Vec<u8>, auth: bool) -> (StatusCode, serde_json::Value) {
+        async fn call(
+            &self,
+            method: &str,
+            uri: &str,
+            body: Vec<u8>,
+            auth: bool,
+        ) -> (StatusCode, serde_json::Value) {
             let mut req = Request::builder().method(method).uri(uri);
             if auth {
                 req = req.header("authorization", format!("Bearer {}", self.token));
@@ -335,7 +364,10 @@ mod tests {
                 .unwrap();
             let status = resp.status();
             let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-            (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+            (
+                status,
+                serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+            )
         }
     }
 
@@ -349,25 +381,64 @@ mod tests {
     async fn an_upload_resumes_and_commits_only_verified_bytes() {
         let u = up();
         let (data, hex) = blob();
-        let uri = |off: usize| format!("/api/v1/uploads/sha256/{hex}?offset={off}&size={}", data.len());
-        let (s, v) = u.call("GET", &format!("/api/v1/uploads/sha256/{hex}"), vec![], true).await;
+        let uri = |off: usize| {
+            format!(
+                "/api/v1/uploads/sha256/{hex}?offset={off}&size={}",
+                data.len()
+            )
+        };
+        let (s, v) = u
+            .call(
+                "GET",
+                &format!("/api/v1/uploads/sha256/{hex}"),
+                vec![],
+                true,
+            )
+            .await;
         assert_eq!((s, v["state"].as_str()), (StatusCode::OK, Some("absent")));
 
         // The first piece; the "connection drops" after it.
         let (s, v) = u.call("PUT", &uri(0), data[..70_000].to_vec(), true).await;
-        assert_eq!((s, v["offset"].as_u64()), (StatusCode::ACCEPTED, Some(70_000)), "{v}");
-        assert!(!u.blobs.join(&hex).exists(), "a partial upload took the blob's name");
-        let (_, v) = u.call("GET", &format!("/api/v1/uploads/sha256/{hex}"), vec![], true).await;
-        assert_eq!((v["state"].as_str(), v["offset"].as_u64()), (Some("partial"), Some(70_000)));
+        assert_eq!(
+            (s, v["offset"].as_u64()),
+            (StatusCode::ACCEPTED, Some(70_000)),
+            "{v}"
+        );
+        assert!(
+            !u.blobs.join(&hex).exists(),
+            "a partial upload took the blob's name"
+        );
+        let (_, v) = u
+            .call(
+                "GET",
+                &format!("/api/v1/uploads/sha256/{hex}"),
+                vec![],
+                true,
+            )
+            .await;
+        assert_eq!(
+            (v["state"].as_str(), v["offset"].as_u64()),
+            (Some("partial"), Some(70_000))
+        );
 
         // Resuming from the wrong offset is refused and loses nothing.
         let (s, v) = u.call("PUT", &uri(0), data.clone(), true).await;
-        assert_eq!((s, v["code"].as_str()), (StatusCode::CONFLICT, Some("upload_offset")), "{v}");
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::CONFLICT, Some("upload_offset")),
+            "{v}"
+        );
         assert!(v["message"].as_str().unwrap().contains("70000"), "{v}");
 
         // The rest, from where the server stands: committed and served.
-        let (s, v) = u.call("PUT", &uri(70_000), data[70_000..].to_vec(), true).await;
-        assert_eq!((s, v["state"].as_str()), (StatusCode::CREATED, Some("present")), "{v}");
+        let (s, v) = u
+            .call("PUT", &uri(70_000), data[70_000..].to_vec(), true)
+            .await;
+        assert_eq!(
+            (s, v["state"].as_str()),
+            (StatusCode::CREATED, Some("present")),
+            "{v}"
+        );
         assert_eq!(std::fs::read(u.blobs.join(&hex)).unwrap(), data);
         assert!(!u.blobs.join(format!(".upload-{hex}")).exists());
         // Again: already there, nothing rewritten.
@@ -381,16 +452,37 @@ mod tests {
         let (mut data, hex) = blob();
         data[1234] ^= 1;
         let (s, v) = u
-            .call("PUT", &format!("/api/v1/uploads/sha256/{hex}?offset=0&size={}", data.len()), data.clone(), true)
+            .call(
+                "PUT",
+                &format!("/api/v1/uploads/sha256/{hex}?offset=0&size={}", data.len()),
+                data.clone(),
+                true,
+            )
             .await;
-        assert_eq!((s, v["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("digest_mismatch")), "{v}");
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("digest_mismatch")),
+            "{v}"
+        );
         assert!(!u.blobs.join(&hex).exists());
-        assert!(!u.blobs.join(format!(".upload-{hex}")).exists(), "the bad partial was kept");
+        assert!(
+            !u.blobs.join(format!(".upload-{hex}")).exists(),
+            "the bad partial was kept"
+        );
         // More bytes than announced: refused, partial dropped.
         let (s, v) = u
-            .call("PUT", &format!("/api/v1/uploads/sha256/{hex}?offset=0&size=10"), data, true)
+            .call(
+                "PUT",
+                &format!("/api/v1/uploads/sha256/{hex}?offset=0&size=10"),
+                data,
+                true,
+            )
             .await;
-        assert_eq!((s, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some("upload_too_long")), "{v}");
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("upload_too_long")),
+            "{v}"
+        );
         assert!(!u.blobs.join(format!(".upload-{hex}")).exists());
     }
 
@@ -401,7 +493,10 @@ mod tests {
         let uri = format!("/api/v1/uploads/sha256/{hex}?offset=0&size={}", data.len());
         let (s, _) = u.call("PUT", &uri, data.clone(), false).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
-        assert!(!u.blobs.exists(), "an unauthorised upload wrote to the data partition");
+        assert!(
+            !u.blobs.exists(),
+            "an unauthorised upload wrote to the data partition"
+        );
         for bad in [
             format!("/api/v1/uploads/sha256/{}?offset=0&size=1", "A".repeat(64)),
             "/api/v1/uploads/sha256/..%2F..%2Fetc?offset=0&size=1".to_owned(),
@@ -413,7 +508,15 @@ mod tests {
             assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
         }
         let (s, v) = u
-            .call("PUT", &format!("/api/v1/uploads/sha256/{hex}?offset=0&size={}", MAX_BLOB + 1), vec![], true)
+            .call(
+                "PUT",
+                &format!(
+                    "/api/v1/uploads/sha256/{hex}?offset=0&size={}",
+                    MAX_BLOB + 1
+                ),
+                vec![],
+                true,
+            )
             .await;
         assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
     }
