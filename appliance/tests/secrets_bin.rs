@@ -46,7 +46,11 @@ fn git_history(repo: &Path) -> String {
 fn bmc_passwords_are_sealed_in_the_inventory() {
     let data = tempfile::tempdir().unwrap();
     let (_srv, url, token) = server(data.path(), &["--sync-interval", "0"]);
-    ok(cli(&url, &token, &["image", "add", "img1", "--set", "type=capture"]));
+    ok(cli(
+        &url,
+        &token,
+        &["image", "add", "img1", "--set", "type=capture"],
+    ));
     let power = r#"power={"type":"redfish","address":"https://192.0.2.10","user":"admin","password":"hunter2-secret"}"#;
     ok(cli(
         &url,
@@ -73,7 +77,10 @@ fn bmc_passwords_are_sealed_in_the_inventory() {
     }
     // The API shows the placeholder only.
     let shown = ok(cli(&url, &token, &["system", "show", "bmc1", "--json"]));
-    assert!(shown.contains("********") && !shown.contains("sealed:"), "{shown}");
+    assert!(
+        shown.contains("********") && !shown.contains("sealed:"),
+        "{shown}"
+    );
 
     // Pointing it at another BMC without sending the password again is
     // refused: the sealed password is bound to the address it was given for.
@@ -104,5 +111,4 @@ fn bmc_passwords_are_sealed_in_the_inventory() {
         ],
     ));
     assert!(!git_history(&data.path().join("inventory")).contains("hunter2-secret"));
-
 }

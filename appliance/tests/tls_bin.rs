@@ -191,12 +191,17 @@ fn https_with_the_site_ca_curl_openssl_and_cli() {
         "issuer not the site CA: {text}"
     );
 
-    // The CLI over https: a guarded command with --ca works.
-    let list = ok(run(cli(home.path())
+    // The CLI over https: a guarded write with --ca works.
+    ok(run(cli(home.path())
         .args(["--url", &s.https, "--token", &s.token, "--ca"])
         .arg(&ca)
-        .args(["token", "list", "--json"])));
-    assert!(list.contains("\"scope\""), "{list}");
+        .args([
+            "image",
+            "add",
+            "over-https",
+            "--set",
+            "type=capture",
+        ])));
     // APPLIANCE_CA and the config file's `ca` do the same.
     ok(run(cli(home.path())
         .env("APPLIANCE_CA", &ca)
@@ -206,7 +211,7 @@ fn https_with_the_site_ca_curl_openssl_and_cli() {
             "--token",
             &s.token,
         ])
-        .args(["token", "list"])));
+        .args(["image", "add", "by-env", "--set", "type=capture"])));
     let cfg = home.path().join(".config/appliance");
     std::fs::create_dir_all(&cfg).unwrap();
     std::fs::write(
@@ -217,12 +222,18 @@ fn https_with_the_site_ca_curl_openssl_and_cli() {
         ),
     )
     .unwrap();
-    ok(run(cli(home.path()).args(["token", "list"])));
+    ok(run(cli(home.path()).args([
+        "image",
+        "add",
+        "by-config",
+        "--set",
+        "type=capture",
+    ])));
     std::fs::remove_file(cfg.join("config.toml")).unwrap();
     // Without the CA the CLI refuses the certificate and says what to do.
     let refused = run(cli(home.path())
         .args(["--url", &s.https, "--token", &s.token])
-        .args(["token", "list"]));
+        .args(["image", "add", "refused", "--set", "type=capture"]));
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
@@ -235,20 +246,33 @@ fn https_with_the_site_ca_curl_openssl_and_cli() {
     let bad = run(cli(home.path())
         .args(["--url", &s.https, "--ca"])
         .arg(&junk)
-        .args(["token", "list"]));
+        .args(["image", "add", "junk", "--set", "type=capture"]));
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("junk.pem"));
     // A token is not sent in clear to a non-loopback address (refused
     // before connecting; 192.0.2.1 is a documentation address).
     let clear = run(cli(home.path())
         .args(["--url", "http://192.0.2.1:80", "--token", &s.token])
-        .args(["token", "list"]));
+        .args(["image", "add", "clear", "--set", "type=capture"]));
     assert!(!clear.status.success());
     assert!(
         String::from_utf8_lossy(&clear.stderr).contains("--insecure-http"),
         "{}",
         String::from_utf8_lossy(&clear.stderr)
     );
+    // Every write that succeeded arrived; none that was refused did.
+    let list = ok(run(
+        cli(home.path()).args(["--url", &s.http, "image", "list", "--json"])
+    ));
+    for name in ["over-https", "by-env", "by-config"] {
+        assert!(list.contains(name), "{name} missing: {list}");
+    }
+    for name in ["refused", "junk", "clear"] {
+        assert!(
+            !list.contains(&format!("\"{name}\"")),
+            "{name} arrived: {list}"
+        );
+    }
 }
 
 #[test]
