@@ -140,6 +140,9 @@ pub fn driver_for_system(
 ) -> Result<Option<Box<dyn PowerDriver>>, PowerError> {
     if sys.power.kind == "wol" && sys.power.id.is_empty() {
         let mut p = sys.power.clone();
+        // Opened against the stored settings, before the id is filled in.
+        p.password = crate::secrets::power_password(&sys.power)
+            .map_err(|e| PowerError::Config(format!("{e:#}")))?;
         p.id = sys
             .interfaces
             .first()

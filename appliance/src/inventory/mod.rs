@@ -267,7 +267,7 @@ impl Inventory {
             if sealer.is_ours(&p.password) && sealer.open(&p.password, &aad).is_err() {
                 return Err(InvError::Conflict(format!(
                     "system {:?}: power settings changed, so the stored BMC password is not \
-                     sent to them; send power.password again",
+                     sent to them; send power.password again (\"\" to clear it)",
                     s.name
                 )));
             }
