@@ -458,12 +458,16 @@ async fn supervise(cfg: &BootConfig) -> Result<Action> {
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
 
     let listen = format!("0.0.0.0:{}", cfg.http_port);
+    // HTTPS (the operator and appliance-to-appliance API) beside HTTP.
+    let listen_tls = format!("0.0.0.0:{}", crate::tls::DEFAULT_TLS_PORT);
     // The supervised child: the server, or in agent/install mode the agent.
     let args: Vec<String> = if cfg.mode == Mode::Serve {
         [
             "serve",
             "--listen",
             &listen,
+            "--listen-tls",
+            &listen_tls,
             "--data",
             DATA_DIR,
             "--degraded-file",

@@ -27,6 +27,16 @@ enum Command {
         /// Address to listen on; port 0 picks a free port (printed on stdout).
         #[arg(long, default_value = "0.0.0.0:80")]
         listen: SocketAddr,
+        /// Also serve the API over HTTPS here, with a certificate from the
+        /// site CA in <data>/state/tls (created at first start; the image
+        /// uses 0.0.0.0:8443). Port 0 picks a free port (printed on stdout).
+        #[arg(long)]
+        listen_tls: Option<SocketAddr>,
+        /// A DNS name or address the HTTPS certificate must also cover
+        /// (repeatable; localhost, the host name and local addresses are
+        /// always in it).
+        #[arg(long = "tls-name")]
+        tls_names: Vec<String>,
         /// Data directory (the mounted data partition)
         /// [default: config file's `data`, else /data].
         #[arg(long, env = "APPLIANCE_DATA")]
@@ -164,6 +174,8 @@ fn run() -> Result<()> {
     match cli.command {
         Command::Serve {
             listen,
+            listen_tls,
+            tls_names,
             data,
             degraded_file,
             allow_power,
@@ -185,6 +197,8 @@ fn run() -> Result<()> {
                 checkin_interval: std::time::Duration::from_secs(checkin_interval.max(1)),
                 sync_interval: (sync_interval > 0)
                     .then(|| std::time::Duration::from_secs(sync_interval)),
+                listen_tls,
+                tls_names,
                 ..appliance::serve::ServeOptions::new(listen, appliance::cli::defaults::data(data)?)
             }))
         }

@@ -1,7 +1,12 @@
 //! The link from a child to its parent, node-local in
 //! `<data>/state/parent.json` (mode 0600, it holds a secret):
 //! `{"url":"http://host:port","token":"apl_…","node_id":"<this node's id as
-//! registered>","parent_node_id":"<uuid>"}`.
+//! registered>","parent_node_id":"<uuid>","ca":"-----BEGIN CERTIFICATE-----…"}`.
+//!
+//! `ca` (optional) pins the parent's site CA: with it the link's URL must
+//! be `https://` and every call to the parent (check-ins, sync) trusts
+//! exactly that CA. Without it (what the installer writes today) the link
+//! is plain HTTP and the replica token crosses the network in clear.
 //!
 //! The installer (or `appliance replica join`) writes it together with
 //! `state/node.json`, whose id must be the same. When it exists,
@@ -37,12 +42,31 @@ pub struct ParentLink {
     pub node_id: Uuid,
     /// The parent's own node id.
     pub parent_node_id: Uuid,
+    /// The parent's site CA certificate (PEM), pinned for HTTPS calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
 }
 
 impl ParentLink {
-    /// A client for the parent's API, with this link's token.
+    /// A client for the parent's API, with this link's token: trusting
+    /// only the pinned CA when the link has one (an unparsable one trusts
+    /// nothing), plain HTTP allowed only when it has none.
     pub fn client(&self, timeout: Duration) -> Client {
-        Client::with_timeout(&self.url, Some(self.token.clone()), Some(timeout))
+        let c = Client::with_timeout(&self.url, Some(self.token.clone()), Some(timeout));
+        match &self.ca {
+            Some(pem) => {
+                let roots =
+                    crate::cli::client::roots_from_pem(pem.as_bytes()).unwrap_or_else(|e| {
+                        tracing::error!(
+                            error = format!("{e:#}"),
+                            "the parent link's CA is unreadable; trusting nothing"
+                        );
+                        std::sync::Arc::new(Vec::new())
+                    });
+                c.trust(Some(roots))
+            }
+            None => c.allow_plain_token(true),
+        }
     }
 }
 
@@ -143,6 +167,7 @@ mod tests {
             token: "apl_x_y".into(),
             node_id: Uuid::new_v4(),
             parent_node_id: Uuid::new_v4(),
+            ca: None,
         }
     }
 

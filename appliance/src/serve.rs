@@ -43,6 +43,11 @@ pub struct ServeOptions {
     pub checkin_interval: Duration,
     /// How often to sync with the parent (`None`: only on demand).
     pub sync_interval: Option<Duration>,
+    /// Where to serve HTTPS (the same API) with the site CA's certificate.
+    pub listen_tls: Option<SocketAddr>,
+    /// Names and addresses the server certificate covers besides the
+    /// discovered ones (`crate::tls::Subjects::discover`).
+    pub tls_names: Vec<String>,
 }
 
 impl ServeOptions {
@@ -57,6 +62,8 @@ impl ServeOptions {
             advertise_url: None,
             checkin_interval: crate::parent::CHECKIN_INTERVAL,
             sync_interval: Some(Duration::from_secs(300)),
+            listen_tls: None,
+            tls_names: Vec::new(),
         }
     }
 }
@@ -145,6 +152,12 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
                 None
             }
         };
+    // BMC passwords are sealed with this node's key before they are stored.
+    let sealer = Arc::new(crate::secrets::Sealer::new(&opts.data));
+    crate::secrets::init(sealer.clone());
+    if let Some(inv) = &inventory {
+        crate::inventory::fresh_write(&inv.inventory).set_sealer(sealer);
+    }
     let tokens_file = opts.data.join("state/tokens.json");
     let first_token = first_token(&tokens_file);
     if let FirstToken::Failed(e) = &first_token {
@@ -178,6 +191,10 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     if let Some(node) = sync_node {
         start_background_sync(&opts, node);
     }
+    let tls_server = match opts.listen_tls {
+        Some(listen_tls) => start_tls(&opts, listen_tls, app.clone()).await?,
+        None => None,
+    };
     crate::http::server::serve(
         listener,
         app,
@@ -185,8 +202,102 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         shutdown_signal(),
     )
     .await;
+    if let Some(t) = tls_server {
+        let _ = t.await;
+    }
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// The names and addresses the server certificate must cover now.
+fn tls_subjects(opts: &ServeOptions, listen_tls: SocketAddr) -> crate::tls::Subjects {
+    let mut extra = opts.tls_names.clone();
+    if let Some(h) = opts.advertise_url.as_deref().and_then(crate::tls::url_host) {
+        extra.push(h);
+    }
+    for ip in [opts.listen.ip(), listen_tls.ip()] {
+        if !ip.is_unspecified() {
+            extra.push(ip.to_string());
+        }
+    }
+    crate::tls::Subjects::discover(&extra)
+}
+
+/// Loads or creates the site CA, binds `listen_tls`, prints the HTTPS
+/// address and the CA fingerprint, and serves `app` over TLS until
+/// shutdown; the server certificate is reissued when the node's addresses
+/// change (checked every 30 s). A broken TLS directory is logged and the
+/// node serves plain HTTP only; a port that cannot be bound is an error.
+async fn start_tls(
+    opts: &ServeOptions,
+    listen_tls: SocketAddr,
+    app: axum::Router,
+) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    let site = {
+        let (data, subjects) = (opts.data.clone(), tls_subjects(opts, listen_tls));
+        tokio::task::spawn_blocking(move || crate::tls::SiteTls::load_or_create(&data, subjects))
+            .await
+            .context("creating the site CA")?
+    };
+    let site = match site.and_then(|s| Ok((s.server_config()?, s))) {
+        Ok((cfg, s)) => (cfg, Arc::new(s)),
+        Err(e) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "TLS unavailable; serving plain HTTP only"
+            );
+            return Ok(None);
+        }
+    };
+    let (config, site) = site;
+    let listener = tokio::net::TcpListener::bind(listen_tls)
+        .await
+        .with_context(|| format!("binding {listen_tls}"))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening (https) on {addr}").context("writing to stdout")?;
+        writeln!(
+            out,
+            "site CA SHA-256 fingerprint: {}",
+            site.ca_fingerprint()
+        )
+        .context("writing to stdout")?;
+        out.flush().context("flushing stdout")?;
+    }
+    if crate::power::under_our_init() {
+        crate::console::marker(&format!(
+            "serving https on {addr}, site CA SHA-256 {}",
+            site.ca_fingerprint()
+        ));
+    }
+    {
+        let (opts, site) = (opts.clone(), site.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let subjects = tls_subjects(&opts, listen_tls);
+                let s = site.clone();
+                match tokio::task::spawn_blocking(move || s.refresh(subjects)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(
+                        error = format!("{e:#}"),
+                        "reissuing the server certificate failed"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "reissuing the server certificate failed"),
+                }
+            }
+        });
+    }
+    Ok(Some(tokio::spawn(crate::http::server::serve_tls(
+        listener,
+        config,
+        app,
+        crate::http::server::Limits::default(),
+        shutdown_signal(),
+    ))))
 }
 
 /// Everything `serve` answers: the route table of every module behind one
@@ -254,6 +365,7 @@ pub async fn build_app(
     crate::audit::init(&opts.data);
     let mut routes = api::routes(state.clone());
     routes.extend(crate::webui::routes());
+    routes.extend(crate::tls::routes(opts.data.clone()));
     routes.extend(crate::network::routes(networks.clone()));
     routes.extend(crate::rebuild::routes(opts.data.clone()));
     routes.extend(crate::replicate::routes(replication.clone()));
@@ -553,6 +665,7 @@ mod tests {
             token: "apl_x_y".into(),
             node_id: uuid::Uuid::new_v4(),
             parent_node_id: uuid::Uuid::new_v4(),
+            ca: None,
         };
         crate::parent::save(dir.path(), &link).unwrap();
         let state = build_state(&opts(dir.path()));

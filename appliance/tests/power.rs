@@ -365,15 +365,16 @@ fn power_cli_through_the_server() {
     }
     ok(&url, t, &["system", "edit", "node1", "--comment", "rack 4"]);
     let file = std::fs::read_to_string(data.path().join("inventory/systems/node1.json")).unwrap();
+    // Stored sealed with the node key (crate::secrets), never in clear.
     assert!(
-        file.contains("s3cret-pw") && file.contains("rack 4"),
+        !file.contains("s3cret-pw") && file.contains("sealed:v1:") && file.contains("rack 4"),
         "{file}"
     );
 
     // An unreachable BMC: 502 with a stable code naming the address.
     let gone = data.path().join("no-such-vm.qmp");
     let p = format!(
-        r#"power={{"type":"qmp","address":"{}","id":"net=nic0"}}"#,
+        r#"power={{"type":"qmp","address":"{}","id":"net=nic0","password":""}}"#,
         gone.display()
     );
     ok(&url, t, &["system", "edit", "node1", "--set", &p]);

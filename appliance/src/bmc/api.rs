@@ -211,10 +211,12 @@ pub async fn post_media(
     let action = req.action;
     let result = tokio::task::spawn_blocking(move || {
         let p = &sys.power;
+        let password = crate::secrets::power_password(p)
+            .map_err(|e| super::PowerError::Config(format!("{e:#}")))?;
         let r = super::redfish::Redfish::new(
             &p.address,
             &p.user,
-            &p.password,
+            &password,
             &p.id,
             super::DEFAULT_TIMEOUT,
         )?;

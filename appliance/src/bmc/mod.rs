@@ -98,7 +98,19 @@ pub fn driver_for(
     power: &Power,
     timeout: Duration,
 ) -> Result<Option<Box<dyn PowerDriver>>, PowerError> {
-    let p = power;
+    // A sealed password (crate::secrets) is opened here, for the driver only.
+    let opened;
+    let p = if crate::secrets::is_sealed(&power.password) {
+        let password = crate::secrets::power_password(power)
+            .map_err(|e| PowerError::Config(format!("{e:#}")))?;
+        opened = Power {
+            password,
+            ..power.clone()
+        };
+        &opened
+    } else {
+        power
+    };
     let d: Box<dyn PowerDriver> = match p.kind.as_str() {
         "" => return Ok(None),
         "qmp" => Box::new(qmp::Qmp::new(&p.address, &p.id, timeout)?),
@@ -128,6 +140,9 @@ pub fn driver_for_system(
 ) -> Result<Option<Box<dyn PowerDriver>>, PowerError> {
     if sys.power.kind == "wol" && sys.power.id.is_empty() {
         let mut p = sys.power.clone();
+        // Opened against the stored settings, before the id is filled in.
+        p.password = crate::secrets::power_password(&sys.power)
+            .map_err(|e| PowerError::Config(format!("{e:#}")))?;
         p.id = sys
             .interfaces
             .first()

@@ -1,6 +1,13 @@
-//! A small blocking HTTP client for the operator CLI (ureq, plain HTTP):
-//! JSON in and out, bearer token, and the API's `{code, message}` errors
-//! turned into readable failures.
+//! A small blocking HTTP client for the operator CLI (ureq over plain HTTP
+//! or HTTPS with rustls): JSON in and out, bearer token, and the API's
+//! `{code, message}` errors turned into readable failures.
+//!
+//! HTTPS trusts exactly the CA certificates given with [`Client::trust`]
+//! (the site CA: `--ca`, `APPLIANCE_CA`, the config file's `ca`, or a
+//! parent link's pinned CA), else the public web roots. A token is never
+//! sent over plain `http://` to an address that is not loopback unless
+//! [`Client::allow_plain_token`] says so (`--insecure-http`): anyone on
+//! the provisioning network could read it.
 
 use anyhow::{bail, Context, Result};
 
@@ -20,12 +27,54 @@ impl std::fmt::Display for ApiFailure {
 
 impl std::error::Error for ApiFailure {}
 
+/// CA certificates to trust for HTTPS, parsed from PEM.
+pub type Roots = std::sync::Arc<Vec<ureq::tls::Certificate<'static>>>;
+
+/// Parses the CA certificates of a PEM file's text (at least one).
+pub fn roots_from_pem(pem: &[u8]) -> Result<Roots> {
+    let mut out = Vec::new();
+    for item in ureq::tls::parse_pem(pem) {
+        if let ureq::tls::PemItem::Certificate(c) = item.context("parsing PEM")? {
+            out.push(c);
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "no CERTIFICATE block in the PEM text");
+    Ok(std::sync::Arc::new(out))
+}
+
+/// Whether `url`'s host is a loopback address or `localhost`.
+pub fn is_loopback_url(url: &str) -> bool {
+    match crate::tls::url_host(url) {
+        Some(h) if h.eq_ignore_ascii_case("localhost") => true,
+        Some(h) => h
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
+}
+
 /// Where the server is and how to authenticate.
 #[derive(Debug, Clone)]
 pub struct Client {
     pub url: String,
     pub token: Option<String>,
     agent: ureq::Agent,
+    timeout: Option<std::time::Duration>,
+    roots: Option<Roots>,
+    plain_token_ok: bool,
+}
+
+fn agent(timeout: Option<std::time::Duration>, roots: Option<&Roots>) -> ureq::Agent {
+    let mut tls = ureq::tls::TlsConfig::builder().provider(ureq::tls::TlsProvider::Rustls);
+    if let Some(r) = roots {
+        tls = tls.root_certs(ureq::tls::RootCerts::Specific(r.clone()));
+    }
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(timeout)
+        .tls_config(tls.build())
+        .build();
+    ureq::Agent::new_with_config(config)
 }
 
 impl Client {
@@ -39,10 +88,6 @@ impl Client {
         token: Option<String>,
         timeout: Option<std::time::Duration>,
     ) -> Self {
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(timeout)
-            .build();
         let url = if url.starts_with("http://") || url.starts_with("https://") {
             url.to_owned()
         } else {
@@ -51,8 +96,56 @@ impl Client {
         Self {
             url: url.trim_end_matches('/').to_owned(),
             token,
-            agent: ureq::Agent::new_with_config(config),
+            agent: agent(timeout, None),
+            timeout,
+            roots: None,
+            plain_token_ok: false,
         }
+    }
+
+    /// Trusts exactly `roots` (the site CA) for HTTPS; `None` keeps the
+    /// public web roots.
+    pub fn trust(mut self, roots: Option<Roots>) -> Self {
+        self.agent = agent(self.timeout, roots.as_ref());
+        self.roots = roots;
+        self
+    }
+
+    /// Allows sending the token over plain HTTP to a non-loopback address.
+    pub fn allow_plain_token(mut self, yes: bool) -> Self {
+        self.plain_token_ok = yes;
+        self
+    }
+
+    /// The `Authorization` header, or an error when the token would cross
+    /// the network in clear.
+    fn auth(&self) -> Result<Option<String>> {
+        let Some(t) = &self.token else {
+            return Ok(None);
+        };
+        if self.url.starts_with("http://") && !self.plain_token_ok && !is_loopback_url(&self.url) {
+            bail!(
+                "refusing to send the API token over plain http to {} (anyone on that network \
+                 could read it): use the server's https URL (port 8443 on the image) with \
+                 --ca <site CA>, or pass --insecure-http",
+                self.url
+            );
+        }
+        Ok(Some(format!("Bearer {t}")))
+    }
+
+    /// Context for a failed connection, with a hint when TLS verification
+    /// is the likely cause.
+    fn connect_context(&self, method: &str, path: &str) -> String {
+        let mut msg = format!("connecting to {} ({method} {path})", self.url);
+        if self.url.starts_with("https://") && self.roots.is_none() {
+            msg.push_str(
+                "; an appliance's certificate is signed by its site CA: fetch it from \
+                 /api/v1/tls/ca.pem, compare its fingerprint with the one the server printed, \
+                 and pass it with --ca",
+            );
+        }
+        msg
     }
 
     /// Sends a request; returns the body text of a 2xx answer.
@@ -63,7 +156,7 @@ impl Client {
         body: Option<&serde_json::Value>,
     ) -> Result<String> {
         let url = format!("{}{path}", self.url);
-        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let auth = self.auth()?;
         let result = match (method, body) {
             ("GET" | "DELETE", _) => {
                 let mut req = if method == "GET" {
@@ -89,8 +182,7 @@ impl Client {
                 req.header("Content-Type", "application/json").send(text)
             }
         };
-        let mut resp =
-            result.with_context(|| format!("connecting to {} ({method} {path})", self.url))?;
+        let mut resp = result.with_context(|| self.connect_context(method, path))?;
         let status = resp.status();
         let text = resp
             .body_mut()
@@ -123,7 +215,7 @@ impl Client {
         body: Option<(ureq::SendBody<'_>, &str)>,
     ) -> Result<(Option<u64>, ureq::BodyReader<'static>)> {
         let url = format!("{}{path}", self.url);
-        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let auth = self.auth()?;
         let result = match body {
             None => {
                 let mut req = match method {
@@ -148,8 +240,7 @@ impl Client {
                 req.header("Content-Type", ctype).send(body)
             }
         };
-        let resp =
-            result.with_context(|| format!("connecting to {} ({method} {path})", self.url))?;
+        let resp = result.with_context(|| self.connect_context(method, path))?;
         let status = resp.status();
         let len = resp
             .headers()
@@ -199,5 +290,45 @@ impl Client {
         let text = self.request(method, path, body)?;
         serde_json::from_str(&text)
             .with_context(|| format!("parsing the answer to {method} {path}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_never_goes_over_plain_http_to_a_remote_address() {
+        // Refused before any connection is made (192.0.2.1 is TEST-NET-1).
+        let c = Client::new("http://192.0.2.1:80", Some("apl_x_y".into()));
+        let e = c.request("GET", "/api/v1/version", None).unwrap_err();
+        assert!(format!("{e:#}").contains("refusing to send the API token over plain http"));
+        let e = c.bytes("GET", "/x", None).unwrap_err();
+        assert!(format!("{e:#}").contains("--insecure-http"), "{e:#}");
+        for url in [
+            "http://127.0.0.1:80",
+            "http://localhost:8080",
+            "http://[::1]:80",
+        ] {
+            let c = Client::new(url, Some("apl_x_y".into()));
+            assert!(c.auth().unwrap().is_some(), "{url}");
+        }
+        let c = Client::new("https://192.0.2.1:8443", Some("apl_x_y".into()));
+        assert!(c.auth().unwrap().is_some());
+        let c = Client::new("http://192.0.2.1", Some("t".into())).allow_plain_token(true);
+        assert!(c.auth().unwrap().is_some());
+        assert!(Client::new("http://192.0.2.1", None)
+            .auth()
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn roots_come_from_pem_and_garbage_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let site =
+            crate::tls::SiteTls::load_or_create(d.path(), crate::tls::Subjects::default()).unwrap();
+        assert_eq!(roots_from_pem(site.ca_pem.as_bytes()).unwrap().len(), 1);
+        assert!(roots_from_pem(b"not pem").is_err());
     }
 }

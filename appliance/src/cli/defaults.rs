@@ -1,7 +1,8 @@
 //! The one place the CLI's defaults come from: flags, then the environment
-//! (`APPLIANCE_URL`, `APPLIANCE_TOKEN`, `APPLIANCE_DATA`), then the config
-//! file (`$XDG_CONFIG_HOME/appliance/config.toml`, else
-//! `~/.config/appliance/config.toml`, with keys `url`, `token`, `data`),
+//! (`APPLIANCE_URL`, `APPLIANCE_TOKEN`, `APPLIANCE_DATA`, `APPLIANCE_CA`),
+//! then the config file (`$XDG_CONFIG_HOME/appliance/config.toml`, else
+//! `~/.config/appliance/config.toml`, with keys `url`, `token`, `data`,
+//! `ca` — the site CA's PEM file),
 //! then the built-in defaults (`http://127.0.0.1:80`, no token,
 //! [`crate::contract::DATA_DIR`]).
 //!
@@ -23,6 +24,8 @@ pub struct FileConfig {
     pub url: Option<String>,
     pub token: Option<String>,
     pub data: Option<PathBuf>,
+    /// The site CA certificate (PEM file) trusted for https URLs.
+    pub ca: Option<PathBuf>,
 }
 
 /// Where the config file is (whether or not it exists).
@@ -72,4 +75,12 @@ pub fn data(flag_or_env: Option<PathBuf>) -> Result<PathBuf> {
     Ok(load()?
         .data
         .unwrap_or_else(|| PathBuf::from(crate::contract::DATA_DIR)))
+}
+
+/// The site CA file: `flag_or_env`, else the file's, else none.
+pub fn ca(flag_or_env: Option<PathBuf>) -> Result<Option<PathBuf>> {
+    if let Some(c) = flag_or_env {
+        return Ok(Some(c));
+    }
+    Ok(load()?.ca)
 }

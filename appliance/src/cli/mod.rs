@@ -44,6 +44,18 @@ pub struct Conn {
     /// Print JSON instead of text (errors too, on stderr).
     #[arg(long, global = true)]
     pub json: bool,
+    /// PEM file of the site CA to trust for an https URL (fetch it from
+    /// /api/v1/tls/ca.pem and compare its fingerprint with the one the
+    /// server printed) [default: config file's `ca`].
+    #[arg(long, global = true, env = "APPLIANCE_CA")]
+    pub ca: Option<PathBuf>,
+    /// Send the token over plain http to a non-loopback address anyway
+    /// (anyone on that network can read it).
+    #[arg(long, global = true)]
+    pub insecure_http: bool,
+    /// The certificates of `ca`, read by [`Conn::resolve`].
+    #[arg(skip)]
+    pub roots: Option<client::Roots>,
 }
 
 impl Conn {
@@ -52,13 +64,24 @@ impl Conn {
             self.url.as_deref().unwrap_or(defaults::DEFAULT_URL),
             self.token.clone(),
         )
+        .trust(self.roots.clone())
+        .allow_plain_token(self.insecure_http)
     }
 
     /// Fills in what flags and environment left open from the config file
-    /// and the built-in defaults.
+    /// and the built-in defaults, and reads the CA file.
     pub fn resolve(mut self) -> Result<Conn> {
         self.url = Some(defaults::url(self.url.as_deref())?);
         self.token = defaults::token(self.token.as_deref())?;
+        self.ca = defaults::ca(self.ca.take())?;
+        if let Some(ca) = &self.ca {
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("reading the CA file {}", ca.display()))?;
+            self.roots = Some(
+                client::roots_from_pem(&pem)
+                    .with_context(|| format!("reading the CA file {}", ca.display()))?,
+            );
+        }
         Ok(self)
     }
 }

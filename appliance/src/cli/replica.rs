@@ -127,10 +127,26 @@ pub fn replica(cmd: ReplicaCmd) -> Result<()> {
                 .clone()
                 .context("replica join needs --token (the token the parent issued)")?;
             let url = super::client::Client::new(&parent, None).url;
+            // An https parent is pinned to the CA given with --ca.
+            let ca = match (&cmd.conn.ca, url.starts_with("https://")) {
+                (Some(path), true) => Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("reading the CA file {}", path.display()))?,
+                ),
+                (None, true) => anyhow::bail!(
+                    "an https parent needs its site CA (--ca FILE) to pin it in the parent link"
+                ),
+                (_, false) => None,
+            };
+            let client = |token: Option<String>| {
+                super::client::Client::new(&url, token)
+                    .trust(cmd.conn.roots.clone())
+                    .allow_plain_token(cmd.conn.insecure_http)
+            };
             let parent_node_id = match parent_node_id {
                 Some(id) => id,
                 None => {
-                    let v = super::client::Client::new(&url, None)
+                    let v = client(None)
                         .json("GET", "/api/v1/version", None)
                         .context("asking the parent for its node id (or pass --parent-node-id)")?;
                     v["node_id"]
@@ -142,7 +158,7 @@ pub fn replica(cmd: ReplicaCmd) -> Result<()> {
             // A child keeps only its own replica token: an operator's token
             // in a child's state would hand the whole parent to whoever
             // reads the child's disk.
-            let who = super::client::Client::new(&url, Some(parent_token.clone()))
+            let who = client(Some(parent_token.clone()))
                 .json("GET", &format!("/api/v1/replicas/{node_id}/token"), None)
                 .context("checking the token with the parent")?;
             let want = format!("replica:{node_id}");
@@ -158,6 +174,7 @@ pub fn replica(cmd: ReplicaCmd) -> Result<()> {
                 token: parent_token,
                 node_id,
                 parent_node_id,
+                ca,
             };
             let data = super::defaults::data(data)?;
             crate::parent::join(&data, &link)?;

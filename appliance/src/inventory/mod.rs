@@ -167,6 +167,9 @@ pub struct Inventory {
     /// This node's clock: when set, every change also writes its sync
     /// stamp (`.sync/meta/…`, see [`crate::sync::merge`]).
     hlc: Option<std::sync::Arc<crate::sync::merge::Hlc>>,
+    /// When set, a system's clear BMC password is sealed before it is
+    /// stored ([`crate::secrets`]).
+    sealer: Option<std::sync::Arc<crate::secrets::Sealer>>,
 }
 
 /// What merging another node's head did.
@@ -243,6 +246,39 @@ impl Inventory {
     /// Stamps later changes as made on `node` (for sync).
     pub fn set_origin(&mut self, node: &uuid::Uuid) {
         self.hlc = Some(std::sync::Arc::new(crate::sync::merge::Hlc::new(node)));
+    }
+
+    /// Seals BMC passwords of later writes with `sealer`.
+    pub fn set_sealer(&mut self, sealer: std::sync::Arc<crate::secrets::Sealer>) {
+        self.sealer = Some(sealer);
+    }
+
+    /// Seals a system's clear BMC password; refuses a password sealed by
+    /// this node that its new power settings no longer open (the address,
+    /// user, driver or id changed: the password must be given again).
+    fn seal(&self, obj: &mut Object) -> Result<(), InvError> {
+        let (Some(sealer), Object::System(s)) = (&self.sealer, obj) else {
+            return Ok(());
+        };
+        let p = &mut s.power;
+        if p.password.is_empty() {
+            return Ok(());
+        }
+        let aad = crate::secrets::power_aad(p);
+        if crate::secrets::is_sealed(&p.password) {
+            if sealer.is_ours(&p.password) && sealer.open(&p.password, &aad).is_err() {
+                return Err(InvError::Conflict(format!(
+                    "system {:?}: power settings changed, so the stored BMC password is not \
+                     sent to them; send power.password again (\"\" to clear it)",
+                    s.name
+                )));
+            }
+            return Ok(());
+        }
+        p.password = sealer
+            .seal(&p.password, &aad)
+            .map_err(|e| InvError::Conflict(format!("sealing the BMC password: {e:#}")))?;
+        Ok(())
     }
 
     /// The git repository (for sync).
@@ -325,7 +361,9 @@ impl Inventory {
         let mut repo = Repo::init(self.repo.root())?;
         repo.durable = self.repo.durable;
         let hlc = self.hlc.take();
+        let sealer = self.sealer.take();
         *self = Self::load_with(repo, hlc)?;
+        self.sealer = sealer;
         Ok(())
     }
 
@@ -343,6 +381,7 @@ impl Inventory {
             by_host: HashMap::new(),
             load_errors: Vec::new(),
             hlc,
+            sealer: None,
         };
         for (path, bytes) in &files {
             if path == "settings.json" {
@@ -697,10 +736,15 @@ impl Inventory {
     /// applies them to memory. Validation has already happened.
     fn apply(
         &mut self,
-        changes: Vec<(Kind, String, Option<Object>)>,
+        mut changes: Vec<(Kind, String, Option<Object>)>,
         author: &Author,
         message: &str,
     ) -> Result<(), InvError> {
+        for (_, _, o) in changes.iter_mut() {
+            if let Some(o) = o {
+                self.seal(o)?;
+            }
+        }
         let git_changes: Vec<Change> = changes
             .iter()
             .map(|(k, n, o)| match o {

@@ -167,7 +167,9 @@ pub struct Interface {
 ///
 /// `password` is write-only: the API shows [`REDACTED`] when one is set,
 /// and a write that sends [`REDACTED`] or leaves `password` out keeps the
-/// stored one (send `""` to clear it).
+/// stored one (send `""` to clear it). `serve` stores it sealed with the
+/// node key, bound to `type`, `address`, `user` and `id`
+/// ([`crate::secrets`]): changing those needs the password again.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, default)]
 #[schema(example = json!({"type": "redfish", "address": "https://10.0.0.5", "user": "admin", "password": REDACTED, "id": "tls=insecure"}))]
