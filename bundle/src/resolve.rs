@@ -556,13 +556,21 @@ pub fn bundle_index(
         Ok(())
     };
     let (dd, _) = store.put_bytes(def_text.as_bytes())?;
-    add(format!("release/definition/{image}"), "application/toml", dd)?;
+    add(
+        format!("release/definition/{image}"),
+        "application/toml",
+        dd,
+    )?;
     let (ld, _) = store.put_bytes(&lock_bytes(lock))?;
     add(format!("lock/{image}"), LOCK_MEDIA_TYPE, ld)?;
     let mut debs = BTreeSet::new();
     for (name, r) in resolved {
         if def.inputs.get(name).map(|s| s.kind) == Some(InputKind::Blob) {
-            add(format!("release/input/{name}"), store::OCTET_STREAM, r.digest)?;
+            add(
+                format!("release/input/{name}"),
+                store::OCTET_STREAM,
+                r.digest,
+            )?;
         }
         if let Some(l) = lock.get(name) {
             debs.extend(l.carry.iter().map(|c| c.digest));
@@ -574,7 +582,12 @@ pub fn bundle_index(
         .values()
         .filter_map(|l| {
             let [c] = l.carry.as_slice() else { return None };
-            let (pkg, version) = l.origin.strip_prefix("deb:")?.split_once(':')?.0.split_once('=')?;
+            let (pkg, version) = l
+                .origin
+                .strip_prefix("deb:")?
+                .split_once(':')?
+                .0
+                .split_once('=')?;
             Some((c.digest, format!("{pkg}_{version}.deb")))
         })
         .collect();
@@ -950,7 +963,8 @@ bundle = { generated = "bundle snapshot", kind = "tree" }
             }
         }
         assert_eq!(
-            fx.bundle.read_blob(&fx.bundle.resolve("debian/keyring").unwrap().unwrap().digest)
+            fx.bundle
+                .read_blob(&fx.bundle.resolve("debian/keyring").unwrap().unwrap().digest)
                 .unwrap(),
             std::fs::read(KEYRING).unwrap()
         );
@@ -972,7 +986,10 @@ bundle = { generated = "bundle snapshot", kind = "tree" }
         assert_eq!(parse_lock(&bytes).unwrap(), fx.lock);
         let text = String::from_utf8(bytes.clone()).unwrap();
         let tool = fx.lock["tool"].digest;
-        assert!(text.starts_with("{\n  \"schema\": \"appliance.lock.v1\",\n  \"inputs\": {\n"), "{text}");
+        assert!(
+            text.starts_with("{\n  \"schema\": \"appliance.lock.v1\",\n  \"inputs\": {\n"),
+            "{text}"
+        );
         assert!(text.ends_with("}\n"), "{text}");
         assert!(
             text.contains(&format!(
@@ -980,7 +997,12 @@ bundle = { generated = "bundle snapshot", kind = "tree" }
             )),
             "{text}"
         );
-        assert!(text.contains("\"kind\": \"tree\",\n        \"deb\": \"demo\",\n        \"path\": \"usr\""), "{text}");
+        assert!(
+            text.contains(
+                "\"kind\": \"tree\",\n        \"deb\": \"demo\",\n        \"path\": \"usr\""
+            ),
+            "{text}"
+        );
         // The same lock in another insertion order: the same bytes.
         let reversed: Lock = fx.lock.clone().into_iter().rev().collect();
         assert_eq!(lock_bytes(&reversed), bytes);
@@ -1000,7 +1022,10 @@ bundle = { generated = "bundle snapshot", kind = "tree" }
         let e = parse_lock(br#"{"schema":"appliance.lock.v1","inputs":{},"extra":1}"#).unwrap_err();
         assert!(e.to_string().contains("extra"), "{e}");
         let e = parse_lock(br#"{"k":{"spec":"Blob|Maybe|None|None","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","origin":"x"}}"#).unwrap_err();
-        assert!(e.to_string().contains("\"k\"") && e.to_string().contains("Maybe"), "{e}");
+        assert!(
+            e.to_string().contains("\"k\"") && e.to_string().contains("Maybe"),
+            "{e}"
+        );
         let e = parse_lock(b"not json").unwrap_err();
         assert!(e.to_string().contains("not JSON"), "{e}");
     }

@@ -267,7 +267,11 @@ pub fn is_manifest_type(media_type: &str) -> bool {
     )
 }
 
-fn oci_descriptor(media_type: &str, d: &Digest, size: u64) -> Result<oci_spec::image::Descriptor, String> {
+fn oci_descriptor(
+    media_type: &str,
+    d: &Digest,
+    size: u64,
+) -> Result<oci_spec::image::Descriptor, String> {
     let digest = oci_spec::image::Digest::try_from(d.to_string()).map_err(|e| e.to_string())?;
     Ok(oci_spec::image::Descriptor::new(
         oci_spec::image::MediaType::from(media_type),
@@ -326,7 +330,8 @@ pub fn artifact_manifest_of(
         digest: Digest::of(OCI_EMPTY_JSON),
         size: OCI_EMPTY_JSON.len() as u64,
     };
-    let config = oci_descriptor(OCI_EMPTY, &empty.digest, empty.size).map_err(|e| fail(&empty, e))?;
+    let config =
+        oci_descriptor(OCI_EMPTY, &empty.digest, empty.size).map_err(|e| fail(&empty, e))?;
     let manifest = oci_spec::image::ImageManifestBuilder::default()
         .schema_version(2u32)
         .media_type(oci_spec::image::MediaType::ImageManifest)
@@ -817,6 +822,19 @@ impl Store {
         Ok(out)
     }
 
+    /// Give every ref that names a raw blob (a store written before refs
+    /// had manifests) its artifact manifest; returns the names changed.
+    pub fn upgrade_refs(&self) -> Result<Vec<String>, StoreError> {
+        let mut changed = Vec::new();
+        for (name, d) in self.refs()? {
+            if !is_manifest_type(&d.media_type) {
+                self.set_ref(&name, d)?;
+                changed.push(name);
+            }
+        }
+        Ok(changed)
+    }
+
     /// Remove the reference `name`; returns whether it existed.
     pub fn remove_ref(&self, name: &str) -> Result<bool, StoreError> {
         let index = self.read_index()?;
@@ -1169,7 +1187,15 @@ mod tests {
         // A ref written before refs had manifests (raw blob) still resolves.
         let raw = index_document(&[("old/raw".to_string(), payload.clone())]);
         fs::write(s.root().join("index.json"), raw).unwrap();
+        assert_eq!(s.resolve("old/raw").unwrap(), Some(payload.clone()));
+        // ... and gets its manifest when the store is upgraded.
+        assert_eq!(s.upgrade_refs().unwrap(), ["old/raw"]);
+        assert_eq!(
+            s.resolve_index("old/raw").unwrap().unwrap().media_type,
+            OCI_MANIFEST
+        );
         assert_eq!(s.resolve("old/raw").unwrap(), Some(payload));
+        assert!(s.upgrade_refs().unwrap().is_empty());
     }
 
     /// Store a one-layer OCI image; returns the manifest descriptor and the

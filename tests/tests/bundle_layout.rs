@@ -67,18 +67,28 @@ fn the_image_bundle_refs_are_manifests_skopeo_and_umoci_read() {
             &["copy", "-q", &image, &format!("dir:{}", dest.display())],
         );
         for l in layers {
-            let hex = l["digest"].as_str().unwrap().strip_prefix("sha256:").unwrap();
+            let hex = l["digest"]
+                .as_str()
+                .unwrap()
+                .strip_prefix("sha256:")
+                .unwrap();
             assert_eq!(std::fs::read(dest.join(hex)).unwrap(), blob(hex), "{name}");
         }
     }
     // The lock is the documented schema document.
-    let lock = bundle::resolve::ref_payload(&index, "lock/appliance", &builder::treefile::BlobDir::new(&bundle))
-        .unwrap()
-        .unwrap();
+    let lock = bundle::resolve::ref_payload(
+        &index,
+        "lock/appliance",
+        &builder::treefile::BlobDir::new(&bundle),
+    )
+    .unwrap()
+    .unwrap();
     let text = blob(&lock.digest.hex());
     let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
     assert_eq!(v["schema"], bundle::resolve::LOCK_SCHEMA);
-    assert!(bundle::resolve::parse_lock(&text).unwrap().contains_key("kernel"));
+    assert!(bundle::resolve::parse_lock(&text)
+        .unwrap()
+        .contains_key("kernel"));
     let ls = String::from_utf8(run("umoci", &["ls", "--layout", root])).unwrap();
     let mut listed: Vec<&str> = ls.lines().collect();
     listed.sort();

@@ -6,7 +6,7 @@
 //! to under the store ref `lock/<image>`, so later builds are fully offline
 //! and byte-identical. `--refresh` resolves again from the archive.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -19,7 +19,7 @@ use builder::Digest;
 use bundle::deb::{self, DebEntry};
 use bundle::debian::{self, Archive, Package, Refresh};
 use bundle::resolve::{self, Lock, Locked, Selected, DEB_MEDIA_TYPE};
-use bundle::store::{self, Descriptor, Store};
+use bundle::store::{Descriptor, Store};
 
 use crate::{cargo, root, run};
 
@@ -97,6 +97,10 @@ pub fn image(opts: &ImageOptions) -> Result<PathBuf> {
     build_appliance_binary()?;
     let store = Store::init(&opts.store)
         .with_context(|| format!("opening the store {}", opts.store.display()))?;
+    // Refs recorded before every ref had an OCI manifest get one now.
+    for name in store.upgrade_refs()? {
+        eprintln!("xtask: store ref {name} now names an OCI artifact manifest");
+    }
     let (def, src) = definition::load(&opts.definition)?;
     let lock_ref = format!("lock/{}", def.image.name);
     let mut lock: Lock = match store.resolve(&lock_ref)? {
