@@ -582,13 +582,18 @@ pub fn bundle_index(
         .values()
         .filter_map(|l| {
             let [c] = l.carry.as_slice() else { return None };
+            // `deb:<pkg>=<version>:<path>`; a version may hold an epoch `1:`,
+            // which Debian's file names spell `%3a`.
             let (pkg, version) = l
                 .origin
                 .strip_prefix("deb:")?
-                .split_once(':')?
+                .rsplit_once(':')?
                 .0
                 .split_once('=')?;
-            Some((c.digest, format!("{pkg}_{version}.deb")))
+            Some((
+                c.digest,
+                format!("{pkg}_{}.deb", version.replace(':', "%3a")),
+            ))
         })
         .collect();
     let members = debs
