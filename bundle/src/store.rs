@@ -102,13 +102,8 @@ pub enum StoreError {
         media_type: String,
         detail: String,
     },
-    #[error("reference {name:?}: cannot describe {media_type} blob {digest} in an OCI manifest: {detail}")]
-    Manifest {
-        name: String,
-        media_type: String,
-        digest: Digest,
-        detail: String,
-    },
+    #[error("reference {name:?}: cannot describe it in an OCI manifest: {detail}")]
+    Manifest { name: String, detail: String },
     #[error("invalid reference name {0:?}: expected components of [A-Za-z0-9] joined by one of -._:@+ or /")]
     BadRefName(String),
 }
@@ -290,9 +285,10 @@ pub fn artifact_manifest(name: &str, payload: &Descriptor) -> Result<Vec<u8>, St
     if is_manifest_type(&payload.media_type) {
         return Err(StoreError::Manifest {
             name: name.to_string(),
-            media_type: payload.media_type.clone(),
-            digest: payload.digest,
-            detail: "it is a manifest itself; name it directly".into(),
+            detail: format!(
+                "{} ({}) is a manifest itself; name it directly",
+                payload.digest, payload.media_type
+            ),
         });
     }
     let title = name.rsplit('/').next().unwrap_or(name);
@@ -313,9 +309,7 @@ pub fn artifact_manifest_of(
 ) -> Result<Vec<u8>, StoreError> {
     let fail = |d: &Descriptor, detail: String| StoreError::Manifest {
         name: name.to_string(),
-        media_type: d.media_type.clone(),
-        digest: d.digest,
-        detail,
+        detail: format!("{} ({}): {detail}", d.digest, d.media_type),
     };
     let mut oci_layers = Vec::new();
     for (d, title) in layers {
