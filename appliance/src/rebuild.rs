@@ -189,15 +189,14 @@ pub fn rebuild(data: &Path, out: &Path) -> Result<RebuildReport> {
     let index_path = bundle_dir.join("index.json");
     let index =
         std::fs::read(&index_path).with_context(|| format!("reading {}", index_path.display()))?;
-    let refs = bundle::store::parse_index_refs(&index)
-        .with_context(|| format!("parsing {}", index_path.display()))?;
+    let bundle_blobs = BlobDir::new(&bundle_dir);
+    // Each ref names an artifact manifest; follow it to the blob.
     let find = |r: &str| -> Result<Digest> {
-        refs.iter()
-            .find(|(n, _)| n == r)
-            .map(|(_, d)| d.digest)
+        resolve::ref_payload(&index, r, &bundle_blobs)
+            .with_context(|| format!("reading {} for {r}", index_path.display()))?
+            .map(|d| d.digest)
             .with_context(|| format!("the bundle {} has no ref {r}", bundle_dir.display()))
     };
-    let bundle_blobs = BlobDir::new(&bundle_dir);
     let def_ref = format!("release/definition/{name}");
     let def_text = String::from_utf8(read_blob(&bundle_blobs, &find(&def_ref)?, &def_ref)?)
         .with_context(|| format!("{def_ref} is not UTF-8"))?;
@@ -210,9 +209,8 @@ pub fn rebuild(data: &Path, out: &Path) -> Result<RebuildReport> {
     }
     let (def, src) = definition::parse(&def_ref, &def_text)?;
     let lock_ref = format!("lock/{name}");
-    let lock: Lock =
-        serde_json::from_slice(&read_blob(&bundle_blobs, &find(&lock_ref)?, &lock_ref)?)
-            .with_context(|| format!("parsing {lock_ref}"))?;
+    let lock: Lock = resolve::parse_lock(&read_blob(&bundle_blobs, &find(&lock_ref)?, &lock_ref)?)
+        .with_context(|| format!("parsing {lock_ref}"))?;
 
     // Resolve offline; derived blobs go to the scratch store only.
     let scratch_root = data.join(SCRATCH);

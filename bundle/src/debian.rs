@@ -1152,8 +1152,12 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("Packages.xz"), "{e}");
-        // Only the verified InRelease was kept.
-        assert_eq!(store.blobs().unwrap().len(), 1);
+        // Only the verified InRelease was kept (with the artifact manifest
+        // its ref names and that manifest's empty config).
+        assert_eq!(store.blobs().unwrap().len(), 3);
+        let refs = store.refs().unwrap();
+        assert_eq!(refs.len(), 1, "{refs:?}");
+        assert_eq!(refs[0].0, "debian/testsuite/InRelease");
         let _ = &f.key;
     }
 

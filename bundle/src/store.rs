@@ -13,6 +13,15 @@
 //! Every read goes through [`VerifyingReader`], so a tampered blob fails at end
 //! of input instead of handing out wrong bytes.
 //!
+//! Every ref names an OCI manifest, so stock tools (`skopeo inspect --raw`,
+//! `skopeo copy`, `umoci ls`) can follow it: an image's own manifest or
+//! index as given, and any other blob (a keyring, a lock, a set document)
+//! through an OCI 1.1 *artifact manifest* ([`artifact_manifest`]): the
+//! empty config `{}`, `artifactType` = the blob's media type, and the blob
+//! as the one layer with an `org.opencontainers.image.title` annotation.
+//! [`Store::resolve`] follows such a manifest back to the blob;
+//! [`Store::refs`] and [`parse_index_refs`] list what `index.json` holds.
+//!
 //! `index.json` is rewritten atomically (temp file + rename), sorted by ref
 //! name with a fixed key order, so the same set of refs always gives the same
 //! bytes. [`Store::gc`] keeps what the refs reach (OCI manifests and indexes,
@@ -49,6 +58,12 @@ pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 /// Media type for opaque bytes.
 pub const OCTET_STREAM: &str = "application/octet-stream";
+/// OCI 1.1 empty descriptor media type (the config of an artifact manifest).
+pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+/// The content of the OCI 1.1 empty descriptor.
+pub const OCI_EMPTY_JSON: &[u8] = b"{}";
+/// Annotation giving a layer's file name.
+pub const TITLE_ANNOTATION: &str = "org.opencontainers.image.title";
 
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
@@ -87,6 +102,8 @@ pub enum StoreError {
         media_type: String,
         detail: String,
     },
+    #[error("reference {name:?}: cannot describe it in an OCI manifest: {detail}")]
+    Manifest { name: String, detail: String },
     #[error("invalid reference name {0:?}: expected components of [A-Za-z0-9] joined by one of -._:@+ or /")]
     BadRefName(String),
 }
@@ -182,7 +199,8 @@ fn index_bytes(
     bytes
 }
 
-/// The `index.json` of a layout holding exactly these named references,
+/// The `index.json` of a layout holding exactly these named references
+/// (as `index.json` lists them: manifests, see [`Store::wrap`]),
 /// byte-identical to what [`Store::set_ref`] would write for them. Used to
 /// describe a bundle snapshot without writing a second store.
 pub fn index_document(refs: &[(String, Descriptor)]) -> Vec<u8> {
@@ -199,7 +217,8 @@ pub fn index_document(refs: &[(String, Descriptor)]) -> Vec<u8> {
     index_bytes(manifests, BTreeMap::new())
 }
 
-/// The named references in `index.json` bytes, sorted by name (for a
+/// The named references in `index.json` bytes as listed there (manifest
+/// descriptors; see [`artifact_payload`]), sorted by name (for a
 /// layout read without opening it as a [`Store`], e.g. a read-only bundle).
 pub fn parse_index_refs(index: &[u8]) -> Result<Vec<(String, Descriptor)>, serde_json::Error> {
     let index: IndexJson = serde_json::from_slice(index)?;
@@ -219,6 +238,123 @@ pub fn parse_index_refs(index: &[u8]) -> Result<Vec<(String, Descriptor)>, serde
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
+}
+
+/// A set document's bytes (`{"blobs":[descriptor…]}`, [`SET_MEDIA_TYPE`]):
+/// the descriptors sorted by digest without repeats, pretty JSON, trailing
+/// newline.
+pub fn set_document(blobs: &[Descriptor]) -> Vec<u8> {
+    let mut blobs = blobs.to_vec();
+    blobs.sort_by_key(|b| b.digest);
+    blobs.dedup_by(|a, b| a.digest == b.digest);
+    let doc = serde_json::json!({ "blobs": blobs });
+    let mut bytes = serde_json::to_vec_pretty(&doc).expect("set serialises");
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Whether a descriptor of this media type is itself an OCI (or Docker)
+/// manifest or index, which `index.json` can name directly.
+pub fn is_manifest_type(media_type: &str) -> bool {
+    matches!(
+        media_type,
+        OCI_MANIFEST | OCI_INDEX | DOCKER_MANIFEST | DOCKER_LIST
+    )
+}
+
+fn oci_descriptor(
+    media_type: &str,
+    d: &Digest,
+    size: u64,
+) -> Result<oci_spec::image::Descriptor, String> {
+    let digest = oci_spec::image::Digest::try_from(d.to_string()).map_err(|e| e.to_string())?;
+    Ok(oci_spec::image::Descriptor::new(
+        oci_spec::image::MediaType::from(media_type),
+        size,
+        digest,
+    ))
+}
+
+/// The OCI 1.1 artifact manifest that names `payload` under the ref `name`:
+/// compact JSON (oci-spec's field order) of
+/// `{"schemaVersion":2,"mediaType":OCI_MANIFEST,"artifactType":<payload's
+/// media type>,"config":<the empty descriptor>,"layers":[<payload, with
+/// title = the ref's last component>]}`. Same name and payload, same bytes;
+/// nothing in it depends on time.
+pub fn artifact_manifest(name: &str, payload: &Descriptor) -> Result<Vec<u8>, StoreError> {
+    if is_manifest_type(&payload.media_type) {
+        return Err(StoreError::Manifest {
+            name: name.to_string(),
+            detail: format!(
+                "{} ({}) is a manifest itself; name it directly",
+                payload.digest, payload.media_type
+            ),
+        });
+    }
+    let title = name.rsplit('/').next().unwrap_or(name);
+    artifact_manifest_of(
+        name,
+        &payload.media_type,
+        &[(payload.clone(), Some(title.to_string()))],
+    )
+}
+
+/// An OCI 1.1 artifact manifest of `artifact_type` whose layers are
+/// `layers` (in this order, each with its title annotation if given) and
+/// whose config is the empty descriptor.
+pub fn artifact_manifest_of(
+    name: &str,
+    artifact_type: &str,
+    layers: &[(Descriptor, Option<String>)],
+) -> Result<Vec<u8>, StoreError> {
+    let fail = |d: &Descriptor, detail: String| StoreError::Manifest {
+        name: name.to_string(),
+        detail: format!("{} ({}): {detail}", d.digest, d.media_type),
+    };
+    let mut oci_layers = Vec::new();
+    for (d, title) in layers {
+        let mut layer = oci_descriptor(&d.media_type, &d.digest, d.size).map_err(|e| fail(d, e))?;
+        if let Some(t) = title {
+            layer.set_annotations(Some([(TITLE_ANNOTATION.to_string(), t.clone())].into()));
+        }
+        oci_layers.push(layer);
+    }
+    let empty = Descriptor {
+        media_type: OCI_EMPTY.into(),
+        digest: Digest::of(OCI_EMPTY_JSON),
+        size: OCI_EMPTY_JSON.len() as u64,
+    };
+    let config =
+        oci_descriptor(OCI_EMPTY, &empty.digest, empty.size).map_err(|e| fail(&empty, e))?;
+    let manifest = oci_spec::image::ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(oci_spec::image::MediaType::ImageManifest)
+        .artifact_type(oci_spec::image::MediaType::from(artifact_type))
+        .config(config)
+        .layers(oci_layers)
+        .build()
+        .map_err(|e| fail(&empty, e.to_string()))?;
+    serde_json::to_vec(&manifest).map_err(|e| fail(&empty, e.to_string()))
+}
+
+/// The blob an artifact manifest made by [`artifact_manifest`] names: its
+/// one layer, when the config is the empty descriptor and `artifactType` is
+/// the layer's media type. `None` for any other manifest (an image).
+pub fn artifact_payload(manifest: &[u8]) -> Option<Descriptor> {
+    let m = oci_spec::image::ImageManifest::from_reader(manifest).ok()?;
+    let [layer] = m.layers().as_slice() else {
+        return None;
+    };
+    if m.config().media_type() != &oci_spec::image::MediaType::EmptyJSON
+        || m.artifact_type().as_ref() != Some(layer.media_type())
+    {
+        return None;
+    }
+    Some(Descriptor {
+        media_type: layer.media_type().to_string(),
+        digest: layer.digest().to_string().parse().ok()?,
+        size: layer.size(),
+    })
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -565,12 +701,52 @@ impl Store {
         self.write_atomic(&self.index_path(), &index_bytes(manifests, extra))
     }
 
+    /// Store the artifact manifest ([`artifact_manifest`]) that names
+    /// `payload` under the ref `name`, and the empty config it points at;
+    /// returns the manifest's descriptor (what `index.json` lists). A
+    /// manifest or index `payload` is returned as it is.
+    pub fn wrap(&self, name: &str, payload: &Descriptor) -> Result<Descriptor, StoreError> {
+        if is_manifest_type(&payload.media_type) {
+            return Ok(payload.clone());
+        }
+        let bytes = artifact_manifest(name, payload)?;
+        self.put_bytes(OCI_EMPTY_JSON)?;
+        let (digest, size) = self.put_bytes(&bytes)?;
+        Ok(Descriptor {
+            media_type: OCI_MANIFEST.into(),
+            digest,
+            size,
+        })
+    }
+
+    /// Store an artifact manifest ([`artifact_manifest_of`]) of
+    /// `artifact_type` listing `layers`, and the empty config; returns its
+    /// descriptor, for [`index_document`] or [`Store::set_ref`].
+    pub fn put_artifact(
+        &self,
+        name: &str,
+        artifact_type: &str,
+        layers: &[(Descriptor, Option<String>)],
+    ) -> Result<Descriptor, StoreError> {
+        let bytes = artifact_manifest_of(name, artifact_type, layers)?;
+        self.put_bytes(OCI_EMPTY_JSON)?;
+        let (digest, size) = self.put_bytes(&bytes)?;
+        Ok(Descriptor {
+            media_type: OCI_MANIFEST.into(),
+            digest,
+            size,
+        })
+    }
+
     /// Point the reference `name` at `desc`, replacing any previous
-    /// descriptor of that name. The blob need not be stored yet.
+    /// descriptor of that name: directly when `desc` is a manifest or
+    /// index, else through an artifact manifest ([`Store::wrap`]). The
+    /// blob `desc` names need not be stored yet.
     pub fn set_ref(&self, name: &str, desc: Descriptor) -> Result<(), StoreError> {
         if !valid_ref_name(name) {
             return Err(StoreError::BadRefName(name.to_string()));
         }
+        let desc = self.wrap(name, &desc)?;
         let index = self.read_index()?;
         let mut manifests: Vec<IndexEntry> = index
             .manifests
@@ -587,8 +763,23 @@ impl Store {
         self.write_index(manifests, index.extra)
     }
 
-    /// The descriptor named `name`, if any.
+    /// What the reference `name` stands for: the blob its artifact manifest
+    /// names, or (for an image, or a ref written before refs had manifests)
+    /// the descriptor in `index.json` itself.
     pub fn resolve(&self, name: &str) -> Result<Option<Descriptor>, StoreError> {
+        let Some(d) = self.resolve_index(name)? else {
+            return Ok(None);
+        };
+        if d.media_type == OCI_MANIFEST && self.contains(&d.digest) {
+            if let Some(p) = artifact_payload(&self.read_blob(&d.digest)?) {
+                return Ok(Some(p));
+            }
+        }
+        Ok(Some(d))
+    }
+
+    /// The descriptor `index.json` lists under `name` (a manifest), if any.
+    pub fn resolve_index(&self, name: &str) -> Result<Option<Descriptor>, StoreError> {
         Ok(self
             .read_index()?
             .manifests
@@ -601,7 +792,9 @@ impl Store {
             }))
     }
 
-    /// All named references, sorted by name.
+    /// All named references as `index.json` lists them (manifest
+    /// descriptors; [`Store::resolve`] follows one to its blob), sorted by
+    /// name.
     pub fn refs(&self) -> Result<Vec<(String, Descriptor)>, StoreError> {
         let mut out: Vec<(String, Descriptor)> = self
             .read_index()?
@@ -621,6 +814,19 @@ impl Store {
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
+    }
+
+    /// Give every ref that names a raw blob (a store written before refs
+    /// had manifests) its artifact manifest; returns the names changed.
+    pub fn upgrade_refs(&self) -> Result<Vec<String>, StoreError> {
+        let mut changed = Vec::new();
+        for (name, d) in self.refs()? {
+            if !is_manifest_type(&d.media_type) {
+                self.set_ref(&name, d)?;
+                changed.push(name);
+            }
+        }
+        Ok(changed)
     }
 
     /// Remove the reference `name`; returns whether it existed.
@@ -643,13 +849,7 @@ impl Store {
     /// `blobs` sorted by digest, store it and point the ref `name` at it, so
     /// [`Store::gc`] keeps every listed blob. Returns the set's descriptor.
     pub fn put_set(&self, name: &str, blobs: &[Descriptor]) -> Result<Descriptor, StoreError> {
-        let mut blobs = blobs.to_vec();
-        blobs.sort_by_key(|b| b.digest);
-        blobs.dedup_by(|a, b| a.digest == b.digest);
-        let doc = serde_json::json!({ "blobs": blobs });
-        let mut bytes = serde_json::to_vec_pretty(&doc).expect("set serialises");
-        bytes.push(b'\n');
-        let (digest, size) = self.put_bytes(&bytes)?;
+        let (digest, size) = self.put_bytes(&set_document(blobs))?;
         let desc = Descriptor {
             media_type: SET_MEDIA_TYPE.into(),
             digest,
@@ -720,15 +920,18 @@ impl Store {
     }
 }
 
-fn is_document(media_type: &str) -> bool {
+/// Whether blobs of this media type are JSON documents naming other blobs
+/// (OCI manifests and indexes, the appliance's tree and set documents).
+pub fn is_document(media_type: &str) -> bool {
     matches!(
         media_type,
         OCI_MANIFEST | OCI_INDEX | DOCKER_MANIFEST | DOCKER_LIST | TREE_MEDIA_TYPE | SET_MEDIA_TYPE
     )
 }
 
-/// The blobs a JSON document of `media_type` refers to.
-fn children(
+/// The blobs a JSON document of `media_type` refers to, with their media
+/// types (see [`is_document`]).
+pub fn children(
     media_type: &str,
     digest: &Digest,
     bytes: &[u8],
@@ -917,10 +1120,11 @@ mod tests {
         assert_eq!(bytes1, bytes2);
         let s3 = Store::open(s.root()).unwrap();
         assert_eq!(s3.resolve("zeta").unwrap(), Some(da.clone()));
-        assert_eq!(
-            s3.refs().unwrap(),
-            vec![("alpha/one".to_string(), db), ("zeta".to_string(), da)]
-        );
+        let refs = s3.refs().unwrap();
+        let names: Vec<&str> = refs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["alpha/one", "zeta"]);
+        assert!(refs.iter().all(|(_, d)| d.media_type == OCI_MANIFEST));
+        assert_eq!(s3.resolve("alpha/one").unwrap(), Some(db));
         assert!(s3.remove_ref("zeta").unwrap());
         assert!(!s3.remove_ref("zeta").unwrap());
         assert_eq!(s3.resolve("zeta").unwrap(), None);
@@ -930,6 +1134,62 @@ mod tests {
         ));
         let text = String::from_utf8(bytes1).unwrap();
         assert!(text.find("alpha/one").unwrap() < text.find("zeta").unwrap());
+    }
+
+    #[test]
+    fn a_blob_ref_names_an_oci_artifact_manifest_with_stable_bytes() {
+        let (_d, s) = tmp_store();
+        let (a, na) = s.put_bytes(b"keyring bytes").unwrap();
+        let payload = Descriptor {
+            media_type: "application/pgp-keys".into(),
+            digest: a,
+            size: na,
+        };
+        s.set_ref("debian/keyring", payload.clone()).unwrap();
+        let m = s.resolve_index("debian/keyring").unwrap().unwrap();
+        assert_eq!(m.media_type, OCI_MANIFEST);
+        let text = String::from_utf8(s.read_blob(&m.digest).unwrap()).unwrap();
+        let empty = Digest::of(b"{}");
+        assert_eq!(
+            text,
+            format!(
+                "{{\"schemaVersion\":2,\"mediaType\":\"{OCI_MANIFEST}\",\"artifactType\":\"application/pgp-keys\",\
+                 \"config\":{{\"mediaType\":\"{OCI_EMPTY}\",\"digest\":\"{empty}\",\"size\":2}},\
+                 \"layers\":[{{\"mediaType\":\"application/pgp-keys\",\"digest\":\"{a}\",\"size\":13,\
+                 \"annotations\":{{\"org.opencontainers.image.title\":\"keyring\"}}}}]}}"
+            )
+        );
+        assert_eq!(s.read_blob(&empty).unwrap(), b"{}");
+        assert_eq!(s.resolve("debian/keyring").unwrap(), Some(payload.clone()));
+        assert_eq!(artifact_payload(text.as_bytes()), Some(payload.clone()));
+        // Same name and blob in another store: the same manifest.
+        let (_d2, s2) = tmp_store();
+        s2.set_ref("debian/keyring", payload.clone()).unwrap();
+        assert_eq!(s2.resolve_index("debian/keyring").unwrap(), Some(m.clone()));
+        // gc keeps the manifest, the empty config and the blob.
+        assert!(s.gc().unwrap().blobs.is_empty());
+        // An image manifest is named directly and resolves to itself.
+        let (img, _, _) = store_image(&s);
+        s.set_ref("image", img.clone()).unwrap();
+        assert_eq!(s.resolve_index("image").unwrap(), Some(img.clone()));
+        assert_eq!(s.resolve("image").unwrap(), Some(img.clone()));
+        assert_eq!(artifact_payload(&s.read_blob(&img.digest).unwrap()), None);
+        assert!(matches!(
+            artifact_manifest("x", &img),
+            Err(StoreError::Manifest { .. })
+        ));
+        // A ref written before refs had manifests (raw blob) still resolves.
+        let raw = index_document(&[("old/raw".to_string(), payload.clone())]);
+        fs::write(s.root().join("index.json"), raw).unwrap();
+        assert_eq!(s.resolve("old/raw").unwrap(), Some(payload.clone()));
+        // ... and gets its manifest when the store is upgraded.
+        assert_eq!(s.upgrade_refs().unwrap(), ["old/raw"]);
+        assert_eq!(
+            s.resolve_index("old/raw").unwrap().unwrap().media_type,
+            OCI_MANIFEST
+        );
+        assert_eq!(s.resolve("old/raw").unwrap(), Some(payload));
+        assert!(s.upgrade_refs().unwrap().is_empty());
     }
 
     /// Store a one-layer OCI image; returns the manifest descriptor and the

@@ -6,7 +6,7 @@
 //! to under the store ref `lock/<image>`, so later builds are fully offline
 //! and byte-identical. `--refresh` resolves again from the archive.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -20,7 +20,7 @@ use builder::Digest;
 use bundle::deb::{self, DebEntry};
 use bundle::debian::{self, Archive, Package, Refresh};
 use bundle::resolve::{self, Lock, Locked, Selected, DEB_MEDIA_TYPE};
-use bundle::store::{self, Descriptor, Store};
+use bundle::store::{Descriptor, Store};
 
 use crate::{cargo, root, run};
 
@@ -132,11 +132,17 @@ pub fn image(opts: &ImageOptions) -> Result<PathBuf> {
     build_appliance_binary()?;
     let store = Store::init(&opts.store)
         .with_context(|| format!("opening the store {}", opts.store.display()))?;
+    // Refs recorded before every ref had an OCI manifest get one now.
+    for name in store.upgrade_refs()? {
+        eprintln!("xtask: store ref {name} now names an OCI artifact manifest");
+    }
     let (def, src) = definition::load(&opts.definition)?;
     let lock_ref = format!("lock/{}", def.image.name);
     let mut lock: Lock = match store.resolve(&lock_ref)? {
-        Some(d) if !opts.refresh => serde_json::from_slice(&store.read_blob(&d.digest)?)
-            .with_context(|| format!("reading the lock {lock_ref}"))?,
+        Some(d) if !opts.refresh => resolve::parse_lock(&store.read_blob(&d.digest)?)
+            .with_context(|| {
+                format!("reading the lock {lock_ref} (`--refresh` resolves every input again)")
+            })?,
         _ => Lock::new(),
     };
     let key = signing_key()?;
@@ -220,7 +226,7 @@ pub fn image(opts: &ImageOptions) -> Result<PathBuf> {
     store.set_ref(
         &lock_ref,
         Descriptor {
-            media_type: "application/json".into(),
+            media_type: resolve::LOCK_MEDIA_TYPE.into(),
             digest: ld,
             size: ls,
         },
@@ -378,7 +384,8 @@ impl Resolver<'_> {
 /// Describe the bundle the image carries as a tree document: an OCI layout
 /// (`oci-layout`, `index.json`, `blobs/sha256/…`) holding the definition,
 /// the lock, every input blob, the debs they came from, and the signed
-/// archive metadata and keyring that prove where those came from.
+/// archive metadata and keyring that prove where those came from, each ref
+/// through an OCI manifest ([`resolve::bundle_index`]).
 fn bundle_snapshot(
     store: &Store,
     def: &Definition,
@@ -386,57 +393,7 @@ fn bundle_snapshot(
     lock: &Lock,
     resolved: &BTreeMap<String, ResolvedInput>,
 ) -> Result<Digest> {
-    let mut refs: Vec<(String, Descriptor)> = Vec::new();
-    let desc = |media: &str, d: Digest| -> Result<Descriptor> {
-        Ok(Descriptor {
-            media_type: media.into(),
-            digest: d,
-            size: store.size(&d)?,
-        })
-    };
-    let (dd, _) = store.put_bytes(def_text.as_bytes())?;
-    refs.push((
-        format!("release/definition/{}", def.image.name),
-        desc("application/toml", dd)?,
-    ));
-    let (ld, _) = store.put_bytes(&resolve::lock_bytes(lock))?;
-    refs.push((
-        format!("lock/{}", def.image.name),
-        desc("application/json", ld)?,
-    ));
-    let mut debs = BTreeSet::new();
-    for (name, r) in resolved {
-        let media = match def.inputs[name].kind {
-            InputKind::Tree => store::TREE_MEDIA_TYPE,
-            InputKind::Blob => store::OCTET_STREAM,
-        };
-        if def.inputs[name].kind == InputKind::Blob {
-            refs.push((format!("release/input/{name}"), desc(media, r.digest)?));
-        }
-        if let Some(l) = lock.get(name) {
-            for c in &l.carry {
-                debs.insert(c.digest);
-            }
-        }
-    }
-    let deb_descs: Vec<Descriptor> = debs
-        .iter()
-        .map(|d| desc(DEB_MEDIA_TYPE, *d))
-        .collect::<Result<_>>()?;
-    let set_doc = {
-        let mut v = serde_json::to_vec_pretty(&serde_json::json!({ "blobs": deb_descs }))?;
-        v.push(b'\n');
-        v
-    };
-    let (sd, _) = store.put_bytes(&set_doc)?;
-    refs.push(("release/debs".into(), desc(store::SET_MEDIA_TYPE, sd)?));
-    // Provenance: the keyring and the signed archive metadata in the store.
-    for (name, d) in store.refs()? {
-        if name.starts_with("debian/") {
-            refs.push((name, d));
-        }
-    }
-    let index = store::index_document(&refs);
+    let index = resolve::bundle_index(store, def, def_text, lock, resolved)?;
     Ok(resolve::snapshot(
         &index,
         &BlobDir::new(store.root()),

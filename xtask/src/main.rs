@@ -130,6 +130,7 @@ const TOOLS: &[&str] = &[
     "objdump",
     "xorriso",
     "skopeo",
+    "umoci",
     "dpkg-deb",
     "qemu-system-x86_64",
     "chromium",
