@@ -366,13 +366,35 @@ fn each_noun_offers_only_its_own_flags_each_with_help() {
     let expect: &[(&str, &[&str], &[&str])] = &[
         (
             "system",
-            &["--profile", "--image", "--mac", "--ip", "--netboot", "--hostname"],
-            &["--kernel", "--initrd", "--mirror", "--suite", "--file", "--distro"],
+            &[
+                "--profile",
+                "--image",
+                "--mac",
+                "--ip",
+                "--netboot",
+                "--hostname",
+            ],
+            &[
+                "--kernel", "--initrd", "--mirror", "--suite", "--file", "--distro",
+            ],
         ),
         (
             "distro",
-            &["--kernel", "--initrd", "--breed", "--os-version", "--installer-by"],
-            &["--mac", "--mirror", "--profile", "--file", "--netboot", "--repo"],
+            &[
+                "--kernel",
+                "--initrd",
+                "--breed",
+                "--os-version",
+                "--installer-by",
+            ],
+            &[
+                "--mac",
+                "--mirror",
+                "--profile",
+                "--file",
+                "--netboot",
+                "--repo",
+            ],
         ),
         (
             "profile",
@@ -492,7 +514,11 @@ fn cli_edit_is_refused_when_another_operator_changed_the_object_after_its_read()
     let data = tempfile::tempdir().unwrap();
     let (_server, url, token) = server(data.path(), &[]);
     let t = token.as_str();
-    ok(&url, t, &["repo", "add", "shared", "--mirror", "http://a/0"]);
+    ok(
+        &url,
+        t,
+        &["repo", "add", "shared", "--mirror", "http://a/0"],
+    );
     // Operator B's edit lands between operator A's GET and PUT.
     let (b_url, b_token) = (url.clone(), token.clone());
     let (proxy, seen) = recording_proxy(url.clone(), move || {

@@ -185,7 +185,11 @@ fn serve(data: &std::path::Path) -> (Killed, impl BufRead, String, String) {
     let (mut line, mut token_line) = (String::new(), String::new());
     stdout.read_line(&mut line).unwrap();
     stdout.read_line(&mut token_line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
     let token = token_line
         .trim()
         .strip_prefix("first API token (shown once, keep it): ")
@@ -254,7 +258,10 @@ fn curl_pages_every_list_to_the_end_and_bad_queries_get_json_errors() {
         let (status, body) = curl(&token, &[&format!("{base}/api/v1/{path}?limit=5")]);
         assert_eq!(status, 200, "{path}: {body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert!(v["items"].is_array() && v["next"].is_null(), "{path}: {body}");
+        assert!(
+            v["items"].is_array() && v["next"].is_null(),
+            "{path}: {body}"
+        );
     }
     // Bad query values: 400, the error shape, the parameter named.
     for (q, needle) in [
@@ -270,7 +277,10 @@ fn curl_pages_every_list_to_the_end_and_bad_queries_get_json_errors() {
         assert_eq!(status, 400, "{q}: {body}");
         let e: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(e["code"], "invalid_query", "{q}: {body}");
-        assert!(e["message"].as_str().unwrap().contains(needle), "{q}: {body}");
+        assert!(
+            e["message"].as_str().unwrap().contains(needle),
+            "{q}: {body}"
+        );
     }
     // A wrong method is 405 in the same shape, not 401.
     let (status, body) = curl("", &["-X", "DELETE", &format!("{base}/api/v1/version")]);

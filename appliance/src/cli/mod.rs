@@ -129,12 +129,30 @@ pub struct Noun {
 #[derive(Debug)]
 pub enum Verb {
     List,
-    Show { name: String },
-    Add { name: String, fields: Fields },
-    Edit { name: String, fields: Fields },
-    Remove { name: String, recursive: bool, yes: bool },
-    Copy { name: String, new_name: String },
-    Rename { name: String, new_name: String },
+    Show {
+        name: String,
+    },
+    Add {
+        name: String,
+        fields: Fields,
+    },
+    Edit {
+        name: String,
+        fields: Fields,
+    },
+    Remove {
+        name: String,
+        recursive: bool,
+        yes: bool,
+    },
+    Copy {
+        name: String,
+        new_name: String,
+    },
+    Rename {
+        name: String,
+        new_name: String,
+    },
 }
 
 /// Declares a noun's command (`$cmd`, holding `$verb`) whose `add` and
@@ -895,12 +913,7 @@ fn noun(kind: Kind, n: Noun) -> Result<()> {
             // refused (412), never overwritten.
             let (mut v, tag) = c.get_tagged(&format!("{base}/{name}"))?;
             apply_fields(kind, &mut v, &fields)?;
-            out(&c.json_if_match(
-                "PUT",
-                &format!("{base}/{name}"),
-                Some(&v),
-                tag.as_deref(),
-            )?);
+            out(&c.json_if_match("PUT", &format!("{base}/{name}"), Some(&v), tag.as_deref())?);
         }
         Verb::Remove {
             name,

@@ -48,7 +48,11 @@ impl HttpStore {
             let page: crate::http::Paged<KnownChunk> =
                 serde_json::from_slice(&s.request("GET", &path, None)?)
                     .context("parsing the server's chunk list")?;
-            known.extend(page.items.into_iter().map(|c| (c.digest, (c.blob, c.stored))));
+            known.extend(
+                page.items
+                    .into_iter()
+                    .map(|c| (c.digest, (c.blob, c.stored))),
+            );
             match page.next {
                 Some(after) => {
                     path = format!(

@@ -32,9 +32,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::http::Query;
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
-use crate::http::Query;
 use axum::http::StatusCode;
 use axum::Json;
 #[cfg(test)]
@@ -1040,7 +1040,7 @@ async fn list_chunks(
                     blob,
                     stored,
                 })
-                .collect()
+                .collect::<Vec<_>>()
         })
     })
     .await?;

@@ -90,7 +90,11 @@ impl PageParams {
     }
 
     /// The page of `items` after `self.after`, in the order of `key`.
-    pub fn page<T>(&self, items: impl IntoIterator<Item = T>, key: impl Fn(&T) -> String) -> Paged<T> {
+    pub fn page<T>(
+        &self,
+        items: impl IntoIterator<Item = T>,
+        key: impl Fn(&T) -> String,
+    ) -> Paged<T> {
         let mut keyed: Vec<(String, T)> = items
             .into_iter()
             .map(|t| (key(&t), t))

@@ -20,9 +20,9 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::http::Query;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use crate::http::Query;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};

@@ -2006,7 +2006,10 @@ async fn a_stale_if_match_is_refused_and_the_other_operators_edit_survives() {
     let t0 = tag.expect("GET of an object has an ETag");
     assert!(t0.starts_with("\"sha256:") && t0.ends_with('"'), "{t0}");
     // The same object read twice has the same tag.
-    assert_eq!(a.call_if_match("GET", uri, None, None).await.1, Some(t0.clone()));
+    assert_eq!(
+        a.call_if_match("GET", uri, None, None).await.1,
+        Some(t0.clone())
+    );
 
     // Operator A changes it with the tag she read: accepted, new tag.
     let mut mine = v.clone();
@@ -2015,7 +2018,10 @@ async fn a_stale_if_match_is_refused_and_the_other_operators_edit_survives() {
     assert_eq!(s, StatusCode::OK, "{body}");
     let t1 = t1.expect("PUT answers the new ETag");
     assert_ne!(t1, t0);
-    assert_eq!(a.call_if_match("GET", uri, None, None).await.1, Some(t1.clone()));
+    assert_eq!(
+        a.call_if_match("GET", uri, None, None).await.1,
+        Some(t1.clone())
+    );
 
     // Operator B still holds the first tag: PUT, PATCH and DELETE are 412
     // with the current tag, and A's edit stays.
@@ -2029,7 +2035,10 @@ async fn a_stale_if_match_is_refused_and_the_other_operators_edit_survives() {
         let (s, tag, e) = a.call_if_match(method, uri, body, Some(&t0)).await;
         assert_eq!(s, StatusCode::PRECONDITION_FAILED, "{method}: {e}");
         assert_eq!(e["code"], "precondition_failed", "{method}: {e}");
-        assert!(e["message"].as_str().unwrap().contains(&t1), "{method}: {e}");
+        assert!(
+            e["message"].as_str().unwrap().contains(&t1),
+            "{method}: {e}"
+        );
         assert_eq!(tag.as_deref(), Some(t1.as_str()), "{method}");
     }
     let (_, _, now) = a.call_if_match("GET", uri, None, None).await;
@@ -2044,7 +2053,12 @@ async fn a_stale_if_match_is_refused_and_the_other_operators_edit_survives() {
     assert_eq!(s, StatusCode::PRECONDITION_FAILED);
     let list = format!("\"sha256:00\", {t1}");
     let (s, t2, e) = a
-        .call_if_match("PATCH", uri, Some(json!({"comment": "listed"})), Some(&list))
+        .call_if_match(
+            "PATCH",
+            uri,
+            Some(json!({"comment": "listed"})),
+            Some(&list),
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{e}");
     let (s, _, e) = a
@@ -2073,7 +2087,10 @@ async fn inventory_lists_page_by_name_and_bad_limits_are_400_naming_the_paramete
             .2;
         s["name"] = json!(n);
         s["interfaces"] = json!([]);
-        let (st, _, e) = a.call_if_match("POST", "/api/v1/systems", Some(s), None).await;
+        s["hostname"] = json!(format!("{n}.lab"));
+        let (st, _, e) = a
+            .call_if_match("POST", "/api/v1/systems", Some(s), None)
+            .await;
         assert_eq!(st, StatusCode::CREATED, "{e}");
     }
     let (s, _, p) = a
@@ -2093,7 +2110,10 @@ async fn inventory_lists_page_by_name_and_bad_limits_are_400_naming_the_paramete
     let (_, _, p) = a
         .call_if_match("GET", "/api/v1/systems?limit=2&after=web2", None, None)
         .await;
-    assert_eq!((names(&p), &p["next"]), (vec!["web3".to_owned()], &Value::Null));
+    assert_eq!(
+        (names(&p), &p["next"]),
+        (vec!["web3".to_owned()], &Value::Null)
+    );
     for (q, needle) in [
         ("limit=abc", "limit=abc"),
         ("limit=0", "limit=0"),

@@ -21,9 +21,9 @@
 
 use std::sync::Arc;
 
+use crate::http::Query;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use crate::http::Query;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
