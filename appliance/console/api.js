@@ -99,8 +99,11 @@ export function follow(path, onEvent, onState) {
   const run = async () => {
     while (!stopped) {
       try {
-        const sep = path.includes('?') ? '&' : '?';
-        const url = last ? `${path}${sep}after=${last}` : path;
+        // A reconnect resumes after the last id seen, replacing the
+        // caller's own `after` (the API refuses a parameter given twice).
+        const u = new URL(path, location.href);
+        if (last) u.searchParams.set('after', String(last));
+        const url = `${u.pathname}${u.search}`;
         const r = await fetch(url, { headers: headers({ Accept: 'text/event-stream' }), signal: ctl.signal });
         if (!r.ok) throw await fail(r);
         onState && onState('live');

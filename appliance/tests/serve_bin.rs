@@ -272,6 +272,8 @@ fn curl_pages_every_list_to_the_end_and_bad_queries_get_json_errors() {
         ("events?limit=abc", "limit=abc"),
         ("events?after=yesterday", "after"),
         ("events?order=oldest", "order=oldest"),
+        ("events?after=1&after=2", "after"),
+        ("systems?limit=5&limit=6", "limit is given twice"),
     ] {
         let (status, body) = curl(&token, &[&format!("{base}/api/v1/{q}")]);
         assert_eq!(status, 400, "{q}: {body}");

@@ -72,10 +72,14 @@ pub fn query_pairs(parts: &Parts) -> Result<Vec<(String, String)>, ApiError> {
 }
 
 impl PageParams {
-    /// Parses `limit` and `after`; any other parameter is refused.
+    /// Parses `limit` and `after`; any other parameter, or one given
+    /// twice, is refused.
     pub fn from_pairs(pairs: &[(String, String)]) -> Result<Self, ApiError> {
         let mut p = PageParams::default();
-        for (k, v) in pairs {
+        for (i, (k, v)) in pairs.iter().enumerate() {
+            if pairs[..i].iter().any(|(seen, _)| seen == k) {
+                return Err(invalid_query(format!("{k} is given twice")));
+            }
             match k.as_str() {
                 "limit" => p.limit = parse_limit(v)?,
                 "after" => p.after = Some(v.clone()),
@@ -173,6 +177,7 @@ mod tests {
             ("limit=99999999999999999999999", "must be from 1"),
             ("limit=-1", "limit=-1: not a number"),
             ("lmit=5", "unknown parameter \"lmit\""),
+            ("limit=5&limit=6", "limit is given twice"),
         ] {
             let e = params(q).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{q}");
