@@ -47,6 +47,39 @@ export async function api(method, path, body) {
   return ct.includes('json') ? r.json() : r.text();
 }
 
+/**
+ * Every item of a list route: follows the one list shape
+ * `{items, next}` page by page (`?limit=&after=`) until `next` is null.
+ */
+export async function list(path) {
+  const out = [];
+  let after = null;
+  const first = `${path}${path.includes('?') ? '&' : '?'}limit=10000`;
+  for (;;) {
+    const url = after === null ? first : `${first}&after=${encodeURIComponent(after)}`;
+    const page = await api('GET', url);
+    out.push(...page.items);
+    if (page.next === null || page.next === undefined) return out;
+    after = page.next;
+  }
+}
+
+/** GET of one object: its JSON and its ETag (send back as If-Match). */
+export async function tagged(path) {
+  const r = await fetch(path, { headers: headers({}) });
+  if (!r.ok) throw await fail(r);
+  return { obj: await r.json(), etag: r.headers.get('etag') };
+}
+
+/** PUT with If-Match `etag` (when known); returns the object's new ETag. */
+export async function putTagged(path, body, etag) {
+  const h = { 'Content-Type': 'application/json' };
+  if (etag) h['If-Match'] = etag;
+  const r = await fetch(path, { method: 'PUT', headers: headers(h), body: JSON.stringify(body) });
+  if (!r.ok) throw await fail(r);
+  return r.headers.get('etag');
+}
+
 /** GET as text (rendered files, boot scripts). */
 export async function text(path) {
   const r = await fetch(path, { headers: headers({}) });
@@ -66,8 +99,11 @@ export function follow(path, onEvent, onState) {
   const run = async () => {
     while (!stopped) {
       try {
-        const sep = path.includes('?') ? '&' : '?';
-        const url = last ? `${path}${sep}after=${last}` : path;
+        // A reconnect resumes after the last id seen, replacing the
+        // caller's own `after` (the API refuses a parameter given twice).
+        const u = new URL(path, location.href);
+        if (last) u.searchParams.set('after', String(last));
+        const url = `${u.pathname}${u.search}`;
         const r = await fetch(url, { headers: headers({ Accept: 'text/event-stream' }), signal: ctl.signal });
         if (!r.ok) throw await fail(r);
         onState && onState('live');

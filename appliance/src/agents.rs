@@ -289,7 +289,7 @@ pub fn routes(agents: Agents) -> Vec<crate::http::Route> {
             Guard::Read,
             "Machines that booted the agent and reported (hardware, mode, last seen)",
         )
-        .response("Object")
+        .response("[Object]")
         .to(list, agents.clone()),
         Route::post(
             "/api/v1/agents",
@@ -318,8 +318,11 @@ fn router(agents: Agents) -> Router {
 /// The largest check-in body (a hardware report).
 pub const CHECKIN_LIMIT: usize = 64 << 10;
 
-async fn list(State(a): State<Agents>) -> Json<Vec<AgentRecord>> {
-    Json(a.list())
+async fn list(
+    State(a): State<Agents>,
+    page: crate::http::PageParams,
+) -> Json<crate::http::Paged<AgentRecord>> {
+    Json(page.page(a.list(), |r| r.mac.clone()))
 }
 
 async fn check_in(
@@ -447,9 +450,9 @@ mod tests {
             .oneshot(Request::get("/api/v1/agents").body(Body::empty()).unwrap())
             .await
             .unwrap();
-        let list: Vec<AgentRecord> =
+        let list: crate::http::Paged<AgentRecord> =
             serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
-        assert_eq!(list.len(), 1);
+        assert_eq!((list.items.len(), list.next), (1, None));
         assert_eq!(events.page(0, 10)[0].kind, "agent.checkin");
         let reopened = Agents::open(dir.path(), Events::new());
         assert_eq!(reopened.list()[0].mac, "52:54:00:12:34:56");

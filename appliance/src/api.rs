@@ -56,6 +56,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Sent as the `ETag` header (a 412 says what the object is now).
+    pub etag: Option<String>,
 }
 
 /// The JSON shape of an [`ApiError`].
@@ -71,7 +73,14 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            etag: None,
         }
+    }
+
+    /// The same error, answered with an `ETag` header.
+    pub fn with_etag(mut self, etag: String) -> Self {
+        self.etag = Some(etag);
+        self
     }
 }
 
@@ -86,7 +95,11 @@ impl IntoResponse for ApiError {
             code: self.code.to_owned(),
             message: self.message,
         };
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(v) = self.etag.and_then(|t| t.parse().ok()) {
+            resp.headers_mut().insert(axum::http::header::ETAG, v);
+        }
+        resp
     }
 }
 

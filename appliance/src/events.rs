@@ -12,7 +12,8 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Query, State};
+use crate::http::Query;
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -187,10 +188,11 @@ impl Events {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PageQuery {
     #[serde(default)]
     after: u64,
-    limit: Option<usize>,
+    limit: Option<String>,
     kind: Option<String>,
     mac: Option<String>,
     /// `newest`: the page ends at the newest event (or just before
@@ -199,10 +201,12 @@ struct PageQuery {
     before: Option<u64>,
 }
 
-/// The body of the paged list.
+/// The body of the paged list: the one list shape (`items`, `next`) of
+/// [`crate::http::page`], except that `next` is never null, because the
+/// log only grows: it is where the next poll or live follow starts.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct EventPage {
-    pub events: Vec<Event>,
+    pub items: Vec<Event>,
     /// Pass as `after` to get the next page (with `order=newest`: the
     /// newest id in the log, where following live should start).
     pub next: u64,
@@ -242,6 +246,17 @@ async fn list(
     Query(q): Query<PageQuery>,
     headers: HeaderMap,
 ) -> Response {
+    let limit = match q.limit.as_deref().map(crate::http::page::parse_limit) {
+        None => 100,
+        Some(Ok(n)) => n.min(1000),
+        Some(Err(e)) => return e.into_response(),
+    };
+    if let Some(o) = q.order.as_deref().filter(|o| *o != "newest") {
+        return crate::http::page::invalid_query(format!(
+            "order={o}: the only order is newest (default: oldest first)"
+        ))
+        .into_response();
+    }
     let wants_sse = headers
         .get(axum::http::header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -276,12 +291,11 @@ async fn list(
             .keep_alive(KeepAlive::default())
             .into_response();
     }
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     if q.order.as_deref() == Some("newest") {
         let (out, next, older) =
             events.newest(q.before.unwrap_or(u64::MAX), limit, |e| matches(&q, e));
         return Json(EventPage {
-            events: out,
+            items: out,
             next,
             older,
         })
@@ -309,7 +323,7 @@ async fn list(
         }
     }
     Json(EventPage {
-        events: out,
+        items: out,
         next: cursor,
         older: None,
     })
@@ -375,8 +389,8 @@ mod tests {
             .unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         let page: EventPage = serde_json::from_slice(&body).unwrap();
-        assert_eq!(page.events.len(), 1);
-        assert_eq!(page.events[0].kind, "dhcp.offer");
+        assert_eq!(page.items.len(), 1);
+        assert_eq!(page.items[0].kind, "dhcp.offer");
         assert_eq!(page.next, 3);
     }
 
@@ -404,11 +418,11 @@ mod tests {
             }
         };
         let p = get("/api/v1/events?order=newest&limit=3&kind=dhcp").await;
-        let ids: Vec<u64> = p.events.iter().map(|e| e.id).collect();
+        let ids: Vec<u64> = p.items.iter().map(|e| e.id).collect();
         assert_eq!(ids, [9, 7, 5]);
         assert_eq!((p.next, p.older), (10, Some(5)));
         let p = get("/api/v1/events?order=newest&limit=3&kind=dhcp&before=5").await;
-        let ids: Vec<u64> = p.events.iter().map(|e| e.id).collect();
+        let ids: Vec<u64> = p.items.iter().map(|e| e.id).collect();
         assert_eq!(ids, [3, 1]);
         assert_eq!(p.older, None);
     }

@@ -403,7 +403,7 @@ pub fn routes(state: FlashState) -> Vec<Route> {
             Guard::Read,
             "Local disks a flash could write: size, removable, mounted, boot disk",
         )
-        .response("Object")
+        .response("[Object]")
         .to(disks, state.clone()),
         Route::get(
             "/api/v1/flash",
@@ -428,12 +428,15 @@ fn router(state: FlashState) -> Router {
     crate::http::routes::unguarded(routes(state))
 }
 
-async fn disks(State(st): State<FlashState>) -> Json<serde_json::Value> {
+async fn disks(
+    State(st): State<FlashState>,
+    page: crate::http::PageParams,
+) -> Json<crate::http::Paged<Disk>> {
     let sys = System::current(&st.data_dir);
     let list = tokio::task::spawn_blocking(move || list_disks(&sys))
         .await
         .unwrap_or_default();
-    Json(serde_json::json!({ "disks": list }))
+    Json(page.page(list, |d| d.name.clone()))
 }
 
 async fn status(State(st): State<FlashState>) -> Json<FlashStatus> {

@@ -463,7 +463,7 @@ pub fn routes(networks: Networks) -> Vec<Route> {
             Guard::Read,
             "Provisioning networks served (DHCP, TFTP, HTTP boot) and their state",
         )
-        .response("Object")
+        .response("[Object]")
         .to(list, networks.clone()),
         Route::post(
             "/api/v1/networks",
@@ -488,8 +488,11 @@ pub fn router(networks: Networks) -> Router {
     crate::http::routes::unguarded(routes(networks))
 }
 
-async fn list(State(n): State<Networks>) -> Json<Vec<NetworkStatus>> {
-    Json(n.list().await)
+async fn list(
+    State(n): State<Networks>,
+    page: crate::http::PageParams,
+) -> Json<crate::http::Paged<NetworkStatus>> {
+    Json(page.page(n.list().await, |s| s.spec.iface.clone()))
 }
 
 async fn serve(

@@ -468,7 +468,7 @@ pub fn routes(replicas: Replicas) -> Vec<Route> {
             Guard::Read,
             "Children of this appliance: status, release, last contact",
         )
-        .response("Object")
+        .response("[Object]")
         .to(list, replicas.clone()),
         Route::post(
             "/api/v1/replicas",
@@ -530,8 +530,11 @@ async fn register(
     Ok((StatusCode::CREATED, Json(reg)))
 }
 
-async fn list(State(r): S) -> Result<Json<Vec<Replica>>, ApiError> {
-    Ok(Json(r.list()))
+async fn list(
+    State(r): S,
+    page: crate::http::PageParams,
+) -> Result<Json<crate::http::Paged<Replica>>, ApiError> {
+    Ok(Json(page.page(r.list(), |r| r.node_id.to_string())))
 }
 
 async fn show(State(r): S, UrlPath(id): UrlPath<String>) -> Result<Json<Replica>, ApiError> {
@@ -649,7 +652,8 @@ mod tests {
         // Listing shows records, never tokens; and survives a restart.
         let (s, l) = call(&r, "GET", "/api/v1/replicas", None, serde_json::Value::Null).await;
         assert_eq!(s, StatusCode::OK);
-        assert_eq!(l.as_array().unwrap().len(), 2);
+        assert_eq!(l["items"].as_array().unwrap().len(), 2, "{l}");
+        assert_eq!(l["next"], serde_json::Value::Null);
         assert!(!l.to_string().contains("token"), "{l}");
         let text = std::fs::read_to_string(dir.path().join(REPLICAS_FILE)).unwrap();
         assert!(!text.contains(&token));

@@ -510,7 +510,7 @@ pub fn routes(r: Replication) -> Vec<Route> {
             Guard::Read,
             "Installs of this appliance onto other machines: phase, bytes, report",
         )
-        .response("Object")
+        .response("[Object]")
         .to(installs, r.clone()),
         Route::delete(
             "/api/v1/installs/{mac}",
@@ -624,8 +624,11 @@ async fn prepared(State(r): State<Replication>) -> Json<Prepared> {
     Json(r.prepared())
 }
 
-async fn installs(State(r): State<Replication>) -> Json<Vec<InstallRecord>> {
-    Json(r.list())
+async fn installs(
+    State(r): State<Replication>,
+    page: crate::http::PageParams,
+) -> Json<crate::http::Paged<InstallRecord>> {
+    Json(page.page(r.list(), |i| i.mac.clone()))
 }
 
 async fn forget(

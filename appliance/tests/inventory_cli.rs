@@ -325,3 +325,238 @@ fn network_cli_needs_a_token_and_names_bad_input() {
     let agents = ok(&url, &token, &["agents", "--json"]);
     assert_eq!(agents.trim(), "[]");
 }
+
+/// The `--help` text of `appliance ARGS --help`.
+fn help(args: &[&str]) -> String {
+    let o = bin().args(args).arg("--help").output().unwrap();
+    assert!(o.status.success(), "{args:?}");
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// The long flags a help page lists, each with whether it has help text
+/// (on its line after the value name, or on the lines below it).
+fn flags(text: &str) -> Vec<(String, bool)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut out = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let t = l.trim_start();
+        let Some(at) = t.find("--") else { continue };
+        if !l.starts_with("  ") || at > 4 {
+            continue;
+        }
+        let name: String = t[at..]
+            .chars()
+            .take_while(|c| *c == '-' || c.is_ascii_alphanumeric())
+            .collect();
+        let same_line = t[at + name.len()..]
+            .split("  ")
+            .skip(1)
+            .any(|w| !w.trim().is_empty());
+        let below = lines.get(i + 1).is_some_and(|n| {
+            !n.trim().is_empty() && indent(n) > indent(l) && !n.trim_start().starts_with('-')
+        });
+        out.push((name, same_line || below));
+    }
+    out
+}
+
+#[test]
+fn each_noun_offers_only_its_own_flags_each_with_help() {
+    let expect: &[(&str, &[&str], &[&str])] = &[
+        (
+            "system",
+            &[
+                "--profile",
+                "--image",
+                "--mac",
+                "--ip",
+                "--netboot",
+                "--hostname",
+            ],
+            &[
+                "--kernel", "--initrd", "--mirror", "--suite", "--file", "--distro",
+            ],
+        ),
+        (
+            "distro",
+            &[
+                "--kernel",
+                "--initrd",
+                "--breed",
+                "--os-version",
+                "--installer-by",
+            ],
+            &[
+                "--mac",
+                "--mirror",
+                "--profile",
+                "--file",
+                "--netboot",
+                "--repo",
+            ],
+        ),
+        (
+            "profile",
+            &["--distro", "--parent", "--autoinstall", "--repo"],
+            &["--mac", "--kernel", "--mirror", "--file"],
+        ),
+        (
+            "repo",
+            &["--mirror", "--suite", "--packages", "--installer"],
+            &["--mac", "--kernel", "--profile", "--var", "--file"],
+        ),
+        (
+            "image",
+            &["--type", "--reference", "--arch"],
+            &["--mac", "--kernel", "--mirror", "--file"],
+        ),
+        (
+            "template",
+            &["--file"],
+            &["--mac", "--kernel", "--mirror", "--comment", "--var"],
+        ),
+        ("snippet", &["--file"], &["--mac", "--kernel", "--var"]),
+    ];
+    for (noun, has, lacks) in expect {
+        for verb in ["add", "edit"] {
+            let text = help(&[noun, verb]);
+            let listed = flags(&text);
+            let names: Vec<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
+            for f in *has {
+                assert!(names.contains(f), "{noun} {verb} lacks {f}:\n{text}");
+            }
+            for f in *lacks {
+                assert!(!names.contains(f), "{noun} {verb} offers {f}:\n{text}");
+            }
+            for (f, documented) in &listed {
+                assert!(documented, "{noun} {verb} {f} has no help:\n{text}");
+            }
+        }
+    }
+    // A flag of another noun is refused by clap, not dropped.
+    for args in [
+        &["distro", "add", "d1", "--mac", "52:54:00:00:00:09"][..],
+        &["system", "add", "s1", "--kernel", "sha256:00"][..],
+        &["system", "edit", "s1", "--mirror", "http://m/"][..],
+        &["template", "add", "t1", "--var", "a=b"][..],
+    ] {
+        let o = cli("http://127.0.0.1:9", Some("t"), args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("unexpected argument"), "{args:?}: {err}");
+    }
+}
+
+/// A loopback proxy in front of `upstream` that records each request's
+/// head and, before forwarding the first PUT, runs `before_put` (another
+/// operator's edit landing between the CLI's GET and its PUT).
+fn recording_proxy(
+    upstream: String,
+    before_put: impl FnOnce() + Send + 'static,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let up = upstream.trim_start_matches("http://").to_owned();
+    std::thread::spawn(move || {
+        let mut before_put = Some(before_put);
+        for conn in listener.incoming() {
+            let Ok(mut client) = conn else { return };
+            let mut buf = Vec::new();
+            let mut byte = [0u8; 1];
+            while !buf.ends_with(b"\r\n\r\n") {
+                if client.read(&mut byte).unwrap_or(0) == 0 {
+                    break;
+                }
+                buf.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&buf).into_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            let mut body = vec![0u8; len];
+            client.read_exact(&mut body).unwrap();
+            if head.starts_with("PUT ") {
+                if let Some(f) = before_put.take() {
+                    f();
+                }
+            }
+            log.lock().unwrap().push(head.clone());
+            // One request per connection: ask upstream to close after it.
+            let mut fwd: String = head
+                .trim_end()
+                .lines()
+                .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+                .map(|l| format!("{l}\r\n"))
+                .collect();
+            fwd.push_str("Connection: close\r\n\r\n");
+            let mut server = std::net::TcpStream::connect(&up).unwrap();
+            server.write_all(fwd.as_bytes()).unwrap();
+            server.write_all(&body).unwrap();
+            let mut answer = Vec::new();
+            server.read_to_end(&mut answer).unwrap();
+            client.write_all(&answer).unwrap();
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn cli_edit_is_refused_when_another_operator_changed_the_object_after_its_read() {
+    let data = tempfile::tempdir().unwrap();
+    let (_server, url, token) = server(data.path(), &[]);
+    let t = token.as_str();
+    ok(
+        &url,
+        t,
+        &["repo", "add", "shared", "--mirror", "http://a/0"],
+    );
+    // Operator B's edit lands between operator A's GET and PUT.
+    let (b_url, b_token) = (url.clone(), token.clone());
+    let (proxy, seen) = recording_proxy(url.clone(), move || {
+        ok(
+            &b_url,
+            &b_token,
+            &["repo", "edit", "shared", "--comment", "B was here"],
+        );
+    });
+    let o = cli(
+        &proxy,
+        Some(t),
+        &["repo", "edit", "shared", "--mirror", "http://a/overwrite"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "A's stale edit went through");
+    assert!(
+        err.contains("precondition_failed") && err.contains("HTTP 412"),
+        "{err}"
+    );
+    // A's PUT carried the ETag of its GET.
+    let heads = seen.lock().unwrap().clone();
+    let put = heads.iter().find(|h| h.starts_with("PUT ")).unwrap();
+    assert!(
+        put.to_ascii_lowercase().contains("if-match: \"sha256:"),
+        "{put}"
+    );
+    // B's edit stands; A's mirror change was not applied.
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(&url, t, &["repo", "show", "shared", "--json"])).unwrap();
+    assert_eq!(
+        (shown["comment"].as_str(), shown["mirror"].as_str()),
+        (Some("B was here"), Some("http://a/0"))
+    );
+    // Read again, the same edit goes through.
+    ok(
+        &url,
+        t,
+        &["repo", "edit", "shared", "--mirror", "http://a/1"],
+    );
+}

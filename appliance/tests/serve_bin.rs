@@ -168,3 +168,124 @@ fn serve_creates_a_missing_data_directory_and_keeps_its_node_id_there() {
     let stored = std::fs::read_to_string(data.join("state/node.json")).unwrap();
     assert!(stored.contains(v["node_id"].as_str().unwrap()));
 }
+
+/// Starts `appliance serve` on loopback; its stdout stays open (a closed
+/// pipe would stop it). Returns the child, its stdout, address and token.
+fn serve(data: &std::path::Path) -> (Killed, impl BufRead, String, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
+    let (mut line, mut token_line) = (String::new(), String::new());
+    stdout.read_line(&mut line).unwrap();
+    stdout.read_line(&mut token_line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let token = token_line
+        .trim()
+        .strip_prefix("first API token (shown once, keep it): ")
+        .unwrap_or_else(|| panic!("no first token on stdout: {token_line:?}"))
+        .to_owned();
+    (child, stdout, addr, token)
+}
+
+/// `curl -s` with the token; returns (HTTP status, body).
+fn curl(token: &str, args: &[&str]) -> (u16, String) {
+    let o = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "-H"])
+        .arg(format!("Authorization: Bearer {token}"))
+        .args(args)
+        .output()
+        .expect("running curl");
+    assert!(o.status.success(), "curl {args:?}: {o:?}");
+    let text = String::from_utf8(o.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_owned())
+}
+
+#[test]
+fn curl_pages_every_list_to_the_end_and_bad_queries_get_json_errors() {
+    let data = tempfile::tempdir().unwrap();
+    let (_child, _stdout, addr, token) = serve(data.path());
+    let base = format!("http://{addr}");
+    // The shipped templates, one a page, following `next` until null.
+    let mut names = Vec::new();
+    let mut url = format!("{base}/api/v1/templates?limit=1");
+    loop {
+        let (status, body) = curl(&token, &[&url]);
+        assert_eq!(status, 200, "{body}");
+        let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 1, "{body}");
+        names.extend(items.iter().map(|t| t["name"].as_str().unwrap().to_owned()));
+        match page["next"].as_str() {
+            Some(n) => url = format!("{base}/api/v1/templates?limit=1&after={n}"),
+            None => break,
+        }
+    }
+    let (_, all) = curl(&token, &[&format!("{base}/api/v1/templates")]);
+    let all: serde_json::Value = serde_json::from_str(&all).unwrap();
+    let all: Vec<String> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(all.len() >= 2, "{all:?}");
+    assert_eq!(names, all, "paging one by one sees each once, in order");
+    // Every list route answers the same shape.
+    for path in [
+        "systems",
+        "repos",
+        "status",
+        "agents",
+        "replicas",
+        "clone/jobs",
+        "networks",
+        "installs",
+        "os-installs",
+        "sync/conflicts",
+    ] {
+        let (status, body) = curl(&token, &[&format!("{base}/api/v1/{path}?limit=5")]);
+        assert_eq!(status, 200, "{path}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            v["items"].is_array() && v["next"].is_null(),
+            "{path}: {body}"
+        );
+    }
+    // Bad query values: 400, the error shape, the parameter named.
+    for (q, needle) in [
+        ("systems?limit=abc", "limit=abc"),
+        ("systems?limit=0", "limit=0"),
+        ("agents?limit=100000", "limit=100000"),
+        ("replicas?colour=red", "colour"),
+        ("events?limit=abc", "limit=abc"),
+        ("events?after=yesterday", "after"),
+        ("events?order=oldest", "order=oldest"),
+        ("events?after=1&after=2", "after"),
+        ("systems?limit=5&limit=6", "limit is given twice"),
+    ] {
+        let (status, body) = curl(&token, &[&format!("{base}/api/v1/{q}")]);
+        assert_eq!(status, 400, "{q}: {body}");
+        let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(e["code"], "invalid_query", "{q}: {body}");
+        assert!(
+            e["message"].as_str().unwrap().contains(needle),
+            "{q}: {body}"
+        );
+    }
+    // A wrong method is 405 in the same shape, not 401.
+    let (status, body) = curl("", &["-X", "DELETE", &format!("{base}/api/v1/version")]);
+    assert_eq!(status, 405, "{body}");
+    assert!(body.contains("method_not_allowed"), "{body}");
+}

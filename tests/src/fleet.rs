@@ -387,14 +387,14 @@ pub fn run(
         let mut child = start(k, &machines[k], work, faults)?;
         let mac_k = machines[k].mac_uplink.clone();
         let installs = |port: u16| -> Option<serde_json::Value> {
-            json(port, "/api/v1/installs")?
+            json(port, "/api/v1/installs")?["items"]
                 .as_array()?
                 .iter()
                 .find(|r| r["mac"] == mac_k.as_str())
                 .cloned()
         };
         let checked_in = |port: u16| -> Option<()> {
-            json(port, "/api/v1/agents")?
+            json(port, "/api/v1/agents")?["items"]
                 .as_array()?
                 .iter()
                 .any(|a| a["mac"] == mac_k.as_str() && a["mode"] == "install")
@@ -449,7 +449,7 @@ pub fn run(
                 Duration::from_secs(300),
                 &mut [&mut vm],
                 || {
-                    json(pport, "/api/v1/installs")?
+                    json(pport, "/api/v1/installs")?["items"]
                         .as_array()?
                         .iter()
                         .find(|r| r["mac"] == TINY_MAC && r["state"] == "failed")
@@ -578,7 +578,7 @@ pub fn run(
             Duration::from_secs(120),
             &mut [],
             || {
-                json(pport, "/api/v1/replicas")?
+                json(pport, "/api/v1/replicas")?["items"]
                     .as_array()?
                     .iter()
                     .find(|r| r["node_id"] == node.as_str() && r["release"] == release.as_str())

@@ -157,7 +157,7 @@ impl Lab {
     fn jobs(&self) -> Vec<Value> {
         let (st, v) = self.api("GET", "/api/v1/clone/jobs", None);
         assert_eq!(st, 200, "{v}");
-        v.as_array().cloned().unwrap_or_default()
+        v["items"].as_array().cloned().unwrap_or_default()
     }
 
     fn last_job(&self, system: &str) -> Value {

@@ -71,7 +71,7 @@ fn appliance_flashes_itself_onto_a_usb_stick_that_then_boots_and_grows() {
         let r = http::get(port, "/api/v1/disks").unwrap();
         assert_eq!(r.status, 200, "{}", r.body);
         let v = json(&r.body);
-        if v["disks"]
+        if v["items"]
             .as_array()
             .unwrap()
             .iter()
@@ -82,7 +82,7 @@ fn appliance_flashes_itself_onto_a_usb_stick_that_then_boots_and_grows() {
         }
         std::thread::sleep(Duration::from_secs(1));
     };
-    let list = disks["disks"].as_array().unwrap();
+    let list = disks["items"].as_array().unwrap();
     let find = |n: &str| {
         list.iter()
             .find(|d| d["name"] == n)

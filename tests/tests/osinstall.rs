@@ -332,7 +332,7 @@ fn blank_machine_installs_debian_12_from_the_appliance_alone() {
         "",
         &token,
     );
-    let fetched: Vec<&serde_json::Value> = since["events"]
+    let fetched: Vec<&serde_json::Value> = since["items"]
         .as_array()
         .expect("an events list")
         .iter()

@@ -103,7 +103,7 @@ fn pxe_boot(firmware: Firmware, mac: &str) {
     }
     let agents = http::get(port, "/api/v1/agents").unwrap().body;
     let v: serde_json::Value = serde_json::from_str(&agents).unwrap();
-    let rec = v
+    let rec = v["items"]
         .as_array()
         .unwrap()
         .iter()

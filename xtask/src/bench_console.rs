@@ -6,8 +6,9 @@
 //! (`main[data-ready]`, `window.consoleReady`, relative to navigation
 //! start); first render is Chromium's first contentful paint; bytes are
 //! every response's transfer size (page, assets and the API calls).
-//! The floor runs `curl -s -H 'Authorization: …' URL/api/v1/systems | jq
-//! length` and `…/api/v1/agents | jq length`, as one shell pipeline each.
+//! The floor runs `curl -s -H 'Authorization: …' URL/api/v1/systems?limit=10000
+//! | jq '.items | length'` and the same for `…/api/v1/agents`, as one shell
+//! pipeline each (one page holds them all).
 //! Median of 5 runs each. Also reported: the assets' compressed size and
 //! the server's memory growth with 50 consoles following events live.
 
@@ -156,7 +157,7 @@ pub fn run() -> Result<()> {
         Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned())
     };
     let mut floor_bytes = 0usize;
-    for path in ["/api/v1/systems", "/api/v1/agents"] {
+    for path in ["/api/v1/systems?limit=10000", "/api/v1/agents?limit=10000"] {
         floor_bytes += sh(format!(
             "curl -sf -H \"Authorization: $AUTH\" -o /dev/null -w '%{{size_download}}' '{base}{path}'"
         ))?
@@ -167,10 +168,10 @@ pub fn run() -> Result<()> {
     for _ in 0..RUNS {
         let t = Instant::now();
         let systems = sh(format!(
-            "curl -sf -H \"Authorization: $AUTH\" '{base}/api/v1/systems' | jq length"
+            "curl -sf -H \"Authorization: $AUTH\" '{base}/api/v1/systems?limit=10000' | jq '.items | length'"
         ))?;
         let agents = sh(format!(
-            "curl -sf -H \"Authorization: $AUTH\" '{base}/api/v1/agents' | jq length"
+            "curl -sf -H \"Authorization: $AUTH\" '{base}/api/v1/agents?limit=10000' | jq '.items | length'"
         ))?;
         floor.push(t.elapsed().as_secs_f64() * 1000.0);
         if systems != SYSTEMS.to_string() || agents != AGENTS.to_string() {

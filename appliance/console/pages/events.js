@@ -40,7 +40,7 @@ export async function render(main) {
       const p = await api('GET', `/api/v1/events?${q.join('&')}`);
       put(err);
       if (!before) { tbody.replaceChildren(); newest = p.next; }
-      for (const e of p.events) tbody.append(row(e, false));
+      for (const e of p.items) tbody.append(row(e, false));
       if (!tbody.children.length) tbody.append(h('tr', { class: 'empty' }, h('td', { colspan: 5, class: 'muted' }, 'No events match.')));
       older = p.older || null;
       more.hidden = !older;

@@ -2,7 +2,7 @@
 // snippets: list, create, edit (validation messages come from the API),
 // delete, and a live preview of a template rendered for a chosen system.
 
-import { api } from '../api.js';
+import { api, list as listAll, tagged, putTagged } from '../api.js';
 import { session } from '../app.js';
 import { h, put, problem, flash, confirmAction, field } from '../ui.js';
 
@@ -75,7 +75,7 @@ function markField(form, e) {
 }
 
 async function list(main, kind) {
-  const objs = await api('GET', `/api/v1/${kind}`);
+  const objs = await listAll(`/api/v1/${kind}`);
   const cols = COLUMNS[kind];
   put(main,
     h('h1', {}, 'Inventory'),
@@ -110,7 +110,9 @@ function tabs(kind) {
 
 async function edit(main, kind, name) {
   const creating = name === '+';
-  const obj = creating ? { ...BLANK[kind] } : { ...BLANK[kind], ...(await api('GET', `/api/v1/${kind}/${encodeURIComponent(name)}`)) };
+  // The save sends the ETag read here: a change made meanwhile is a 412.
+  const got = creating ? { obj: {}, etag: null } : await tagged(`/api/v1/${kind}/${encodeURIComponent(name)}`);
+  const obj = { ...BLANK[kind], ...got.obj };
   const builtin = obj.origin === 'builtin';
   delete obj.origin;
   const readonly = !session.write;
@@ -133,7 +135,7 @@ async function edit(main, kind, name) {
     try {
       const body = read(form, keys);
       if (creating || builtin) await api('POST', `/api/v1/${kind}`, body);
-      else await api('PUT', `/api/v1/${kind}/${encodeURIComponent(name)}`, body);
+      else got.etag = await putTagged(`/api/v1/${kind}/${encodeURIComponent(name)}`, body, got.etag);
       put(err);
       if (creating || builtin) location.hash = `#/inventory/${kind}/${encodeURIComponent(body.name)}`;
       flash(`Saved ${kind.slice(0, -1)} ${body.name}`);
@@ -155,7 +157,7 @@ function preview(form, name) {
   const options = h('datalist', { id: 'preview-systems' });
   const out = h('pre', { id: 'preview', class: 'doc', tabindex: '0' }, 'Choose a system to render this template for.');
   const status = h('p', { id: 'preview-status', class: 'muted', 'aria-live': 'polite' });
-  api('GET', '/api/v1/systems').then((s) => put(options, s.slice(0, 1000).map((x) => h('option', { value: x.name }))), () => {});
+  api('GET', '/api/v1/systems?limit=1000').then((p) => put(options, p.items.map((x) => h('option', { value: x.name }))), () => {});
   let seq = 0;
   const run = async () => {
     const system = sys.value.trim();

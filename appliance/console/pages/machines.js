@@ -3,7 +3,7 @@
 // ~2 MB JSON answer and a filter pass takes a few milliseconds), and the
 // one-step enlistment of a discovered agent into a system.
 
-import { api } from '../api.js';
+import { api, list } from '../api.js';
 import { session } from '../app.js';
 import { h, put, problem, flash, field, ago, bytes } from '../ui.js';
 
@@ -51,9 +51,9 @@ export function rows(systems, agents, status) {
 
 export async function render(main) {
   const [systems, agents, status] = await Promise.all([
-    api('GET', '/api/v1/systems'),
-    api('GET', '/api/v1/agents'),
-    api('GET', '/api/v1/status').catch(() => []),
+    list('/api/v1/systems'),
+    list('/api/v1/agents'),
+    list('/api/v1/status').catch(() => []),
   ]);
   let all = rows(systems, agents, status);
   let profiles = null;
@@ -100,7 +100,7 @@ export async function render(main) {
   }
 
   async function enlist(r) {
-    if (!profiles) profiles = await api('GET', '/api/v1/profiles').catch(() => []);
+    if (!profiles) profiles = await list('/api/v1/profiles').catch(() => []);
     const name = h('input', { id: 'enlist-name', required: true, value: `node-${r.mac.replace(/:/g, '').slice(-6)}`, pattern: '[A-Za-z0-9._-]+' });
     const profile = h('select', { id: 'enlist-profile', required: true },
       profiles.length ? profiles.map((p) => h('option', { value: p.name }, p.name)) : h('option', { value: '' }, 'no profiles yet'));
@@ -124,7 +124,7 @@ export async function render(main) {
         await api('POST', '/api/v1/systems', body);
         flash(`Enlisted ${r.mac} as ${body.name}`);
         put(enlistBox);
-        const fresh = await api('GET', '/api/v1/systems');
+        const fresh = await list('/api/v1/systems');
         all = rows(fresh, agents, status);
         draw();
       } catch (e) {

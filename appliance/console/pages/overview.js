@@ -1,6 +1,6 @@
 // Overview: this node's identity, release, health and the networks it serves.
 
-import { api } from '../api.js';
+import { api, list } from '../api.js';
 import { h, put, problem, duration, short } from '../ui.js';
 
 function dl(pairs) {
@@ -10,8 +10,8 @@ function dl(pairs) {
 export async function render(main) {
   const [v, nets, reps, release] = await Promise.all([
     api('GET', '/api/v1/version'),
-    api('GET', '/api/v1/networks').catch((e) => e),
-    api('GET', '/api/v1/replicas').catch((e) => e),
+    list('/api/v1/networks').catch((e) => e),
+    list('/api/v1/replicas').catch((e) => e),
     api('GET', '/api/v1/release').catch((e) => e),
   ]);
   const degraded = v.degraded || [];

@@ -1,7 +1,7 @@
 // One system: its settings, hardware (from its agent's check-in), boot
 // decision, rendered autoinstall, power state and actions, and its events.
 
-import { api, text } from '../api.js';
+import { api, list, text } from '../api.js';
 import { session } from '../app.js';
 import { h, put, problem, flash, confirmAction, field, when, bytes } from '../ui.js';
 
@@ -15,7 +15,7 @@ function pre(id) {
 
 export async function render(main, [name]) {
   const sys = await api('GET', `/api/v1/systems/${encodeURIComponent(name)}`);
-  const agents = await api('GET', '/api/v1/agents').catch(() => []);
+  const agents = await list('/api/v1/agents').catch(() => []);
   const macs = (sys.interfaces || []).map((i) => (i.mac || '').toLowerCase());
   const agent = agents.find((a) => macs.includes(a.mac.toLowerCase()));
   const hw = agent && agent.hardware;
@@ -84,8 +84,8 @@ export async function render(main, [name]) {
   }
 
   if (macs[0]) {
-    const p = await api('GET', `/api/v1/events?order=newest&limit=50&mac=${encodeURIComponent(macs[0])}`).catch(() => ({ events: [] }));
-    put(events, p.events.length ? p.events.map((e) => h('tr', {}, h('td', {}, when(e.time)), h('td', {}, e.kind), h('td', { class: 'detail' }, h('code', {}, JSON.stringify(e.detail)))))
+    const p = await api('GET', `/api/v1/events?order=newest&limit=50&mac=${encodeURIComponent(macs[0])}`).catch(() => ({ items: [] }));
+    put(events, p.items.length ? p.items.map((e) => h('tr', {}, h('td', {}, when(e.time)), h('td', {}, e.kind), h('td', { class: 'detail' }, h('code', {}, JSON.stringify(e.detail)))))
       : h('tr', {}, h('td', { colspan: 3, class: 'muted' }, 'No events for this machine.')));
   }
 }

@@ -2,7 +2,7 @@
 // child reports its own children to its own console), sync state and
 // conflicts; register a replica.
 
-import { api } from '../api.js';
+import { api, list } from '../api.js';
 import { session } from '../app.js';
 import { h, put, problem, flash, field, ago, short } from '../ui.js';
 
@@ -15,7 +15,7 @@ function node(title, facts, children) {
 export async function render(main) {
   const [v, reps, sync] = await Promise.all([
     api('GET', '/api/v1/version'),
-    api('GET', '/api/v1/replicas'),
+    list('/api/v1/replicas'),
     api('GET', '/api/v1/sync/status').catch((e) => e),
   ]);
   const s = sync instanceof Error ? null : sync;

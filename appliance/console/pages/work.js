@@ -1,7 +1,7 @@
 // Live work: installs of this appliance onto other machines and clone
 // jobs (captures, deploys), with progress bars that move as events arrive.
 
-import { api, follow } from '../api.js';
+import { api, list, follow } from '../api.js';
 import { session } from '../app.js';
 import { h, put, problem, flash, confirmAction, bytes, duration, ago } from '../ui.js';
 
@@ -26,8 +26,8 @@ export async function render(main) {
 
   async function draw() {
     const [installs, jobs] = await Promise.all([
-      api('GET', '/api/v1/installs').catch((e) => e),
-      api('GET', '/api/v1/clone/jobs').catch((e) => e),
+      list('/api/v1/installs').catch((e) => e),
+      list('/api/v1/clone/jobs').catch((e) => e),
     ]);
     put(body,
       h('section', { class: 'card', 'aria-labelledby': 'w-inst' }, h('h2', { id: 'w-inst' }, 'Installs (replication)'),

@@ -155,6 +155,40 @@ impl Client {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<String> {
+        Ok(self.tagged(method, path, body, None)?.0)
+    }
+
+    /// GET of one object: its JSON and its `ETag` (for a later `If-Match`).
+    pub fn get_tagged(&self, path: &str) -> Result<(serde_json::Value, Option<String>)> {
+        let (text, tag) = self.tagged("GET", path, None, None)?;
+        let v = serde_json::from_str(&text)
+            .with_context(|| format!("parsing the answer to GET {path}"))?;
+        Ok((v, tag))
+    }
+
+    /// As [`Client::json`], with `If-Match: if_match` when given: the
+    /// server refuses (412 `precondition_failed`) if the object changed.
+    pub fn json_if_match(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        if_match: Option<&str>,
+    ) -> Result<serde_json::Value> {
+        let text = self.tagged(method, path, body, if_match)?.0;
+        serde_json::from_str(&text)
+            .with_context(|| format!("parsing the answer to {method} {path}"))
+    }
+
+    /// Sends a request (with `If-Match` when given); returns the body text
+    /// and the `ETag` of a 2xx answer.
+    fn tagged(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        if_match: Option<&str>,
+    ) -> Result<(String, Option<String>)> {
         let url = format!("{}{path}", self.url);
         let auth = self.auth()?;
         let result = match (method, body) {
@@ -167,6 +201,9 @@ impl Client {
                 if let Some(a) = &auth {
                     req = req.header("Authorization", a);
                 }
+                if let Some(t) = if_match {
+                    req = req.header("If-Match", t);
+                }
                 req.call()
             }
             (_, body) => {
@@ -178,18 +215,26 @@ impl Client {
                 if let Some(a) = &auth {
                     req = req.header("Authorization", a);
                 }
+                if let Some(t) = if_match {
+                    req = req.header("If-Match", t);
+                }
                 let text = body.map(|b| b.to_string()).unwrap_or_default();
                 req.header("Content-Type", "application/json").send(text)
             }
         };
         let mut resp = result.with_context(|| self.connect_context(method, path))?;
         let status = resp.status();
+        let tag = resp
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let text = resp
             .body_mut()
             .read_to_string()
             .with_context(|| format!("reading the answer to {method} {path}"))?;
         if status.is_success() {
-            return Ok(text);
+            return Ok((text, tag));
         }
         match serde_json::from_str::<serde_json::Value>(&text) {
             Ok(v) if v.get("code").is_some() => Err(ApiFailure {
@@ -281,6 +326,30 @@ impl Client {
         Ok(out)
     }
 
+    /// Every item of a list route, following the one list shape
+    /// (`{"items": [...], "next": cursor|null}`) page by page.
+    pub fn list(&self, path: &str) -> Result<Vec<serde_json::Value>> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let url = match &after {
+                None => path.to_owned(),
+                Some(a) => format!("{path}{sep}after={}", encode_query(a)),
+            };
+            let mut page = self.json("GET", &url, None)?;
+            match page.get_mut("items").map(serde_json::Value::take) {
+                Some(serde_json::Value::Array(items)) => out.extend(items),
+                _ => bail!("GET {path}: the answer is not a list page (no items)"),
+            }
+            match page.get("next") {
+                Some(serde_json::Value::String(n)) => after = Some(n.clone()),
+                Some(serde_json::Value::Null) | None => return Ok(out),
+                Some(other) => bail!("GET {path}: next is {other}, not a cursor"),
+            }
+        }
+    }
+
     pub fn json(
         &self,
         method: &str,
@@ -291,6 +360,19 @@ impl Client {
         serde_json::from_str(&text)
             .with_context(|| format!("parsing the answer to {method} {path}"))
     }
+}
+
+/// Percent-encodes `s` for a query value (everything but unreserved bytes).
+pub fn encode_query(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -107,7 +107,7 @@ pub fn clone(cmd: CloneCmd) -> Result<()> {
     let client = cmd.conn.client();
     let (req, wait) = match cmd.verb {
         CloneVerb::Jobs => {
-            let v = client.json("GET", "/api/v1/clone/jobs", None)?;
+            let v = Value::Array(client.list("/api/v1/clone/jobs")?);
             if cmd.conn.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {

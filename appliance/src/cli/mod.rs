@@ -99,19 +99,19 @@ pub fn error_json(e: &anyhow::Error) -> Value {
 #[derive(Debug, Subcommand)]
 pub enum Ops {
     /// Distros: a kernel and initrd to boot an installer.
-    Distro(Noun),
+    Distro(DistroCmd),
     /// Profiles: a distro or parent profile plus template and options.
-    Profile(Noun),
+    Profile(ProfileCmd),
     /// Systems: machines by MAC, with profile or image and netboot flag.
-    System(Noun),
+    System(SystemCmd),
     /// Repos: package mirrors targets install from; `repo sync NAME`.
     Repo(repo::RepoCmd),
     /// Images: disk captures or OCI images to deploy.
-    Image(Noun),
+    Image(ImageCmd),
     /// Templates: autoinstall files (minijinja).
-    Template(Noun),
+    Template(TextCmd),
     /// Snippets: pieces templates include.
-    Snippet(Noun),
+    Snippet(TextCmd),
     /// Show objects in detail, or blended variables with their sources.
     Report(Report),
     /// Install status of every system; flags installs that went quiet.
@@ -142,113 +142,276 @@ pub enum Ops {
     Clone(clone::CloneCmd),
 }
 
-/// A noun's verbs.
-#[derive(Debug, Args)]
+/// A noun's command, with its verbs (filled in by [`run`]).
+#[derive(Debug)]
 pub struct Noun {
-    #[command(subcommand)]
     pub verb: Verb,
-    /// The top-level connection flags (filled in by [`run`]).
-    #[arg(skip)]
     pub conn: Conn,
 }
 
-/// Verbs every noun has.
-#[derive(Debug, Subcommand)]
+/// Verbs every noun has, with the noun's field flags made into [`Fields`].
+#[derive(Debug)]
 pub enum Verb {
-    /// List objects.
     List,
-    /// Show one object.
-    Show { name: String },
-    /// Add an object.
+    Show {
+        name: String,
+    },
     Add {
         name: String,
-        #[command(flatten)]
         fields: Fields,
     },
-    /// Change fields of an object.
     Edit {
         name: String,
-        #[command(flatten)]
         fields: Fields,
     },
-    /// Remove an object.
     Remove {
         name: String,
-        /// Also remove objects that use it (profiles, systems).
-        #[arg(long)]
         recursive: bool,
-        /// Do not ask (required when stdin is not a terminal).
-        #[arg(long)]
         yes: bool,
     },
-    /// Copy an object under a new name.
-    Copy { name: String, new_name: String },
-    /// Rename an object and every reference to it.
-    Rename { name: String, new_name: String },
+    Copy {
+        name: String,
+        new_name: String,
+    },
+    Rename {
+        name: String,
+        new_name: String,
+    },
 }
 
-/// Field flags for add and edit (each applies to the kinds that have it).
-#[derive(Debug, Clone, Default, Args)]
+/// Declares a noun's command (`$cmd`, holding `$verb`) whose `add` and
+/// `edit` take only that noun's field flags (`$fields`): a flag that does
+/// not apply is refused by clap, never silently dropped.
+macro_rules! noun_cmd {
+    ($cmd:ident, $verb:ident, $fields:ty) => {
+        /// A noun's verbs.
+        #[derive(Debug, Args)]
+        pub struct $cmd {
+            #[command(subcommand)]
+            pub verb: $verb,
+        }
+
+        /// The verbs of one noun.
+        #[derive(Debug, Subcommand)]
+        pub enum $verb {
+            /// List objects.
+            List,
+            /// Show one object.
+            Show { name: String },
+            /// Add an object.
+            Add {
+                name: String,
+                #[command(flatten)]
+                fields: $fields,
+            },
+            /// Change fields of an object (refused if it changed meanwhile).
+            Edit {
+                name: String,
+                #[command(flatten)]
+                fields: $fields,
+            },
+            /// Remove an object.
+            Remove {
+                name: String,
+                /// Also remove objects that use it (profiles, systems).
+                #[arg(long)]
+                recursive: bool,
+                /// Do not ask (required when stdin is not a terminal).
+                #[arg(long)]
+                yes: bool,
+            },
+            /// Copy an object under a new name.
+            Copy { name: String, new_name: String },
+            /// Rename an object and every reference to it.
+            Rename { name: String, new_name: String },
+        }
+
+        impl From<$verb> for Verb {
+            fn from(v: $verb) -> Verb {
+                match v {
+                    $verb::List => Verb::List,
+                    $verb::Show { name } => Verb::Show { name },
+                    $verb::Add { name, fields } => Verb::Add {
+                        name,
+                        fields: fields.into(),
+                    },
+                    $verb::Edit { name, fields } => Verb::Edit {
+                        name,
+                        fields: fields.into(),
+                    },
+                    $verb::Remove {
+                        name,
+                        recursive,
+                        yes,
+                    } => Verb::Remove {
+                        name,
+                        recursive,
+                        yes,
+                    },
+                    $verb::Copy { name, new_name } => Verb::Copy { name, new_name },
+                    $verb::Rename { name, new_name } => Verb::Rename { name, new_name },
+                }
+            }
+        }
+    };
+}
+
+noun_cmd!(DistroCmd, DistroVerb, DistroFields);
+noun_cmd!(ProfileCmd, ProfileVerb, ProfileFields);
+noun_cmd!(SystemCmd, SystemVerb, SystemFields);
+noun_cmd!(RepoNounCmd, RepoNounVerb, RepoFields);
+noun_cmd!(ImageCmd, ImageVerb, ImageFields);
+noun_cmd!(TextCmd, TextVerb, TextFields);
+
+/// What add and edit change, whichever noun's flags it came from.
+#[derive(Debug, Clone, Default)]
 pub struct Fields {
-    /// Distro of a profile.
-    #[arg(long)]
     pub distro: Option<String>,
-    /// Parent profile of a profile.
-    #[arg(long)]
     pub parent: Option<String>,
-    /// Profile of a system.
-    #[arg(long)]
     pub profile: Option<String>,
-    /// Image of a system.
-    #[arg(long)]
     pub image: Option<String>,
-    /// Kernel of a distro (sha256:<hex> or URL).
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub arch: Option<String>,
+    pub breed: Option<String>,
+    pub os_version: Option<String>,
+    pub installer_by: Option<String>,
+    pub kernel_options: Option<String>,
+    pub autoinstall: Option<String>,
+    pub repos: Vec<String>,
+    pub mac: Option<String>,
+    pub ip: Option<String>,
+    pub netmask: Option<String>,
+    pub gateway: Option<String>,
+    pub dns: Vec<String>,
+    pub hostname: Option<String>,
+    pub netboot: Option<bool>,
+    pub mirror: Option<String>,
+    pub suites: Vec<String>,
+    pub packages: Vec<String>,
+    pub installer: Option<bool>,
+    pub image_type: Option<String>,
+    pub reference: Option<String>,
+    pub file: Option<PathBuf>,
+    pub comment: Option<String>,
+    pub vars: Vec<String>,
+    pub set: Vec<String>,
+}
+
+/// `--comment`, `--var` and `--set`, for the nouns with variables.
+#[derive(Debug, Clone, Default, Args)]
+pub struct CommonFlags {
+    /// Free text kept with the object.
+    #[arg(long)]
+    pub comment: Option<String>,
+    /// Variable KEY=VALUE (VALUE as JSON if it parses); repeat.
+    #[arg(long = "var", value_name = "KEY=VALUE")]
+    pub vars: Vec<String>,
+    /// Any field: FIELD=JSON (e.g. power='{"type":"ipmi"}'); repeat.
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// `distro add|edit` flags.
+#[derive(Debug, Clone, Default, Args)]
+pub struct DistroFields {
+    /// Kernel (sha256:<hex> of a stored blob, or a URL).
     #[arg(long)]
     pub kernel: Option<String>,
-    /// Initrd of a distro (sha256:<hex> or URL).
+    /// Initrd (sha256:<hex> of a stored blob, or a URL).
     #[arg(long)]
     pub initrd: Option<String>,
+    /// CPU architecture (e.g. x86_64, amd64).
     #[arg(long)]
     pub arch: Option<String>,
+    /// OS family: debian, ubuntu, redhat, …
     #[arg(long)]
     pub breed: Option<String>,
+    /// OS release (e.g. bookworm, 12).
     #[arg(long)]
     pub os_version: Option<String>,
-    /// Who installs a distro: `appliance` (the appliance's agent installs
-    /// it from the profile's apt mirror; no kernel/initrd needed) or ``
-    /// (its own installer).
+    /// Who installs it: `appliance` (the agent installs from the profile's
+    /// apt mirror; no kernel/initrd needed) or `` (its own installer).
     #[arg(long = "installer-by")]
     pub installer_by: Option<String>,
     /// Kernel options (`key=value ...`, `!key` drops an inherited one).
     #[arg(long, allow_hyphen_values = true)]
     pub kernel_options: Option<String>,
-    /// Autoinstall template of a profile.
+    #[command(flatten)]
+    pub common: CommonFlags,
+}
+
+/// `profile add|edit` flags.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ProfileFields {
+    /// Distro it installs (clears --parent).
+    #[arg(long)]
+    pub distro: Option<String>,
+    /// Parent profile it inherits from (clears --distro).
+    #[arg(long)]
+    pub parent: Option<String>,
+    /// Autoinstall template.
     #[arg(long)]
     pub autoinstall: Option<String>,
-    /// Repos of a profile (repeat).
+    /// Kernel options (`key=value ...`, `!key` drops an inherited one).
+    #[arg(long, allow_hyphen_values = true)]
+    pub kernel_options: Option<String>,
+    /// Repos targets install from (repeat).
     #[arg(long = "repo")]
     pub repos: Vec<String>,
-    /// MAC of the system's first interface.
+    #[command(flatten)]
+    pub common: CommonFlags,
+}
+
+/// `system add|edit` flags.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SystemFields {
+    /// Profile it installs (clears --image).
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Image it deploys (clears --profile).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// MAC of the first interface.
     #[arg(long)]
     pub mac: Option<String>,
     /// IP address of the first interface.
     #[arg(long)]
     pub ip: Option<String>,
+    /// Netmask of the first interface.
     #[arg(long)]
     pub netmask: Option<String>,
+    /// Gateway of the first interface.
     #[arg(long)]
     pub gateway: Option<String>,
     /// DNS servers of the first interface (repeat).
     #[arg(long)]
     pub dns: Vec<String>,
+    /// Host name the installed system gets.
     #[arg(long)]
     pub hostname: Option<String>,
     /// Boot the installer on the next network boot.
     #[arg(long)]
     pub netboot: Option<bool>,
-    /// Mirror URL of a repo.
+    /// Kernel options (`key=value ...`, `!key` drops an inherited one).
+    #[arg(long, allow_hyphen_values = true)]
+    pub kernel_options: Option<String>,
+    #[command(flatten)]
+    pub common: CommonFlags,
+}
+
+/// `repo add|edit` flags.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RepoFields {
+    /// Upstream mirror URL.
     #[arg(long)]
     pub mirror: Option<String>,
+    /// Kind of repo: `apt` mirrors it here; others are only pointed at.
+    #[arg(long)]
+    pub breed: Option<String>,
+    /// Architecture to mirror (e.g. amd64).
+    #[arg(long)]
+    pub arch: Option<String>,
     /// Apt repo: a suite to mirror (repeat).
     #[arg(long = "suite")]
     pub suites: Vec<String>,
@@ -259,17 +422,129 @@ pub struct Fields {
     /// Apt repo: also mirror the Debian installer (udebs, netboot).
     #[arg(long, require_equals = true, num_args = 0..=1, default_missing_value = "true")]
     pub installer: Option<bool>,
-    /// Template or snippet text from a file.
-    #[arg(long)]
-    pub file: Option<PathBuf>,
+    /// Free text kept with the repo.
     #[arg(long)]
     pub comment: Option<String>,
-    /// Variable KEY=VALUE (VALUE as JSON if it parses); repeat.
-    #[arg(long = "var", value_name = "KEY=VALUE")]
-    pub vars: Vec<String>,
-    /// Any field: FIELD=JSON (e.g. power='{"type":"ipmi"}'); repeat.
+    /// Any field: FIELD=JSON (e.g. components='["main"]'); repeat.
     #[arg(long = "set", value_name = "FIELD=VALUE")]
     pub set: Vec<String>,
+}
+
+/// `image add|edit` flags.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ImageFields {
+    /// What it is: `capture`, `oci`, `iso`, …
+    #[arg(long = "type")]
+    pub image_type: Option<String>,
+    /// Digest or reference of the content.
+    #[arg(long)]
+    pub reference: Option<String>,
+    /// CPU architecture.
+    #[arg(long)]
+    pub arch: Option<String>,
+    #[command(flatten)]
+    pub common: CommonFlags,
+}
+
+/// `template|snippet add|edit` flags.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TextFields {
+    /// The text, from a file.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+}
+
+impl From<DistroFields> for Fields {
+    fn from(f: DistroFields) -> Fields {
+        Fields {
+            kernel: f.kernel,
+            initrd: f.initrd,
+            arch: f.arch,
+            breed: f.breed,
+            os_version: f.os_version,
+            installer_by: f.installer_by,
+            kernel_options: f.kernel_options,
+            ..f.common.into()
+        }
+    }
+}
+
+impl From<ProfileFields> for Fields {
+    fn from(f: ProfileFields) -> Fields {
+        Fields {
+            distro: f.distro,
+            parent: f.parent,
+            autoinstall: f.autoinstall,
+            kernel_options: f.kernel_options,
+            repos: f.repos,
+            ..f.common.into()
+        }
+    }
+}
+
+impl From<SystemFields> for Fields {
+    fn from(f: SystemFields) -> Fields {
+        Fields {
+            profile: f.profile,
+            image: f.image,
+            mac: f.mac,
+            ip: f.ip,
+            netmask: f.netmask,
+            gateway: f.gateway,
+            dns: f.dns,
+            hostname: f.hostname,
+            netboot: f.netboot,
+            kernel_options: f.kernel_options,
+            ..f.common.into()
+        }
+    }
+}
+
+impl From<RepoFields> for Fields {
+    fn from(f: RepoFields) -> Fields {
+        Fields {
+            mirror: f.mirror,
+            breed: f.breed,
+            arch: f.arch,
+            suites: f.suites,
+            packages: f.packages,
+            installer: f.installer,
+            comment: f.comment,
+            set: f.set,
+            ..Default::default()
+        }
+    }
+}
+
+impl From<ImageFields> for Fields {
+    fn from(f: ImageFields) -> Fields {
+        Fields {
+            image_type: f.image_type,
+            reference: f.reference,
+            arch: f.arch,
+            ..f.common.into()
+        }
+    }
+}
+
+impl From<TextFields> for Fields {
+    fn from(f: TextFields) -> Fields {
+        Fields {
+            file: f.file,
+            ..Default::default()
+        }
+    }
+}
+
+impl From<CommonFlags> for Fields {
+    fn from(f: CommonFlags) -> Fields {
+        Fields {
+            comment: f.comment,
+            vars: f.vars,
+            set: f.set,
+            ..Default::default()
+        }
+    }
 }
 
 /// `appliance report`.
@@ -383,37 +658,41 @@ pub enum TokenVerb {
 /// Runs one operator command with the top-level connection flags.
 pub fn run(mut op: Ops, conn: Conn) -> Result<()> {
     let conn = conn.resolve()?;
+    let noun_of = |verb: Verb, conn: &Conn| Noun {
+        verb,
+        conn: conn.clone(),
+    };
     match &mut op {
-        Ops::Distro(n)
-        | Ops::Profile(n)
-        | Ops::System(n)
-        | Ops::Image(n)
-        | Ops::Template(n)
-        | Ops::Snippet(n) => n.conn = conn,
-        Ops::Repo(r) => r.conn = conn,
-        Ops::Report(r) => r.conn = conn,
-        Ops::Status(s) => s.conn = conn,
-        Ops::Settings(s) => s.conn = conn,
-        Ops::Import(i) => i.conn = conn,
-        Ops::Token(t) => t.conn = conn,
-        Ops::Network(n) => n.conn = conn,
-        Ops::Agents(a) => a.conn = conn,
-        Ops::Replica(r) => r.conn = conn,
+        Ops::Distro(_)
+        | Ops::Profile(_)
+        | Ops::System(_)
+        | Ops::Image(_)
+        | Ops::Template(_)
+        | Ops::Snippet(_) => {}
+        Ops::Repo(r) => r.conn = conn.clone(),
+        Ops::Report(r) => r.conn = conn.clone(),
+        Ops::Status(s) => s.conn = conn.clone(),
+        Ops::Settings(s) => s.conn = conn.clone(),
+        Ops::Import(i) => i.conn = conn.clone(),
+        Ops::Token(t) => t.conn = conn.clone(),
+        Ops::Network(n) => n.conn = conn.clone(),
+        Ops::Agents(a) => a.conn = conn.clone(),
+        Ops::Replica(r) => r.conn = conn.clone(),
         Ops::Flash(f) => f.json = conn.json,
         Ops::Bmap(_) => {}
-        Ops::Sync(s) => s.conn = conn,
-        Ops::Bundle(b) => b.conn = conn,
-        Ops::Power(p) => p.conn = conn,
-        Ops::Clone(c) => c.conn = conn,
+        Ops::Sync(s) => s.conn = conn.clone(),
+        Ops::Bundle(b) => b.conn = conn.clone(),
+        Ops::Power(p) => p.conn = conn.clone(),
+        Ops::Clone(c) => c.conn = conn.clone(),
     }
     match op {
-        Ops::Distro(n) => noun(Kind::Distro, n),
-        Ops::Profile(n) => noun(Kind::Profile, n),
-        Ops::System(n) => noun(Kind::System, n),
+        Ops::Distro(n) => noun(Kind::Distro, noun_of(n.verb.into(), &conn)),
+        Ops::Profile(n) => noun(Kind::Profile, noun_of(n.verb.into(), &conn)),
+        Ops::System(n) => noun(Kind::System, noun_of(n.verb.into(), &conn)),
         Ops::Repo(r) => repo::repo(r),
-        Ops::Image(n) => noun(Kind::Image, n),
-        Ops::Template(n) => noun(Kind::Template, n),
-        Ops::Snippet(n) => noun(Kind::Snippet, n),
+        Ops::Image(n) => noun(Kind::Image, noun_of(n.verb.into(), &conn)),
+        Ops::Template(n) => noun(Kind::Template, noun_of(n.verb.into(), &conn)),
+        Ops::Snippet(n) => noun(Kind::Snippet, noun_of(n.verb.into(), &conn)),
         Ops::Report(r) => report(r),
         Ops::Status(s) => status(s),
         Ops::Settings(s) => settings(s),
@@ -456,6 +735,8 @@ pub fn apply_fields(kind: Kind, v: &mut Value, f: &Fields) -> Result<()> {
     set("kernel_options", &f.kernel_options);
     set("autoinstall", &f.autoinstall);
     set("mirror", &f.mirror);
+    set("type", &f.image_type);
+    set("reference", &f.reference);
     set("comment", &f.comment);
     if kind == Kind::System {
         set("hostname", &f.hostname);
@@ -639,7 +920,7 @@ fn noun(kind: Kind, n: Noun) -> Result<()> {
     };
     match n.verb {
         Verb::List => {
-            let v = c.json("GET", &base, None)?;
+            let v = Value::Array(c.list(&base)?);
             if n.conn.json {
                 print_json(&v);
             } else {
@@ -655,9 +936,11 @@ fn noun(kind: Kind, n: Noun) -> Result<()> {
             out(&c.json("POST", &base, Some(&v))?);
         }
         Verb::Edit { name, fields } => {
-            let mut v = c.json("GET", &format!("{base}/{name}"), None)?;
+            // The PUT carries the GET's ETag: an edit made in between is
+            // refused (412), never overwritten.
+            let (mut v, tag) = c.get_tagged(&format!("{base}/{name}"))?;
             apply_fields(kind, &mut v, &fields)?;
-            out(&c.json("PUT", &format!("{base}/{name}"), Some(&v))?);
+            out(&c.json_if_match("PUT", &format!("{base}/{name}"), Some(&v), tag.as_deref())?);
         }
         Verb::Remove {
             name,
@@ -718,10 +1001,8 @@ fn report(r: Report) -> Result<()> {
         let names: Vec<String> = match &r.name {
             Some(n) => vec![n.clone()],
             None => c
-                .json("GET", &format!("/api/v1/{}", kind.plural()), None)?
-                .as_array()
-                .into_iter()
-                .flatten()
+                .list(&format!("/api/v1/{}", kind.plural()))?
+                .iter()
                 .filter_map(|o| o["name"].as_str().map(str::to_owned))
                 .collect(),
         };
@@ -787,7 +1068,7 @@ pub(crate) fn fmt_time(t: &Value) -> String {
 }
 
 fn status(s: StatusCmd) -> Result<()> {
-    let v = s.conn.client().json("GET", "/api/v1/status", None)?;
+    let v = Value::Array(s.conn.client().list("/api/v1/status")?);
     if s.conn.json {
         print_json(&v);
         return Ok(());

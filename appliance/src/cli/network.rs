@@ -74,7 +74,7 @@ pub fn network(cmd: NetworkCmd) -> Result<()> {
                 Some(&serde_json::to_value(&spec)?),
             )?
         }
-        NetworkVerb::List => client.json("GET", "/api/v1/networks", None)?,
+        NetworkVerb::List => Value::Array(client.list("/api/v1/networks")?),
         NetworkVerb::Stop { iface } => {
             client.json("DELETE", &format!("/api/v1/networks/{iface}"), None)?;
             Value::Null
@@ -109,7 +109,7 @@ pub fn network(cmd: NetworkCmd) -> Result<()> {
 }
 
 pub fn agents(cmd: AgentsCmd) -> Result<()> {
-    let v = cmd.conn.client().json("GET", "/api/v1/agents", None)?;
+    let v = Value::Array(cmd.conn.client().list("/api/v1/agents")?);
     if cmd.conn.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());

@@ -82,7 +82,7 @@ pub fn replica(cmd: ReplicaCmd) -> Result<()> {
             }
         }
         ReplicaVerb::List => {
-            let v = client.json("GET", "/api/v1/replicas", None)?;
+            let v = serde_json::Value::Array(client.list("/api/v1/replicas")?);
             if cmd.conn.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());

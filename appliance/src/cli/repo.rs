@@ -9,7 +9,8 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use super::{print_json, Conn, Noun, Verb};
+use super::client::Client;
+use super::{print_json, Conn, Noun, RepoNounVerb, Verb};
 use crate::inventory::model::Kind;
 
 /// `appliance repo …`.
@@ -43,7 +44,7 @@ pub enum RepoVerb {
         name: String,
     },
     #[command(flatten)]
-    Common(Verb),
+    Common(RepoNounVerb),
 }
 
 /// A sync's progress on the terminal: a bar over the pool files (with
@@ -139,112 +140,7 @@ fn when(secs: Option<f64>) -> String {
 pub fn repo(cmd: RepoCmd) -> Result<()> {
     let c = cmd.conn.client();
     match cmd.verb {
-        RepoVerb::Common(Verb::List) => {
-            let list = c.json("GET", "/api/v1/repos", None)?;
-            let mut rows = Vec::new();
-            for r in list.as_array().into_iter().flatten() {
-                let name = r["name"].as_str().unwrap_or("");
-                let st = if r["breed"] == "apt" {
-                    c.json("GET", &format!("/api/v1/repos/{name}/sync"), None)?
-                } else {
-                    Value::Null
-                };
-                rows.push((r.clone(), st));
-            }
-            if cmd.conn.json {
-                let v: Vec<Value> = rows
-                    .into_iter()
-                    .map(|(mut r, st)| {
-                        r["mirror_status"] = st;
-                        r
-                    })
-                    .collect();
-                print_json(&Value::from(v));
-                return Ok(());
-            }
-            println!(
-                "{:<16} {:<6} {:>8} {:>10} {:<12} {:<32} MIRROR",
-                "NAME", "BREED", "PACKAGES", "BYTES", "LAST SYNC", "UPSTREAM RELEASE DATE"
-            );
-            for (r, st) in rows {
-                let date = st["suites"]
-                    .as_object()
-                    .and_then(|m| m.values().next())
-                    .and_then(|s| s["date"].as_str())
-                    .unwrap_or("-");
-                let state = match st["state"].as_str() {
-                    Some("running") => "syncing".to_string(),
-                    _ if st.is_null() => "-".into(),
-                    _ => when(st["last_sync"].as_f64()),
-                };
-                println!(
-                    "{:<16} {:<6} {:>8} {:>10} {:<12} {:<32} {}",
-                    r["name"].as_str().unwrap_or(""),
-                    r["breed"].as_str().unwrap_or(""),
-                    st["packages"]
-                        .as_u64()
-                        .map(|n| n.to_string())
-                        .unwrap_or("-".into()),
-                    st["bytes"].as_u64().map(human).unwrap_or("-".into()),
-                    state,
-                    date,
-                    r["mirror"].as_str().unwrap_or(""),
-                );
-            }
-            Ok(())
-        }
-        RepoVerb::Common(Verb::Show { name }) => {
-            let obj = c.json("GET", &format!("/api/v1/repos/{name}"), None)?;
-            let st = if obj["breed"] == "apt" {
-                c.json("GET", &format!("/api/v1/repos/{name}/sync"), None)?
-            } else {
-                Value::Null
-            };
-            if cmd.conn.json {
-                let mut v = obj;
-                v["mirror_status"] = st;
-                print_json(&v);
-                return Ok(());
-            }
-            super::print_object(Kind::Repo, &obj);
-            if st.is_null() {
-                return Ok(());
-            }
-            println!(
-                "mirror: {}, last sync {}, {} packages, {} files, {}",
-                st["state"].as_str().unwrap_or("?"),
-                when(st["last_sync"].as_f64()),
-                st["packages"].as_u64().unwrap_or(0),
-                st["files"].as_u64().unwrap_or(0),
-                st["bytes"].as_u64().map(human).unwrap_or("-".into()),
-            );
-            if let Some(e) = st["last_error"].as_str() {
-                println!("last error: {e}");
-            }
-            let missing = st["missing"].as_array().cloned().unwrap_or_default();
-            if !missing.is_empty() {
-                println!(
-                    "missing udebs ({}): upstream did not serve them; the Debian installer \
-                     will stop at \"Loading additional components\"",
-                    missing.len()
-                );
-                for m in &missing {
-                    println!(
-                        "  {}  {}",
-                        m["package"].as_str().unwrap_or(""),
-                        m["path"].as_str().unwrap_or("")
-                    );
-                }
-            }
-            Ok(())
-        }
-        RepoVerb::Common(verb) => super::noun(
-            Kind::Repo,
-            Noun {
-                verb,
-                conn: cmd.conn,
-            },
-        ),
+        RepoVerb::Common(v) => common(&c, cmd.conn, Verb::from(v)),
         RepoVerb::ImportOci { file, name } => import_oci(&c, &file, &name, cmd.conn.json),
         RepoVerb::Sync { name, no_wait } => {
             let path = format!("/api/v1/repos/{name}/sync");
@@ -289,6 +185,113 @@ pub fn repo(cmd: RepoCmd) -> Result<()> {
 /// `appliance repo import-oci FILE --name REPO:TAG`: uploads the file (a
 /// directory is sent as a tar made on the fly into a temporary file) to
 /// `POST /api/v1/oci/import`.
+/// The verbs every noun has, with a `list` and `show` that add each apt
+/// mirror's sync state.
+fn common(c: &Client, conn: Conn, verb: Verb) -> Result<()> {
+    match verb {
+        Verb::List => {
+            let list = Value::Array(c.list("/api/v1/repos")?);
+            let mut rows = Vec::new();
+            for r in list.as_array().into_iter().flatten() {
+                let name = r["name"].as_str().unwrap_or("");
+                let st = if r["breed"] == "apt" {
+                    c.json("GET", &format!("/api/v1/repos/{name}/sync"), None)?
+                } else {
+                    Value::Null
+                };
+                rows.push((r.clone(), st));
+            }
+            if conn.json {
+                let v: Vec<Value> = rows
+                    .into_iter()
+                    .map(|(mut r, st)| {
+                        r["mirror_status"] = st;
+                        r
+                    })
+                    .collect();
+                print_json(&Value::from(v));
+                return Ok(());
+            }
+            println!(
+                "{:<16} {:<6} {:>8} {:>10} {:<12} {:<32} MIRROR",
+                "NAME", "BREED", "PACKAGES", "BYTES", "LAST SYNC", "UPSTREAM RELEASE DATE"
+            );
+            for (r, st) in rows {
+                let date = st["suites"]
+                    .as_object()
+                    .and_then(|m| m.values().next())
+                    .and_then(|s| s["date"].as_str())
+                    .unwrap_or("-");
+                let state = match st["state"].as_str() {
+                    Some("running") => "syncing".to_string(),
+                    _ if st.is_null() => "-".into(),
+                    _ => when(st["last_sync"].as_f64()),
+                };
+                println!(
+                    "{:<16} {:<6} {:>8} {:>10} {:<12} {:<32} {}",
+                    r["name"].as_str().unwrap_or(""),
+                    r["breed"].as_str().unwrap_or(""),
+                    st["packages"]
+                        .as_u64()
+                        .map(|n| n.to_string())
+                        .unwrap_or("-".into()),
+                    st["bytes"].as_u64().map(human).unwrap_or("-".into()),
+                    state,
+                    date,
+                    r["mirror"].as_str().unwrap_or(""),
+                );
+            }
+            Ok(())
+        }
+        Verb::Show { name } => {
+            let obj = c.json("GET", &format!("/api/v1/repos/{name}"), None)?;
+            let st = if obj["breed"] == "apt" {
+                c.json("GET", &format!("/api/v1/repos/{name}/sync"), None)?
+            } else {
+                Value::Null
+            };
+            if conn.json {
+                let mut v = obj;
+                v["mirror_status"] = st;
+                print_json(&v);
+                return Ok(());
+            }
+            super::print_object(Kind::Repo, &obj);
+            if st.is_null() {
+                return Ok(());
+            }
+            println!(
+                "mirror: {}, last sync {}, {} packages, {} files, {}",
+                st["state"].as_str().unwrap_or("?"),
+                when(st["last_sync"].as_f64()),
+                st["packages"].as_u64().unwrap_or(0),
+                st["files"].as_u64().unwrap_or(0),
+                st["bytes"].as_u64().map(human).unwrap_or("-".into()),
+            );
+            if let Some(e) = st["last_error"].as_str() {
+                println!("last error: {e}");
+            }
+            let missing = st["missing"].as_array().cloned().unwrap_or_default();
+            if !missing.is_empty() {
+                println!(
+                    "missing udebs ({}): upstream did not serve them; the Debian installer \
+                 will stop at \"Loading additional components\"",
+                    missing.len()
+                );
+                for m in &missing {
+                    println!(
+                        "  {}  {}",
+                        m["package"].as_str().unwrap_or(""),
+                        m["path"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            Ok(())
+        }
+        verb => super::noun(Kind::Repo, Noun { verb, conn }),
+    }
+}
+
 fn import_oci(
     c: &super::client::Client,
     file: &std::path::Path,

@@ -62,7 +62,7 @@ pub fn sync(cmd: SyncCmd) -> Result<()> {
         SyncVerb::Run => client.json("POST", "/api/v1/sync/run", Some(&Value::Null))?,
         SyncVerb::Status => client.json("GET", "/api/v1/sync/status", None)?,
         SyncVerb::Conflicts => {
-            let v = client.json("GET", "/api/v1/sync/conflicts", None)?;
+            let v = Value::Array(client.list("/api/v1/sync/conflicts")?);
             if !cmd.conn.json {
                 println!("{:<32} {:<36} {:<40} FROM NODE", "PATH", "STAMP", "BLOB");
                 for c in v.as_array().into_iter().flatten() {

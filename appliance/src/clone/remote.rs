@@ -28,11 +28,6 @@ pub struct KnownChunk {
     pub stored: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ChunkList {
-    pub chunks: Vec<KnownChunk>,
-}
-
 /// The appliance's store seen from an agent.
 pub struct HttpStore {
     base: String,
@@ -47,13 +42,28 @@ impl HttpStore {
     /// `base`: the server URL; lists the chunks it has (for captures).
     pub fn connect(base: &str, token: &str) -> Result<HttpStore> {
         let s = HttpStore::reader(base, token);
-        let list: ChunkList = serde_json::from_slice(&s.request("GET", "chunks", None)?)
-            .context("parsing the server's chunk list")?;
-        *s.known.lock().unwrap_or_else(|p| p.into_inner()) = list
-            .chunks
-            .into_iter()
-            .map(|c| (c.digest, (c.blob, c.stored)))
-            .collect();
+        let mut known = HashMap::new();
+        let mut path = format!("chunks?limit={}", crate::http::page::MAX_LIMIT);
+        loop {
+            let page: crate::http::Paged<KnownChunk> =
+                serde_json::from_slice(&s.request("GET", &path, None)?)
+                    .context("parsing the server's chunk list")?;
+            known.extend(
+                page.items
+                    .into_iter()
+                    .map(|c| (c.digest, (c.blob, c.stored))),
+            );
+            match page.next {
+                Some(after) => {
+                    path = format!(
+                        "chunks?limit={}&after={after}",
+                        crate::http::page::MAX_LIMIT
+                    )
+                }
+                None => break,
+            }
+        }
+        *s.known.lock().unwrap_or_else(|p| p.into_inner()) = known;
         Ok(s)
     }
 

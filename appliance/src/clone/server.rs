@@ -32,8 +32,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::http::Query;
 use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::Json;
 #[cfg(test)]
@@ -41,7 +42,7 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use super::manifest::Manifest;
-use super::remote::{ChunkList, KnownChunk};
+use super::remote::KnownChunk;
 use super::store::{self, hex_of, ChunkStore, DirStore};
 use crate::api::ApiError;
 use crate::events::Events;
@@ -844,7 +845,7 @@ pub fn routes(jobs: CloneJobs) -> Vec<Route> {
             Guard::Read,
             "Clone jobs: capture, deploy, restore",
         )
-        .response("Object")
+        .response("[Object]")
         .to(list_jobs, j.clone()),
         Route::post(
             "/api/v1/clone/jobs",
@@ -879,7 +880,7 @@ pub fn routes(jobs: CloneJobs) -> Vec<Route> {
             Guard::Job,
             "Chunks the store holds (a capture agent skips them)",
         )
-        .response("Object")
+        .response("[Object]")
         .to(list_chunks, j.clone()),
         Route::put(
             "/api/v1/clone/chunks/{hex}",
@@ -969,8 +970,11 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
 }
 
-async fn list_jobs(State(j): State<CloneJobs>) -> Json<Vec<Job>> {
-    Json(j.list())
+async fn list_jobs(
+    State(j): State<CloneJobs>,
+    page: crate::http::PageParams,
+) -> Json<crate::http::Paged<Job>> {
+    Json(page.page(j.list(), |j| j.id.clone()))
 }
 
 async fn get_job(
@@ -1025,7 +1029,8 @@ async fn job_progress(
 async fn list_chunks(
     State(j): State<CloneJobs>,
     caller: Caller,
-) -> Result<Json<ChunkList>, ApiError> {
+    page: crate::http::PageParams,
+) -> Result<Json<crate::http::Paged<KnownChunk>>, ApiError> {
     caller_job(&j, &caller, &[Action::Capture])?;
     let chunks = blocking(move || {
         j.store.known().map_err(internal).map(|v| {
@@ -1035,11 +1040,11 @@ async fn list_chunks(
                     blob,
                     stored,
                 })
-                .collect()
+                .collect::<Vec<_>>()
         })
     })
     .await?;
-    Ok(Json(ChunkList { chunks }))
+    Ok(Json(page.page(chunks, |c: &KnownChunk| c.digest.clone())))
 }
 
 async fn upload_chunk(
@@ -1276,7 +1281,7 @@ mod tests {
         assert_eq!(v["reference"], store::sha256(&m.to_bytes()));
         // The chunk list now has it.
         let (_, v) = call(&app, "GET", "/api/v1/clone/chunks", &w.token, vec![]).await;
-        assert_eq!(v["chunks"][0]["digest"], digest.as_str());
+        assert_eq!(v["items"][0]["digest"], digest.as_str());
 
         let p = serde_json::json!({"phase":"done","state":"done","message":"ok"});
         let (st, v) = call(

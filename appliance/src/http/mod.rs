@@ -11,8 +11,12 @@
 
 pub mod guard;
 pub mod openapi;
+pub mod page;
+pub mod query;
 pub mod routes;
 pub mod server;
 
 pub use guard::{Auth, Caller, Guard, JobRef, JobTokens, Role};
+pub use page::{PageParams, Paged};
+pub use query::Query;
 pub use routes::{build, Route};

@@ -151,6 +151,17 @@ pub fn document(routes: &[RouteDoc]) -> utoipa::openapi::OpenApi {
                         )),
                 );
             }
+            if route.response.is_some_and(|r| r.starts_with('[')) {
+                for (name, ty) in [("limit", Type::Integer), ("after", Type::String)] {
+                    op = op.parameter(
+                        ParameterBuilder::new()
+                            .name(name)
+                            .parameter_in(ParameterIn::Query)
+                            .required(utoipa::openapi::Required::False)
+                            .schema(Some(ObjectBuilder::new().schema_type(SchemaType::new(ty)))),
+                    );
+                }
+            }
             if let Some(req) = route.request {
                 op = op.request_body(Some(
                     RequestBodyBuilder::new()
@@ -171,6 +182,26 @@ pub fn document(routes: &[RouteDoc]) -> utoipa::openapi::OpenApi {
                 Some("binary") => ResponseBuilder::new()
                     .description("OK")
                     .content("application/octet-stream", ContentBuilder::new().build()),
+                // A list answers one page: `{"items": [...], "next": cursor|null}`.
+                Some(s) if s.starts_with('[') => ResponseBuilder::new().description("OK").content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(RefOr::T(Schema::Object(
+                            ObjectBuilder::new()
+                                .property("items", schema_ref(s))
+                                .property(
+                                    "next",
+                                    ObjectBuilder::new().schema_type(SchemaType::from_iter([
+                                        Type::String,
+                                        Type::Null,
+                                    ])),
+                                )
+                                .required("items")
+                                .required("next")
+                                .build(),
+                        ))))
+                        .build(),
+                ),
                 Some(s) => ResponseBuilder::new().description("OK").content(
                     "application/json",
                     ContentBuilder::new().schema(Some(schema_ref(s))).build(),

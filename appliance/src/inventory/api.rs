@@ -20,8 +20,9 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::http::Query;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
@@ -209,7 +210,7 @@ pub fn routes(state: Arc<InvState>) -> Vec<Route> {
     let st = state;
     use Guard::{Operator, Public, Read};
     vec![
-        Route::get("/api/v1/{kind}", Read, "List all objects of a kind")
+        Route::get("/api/v1/{kind}", Read, "List objects of a kind (paged by name)")
             .response("[]")
             .to(list, st.clone()),
         Route::post("/api/v1/{kind}", Operator, "Create an object")
@@ -217,17 +218,17 @@ pub fn routes(state: Arc<InvState>) -> Vec<Route> {
             .response(".")
             .creates()
             .to(create, st.clone()),
-        Route::get("/api/v1/{kind}/{name}", Read, "Show one object")
+        Route::get("/api/v1/{kind}/{name}", Read, "Show one object, with its ETag")
             .response(".")
             .to(show, st.clone()),
-        Route::put("/api/v1/{kind}/{name}", Operator, "Replace an object")
+        Route::put("/api/v1/{kind}/{name}", Operator, "Replace an object (If-Match: 412 when stale)")
             .request(".")
             .response(".")
             .to(replace, st.clone()),
         Route::patch(
             "/api/v1/{kind}/{name}",
             Operator,
-            "Merge-patch an object (RFC 7386)",
+            "Merge-patch an object (RFC 7386; If-Match: 412 when stale)",
         )
         .request("Object")
         .response(".")
@@ -235,7 +236,7 @@ pub fn routes(state: Arc<InvState>) -> Vec<Route> {
         Route::delete(
             "/api/v1/{kind}/{name}",
             Operator,
-            "Remove an object (?recursive=true removes its dependants too)",
+            "Remove an object (?recursive=true removes its dependants too; If-Match: 412 when stale)",
         )
         .response("Removed")
         .to(remove, st.clone()),
@@ -449,48 +450,109 @@ async fn boot_blob(
     blob(State(st), Path(hex), req).await
 }
 
-async fn list(State(st): S, Path(kind): Path<String>) -> Result<Response, ApiError> {
+async fn list(
+    State(st): S,
+    Path(kind): Path<String>,
+    page: crate::http::PageParams,
+) -> Result<Json<crate::http::Paged<serde_json::Value>>, ApiError> {
     let kind = kind_of(&kind)?;
     let inv = st.read();
-    // Serialise straight into one buffer: 10,000 systems stay well under 50 ms.
-    let mut out = Vec::with_capacity(inv.count(kind) * 256);
-    out.push(b'[');
-    for (i, o) in inv.list(kind).enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        serde_json::to_writer(&mut out, &with_origin(kind, o.to_api_json()))
-            .map_err(|e| bad_request(e.to_string()))?;
-    }
+    // Page by name first, then serialise only the page's objects.
     // Templates and snippets also list the shipped ones an inventory
     // object of the same name does not override.
-    for (name, body) in shipped_texts(kind) {
-        if inv.get(kind, name).is_none() {
-            if out.len() > 1 {
-                out.push(b',');
-            }
-            serde_json::to_writer(&mut out, &builtin_json(name, body))
-                .map_err(|e| bad_request(e.to_string()))?;
-        }
-    }
-    out.push(b']');
-    Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
+    let shipped = shipped_texts(kind)
+        .iter()
+        .filter(|(name, _)| inv.get(kind, name).is_none())
+        .map(|&(name, body)| (name.to_owned(), Some(body)));
+    let names = inv
+        .list(kind)
+        .map(|o| (o.name().to_owned(), None))
+        .chain(shipped);
+    let p = page.page(names, |(n, _)| n.clone());
+    let items = p
+        .items
+        .into_iter()
+        .filter_map(|(name, builtin)| match builtin {
+            Some(body) => Some(builtin_json(&name, body)),
+            None => inv
+                .get(kind, &name)
+                .map(|o| with_origin(kind, o.to_api_json())),
+        })
+        .collect();
+    Ok(Json(crate::http::Paged {
+        items,
+        next: p.next,
+    }))
 }
 
 async fn show(
     State(st): S,
     Path((kind, name)): Path<(String, String)>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let kind = kind_of(&kind)?;
     let inv = st.read();
     if let Some(o) = inv.get(kind, &name) {
-        return Ok(Json(with_origin(kind, o.to_api_json())));
+        let v = o.to_api_json();
+        let tag = etag(&v);
+        return Ok(([(header::ETAG, tag)], Json(with_origin(kind, v))).into_response());
     }
     // An inventory template overrides a shipped one of the same name.
     match shipped_texts(kind).iter().find(|(n, _)| *n == name) {
-        Some((n, body)) => Ok(Json(builtin_json(n, body))),
+        Some((n, body)) => Ok(Json(builtin_json(n, body)).into_response()),
         None => Err(InvError::NotFound { kind, name }.into()),
     }
+}
+
+/// The strong `ETag` of an object: `"sha256:<hex>"` of its JSON as the
+/// API shows it (so a stored password enters it only as the placeholder
+/// and the tag reveals nothing the GET does not).
+pub fn etag(api_json: &serde_json::Value) -> String {
+    let bytes = serde_json::to_vec(api_json).unwrap_or_default();
+    format!("\"{}\"", builder::digest::Digest::of(&bytes))
+}
+
+/// Honours `If-Match` against the object as it is now (`None`: it does
+/// not exist): no header passes; `*` passes when it exists; otherwise
+/// one of the listed strong tags must equal its [`etag`]. Refusal: 412
+/// `precondition_failed` with the current tag (header and message).
+fn check_if_match(headers: &HeaderMap, now: Option<&Object>) -> Result<(), ApiError> {
+    let Some(h) = headers.get(header::IF_MATCH) else {
+        return Ok(());
+    };
+    let sent = h
+        .to_str()
+        .map_err(|_| bad_request("If-Match: not visible ASCII"))?;
+    let current = now.map(|o| etag(&o.to_api_json()));
+    let ok = match &current {
+        None => false,
+        Some(tag) => sent
+            .split(',')
+            .map(str::trim)
+            .any(|t| t == "*" || t == tag.as_str()),
+    };
+    if ok {
+        return Ok(());
+    }
+    let e = ApiError::new(
+        StatusCode::PRECONDITION_FAILED,
+        "precondition_failed",
+        match &current {
+            Some(tag) => format!(
+                "If-Match {sent} is stale: the object changed since it was read (it is now {tag}); read it again"
+            ),
+            None => format!("If-Match {sent}: the object does not exist"),
+        },
+    );
+    Err(match current {
+        Some(tag) => e.with_etag(tag),
+        None => e,
+    })
+}
+
+/// A written object's answer: its JSON and its new `ETag`.
+fn with_etag(v: serde_json::Value) -> Response {
+    let tag = etag(&v);
+    ([(header::ETAG, tag)], Json(v)).into_response()
 }
 
 /// The templates or snippets shipped in the binary (none for other kinds).
@@ -541,8 +603,9 @@ async fn replace(
     State(st): S,
     caller: Caller,
     Path((kind, name)): Path<(String, String)>,
+    headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let kind = kind_of(&kind)?;
     let author = Author::new(&caller.name());
     let mut v = parse_body(&body)?;
@@ -558,18 +621,22 @@ async fn replace(
         m.insert("name".into(), name.clone().into());
     }
     let mut inv = st.write();
+    check_if_match(&headers, inv.get(kind, &name))?;
     keep_secrets(kind, &mut v, inv.get(kind, &name))?;
     let obj = Object::from_json(kind, v).map_err(|e| InvError::Invalid(e, kind))?;
     inv.update(obj, &author)?;
-    Ok(Json(inv.get(kind, &name).expect("updated").to_api_json()))
+    Ok(with_etag(
+        inv.get(kind, &name).expect("updated").to_api_json(),
+    ))
 }
 
 async fn patch(
     State(st): S,
     caller: Caller,
     Path((kind, name)): Path<(String, String)>,
+    headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let kind = kind_of(&kind)?;
     let author = Author::new(&caller.name());
     let mut v = parse_body(&body)?;
@@ -584,8 +651,10 @@ async fn patch(
             p.remove("password");
         }
     }
-    let obj = st.write().patch(kind, &name, &v, &author)?;
-    Ok(Json(obj.to_api_json()))
+    let mut inv = st.write();
+    check_if_match(&headers, inv.get(kind, &name))?;
+    let obj = inv.patch(kind, &name, &v, &author)?;
+    Ok(with_etag(obj.to_api_json()))
 }
 
 async fn remove(
@@ -593,10 +662,15 @@ async fn remove(
     caller: Caller,
     Path((kind, name)): Path<(String, String)>,
     Query(q): Query<RemoveQuery>,
+    headers: HeaderMap,
 ) -> Result<Json<Removed>, ApiError> {
     let kind = kind_of(&kind)?;
     let author = Author::new(&caller.name());
-    let removed = st.write().remove(kind, &name, q.recursive, &author)?;
+    let removed = {
+        let mut inv = st.write();
+        check_if_match(&headers, inv.get(kind, &name))?;
+        inv.remove(kind, &name, q.recursive, &author)?
+    };
     let mut book = st.status.lock().unwrap_or_else(|e| e.into_inner());
     for r in &removed {
         if let Some(sys) = r.strip_prefix("system ") {
@@ -949,10 +1023,14 @@ pub fn status_rows(inv: &Inventory, book: &StatusBook, now: i64) -> Vec<StatusRo
         .collect()
 }
 
-async fn list_status(State(st): S) -> Result<Json<Vec<StatusRow>>, ApiError> {
+async fn list_status(
+    State(st): S,
+    page: crate::http::PageParams,
+) -> Result<Json<crate::http::Paged<StatusRow>>, ApiError> {
     let inv = st.read();
     let book = st.status.lock().unwrap_or_else(|e| e.into_inner());
-    Ok(Json(status_rows(&inv, &book, status::now())))
+    let rows = status_rows(&inv, &book, status::now());
+    Ok(Json(page.page(rows, |r| r.system.clone())))
 }
 
 async fn get_settings(State(st): S) -> Result<Json<Settings>, ApiError> {

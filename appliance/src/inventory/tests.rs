@@ -970,7 +970,7 @@ async fn api_crud_with_tokens_and_stable_errors() {
     let (s, body) = a.call("GET", "/api/v1/systems", None, false).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(
-        serde_json::from_str::<Value>(&body).unwrap()[0]["name"],
+        serde_json::from_str::<Value>(&body).unwrap()["items"][0]["name"],
         "web1"
     );
     // Writes need a token.
@@ -1128,7 +1128,7 @@ async fn install_finish_turns_netboot_off_and_boot_goes_local() {
         .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     let (_, body) = a.call("GET", "/api/v1/status", None, false).await;
-    let rows: Value = serde_json::from_str(&body).unwrap();
+    let rows = serde_json::from_str::<Value>(&body).unwrap()["items"].take();
     assert_eq!(rows[0]["state"], "installing");
     assert_eq!(rows[0]["netboot"], true);
     let (s, _) = a
@@ -1157,7 +1157,7 @@ async fn install_finish_turns_netboot_off_and_boot_goes_local() {
         "{script}"
     );
     let (_, body) = a.call("GET", "/api/v1/status", None, false).await;
-    let rows: Value = serde_json::from_str(&body).unwrap();
+    let rows = serde_json::from_str::<Value>(&body).unwrap()["items"].take();
     assert_eq!(
         (rows[0]["state"].as_str(), rows[0]["netboot"].as_bool()),
         (Some("installed"), Some(false))
@@ -1547,7 +1547,8 @@ async fn builtin_templates_are_listed_shown_and_overridable() {
     assert_eq!(s, StatusCode::OK, "{body}");
     let list: Value = serde_json::from_str(&body).unwrap();
     let origin = |list: &Value, name: &str| {
-        list.as_array()
+        list["items"]
+            .as_array()
             .unwrap()
             .iter()
             .filter(|t| t["name"] == name)
@@ -2028,4 +2029,176 @@ async fn a_profile_level_install_reports_by_its_lease() {
         .post_from("/api/v1/profiles/nope/status/finish", "10.0.0.60:1")
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+
+impl Api {
+    /// A call with `If-Match` (when given); returns status, `ETag`, body.
+    async fn call_if_match(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<Value>,
+        if_match: Option<&str>,
+    ) -> (StatusCode, Option<String>, Value) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json");
+        if let Some(t) = if_match {
+            req = req.header("if-match", t);
+        }
+        let req = req
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+            .unwrap();
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let tag = resp
+            .headers()
+            .get("etag")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, tag, v)
+    }
+}
+
+#[tokio::test]
+async fn a_stale_if_match_is_refused_and_the_other_operators_edit_survives() {
+    let a = api();
+    let uri = "/api/v1/systems/web1";
+    let (s, tag, v) = a.call_if_match("GET", uri, None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let t0 = tag.expect("GET of an object has an ETag");
+    assert!(t0.starts_with("\"sha256:") && t0.ends_with('"'), "{t0}");
+    // The same object read twice has the same tag.
+    assert_eq!(
+        a.call_if_match("GET", uri, None, None).await.1,
+        Some(t0.clone())
+    );
+
+    // Operator A changes it with the tag she read: accepted, new tag.
+    let mut mine = v.clone();
+    mine["comment"] = json!("A was here");
+    let (s, t1, body) = a.call_if_match("PUT", uri, Some(mine), Some(&t0)).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let t1 = t1.expect("PUT answers the new ETag");
+    assert_ne!(t1, t0);
+    assert_eq!(
+        a.call_if_match("GET", uri, None, None).await.1,
+        Some(t1.clone())
+    );
+
+    // Operator B still holds the first tag: PUT, PATCH and DELETE are 412
+    // with the current tag, and A's edit stays.
+    let mut theirs = v.clone();
+    theirs["comment"] = json!("B overwrites");
+    for (method, body) in [
+        ("PUT", Some(theirs)),
+        ("PATCH", Some(json!({"comment": "B patches"}))),
+        ("DELETE", None),
+    ] {
+        let (s, tag, e) = a.call_if_match(method, uri, body, Some(&t0)).await;
+        assert_eq!(s, StatusCode::PRECONDITION_FAILED, "{method}: {e}");
+        assert_eq!(e["code"], "precondition_failed", "{method}: {e}");
+        assert!(
+            e["message"].as_str().unwrap().contains(&t1),
+            "{method}: {e}"
+        );
+        assert_eq!(tag.as_deref(), Some(t1.as_str()), "{method}");
+    }
+    let (_, _, now) = a.call_if_match("GET", uri, None, None).await;
+    assert_eq!(now["comment"], "A was here");
+
+    // A weak tag never matches; `*` and a list holding the tag do; no
+    // header keeps the old last-write-wins.
+    let weak = format!("W/{t1}");
+    let (s, _, _) = a
+        .call_if_match("PATCH", uri, Some(json!({"comment": "w"})), Some(&weak))
+        .await;
+    assert_eq!(s, StatusCode::PRECONDITION_FAILED);
+    let list = format!("\"sha256:00\", {t1}");
+    let (s, t2, e) = a
+        .call_if_match(
+            "PATCH",
+            uri,
+            Some(json!({"comment": "listed"})),
+            Some(&list),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{e}");
+    let (s, _, e) = a
+        .call_if_match("PATCH", uri, Some(json!({"comment": "any"})), Some("*"))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{e}");
+    assert_ne!(t2, None);
+    let (s, _, e) = a
+        .call_if_match("PATCH", uri, Some(json!({"comment": "plain"})), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{e}");
+    // If-Match on an object that does not exist is 412 too.
+    let (s, _, e) = a
+        .call_if_match("DELETE", "/api/v1/systems/nope", None, Some("*"))
+        .await;
+    assert_eq!(s, StatusCode::PRECONDITION_FAILED, "{e}");
+}
+
+#[tokio::test]
+async fn inventory_lists_page_by_name_and_bad_limits_are_400_naming_the_parameter() {
+    let a = api();
+    for n in ["web3", "web2"] {
+        let mut s = a
+            .call_if_match("GET", "/api/v1/systems/web1", None, None)
+            .await
+            .2;
+        s["name"] = json!(n);
+        s["interfaces"] = json!([]);
+        s["hostname"] = json!(format!("{n}.lab"));
+        let (st, _, e) = a
+            .call_if_match("POST", "/api/v1/systems", Some(s), None)
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{e}");
+    }
+    let (s, _, p) = a
+        .call_if_match("GET", "/api/v1/systems?limit=2", None, None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{p}");
+    let names = |p: &Value| -> Vec<String> {
+        p["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&p), ["web1", "web2"]);
+    assert_eq!(p["next"], "web2");
+    let (_, _, p) = a
+        .call_if_match("GET", "/api/v1/systems?limit=2&after=web2", None, None)
+        .await;
+    assert_eq!(
+        (names(&p), &p["next"]),
+        (vec!["web3".to_owned()], &Value::Null)
+    );
+    for (q, needle) in [
+        ("limit=abc", "limit=abc"),
+        ("limit=0", "limit=0"),
+        ("limit=10001", "limit=10001"),
+        ("sort=name", "sort"),
+    ] {
+        let (s, _, e) = a
+            .call_if_match("GET", &format!("/api/v1/status?{q}"), None, None)
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {e}");
+        assert_eq!(e["code"], "invalid_query", "{q}: {e}");
+        assert!(e["message"].as_str().unwrap().contains(needle), "{q}: {e}");
+    }
+    // The OpenAPI document describes the page and its parameters.
+    let (_, _, doc) = a
+        .call_if_match("GET", "/api/v1/openapi.json", None, None)
+        .await;
+    let get = &doc["paths"]["/api/v1/systems"]["get"];
+    let schema = &get["responses"]["200"]["content"]["application/json"]["schema"];
+    assert!(schema["properties"]["items"].is_object(), "{schema}");
+    assert!(schema["properties"]["next"].is_object(), "{schema}");
+    assert!(get["parameters"].to_string().contains("\"after\""), "{get}");
 }

@@ -602,8 +602,11 @@ async fn firstboot(
     o.firstboot(&mac, fb).map(Json)
 }
 
-async fn list(State(o): State<OsInstalls>) -> Json<Vec<OsInstallRecord>> {
-    Json(o.list())
+async fn list(
+    State(o): State<OsInstalls>,
+    page: crate::http::PageParams,
+) -> Json<crate::http::Paged<OsInstallRecord>> {
+    Json(page.page(o.list(), |r| r.mac.clone()))
 }
 
 async fn get_one(

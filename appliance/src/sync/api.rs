@@ -21,8 +21,9 @@
 
 use std::sync::Arc;
 
+use crate::http::Query;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -96,7 +97,7 @@ pub fn routes(state: Arc<SyncState>) -> Vec<Route> {
             Guard::Read,
             "Versions that lost a merge",
         )
-        .response("Object")
+        .response("[Object]")
         .to(conflicts, s.clone()),
         Route::get(
             "/api/v1/sync/export",
@@ -435,9 +436,13 @@ async fn status(State(st): S) -> Result<Json<serde_json::Value>, ApiError> {
     .await
 }
 
-async fn conflicts(State(st): S) -> Result<Json<Vec<super::merge::Conflict>>, ApiError> {
+async fn conflicts(
+    State(st): S,
+    page: crate::http::PageParams,
+) -> Result<Json<crate::http::Paged<super::merge::Conflict>>, ApiError> {
     let n = st.node.clone();
-    Ok(Json(blocking(move || n.conflicts()).await?))
+    let all = blocking(move || n.conflicts()).await?;
+    Ok(Json(page.page(all, |c| format!("{}@{}", c.path, c.stamp))))
 }
 
 #[derive(Debug, Deserialize)]
