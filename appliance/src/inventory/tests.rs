@@ -2029,6 +2029,7 @@ async fn a_profile_level_install_reports_by_its_lease() {
         .post_from("/api/v1/profiles/nope/status/finish", "10.0.0.60:1")
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+}
 
 impl Api {
     /// A call with `If-Match` (when given); returns status, `ETag`, body.
