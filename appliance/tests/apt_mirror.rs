@@ -855,12 +855,12 @@ fn a_killed_sync_keeps_the_old_snapshot_served_and_resumes_where_it_stopped() {
 
 fn blob_of(data: &Path, archive: &Archive, url_path: &str) -> PathBuf {
     let bytes = std::fs::read(archive.root.join(&url_path["/debian/".len()..])).unwrap();
-    data.join("blobs/sha256").join(builder::Digest::of(&bytes).hex())
+    data.join("blobs/sha256")
+        .join(builder::Digest::of(&bytes).hex())
 }
 
 #[test]
-fn pool_files_download_at_once_so_a_stalled_one_holds_up_nothing_and_a_bad_one_publishes_nothing(
-) {
+fn pool_files_download_at_once_so_a_stalled_one_holds_up_nothing_and_a_bad_one_publishes_nothing() {
     let archive = build_archive();
     let (up, files, log, faults) = upstream_with_faults(&archive.root);
     let data = tempfile::tempdir().unwrap();
@@ -896,10 +896,13 @@ fn pool_files_download_at_once_so_a_stalled_one_holds_up_nothing_and_a_bad_one_p
     let (u, tk) = (url.clone(), token.clone());
     let sync = std::thread::spawn(move || cli(&u, &tk, &["repo", "sync", "local"]));
     // One at a time, nothing after big-req would start while it stalls.
-    wait_for("add-on fetched and small-req asked for while big-req stalls", || {
-        log.lock().unwrap().iter().any(|l| l == small)
-            && blob_of(data.path(), &archive, addon).exists()
-    });
+    wait_for(
+        "add-on fetched and small-req asked for while big-req stalls",
+        || {
+            log.lock().unwrap().iter().any(|l| l == small)
+                && blob_of(data.path(), &archive, addon).exists()
+        },
+    );
     assert!(!blob_of(data.path(), &archive, big).exists());
     faults.lock().unwrap().remove(big); // drops big-req's connection
     let o = sync.join().unwrap();

@@ -180,9 +180,7 @@ fn aptly_closure(
 
 /// The bench's package set (names) over `index`: the roots, grown until
 /// our closure and [`aptly_closure`] of it add nothing.
-fn package_set(
-    index: &[bundle::debian::Package],
-) -> Result<std::collections::BTreeSet<String>> {
+fn package_set(index: &[bundle::debian::Package]) -> Result<std::collections::BTreeSet<String>> {
     let mut names: std::collections::BTreeSet<String> = index
         .iter()
         .filter(|p| matches!(p.priority.as_deref(), Some("required" | "important")))
@@ -263,7 +261,10 @@ fn source() -> Result<(PathBuf, String, Vec<String>)> {
     // pool files.
     let m = sync(PACKAGES.iter().map(|s| s.to_string()).collect())?;
     let xz = format!("dists/{suite}/main/binary-amd64/Packages.xz");
-    let f = m.files.get(&xz).with_context(|| format!("no {xz} mirrored"))?;
+    let f = m
+        .files
+        .get(&xz)
+        .with_context(|| format!("no {xz} mirrored"))?;
     let text = appliance::repo::decompress(
         &xz,
         &std::fs::read(appliance::repo::blob_path(&data, &f.digest)?)?,
@@ -556,7 +557,8 @@ fn one_run(base: &Path, src_url: &str, suite: &str, names: &[String], client: bo
     let ours_s = t0.elapsed().as_secs_f64();
     eprint!("{}", String::from_utf8_lossy(&o.stdout));
     let ours_bytes = du(&data.join("blobs"))?;
-    let list: serde_json::Value = serde_json::from_slice(&cli(&["repo", "list", "--json"])?.stdout)?;
+    let list: serde_json::Value =
+        serde_json::from_slice(&cli(&["repo", "list", "--json"])?.stdout)?;
     let snapshot = list[0]["mirror_status"]["snapshot"]
         .as_str()
         .context("repo list: no snapshot after the sync")?;

@@ -385,8 +385,7 @@ impl Fetch for Gate {
         }
         let mut n = self.now.lock().unwrap();
         *n += 1;
-        self.most
-            .fetch_max(*n, std::sync::atomic::Ordering::SeqCst);
+        self.most.fetch_max(*n, std::sync::atomic::Ordering::SeqCst);
         self.cv.notify_all();
         let t0 = std::time::Instant::now();
         while self.most.load(std::sync::atomic::Ordering::SeqCst) < self.gate
@@ -440,7 +439,10 @@ fn pool_files_download_several_at_once_and_a_bad_one_stops_the_rest() {
     assert_eq!(f.most.load(std::sync::atomic::Ordering::SeqCst), 4);
     assert_eq!(done.len(), 12);
     for ((_, (d, size)), b) in items.iter().zip(&bodies) {
-        assert_eq!(std::fs::read(blob_path(dir.path(), &d.to_string()).unwrap()).unwrap(), *b);
+        assert_eq!(
+            std::fs::read(blob_path(dir.path(), &d.to_string()).unwrap()).unwrap(),
+            *b
+        );
         assert!(done.iter().any(|(_, n)| n == size));
     }
     // One file with a wrong byte: the error names it, nothing of it is
@@ -459,10 +461,16 @@ fn pool_files_download_several_at_once_and_a_bad_one_stops_the_rest() {
     )
     .unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("pool/f01.deb") && msg.contains("hash mismatch"), "{msg}");
+    assert!(
+        msg.contains("pool/f01.deb") && msg.contains("hash mismatch"),
+        "{msg}"
+    );
     let bad = items[1].1 .0;
     assert!(!has_blob(dir.path(), &bad) && !partial_path(dir.path(), &bad).exists());
-    let kept = items.iter().filter(|(_, (d, _))| has_blob(dir.path(), d)).count();
+    let kept = items
+        .iter()
+        .filter(|(_, (d, _))| has_blob(dir.path(), d))
+        .count();
     assert_eq!(kept, seen);
     // One at a time: nothing after the bad file is even asked for.
     let dir = tempfile::tempdir().unwrap();
