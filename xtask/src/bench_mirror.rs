@@ -6,15 +6,17 @@
 //! The package set: priority required and important, `openssh-server`,
 //! what the appliance's installer puts on every target
 //! (`osinstall::MIRROR_BASE`), and their dependency closure, made closed
-//! under *both* tools' rules for alternatives. Ours meets `usrmerge |
-//! usr-is-merged` with `usr-is-merged` when something already chosen
-//! provides it; aptly takes every alternative of a group nothing in its
-//! list satisfies yet (`PackageList.FilterWithProgress`, aptly 1.5), and a
-//! virtual package's provider in Go map order. So the set is grown until
-//! our closure and [`aptly_closure`] of it are the set itself; both tools
-//! are then given that set's names as roots and must mirror exactly it
-//! (checked after the run: the package lists are compared and the bench
-//! fails when they differ).
+//! under *both* tools' rules for alternatives: ours takes the first
+//! alternative that can be met unless something chosen already meets the
+//! group; aptly takes every alternative of a group nothing in its list
+//! meets yet (`PackageList.FilterWithProgress`, aptly 1.5), and a virtual
+//! package's provider in Go map order. So the set is grown until our
+//! closure and [`aptly_closure`] of it are the set itself; both tools are
+//! then given that set's names as roots (aptly as `Name (= x)` queries: a
+//! bare name is a dependency query that every provider meets, which is
+//! what broke this bench before, `usr-is-merged` pulling in `usrmerge`
+//! and perl) and must mirror exactly it (checked after each run: the
+//! package lists are compared and the bench fails when they differ).
 //!
 //! The source is a loopback HTTP server (`python3 -m http.server`) over a
 //! local copy of a subset of the Debian archive named in the host's apt
@@ -601,7 +603,14 @@ fn one_run(base: &Path, src_url: &str, suite: &str, names: &[String], client: bo
                 .stdin(Stdio::null()),
         )
     };
-    let filter = names.join(" | ");
+    // `Name (= x)`, not a bare `x`: aptly reads a bare name as a
+    // dependency, which every provider meets (`usr-is-merged` would take
+    // `usrmerge`, which provides it, and with it perl).
+    let filter = names
+        .iter()
+        .map(|n| format!("Name (= {n})"))
+        .collect::<Vec<_>>()
+        .join(" | ");
     let t0 = Instant::now();
     aptly(&[
         "mirror",
