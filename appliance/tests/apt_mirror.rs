@@ -735,6 +735,9 @@ fn a_killed_sync_keeps_the_old_snapshot_served_and_resumes_where_it_stopped() {
     let (first, url, token) = server(data.path(), &[]);
     let t = token.as_str();
     add_repo(&url, t, "local", &up, &archive.key);
+    // One download at a time, so the kill lands at a known point (the
+    // concurrent path: see the test after this one).
+    ok(&url, t, &["repo", "edit", "local", "--set", "downloads=1"]);
     ok(&url, t, &["repo", "sync", "local"]);
     let old_inrelease = std::fs::read(archive.root.join("dists/test/InRelease")).unwrap();
 
@@ -848,6 +851,100 @@ fn a_killed_sync_keeps_the_old_snapshot_served_and_resumes_where_it_stopped() {
     log.lock().unwrap().clear();
     ok(&url, t, &["repo", "sync", "local"]);
     assert_eq!(*log.lock().unwrap(), ["/debian/dists/test/InRelease"]);
+}
+
+fn blob_of(data: &Path, archive: &Archive, url_path: &str) -> PathBuf {
+    let bytes = std::fs::read(archive.root.join(&url_path["/debian/".len()..])).unwrap();
+    data.join("blobs/sha256")
+        .join(builder::Digest::of(&bytes).hex())
+}
+
+#[test]
+fn pool_files_download_at_once_so_a_stalled_one_holds_up_nothing_and_a_bad_one_publishes_nothing() {
+    let archive = build_archive();
+    let (up, files, log, faults) = upstream_with_faults(&archive.root);
+    let data = tempfile::tempdir().unwrap();
+    let (_server, url, token) = server(data.path(), &[]);
+    let t = token.as_str();
+    add_repo(&url, t, "local", &up, &archive.key);
+    ok(&url, t, &["repo", "sync", "local"]);
+    let mirror = format!("{url}/repos/local");
+    let old_inrelease = http_get(&format!("{mirror}/dists/test/InRelease")).unwrap();
+
+    // Three new required packages: the first in path order stalls after
+    // 4 KiB, the last arrives with a byte changed.
+    archive.add_package("add-on", "1.0", "required", "", b"");
+    archive.add_package("big-req", "1.0", "required", "", &noise(1 << 20));
+    archive.add_package("small-req", "1.0", "required", "", b"");
+    archive.publish();
+    *files.lock().unwrap() = load(&archive.root);
+    let addon = "/debian/pool/main/a/add-on/add-on_1.0_amd64.deb";
+    let big = "/debian/pool/main/b/big-req/big-req_1.0_amd64.deb";
+    let small = "/debian/pool/main/s/small-req/small-req_1.0_amd64.deb";
+    let flip = || {
+        let mut f = files.lock().unwrap();
+        let b = f.get_mut(small).unwrap();
+        let i = b.len() / 2;
+        b[i] ^= 0x55;
+    };
+    flip();
+    faults
+        .lock()
+        .unwrap()
+        .insert(big.into(), Fault::StallAfter(4096));
+    log.lock().unwrap().clear();
+    let (u, tk) = (url.clone(), token.clone());
+    let sync = std::thread::spawn(move || cli(&u, &tk, &["repo", "sync", "local"]));
+    // One at a time, nothing after big-req would start while it stalls.
+    wait_for(
+        "add-on fetched and small-req asked for while big-req stalls",
+        || {
+            log.lock().unwrap().iter().any(|l| l == small)
+                && blob_of(data.path(), &archive, addon).exists()
+        },
+    );
+    assert!(!blob_of(data.path(), &archive, big).exists());
+    faults.lock().unwrap().remove(big); // drops big-req's connection
+    let o = sync.join().unwrap();
+    let err = text(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("pool/main/s/small-req/small-req_1.0_amd64.deb") && err.contains("mismatch"),
+        "{err}"
+    );
+    // What was in flight finished (big-req resumed after the drop) and is
+    // kept; the bad file is not; the old snapshot is still served.
+    assert!(log
+        .lock()
+        .unwrap()
+        .contains(&format!("{big} Range: bytes=4096-")));
+    assert!(blob_of(data.path(), &archive, big).exists());
+    assert!(!blob_of(data.path(), &archive, small).exists());
+    assert_eq!(
+        http_get(&format!("{mirror}/dists/test/InRelease")).unwrap(),
+        old_inrelease
+    );
+
+    // Upstream fixed: only the file that failed travels.
+    flip();
+    log.lock().unwrap().clear();
+    let out = ok(&url, t, &["repo", "sync", "local"]);
+    assert!(out.contains("local: 8 packages"), "{out}");
+    let mut got = log.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "/debian/dists/test/InRelease",
+            "/debian/dists/test/Release",
+            "/debian/dists/test/Release.gpg",
+            small
+        ]
+    );
+    assert_eq!(
+        http_get(&format!("{mirror}/dists/test/InRelease")).unwrap(),
+        std::fs::read(archive.root.join("dists/test/InRelease")).unwrap()
+    );
 }
 
 #[test]

@@ -1,26 +1,41 @@
 //! `cargo xtask bench mirror`: an apt partial mirror of the same package
-//! set (priority required and important, `openssh-server`, and their
-//! dependency closure, bookworm `main`, amd64) from the same local source,
-//! made by `appliance repo sync` and by `aptly mirror create -filter …
+//! set (bookworm `main`, amd64) from the same local source, made by
+//! `appliance repo sync` and by `aptly mirror create -filter …
 //! -filter-with-deps` + `aptly mirror update`, in the same run.
+//!
+//! The package set: priority required and important, `openssh-server`,
+//! what the appliance's installer puts on every target
+//! (`osinstall::MIRROR_BASE`), and their dependency closure, made closed
+//! under *both* tools' rules for alternatives: ours takes the first
+//! alternative that can be met unless something chosen already meets the
+//! group; aptly takes every alternative of a group nothing in its list
+//! meets yet (`PackageList.FilterWithProgress`, aptly 1.5), and a virtual
+//! package's provider in Go map order. So the set is grown until our
+//! closure and [`aptly_closure`] of it are the set itself; both tools are
+//! then given that set's names as roots (aptly as `Name (= x)` queries: a
+//! bare name is a dependency query that every provider meets, which is
+//! what broke this bench before, `usr-is-merged` pulling in `usrmerge`
+//! and perl) and must mirror exactly it (checked after each run: the
+//! package lists are compared and the bench fails when they differ).
 //!
 //! The source is a loopback HTTP server (`python3 -m http.server`) over a
 //! local copy of a subset of the Debian archive named in the host's apt
 //! sources: the suite's signed `InRelease`/`Release`/`Release.gpg`, its
-//! `main/binary-amd64/Packages.xz` and the pool files of the closure
-//! (plus any package aptly's closure adds, see `SOURCE_EXTRA`). It is
-//! built once, verified against Debian's key, under `cache/mirror-src/`,
-//! so the network is not measured. Scratch data lives on tmpfs
-//! (`/dev/shm`) when there is one.
+//! `main/binary-amd64/Packages.xz` and the pool files of the set. It is
+//! built once, verified against Debian's key, under `cache/mirror-src/`
+//! (the set's names in `cache/mirror-src/packages.txt`), so the network
+//! is not measured. Scratch data lives on tmpfs (`/dev/shm`) when there
+//! is one.
 //!
-//! Reported: time, bytes stored (ours: the blob store; aptly: its root
-//! directory, pool and database), and the time of a stock `apt-get
-//! update` + `apt-get install --download-only openssh-server` against each
-//! (ours served by `appliance serve` with Debian's signature; aptly's
-//! published with `aptly publish snapshot -skip-signing` and served by
-//! `aptly serve`, so that client uses `[trusted=yes]`). The line before
-//! the last says bytes ours vs aptly; the last line is the JSON headline:
-//! seconds of our sync against aptly's create + update.
+//! Each tool mirrors [`RUNS`] times from empty (`BENCH_MIRROR_RUNS`
+//! overrides); reported per run and as min/median/max: time, bytes stored
+//! (ours: the blob store; aptly: its root directory, pool and database),
+//! and once the time of a stock `apt-get update` + `apt-get install
+//! --download-only openssh-server` against each (ours served by `appliance
+//! serve` with Debian's signature; aptly's published with `aptly publish
+//! snapshot -skip-signing` and served by `aptly serve`, so that client
+//! uses `[trusted=yes]`). The last line is the JSON headline: the median
+//! seconds of our sync against the median of aptly's create + update.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -34,10 +49,8 @@ use crate::root;
 const PACKAGES: &[&str] = &["openssh-server"];
 /// What the client installs from each mirror.
 const CLIENT_INSTALL: &str = "openssh-server";
-/// Packages aptly's closure takes that ours does not (it chooses other
-/// alternatives or providers); the source carries them too so aptly's
-/// update does not fail on a missing file. Not given to our sync.
-const SOURCE_EXTRA: &[&str] = &[];
+/// Runs of each tool (median reported) unless `BENCH_MIRROR_RUNS` says.
+const RUNS: usize = 3;
 /// Debian's archive keyring.
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
@@ -85,51 +98,182 @@ fn du(dir: &Path) -> Result<u64> {
     Ok(total)
 }
 
+/// The packages aptly 1.5's `-filter-with-deps` takes from `index` for
+/// `roots` (names; each root's newest version), following
+/// `PackageList.FilterWithProgress`: in rounds, every `Pre-Depends` and
+/// `Depends` group of a taken package that nothing taken satisfies lists
+/// *all* its alternatives as missing; each missing one that is still not
+/// satisfied takes the newest version of that name meeting its
+/// constraint, else (unversioned) a provider. aptly takes the first
+/// provider in a Go map's order, which varies from run to run, so here
+/// every provider is taken: the result holds whatever aptly may pick.
+fn aptly_closure(
+    index: &[bundle::debian::Package],
+    roots: &std::collections::BTreeSet<String>,
+) -> std::collections::BTreeSet<(String, String)> {
+    use appliance::repo::closure::satisfies;
+    use bundle::debian::{compare_versions, Dep, Package};
+    use std::collections::{BTreeMap, BTreeSet, HashMap};
+    let mut by_name: HashMap<&str, Vec<&Package>> = HashMap::new();
+    let mut providers: BTreeMap<&str, Vec<&Package>> = BTreeMap::new();
+    for p in index {
+        by_name.entry(&p.name).or_default().push(p);
+        for v in &p.provides {
+            providers.entry(v).or_default().push(p);
+        }
+    }
+    for v in by_name.values_mut() {
+        v.sort_by(|a, b| compare_versions(&b.version, &a.version));
+    }
+    let mut taken: BTreeMap<(String, String), &Package> = BTreeMap::new();
+    for r in roots {
+        if let Some(p) = by_name.get(r.as_str()).and_then(|v| v.first()) {
+            taken.insert((p.name.clone(), p.version.clone()), p);
+        }
+    }
+    let met = |d: &Dep, taken: &BTreeMap<(String, String), &Package>| {
+        taken.values().any(|p| {
+            (p.name == d.name && satisfies(&p.version, d.constraint.as_deref()))
+                || (d.constraint.is_none() && p.provides.contains(&d.name))
+        })
+    };
+    loop {
+        let mut missing: Vec<&Dep> = Vec::new();
+        for p in taken.values() {
+            for group in p.pre_depends.iter().chain(&p.depends) {
+                if !group.iter().any(|d| met(d, &taken)) {
+                    missing.extend(group.iter());
+                }
+            }
+        }
+        let mut added = 0;
+        for d in missing {
+            if met(d, &taken) {
+                continue;
+            }
+            let named = by_name
+                .get(d.name.as_str())
+                .and_then(|v| {
+                    v.iter()
+                        .find(|p| satisfies(&p.version, d.constraint.as_deref()))
+                })
+                .copied();
+            let picks: Vec<&Package> = match named {
+                Some(p) => vec![p],
+                None if d.constraint.is_none() => {
+                    providers.get(d.name.as_str()).cloned().unwrap_or_default()
+                }
+                None => vec![],
+            };
+            for p in picks {
+                if taken
+                    .insert((p.name.clone(), p.version.clone()), p)
+                    .is_none()
+                {
+                    added += 1;
+                }
+            }
+        }
+        if added == 0 {
+            return taken.into_keys().collect::<BTreeSet<_>>();
+        }
+    }
+}
+
+/// The bench's package set (names) over `index`: the roots, grown until
+/// our closure and [`aptly_closure`] of it add nothing.
+fn package_set(index: &[bundle::debian::Package]) -> Result<std::collections::BTreeSet<String>> {
+    let mut names: std::collections::BTreeSet<String> = index
+        .iter()
+        .filter(|p| matches!(p.priority.as_deref(), Some("required" | "important")))
+        .map(|p| p.name.clone())
+        .collect();
+    names.extend(PACKAGES.iter().map(|s| s.to_string()));
+    for b in appliance::osinstall::MIRROR_BASE {
+        if index.iter().any(|p| p.name == *b) {
+            names.insert(b.to_string());
+        }
+    }
+    loop {
+        let roots: Vec<(String, String)> = names
+            .iter()
+            .map(|n| (n.clone(), "bench".to_string()))
+            .collect();
+        let ours = appliance::repo::closure::resolve(index, None, &roots)?;
+        let peer = aptly_closure(index, &names);
+        let before = names.len();
+        names.extend(ours.into_iter().chain(peer).map(|(n, _)| n));
+        if names.len() == before {
+            return Ok(names);
+        }
+    }
+}
+
 /// The local source: built once from the host's Debian archive with our
 /// own verified sync, then laid out as an archive tree of hard links.
-fn source() -> Result<(PathBuf, String)> {
+/// Returns the tree, the suite and the package set's names.
+fn source() -> Result<(PathBuf, String, Vec<String>)> {
     let dir = root().join("cache/mirror-src");
     let tree = dir.join("archive");
+    let list = dir.join("packages.txt");
     let (upstream, suite) = bundle::apt::debian_archive(&bundle::apt::host_sources()?)?;
     let done = dir.join(".complete");
-    // Bumped when the closure rules change (the source must hold it).
-    let want = format!("v2 {upstream} {suite} {PACKAGES:?} {SOURCE_EXTRA:?}\n");
+    // Bumped when the rules for the set change (the source must hold it).
+    let want = format!("v3 {upstream} {suite} {PACKAGES:?}\n");
     if std::fs::read_to_string(&done).ok().as_deref() == Some(want.as_str()) {
-        return Ok((tree, suite));
+        let names = std::fs::read_to_string(&list)
+            .with_context(|| format!("reading {}", list.display()))?;
+        return Ok((tree, suite, names.lines().map(str::to_owned).collect()));
     }
     eprintln!("mirror bench: building the local source from {upstream} {suite} (once)");
     let data = dir.join("data");
     std::fs::create_dir_all(&data)?;
-    let spec = appliance::repo::MirrorSpec {
-        name: "bench-source".into(),
-        upstream: upstream.trim_end_matches('/').to_string(),
-        suites: vec![suite.clone()],
-        components: vec!["main".into()],
-        arches: vec!["amd64".into()],
-        packages: PACKAGES
-            .iter()
-            .chain(SOURCE_EXTRA)
-            .map(|s| s.to_string())
-            .collect(),
-        installer: false,
-        recommends: false,
-        keyring: std::fs::read(KEYRING).with_context(|| format!("reading {KEYRING}"))?,
+    let keyring = std::fs::read(KEYRING).with_context(|| format!("reading {KEYRING}"))?;
+    let sync = |packages: Vec<String>| -> Result<appliance::repo::Manifest> {
+        let spec = appliance::repo::MirrorSpec {
+            name: "bench-source".into(),
+            upstream: upstream.trim_end_matches('/').to_string(),
+            suites: vec![suite.clone()],
+            components: vec!["main".into()],
+            arches: vec!["amd64".into()],
+            packages,
+            installer: false,
+            recommends: false,
+            downloads: 0,
+            keyring: keyring.clone(),
+        };
+        let fetcher = appliance::repo::fetcher_for(&spec.upstream);
+        let mut last = Instant::now();
+        let report =
+            appliance::repo::sync_mirror(&data, &spec, None, fetcher.as_ref(), &mut |p| {
+                if last.elapsed() > Duration::from_secs(5) {
+                    eprintln!(
+                        "  {} ({}/{} files, {} MiB)",
+                        p.phase,
+                        p.files_done,
+                        p.files_total,
+                        p.bytes_downloaded >> 20
+                    );
+                    last = Instant::now();
+                }
+            })?;
+        appliance::repo::Manifest::from_blob(&data, &report.snapshot)
     };
-    let fetcher = appliance::repo::fetcher_for(&spec.upstream);
-    let mut last = Instant::now();
-    let report = appliance::repo::sync_mirror(&data, &spec, None, fetcher.as_ref(), &mut |p| {
-        if last.elapsed() > Duration::from_secs(5) {
-            eprintln!(
-                "  {} ({}/{} files, {} MiB)",
-                p.phase,
-                p.files_done,
-                p.files_total,
-                p.bytes_downloaded >> 20
-            );
-            last = Instant::now();
-        }
-    })?;
-    let m = appliance::repo::Manifest::from_blob(&data, &report.snapshot)?;
+    // The index (verified by the first sync), then the set, then its
+    // pool files.
+    let m = sync(PACKAGES.iter().map(|s| s.to_string()).collect())?;
+    let xz = format!("dists/{suite}/main/binary-amd64/Packages.xz");
+    let f = m
+        .files
+        .get(&xz)
+        .with_context(|| format!("no {xz} mirrored"))?;
+    let text = appliance::repo::decompress(
+        &xz,
+        &std::fs::read(appliance::repo::blob_path(&data, &f.digest)?)?,
+    )?;
+    let index = bundle::debian::parse_packages(&text, &xz)?;
+    let names: Vec<String> = package_set(&index)?.into_iter().collect();
+    let m = sync(names.clone())?;
     let _ = std::fs::remove_dir_all(&tree);
     for (path, f) in &m.files {
         // Only the xz index: the source is a subset (others answer 404).
@@ -144,8 +288,9 @@ fn source() -> Result<(PathBuf, String)> {
         std::fs::hard_link(appliance::repo::blob_path(&data, &f.digest)?, &dest)
             .with_context(|| format!("linking {}", dest.display()))?;
     }
+    std::fs::write(&list, names.join("\n") + "\n")?;
     std::fs::write(&done, want)?;
-    Ok((tree, suite))
+    Ok((tree, suite, names))
 }
 
 /// `python3 -m http.server` over `dir` on a loopback port.
@@ -287,7 +432,15 @@ pub fn run() -> Result<()> {
         "-p",
         "appliance",
     ]))?;
-    let (tree, suite) = source()?;
+    let (tree, suite, names) = source()?;
+    let runs = match std::env::var("BENCH_MIRROR_RUNS") {
+        Ok(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .with_context(|| format!("BENCH_MIRROR_RUNS={v:?}: want a count"))?,
+        Err(_) => RUNS,
+    };
     let base = if Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm/appliance-bench-mirror")
     } else {
@@ -295,14 +448,80 @@ pub fn run() -> Result<()> {
     };
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base)?;
-    let res = bench(&base, &tree, &suite);
+    let res = bench(&base, &tree, &suite, &names, runs);
     let _ = std::fs::remove_dir_all(&base);
     res
 }
 
-fn bench(base: &Path, tree: &Path, suite: &str) -> Result<()> {
-    let (_src, src_url) = http_server(tree)?;
+/// One run of each tool from empty.
+struct Run {
+    ours_s: f64,
+    ours_bytes: u64,
+    aptly_s: f64,
+    aptly_bytes: u64,
+}
 
+/// Min, median and max.
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (v[0], median, v[n - 1])
+}
+
+fn bench(base: &Path, tree: &Path, suite: &str, names: &[String], runs: usize) -> Result<()> {
+    let (_src, src_url) = http_server(tree)?;
+    println!(
+        "package set: {} names (priority required + important + {PACKAGES:?} + the installer's \
+         base, closed under our closure and aptly's -filter-with-deps; listed in \
+         cache/mirror-src/packages.txt), {suite} main amd64; {runs} runs of each tool",
+        names.len()
+    );
+    let mut all = Vec::new();
+    for i in 0..runs {
+        let dir = base.join(format!("run{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let r = one_run(&dir, &src_url, suite, names, i == 0)?;
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        println!(
+            "run {}/{runs}: ours {:.2} s, {:.1} MiB stored; aptly {:.2} s, {:.1} MiB stored",
+            i + 1,
+            r.ours_s,
+            mib(r.ours_bytes),
+            r.aptly_s,
+            mib(r.aptly_bytes)
+        );
+        std::fs::remove_dir_all(&dir)?;
+        all.push(r);
+    }
+    let (omin, omed, omax) = spread(all.iter().map(|r| r.ours_s).collect());
+    let (amin, amed, amax) = spread(all.iter().map(|r| r.aptly_s).collect());
+    println!("ours  sync (s):               min {omin:.2} median {omed:.2} max {omax:.2}");
+    println!("aptly create+update (s):      min {amin:.2} median {amed:.2} max {amax:.2}");
+    let (ob, ab) = (all[0].ours_bytes, all[0].aptly_bytes);
+    println!(
+        "bytes stored: ours {ob} aptly {ab} (ratio {:.3})",
+        ob as f64 / ab as f64
+    );
+    crate::bench::report(
+        "mirror",
+        omed,
+        "aptly mirror create+update",
+        amed,
+        "s",
+        "lower",
+    );
+    Ok(())
+}
+
+/// Both tools mirror `names` from `src_url` into `base`; the package
+/// lists they end up with must be equal. With `client`, also publishes
+/// aptly's mirror and times a stock apt-get against each.
+fn one_run(base: &Path, src_url: &str, suite: &str, names: &[String], client: bool) -> Result<Run> {
     // Ours: a real `appliance serve`, driven by its CLI.
     let data = base.join("ours");
     std::fs::create_dir_all(&data)?;
@@ -317,7 +536,7 @@ fn bench(base: &Path, tree: &Path, suite: &str) -> Result<()> {
                 .stdin(Stdio::null()),
         )
     };
-    let packages = serde_json::to_string(PACKAGES)?;
+    let packages = serde_json::to_string(names)?;
     cli(&[
         "repo",
         "add",
@@ -325,7 +544,7 @@ fn bench(base: &Path, tree: &Path, suite: &str) -> Result<()> {
         "--breed",
         "apt",
         "--mirror",
-        &src_url,
+        src_url,
         "--set",
         &format!("suites=[\"{suite}\"]"),
         "--set",
@@ -340,12 +559,26 @@ fn bench(base: &Path, tree: &Path, suite: &str) -> Result<()> {
     let ours_s = t0.elapsed().as_secs_f64();
     eprint!("{}", String::from_utf8_lossy(&o.stdout));
     let ours_bytes = du(&data.join("blobs"))?;
-    let ours_client = client_or_reason(
-        &base.join("client-ours"),
-        &format!("deb [arch=amd64 signed-by={KEYRING}] {url}/repos/bench {suite} main\n"),
-    );
+    let list: serde_json::Value =
+        serde_json::from_slice(&cli(&["repo", "list", "--json"])?.stdout)?;
+    let snapshot = list[0]["mirror_status"]["snapshot"]
+        .as_str()
+        .context("repo list: no snapshot after the sync")?;
+    let ours_pkgs: std::collections::BTreeSet<String> =
+        appliance::repo::Manifest::from_blob(&data, snapshot)?
+            .packages
+            .into_iter()
+            .collect();
+    let ours_client = if client {
+        client_or_reason(
+            &base.join("client-ours"),
+            &format!("deb [arch=amd64 signed-by={KEYRING}] {url}/repos/bench {suite} main\n"),
+        )
+    } else {
+        String::new()
+    };
 
-    // aptly, same source, same filter.
+    // aptly, same source, same roots.
     let aroot = base.join("aptly");
     std::fs::create_dir_all(&aroot)?;
     let conf = base.join("aptly.conf");
@@ -370,10 +603,14 @@ fn bench(base: &Path, tree: &Path, suite: &str) -> Result<()> {
                 .stdin(Stdio::null()),
         )
     };
-    let mut filter = "Priority (required) | Priority (important)".to_string();
-    for p in PACKAGES {
-        filter.push_str(&format!(" | {p}"));
-    }
+    // `Name (= x)`, not a bare `x`: aptly reads a bare name as a
+    // dependency, which every provider meets (`usr-is-merged` would take
+    // `usrmerge`, which provides it, and with it perl).
+    let filter = names
+        .iter()
+        .map(|n| format!("Name (= {n})"))
+        .collect::<Vec<_>>()
+        .join(" | ");
     let t0 = Instant::now();
     aptly(&[
         "mirror",
@@ -383,64 +620,80 @@ fn bench(base: &Path, tree: &Path, suite: &str) -> Result<()> {
         &format!("-filter={filter}"),
         "-filter-with-deps",
         "bench",
-        &src_url,
+        src_url,
         suite,
         "main",
     ])?;
     aptly(&["mirror", "update", &format!("-keyring={KEYRING}"), "bench"])?;
     let aptly_s = t0.elapsed().as_secs_f64();
     let aptly_bytes = du(&aroot)?;
-    let t1 = Instant::now();
-    aptly(&["snapshot", "create", "bench", "from", "mirror", "bench"])?;
-    aptly(&[
-        "publish",
-        "snapshot",
-        "-skip-signing",
-        &format!("-distribution={suite}"),
-        "bench",
-    ])?;
-    let publish_s = t1.elapsed().as_secs_f64();
-    // What aptly keeps to serve clients: pool, database and the published
-    // tree (hard links counted once).
-    let aptly_served_bytes = du(&aroot)?;
-    let port = free_port()?;
-    let _aptly_serve = Proc(
-        Command::new("aptly")
-            .arg(format!("-config={}", conf.display()))
-            .args(["serve", &format!("-listen=127.0.0.1:{port}")])
-            .env("HOME", base)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting aptly serve")?,
-    );
-    wait_port(port)?;
-    let aptly_client = client_or_reason(
-        &base.join("client-aptly"),
-        &format!("deb [arch=amd64 trusted=yes] http://127.0.0.1:{port}/ {suite} main\n"),
-    );
-
-    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-    println!(
-        "ours:  sync {ours_s:.2} s, {:.1} MiB stored; client update+install {ours_client}",
-        mib(ours_bytes)
-    );
-    println!(
-        "aptly: mirror create+update {aptly_s:.2} s, {:.1} MiB stored ({:.1} MiB once published); snapshot+publish {publish_s:.2} s; client update+install {aptly_client}",
-        mib(aptly_bytes),
-        mib(aptly_served_bytes)
-    );
-    println!(
-        "bytes stored: ours {ours_bytes} aptly {aptly_bytes} (ratio {:.3})",
-        ours_bytes as f64 / aptly_bytes as f64
-    );
-    crate::bench::report(
-        "mirror",
+    let shown = aptly(&["mirror", "show", "-with-packages", "bench"])?;
+    let aptly_pkgs: std::collections::BTreeSet<String> = String::from_utf8_lossy(&shown.stdout)
+        .lines()
+        .skip_while(|l| !l.starts_with("Packages:"))
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if ours_pkgs != aptly_pkgs {
+        let only_ours: Vec<_> = ours_pkgs.difference(&aptly_pkgs).collect();
+        let only_aptly: Vec<_> = aptly_pkgs.difference(&ours_pkgs).collect();
+        bail!(
+            "the mirrors hold different package sets ({} ours, {} aptly's): only ours {only_ours:?}, only aptly's {only_aptly:?}",
+            ours_pkgs.len(),
+            aptly_pkgs.len()
+        );
+    }
+    if client {
+        println!(
+            "package set check: both mirrors hold the same {} packages",
+            ours_pkgs.len()
+        );
+        let t1 = Instant::now();
+        aptly(&["snapshot", "create", "bench", "from", "mirror", "bench"])?;
+        aptly(&[
+            "publish",
+            "snapshot",
+            "-skip-signing",
+            &format!("-distribution={suite}"),
+            "bench",
+        ])?;
+        let publish_s = t1.elapsed().as_secs_f64();
+        // What aptly keeps to serve clients: pool, database and the
+        // published tree (hard links counted once).
+        let aptly_served_bytes = du(&aroot)?;
+        let port = free_port()?;
+        let _aptly_serve = Proc(
+            Command::new("aptly")
+                .arg(format!("-config={}", conf.display()))
+                .args(["serve", &format!("-listen=127.0.0.1:{port}")])
+                .env("HOME", base)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting aptly serve")?,
+        );
+        wait_port(port)?;
+        let aptly_client = client_or_reason(
+            &base.join("client-aptly"),
+            &format!("deb [arch=amd64 trusted=yes] http://127.0.0.1:{port}/ {suite} main\n"),
+        );
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        println!(
+            "ours:  sync {ours_s:.2} s, {:.1} MiB stored; client update+install {ours_client}",
+            mib(ours_bytes)
+        );
+        println!(
+            "aptly: mirror create+update {aptly_s:.2} s, {:.1} MiB stored ({:.1} MiB once published); snapshot+publish {publish_s:.2} s; client update+install {aptly_client}",
+            mib(aptly_bytes),
+            mib(aptly_served_bytes)
+        );
+    }
+    Ok(Run {
         ours_s,
-        "aptly mirror create+update",
+        ours_bytes,
         aptly_s,
-        "s",
-        "lower",
-    );
-    Ok(())
+        aptly_bytes,
+    })
 }

@@ -272,10 +272,18 @@ pub struct Repo {
     /// empty means Debian's archive keyring.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub keyring: String,
+    /// Apt: pool files a sync downloads at once (0: the default, 6; at
+    /// most 32).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub downloads: u32,
     /// Apt: `sha256:<hex>` of the mirror manifest blob
     /// (`appliance.apt-mirror.v1`) the last sync made; set by the sync.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub snapshot: String,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A disk capture or an OCI image systems can be deployed from.

@@ -101,9 +101,20 @@ pub struct MirrorSpec {
     pub keyring: Vec<u8>,
     /// Installs from this mirror take `Recommends`: the closure follows them.
     pub recommends: bool,
+    /// Pool files downloaded at once (0: [`DEFAULT_DOWNLOADS`]).
+    pub downloads: usize,
 }
 
 impl MirrorSpec {
+    /// Pool files downloaded at once: `downloads`, else
+    /// [`DEFAULT_DOWNLOADS`], at most [`MAX_DOWNLOADS`].
+    pub fn jobs(&self) -> usize {
+        match self.downloads {
+            0 => DEFAULT_DOWNLOADS,
+            n => n.min(MAX_DOWNLOADS),
+        }
+    }
+
     /// The spec of an inventory repo (breed `apt`); reads its keyring.
     pub fn from_repo(data: &Path, r: &Repo) -> Result<MirrorSpec> {
         if r.breed != "apt" {
@@ -141,6 +152,7 @@ impl MirrorSpec {
             installer: r.installer,
             keyring: load_keyring(data, &r.keyring)?,
             recommends: r.recommends,
+            downloads: r.downloads as usize,
         })
     }
 }
@@ -273,6 +285,64 @@ fn has_blob(data: &Path, d: &Digest) -> bool {
 /// cut off mid-file resumes it (`<data>/blobs/apt-partial/<hex>`).
 fn partial_path(data: &Path, d: &Digest) -> PathBuf {
     data.join("blobs/apt-partial").join(d.hex())
+}
+
+/// Pool files (`.deb`s, udebs) a sync downloads at once unless the repo
+/// says otherwise (`downloads`): enough to hide a round trip and a slow
+/// file behind the others, few enough not to flood one upstream.
+pub const DEFAULT_DOWNLOADS: usize = 6;
+/// The most a repo may ask for.
+pub const MAX_DOWNLOADS: usize = 32;
+
+/// Runs `work` over `items` on up to `jobs` threads, handing each result
+/// to `done` on the calling thread as it completes (so progress is
+/// reported from one place). After the first error (from `work` or
+/// `done`) no new item is started; the ones in flight finish (a partial
+/// download stays resumable) and the first error is returned.
+fn for_each_parallel<T: Sync, R: Send>(
+    items: &[T],
+    jobs: usize,
+    work: impl Fn(&T) -> Result<R> + Sync,
+    mut done: impl FnMut(&T, R) -> Result<()>,
+) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    if items.is_empty() {
+        return Ok(());
+    }
+    let jobs = jobs.clamp(1, items.len());
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<R>)>();
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            let (tx, next, stop, work) = (tx.clone(), &next, &stop, &work);
+            s.spawn(move || loop {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= items.len() {
+                    break;
+                }
+                let r = work(&items[i]);
+                if r.is_err() {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                if tx.send((i, r)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut first: Option<anyhow::Error> = None;
+        for (i, r) in rx {
+            if let Err(e) = r.and_then(|r| done(&items[i], r)) {
+                stop.store(true, Ordering::Relaxed);
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    })
 }
 
 /// How often one file's download is retried within a sync after a dropped
@@ -488,7 +558,8 @@ fn newest_by_name(index: &[Package]) -> HashMap<&str, &Package> {
     m
 }
 
-fn decompress(path: &str, bytes: &[u8]) -> Result<String> {
+/// The text of an index file, decompressed by its name (`.xz`, `.gz`).
+pub fn decompress(path: &str, bytes: &[u8]) -> Result<String> {
     let mut r: Box<dyn Read> = if path.ends_with(".xz") {
         Box::new(liblzma::read::XzDecoder::new_multi_decoder(bytes))
     } else if path.ends_with(".gz") {
@@ -587,31 +658,6 @@ pub fn sync_mirror(
     let mut per_arch: BTreeMap<String, Vec<(String, Vec<Package>)>> = BTreeMap::new();
     let mut recommends = closure::Recommends::new();
     let url = |p: &str| format!("{}/{p}", spec.upstream);
-
-    let download =
-        |path: &str, want: Option<(Digest, u64)>, prog: &mut Progress| -> Result<(Digest, u64)> {
-            if let Some((d, s)) = want {
-                if has_blob(data, &d) {
-                    return Ok((d, s));
-                }
-            }
-            let u = url(path);
-            let got = match want {
-                Some(w) => {
-                    let n = fetch_blob(data, fetcher, &u, w, path)?;
-                    prog.bytes_downloaded += n;
-                    w
-                }
-                None => {
-                    let r = fetcher.get(&u)?;
-                    let got = put_blob(data, r, want, path)?;
-                    prog.bytes_downloaded += got.1;
-                    got
-                }
-            };
-            prog.files_downloaded += 1;
-            Ok(got)
-        };
 
     for suite in &spec.suites {
         prog.phase = format!("{suite}: InRelease");
@@ -886,20 +932,47 @@ pub fn sync_mirror(
     }
     prog.files_total = debs.len() as u64;
     prog.files_done = 0;
+    // What is not a blob yet, in path order, one download per digest (two
+    // pool paths with the same bytes share one partial file), started in
+    // that order `downloads` at once.
+    let mut todo: Vec<(Digest, (&str, u64))> = Vec::new();
+    let mut queued: BTreeSet<Digest> = BTreeSet::new();
+    for (filename, (digest, size, _)) in &debs {
+        if has_blob(data, digest) {
+            prog.files_done += 1;
+        } else if queued.insert(*digest) {
+            todo.push((*digest, (filename.as_str(), *size)));
+        }
+    }
+    let jobs = spec.jobs();
+    prog.phase = format!("pool: {} files to fetch, {jobs} at once", todo.len());
+    progress(&prog);
+    for_each_parallel(
+        &todo,
+        jobs,
+        |(digest, (filename, size))| {
+            fetch_blob(data, fetcher, &url(filename), (*digest, *size), filename)
+        },
+        |(_, (filename, _)), n| {
+            prog.files_downloaded += 1;
+            prog.bytes_downloaded += n;
+            prog.files_done += 1;
+            prog.phase = format!("pool: {filename}");
+            progress(&prog);
+            Ok(())
+        },
+    )?;
+    prog.files_done = prog.files_total;
     let mut packages = BTreeSet::new();
     for (filename, (digest, size, id)) in &debs {
-        prog.phase = format!("pool: {filename}");
-        progress(&prog);
-        let (d, s) = download(filename, Some((*digest, *size)), &mut prog)?;
         files.insert(
             filename.clone(),
             FileRef {
-                digest: d.to_string(),
-                size: s,
+                digest: digest.to_string(),
+                size: *size,
             },
         );
         packages.insert(id.clone());
-        prog.files_done += 1;
     }
     let missing = if spec.installer {
         sync_udebs(
@@ -994,40 +1067,60 @@ fn sync_udebs(
     }
     let mut missing = Vec::new();
     prog.files_total += wanted.len() as u64;
+    let mut todo = Vec::new();
     for (filename, (digest, size, id)) in wanted {
-        prog.phase = format!("udeb: {filename}");
-        progress(prog);
-        prog.files_done += 1;
-        let got = if has_blob(data, &digest) {
-            (digest, size)
+        if has_blob(data, &digest) {
+            prog.files_done += 1;
+            files.insert(
+                filename,
+                FileRef {
+                    digest: digest.to_string(),
+                    size,
+                },
+            );
+            packages.insert(id);
         } else {
-            match fetcher.get(&format!("{}/{filename}", spec.upstream)) {
-                Ok(r) => {
-                    let got = put_blob(data, r, Some((digest, size)), &filename)?;
-                    prog.files_downloaded += 1;
-                    prog.bytes_downloaded += got.1;
-                    got
-                }
-                Err(e) if udeb::is_not_found(&e) => {
-                    missing.push(udeb::Missing {
-                        path: filename,
-                        package: id,
-                        reason: e.to_string(),
-                    });
-                    continue;
-                }
-                Err(e) => return Err(e).with_context(|| format!("fetching udeb {filename}")),
-            }
-        };
-        files.insert(
-            filename,
-            FileRef {
-                digest: got.0.to_string(),
-                size: got.1,
-            },
-        );
-        packages.insert(id);
+            todo.push((filename, (digest, size, id)));
+        }
     }
+    // Fetched `downloads` at once; a 404 is `Ok(Err(reason))`.
+    for_each_parallel(
+        &todo,
+        spec.jobs(),
+        |(filename, (digest, size, _))| -> Result<std::result::Result<(Digest, u64), String>> {
+            match fetcher.get(&format!("{}/{filename}", spec.upstream)) {
+                Ok(r) => Ok(Ok(put_blob(data, r, Some((*digest, *size)), filename)?)),
+                Err(e) if udeb::is_not_found(&e) => Ok(Err(e.to_string())),
+                Err(e) => Err(e).with_context(|| format!("fetching udeb {filename}")),
+            }
+        },
+        |(filename, (_, _, id)), got| {
+            prog.files_done += 1;
+            prog.phase = format!("udeb: {filename}");
+            match got {
+                Ok((d, s)) => {
+                    prog.files_downloaded += 1;
+                    prog.bytes_downloaded += s;
+                    files.insert(
+                        filename.clone(),
+                        FileRef {
+                            digest: d.to_string(),
+                            size: s,
+                        },
+                    );
+                    packages.insert(id.clone());
+                }
+                Err(reason) => missing.push(udeb::Missing {
+                    path: filename.clone(),
+                    package: id.clone(),
+                    reason,
+                }),
+            }
+            progress(prog);
+            Ok(())
+        },
+    )?;
+    missing.sort_by(|a, b| a.path.cmp(&b.path));
     if !missing.is_empty() {
         tracing::warn!(
             repo = %spec.name,

@@ -364,3 +364,147 @@ fn cut_downloads_resume_with_ranges_or_restart_cleanly() {
     fetch_blob(dir.path(), &f, "u", want, "x").unwrap();
     assert!(has_blob(dir.path(), &want.0) && !part.exists());
 }
+
+/// A fetcher that holds every request until `gate` are in flight at once
+/// (or 10 s pass), recording the most ever in flight; `bad` is served with
+/// one byte changed.
+struct Gate {
+    files: HashMap<String, Vec<u8>>,
+    gate: usize,
+    bad: String,
+    now: std::sync::Mutex<usize>,
+    most: std::sync::atomic::AtomicUsize,
+    cv: std::sync::Condvar,
+}
+
+impl Fetch for Gate {
+    fn get(&self, url: &str) -> Result<Box<dyn Read + Send>, debian::DebianError> {
+        let mut b = self.files.get(url).cloned().unwrap();
+        if url == self.bad {
+            b[0] ^= 1;
+        }
+        let mut n = self.now.lock().unwrap();
+        *n += 1;
+        self.most.fetch_max(*n, std::sync::atomic::Ordering::SeqCst);
+        self.cv.notify_all();
+        let t0 = std::time::Instant::now();
+        while self.most.load(std::sync::atomic::Ordering::SeqCst) < self.gate
+            && t0.elapsed() < std::time::Duration::from_secs(10)
+        {
+            n = self
+                .cv
+                .wait_timeout(n, std::time::Duration::from_millis(100))
+                .unwrap()
+                .0;
+        }
+        *n -= 1;
+        Ok(Box::new(std::io::Cursor::new(b)))
+    }
+}
+
+#[test]
+fn pool_files_download_several_at_once_and_a_bad_one_stops_the_rest() {
+    let bodies: Vec<Vec<u8>> = (0..12u8).map(|i| vec![i; 1000 + i as usize]).collect();
+    let items: Vec<(String, (Digest, u64))> = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (format!("pool/f{i:02}.deb"), (Digest::of(b), b.len() as u64)))
+        .collect();
+    let gate = |bad: &str| Gate {
+        files: items
+            .iter()
+            .zip(&bodies)
+            .map(|((p, _), b)| (p.clone(), b.clone()))
+            .collect(),
+        gate: 4,
+        bad: bad.into(),
+        now: Default::default(),
+        most: Default::default(),
+        cv: Default::default(),
+    };
+    // All arrive, verified, never more than 4 at once and 4 at some point.
+    let dir = tempfile::tempdir().unwrap();
+    let f = gate("");
+    let mut done = Vec::new();
+    for_each_parallel(
+        &items,
+        4,
+        |(p, want)| fetch_blob(dir.path(), &f, p, *want, p),
+        |(p, _), n| {
+            done.push((p.clone(), n));
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(f.most.load(std::sync::atomic::Ordering::SeqCst), 4);
+    assert_eq!(done.len(), 12);
+    for ((_, (d, size)), b) in items.iter().zip(&bodies) {
+        assert_eq!(
+            std::fs::read(blob_path(dir.path(), &d.to_string()).unwrap()).unwrap(),
+            *b
+        );
+        assert!(done.iter().any(|(_, n)| n == size));
+    }
+    // One file with a wrong byte: the error names it, nothing of it is
+    // kept, what was verified stays, and no new file starts after it.
+    let dir = tempfile::tempdir().unwrap();
+    let f = gate("pool/f01.deb");
+    let mut seen = 0;
+    let err = for_each_parallel(
+        &items,
+        4,
+        |(p, want)| fetch_blob(dir.path(), &f, p, *want, p),
+        |_, _| {
+            seen += 1;
+            Ok(())
+        },
+    )
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("pool/f01.deb") && msg.contains("hash mismatch"),
+        "{msg}"
+    );
+    let bad = items[1].1 .0;
+    assert!(!has_blob(dir.path(), &bad) && !partial_path(dir.path(), &bad).exists());
+    let kept = items
+        .iter()
+        .filter(|(_, (d, _))| has_blob(dir.path(), d))
+        .count();
+    assert_eq!(kept, seen);
+    // One at a time: nothing after the bad file is even asked for.
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = gate("pool/f01.deb");
+    f.gate = 1;
+    let mut asked = Vec::new();
+    let asked_cell = std::sync::Mutex::new(&mut asked);
+    let err = for_each_parallel(
+        &items,
+        1,
+        |(p, want)| {
+            asked_cell.lock().unwrap().push(p.clone());
+            fetch_blob(dir.path(), &f, p, *want, p)
+        },
+        |_, _| Ok(()),
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("pool/f01.deb"), "{err:#}");
+    drop(asked_cell);
+    assert_eq!(asked, ["pool/f00.deb", "pool/f01.deb"]);
+    // A spec's default and cap.
+    let spec = |downloads| MirrorSpec {
+        name: "x".into(),
+        upstream: String::new(),
+        suites: vec![],
+        components: vec![],
+        arches: vec![],
+        packages: vec![],
+        installer: false,
+        keyring: vec![],
+        recommends: false,
+        downloads,
+    };
+    assert_eq!(spec(0).jobs(), DEFAULT_DOWNLOADS);
+    assert_eq!(spec(2).jobs(), 2);
+    assert_eq!(spec(1000).jobs(), MAX_DOWNLOADS);
+}
