@@ -215,7 +215,11 @@ fn man(args: &[&str]) -> Result<()> {
     };
     let bin = image::build_appliance_binary()?;
     run(Command::new(bin).arg("man").arg(&dir))?;
-    eprintln!("man pages in {} (man -l {}/appliance.1)", dir.display(), dir.display());
+    eprintln!(
+        "man pages in {} (man -l {}/appliance.1)",
+        dir.display(),
+        dir.display()
+    );
     Ok(())
 }
 

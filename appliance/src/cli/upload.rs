@@ -2,10 +2,9 @@
 //! file while hashing it, then send it to the server in pieces, asking the
 //! server where it stands after any failure and going on from there.
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 
 use anyhow::{bail, Context, Result};
-use sha2::{Digest as _, Sha256};
 
 use super::client::{ApiFailure, Client};
 
@@ -18,22 +17,8 @@ const RETRIES: u32 = 5;
 /// `sha256:<hex>` once the server has verified and stored it.
 pub fn upload_blob(c: &Client, input: &mut dyn Read, what: &str) -> Result<String> {
     let mut tmp = tempfile::tempfile().context("creating a temporary file")?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = input
-            .read(&mut buf)
-            .with_context(|| format!("reading {what}"))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        tmp.write_all(&buf[..n])
-            .context("writing a temporary file")?;
-        size += n as u64;
-    }
-    let hex = hex::encode(h.finalize());
+    let (hex, size) =
+        crate::inventory::import::copy_hashing(input, &mut tmp, what, "a temporary file")?;
     send(c, &mut tmp, &hex, size).with_context(|| format!("uploading {what} (sha256:{hex})"))?;
     Ok(format!("sha256:{hex}"))
 }

@@ -271,21 +271,8 @@ pub fn put_blob_from(blobs: &Path, input: &mut dyn Read, what: &str) -> Result<S
     let result = (|| -> Result<String> {
         let mut out =
             std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = input
-                .read(&mut buf)
-                .with_context(|| format!("reading {what}"))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            out.write_all(&buf[..n])
-                .with_context(|| format!("writing {}", tmp.display()))?;
-        }
+        let (hex, _) = copy_hashing(input, &mut out, what, &tmp.display().to_string())?;
         out.sync_all().context("syncing the blob")?;
-        let hex = hex::encode(h.finalize());
         let dst = blobs.join(&hex);
         std::fs::rename(&tmp, &dst).with_context(|| format!("renaming into {}", dst.display()))?;
         Ok(format!("sha256:{hex}"))
@@ -294,6 +281,32 @@ pub fn put_blob_from(blobs: &Path, input: &mut dyn Read, what: &str) -> Result<S
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Copies `input` (`what`, for errors) to `out` (`to`, for errors);
+/// returns the sha256 hex of the bytes and their count.
+pub fn copy_hashing(
+    input: &mut dyn Read,
+    out: &mut dyn Write,
+    what: &str,
+    to: &str,
+) -> Result<(String, u64)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = input
+            .read(&mut buf)
+            .with_context(|| format!("reading {what}"))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        out.write_all(&buf[..n])
+            .with_context(|| format!("writing {to}"))?;
+        size += n as u64;
+    }
+    Ok((hex::encode(h.finalize()), size))
 }
 
 /// Copies the file `src` into `blobs` under its digest.
