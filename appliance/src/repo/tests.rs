@@ -476,8 +476,7 @@ fn pool_files_download_several_at_once_and_a_bad_one_stops_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let mut f = gate("pool/f01.deb");
     f.gate = 1;
-    let mut asked = Vec::new();
-    let asked_cell = std::sync::Mutex::new(&mut asked);
+    let asked_cell = std::sync::Mutex::new(Vec::new());
     let err = for_each_parallel(
         &items,
         1,
@@ -489,7 +488,7 @@ fn pool_files_download_several_at_once_and_a_bad_one_stops_the_rest() {
     )
     .unwrap_err();
     assert!(format!("{err:#}").contains("pool/f01.deb"), "{err:#}");
-    drop(asked_cell);
+    let asked: Vec<String> = asked_cell.into_inner().unwrap();
     assert_eq!(asked, ["pool/f00.deb", "pool/f01.deb"]);
     // A spec's default and cap.
     let spec = |downloads| MirrorSpec {
