@@ -13,7 +13,7 @@ use crate::{free_port, workspace_root};
 
 /// The static appliance binary `cargo xtask image` builds.
 pub fn appliance_bin() -> PathBuf {
-    let bin = workspace_root().join("target/release/appliance");
+    let bin = workspace_root().join("target/static/appliance");
     assert!(
         bin.exists(),
         "{} missing: run `cargo xtask image`",

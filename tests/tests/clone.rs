@@ -138,7 +138,7 @@ impl Lab {
     }
 
     fn cli_cmd(&self, args: &[&str]) -> Command {
-        let bin = workspace_root().join("target/release/appliance");
+        let bin = workspace_root().join("target/static/appliance");
         assert!(
             bin.exists(),
             "{} missing: run `cargo xtask image`",

@@ -26,7 +26,7 @@ fn image() -> PathBuf {
 
 /// The static binary `cargo xtask image` built and put in the image.
 fn appliance() -> PathBuf {
-    let p = workspace_root().join("target/release/appliance");
+    let p = workspace_root().join("target/static/appliance");
     assert!(
         p.exists(),
         "{} is missing: run `cargo xtask image`",

@@ -42,7 +42,7 @@ fn appliance_flashes_itself_onto_a_usb_stick_that_then_boots_and_grows() {
         .unwrap()
         .set_len(5 * GIB)
         .unwrap();
-    let bin = workspace_root().join("target/release/appliance");
+    let bin = workspace_root().join("target/static/appliance");
     let out = Command::new(&bin)
         .arg("bmap")
         .arg(&img)

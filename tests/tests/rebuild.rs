@@ -36,7 +36,7 @@ fn host_release(dir: &Path) -> String {
 }
 
 fn appliance_bin() -> PathBuf {
-    let bin = workspace_root().join("target/release/appliance");
+    let bin = workspace_root().join("target/static/appliance");
     assert!(
         bin.exists(),
         "{} missing: run `cargo xtask image`",

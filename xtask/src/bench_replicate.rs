@@ -44,7 +44,7 @@ pub fn run(rest: &[&str]) -> Result<()> {
     let work = tempfile::tempdir().context("creating a work directory")?;
     let data = work.path().join("data");
     integration_tests::extract_data_partition(&out, work.path(), &data);
-    let bin = crate::root().join("target/release/appliance");
+    let bin = crate::root().join("target/static/appliance");
     let t = Instant::now();
     let o = Command::new(&bin)
         .args(["rebuild", "--data"])

@@ -98,17 +98,26 @@ pub fn build_appliance_binary() -> Result<PathBuf> {
         "-C",
         "strip=symbols",
     ]))?;
-    check_static(&bin)?;
+    // Cargo's own builds of the bin (`cargo test --release` links one for
+    // the integration tests) overwrite target/release/appliance with a
+    // dynamic binary, so the static one is copied where only this writes.
+    let linked = root().join("target/release/appliance");
+    check_static(&linked)?;
+    std::fs::create_dir_all(bin.parent().expect("a parent"))?;
+    let tmp = bin.with_extension("tmp");
+    std::fs::copy(&linked, &tmp)
+        .with_context(|| format!("copying {} to {}", linked.display(), tmp.display()))?;
+    std::fs::rename(&tmp, &bin).with_context(|| format!("renaming into {}", bin.display()))?;
     Ok(bin)
 }
 
-/// Where [`build_appliance_binary`] leaves the static binary.
+/// Where [`build_appliance_binary`] leaves the static binary (the image
+/// definition's `appliance` file input).
 pub fn appliance_binary() -> PathBuf {
-    root().join("target/release/appliance")
+    root().join("target/static/appliance")
 }
 
-/// Refuses a dynamically linked binary (e.g. one a plain `cargo build
-/// --release` left at the same path): it would not start as PID 1.
+/// Refuses a dynamically linked binary: it would not start as PID 1.
 fn check_static(bin: &Path) -> Result<()> {
     let out = Command::new("readelf")
         .arg("-lW")
