@@ -73,6 +73,16 @@ pub struct InstallWork {
     /// Allow overwriting a disk that holds partitions.
     #[serde(default)]
     pub wipe: bool,
+    /// The URL the new node keeps calling its parent at once installed
+    /// (`https://host:8443` when the parent serves TLS); `parent_url`
+    /// when absent. Only the installer's own reports use `parent_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_url: Option<String>,
+    /// The parent's site CA (PEM), pinned by the new node for every call
+    /// on `link_url` (`state/parent.json`'s `ca`). Public: it is the
+    /// certificate, never the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
 }
 
 /// Progress report sent to the parent.
@@ -314,14 +324,24 @@ pub fn write_node_state(
         .parse()
         .with_context(|| format!("node id {:?} from the parent", work.node_id))?;
     write_json(&state.join("node.json"), &crate::node::NodeFile { node_id })?;
-    write_json(
-        &state.join("parent.json"),
-        &serde_json::json!({
-            "url": work.parent_url,
-            "token": work.token,
-            "node_id": work.node_id,
-            "parent_node_id": work.parent_node_id,
-        }),
+    // The link holds the replica token: mode 0600 (`parent::save`). With
+    // the parent's CA it is https and pinned from the first boot on.
+    let parent_node_id: uuid::Uuid = work
+        .parent_node_id
+        .parse()
+        .with_context(|| format!("parent node id {:?}", work.parent_node_id))?;
+    crate::parent::save(
+        data,
+        &crate::parent::ParentLink {
+            url: work
+                .link_url
+                .clone()
+                .unwrap_or_else(|| work.parent_url.clone()),
+            token: work.token.clone(),
+            node_id,
+            parent_node_id,
+            ca: work.ca.clone(),
+        },
     )?;
     write_json(
         &state.join("boot.json"),
@@ -662,7 +682,7 @@ mod tests {
         let work = InstallWork {
             release: "sha256:00".into(),
             parent_url: "http://10.0.0.1".into(),
-            parent_node_id: "p".into(),
+            parent_node_id: uuid::Uuid::from_u128(1).to_string(),
             node_id: uuid::Uuid::nil().to_string(),
             token: "apl_x".into(),
             networks: vec![ChildNetwork {
@@ -671,6 +691,8 @@ mod tests {
             }],
             disk: None,
             wipe: false,
+            link_url: Some("https://10.0.0.1:8443".into()),
+            ca: Some("-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n".into()),
         };
         write_node_state(
             dir.path(),
@@ -686,6 +708,21 @@ mod tests {
         };
         assert_eq!(read("node.json")["node_id"], uuid::Uuid::nil().to_string());
         assert_eq!(read("parent.json")["token"], "apl_x");
+        // The installed node calls its parent over https, pinning its CA,
+        // and its token is readable by root only.
+        assert_eq!(read("parent.json")["url"], "https://10.0.0.1:8443");
+        assert!(read("parent.json")["ca"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----"));
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("state/parent.json"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "parent.json holds the replica token");
+        }
         assert_eq!(read("boot.json")["uplink"], "eth0");
         assert_eq!(read("image.json")["disk_digest"], "sha256:11");
         let nets = read("networks.json");

@@ -105,6 +105,9 @@ pub struct Replication {
     /// Image bytes served per client MAC (from the DHCP neighbour table),
     /// reset when that MAC is handed install work.
     sent: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// This node's HTTPS port, when it serves TLS: install work then
+    /// gives the child an `https://` link pinning this node's site CA.
+    tls_port: Option<u16>,
 }
 
 fn now() -> f64 {
@@ -161,7 +164,42 @@ impl Replication {
             replicas,
             networks,
             sent: Default::default(),
+            tls_port: None,
         }
+    }
+
+    /// Children installed from now on link back over HTTPS on `port`,
+    /// pinning this node's site CA (`state/tls/ca.pem`).
+    pub fn with_tls_port(mut self, port: Option<u16>) -> Replication {
+        self.tls_port = port;
+        self
+    }
+
+    /// The child's link to this node: `https://<host the agent
+    /// reached>:<tls port>` and the site CA, when this node serves TLS and
+    /// its CA is readable; else none (the child links over `base`).
+    fn child_link(&self, base: &str) -> (Option<String>, Option<String>) {
+        let Some(port) = self.tls_port else {
+            return (None, None);
+        };
+        let ca_path = self.data.join(crate::tls::TLS_DIR).join("ca.pem");
+        let ca = match std::fs::read_to_string(&ca_path) {
+            Ok(pem) => pem,
+            Err(e) => {
+                tracing::warn!(path = %ca_path.display(), error = %e,
+                    "no site CA to give the child; it links to this node over plain HTTP");
+                return (None, None);
+            }
+        };
+        let Some(host) = crate::tls::url_host(base) else {
+            return (None, None);
+        };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        (Some(format!("https://{host}:{port}")), Some(ca))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -346,6 +384,7 @@ impl Replication {
             }
         };
         let networks = derive_child_networks(&self.networks.specs());
+        let (link_url, ca) = self.child_link(base);
         let work = InstallWork {
             release: release.clone(),
             parent_url: base.to_owned(),
@@ -355,6 +394,8 @@ impl Replication {
             networks,
             disk: None,
             wipe: false,
+            link_url,
+            ca,
         };
         let t = now();
         let all = {
@@ -689,6 +730,41 @@ mod tests {
                 cidr: "10.77.2.1/24".into(),
                 pool: None
             }]
+        );
+    }
+
+    fn replication(data: &Path) -> Replication {
+        let events = Events::new();
+        let tokens = Arc::new(crate::auth::TokenStore::open(&data.join("state/tokens.json")));
+        Replication::new(
+            data,
+            events.clone(),
+            None,
+            crate::replicas::Replicas::memory(tokens, uuid::Uuid::nil(), events.clone()),
+            crate::network::Networks::new(data, events),
+        )
+    }
+
+    #[test]
+    fn a_child_links_back_over_https_pinning_the_ca_only_when_tls_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        // No TLS port: the child links to the URL the agent reached.
+        let plain = replication(dir.path());
+        assert_eq!(plain.child_link("http://10.77.0.1"), (None, None));
+        // A TLS port but no CA (TLS failed to start): still plain.
+        let r = replication(dir.path()).with_tls_port(Some(8443));
+        assert_eq!(r.child_link("http://10.77.0.1"), (None, None));
+        let tls = dir.path().join(crate::tls::TLS_DIR);
+        std::fs::create_dir_all(&tls).unwrap();
+        let pem = "-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n";
+        std::fs::write(tls.join("ca.pem"), pem).unwrap();
+        assert_eq!(
+            r.child_link("http://10.77.0.1:8080"),
+            (Some("https://10.77.0.1:8443".into()), Some(pem.into()))
+        );
+        assert_eq!(
+            r.child_link("http://[fd00::1]").0.as_deref(),
+            Some("https://[fd00::1]:8443")
         );
     }
 }

@@ -128,8 +128,20 @@ pub fn build_state(opts: &ServeOptions) -> AppState {
 }
 
 /// Runs the server until SIGTERM/SIGINT.
-pub async fn run(opts: ServeOptions) -> Result<()> {
+pub async fn run(mut opts: ServeOptions) -> Result<()> {
     crate::http::server::raise_file_limit();
+    // The HTTPS port is bound first, so what the node hands out (a child's
+    // link back) names the port really bound, also for `--listen-tls :0`.
+    let tls_listener = match opts.listen_tls {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding {a}"))?;
+            opts.listen_tls = Some(l.local_addr().context("reading the bound address")?);
+            Some(l)
+        }
+        None => None,
+    };
     // A new data directory is created (as `git init` would); one that
     // cannot be is a degraded reason below, not a refusal to serve.
     if !opts.data.exists() {
@@ -191,8 +203,8 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     if let Some(node) = sync_node {
         start_background_sync(&opts, node);
     }
-    let tls_server = match opts.listen_tls {
-        Some(listen_tls) => start_tls(&opts, listen_tls, app.clone()).await?,
+    let tls_server = match tls_listener {
+        Some(listener) => start_tls(&opts, listener, app.clone()).await?,
         None => None,
     };
     crate::http::server::serve(
@@ -223,16 +235,18 @@ fn tls_subjects(opts: &ServeOptions, listen_tls: SocketAddr) -> crate::tls::Subj
     crate::tls::Subjects::discover(&extra)
 }
 
-/// Loads or creates the site CA, binds `listen_tls`, prints the HTTPS
-/// address and the CA fingerprint, and serves `app` over TLS until
-/// shutdown; the server certificate is reissued when the node's addresses
-/// change (checked every 30 s). A broken TLS directory is logged and the
-/// node serves plain HTTP only; a port that cannot be bound is an error.
+/// Loads or creates the site CA, prints the HTTPS address and the CA
+/// fingerprint, and serves `app` over TLS on `listener` until shutdown;
+/// the server certificate is reissued when the node's addresses change
+/// (checked every 30 s). A broken TLS directory is logged and the node
+/// serves plain HTTP only (a port that cannot be bound is an error of
+/// `run`).
 async fn start_tls(
     opts: &ServeOptions,
-    listen_tls: SocketAddr,
+    listener: tokio::net::TcpListener,
     app: axum::Router,
 ) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    let listen_tls = listener.local_addr().context("reading the bound address")?;
     let site = {
         let (data, subjects) = (opts.data.clone(), tls_subjects(opts, listen_tls));
         tokio::task::spawn_blocking(move || crate::tls::SiteTls::load_or_create(&data, subjects))
@@ -250,10 +264,7 @@ async fn start_tls(
         }
     };
     let (config, site) = site;
-    let listener = tokio::net::TcpListener::bind(listen_tls)
-        .await
-        .with_context(|| format!("binding {listen_tls}"))?;
-    let addr = listener.local_addr().context("reading the bound address")?;
+    let addr = listen_tls;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening (https) on {addr}").context("writing to stdout")?;
@@ -339,7 +350,8 @@ pub async fn build_app(
         inventory.as_ref().map(|inv| inv.boot_policy()),
         replicas.clone(),
         networks.clone(),
-    );
+    )
+    .with_tls_port(opts.listen_tls.map(|a| a.port()));
     // Cloning: jobs, the chunk store agents upload to and deploy from.
     let mut cloning = crate::clone::server::CloneJobs::new(
         &opts.data,
