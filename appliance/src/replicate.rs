@@ -735,7 +735,9 @@ mod tests {
 
     fn replication(data: &Path) -> Replication {
         let events = Events::new();
-        let tokens = Arc::new(crate::auth::TokenStore::open(&data.join("state/tokens.json")));
+        let tokens = Arc::new(crate::auth::TokenStore::open(
+            &data.join("state/tokens.json"),
+        ));
         Replication::new(
             data,
             events.clone(),

@@ -78,6 +78,18 @@ pub fn save_json<T: serde::Serialize + ?Sized>(
     write_atomic(path, &bytes, durable, secrecy)
 }
 
+/// Reads a JSON state file; `None` when it does not exist.
+pub fn load_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<Option<T>> {
+    use anyhow::Context as _;
+    match fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .with_context(|| format!("parsing {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

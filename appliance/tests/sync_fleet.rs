@@ -463,6 +463,27 @@ fn independent_histories_keep_syncing_after_a_conflict() {
     let r = b.sync();
     assert_eq!(r["round_trips"], 1, "not quiet after syncing: {r}");
     assert_eq!(a.state(), b.state());
+    // B's writes reached A's audit log, each once, named as B's.
+    let audit = a.json(&["audit"]);
+    let from_b: Vec<&Value> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["via"] == b.id.as_str())
+        .collect();
+    let adds: Vec<&str> = from_b
+        .iter()
+        .filter(|l| l["method"] == "POST" && l["node"] == b.id.as_str())
+        .filter_map(|l| l["path"].as_str())
+        .filter(|p| p.starts_with("/api/v1/repos"))
+        .collect();
+    assert_eq!(adds.len(), 5, "B's five repo adds, once each: {from_b:?}");
+    assert!(
+        from_b
+            .iter()
+            .all(|l| l["who"].is_string() && l["time"].is_number()),
+        "{from_b:?}"
+    );
     // What the parent reported is what is recorded, never B's own head.
     let rec: Value =
         serde_json::from_slice(&std::fs::read(b.data.join("state/sync.json")).unwrap()).unwrap();

@@ -647,6 +647,48 @@ fn sync_up(machines: &[Machine], log: &mut dyn FnMut(&str)) -> Result<(), String
         let token = m.token.as_deref().ok_or("no token")?;
         let report = post(m.port, "/api/v1/sync/run", "{}", token)?;
         log(&format!("m{k} synced with its parent: {report}"));
+        // A PXE-installed child links back over HTTPS, pinning its
+        // parent's CA (the install work carried it).
+        let status = json(m.port, "/api/v1/sync/status").ok_or("no sync status")?;
+        let parent = status["parent"].as_str().unwrap_or_default();
+        if !parent.starts_with("https://") {
+            return Err(format!(
+                "m{k} links to its parent at {parent:?}, not over https"
+            ));
+        }
+    }
+    // The writes made on the last machine reached m0's audit log through
+    // the middle one: node = the last machine, via = m1.
+    let id = |m: &Machine| -> Result<String, String> {
+        json(m.port, "/api/v1/version")
+            .and_then(|v| v["node_id"].as_str().map(str::to_owned))
+            .ok_or_else(|| "no node id".to_owned())
+    };
+    if let (Some(m0_token), true) = (machines[0].token.as_deref(), machines.len() >= 3) {
+        let (last_id, m1_id) = (id(last)?, id(&machines[1])?);
+        let r = http::request_within(
+            machines[0].port,
+            "GET",
+            "/api/v1/audit?limit=10000",
+            None,
+            Some(m0_token),
+            Duration::from_secs(30),
+        )
+        .map_err(|e| format!("GET /api/v1/audit: {e}"))?;
+        let page: serde_json::Value = serde_json::from_str(&r.body)
+            .map_err(|e| format!("GET /api/v1/audit: {e}: {} {}", r.status, r.body))?;
+        let forwarded = page["items"].as_array().into_iter().flatten().any(|l| {
+            l["path"] == "/api/v1/profiles"
+                && l["node"] == last_id.as_str()
+                && l["via"] == m1_id.as_str()
+        });
+        if !forwarded {
+            return Err(format!(
+                "m0's audit log lacks the profile write made on the last machine ({last_id}) via m1 ({m1_id}): {}",
+                r.body.chars().take(2000).collect::<String>()
+            ));
+        }
+        log("the last machine's writes are in m0's audit log, forwarded by m1");
     }
     let got = json(
         machines[0].port,

@@ -140,6 +140,17 @@ pub enum Ops {
     Power(power::PowerCmd),
     /// Capture a machine's disk, deploy an image to many, restore one.
     Clone(clone::CloneCmd),
+    /// The audit log: every write this node took, and those its children
+    /// forwarded with their syncs.
+    Audit(AuditCmd),
+}
+
+/// `appliance audit`.
+#[derive(Debug, Args)]
+pub struct AuditCmd {
+    /// The top-level connection flags (filled in by [`run`]).
+    #[arg(skip)]
+    pub conn: Conn,
 }
 
 /// A noun's command, with its verbs (filled in by [`run`]).
@@ -684,6 +695,7 @@ pub fn run(mut op: Ops, conn: Conn) -> Result<()> {
         Ops::Bundle(b) => b.conn = conn.clone(),
         Ops::Power(p) => p.conn = conn.clone(),
         Ops::Clone(c) => c.conn = conn.clone(),
+        Ops::Audit(a) => a.conn = conn.clone(),
     }
     match op {
         Ops::Distro(n) => noun(Kind::Distro, noun_of(n.verb.into(), &conn)),
@@ -707,7 +719,38 @@ pub fn run(mut op: Ops, conn: Conn) -> Result<()> {
         Ops::Bundle(b) => sync::bundle(b),
         Ops::Power(p) => power::power(p),
         Ops::Clone(c) => clone::clone(c),
+        Ops::Audit(a) => audit(a),
     }
+}
+
+fn audit(a: AuditCmd) -> Result<()> {
+    let v = Value::Array(a.conn.client().list("/api/v1/audit?limit=5000")?);
+    if a.conn.json {
+        print_json(&v);
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<16} {:<10} {:<8} {:<6} {:<40} {:<6} FROM",
+        "TIME", "WHO", "ROLE", "NODE", "METHOD", "PATH", "STATUS"
+    );
+    for l in v.as_array().into_iter().flatten() {
+        let node = l["node"]
+            .as_str()
+            .map(|n| &n[..n.len().min(8)])
+            .unwrap_or("-");
+        println!(
+            "{:<10} {:<16} {:<10} {:<8} {:<6} {:<40} {:<6} {}",
+            fmt_time(&l["time"]),
+            l["who"].as_str().unwrap_or("-"),
+            l["role"].as_str().unwrap_or("-"),
+            node,
+            l["method"].as_str().unwrap_or("-"),
+            l["path"].as_str().unwrap_or("-"),
+            l["status"],
+            l["from"].as_str().unwrap_or("-"),
+        );
+    }
+    Ok(())
 }
 
 pub(crate) fn print_json(v: &Value) {

@@ -168,8 +168,79 @@ pub fn routes(state: Arc<SyncState>) -> Vec<Route> {
             "A git pack of the parent's commits (?want=&have=)",
         )
         .response("binary")
-        .to(pack, s),
+        .to(pack, s.clone()),
+        Route::post(
+            "/api/v1/sync/{node}/audit",
+            Guard::Replica,
+            "A child forwards its audit log lines (?first=&offset=, JSON lines)",
+        )
+        .request("binary")
+        .response("Object")
+        .limit(AUDIT_LIMIT)
+        .to(audit_forward, s.clone()),
+        Route::get(
+            "/api/v1/audit",
+            Guard::Operator,
+            "This node's audit log, with what its children forwarded (?after=&limit=)",
+        )
+        .response("Object")
+        .to(audit_page, s),
     ]
+}
+
+/// A chunk of forwarded audit lines (the child sends at most
+/// [`crate::audit::FORWARD_CHUNK`], or one longer line).
+const AUDIT_LIMIT: usize = 2 << 20;
+
+#[derive(Debug, Deserialize)]
+struct AuditQ {
+    first: String,
+    offset: u64,
+}
+
+async fn audit_forward(
+    State(st): S,
+    Path(node): Path<String>,
+    Query(q): Query<AuditQ>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = node_id(&node)?;
+    if q.first.len() != 64 || !q.first.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad(
+            "first must be the SHA-256 (hex) of the log's first line",
+        ));
+    }
+    let data = st.node.data.clone();
+    let from = crate::audit::Cursor {
+        first: q.first,
+        offset: q.offset,
+        at: 0,
+    };
+    let lines = tokio::task::spawn_blocking(move || {
+        crate::audit::append_forwarded(&data, &id, &from, &body)
+    })
+    .await
+    .map_err(|e| internal(anyhow::anyhow!("audit task failed: {e}")))?
+    .map_err(bad)?;
+    Ok(Json(serde_json::json!({ "lines": lines })))
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditPageQ {
+    after: Option<usize>,
+    limit: Option<usize>,
+}
+
+async fn audit_page(
+    State(st): S,
+    Query(q): Query<AuditPageQ>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let data = st.node.data.clone();
+    let limit = q.limit.unwrap_or(500).clamp(1, 10_000);
+    let (items, next) =
+        blocking(move || crate::audit::page(&data, q.after.unwrap_or(0), limit)).await?;
+    let next = next.map(|n| n.to_string());
+    Ok(Json(serde_json::json!({ "items": items, "next": next })))
 }
 
 #[cfg(test)]

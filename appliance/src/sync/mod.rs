@@ -98,6 +98,9 @@ pub struct SyncReport {
     /// reachable from it. Never our own merge result, which the parent
     /// may lack.
     pub parent_head: Option<String>,
+    /// Audit log bytes forwarded to the parent.
+    #[serde(default)]
+    pub audit_bytes: u64,
 }
 
 /// The answer of `GET /api/v1/sync/<id>/state`.
@@ -494,7 +497,10 @@ impl SyncNode {
     /// Runs one sync with the parent (blocking).
     pub fn sync_with_parent(&self, link: &ParentLink) -> Result<SyncReport> {
         let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        let res = self.sync_inner(link);
+        let res = self.sync_inner(link).and_then(|mut rep| {
+            self.forward_audit(link, &mut rep)?;
+            Ok(rep)
+        });
         let path = self.data.join(SYNC_FILE);
         let mut rec: SyncRecord = read_json(&path).unwrap_or_default();
         match &res {
@@ -606,6 +612,34 @@ impl SyncNode {
         rep.parent_head = parent_head;
         rep.state = self.head_and_state().1;
         Ok(rep)
+    }
+
+    /// Sends the parent the audit lines it lacks (this node's writes and
+    /// what its own children forwarded), a chunk per request, recording
+    /// each acknowledged chunk (a retried chunk lands once: the parent
+    /// skips what it received).
+    fn forward_audit(&self, link: &ParentLink, rep: &mut SyncReport) -> Result<()> {
+        let quiet = rep.round_trips <= 1;
+        if quiet && !crate::audit::quiet_forward_due(&self.data) {
+            return Ok(());
+        }
+        let client = link.client(std::time::Duration::from_secs(120));
+        let base = format!("/api/v1/sync/{}/audit", link.node_id);
+        while let Some((chunk, from, to)) =
+            crate::audit::pending(&self.data, crate::audit::FORWARD_CHUNK)?
+        {
+            client
+                .bytes(
+                    "POST",
+                    &format!("{base}?first={}&offset={}", from.first, from.offset),
+                    Some((&chunk, "application/x-ndjson")),
+                )
+                .context("forwarding the audit log")?;
+            rep.round_trips += 1;
+            rep.audit_bytes += chunk.len() as u64;
+            crate::audit::mark_sent(&self.data, &to)?;
+        }
+        Ok(())
     }
 
     fn exchange_blobs(
