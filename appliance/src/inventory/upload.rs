@@ -478,8 +478,10 @@ mod tests {
         }
     }
 
-    fn blob() -> (Vec<u8>, String) {
-        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    /// 200,000 bytes and their hex digest; each test its own `seed`, as
+    /// upload slots are process-wide and tests run in parallel.
+    fn blob(seed: u32) -> (Vec<u8>, String) {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * seed % 253) as u8).collect();
         let hex = hex::encode(Sha256::digest(&data));
         (data, hex)
     }
@@ -487,7 +489,7 @@ mod tests {
     #[tokio::test]
     async fn an_upload_resumes_and_commits_only_verified_bytes() {
         let u = up();
-        let (data, hex) = blob();
+        let (data, hex) = blob(7);
         let uri = |off: usize| {
             format!(
                 "/api/v1/uploads/sha256/{hex}?offset={off}&size={}",
@@ -558,7 +560,7 @@ mod tests {
         use crate::contract::UPLOAD_PARTIAL_MAX_AGE;
         use std::time::{Duration, SystemTime};
         let u = up();
-        let (data, hex) = blob();
+        let (data, hex) = blob(13);
         // A real partial: 70,000 of the blob's bytes through the route.
         let uri = format!(
             "/api/v1/uploads/sha256/{hex}?offset=0&size={}",
@@ -624,7 +626,7 @@ mod tests {
     #[tokio::test]
     async fn bytes_that_hash_elsewhere_are_not_stored() {
         let u = up();
-        let (mut data, hex) = blob();
+        let (mut data, hex) = blob(11);
         data[1234] ^= 1;
         let (s, v) = u
             .call(
@@ -664,7 +666,7 @@ mod tests {
     #[tokio::test]
     async fn uploads_need_an_operator_and_well_formed_names() {
         let u = up();
-        let (data, hex) = blob();
+        let (data, hex) = blob(17);
         let uri = format!("/api/v1/uploads/sha256/{hex}?offset=0&size={}", data.len());
         let (s, _) = u.call("PUT", &uri, data.clone(), false).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
