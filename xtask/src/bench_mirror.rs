@@ -601,8 +601,7 @@ fn one_run(base: &Path, src_url: &str, suite: &str, names: &[String], first: boo
     }
     let manifest_size = std::fs::metadata(appliance::repo::blob_path(&data, snapshot)?)?.len();
     let ours_index_bytes = index_digests.values().sum::<u64>() + manifest_size;
-    let ours_pkgs: std::collections::BTreeSet<String> =
-        manifest.packages.into_iter().collect();
+    let ours_pkgs: std::collections::BTreeSet<String> = manifest.packages.into_iter().collect();
     let ours_client_s = client_timed(
         &base.join("client-ours"),
         &format!("deb [arch=amd64 signed-by={KEYRING}] {url}/repos/bench {suite} main\n"),

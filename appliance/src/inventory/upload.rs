@@ -562,10 +562,7 @@ mod tests {
         let u = up();
         let (data, hex) = blob(13);
         // A real partial: 70,000 of the blob's bytes through the route.
-        let uri = format!(
-            "/api/v1/uploads/sha256/{hex}?offset=0&size={}",
-            data.len()
-        );
+        let uri = format!("/api/v1/uploads/sha256/{hex}?offset=0&size={}", data.len());
         let (s, _) = u.call("PUT", &uri, data[..70_000].to_vec(), true).await;
         assert_eq!(s, StatusCode::ACCEPTED);
         let old = u.blobs.join(format!(".upload-{hex}"));
@@ -612,14 +609,31 @@ mod tests {
         // The server no longer offers to resume it: the client starts over
         // from 0 and the blob still commits.
         let (s, v) = u
-            .call("GET", &format!("/api/v1/uploads/sha256/{hex}"), vec![], true)
+            .call(
+                "GET",
+                &format!("/api/v1/uploads/sha256/{hex}"),
+                vec![],
+                true,
+            )
             .await;
-        assert_eq!((s, v["state"].as_str()), (StatusCode::OK, Some("absent")), "{v}");
+        assert_eq!(
+            (s, v["state"].as_str()),
+            (StatusCode::OK, Some("absent")),
+            "{v}"
+        );
         let (s, v) = u.call("PUT", &uri, data.clone(), true).await;
-        assert_eq!((s, v["state"].as_str()), (StatusCode::CREATED, Some("present")), "{v}");
+        assert_eq!(
+            (s, v["state"].as_str()),
+            (StatusCode::CREATED, Some("present")),
+            "{v}"
+        );
         // No blob directory yet: nothing to expire, no error.
         let none = tempfile::tempdir().unwrap();
-        let r = expire_partials(&none.path().join("blobs/sha256"), UPLOAD_PARTIAL_MAX_AGE, now);
+        let r = expire_partials(
+            &none.path().join("blobs/sha256"),
+            UPLOAD_PARTIAL_MAX_AGE,
+            now,
+        );
         assert_eq!(r.unwrap(), ExpiredPartials::default());
     }
 

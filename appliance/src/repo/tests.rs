@@ -255,7 +255,14 @@ fn the_mirror_keeps_each_groups_first_alternative_that_apt_takes_on_an_empty_roo
     let mirror = closure::resolve_for_mirror(&idx, None, &roots).unwrap();
     assert_eq!(
         names(mirror),
-        ["amail", "helpers", "perl", "usr-is-merged", "usrmerge", "zmail"]
+        [
+            "amail",
+            "helpers",
+            "perl",
+            "usr-is-merged",
+            "usrmerge",
+            "zmail"
+        ]
     );
 }
 
