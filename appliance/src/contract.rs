@@ -29,6 +29,15 @@ pub const RUN_DIR: &str = "/run/appliance";
 /// Where the data partition is mounted (a tmpfs when it is missing).
 pub const DATA_DIR: &str = "/data";
 
+/// A blob upload's partial file (`<data>/blobs/sha256/.upload-<hex>`)
+/// untouched for this long is abandoned: the blob store's gc removes it
+/// (a client resuming later starts that blob again from offset 0).
+pub const UPLOAD_PARTIAL_MAX_AGE: std::time::Duration =
+    std::time::Duration::from_secs(24 * 60 * 60);
+
+/// How often `serve` runs that gc (and once at start).
+pub const UPLOAD_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+
 /// GPT partition name (PARTNAME) of the data partition.
 pub const DATA_PARTNAME: &str = "appliance-data";
 

@@ -375,6 +375,10 @@ pub async fn build_app(
     os_installs.start_watchdog();
     auth.add_jobs(Arc::new(os_installs.clone()));
     crate::audit::init(&opts.data);
+    // The blob store's gc: abandoned upload partials expire.
+    if let Some(inv) = &inventory {
+        crate::inventory::upload::spawn_partial_gc(inv.blobs.clone());
+    }
     let mut routes = api::routes(state.clone());
     routes.extend(crate::webui::routes());
     routes.extend(crate::tls::routes(opts.data.clone()));

@@ -171,6 +171,23 @@ impl Drop for Archive {
 /// by `mail-provider`); `libgreet` pre-depends on `base-req`, which is
 /// `Priority: required` anyway; `outsider` is in nobody's closure.
 fn build_archive() -> Archive {
+    archive_of(&[
+        (
+            "hello-app",
+            "optional",
+            "Depends: libgreet (>= 1.0), nonexistent-pkg | alt-real, virtual-mta\n",
+        ),
+        ("libgreet", "optional", "Pre-Depends: base-req\n"),
+        ("base-req", "required", ""),
+        ("alt-real", "optional", ""),
+        ("mail-provider", "optional", "Provides: virtual-mta\n"),
+        ("outsider", "optional", "Depends: libgreet\n"),
+    ])
+}
+
+/// An archive of `pkgs` (`(name, priority, extra control fields)`, each
+/// version 1.0), signed with a throwaway key.
+fn archive_of(pkgs: &[(&str, &str, &str)]) -> Archive {
     need_tools();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("archive");
@@ -185,18 +202,6 @@ fn build_archive() -> Archive {
         key,
         gnupg,
     };
-    let pkgs: &[(&str, &str, &str)] = &[
-        (
-            "hello-app",
-            "optional",
-            "Depends: libgreet (>= 1.0), nonexistent-pkg | alt-real, virtual-mta\n",
-        ),
-        ("libgreet", "optional", "Pre-Depends: base-req\n"),
-        ("base-req", "required", ""),
-        ("alt-real", "optional", ""),
-        ("mail-provider", "optional", "Provides: virtual-mta\n"),
-        ("outsider", "optional", "Depends: libgreet\n"),
-    ];
     for (name, prio, extra) in pkgs {
         a.add_package(name, "1.0", prio, extra, b"");
     }
@@ -371,6 +376,10 @@ fn ok(url: &str, token: &str, args: &[&str]) -> String {
 }
 
 fn add_repo(url: &str, token: &str, name: &str, upstream: &str, key: &Path) {
+    add_repo_for(url, token, name, upstream, key, &["hello-app"]);
+}
+
+fn add_repo_for(url: &str, token: &str, name: &str, upstream: &str, key: &Path, packages: &[&str]) {
     ok(
         url,
         token,
@@ -389,7 +398,7 @@ fn add_repo(url: &str, token: &str, name: &str, upstream: &str, key: &Path) {
             "--set",
             r#"arches=["amd64"]"#,
             "--set",
-            r#"packages=["hello-app"]"#,
+            &format!("packages={}", serde_json::json!(packages)),
             "--set",
             &format!("keyring={}", serde_json::json!(key.display().to_string())),
         ],
@@ -450,6 +459,126 @@ fn apt(work: &Path, source: &str, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
+}
+
+/// Stock apt-get on an empty root `root` (`-o Dir=`, so its sources,
+/// lists, archives and dpkg database all live there; the host's apt
+/// configuration is kept out through `APT_CONFIG`), `dpkg --root` doing
+/// the install.
+fn apt_root(root: &Path, source: &str, args: &[&str]) -> Output {
+    for d in [
+        "etc/apt/apt.conf.d",
+        "etc/apt/preferences.d",
+        "etc/apt/sources.list.d",
+        "etc/apt/trusted.gpg.d",
+        "var/lib/apt/lists/partial",
+        "var/cache/apt/archives/partial",
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "var/log/apt",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::write(root.join("etc/apt/sources.list"), source).unwrap();
+    if !root.join("var/lib/dpkg/status").exists() {
+        std::fs::write(root.join("var/lib/dpkg/status"), "").unwrap();
+    }
+    let conf = root.with_extension("apt.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "Dir \"{}/\";\nDir::Etc::Main \"/dev/null\";\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    let mut c = Command::new("apt-get");
+    for o in [
+        format!("Dir={}/", root.display()),
+        "Dir::Bin::dpkg=/usr/bin/dpkg".into(),
+        format!("DPkg::Options::=--root={}", root.display()),
+        "Debug::NoLocking=1".into(),
+        "APT::Sandbox::User=root".into(),
+        "APT::Architecture=amd64".into(),
+        "APT::Architectures::=amd64".into(),
+        "APT::Install-Recommends=false".into(),
+        "Acquire::http::Proxy=DIRECT".into(),
+        "Acquire::Languages=none".into(),
+        "Acquire::Retries=0".into(),
+    ] {
+        c.arg("-o").arg(o);
+    }
+    c.args(args)
+        .env("APT_CONFIG", &conf)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Issue 16: the mirror serves upstream's whole index, so stock apt on a
+/// root holding none of a group's alternatives takes the *first*
+/// (Debian's `usrmerge | usr-is-merged` takes `usrmerge`), even where our
+/// closure met the group with another (the required `usr-is-merged`).
+/// The mirror must hold that first alternative and its closure, or the
+/// install fails on a 404 for its pool file.
+#[test]
+fn stock_apt_installs_into_an_empty_root_the_first_alternative_our_resolver_did_not_pick() {
+    let archive = archive_of(&[
+        (
+            "init-helpers",
+            "optional",
+            "Depends: merge-tool | merged-marker\n",
+        ),
+        ("merge-tool", "optional", "Depends: merge-lib\n"),
+        ("merge-lib", "optional", ""),
+        ("merged-marker", "required", ""),
+        ("outsider", "optional", ""),
+    ]);
+    let (up, _files, log) = upstream(&archive.root);
+    let data = tempfile::tempdir().unwrap();
+    let (_server, url, token) = server(data.path(), &[]);
+    let t = token.as_str();
+    add_repo_for(&url, t, "first", &up, &archive.key, &["init-helpers"]);
+    let out = ok(&url, t, &["repo", "sync", "first"]);
+    assert!(out.contains("first: 4 packages"), "{out}");
+    assert!(
+        !log.lock().unwrap().iter().any(|p| p.contains("outsider")),
+        "outsider fetched"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let source = format!(
+        "deb [arch=amd64 signed-by={}] {url}/repos/first test main\n",
+        archive.key.display()
+    );
+    let o = apt_root(&root, &source, &["update"]);
+    assert!(
+        o.status.success() && !text(&o).contains("W:") && !text(&o).contains("E:"),
+        "{}",
+        text(&o)
+    );
+    let o = apt_root(&root, &source, &["install", "-y", "init-helpers"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // Apt took the first alternative, fetched it from the mirror and
+    // dpkg installed it: the dpkg database on the root says so.
+    let status = std::fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap();
+    let mut installed: Vec<&str> = status
+        .split("\n\n")
+        .filter(|s| s.contains("Status: install ok installed"))
+        .filter_map(|s| s.lines().find_map(|l| l.strip_prefix("Package: ")))
+        .collect();
+    installed.sort();
+    assert_eq!(
+        installed,
+        ["init-helpers", "merge-lib", "merge-tool"],
+        "{}",
+        text(&o)
+    );
+    assert!(root.join("usr/share/doc/merge-tool/README").is_file());
 }
 
 #[test]

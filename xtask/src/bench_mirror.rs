@@ -6,9 +6,11 @@
 //! The package set: priority required and important, `openssh-server`,
 //! what the appliance's installer puts on every target
 //! (`osinstall::MIRROR_BASE`), and their dependency closure, made closed
-//! under *both* tools' rules for alternatives: ours takes the first
-//! alternative that can be met unless something chosen already meets the
-//! group; aptly takes every alternative of a group nothing in its list
+//! under *both* tools' rules for alternatives: ours (the mirror's rule,
+//! `closure::resolve_for_mirror`) takes the first alternative that can be
+//! met unless something chosen already meets the group, and also every
+//! group's first alternative that can be met (stock apt's pick on an
+//! empty root); aptly takes every alternative of a group nothing in its list
 //! meets yet (`PackageList.FilterWithProgress`, aptly 1.5), and a virtual
 //! package's provider in Go map order. So the set is grown until our
 //! closure and [`aptly_closure`] of it are the set itself; both tools are
@@ -29,12 +31,14 @@
 //!
 //! Each tool mirrors [`RUNS`] times from empty (`BENCH_MIRROR_RUNS`
 //! overrides); reported per run and as min/median/max: time, bytes stored
-//! (ours: the blob store; aptly: its root directory, pool and database),
-//! and once the time of a stock `apt-get update` + `apt-get install
-//! --download-only openssh-server` against each (ours served by `appliance
+//! (ours: the blob store, and of it the Release files, indexes and
+//! manifest; aptly: its root directory, pool and database, and again once
+//! published), and the time of a stock `apt-get update` + `apt-get install
+//! --download-only openssh-server` (an empty dpkg status: the .debs of the
+//! whole closure are downloaded) against each (ours served by `appliance
 //! serve` with Debian's signature; aptly's published with `aptly publish
 //! snapshot -skip-signing` and served by `aptly serve`, so that client
-//! uses `[trusted=yes]`). The last line is the JSON headline: the median
+//! uses `[trusted=yes]`); a client failure fails the bench. The last line is the JSON headline: the median
 //! seconds of our sync against the median of aptly's create + update.
 
 use std::path::{Path, PathBuf};
@@ -199,7 +203,7 @@ fn package_set(index: &[bundle::debian::Package]) -> Result<std::collections::BT
             .iter()
             .map(|n| (n.clone(), "bench".to_string()))
             .collect();
-        let ours = appliance::repo::closure::resolve(index, None, &roots)?;
+        let ours = appliance::repo::closure::resolve_for_mirror(index, None, &roots)?;
         let peer = aptly_closure(index, &names);
         let before = names.len();
         names.extend(ours.into_iter().chain(peer).map(|(n, _)| n));
@@ -219,7 +223,7 @@ fn source() -> Result<(PathBuf, String, Vec<String>)> {
     let (upstream, suite) = bundle::apt::debian_archive(&bundle::apt::host_sources()?)?;
     let done = dir.join(".complete");
     // Bumped when the rules for the set change (the source must hold it).
-    let want = format!("v3 {upstream} {suite} {PACKAGES:?}\n");
+    let want = format!("v4 {upstream} {suite} {PACKAGES:?}\n");
     if std::fs::read_to_string(&done).ok().as_deref() == Some(want.as_str()) {
         let names = std::fs::read_to_string(&list)
             .with_context(|| format!("reading {}", list.display()))?;
@@ -397,21 +401,19 @@ fn client(work: &Path, source: &str) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64())
 }
 
-/// [`client`]'s seconds, or why it failed (a mirror whose closure lacks
-/// what apt picks on an empty system fails here; said, not fatal).
-fn client_or_reason(work: &Path, source: &str) -> String {
-    match client(work, source) {
-        Ok(s) => format!("{s:.2} s"),
-        Err(e) => {
-            let msg = format!("{e:#}");
-            let last = msg
-                .lines()
-                .filter(|l| l.starts_with("E:"))
-                .collect::<Vec<_>>()
-                .join(" ");
-            format!("FAILED ({last})")
-        }
-    }
+/// [`client`]'s seconds; a failure (a mirror whose closure lacks what
+/// apt picks on an empty system fails here) fails the bench naming the
+/// mirror and apt's errors.
+fn client_timed(work: &Path, source: &str, which: &str) -> Result<f64> {
+    client(work, source).map_err(|e| {
+        let msg = format!("{e:#}");
+        let errors = msg
+            .lines()
+            .filter(|l| l.starts_with("E:"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        anyhow::anyhow!("stock apt-get against {which} failed: {errors}")
+    })
 }
 
 pub fn run() -> Result<()> {
@@ -457,8 +459,16 @@ pub fn run() -> Result<()> {
 struct Run {
     ours_s: f64,
     ours_bytes: u64,
+    /// Of `ours_bytes`: the signed Release files and indexes (`dists/`),
+    /// and the mirror's manifest.
+    ours_index_bytes: u64,
     aptly_s: f64,
     aptly_bytes: u64,
+    /// aptly's root once published (pool, database, public tree).
+    aptly_published_bytes: u64,
+    /// Stock `apt-get update` + `install --download-only` against each.
+    ours_client_s: f64,
+    aptly_client_s: f64,
 }
 
 /// Min, median and max.
@@ -488,12 +498,19 @@ fn bench(base: &Path, tree: &Path, suite: &str, names: &[String], runs: usize) -
         let r = one_run(&dir, &src_url, suite, names, i == 0)?;
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         println!(
-            "run {}/{runs}: ours {:.2} s, {:.1} MiB stored; aptly {:.2} s, {:.1} MiB stored",
+            "run {}/{runs}: ours sync {:.2} s, {:.1} MiB stored ({:.1} MiB Release files, \
+             indexes and manifest); aptly create+update {:.2} s, {:.1} MiB stored ({:.1} MiB \
+             once published); stock apt-get update+install --download-only {CLIENT_INSTALL}: \
+             ours {:.2} s, aptly {:.2} s",
             i + 1,
             r.ours_s,
             mib(r.ours_bytes),
+            mib(r.ours_index_bytes),
             r.aptly_s,
-            mib(r.aptly_bytes)
+            mib(r.aptly_bytes),
+            mib(r.aptly_published_bytes),
+            r.ours_client_s,
+            r.aptly_client_s,
         );
         std::fs::remove_dir_all(&dir)?;
         all.push(r);
@@ -502,10 +519,19 @@ fn bench(base: &Path, tree: &Path, suite: &str, names: &[String], runs: usize) -
     let (amin, amed, amax) = spread(all.iter().map(|r| r.aptly_s).collect());
     println!("ours  sync (s):               min {omin:.2} median {omed:.2} max {omax:.2}");
     println!("aptly create+update (s):      min {amin:.2} median {amed:.2} max {amax:.2}");
-    let (ob, ab) = (all[0].ours_bytes, all[0].aptly_bytes);
+    let (cmin, cmed, cmax) = spread(all.iter().map(|r| r.ours_client_s).collect());
+    println!("client against ours (s):      min {cmin:.2} median {cmed:.2} max {cmax:.2}");
+    let (cmin, cmed, cmax) = spread(all.iter().map(|r| r.aptly_client_s).collect());
+    println!("client against aptly (s):     min {cmin:.2} median {cmed:.2} max {cmax:.2}");
+    let (ob, ab, ap) = (
+        all[0].ours_bytes,
+        all[0].aptly_bytes,
+        all[0].aptly_published_bytes,
+    );
     println!(
-        "bytes stored: ours {ob} aptly {ab} (ratio {:.3})",
-        ob as f64 / ab as f64
+        "bytes stored: ours {ob} aptly {ab} (ratio {:.3}); aptly once published {ap} (ratio {:.3})",
+        ob as f64 / ab as f64,
+        ob as f64 / ap as f64
     );
     crate::bench::report(
         "mirror",
@@ -519,9 +545,10 @@ fn bench(base: &Path, tree: &Path, suite: &str, names: &[String], runs: usize) -
 }
 
 /// Both tools mirror `names` from `src_url` into `base`; the package
-/// lists they end up with must be equal. With `client`, also publishes
-/// aptly's mirror and times a stock apt-get against each.
-fn one_run(base: &Path, src_url: &str, suite: &str, names: &[String], client: bool) -> Result<Run> {
+/// lists they end up with must be equal. Then publishes aptly's mirror
+/// and times a stock apt-get against each (`first`: says the check
+/// passed).
+fn one_run(base: &Path, src_url: &str, suite: &str, names: &[String], first: bool) -> Result<Run> {
     // Ours: a real `appliance serve`, driven by its CLI.
     let data = base.join("ours");
     std::fs::create_dir_all(&data)?;
@@ -564,19 +591,22 @@ fn one_run(base: &Path, src_url: &str, suite: &str, names: &[String], client: bo
     let snapshot = list[0]["mirror_status"]["snapshot"]
         .as_str()
         .context("repo list: no snapshot after the sync")?;
-    let ours_pkgs: std::collections::BTreeSet<String> =
-        appliance::repo::Manifest::from_blob(&data, snapshot)?
-            .packages
-            .into_iter()
-            .collect();
-    let ours_client = if client {
-        client_or_reason(
-            &base.join("client-ours"),
-            &format!("deb [arch=amd64 signed-by={KEYRING}] {url}/repos/bench {suite} main\n"),
-        )
-    } else {
-        String::new()
-    };
+    let manifest = appliance::repo::Manifest::from_blob(&data, snapshot)?;
+    // What is not a pool file: Release files, indexes, the manifest.
+    let mut index_digests = std::collections::BTreeMap::new();
+    for (path, f) in &manifest.files {
+        if !path.starts_with("pool/") {
+            index_digests.insert(f.digest.clone(), f.size);
+        }
+    }
+    let manifest_size = std::fs::metadata(appliance::repo::blob_path(&data, snapshot)?)?.len();
+    let ours_index_bytes = index_digests.values().sum::<u64>() + manifest_size;
+    let ours_pkgs: std::collections::BTreeSet<String> = manifest.packages.into_iter().collect();
+    let ours_client_s = client_timed(
+        &base.join("client-ours"),
+        &format!("deb [arch=amd64 signed-by={KEYRING}] {url}/repos/bench {suite} main\n"),
+        "our mirror",
+    )?;
 
     // aptly, same source, same roots.
     let aroot = base.join("aptly");
@@ -645,11 +675,13 @@ fn one_run(base: &Path, src_url: &str, suite: &str, names: &[String], client: bo
             aptly_pkgs.len()
         );
     }
-    if client {
+    if first {
         println!(
             "package set check: both mirrors hold the same {} packages",
             ours_pkgs.len()
         );
+    }
+    let (aptly_published_bytes, aptly_client_s) = {
         let t1 = Instant::now();
         aptly(&["snapshot", "create", "bench", "from", "mirror", "bench"])?;
         aptly(&[
@@ -675,25 +707,22 @@ fn one_run(base: &Path, src_url: &str, suite: &str, names: &[String], client: bo
                 .context("starting aptly serve")?,
         );
         wait_port(port)?;
-        let aptly_client = client_or_reason(
+        let aptly_client_s = client_timed(
             &base.join("client-aptly"),
             &format!("deb [arch=amd64 trusted=yes] http://127.0.0.1:{port}/ {suite} main\n"),
-        );
-        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-        println!(
-            "ours:  sync {ours_s:.2} s, {:.1} MiB stored; client update+install {ours_client}",
-            mib(ours_bytes)
-        );
-        println!(
-            "aptly: mirror create+update {aptly_s:.2} s, {:.1} MiB stored ({:.1} MiB once published); snapshot+publish {publish_s:.2} s; client update+install {aptly_client}",
-            mib(aptly_bytes),
-            mib(aptly_served_bytes)
-        );
-    }
+            "aptly's published mirror",
+        )?;
+        eprintln!("aptly snapshot+publish {publish_s:.2} s");
+        (aptly_served_bytes, aptly_client_s)
+    };
     Ok(Run {
         ours_s,
         ours_bytes,
+        ours_index_bytes,
         aptly_s,
         aptly_bytes,
+        aptly_published_bytes,
+        ours_client_s,
+        aptly_client_s,
     })
 }

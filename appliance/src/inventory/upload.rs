@@ -20,6 +20,12 @@
 //! asks for that offset and goes on. The final hash is computed over the
 //! whole file, so a partial file damaged by a crash fails verification and
 //! is removed rather than committed. One upload per digest at a time.
+//!
+//! The blob store's gc ([`expire_partials`], run by `serve` at start and
+//! every [`crate::contract::UPLOAD_GC_INTERVAL`]) removes partial files
+//! untouched for [`crate::contract::UPLOAD_PARTIAL_MAX_AGE`] (a client
+//! that gave up never comes back for them); it holds the digest's upload
+//! slot while it does, so an upload in flight is never cut from under it.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -98,6 +104,107 @@ fn check_hex(hex: &str) -> Result<(), ApiError> {
             "blob names are sha256 digests: 64 lowercase hex digits",
         ))
     }
+}
+
+/// What one gc pass of the upload partials removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ExpiredPartials {
+    /// Digests (`sha256:<hex>`) whose abandoned partial file was removed.
+    pub digests: Vec<String>,
+    /// Bytes those files held.
+    pub bytes: u64,
+}
+
+/// Removes every `<blobs>/.upload-<hex>` last written more than `max_age`
+/// before `now`, skipping one whose upload is in flight (its slot is
+/// held for the removal, so no upload starts on it meanwhile). Other
+/// files are not touched. A missing `blobs` directory has nothing to
+/// expire.
+pub fn expire_partials(
+    blobs: &std::path::Path,
+    max_age: std::time::Duration,
+    now: std::time::SystemTime,
+) -> std::io::Result<ExpiredPartials> {
+    let mut out = ExpiredPartials::default();
+    let entries = match std::fs::read_dir(blobs) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    let mut names: Vec<(String, PathBuf)> = Vec::new();
+    for e in entries {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(hex) = name.strip_prefix(".upload-") {
+            if check_hex(hex).is_ok() {
+                names.push((hex.to_owned(), e.path()));
+            }
+        }
+    }
+    names.sort();
+    for (hex, path) in names {
+        let Ok(_slot) = Slot::take(&hex) else {
+            continue; // being uploaded right now
+        };
+        // Read after taking the slot: a write just before counts.
+        let m = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if !m.is_file() {
+            continue;
+        }
+        let age = now
+            .duration_since(m.modified()?)
+            .unwrap_or(std::time::Duration::ZERO);
+        if age <= max_age {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        }
+        out.digests.push(format!("sha256:{hex}"));
+        out.bytes += m.len();
+    }
+    Ok(out)
+}
+
+/// Runs [`expire_partials`] on `blobs` now and every
+/// [`crate::contract::UPLOAD_GC_INTERVAL`], logging what it removed.
+pub fn spawn_partial_gc(blobs: PathBuf) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::contract::UPLOAD_GC_INTERVAL);
+        loop {
+            tick.tick().await;
+            let b = blobs.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                expire_partials(
+                    &b,
+                    crate::contract::UPLOAD_PARTIAL_MAX_AGE,
+                    std::time::SystemTime::now(),
+                )
+            })
+            .await;
+            match res {
+                Ok(Ok(r)) if !r.digests.is_empty() => tracing::info!(
+                    removed = r.digests.len(),
+                    bytes = r.bytes,
+                    digests = ?r.digests,
+                    "removed abandoned blob upload partials"
+                ),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(
+                    error = %e,
+                    dir = %blobs.display(),
+                    "expiring abandoned blob upload partials failed"
+                ),
+                Err(e) => tracing::warn!(error = %e, "the upload partial gc task failed"),
+            }
+        }
+    });
 }
 
 fn partial_path(st: &InvState, hex: &str) -> PathBuf {
@@ -371,8 +478,10 @@ mod tests {
         }
     }
 
-    fn blob() -> (Vec<u8>, String) {
-        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    /// 200,000 bytes and their hex digest; each test its own `seed`, as
+    /// upload slots are process-wide and tests run in parallel.
+    fn blob(seed: u32) -> (Vec<u8>, String) {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * seed % 253) as u8).collect();
         let hex = hex::encode(Sha256::digest(&data));
         (data, hex)
     }
@@ -380,7 +489,7 @@ mod tests {
     #[tokio::test]
     async fn an_upload_resumes_and_commits_only_verified_bytes() {
         let u = up();
-        let (data, hex) = blob();
+        let (data, hex) = blob(7);
         let uri = |off: usize| {
             format!(
                 "/api/v1/uploads/sha256/{hex}?offset={off}&size={}",
@@ -447,9 +556,91 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_gc_expires_partials_untouched_past_the_max_age_and_nothing_else() {
+        use crate::contract::UPLOAD_PARTIAL_MAX_AGE;
+        use std::time::{Duration, SystemTime};
+        let u = up();
+        let (data, hex) = blob(13);
+        // A real partial: 70,000 of the blob's bytes through the route.
+        let uri = format!("/api/v1/uploads/sha256/{hex}?offset=0&size={}", data.len());
+        let (s, _) = u.call("PUT", &uri, data[..70_000].to_vec(), true).await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+        let old = u.blobs.join(format!(".upload-{hex}"));
+        // A second partial touched just now, a committed blob and a file
+        // that only looks like a partial stay.
+        let fresh_hex = "ab".repeat(32);
+        let fresh = u.blobs.join(format!(".upload-{fresh_hex}"));
+        std::fs::write(&fresh, b"fresh").unwrap();
+        let committed = u.blobs.join("cd".repeat(32));
+        std::fs::write(&committed, b"blob").unwrap();
+        let odd = u.blobs.join(".upload-not-a-digest");
+        std::fs::write(&odd, b"odd").unwrap();
+        let now = SystemTime::now();
+        let past = now - UPLOAD_PARTIAL_MAX_AGE - Duration::from_secs(60);
+        for p in [&old, &committed, &odd] {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(past)
+                .unwrap();
+        }
+
+        // Within the age nothing goes.
+        let r = expire_partials(&u.blobs, UPLOAD_PARTIAL_MAX_AGE * 2, now).unwrap();
+        assert_eq!(r, ExpiredPartials::default());
+        // An upload in flight holds the slot: its partial is kept.
+        {
+            let _busy = Slot::take(&hex).unwrap();
+            let r = expire_partials(&u.blobs, UPLOAD_PARTIAL_MAX_AGE, now).unwrap();
+            assert_eq!(r, ExpiredPartials::default());
+            assert!(old.is_file());
+        }
+        let r = expire_partials(&u.blobs, UPLOAD_PARTIAL_MAX_AGE, now).unwrap();
+        assert_eq!(
+            r,
+            ExpiredPartials {
+                digests: vec![format!("sha256:{hex}")],
+                bytes: 70_000
+            }
+        );
+        assert!(!old.exists());
+        assert!(fresh.is_file() && committed.is_file() && odd.is_file());
+        // The server no longer offers to resume it: the client starts over
+        // from 0 and the blob still commits.
+        let (s, v) = u
+            .call(
+                "GET",
+                &format!("/api/v1/uploads/sha256/{hex}"),
+                vec![],
+                true,
+            )
+            .await;
+        assert_eq!(
+            (s, v["state"].as_str()),
+            (StatusCode::OK, Some("absent")),
+            "{v}"
+        );
+        let (s, v) = u.call("PUT", &uri, data.clone(), true).await;
+        assert_eq!(
+            (s, v["state"].as_str()),
+            (StatusCode::CREATED, Some("present")),
+            "{v}"
+        );
+        // No blob directory yet: nothing to expire, no error.
+        let none = tempfile::tempdir().unwrap();
+        let r = expire_partials(
+            &none.path().join("blobs/sha256"),
+            UPLOAD_PARTIAL_MAX_AGE,
+            now,
+        );
+        assert_eq!(r.unwrap(), ExpiredPartials::default());
+    }
+
+    #[tokio::test]
     async fn bytes_that_hash_elsewhere_are_not_stored() {
         let u = up();
-        let (mut data, hex) = blob();
+        let (mut data, hex) = blob(11);
         data[1234] ^= 1;
         let (s, v) = u
             .call(
@@ -489,7 +680,7 @@ mod tests {
     #[tokio::test]
     async fn uploads_need_an_operator_and_well_formed_names() {
         let u = up();
-        let (data, hex) = blob();
+        let (data, hex) = blob(17);
         let uri = format!("/api/v1/uploads/sha256/{hex}?offset=0&size={}", data.len());
         let (s, _) = u.call("PUT", &uri, data.clone(), false).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);

@@ -11,6 +11,16 @@
 //! the `Recommends` (skipped when nothing satisfies them, as apt does).
 //! A dependency nothing satisfies is an error naming the package that
 //! needs it and what it needs.
+//!
+//! Two rules share this walk ([`Rule`]): the installer's ([`resolve`]:
+//! one choice per group, what the appliance's own installer unpacks) and
+//! the mirror's ([`resolve_for_mirror`]): besides that choice, each
+//! group of alternatives also keeps its first alternative that can be
+//! met, and that one's closure, because the mirror serves upstream's
+//! whole index and stock apt on a root holding none of a group's
+//! alternatives takes the first (`usrmerge | usr-is-merged` takes
+//! `usrmerge`, though the required `usr-is-merged` meets the group for
+//! our installer).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -87,6 +97,39 @@ pub fn resolve(
     recommends: Option<&Recommends>,
     roots: &[(String, String)],
 ) -> Result<BTreeSet<(String, String)>> {
+    resolve_with(index, recommends, roots, Rule::Installer)
+}
+
+/// What a mirror must hold for `roots`: [`resolve`]'s closure plus, for
+/// every group of two or more alternatives met on the way, the first
+/// alternative that can be met (by name and version, else unversioned by
+/// its first provider by name) and its closure, so stock apt finds every
+/// pool file it picks on an empty root. A superset of [`resolve`].
+pub fn resolve_for_mirror(
+    index: &[Package],
+    recommends: Option<&Recommends>,
+    roots: &[(String, String)],
+) -> Result<BTreeSet<(String, String)>> {
+    resolve_with(index, recommends, roots, Rule::Mirror)
+}
+
+/// Which packages a group of alternatives adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// One choice per group: nothing when something chosen meets it.
+    Installer,
+    /// That choice, and also the group's first alternative that can be
+    /// met (stock apt's pick on an empty root).
+    Mirror,
+}
+
+/// [`resolve`] or [`resolve_for_mirror`], by `rule`.
+pub fn resolve_with(
+    index: &[Package],
+    recommends: Option<&Recommends>,
+    roots: &[(String, String)],
+    rule: Rule,
+) -> Result<BTreeSet<(String, String)>> {
     let mut by_name: HashMap<&str, Vec<&Package>> = HashMap::new();
     let mut providers: HashMap<&str, BTreeSet<&str>> = HashMap::new();
     for p in index {
@@ -159,6 +202,28 @@ pub fn resolve(
             .chain(p.depends.iter().map(|g| (g, true)))
             .chain(rec.into_iter().flatten().map(|g| (g, false)));
         for (group, hard) in groups {
+            if rule == Rule::Mirror && group.len() > 1 {
+                // Apt's pick on a root holding none of the alternatives:
+                // the first one it can install.
+                let first = group.iter().find_map(|d| {
+                    best(&d.name, d.constraint.as_deref()).or_else(|| {
+                        if d.constraint.is_some() || !virtual_only(&d.name) {
+                            return None;
+                        }
+                        providers
+                            .get(d.name.as_str())
+                            .and_then(|s| s.iter().next())
+                            .and_then(|n| best(n, None))
+                    })
+                });
+                if let Some(q) = first {
+                    let key = (q.name.clone(), q.version.clone());
+                    if !chosen.contains_key(&key) && !queue[i..].iter().any(|x| std::ptr::eq(*x, q))
+                    {
+                        queue.push(q);
+                    }
+                }
+            }
             if group
                 .iter()
                 .any(|d| is_satisfied(d, &names, &provided, &queue[i..]))

@@ -902,8 +902,9 @@ pub fn sync_mirror(
             }
         }
         let roots: Vec<(String, String)> = roots.into_iter().collect();
-        let chosen = closure::resolve(&all, spec.recommends.then_some(&recommends), &roots)
-            .with_context(|| format!("resolving the closure for {arch}"))?;
+        let chosen =
+            closure::resolve_for_mirror(&all, spec.recommends.then_some(&recommends), &roots)
+                .with_context(|| format!("resolving the closure for {arch}"))?;
         let names: BTreeSet<&str> = chosen.iter().map(|(n, _)| n.as_str()).collect();
         for (_, pkgs) in per_suite {
             let newest = newest_by_name(pkgs);

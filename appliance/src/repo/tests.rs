@@ -226,6 +226,47 @@ fn recommends_are_followed_only_when_the_repo_says_installs_take_them() {
 }
 
 #[test]
+fn the_mirror_keeps_each_groups_first_alternative_that_apt_takes_on_an_empty_root() {
+    // Debian's `usrmerge | usr-is-merged`: the required `usr-is-merged`
+    // meets the group for our installer, but stock apt on a root holding
+    // neither takes `usrmerge` (and what it needs).
+    let (_, idx) = index(&[
+        stanza(
+            "helpers",
+            "1",
+            "optional",
+            "Depends: usrmerge | usr-is-merged, gone | vmta\n",
+        ),
+        stanza("usrmerge", "35", "optional", "Depends: perl (>= 5)\n"),
+        stanza("perl", "5.36", "standard", ""),
+        stanza("usr-is-merged", "35", "required", ""),
+        // `gone` is in no index: the first that can be met is `vmta`'s
+        // first provider by name.
+        stanza("zmail", "1", "optional", "Provides: vmta\n"),
+        stanza("amail", "1", "optional", "Provides: vmta\n"),
+    ]);
+    let roots = roots(&["helpers", "usr-is-merged", "zmail"]);
+    let names = |set: BTreeSet<(String, String)>| -> Vec<String> {
+        set.into_iter().map(|(n, _)| n).collect()
+    };
+    // The installer's choice is unchanged.
+    let installer = closure::resolve(&idx, None, &roots).unwrap();
+    assert_eq!(names(installer), ["helpers", "usr-is-merged", "zmail"]);
+    let mirror = closure::resolve_for_mirror(&idx, None, &roots).unwrap();
+    assert_eq!(
+        names(mirror),
+        [
+            "amail",
+            "helpers",
+            "perl",
+            "usr-is-merged",
+            "usrmerge",
+            "zmail"
+        ]
+    );
+}
+
+#[test]
 fn a_missing_package_is_an_error_naming_it_and_who_needs_it() {
     let (_, idx) = index(&[
         stanza("base", "1", "required", ""),
