@@ -15,6 +15,7 @@ const pages = {
   inventory: () => import('./pages/inventory.js'),
   work: () => import('./pages/work.js'),
   tree: () => import('./pages/tree.js'),
+  release: () => import('./pages/release.js'),
 };
 
 let leave = null; // the current page's cleanup (closes live streams)
