@@ -59,14 +59,18 @@ export async function render(main) {
     ]) : h('p', { class: 'muted', id: 'release-digest' }, 'This node has no release manifest (it was not booted from an appliance image).'));
 
   // The manifest: outputs and inputs, each with its digest.
+  const inputs = manifest ? Object.entries(manifest.inputs || {}) : [];
+  const fileTable = (id, caption, rows) => h('div', { class: 'scroll' }, h('table', { id },
+    h('caption', {}, caption),
+    h('thead', {}, h('tr', {}, ['Name', 'Kind', 'Size', 'Digest'].map((c) => h('th', { scope: 'col' }, c)))),
+    h('tbody', {}, rows)));
   const man = manifest ? h('section', { class: 'card', 'aria-labelledby': 'r-man' },
     h('h2', { id: 'r-man' }, 'Signed manifest'),
-    h('div', { class: 'scroll' }, h('table', { id: 'manifest-files' },
-      h('caption', {}, `${outputs.length} outputs and ${Object.keys(manifest.inputs || {}).length} inputs`),
-      h('thead', {}, h('tr', {}, ['Name', 'Kind', 'Size', 'Digest'].map((c) => h('th', { scope: 'col' }, c)))),
-      h('tbody', {},
-        outputs.map(([k, o]) => h('tr', {}, h('td', {}, `${k} (${o.file})`), h('td', {}, 'output'), h('td', {}, bytes(o.size)), h('td', {}, code(o.digest)))),
-        Object.entries(manifest.inputs || {}).map(([k, i]) => h('tr', {}, h('td', {}, k), h('td', {}, i.kind), h('td', {}, bytes(i.size)), h('td', {}, code(i.digest))))))),
+    fileTable('manifest-files', `${outputs.length} outputs`,
+      outputs.map(([k, o]) => h('tr', {}, h('td', {}, `${k} (${o.file})`), h('td', {}, 'output'), h('td', {}, bytes(o.size)), h('td', {}, code(o.digest))))),
+    h('details', { id: 'manifest-inputs' }, h('summary', {}, `${inputs.length} inputs it was built from`),
+      fileTable('manifest-input-files', 'Inputs',
+        inputs.map(([k, i]) => h('tr', {}, h('td', {}, k), h('td', {}, i.kind), h('td', {}, bytes(i.size)), h('td', {}, code(i.digest)))))),
     h('p', {}, h('a', { href: '/api/v1/release/manifest', download: 'manifest.json', id: 'dl-manifest' }, 'manifest.json'), ' · ',
       h('a', { href: '/api/v1/release/signature', download: 'manifest.json.sig', id: 'dl-signature' }, 'manifest.json.sig'))) : null;
 
