@@ -176,7 +176,6 @@ async function drawFlash(card, rel, disk) {
     api('GET', '/api/v1/disks').then((p) => p.items || p).catch((e) => e),
     api('GET', '/api/v1/flash').catch((e) => e),
   ]);
-  const imagePath = rel.cached && disk ? `${rel.cached.out}/${disk.file}` : null;
   const size = disk ? disk.size : 0;
   const out = h('div', { id: 'flash-out', 'aria-live': 'polite' });
   const sel = h('input', { id: 'flash-device', list: 'disk-list', autocomplete: 'off', spellcheck: 'false', placeholder: '/dev/sdX' });
@@ -210,9 +209,8 @@ async function drawFlash(card, rel, disk) {
     const d = disks instanceof Error ? null : disks.find((x) => x.path === dev);
     if (!await confirmAction(`Erase ${dev}${d ? ` (${bytes(d.size)}${d.model ? `, ${d.model}` : ''})` : ''} and write the appliance image onto it? Everything on it is lost.`, 'Erase and flash')) return;
     try {
-      const body = { device: dev };
-      if (imagePath) body.image = imagePath;
-      drawStatus(await api('POST', '/api/v1/flash', body));
+      // The server writes its own verified rebuild (no path from here).
+      drawStatus(await api('POST', '/api/v1/flash', { device: dev }));
       flash(`Flashing ${dev}`);
     } catch (e) {
       put(out, problem(e));
