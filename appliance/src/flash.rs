@@ -469,10 +469,11 @@ async fn start(
             ));
         }
     }
-    let image = req
-        .image
-        .clone()
-        .unwrap_or_else(|| st.data_dir.join(crate::rebuild::CACHE_RELEASE).join("appliance.img"));
+    let image = req.image.clone().unwrap_or_else(|| {
+        st.data_dir
+            .join(crate::rebuild::CACHE_RELEASE)
+            .join("appliance.img")
+    });
     let sys = System::current(&st.data_dir);
     let (img, dev, bmap) = (image.clone(), req.device.clone(), req.bmap);
     let checked = tokio::task::spawn_blocking(move || -> Result<(System, Bmap)> {

@@ -87,10 +87,12 @@ fn open(s: &Session, hash: &str, page: &str) {
 fn axe_source() -> &'static str {
     static SRC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SRC.get_or_init(|| {
-        let path = std::env::var_os("AXE_CORE").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/peers/node/node_modules/axe-core/axe.min.js")
-        });
+        let path = std::env::var_os("AXE_CORE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("../target/peers/node/node_modules/axe-core/axe.min.js")
+            });
         std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
                 "{}: {e}: install the npm peers (.ci/run, or `cargo xtask test`, \
@@ -109,7 +111,10 @@ fn accessible(s: &Session, name: &str) {
     let loaded = s.eval("return typeof window.axe;", vec![]).unwrap();
     if loaded != json!("object") {
         let t = s
-            .eval(&format!("{}\nreturn typeof window.axe;", axe_source()), vec![])
+            .eval(
+                &format!("{}\nreturn typeof window.axe;", axe_source()),
+                vec![],
+            )
             .unwrap();
         assert_eq!(t, json!("object"), "axe-core did not load");
     }
@@ -748,7 +753,8 @@ fn console_release_page_rebuilds_identical_offers_downloads_and_flashes_with_the
 
     // A sync bundle, fetched with the token (no link can carry it).
     s.click(&s.find("#dl-bundle").unwrap()).unwrap();
-    s.wait_text("#flash", "Downloaded changes.bundle", T).unwrap();
+    s.wait_text("#flash", "Downloaded changes.bundle", T)
+        .unwrap();
     shot_r(&s, "04-downloads");
 
     // Flash: the server refuses what the CLI refuses (here: the image
@@ -780,14 +786,16 @@ fn console_release_page_rebuilds_identical_offers_downloads_and_flashes_with_the
         let disk = disk.as_str().unwrap();
         eprintln!("refused disk on this machine: {disk}");
         flash_to(disk);
-        s.wait_text("#flash-out [role=alert]", "mounted", T).unwrap();
+        s.wait_text("#flash-out [role=alert]", "mounted", T)
+            .unwrap();
     }
     shot_r(&s, "05-flash-refused");
     let target = work.path().join("stick.img");
     flash_to(target.to_str().unwrap());
     s.wait_text("#flash-state", "done", Duration::from_secs(300))
         .unwrap();
-    s.wait_text("#flash-out", "Written and verified", T).unwrap();
+    s.wait_text("#flash-out", "Written and verified", T)
+        .unwrap();
     shot_r(&s, "06-flashed");
     assert_eq!(
         sha256sum(&target),

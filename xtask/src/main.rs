@@ -215,7 +215,10 @@ pub fn ensure_node_peers() -> Result<()> {
     if std::fs::read(&stamp).ok().as_deref() == Some(&want[..]) {
         return Ok(());
     }
-    eprintln!("xtask: installing the npm test peers into {}", dir.display());
+    eprintln!(
+        "xtask: installing the npm test peers into {}",
+        dir.display()
+    );
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let pkgs: Vec<&str> = std::str::from_utf8(&want)
         .context("npm-packages.txt is not UTF-8")?
@@ -224,7 +227,13 @@ pub fn ensure_node_peers() -> Result<()> {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .collect();
     run(Command::new("npm")
-        .args(["install", "--no-audit", "--no-fund", "--save-exact", "--prefix"])
+        .args([
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--save-exact",
+            "--prefix",
+        ])
         .arg(&dir)
         .args(&pkgs))?;
     std::fs::write(&stamp, want).with_context(|| format!("writing {}", stamp.display()))

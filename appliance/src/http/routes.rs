@@ -225,7 +225,10 @@ impl tower_http::compression::Predicate for JsonOnly {
 /// Encoding: gzip`; `Vary: Accept-Encoding` is added), applied once here
 /// for every route of the table.
 pub fn json_compression() -> tower_http::compression::CompressionLayer<
-    tower_http::compression::predicate::And<tower_http::compression::predicate::SizeAbove, JsonOnly>,
+    tower_http::compression::predicate::And<
+        tower_http::compression::predicate::SizeAbove,
+        JsonOnly,
+    >,
 > {
     use tower_http::compression::predicate::{Predicate as _, SizeAbove};
     tower_http::compression::CompressionLayer::new()
