@@ -138,3 +138,23 @@ export function follow(path, onEvent, onState) {
   run();
   return () => { stopped = true; ctl.abort(); };
 }
+
+/**
+ * Downloads `path` (a route that needs the token, so no plain link) as a
+ * file named `name`; resolves to its size in bytes.
+ */
+export async function download(path, name) {
+  const r = await fetch(path, { headers: headers({}) });
+  if (!r.ok) throw await fail(r);
+  const blob = await r.blob();
+  const url = URL.createObjectURL(blob);
+  const a = document.createElement('a');
+  a.href = url;
+  a.download = name;
+  a.hidden = true;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60000);
+  return blob.size;
+}

@@ -15,6 +15,7 @@ const pages = {
   inventory: () => import('./pages/inventory.js'),
   work: () => import('./pages/work.js'),
   tree: () => import('./pages/tree.js'),
+  release: () => import('./pages/release.js'),
 };
 
 let leave = null; // the current page's cleanup (closes live streams)
@@ -66,12 +67,17 @@ function login(err) {
   input.focus();
 }
 
-async function route() {
+/** The page module and its split hash for `location.hash`. */
+function target() {
+  const [, first = '', ...rest] = location.hash.replace(/^#/, '').split('/');
+  return { first, rest, load: pages[first] };
+}
+
+async function route(early) {
   if (leave) { leave(); leave = null; }
   const f = document.getElementById('flash');
   if (f.dataset.keep !== location.hash) { f.textContent = ''; f.className = 'flash'; }
-  const [, first = '', ...rest] = location.hash.replace(/^#/, '').split('/');
-  const load = pages[first];
+  const { first, rest, load } = target();
   const main = document.getElementById('main');
   delete main.dataset.ready;
   for (const a of document.querySelectorAll('#nav a')) {
@@ -84,7 +90,8 @@ async function route() {
   try {
     const mod = await load();
     main.dataset.page = first || 'overview';
-    leave = (await mod.render(main, rest.map(decodeURIComponent))) || null;
+    const args = rest.map(decodeURIComponent);
+    leave = (await mod.render(main, args, early && early.first === first ? early.data : undefined)) || null;
     main.dataset.ready = '1';
     // Time to interactive, since navigation start (`cargo xtask bench console`).
     window.consoleReady = window.consoleReady || performance.now();
@@ -99,9 +106,20 @@ window.addEventListener('hashchange', () => { if (token.get()) route(); });
 
 (async () => {
   if (!token.get()) { login(); return; }
+  // The first page's module, and its data when it says how (`prefetch`),
+  // are fetched while the token is checked: one round trip, not three.
+  const t = target();
+  let early = null;
+  if (t.load) {
+    early = {
+      first: t.first,
+      data: t.load().then((m) => (m.prefetch ? m.prefetch(t.rest.map(decodeURIComponent)) : undefined)),
+    };
+    early.data.catch(() => {}); // render sees (and shows) a failure
+  }
   try {
     await whoami();
-    route();
+    route(early);
   } catch (e) {
     token.clear();
     login(e);

@@ -345,7 +345,9 @@ fn write_to(
 pub struct FlashRequest {
     /// Block device (or file) to write.
     pub device: PathBuf,
-    /// Image to write; default [`DEFAULT_IMAGE`].
+    /// Image to write; default: the verified rebuild in the server's data
+    /// directory (`<data>/cache/release/appliance.img`, [`DEFAULT_IMAGE`]
+    /// on the appliance).
     #[serde(default)]
     pub image: Option<PathBuf>,
     /// The image's block map: the text of a bmaptool block map file
@@ -467,10 +469,11 @@ async fn start(
             ));
         }
     }
-    let image = req
-        .image
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE));
+    let image = req.image.clone().unwrap_or_else(|| {
+        st.data_dir
+            .join(crate::rebuild::CACHE_RELEASE)
+            .join("appliance.img")
+    });
     let sys = System::current(&st.data_dir);
     let (img, dev, bmap) = (image.clone(), req.device.clone(), req.bmap);
     let checked = tokio::task::spawn_blocking(move || -> Result<(System, Bmap)> {

@@ -81,9 +81,72 @@ fn open(s: &Session, hash: &str, page: &str) {
         .unwrap();
 }
 
+/// axe-core's browser build (`xtask/npm-packages.txt`, installed into
+/// `target/peers/node` by `.ci/run` and `cargo xtask test`); `$AXE_CORE`
+/// names another copy. Missing, the test fails: it never skips the scan.
+fn axe_source() -> &'static str {
+    static SRC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SRC.get_or_init(|| {
+        let path = std::env::var_os("AXE_CORE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("../target/peers/node/node_modules/axe-core/axe.min.js")
+            });
+        std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}: install the npm peers (.ci/run, or `cargo xtask test`, \
+                 or npm install --prefix target/peers/node axe-core@VERSION from \
+                 xtask/npm-packages.txt)",
+                path.display()
+            )
+        })
+    })
+}
+
+/// axe-core's scan of the page as it is now (injected once per document,
+/// through WebDriver, so the page's own CSP stays strict): no serious or
+/// critical violation.
+fn accessible(s: &Session, name: &str) {
+    let loaded = s.eval("return typeof window.axe;", vec![]).unwrap();
+    if loaded != json!("object") {
+        let t = s
+            .eval(
+                &format!("{}\nreturn typeof window.axe;", axe_source()),
+                vec![],
+            )
+            .unwrap();
+        assert_eq!(t, json!("object"), "axe-core did not load");
+    }
+    let found = s
+        .eval_async(
+            "const done = arguments[arguments.length - 1];
+             axe.run(document)
+               .then(r => done({passed: r.passes.length, serious: r.violations
+                 .filter(v => v.impact === 'serious' || v.impact === 'critical')
+                 .map(v => `${v.impact} ${v.id}: ${v.help}: ` + v.nodes.slice(0, 4)
+                   .map(n => `${n.target.join(' ')} (${n.failureSummary.replace(/\\s+/g, ' ')})`).join('; '))}))
+               .catch(e => done({passed: 0, serious: [`axe failed: ${e}`]}));",
+            vec![],
+        )
+        .unwrap();
+    assert_eq!(
+        found["serious"],
+        json!([]),
+        "accessibility violations on {name}"
+    );
+    // The scan ran: it checked the page against rules that passed.
+    assert!(
+        found["passed"].as_u64().unwrap_or(0) > 5,
+        "axe-core checked almost nothing on {name}: {found}"
+    );
+}
+
 /// A screenshot of the whole page: the window grows to the page's height
-/// (at most 4,000 px) for the picture, then gets its size back.
+/// (at most 4,000 px) for the picture, then gets its size back. Every page
+/// pictured is first scanned by axe-core.
 fn shot(s: &Session, name: &str) {
+    accessible(s, name);
     let size = s
         .eval(
             "return [window.outerWidth, window.outerHeight, window.innerHeight, document.documentElement.scrollHeight];",
@@ -156,7 +219,14 @@ fn login(s: &Session, base: &str, token: &str) {
 #[test]
 fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses_read_only_writes()
 {
-    let _ = std::fs::remove_dir_all(screenshots());
+    // Only this test's pictures (the release test keeps its own folder).
+    if let Ok(dir) = std::fs::read_dir(screenshots()) {
+        for e in dir.flatten() {
+            if e.path().extension().is_some_and(|x| x == "png") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let data = tempfile::tempdir().unwrap();
     let (_server, base, admin) = common::server(data.path(), &[]);
     let port = port_of(&base);
@@ -399,6 +469,13 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
     open(&s, "#/tree", "tree");
     s.wait_text("#tree", "No children registered", T).unwrap();
     shot(&s, "10-tree");
+    // Release, on a node with no release manifest: said plainly, no rebuild.
+    open(&s, "#/release", "release");
+    s.wait_text("#release-digest", "no release manifest", T)
+        .unwrap();
+    assert!(s.find("#rebuild").is_err(), "no rebuild without a release");
+    every_control_is_labelled(&s, "release");
+    shot(&s, "10c-release-none");
     // Live work: a capture of alpha; this process is its agent, checks in,
     // takes the job and reports progress; the bar moves by itself.
     let (st, made) = call(
@@ -545,6 +622,15 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
         Vec::<String>::new(),
         "write controls on a system"
     );
+    open(&s, "#/release", "release");
+    s.wait_text("#r-flash", "Flash", T).unwrap();
+    assert_eq!(
+        write_controls(&s),
+        Vec::<String>::new(),
+        "write controls on the release page"
+    );
+    s.wait_text("main", "Flashing needs an admin token", T)
+        .unwrap();
     // A write forced through the console's own client is refused by the server.
     let refused = s
         .eval_async(
@@ -560,4 +646,160 @@ fn console_in_chromium_logs_in_enlists_edits_previews_follows_events_and_refuses
     let (_, p) = call(port, "GET", "/api/v1/profiles/web", None, &admin);
     assert_eq!(p["kernel_options"], "console=ttyS0 quiet");
     shot(&s, "18-read-only-system");
+}
+
+/// `sha256:<hex>` of a file, by stock `sha256sum`.
+fn sha256sum(path: &std::path::Path) -> String {
+    let o = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let out = String::from_utf8(o.stdout).unwrap();
+    format!("sha256:{}", out.split_whitespace().next().unwrap())
+}
+
+/// The release page against the data partition of the image `cargo xtask
+/// image` built (`cargo xtask test` builds it first): the running release
+/// and its manifest, a rebuild from the bundle with its progress bar and
+/// the identical verdict, the prepared image's download link (checked with
+/// stock curl against the built image), a sync bundle download, a flash the
+/// server refuses with the CLI's reason, and a flash onto a file whose
+/// bytes stock sha256sum finds equal to the release's disk digest.
+#[test]
+fn console_release_page_rebuilds_identical_offers_downloads_and_flashes_with_the_cli_refusals() {
+    let dir = integration_tests::workspace_root().join("target/appliance");
+    for f in ["appliance.img", "manifest.json", "manifest.json.sig"] {
+        assert!(
+            dir.join(f).exists(),
+            "{} has no {f}: run `cargo xtask image` (cargo xtask test does)",
+            dir.display()
+        );
+    }
+    let manifest_bytes = std::fs::read(dir.join("manifest.json")).unwrap();
+    let release = builder::Digest::of(&manifest_bytes).to_string();
+    let manifest: Value = serde_json::from_slice(&manifest_bytes).unwrap();
+    let disk_digest = {
+        let sum = std::fs::read_to_string(dir.join("appliance.img.sha256")).unwrap();
+        format!("sha256:{}", sum.split_whitespace().next().unwrap())
+    };
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    integration_tests::extract_data_partition(&dir, work.path(), &data);
+    let (_server, base, admin) = common::server(&data, &[]);
+    let port = port_of(&base);
+    let shots = screenshots().join("release");
+    let shot_r = |s: &Session, name: &str| shot(s, &format!("release/{name}"));
+    let _ = std::fs::remove_dir_all(&shots);
+
+    let driver = Driver::start().unwrap();
+    let profile = tempfile::tempdir().unwrap();
+    let s = driver.session(profile.path(), 1280, 900).unwrap();
+    login(&s, &base, &admin);
+    open(&s, "#/release", "release");
+    s.wait_text("#release-digest", &release, T).unwrap();
+    s.wait_text("#manifest-files", "appliance.efi", T).unwrap();
+    s.wait_text("#rebuild-verdict", "No verified rebuild", T)
+        .unwrap();
+    s.wait_text("#prepare-state", "not prepared", T).unwrap();
+    every_control_is_labelled(&s, "release");
+    shot_r(&s, "01-release");
+
+    // Rebuild, after confirmation: the bar shows, then the verdict.
+    s.click(&s.find("#rebuild").unwrap()).unwrap();
+    s.wait_text("dialog.confirm", "Rebuild this appliance", T)
+        .unwrap();
+    s.click(&s.find("#confirm-yes").unwrap()).unwrap();
+    s.wait("#rebuild-progress", T).unwrap();
+    s.wait_text("#rebuild-elapsed", "rebuilding", T).unwrap();
+    shot_r(&s, "02-rebuilding");
+    let verdict = s
+        .wait_text("#rebuild-verdict", "Identical", Duration::from_secs(900))
+        .unwrap();
+    eprintln!("verdict: {verdict}");
+    let (_, r) = call(port, "GET", "/api/v1/release", None, &admin);
+    assert_eq!(r["cached"]["identical"], json!(true), "{r}");
+    assert_eq!(r["cached"]["disk"], json!(disk_digest), "{r}");
+    shot_r(&s, "03-identical");
+
+    // The image download: prepared (from the verified rebuild), then a
+    // plain public link with Range; its first MiB is the built image's.
+    s.click(&s.find("#prepare").unwrap()).unwrap();
+    let link = s.wait("#dl-image", Duration::from_secs(120)).unwrap();
+    let href = s.property(&link, "href").unwrap();
+    let href = href.as_str().unwrap().to_owned();
+    assert_eq!(href, format!("{base}/api/v1/release/image"));
+    let got = work.path().join("first-mib");
+    let st = std::process::Command::new("curl")
+        .args(["-sSf", "-r", "0-1048575", "-o"])
+        .arg(&got)
+        .arg(&href)
+        .status()
+        .unwrap();
+    assert!(st.success(), "curl {href}");
+    let want = {
+        use std::io::Read;
+        let mut b = vec![0u8; 1 << 20];
+        std::fs::File::open(dir.join("appliance.img"))
+            .unwrap()
+            .read_exact(&mut b)
+            .unwrap();
+        b
+    };
+    assert!(
+        std::fs::read(&got).unwrap() == want,
+        "the image link serves the built image"
+    );
+
+    // A sync bundle, fetched with the token (no link can carry it).
+    s.click(&s.find("#dl-bundle").unwrap()).unwrap();
+    s.wait_text("#flash", "Downloaded changes.bundle", T)
+        .unwrap();
+    shot_r(&s, "04-downloads");
+
+    // Flash: the server refuses what the CLI refuses (here: the image
+    // itself; and any mounted local disk the table marks).
+    let image = format!(
+        "{}/{}",
+        r["cached"]["out"].as_str().unwrap(),
+        manifest["disk"]["file"].as_str().unwrap()
+    );
+    let flash_to = |target: &str| {
+        let input = s.find("#flash-device").unwrap();
+        s.clear(&input).unwrap();
+        s.type_text(&input, target).unwrap();
+        s.click(&s.find("#flash-go").unwrap()).unwrap();
+        s.wait_text("dialog.confirm", &format!("Erase {target}"), T)
+            .unwrap();
+        s.click(&s.find("#confirm-yes").unwrap()).unwrap();
+    };
+    flash_to(&image);
+    s.wait_text("#flash-out [role=alert]", "is the image itself", T)
+        .unwrap();
+    let refused = s
+        .eval(
+            "return [...document.querySelectorAll('#disks tr[data-refused]')].map(r => r.dataset.path);",
+            vec![],
+        )
+        .unwrap();
+    if let Some(disk) = refused.as_array().and_then(|a| a.first()) {
+        let disk = disk.as_str().unwrap();
+        eprintln!("refused disk on this machine: {disk}");
+        flash_to(disk);
+        s.wait_text("#flash-out [role=alert]", "mounted", T)
+            .unwrap();
+    }
+    shot_r(&s, "05-flash-refused");
+    let target = work.path().join("stick.img");
+    flash_to(target.to_str().unwrap());
+    s.wait_text("#flash-state", "done", Duration::from_secs(300))
+        .unwrap();
+    s.wait_text("#flash-out", "Written and verified", T)
+        .unwrap();
+    shot_r(&s, "06-flashed");
+    assert_eq!(
+        sha256sum(&target),
+        disk_digest,
+        "the flashed file is the release's disk"
+    );
 }

@@ -289,3 +289,54 @@ fn curl_pages_every_list_to_the_end_and_bad_queries_get_json_errors() {
     assert_eq!(status, 405, "{body}");
     assert!(body.contains("method_not_allowed"), "{body}");
 }
+
+/// `curl -s -D -` plus `args`: (lowercased response headers, body bytes).
+fn curl_headers(token: &str, args: &[&str]) -> (String, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let head = dir.path().join("head");
+    let o = Command::new("curl")
+        .args(["-sS", "-D"])
+        .arg(&head)
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {token}"))
+        .args(args)
+        .output()
+        .expect("running curl");
+    assert!(o.status.success(), "curl {args:?}: {o:?}");
+    let h = std::fs::read_to_string(&head).unwrap().to_ascii_lowercase();
+    (h, o.stdout)
+}
+
+#[test]
+fn json_answers_are_gzipped_for_curl_compressed_and_other_answers_are_not() {
+    let data = tempfile::tempdir().unwrap();
+    let (_child, _stdout, addr, token) = serve(data.path());
+    let base = format!("http://{addr}");
+    // A list of a few KiB: stock curl asks for gzip and decodes it.
+    let url = format!("{base}/api/v1/templates");
+    let (plain_h, plain) = curl_headers(&token, &[&url]);
+    assert!(
+        !plain_h.contains("content-encoding"),
+        "no gzip unasked: {plain_h}"
+    );
+    assert!(plain.len() > 1024, "the list is {} bytes", plain.len());
+    let (gz_h, decoded) = curl_headers(&token, &["--compressed", &url]);
+    assert!(gz_h.contains("content-encoding: gzip"), "{gz_h}");
+    assert!(gz_h.contains("vary: accept-encoding"), "{gz_h}");
+    let a: serde_json::Value = serde_json::from_slice(&plain).unwrap();
+    let b: serde_json::Value = serde_json::from_slice(&decoded).unwrap();
+    assert_eq!(a, b, "curl --compressed decodes the same list");
+    // On the wire it is smaller (curl without --compressed keeps the gzip).
+    let (_, raw) = curl_headers(&token, &["-H", "Accept-Encoding: gzip", &url]);
+    assert!(
+        raw.starts_with(&[0x1f, 0x8b]) && raw.len() < plain.len(),
+        "{} gzip bytes for {} JSON bytes",
+        raw.len(),
+        plain.len()
+    );
+    // Not JSON (Prometheus text) stays as it is, as do small answers.
+    let (m_h, _) = curl_headers(&token, &["--compressed", &format!("{base}/metrics")]);
+    assert!(!m_h.contains("content-encoding"), "{m_h}");
+    let (v_h, _) = curl_headers(&token, &["--compressed", &format!("{base}/api/v1/version")]);
+    assert!(!v_h.contains("content-encoding"), "{v_h}");
+}

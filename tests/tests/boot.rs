@@ -7,7 +7,10 @@
 //! stays uninitialized for minutes. The network and the API must not wait
 //! for it (they once did: ~410 s); writes are refused (503) until the
 //! first token exists; the second boot of the same disk credits the seed
-//! the first one saved and has its pool at once.
+//! the first one saved and has its pool at once. There, the web console
+//! is opened once in headless Chromium through the forwarded API port: it
+//! logs in with the first token and draws the overview of the booted node
+//! (a screenshot lands in `target/console-screenshots/qemu-overview.png`).
 
 use std::time::{Duration, Instant};
 
@@ -49,6 +52,31 @@ fn boot(disk: &std::path::Path, dir: &std::path::Path, port: u16) -> Vm {
         guestfwd: vec![],
     })
     .unwrap()
+}
+
+/// The console of the booted appliance, through the forwarded port, as a
+/// person opens it: the login form, the token, the overview of this node.
+fn console_overview(port: u16, token: &str, node_id: &str, release: &str) {
+    use integration_tests::webdriver::Driver;
+    const T: Duration = Duration::from_secs(60);
+    let driver = Driver::start().unwrap();
+    let profile = tempfile::tempdir().unwrap();
+    let s = driver.session(profile.path(), 1280, 900).unwrap();
+    s.goto(&format!("http://127.0.0.1:{port}/")).unwrap();
+    let input = s.wait("#token", T).unwrap();
+    s.type_text(&input, token).unwrap();
+    s.click(&s.find("#login button[type=submit]").unwrap())
+        .unwrap();
+    s.wait("main[data-page='overview'][data-ready]", T).unwrap();
+    s.wait_text("#node-id", node_id, T).unwrap();
+    let hex = release.trim_start_matches("sha256:");
+    s.wait_text("#release", &hex[..12], T).unwrap();
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("console-screenshots");
+    let p = s.screenshot(&dir.join("qemu-overview.png")).unwrap();
+    eprintln!("screenshot: {}", p.display());
 }
 
 fn power_off(vm: &mut Vm, port: u16, token: &str) {
@@ -168,5 +196,7 @@ fn appliance_boots_under_ovmf_without_an_rng_reports_its_release_and_powers_off(
         vm.first_token().is_none(),
         "a second first token:\n{serial}"
     );
+    let node_id = json_field(&v, "node_id").as_str().unwrap();
+    console_overview(port, &token, node_id, &release);
     power_off(&mut vm, port, &token);
 }

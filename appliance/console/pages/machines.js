@@ -49,12 +49,18 @@ export function rows(systems, agents, status) {
   return out;
 }
 
-export async function render(main) {
-  const [systems, agents, status] = await Promise.all([
+/** The page's three lists, fetched in parallel (also while the console
+ * checks the token, when this is the first page opened). */
+export function prefetch() {
+  return Promise.all([
     list('/api/v1/systems'),
     list('/api/v1/agents'),
     list('/api/v1/status').catch(() => []),
   ]);
+}
+
+export async function render(main, _args, early) {
+  const [systems, agents, status] = await (early || prefetch());
   let all = rows(systems, agents, status);
   let profiles = null;
   const state = { q: '', kind: 'all', page: 0 };

@@ -193,7 +193,48 @@ pub fn build(mut routes: Vec<Route>, auth: Arc<Auth>) -> Router {
     }
     router
         .fallback(not_found)
+        .layer(json_compression())
         .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+/// Which answers [`json_compression`] compresses: `application/json`
+/// bodies (the API's objects and lists) only. Blobs, images, boot files
+/// and the registry's content are left as they are (they are compressed
+/// already, or served with `Range`, or checked by digest byte for byte);
+/// event streams and the console's assets too (the assets carry their own
+/// gzip).
+#[derive(Debug, Clone, Copy)]
+pub struct JsonOnly;
+
+impl tower_http::compression::Predicate for JsonOnly {
+    fn should_compress<B>(&self, response: &axum::http::Response<B>) -> bool
+    where
+        B: axum::body::HttpBody,
+    {
+        let headers = response.headers();
+        let json = headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+        json && !headers.contains_key(axum::http::header::CONTENT_RANGE)
+    }
+}
+
+/// gzip for JSON answers above 1 KiB when the client accepts it (`Accept-
+/// Encoding: gzip`; `Vary: Accept-Encoding` is added), applied once here
+/// for every route of the table.
+pub fn json_compression() -> tower_http::compression::CompressionLayer<
+    tower_http::compression::predicate::And<
+        tower_http::compression::predicate::SizeAbove,
+        JsonOnly,
+    >,
+> {
+    use tower_http::compression::predicate::{Predicate as _, SizeAbove};
+    tower_http::compression::CompressionLayer::new()
+        .gzip(true)
+        .quality(tower_http::CompressionLevel::Fastest)
+        .compress_when(SizeAbove::new(1024).and(JsonOnly))
 }
 
 /// `routes` with every guard open (unit tests of one module's handlers).
@@ -265,5 +306,52 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn only_json_answers_are_gzipped_and_only_when_asked() {
+        let auth = Auth::new(None, true);
+        async fn big_json() -> axum::Json<Vec<String>> {
+            axum::Json((0..200).map(|i| format!("system-{i}")).collect())
+        }
+        async fn blob() -> ([(axum::http::HeaderName, &'static str); 1], Vec<u8>) {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+                vec![0u8; 8192],
+            )
+        }
+        let app = build(
+            vec![
+                Route::get("/j", Guard::Public, "j").to(big_json, ()),
+                Route::get("/b", Guard::Public, "b").to(blob, ()),
+            ],
+            auth,
+        );
+        let get = |path: &str, gzip: bool| {
+            let mut r = Request::get(path);
+            if gzip {
+                r = r.header("accept-encoding", "gzip");
+            }
+            r.body(Body::empty()).unwrap()
+        };
+        let enc = |r: &axum::http::Response<Body>| {
+            r.headers()
+                .get("content-encoding")
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        let r = app.clone().oneshot(get("/j", true)).await.unwrap();
+        assert_eq!(enc(&r).as_deref(), Some("gzip"));
+        let body = http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let mut json = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut json)
+            .unwrap();
+        assert!(json.starts_with("[\"system-0\""), "{json}");
+        let r = app.clone().oneshot(get("/j", false)).await.unwrap();
+        assert_eq!(enc(&r), None, "not asked");
+        let r = app.oneshot(get("/b", true)).await.unwrap();
+        assert_eq!(enc(&r), None, "blobs stay as they are");
     }
 }
