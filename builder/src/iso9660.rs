@@ -161,6 +161,17 @@ fn record_len(n: usize) -> u64 {
 /// Place the files (names checked, sorted as ISO 9660 wants in the
 /// directory; data kept in the order given).
 pub fn plan(opts: &IsoOptions, files: &[IsoFile<'_>]) -> Result<IsoLayout, IsoError> {
+    let lens: Vec<u64> = files.iter().map(|f| f.data.len()).collect();
+    plan_lengths(opts, files, &lens)
+}
+
+/// [`plan`] with each file's length given (its data is not looked at),
+/// for planning before the data exists.
+pub fn plan_lengths(
+    opts: &IsoOptions,
+    files: &[IsoFile<'_>],
+    lens: &[u64],
+) -> Result<IsoLayout, IsoError> {
     if opts.volume_id.is_empty()
         || opts.volume_id.len() > 32
         || !opts
@@ -178,7 +189,9 @@ pub fn plan(opts: &IsoOptions, files: &[IsoFile<'_>]) -> Result<IsoLayout, IsoEr
         if !seen.insert(f.name.as_str()) {
             return Err(IsoError::DuplicateName(f.name.clone()));
         }
-        if f.data.len() > u32::MAX as u64 {
+    }
+    for (f, &len) in files.iter().zip(lens) {
+        if len > u32::MAX as u64 {
             return Err(IsoError::TooLarge(f.name.clone()));
         }
     }
@@ -204,11 +217,10 @@ pub fn plan(opts: &IsoOptions, files: &[IsoFile<'_>]) -> Result<IsoLayout, IsoEr
     let mut at = (catalog_lba + 1) * BLOCK;
     let mut placed = Vec::new();
     let mut parts = Vec::new();
-    for f in files {
+    for (f, &len) in files.iter().zip(lens) {
         if f.partition.is_some() {
             at = align(at, PARTITION_ALIGN);
         }
-        let len = f.data.len();
         placed.push(PlacedFile {
             name: f.name.clone(),
             lba: at / BLOCK,
@@ -447,6 +459,13 @@ pub fn write(
     sink.settle((layout.catalog_lba + 1) * BLOCK);
     let mut buf = vec![0u8; 1 << 20];
     for (f, p) in files.iter().zip(&layout.files) {
+        if f.data.len() != p.len {
+            return Err(IsoError::ShortSource {
+                name: f.name.clone(),
+                got: f.data.len(),
+                want: p.len,
+            });
+        }
         match &f.data {
             IsoData::Bytes(b) => write_nonzero(sink, p.offset(), b)?,
             IsoData::Range { file, offset, len } => {
