@@ -425,9 +425,21 @@ mod tests {
         );
         // Reasons init appends later show up without a restart.
         crate::degraded::append(&file, "dhcp failed").unwrap();
-        let (_, body) = call(app, get_req("/api/v1/version")).await;
+        let (_, body) = call(app.clone(), get_req("/api/v1/version")).await;
         let v: VersionInfo = serde_json::from_slice(&body).unwrap();
         assert_eq!(v.degraded.len(), 3);
+        assert_eq!(v.medium, None);
+        // The medium init records beside its degraded file is reported.
+        let m = crate::medium::Medium {
+            kind: "cdrom".into(),
+            device: Some("/dev/sr0".into()),
+            read_only: true,
+            state: "ram".into(),
+        };
+        crate::medium::write(&dir.path().join("medium"), &m).unwrap();
+        let (_, body) = call(app, get_req("/api/v1/version")).await;
+        let v: VersionInfo = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v.medium, Some(m));
     }
 
     #[tokio::test]
