@@ -324,7 +324,9 @@ fn live(dev: &Path, target: &Path) {
     }
     for name in ["release", "bundle"] {
         if let Err(e) = std::os::unix::fs::symlink(live.join(name), target.join(name)) {
-            degrade(&format!("linking /data/{name} to the read-only medium: {e}"));
+            degrade(&format!(
+                "linking /data/{name} to the read-only medium: {e}"
+            ));
         }
     }
 }

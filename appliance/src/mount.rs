@@ -116,7 +116,13 @@ pub fn mount_ext4_ro(dev: &Path, target: &Path) -> Result<()> {
         MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
         Some(c"noload"),
     )
-    .with_context(|| format!("mounting {} (ext4, read-only) on {}", dev.display(), target.display()))
+    .with_context(|| {
+        format!(
+            "mounting {} (ext4, read-only) on {}",
+            dev.display(),
+            target.display()
+        )
+    })
 }
 
 /// Mounts `dev` (FAT) read-only at `target`.

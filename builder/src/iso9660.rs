@@ -75,7 +75,11 @@ pub enum IsoData<'a> {
     Bytes(Vec<u8>),
     /// `len` bytes of `file` from `offset` (all-zero stretches are not
     /// copied: the sink is all zero already).
-    Range { file: &'a File, offset: u64, len: u64 },
+    Range {
+        file: &'a File,
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl IsoData<'_> {
@@ -273,7 +277,15 @@ fn civil(unix: i64) -> (i64, i64, i64, i64, i64, i64) {
 /// The 7-byte date of a directory record.
 fn record_date(epoch: i64) -> [u8; 7] {
     let (y, mo, d, h, mi, s) = civil(epoch);
-    [(y - 1900).clamp(0, 255) as u8, mo as u8, d as u8, h as u8, mi as u8, s as u8, 0]
+    [
+        (y - 1900).clamp(0, 255) as u8,
+        mo as u8,
+        d as u8,
+        h as u8,
+        mi as u8,
+        s as u8,
+        0,
+    ]
 }
 
 /// The 17-byte date of a volume descriptor.
@@ -328,13 +340,7 @@ fn primary_descriptor(opts: &IsoOptions, layout: &IsoLayout) -> Vec<u8> {
     both32(&mut d[132..140], 10);
     d[140..144].copy_from_slice(&19u32.to_le_bytes());
     d[148..152].copy_from_slice(&20u32.to_be_bytes());
-    let root = dir_record(
-        &[0],
-        ROOT_LBA,
-        layout.root_blocks * BLOCK,
-        true,
-        opts.epoch,
-    );
+    let root = dir_record(&[0], ROOT_LBA, layout.root_blocks * BLOCK, true, opts.epoch);
     d[156..190].copy_from_slice(&root);
     d[190..318].copy_from_slice(&padded("", 128));
     d[318..446].copy_from_slice(&padded("", 128));
@@ -389,9 +395,9 @@ pub fn boot_catalog(layout: &IsoLayout) -> Vec<u8> {
     c[1] = 0xEF;
     c[30] = 0x55;
     c[31] = 0xAA;
-    let sum = c[..32]
-        .chunks(2)
-        .fold(0u16, |s, w| s.wrapping_add(u16::from_le_bytes([w[0], w[1]])));
+    let sum = c[..32].chunks(2).fold(0u16, |s, w| {
+        s.wrapping_add(u16::from_le_bytes([w[0], w[1]]))
+    });
     c[28..30].copy_from_slice(&0u16.wrapping_sub(sum).to_le_bytes());
     let boot = &layout.files[layout.boot];
     let e = &mut c[32..64];
@@ -553,9 +559,9 @@ mod tests {
     fn the_catalog_validation_entry_sums_to_zero() {
         let l = plan(&opts(), &files()).unwrap();
         let c = boot_catalog(&l);
-        let sum = c[..32]
-            .chunks(2)
-            .fold(0u16, |s, w| s.wrapping_add(u16::from_le_bytes([w[0], w[1]])));
+        let sum = c[..32].chunks(2).fold(0u16, |s, w| {
+            s.wrapping_add(u16::from_le_bytes([w[0], w[1]]))
+        });
         assert_eq!(sum, 0);
         assert_eq!(c[32], 0x88);
         assert_eq!(u16::from_le_bytes([c[38], c[39]]), 6);

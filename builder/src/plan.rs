@@ -22,8 +22,8 @@ use crate::digest::Digest;
 use crate::gpt::{self, Guid};
 use crate::iso9660::{self, IsoData, IsoFile, IsoOptions};
 use crate::manifest::{
-    self, DiskRecord, InputRecord, IsoFileRecord, IsoRecord, KernelRecord, Manifest,
-    OutputRecord, PartitionRecord,
+    self, DiskRecord, InputRecord, IsoFileRecord, IsoRecord, KernelRecord, Manifest, OutputRecord,
+    PartitionRecord,
 };
 use crate::sink::{Sink, Window};
 use crate::tree::{Content, Entry, Meta, Node, Tree};
@@ -549,7 +549,8 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
     let mut iso_digest = None;
     if let (Some(p), Some(layout)) = (&iso_plan, &disk_plan) {
         let disk_path = tmp.path().join(&disk_file);
-        let disk = File::open(&disk_path).map_err(step(format!("opening {}", disk_path.display())))?;
+        let disk =
+            File::open(&disk_path).map_err(step(format!("opening {}", disk_path.display())))?;
         let mut files = vec![IsoFile {
             name: p.esp_name.clone(),
             data: IsoData::Bytes(p.esp.clone()),
@@ -716,10 +717,11 @@ fn plan_iso(
         embed.push((iso_name(e.get_ref()), part(e.get_ref(), pl.spec.type_guid)));
     }
     let options = IsoOptions {
-        volume_id: iso
-            .volume_id
-            .clone()
-            .unwrap_or_else(|| iso_name(&def.image.name).trim_end_matches(".IMG").to_string()),
+        volume_id: iso.volume_id.clone().unwrap_or_else(|| {
+            iso_name(&def.image.name)
+                .trim_end_matches(".IMG")
+                .to_string()
+        }),
         epoch: req.epoch,
         disk_guid: Guid::derive(&[b"iso-disk", &seed.0]),
     };

@@ -74,8 +74,16 @@ fn build(out: &Path) -> plan::BuildResult {
     let mut blobs = MemBlobs::default();
     let stub = fs::read(STUB).unwrap_or_else(|e| panic!("{STUB}: {e}; install systemd-boot-efi"));
     let stub_d = blobs.put(stub);
-    let kernel_d = blobs.put((0..2_000_000u32).map(|i| (i % 253) as u8).collect::<Vec<_>>());
-    let big_d = blobs.put((0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>());
+    let kernel_d = blobs.put(
+        (0..2_000_000u32)
+            .map(|i| (i % 253) as u8)
+            .collect::<Vec<_>>(),
+    );
+    let big_d = blobs.put(
+        (0..3_000_000u32)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect::<Vec<_>>(),
+    );
     let tf = TreeFile::new(vec![TreeFileEntry {
         path: "big.bin".into(),
         kind: TreeFileKind::File {
@@ -123,12 +131,22 @@ fn the_hybrid_iso_is_valid_by_xorriso_isoinfo_sgdisk_and_fsck_fat() {
     let iso_s = iso.to_str().unwrap();
     let (iso_path, digest) = r.iso.clone().expect("an ISO");
     assert_eq!(iso_path, iso);
-    let rec = r.manifest.iso.clone().expect("the manifest records the ISO");
+    let rec = r
+        .manifest
+        .iso
+        .clone()
+        .expect("the manifest records the ISO");
     assert_eq!(fs::metadata(&iso).unwrap().len(), rec.size);
     // The digest beside it, in sha256sum format.
     let (ok, out) = tool(
         "sh",
-        &["-c", &format!("cd {} && sha256sum -c demo.iso.sha256", dir.path().display())],
+        &[
+            "-c",
+            &format!(
+                "cd {} && sha256sum -c demo.iso.sha256",
+                dir.path().display()
+            ),
+        ],
     );
     assert!(ok, "sha256sum -c: {out}");
     assert!(fs::read_to_string(dir.path().join("demo.iso.sha256"))
@@ -158,7 +176,10 @@ fn the_hybrid_iso_is_valid_by_xorriso_isoinfo_sgdisk_and_fsck_fat() {
     assert!(line.contains(&(efi.offset / 2048).to_string()), "{line}");
     assert!(out.contains("GPT"), "{out}");
     assert!(out.contains("MBR protective-msdos-label"), "{out}");
-    assert!(out.contains("GPT partition path :   1  /EFIBOOT.IMG"), "{out}");
+    assert!(
+        out.contains("GPT partition path :   1  /EFIBOOT.IMG"),
+        "{out}"
+    );
 
     let (ok, out) = tool("isoinfo", &["-d", "-i", iso_s]);
     eprintln!("{out}");
@@ -213,7 +234,11 @@ fn the_hybrid_iso_is_valid_by_xorriso_isoinfo_sgdisk_and_fsck_fat() {
     let data = find("APPLIANCE_DATA.IMG");
     assert!(
         fs::read(&data).unwrap()
-            == slice(&dir.path().join("demo.img"), data_part.offset, data_part.size),
+            == slice(
+                &dir.path().join("demo.img"),
+                data_part.offset,
+                data_part.size
+            ),
         "the embedded data partition differs from the disk image's"
     );
     let (ok, out) = tool("e2fsck", &["-fn", data.to_str().unwrap()]);
@@ -231,13 +256,19 @@ fn the_hybrid_iso_is_valid_by_xorriso_isoinfo_sgdisk_and_fsck_fat() {
         assert!(
             out.lines().any(|l| {
                 let w: Vec<&str> = l.split_whitespace().collect();
-                w.len() >= 7 && w[1] == first.to_string() && w[2] == last.to_string() && l.ends_with(label)
+                w.len() >= 7
+                    && w[1] == first.to_string()
+                    && w[2] == last.to_string()
+                    && l.ends_with(label)
             }),
             "partition {label} at {first}-{last} not in: {out}"
         );
     }
     let (ok, out) = tool("fdisk", &["-l", iso_s]);
-    assert!(ok && out.contains("EFI System") && out.contains("gpt"), "fdisk -l: {out}");
+    assert!(
+        ok && out.contains("EFI System") && out.contains("gpt"),
+        "fdisk -l: {out}"
+    );
     // The EFI image as the firmware sees it through the GPT.
     let esp_part = slice(&iso, efi.offset, efi.size);
     assert!(esp_part == fs::read(&esp).unwrap());
@@ -250,5 +281,8 @@ fn two_iso_builds_give_the_same_bytes() {
     let ra = build(a.path());
     let rb = build(b.path());
     assert_eq!(ra.iso.unwrap().1, rb.iso.unwrap().1);
-    assert!(fs::read(a.path().join("demo.iso")).unwrap() == fs::read(b.path().join("demo.iso")).unwrap());
+    assert!(
+        fs::read(a.path().join("demo.iso")).unwrap()
+            == fs::read(b.path().join("demo.iso")).unwrap()
+    );
 }

@@ -76,7 +76,10 @@ fn the_iso_boots_as_a_cdrom_and_runs_live_with_state_in_ram() {
     assert_eq!(v["medium"]["read_only"], true, "{v}");
     assert_eq!(v["medium"]["state"], "ram", "{v}");
     let degraded = v["degraded"].to_string();
-    assert!(degraded.contains("not persistent") || degraded.contains("RAM only"), "{v}");
+    assert!(
+        degraded.contains("not persistent") || degraded.contains("RAM only"),
+        "{v}"
+    );
     assert!(serial.contains("appliance: medium cdrom ram"), "{serial}");
 }
 
@@ -99,8 +102,18 @@ fn the_iso_as_a_read_only_disk_runs_live_and_as_a_writable_disk_keeps_state() {
     assert_eq!(v["medium"]["device"], "/dev/vda", "{v}");
     assert_eq!(v["medium"]["read_only"], true, "{v}");
     assert_eq!(v["medium"]["state"], "ram", "{v}");
-    assert_eq!(v["release"].as_str(), Some(want.as_str()), "{v}\n{}", vm.serial());
-    assert!(v["degraded"].to_string().contains("booted live from a read-only medium"), "{v}");
+    assert_eq!(
+        v["release"].as_str(),
+        Some(want.as_str()),
+        "{v}\n{}",
+        vm.serial()
+    );
+    assert!(
+        v["degraded"]
+            .to_string()
+            .contains("booted live from a read-only medium"),
+        "{v}"
+    );
     drop(vm);
 
     // Writable (a copy, as on a stick): the data partition is mounted and
@@ -125,5 +138,9 @@ fn the_iso_as_a_read_only_disk_runs_live_and_as_a_writable_disk_keeps_state() {
     assert_eq!(v["medium"]["state"], "partition", "{v}");
     assert_eq!(v["release"].as_str(), Some(want.as_str()), "{v}");
     assert_eq!(v["degraded"], serde_json::json!([]), "{v}\n{}", vm.serial());
-    assert!(vm.serial().contains("appliance: data mounted /dev/vda"), "{}", vm.serial());
+    assert!(
+        vm.serial().contains("appliance: data mounted /dev/vda"),
+        "{}",
+        vm.serial()
+    );
 }

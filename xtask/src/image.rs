@@ -309,10 +309,7 @@ pub fn image(opts: &ImageOptions) -> Result<PathBuf> {
         let text = std::fs::read(&sums).with_context(|| format!("reading {}", sums.display()))?;
         let mut sig = sums.clone().into_os_string();
         sig.push(".sshsig");
-        write_replacing(
-            Path::new(&sig),
-            sshsig::sign(&key.secret, &text).as_bytes(),
-        )?;
+        write_replacing(Path::new(&sig), sshsig::sign(&key.secret, &text).as_bytes())?;
         eprintln!("iso     {d} ({})", p.display());
     }
     Ok(opts.out.clone())
