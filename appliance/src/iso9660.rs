@@ -272,8 +272,11 @@ impl Iso {
             .first()
             .and_then(|dot| {
                 let su = dot.system_use;
-                (su.len() >= 7 && &su[0..2] == b"SP" && su[4] == 0xBE && su[5] == 0xEF)
-                    .then_some(su[6] as usize)
+                // (`then_some(su[6])` would index before the check: an
+                // image without system use data panicked here.)
+                su.get(6)
+                    .filter(|_| &su[0..2] == b"SP" && su[4] == 0xBE && su[5] == 0xEF)
+                    .map(|&skip| skip as usize)
             });
         if let Some(skip) = rr {
             iso.names = Names::RockRidge { skip };
