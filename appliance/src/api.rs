@@ -42,6 +42,10 @@ pub struct VersionInfo {
     pub uptime_s: f64,
     pub release: Option<String>,
     pub degraded: Vec<String>,
+    /// What the appliance booted from (init's record; absent when serve
+    /// runs without init).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub medium: Option<crate::medium::Medium>,
 }
 
 /// The body of `POST /api/v1/power`.
@@ -220,6 +224,11 @@ async fn version(State(state): State<Arc<AppState>>) -> Json<VersionInfo> {
         uptime_s: state.started.elapsed().as_secs_f64(),
         release: state.release.clone(),
         degraded: degraded_reasons(&state),
+        // Init writes the medium beside its degraded file.
+        medium: state
+            .degraded_file
+            .as_ref()
+            .and_then(|p| crate::medium::read(&p.with_file_name("medium"))),
     })
 }
 
@@ -416,9 +425,21 @@ mod tests {
         );
         // Reasons init appends later show up without a restart.
         crate::degraded::append(&file, "dhcp failed").unwrap();
-        let (_, body) = call(app, get_req("/api/v1/version")).await;
+        let (_, body) = call(app.clone(), get_req("/api/v1/version")).await;
         let v: VersionInfo = serde_json::from_slice(&body).unwrap();
         assert_eq!(v.degraded.len(), 3);
+        assert_eq!(v.medium, None);
+        // The medium init records beside its degraded file is reported.
+        let m = crate::medium::Medium {
+            kind: "cdrom".into(),
+            device: Some("/dev/sr0".into()),
+            read_only: true,
+            state: "ram".into(),
+        };
+        crate::medium::write(&dir.path().join("medium"), &m).unwrap();
+        let (_, body) = call(app, get_req("/api/v1/version")).await;
+        let v: VersionInfo = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v.medium, Some(m));
     }
 
     #[tokio::test]

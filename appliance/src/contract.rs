@@ -23,6 +23,14 @@ pub const SYS_BUS: &str = "/sys/bus";
 /// `/api/v1/version` request, so init may append reasons later.
 pub const DEGRADED_FILE: &str = "/run/appliance/degraded";
 
+/// What init booted from ([`crate::medium::Medium`], JSON); beside the
+/// degraded file, and re-read by `serve` on each `/api/v1/version`.
+pub const MEDIUM_FILE: &str = "/run/appliance/medium";
+
+/// Where init mounts a read-only medium's data partition (read-only) on a
+/// live boot; `/data/release` and `/data/bundle` link into it.
+pub const LIVE_MOUNT: &str = "/run/appliance/live";
+
 /// Directory for init's runtime state (tmpfs).
 pub const RUN_DIR: &str = "/run/appliance";
 

@@ -38,7 +38,8 @@ use crate::config::{self, BootConfig, Mode, Problem, Setting, Source};
 use crate::console::marker;
 use crate::contract::{
     BOOT_STATE, DATA_DIR, DATA_PARTNAME, DEGRADED_FILE, ENV_UNDER_INIT, ESP_CONFIG, ESP_MOUNT,
-    ESP_PARTNAMES, FW_CFG_CONFIG, MODULES_LIST, MODULES_PLAN, RUN_DIR, SYS_BUS,
+    ESP_PARTNAMES, FW_CFG_CONFIG, LIVE_MOUNT, MEDIUM_FILE, MODULES_LIST, MODULES_PLAN, RUN_DIR,
+    SYS_BUS,
 };
 
 /// Test hook: when set, init keeps the stdio it was started with instead of
@@ -149,6 +150,15 @@ fn boot_and_supervise(set_log: SetLogFilter<'_>) -> Result<std::convert::Infalli
         )
     };
     let data_is_partition = mount_data(data_dev.as_deref());
+    let medium = crate::medium::describe(
+        Path::new("/sys/class/block"),
+        data_dev.as_deref(),
+        data_is_partition,
+    );
+    marker(&format!("medium {} {}", medium.kind, medium.state));
+    if let Err(e) = crate::medium::write(Path::new(MEDIUM_FILE), &medium) {
+        tracing::warn!("recording the boot medium: {e:#}");
+    }
     // Before the network and the server: a saved seed makes the kernel's
     // random pool ready at once (crate::entropy).
     random_seed(data_is_partition);
@@ -265,6 +275,11 @@ fn read_esp_config() -> Option<Vec<u8>> {
 /// real partition is mounted.
 fn mount_data(dev: Option<&Path>) -> bool {
     let target = Path::new(DATA_DIR);
+    let sys_block = Path::new("/sys/class/block");
+    if let Some(dev) = dev.filter(|d| crate::medium::read_only(sys_block, d)) {
+        live(dev, target);
+        return false;
+    }
     let reason = match dev {
         Some(dev) => match crate::mount::mount_ext4(dev, target) {
             Ok(()) => {
@@ -287,6 +302,33 @@ fn mount_data(dev: Option<&Path>) -> bool {
         Err(e) => degrade(&format!("{e:#}")),
     }
     false
+}
+
+/// A live boot from a read-only medium: state in a tmpfs at `/data`, the
+/// medium's data partition mounted read-only beside it, its release and
+/// bundle linked in so the server reports and serves the release.
+fn live(dev: &Path, target: &Path) {
+    degrade(&format!(
+        "booted live from a read-only medium ({}): /data is a tmpfs and state is in RAM only",
+        dev.display()
+    ));
+    if let Err(e) = crate::mount::mount_tmpfs(target) {
+        degrade(&format!("{e:#}"));
+        return;
+    }
+    marker("data on tmpfs (live)");
+    let live = Path::new(LIVE_MOUNT);
+    if let Err(e) = crate::mount::mount_ext4_ro(dev, live) {
+        degrade(&format!("{e:#}; the release and bundle are not available"));
+        return;
+    }
+    for name in ["release", "bundle"] {
+        if let Err(e) = std::os::unix::fs::symlink(live.join(name), target.join(name)) {
+            degrade(&format!(
+                "linking /data/{name} to the read-only medium: {e}"
+            ));
+        }
+    }
 }
 
 /// Feeds the saved random seed to the kernel and replaces it; when the

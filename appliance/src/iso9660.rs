@@ -272,8 +272,11 @@ impl Iso {
             .first()
             .and_then(|dot| {
                 let su = dot.system_use;
-                (su.len() >= 7 && &su[0..2] == b"SP" && su[4] == 0xBE && su[5] == 0xEF)
-                    .then_some(su[6] as usize)
+                // (`then_some(su[6])` would index before the check: an
+                // image without system use data panicked here.)
+                su.get(6)
+                    .filter(|_| &su[0..2] == b"SP" && su[4] == 0xBE && su[5] == 0xEF)
+                    .map(|&skip| skip as usize)
             });
         if let Some(skip) = rr {
             iso.names = Names::RockRidge { skip };
@@ -587,6 +590,53 @@ mod tests {
                 assert!(!root.iter().any(|n| n == "rr_moved"), "{root:?}");
             }
         }
+    }
+
+    /// The builder's writer (`builder::iso9660`) and this reader agree:
+    /// plain names come back lowercased without `;1`, every byte intact.
+    #[test]
+    fn reads_what_the_builders_hybrid_iso_writer_wrote() {
+        use builder::iso9660 as w;
+        let opts = w::IsoOptions {
+            volume_id: "APPLIANCE".into(),
+            epoch: 1_767_225_600,
+            disk_guid: builder::gpt::Guid::derive(&[b"t"]),
+        };
+        let esp: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let files = vec![
+            w::IsoFile {
+                name: "EFIBOOT.IMG".into(),
+                data: w::IsoData::Bytes(esp.clone()),
+                partition: Some(builder::gpt::PartitionSpec {
+                    label: "esp".into(),
+                    type_guid: builder::gpt::types::ESP,
+                    guid: builder::gpt::Guid::derive(&[b"e"]),
+                    size: builder::gpt::SizeSpec::Fill,
+                    attributes: 0,
+                }),
+                efi_boot: true,
+            },
+            w::IsoFile {
+                name: "MANIFEST.JSON".into(),
+                data: w::IsoData::Bytes(b"{}\n".to_vec()),
+                partition: None,
+                efi_boot: false,
+            },
+        ];
+        let layout = w::plan(&opts, &files).unwrap();
+        let mut bytes: Vec<u8> = Vec::new();
+        w::write(&opts, &files, &layout, &mut bytes).unwrap();
+        bytes.resize(layout.size as usize, 0);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.iso");
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(is_iso(&path));
+        let iso = Iso::open(&path).unwrap();
+        let mut names: Vec<String> = iso.list("").unwrap().into_iter().map(|e| e.name).collect();
+        names.sort();
+        assert_eq!(names, ["boot.cat", "efiboot.img", "manifest.json"]);
+        assert_eq!(read_all(&iso, "efiboot.img"), esp);
+        assert_eq!(read_all(&iso, "manifest.json"), b"{}\n");
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod init;
 pub mod install;
 pub mod inventory;
 pub mod iso9660;
+pub mod medium;
 pub mod metrics;
 pub mod modalias;
 pub mod modules;

@@ -105,6 +105,26 @@ pub fn mount_ext4(dev: &Path, target: &Path) -> Result<()> {
     .with_context(|| format!("mounting {} (ext4) on {}", dev.display(), target.display()))
 }
 
+/// Mounts `dev` (ext4) read-only at `target`, without replaying the
+/// journal (the medium may be read-only: a CD, a locked stick).
+pub fn mount_ext4_ro(dev: &Path, target: &Path) -> Result<()> {
+    std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
+    mount(
+        dev,
+        target,
+        "ext4",
+        MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
+        Some(c"noload"),
+    )
+    .with_context(|| {
+        format!(
+            "mounting {} (ext4, read-only) on {}",
+            dev.display(),
+            target.display()
+        )
+    })
+}
+
 /// Mounts `dev` (FAT) read-only at `target`.
 pub fn mount_vfat_ro(dev: &Path, target: &Path) -> Result<()> {
     std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;

@@ -67,6 +67,9 @@ pub struct RebuildReport {
     pub identical: bool,
     /// `sha256:` of the rebuilt disk image.
     pub disk: String,
+    /// `sha256:` of the rebuilt hybrid ISO, when the definition makes one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iso: Option<String>,
     pub seconds: f64,
     /// Where the outputs are.
     pub out: PathBuf,
@@ -264,6 +267,7 @@ pub fn rebuild(data: &Path, out: &Path) -> Result<RebuildReport> {
         rebuilt_release: r.release.to_string(),
         identical: r.release == booted,
         disk: disk.to_string(),
+        iso: r.iso.as_ref().map(|(_, d)| d.to_string()),
         seconds: started.elapsed().as_secs_f64(),
         out: out.to_path_buf(),
     };
@@ -340,6 +344,18 @@ pub fn cached(data: &Path) -> Result<Option<RebuildReport>> {
     if report.disk != format!("sha256:{hex}") {
         return Ok(None);
     }
+    if let Some(iso) = &manifest.iso {
+        let path = out.join(&iso.file);
+        if std::fs::metadata(&path).map(|m| m.len()).ok() != Some(iso.size) {
+            return Ok(None);
+        }
+        let sum =
+            std::fs::read_to_string(out.join(format!("{}.sha256", iso.file))).unwrap_or_default();
+        let hex = sum.split_whitespace().next().unwrap_or_default();
+        if report.iso.as_deref() != Some(format!("sha256:{hex}").as_str()) {
+            return Ok(None);
+        }
+    }
     Ok(Some(RebuildReport { out, ..report }))
 }
 
@@ -363,6 +379,9 @@ pub fn run_cli(data: &Path, out: &Path, json: bool) -> Result<()> {
         println!("rebuilt release  {}", r.rebuilt_release);
         println!("identical        {}", r.identical);
         println!("disk             {}", r.disk);
+        if let Some(iso) = &r.iso {
+            println!("iso              {iso}");
+        }
         println!("seconds          {:.1}", r.seconds);
         println!("out              {}", r.out.display());
     }

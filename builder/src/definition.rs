@@ -29,8 +29,26 @@ pub struct Definition {
     pub disk: Option<DiskSection>,
     #[serde(default)]
     pub partitions: Vec<PartitionSection>,
+    /// A hybrid ISO made from the disk's partitions (`crate::iso9660`).
+    pub iso: Option<IsoSection>,
     #[serde(default)]
     pub outputs: OutputsSection,
+}
+
+/// `[iso]`: a hybrid ISO 9660 image beside the disk image. The El Torito
+/// UEFI image (and the hybrid GPT's ESP) is a FAT image, sized to fit,
+/// holding the files of the `esp` partition; each `embed` partition is
+/// carried whole (its bytes as in the disk image), as a file and as a
+/// partition of the hybrid GPT with the same label.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IsoSection {
+    /// ISO volume identifier (A-Z 0-9 _); defaults to the image name.
+    pub volume_id: Option<String>,
+    /// Label of a `fat32` partition.
+    pub esp: Spanned<String>,
+    #[serde(default)]
+    pub embed: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -190,6 +208,8 @@ pub struct OutputsSection {
     pub kernel: Option<String>,
     pub initramfs: Option<String>,
     pub manifest: Option<String>,
+    /// The hybrid ISO (with an `[iso]` section); default `<name>.iso`.
+    pub iso: Option<String>,
 }
 
 /// A byte size: an integer, or a string with a `KiB`/`MiB`/`GiB`/`TiB` suffix.
@@ -556,6 +576,52 @@ fn validate(def: &Definition, src: &Source) -> Result<(), DefinitionError> {
             "disk",
             "partitions need a [disk] section with a size",
         ));
+    }
+    if let Some(iso) = &def.iso {
+        let part = |r: &Spanned<String>, field: &str| {
+            def.partitions
+                .iter()
+                .find(|p| p.label.get_ref() == r.get_ref())
+                .ok_or_else(|| {
+                    src.error(
+                        r.span(),
+                        field,
+                        format!("no partition labelled {:?}", r.get_ref()),
+                    )
+                })
+        };
+        let esp = part(&iso.esp, "iso.esp")?;
+        if esp.filesystem.get_ref() != "fat32" {
+            return Err(src.error(
+                iso.esp.span(),
+                "iso.esp",
+                "the ISO's EFI image is made from a fat32 partition's files",
+            ));
+        }
+        for e in &iso.embed {
+            part(e, "iso.embed")?;
+            if e.get_ref() == iso.esp.get_ref() {
+                return Err(src.error(
+                    e.span(),
+                    "iso.embed",
+                    "the esp partition is carried as the EFI image already",
+                ));
+            }
+        }
+        if let Some(v) = &iso.volume_id {
+            if v.is_empty()
+                || v.len() > 32
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            {
+                return Err(src.error(
+                    iso.esp.span(),
+                    "iso.volume_id",
+                    format!("volume id {v:?}: use 1-32 characters A-Z 0-9 _"),
+                ));
+            }
+        }
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod ext4;
 pub mod fat;
 pub mod gpt;
 pub mod initramfs;
+pub mod iso9660;
 pub mod kmod;
 pub mod manifest;
 pub mod plan;

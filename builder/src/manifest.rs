@@ -29,6 +29,35 @@ pub struct Manifest {
     pub kernel: Option<KernelRecord>,
     pub outputs: BTreeMap<String, OutputRecord>,
     pub disk: Option<DiskRecord>,
+    /// The hybrid ISO's layout (its digest, like the disk's, goes beside
+    /// it in `<iso>.sha256`: the ISO holds this manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iso: Option<IsoRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IsoRecord {
+    pub file: String,
+    pub size: u64,
+    pub volume_id: String,
+    /// The hybrid GPT's disk GUID.
+    pub guid: String,
+    /// Every file of the ISO's root directory but the boot catalog.
+    pub files: Vec<IsoFileRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IsoFileRecord {
+    /// ISO 9660 name (without `;1`).
+    pub name: String,
+    pub offset: u64,
+    pub size: u64,
+    /// The hybrid GPT partition that is this file, by label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    /// The El Torito UEFI boot image.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub efi_boot: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

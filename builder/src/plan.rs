@@ -20,8 +20,10 @@ use std::path::{Path, PathBuf};
 use crate::definition::{CompressionSpec, Definition, FileSpec, InputKind, SizeOrFill, Source};
 use crate::digest::Digest;
 use crate::gpt::{self, Guid};
+use crate::iso9660::{self, IsoData, IsoFile, IsoOptions};
 use crate::manifest::{
-    self, DiskRecord, InputRecord, KernelRecord, Manifest, OutputRecord, PartitionRecord,
+    self, DiskRecord, InputRecord, IsoFileRecord, IsoRecord, KernelRecord, Manifest, OutputRecord,
+    PartitionRecord,
 };
 use crate::sink::{Sink, Window};
 use crate::tree::{Content, Entry, Meta, Node, Tree};
@@ -64,6 +66,8 @@ pub struct BuildResult {
     /// The signature file beside the manifest, when the build was signed.
     pub signature_path: Option<PathBuf>,
     pub disk: Option<(PathBuf, Digest)>,
+    /// The hybrid ISO, when the definition has an `[iso]` section.
+    pub iso: Option<(PathBuf, Digest)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -386,6 +390,15 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
         })
         .collect();
 
+    // The ISO's EFI image and layout (before the manifest, which records
+    // the layout; so the EFI image cannot hold the manifest itself).
+    let iso_plan = match (&def.iso, &disk_plan) {
+        (Some(iso), Some(layout)) => Some(plan_iso(
+            def, iso, layout, &fs_ids, &seed, req, &outputs, meta_dir,
+        )?),
+        _ => None,
+    };
+
     // Manifest.
     let mut out_records = BTreeMap::new();
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
@@ -453,6 +466,7 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
                 })
                 .collect(),
         }),
+        iso: iso_plan.as_ref().map(|p| p.record.clone()),
     };
     let manifest_bytes = manifest.to_bytes();
     outputs.manifest = Some(manifest_bytes.clone());
@@ -532,6 +546,54 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
             .map_err(step("writing the disk digest"))?;
         disk_digest = Some(d);
     }
+    let mut iso_digest = None;
+    if let (Some(p), Some(layout)) = (&iso_plan, &disk_plan) {
+        let disk_path = tmp.path().join(&disk_file);
+        let disk =
+            File::open(&disk_path).map_err(step(format!("opening {}", disk_path.display())))?;
+        let mut files = vec![IsoFile {
+            name: p.esp_name.clone(),
+            data: IsoData::Bytes(p.esp.clone()),
+            partition: Some(p.esp_partition.clone()),
+            efi_boot: true,
+        }];
+        for (name, spec) in &p.embed {
+            let pl = layout
+                .partitions
+                .iter()
+                .find(|pl| pl.spec.label == spec.label)
+                .expect("validated");
+            files.push(IsoFile {
+                name: name.clone(),
+                data: IsoData::Range {
+                    file: &disk,
+                    offset: pl.offset(),
+                    len: pl.len(),
+                },
+                partition: Some(spec.clone()),
+                efi_boot: false,
+            });
+        }
+        let path = tmp.path().join(&p.record.file);
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(step(format!("creating {}", path.display())))?;
+        f.set_len(p.layout.size)
+            .map_err(step(format!("sizing {}", path.display())))?;
+        let (_, d) = crate::sink::write_hashed(&f, p.layout.size, |sink| {
+            iso9660::write(&p.options, &files, &p.layout, sink)
+        })
+        .map_err(step(format!("writing {}", path.display())))?;
+        let d = d.map_err(step(format!("hashing {}", path.display())))?;
+        let sum = format!("{}  {}\n", d.hex(), p.record.file);
+        std::fs::write(tmp.path().join(format!("{}.sha256", p.record.file)), sum)
+            .map_err(step("writing the ISO digest"))?;
+        iso_digest = Some(d);
+    }
     let manifest_file = out_name(&def.outputs.manifest, "manifest.json".into());
     let signature_file = format!("{manifest_file}.sig");
     if let Some(sig) = &outputs.signature {
@@ -548,6 +610,10 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
         names.push(disk_file.clone());
         names.push(format!("{disk_file}.sha256"));
     }
+    if let (Some(p), Some(_)) = (&iso_plan, iso_digest) {
+        names.push(p.record.file.clone());
+        names.push(format!("{}.sha256", p.record.file));
+    }
     names.extend(files.iter().map(|(f, _)| f.clone()));
     for n in &names {
         let to = req.out_dir.join(n);
@@ -563,6 +629,161 @@ pub fn build(req: &BuildRequest<'_>) -> Result<BuildResult, BuildError> {
             .as_ref()
             .map(|_| req.out_dir.join(signature_file)),
         disk: disk_digest.map(|d| (req.out_dir.join(disk_file), d)),
+        iso: iso_plan
+            .as_ref()
+            .zip(iso_digest)
+            .map(|(p, d)| (req.out_dir.join(&p.record.file), d)),
+    })
+}
+
+/// The ISO planned: its EFI image bytes, its layout and its manifest record.
+struct IsoPlan {
+    options: IsoOptions,
+    esp_name: String,
+    esp: Vec<u8>,
+    esp_partition: gpt::PartitionSpec,
+    /// ISO file name and hybrid partition of each embedded partition.
+    embed: Vec<(String, gpt::PartitionSpec)>,
+    layout: iso9660::IsoLayout,
+    record: IsoRecord,
+}
+
+/// ISO 9660 name of an embedded partition: its label upper-cased, `-`
+/// as `_`, `.IMG`.
+fn iso_name(label: &str) -> String {
+    let stem: String = label
+        .chars()
+        .map(|c| match c {
+            'a'..='z' => c.to_ascii_uppercase(),
+            'A'..='Z' | '0'..='9' => c,
+            _ => '_',
+        })
+        .take(26)
+        .collect();
+    format!("{stem}.IMG")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan_iso(
+    def: &Definition,
+    iso: &crate::definition::IsoSection,
+    layout: &gpt::Layout,
+    fs_ids: &[(Guid, u32)],
+    seed: &Digest,
+    req: &BuildRequest<'_>,
+    outputs: &Outputs,
+    meta_dir: Meta,
+) -> Result<IsoPlan, BuildError> {
+    let (i, p) = def
+        .partitions
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.label.get_ref() == iso.esp.get_ref())
+        .expect("validated: iso.esp names a partition");
+    let mut tree = Tree::new();
+    add_files(&mut tree, &p.files, "iso.esp", req, outputs, meta_dir)?;
+    tree.validate().map_err(step("iso.esp"))?;
+    // Room for the files, their clusters' slack and the FATs.
+    let want = tree.file_bytes();
+    let size = (want + want / 8 + (2 << 20)).div_ceil(1 << 20) * (1 << 20);
+    let mut esp: Vec<u8> = Vec::new();
+    let opts = fat::FatOptions {
+        size,
+        volume_id: fs_ids[i].1,
+        label: p
+            .fs_label
+            .clone()
+            .unwrap_or_else(|| p.label.get_ref().clone())
+            .to_uppercase(),
+        hidden_sectors: 0,
+    };
+    fat::write_fat(&tree, &opts, &mut esp).map_err(step("iso.esp: the EFI image"))?;
+    esp.resize(size as usize, 0);
+    let part = |label: &str, type_guid: Guid| gpt::PartitionSpec {
+        label: label.to_string(),
+        type_guid,
+        guid: Guid::derive(&[b"iso-partition", &seed.0, label.as_bytes()]),
+        size: gpt::SizeSpec::Fill,
+        attributes: 0,
+    };
+    let esp_partition = part(p.label.get_ref(), gpt::types::ESP);
+    let mut embed = Vec::new();
+    for e in &iso.embed {
+        let pl = layout
+            .partitions
+            .iter()
+            .find(|pl| &pl.spec.label == e.get_ref())
+            .expect("validated: iso.embed names partitions");
+        embed.push((iso_name(e.get_ref()), part(e.get_ref(), pl.spec.type_guid)));
+    }
+    let options = IsoOptions {
+        volume_id: iso.volume_id.clone().unwrap_or_else(|| {
+            iso_name(&def.image.name)
+                .trim_end_matches(".IMG")
+                .to_string()
+        }),
+        epoch: req.epoch,
+        disk_guid: Guid::derive(&[b"iso-disk", &seed.0]),
+    };
+    let esp_name = "EFIBOOT.IMG".to_string();
+    // Plan with placeholder data of the right lengths.
+    let mut files = vec![IsoFile {
+        name: esp_name.clone(),
+        data: IsoData::Bytes(Vec::new()),
+        partition: Some(esp_partition.clone()),
+        efi_boot: true,
+    }];
+    let lens: Vec<u64> = std::iter::once(size)
+        .chain(embed.iter().map(|(_, s)| {
+            layout
+                .partitions
+                .iter()
+                .find(|pl| pl.spec.label == s.label)
+                .map(|pl| pl.len())
+                .unwrap_or(0)
+        }))
+        .collect();
+    for (name, spec) in &embed {
+        files.push(IsoFile {
+            name: name.clone(),
+            data: IsoData::Bytes(Vec::new()),
+            partition: Some(spec.clone()),
+            efi_boot: false,
+        });
+    }
+    let iso_layout = iso9660::plan_lengths(&options, &files, &lens)
+        .map_err(|e| BuildError::Invalid(format!("{}: [iso]: {e}", req.source.file)))?;
+    let file = def
+        .outputs
+        .iso
+        .clone()
+        .unwrap_or_else(|| format!("{}.iso", def.image.name));
+    let record = IsoRecord {
+        file,
+        size: iso_layout.size,
+        volume_id: options.volume_id.clone(),
+        guid: options.disk_guid.to_string(),
+        files: iso_layout
+            .files
+            .iter()
+            .zip(&files)
+            .map(|(pf, f)| IsoFileRecord {
+                name: pf.name.clone(),
+                offset: pf.offset(),
+                size: pf.len,
+                partition: f.partition.as_ref().map(|s| s.label.clone()),
+                efi_boot: f.efi_boot,
+            })
+            .collect(),
+    };
+    Ok(IsoPlan {
+        options,
+        esp_name,
+        esp,
+        esp_partition,
+        embed,
+        layout: iso_layout,
+        record,
     })
 }
 

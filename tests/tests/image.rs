@@ -47,6 +47,8 @@ fn second_image_build_is_offline_and_byte_identical() {
         "allowed_signers",
         "appliance.img.sha256",
         "appliance.img.sha256.sshsig",
+        "appliance.iso.sha256",
+        "appliance.iso.sha256.sshsig",
         "appliance.efi",
         "initrd.img",
         "vmlinuz",
@@ -64,6 +66,7 @@ fn second_image_build_is_offline_and_byte_identical() {
     for (signed, want) in [
         (first.join("manifest.json"), true),
         (first.join("appliance.img.sha256"), true),
+        (first.join("appliance.iso.sha256"), true),
         (tampered, false),
     ] {
         let sig = first.join(format!(

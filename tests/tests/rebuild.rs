@@ -31,6 +31,12 @@ fn host_disk_digest(dir: &Path) -> String {
     format!("sha256:{}", sum.split_whitespace().next().unwrap())
 }
 
+/// `sha256:<hex>` from `appliance.iso.sha256`.
+fn host_iso_digest(dir: &Path) -> String {
+    let sum = std::fs::read_to_string(dir.join("appliance.iso.sha256")).unwrap();
+    format!("sha256:{}", sum.split_whitespace().next().unwrap())
+}
+
 fn host_release(dir: &Path) -> String {
     Digest::of(&std::fs::read(dir.join("manifest.json")).unwrap()).to_string()
 }
@@ -75,13 +81,23 @@ fn appliance_rebuild_on_the_host_from_the_data_partition_is_identical() {
         "{r}"
     );
     assert_eq!(
+        r["iso"].as_str(),
+        Some(host_iso_digest(&dir).as_str()),
+        "the rebuilt ISO differs: {r}"
+    );
+    assert_eq!(
         r["rebuilt_release"].as_str(),
         Some(host_release(&dir).as_str()),
         "{r}"
     );
     assert_eq!(r["booted_release"], r["rebuilt_release"], "{r}");
     assert_eq!(r["identical"], true, "{r}");
-    for f in ["manifest.json", "manifest.json.sig", "appliance.img.sha256"] {
+    for f in [
+        "manifest.json",
+        "manifest.json.sig",
+        "appliance.img.sha256",
+        "appliance.iso.sha256",
+    ] {
         assert!(
             std::fs::read(out.join(f)).unwrap() == std::fs::read(dir.join(f)).unwrap(),
             "{f} differs from target/appliance/{f}"

@@ -300,6 +300,18 @@ pub fn image(opts: &ImageOptions) -> Result<PathBuf> {
     if let Some((p, d)) = &r.disk {
         eprintln!("disk    {d} ({})", p.display());
     }
+    // The ISO's digest likewise (it holds the manifest too).
+    if let Some((p, d)) = &r.iso {
+        let sums = opts.out.join(format!(
+            "{}.sha256",
+            p.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let text = std::fs::read(&sums).with_context(|| format!("reading {}", sums.display()))?;
+        let mut sig = sums.clone().into_os_string();
+        sig.push(".sshsig");
+        write_replacing(Path::new(&sig), sshsig::sign(&key.secret, &text).as_bytes())?;
+        eprintln!("iso     {d} ({})", p.display());
+    }
     Ok(opts.out.clone())
 }
 

@@ -131,6 +131,7 @@ const TOOLS: &[&str] = &[
     "cpio",
     "objdump",
     "xorriso",
+    "isoinfo",
     "skopeo",
     "umoci",
     "dpkg-deb",
