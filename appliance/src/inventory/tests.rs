@@ -794,6 +794,7 @@ fn api() -> Api {
         public_reads: true,
         blobs: dir.path().join("blobs/sha256"),
         events: crate::events::Events::new(),
+        committer: Default::default(),
     });
     Api {
         app: router(state.clone()),
@@ -1087,6 +1088,7 @@ async fn api_private_reads_need_a_token() {
         public_reads: false,
         blobs: dir.path().join("blobs"),
         events: crate::events::Events::new(),
+        committer: Default::default(),
     });
     let a = Api {
         app: router(state.clone()),
