@@ -10,8 +10,9 @@
 //! [`Repo::head_files`] (the committed tree) is the truth, and callers
 //! rewrite the work tree from it at start-up.
 //!
-//! We write loose objects only and read both loose objects and the packs
-//! stock `git gc` makes (`gitpack.rs`); [`Repo::init`] still sets
+//! We write loose objects, or one pack and its index when a commit makes
+//! more than [`FSYNC_EACH_MAX`] new objects, and read both loose objects
+//! and packs, ours and those stock `git gc` makes (`gitpack.rs`); [`Repo::init`] still sets
 //! `gc.auto = 0` so git never repacks behind a running appliance's back.
 //! An object found in neither place fails with a clear error.
 
