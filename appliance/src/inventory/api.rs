@@ -717,6 +717,11 @@ async fn bulk_patch(
     filter.check().map_err(bad_request)?;
     let author = Author::new(&caller.name());
     let mut v = parse_body(&body)?;
+    if !v.is_object() {
+        return Err(bad_request(
+            "a bulk edit takes a JSON object (an RFC 7386 merge patch)",
+        ));
+    }
     if let Some(p) = v.pointer_mut("/power").and_then(|p| p.as_object_mut()) {
         if p.get("password").and_then(|x| x.as_str()) == Some(REDACTED) {
             p.remove("password");
