@@ -9,6 +9,9 @@ get_systems() and one autoinstall render, and prints one JSON line.
 import hashlib, json, os, shutil, site, subprocess, sys, time, xmlrpc.client
 
 scratch, n = sys.argv[1], int(sys.argv[2])
+# Clients at once (threads, each its own XML-RPC connection and login),
+# as many as the appliance side of the bench uses.
+clients = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 sp = site.getsitepackages()[0]
 venv_bin = os.path.dirname(sys.executable)
 
@@ -73,23 +76,47 @@ try:
     def mac(i):
         return "52:54:00:%02x:%02x:%02x" % (i >> 16, (i >> 8) & 0xff, i & 0xff)
 
-    t = time.time()
-    for i in range(n):
+    import threading
+    def fleet(work):
+        # Each client: its own connection and token, every clients-th item.
+        errors = []
+        def client(w):
+            try:
+                s = xmlrpc.client.ServerProxy("http://127.0.0.1:25151", allow_none=True)
+                tk = s.login("cobbler", "cobbler")
+                for i in range(w, n, clients):
+                    work(s, tk, i)
+            except Exception as e:
+                errors.append(e)
+        ths = [threading.Thread(target=client, args=(w,)) for w in range(clients)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        if errors:
+            raise errors[0]
+
+    def create_one(srv, tok, i):
         sid = srv.new_system(tok)
         srv.modify_system(sid, "name", "s%05d" % i, tok)
         srv.modify_system(sid, "profile", "p", tok)
         srv.modify_system(sid, "modify_interface", {
             "macaddress-eth0": mac(i), "ipaddress-eth0": "10.%d.%d.%d" % (1 + (i >> 16), (i >> 8) & 0xff, i & 0xff)}, tok)
         srv.save_system(sid, tok)
+
+    def edit_one(srv, tok, i):
+        h = srv.get_system_handle("s%05d" % i, tok)
+        srv.modify_system(h, "kernel_options", "console=ttyS0 edited=1", tok)
+        srv.save_system(h, tok)
+
+    t = time.time()
+    fleet(create_one)
     create = time.time() - t
     t = time.time()
     srv.sync(tok)
     sync = time.time() - t
     t = time.time()
-    for i in range(n):
-        h = srv.get_system_handle("s%05d" % i, tok)
-        srv.modify_system(h, "kernel_options", "console=ttyS0 edited=1", tok)
-        srv.save_system(h, tok)
+    fleet(edit_one)
     srv.sync(tok)
     edit_sync = time.time() - t
     # The boot file Cobbler wrote for the last system must carry the edit.
@@ -113,7 +140,7 @@ try:
     text = b"".join(x if isinstance(x, bytes) else x.encode() for x in out)
     render = time.time() - t
     sys.stderr.write(text[:300].decode(errors="replace") + "\n")
-    print(json.dumps({"create": create, "sync": sync, "edit_sync": edit_sync, "get_systems": get_systems,
+    print(json.dumps({"clients": clients, "create": create, "sync": sync, "edit_sync": edit_sync, "get_systems": get_systems,
                       "systems": len(systems), "render": render, "render_status": body[0] if body else "",
                       "render_bytes": len(text), "boot_file_edited": edited}))
 finally:

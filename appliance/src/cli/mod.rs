@@ -104,6 +104,8 @@ pub enum Ops {
     Profile(ProfileCmd),
     /// Systems: machines by MAC, with profile or image and netboot flag.
     System(SystemCmd),
+    /// Change every system a filter selects, in one commit.
+    BulkEdit(BulkEdit),
     /// Repos: package mirrors targets install from; `repo sync NAME`.
     Repo(repo::RepoCmd),
     /// Images: disk captures or OCI images to deploy.
@@ -573,6 +575,32 @@ pub struct Report {
     pub conn: Conn,
 }
 
+/// `appliance bulk-edit`: one JSON merge patch onto every system the
+/// filter selects (`PATCH /api/v1/systems?...`), one commit.
+#[derive(Debug, Args)]
+pub struct BulkEdit {
+    /// Systems of this profile.
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Systems of this image.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Systems whose name starts with this.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Systems whose netboot flag is this (true or false).
+    #[arg(long)]
+    pub netboot: Option<bool>,
+    /// Every system (instead of a filter).
+    #[arg(long)]
+    pub all: bool,
+    /// The change, a JSON merge patch: '{"kernel_options":"quiet"}'.
+    pub patch: String,
+    /// The top-level connection flags (filled in by [`run`]).
+    #[arg(skip)]
+    pub conn: Conn,
+}
+
 /// `appliance status`.
 #[derive(Debug, Args)]
 pub struct StatusCmd {
@@ -683,6 +711,7 @@ pub fn run(mut op: Ops, conn: Conn) -> Result<()> {
         Ops::Repo(r) => r.conn = conn.clone(),
         Ops::Report(r) => r.conn = conn.clone(),
         Ops::Status(s) => s.conn = conn.clone(),
+        Ops::BulkEdit(b) => b.conn = conn.clone(),
         Ops::Settings(s) => s.conn = conn.clone(),
         Ops::Import(i) => i.conn = conn.clone(),
         Ops::Token(t) => t.conn = conn.clone(),
@@ -707,6 +736,7 @@ pub fn run(mut op: Ops, conn: Conn) -> Result<()> {
         Ops::Snippet(n) => noun(Kind::Snippet, noun_of(n.verb.into(), &conn)),
         Ops::Report(r) => report(r),
         Ops::Status(s) => status(s),
+        Ops::BulkEdit(b) => bulk_edit(b),
         Ops::Settings(s) => settings(s),
         Ops::Import(i) => import(i),
         Ops::Token(t) => token(t),
@@ -748,6 +778,58 @@ fn audit(a: AuditCmd) -> Result<()> {
             l["path"].as_str().unwrap_or("-"),
             l["status"],
             l["from"].as_str().unwrap_or("-"),
+        );
+    }
+    Ok(())
+}
+
+fn bulk_edit(b: BulkEdit) -> Result<()> {
+    let patch: Value = serde_json::from_str(&b.patch)
+        .with_context(|| format!("the patch is not JSON: {}", b.patch))?;
+    let filter = crate::inventory::SystemFilter {
+        profile: b.profile,
+        image: b.image,
+        prefix: b.prefix,
+        netboot: b.netboot,
+        all: b.all,
+    };
+    filter.check().map_err(anyhow::Error::msg)?;
+    // Query values percent-encoded (all but RFC 3986 unreserved bytes).
+    let enc = |v: &str| -> String {
+        v.bytes()
+            .map(|c| match c {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (c as char).to_string()
+                }
+                _ => format!("%{c:02X}"),
+            })
+            .collect()
+    };
+    let mut query = Vec::new();
+    for (k, v) in [
+        ("profile", filter.profile.clone()),
+        ("image", filter.image.clone()),
+        ("prefix", filter.prefix.clone()),
+        ("netboot", filter.netboot.map(|n| n.to_string())),
+        ("all", filter.all.then(|| "true".to_owned())),
+    ] {
+        if let Some(v) = v {
+            query.push(format!("{k}={}", enc(&v)));
+        }
+    }
+    let v = b.conn.client().json(
+        "PATCH",
+        &format!("/api/v1/systems?{}", query.join("&")),
+        Some(&patch),
+    )?;
+    if b.conn.json {
+        print_json(&v);
+    } else {
+        println!(
+            "{} systems matched, {} changed ({})",
+            v["matched"],
+            v["changed"],
+            filter.describe()
         );
     }
     Ok(())

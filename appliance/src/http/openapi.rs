@@ -40,6 +40,7 @@ pub fn document(routes: &[RouteDoc]) -> utoipa::openapi::OpenApi {
         .schema_from::<crate::inventory::api::StatusReport>()
         .schema_from::<crate::inventory::api::NewName>()
         .schema_from::<crate::inventory::api::Removed>()
+        .schema_from::<crate::inventory::api::BulkEdited>()
         .schema_from::<crate::inventory::api::Batch>()
         .schema_from::<crate::inventory::api::BatchItem>()
         .schema_from::<crate::bmc::api::PowerStatus>()

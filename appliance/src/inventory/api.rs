@@ -50,6 +50,8 @@ pub struct InvState {
     pub blobs: PathBuf,
     /// The server's event log (power actions are recorded there).
     pub events: crate::events::Events,
+    /// Group commit of API writes ([`super::group`]).
+    pub committer: super::group::Committer,
 }
 
 impl InvState {
@@ -65,6 +67,24 @@ impl InvState {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inventory> {
         super::fresh_write(&self.inventory)
     }
+
+    /// Runs a write through the group committer (off the async runtime:
+    /// it may wait for a sync) and answers once the change is durable.
+    pub(crate) async fn write_op<T: Send + 'static>(
+        self: &Arc<Self>,
+        op: impl FnOnce(&mut Inventory) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let st = self.clone();
+        tokio::task::spawn_blocking(move || st.committer.run(&st.inventory, op))
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "storage_failed",
+                    format!("the inventory write did not finish: {e}"),
+                )
+            })?
+    }
 }
 
 type S = State<Arc<InvState>>;
@@ -77,7 +97,7 @@ impl From<InvError> for ApiError {
                 StatusCode::CONFLICT
             }
             InvError::Invalid(..) => StatusCode::UNPROCESSABLE_ENTITY,
-            InvError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            InvError::Storage(_) | InvError::NotDurable(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.code(), e.to_string())
     }
@@ -218,6 +238,14 @@ pub fn routes(state: Arc<InvState>) -> Vec<Route> {
             .response(".")
             .creates()
             .to(create, st.clone()),
+        Route::patch(
+            "/api/v1/{kind}",
+            Operator,
+            "Bulk edit: merge-patch every system the query selects (profile, image, prefix, netboot, or all=true), one commit",
+        )
+        .request("Object")
+        .response("BulkEdited")
+        .to(bulk_patch, st.clone()),
         Route::get("/api/v1/{kind}/{name}", Read, "Show one object, with its ETag")
             .response(".")
             .to(show, st.clone()),
@@ -591,12 +619,13 @@ async fn create(
     keep_secrets(kind, &mut v, None)?;
     let obj = Object::from_json(kind, v).map_err(|e| InvError::Invalid(e, kind))?;
     let name = obj.name().to_owned();
-    let mut inv = st.write();
-    inv.create(obj, &author)?;
-    Ok((
-        StatusCode::CREATED,
-        Json(inv.get(kind, &name).expect("created").to_api_json()),
-    ))
+    let v = st
+        .write_op(move |inv| {
+            inv.create(obj, &author)?;
+            Ok(inv.get(kind, &name).expect("created").to_api_json())
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(v)))
 }
 
 async fn replace(
@@ -620,14 +649,16 @@ async fn replace(
     if let Some(m) = v.as_object_mut() {
         m.insert("name".into(), name.clone().into());
     }
-    let mut inv = st.write();
-    check_if_match(&headers, inv.get(kind, &name))?;
-    keep_secrets(kind, &mut v, inv.get(kind, &name))?;
-    let obj = Object::from_json(kind, v).map_err(|e| InvError::Invalid(e, kind))?;
-    inv.update(obj, &author)?;
-    Ok(with_etag(
-        inv.get(kind, &name).expect("updated").to_api_json(),
-    ))
+    let v = st
+        .write_op(move |inv| {
+            check_if_match(&headers, inv.get(kind, &name))?;
+            keep_secrets(kind, &mut v, inv.get(kind, &name))?;
+            let obj = Object::from_json(kind, v).map_err(|e| InvError::Invalid(e, kind))?;
+            inv.update(obj, &author)?;
+            Ok(inv.get(kind, &name).expect("updated").to_api_json())
+        })
+        .await?;
+    Ok(with_etag(v))
 }
 
 async fn patch(
@@ -651,10 +682,58 @@ async fn patch(
             p.remove("password");
         }
     }
-    let mut inv = st.write();
-    check_if_match(&headers, inv.get(kind, &name))?;
-    let obj = inv.patch(kind, &name, &v, &author)?;
-    Ok(with_etag(obj.to_api_json()))
+    let v = st
+        .write_op(move |inv| {
+            check_if_match(&headers, inv.get(kind, &name))?;
+            Ok(inv.patch(kind, &name, &v, &author)?.to_api_json())
+        })
+        .await?;
+    Ok(with_etag(v))
+}
+
+/// The answer to a bulk edit.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BulkEdited {
+    /// Systems the filter selected.
+    pub matched: usize,
+    /// Systems the patch changed (the rest already had its values).
+    pub changed: usize,
+}
+
+async fn bulk_patch(
+    State(st): S,
+    caller: Caller,
+    Path(kind): Path<String>,
+    Query(filter): Query<super::SystemFilter>,
+    body: Bytes,
+) -> Result<Json<BulkEdited>, ApiError> {
+    let kind = kind_of(&kind)?;
+    if kind != Kind::System {
+        return Err(bad_request(format!(
+            "bulk edit is for systems; PATCH /api/v1/{}/{{name}} edits one {kind}",
+            kind.plural()
+        )));
+    }
+    filter.check().map_err(bad_request)?;
+    let author = Author::new(&caller.name());
+    let mut v = parse_body(&body)?;
+    if !v.is_object() {
+        return Err(bad_request(
+            "a bulk edit takes a JSON object (an RFC 7386 merge patch)",
+        ));
+    }
+    if let Some(p) = v.pointer_mut("/power").and_then(|p| p.as_object_mut()) {
+        if p.get("password").and_then(|x| x.as_str()) == Some(REDACTED) {
+            p.remove("password");
+        }
+    }
+    let done = st
+        .write_op(move |inv| {
+            let (matched, changed) = inv.patch_systems(&filter, &v, &author)?;
+            Ok(BulkEdited { matched, changed })
+        })
+        .await?;
+    Ok(Json(done))
 }
 
 async fn remove(
@@ -666,11 +745,12 @@ async fn remove(
 ) -> Result<Json<Removed>, ApiError> {
     let kind = kind_of(&kind)?;
     let author = Author::new(&caller.name());
-    let removed = {
-        let mut inv = st.write();
-        check_if_match(&headers, inv.get(kind, &name))?;
-        inv.remove(kind, &name, q.recursive, &author)?
-    };
+    let removed = st
+        .write_op(move |inv| {
+            check_if_match(&headers, inv.get(kind, &name))?;
+            Ok(inv.remove(kind, &name, q.recursive, &author)?)
+        })
+        .await?;
     let mut book = st.status.lock().unwrap_or_else(|e| e.into_inner());
     for r in &removed {
         if let Some(sys) = r.strip_prefix("system ") {
@@ -697,12 +777,13 @@ async fn copy(
     let kind = kind_of(&kind)?;
     let author = Author::new(&caller.name());
     let new = new_name(&body)?;
-    let mut inv = st.write();
-    inv.copy(kind, &name, &new, &author)?;
-    Ok((
-        StatusCode::CREATED,
-        Json(inv.get(kind, &new).expect("copied").to_api_json()),
-    ))
+    let v = st
+        .write_op(move |inv| {
+            inv.copy(kind, &name, &new, &author)?;
+            Ok(inv.get(kind, &new).expect("copied").to_api_json())
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(v)))
 }
 
 async fn rename(
@@ -714,9 +795,13 @@ async fn rename(
     let kind = kind_of(&kind)?;
     let author = Author::new(&caller.name());
     let new = new_name(&body)?;
-    let mut inv = st.write();
-    inv.rename(kind, &name, &new, &author)?;
-    Ok(Json(inv.get(kind, &new).expect("renamed").to_api_json()))
+    let v = st
+        .write_op(move |inv| {
+            inv.rename(kind, &name, &new, &author)?;
+            Ok(inv.get(kind, &new).expect("renamed").to_api_json())
+        })
+        .await?;
+    Ok(Json(v))
 }
 
 async fn blended(
@@ -1045,8 +1130,10 @@ async fn put_settings(
     let author = Author::new(&caller.name());
     let s: Settings =
         serde_json::from_slice(&body).map_err(|e| bad_request(format!("settings: {e}")))?;
-    st.write().set_settings(s.clone(), &author)?;
-    Ok(Json(s))
+    let saved = s.clone();
+    st.write_op(move |inv| Ok(inv.set_settings(s, &author)?))
+        .await?;
+    Ok(Json(saved))
 }
 
 async fn batch(
@@ -1082,7 +1169,9 @@ async fn batch(
     } else {
         b.message
     };
-    let n = st.write().put_many(objs, &author, &message)?;
+    let n = st
+        .write_op(move |inv| Ok(inv.put_many(objs, &author, &message)?))
+        .await?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({"written": n}))))
 }
 
@@ -1204,6 +1293,7 @@ pub fn open_state(
         public_reads,
         blobs: data.join("blobs/sha256"),
         events,
+        committer: Default::default(),
     };
     Ok(Arc::new(state))
 }

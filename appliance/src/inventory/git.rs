@@ -10,8 +10,9 @@
 //! [`Repo::head_files`] (the committed tree) is the truth, and callers
 //! rewrite the work tree from it at start-up.
 //!
-//! We write loose objects only and read both loose objects and the packs
-//! stock `git gc` makes (`gitpack.rs`); [`Repo::init`] still sets
+//! We write loose objects, or one pack and its index when a commit makes
+//! more than [`FSYNC_EACH_MAX`] new objects, and read both loose objects
+//! and packs, ours and those stock `git gc` makes (`gitpack.rs`); [`Repo::init`] still sets
 //! `gc.auto = 0` so git never repacks behind a running appliance's back.
 //! An object found in neither place fails with a clear error.
 
@@ -115,7 +116,25 @@ pub struct Repo {
     pub durable: bool,
     /// Objects stock `git gc` packed (we write only loose ones).
     packs: super::gitpack::PackSet,
+    /// Loose object files written since the last sync (see
+    /// [`Repo::sync_fresh`]).
+    fresh: std::sync::Mutex<Vec<PathBuf>>,
+    /// While [`Repo::commit`] runs: the new objects it makes, held back so
+    /// many of them go to disk as one pack (see [`Repo::flush_objects`]).
+    held: std::sync::Mutex<Option<Held>>,
 }
+
+/// Objects made by one commit and not yet written.
+#[derive(Default)]
+struct Held {
+    ids: std::collections::HashSet<Oid>,
+    objects: Vec<(Oid, String, Vec<u8>)>,
+}
+
+/// Above this many fresh files one `syncfs` is cheaper than an
+/// `fdatasync` each (measured on ext4: 5 files 1.8 ms in parallel against
+/// 7 ms for `syncfs`; 100 files 69 ms against 6.5 ms).
+const FSYNC_EACH_MAX: usize = 32;
 
 impl Repo {
     /// Opens the repository at `root`, creating it (with `.git`) if absent.
@@ -149,6 +168,8 @@ impl Repo {
             head: None,
             durable: true,
             packs,
+            fresh: Default::default(),
+            held: Default::default(),
         };
         repo.head = repo.read_head()?;
         if let Some(head) = repo.head {
@@ -333,6 +354,20 @@ impl Repo {
 
     fn write_object(&self, kind: &str, body: &[u8]) -> Result<Oid, GitError> {
         let oid = object_id(kind, body);
+        {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(h) = held.as_mut() {
+                if !h.ids.contains(&oid) && !self.has_object(&oid) {
+                    h.ids.insert(oid);
+                    h.objects.push((oid, kind.to_owned(), body.to_vec()));
+                }
+                return Ok(oid);
+            }
+        }
+        self.write_loose(oid, kind, body)
+    }
+
+    fn write_loose(&self, oid: Oid, kind: &str, body: &[u8]) -> Result<Oid, GitError> {
         let path = self.object_path(&oid);
         if self.has_object(&oid) {
             return Ok(oid);
@@ -344,10 +379,48 @@ impl Repo {
             .and_then(|_| z.write_all(body))
             .map_err(io("compressing", &path))?;
         let bytes = z.finish().map_err(io("compressing", &path))?;
-        // Not synced one by one: `commit` syncs the file system once before
-        // the ref moves.
+        // Not synced one by one: `commit` syncs them together before the
+        // ref moves.
         write_atomic(&path, &bytes, false)?;
+        self.fresh
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(path);
         Ok(oid)
+    }
+
+    /// Writes the objects held since [`Repo::commit`] began: a few as loose
+    /// objects, more than [`FSYNC_EACH_MAX`] as one pack and its index
+    /// (`objects/pack/pack-<sha1>.{pack,idx}`, index last: git and
+    /// [`super::gitpack`] find a pack by its index), so a bulk edit of
+    /// thousands of systems creates two files, not thousands. Not synced
+    /// here: they join [`Repo::sync_fresh`]'s list.
+    fn flush_objects(&self) -> Result<(), GitError> {
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default();
+        if held.objects.len() <= FSYNC_EACH_MAX {
+            for (oid, kind, body) in &held.objects {
+                self.write_loose(*oid, kind, body)?;
+            }
+            return Ok(());
+        }
+        let (pack, idx) = write_pack_indexed(&held.objects);
+        let dir = self.git.join("objects/pack");
+        fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+        let name = hex(pack[pack.len() - 20..].try_into().expect("20-byte trailer"));
+        let pack_path = dir.join(format!("pack-{name}.pack"));
+        let idx_path = dir.join(format!("pack-{name}.idx"));
+        write_atomic(&pack_path, &pack, false)?;
+        write_atomic(&idx_path, &idx, false)?;
+        self.packs.rescan();
+        let mut fresh = self.fresh.lock().unwrap_or_else(|e| e.into_inner());
+        fresh.push(pack_path);
+        fresh.push(idx_path);
+        Ok(())
     }
 
     /// Builds the tree objects for `files` and returns the root tree id.
@@ -403,6 +476,23 @@ impl Repo {
         author: &Signature,
         message: &str,
     ) -> Result<Oid, GitError> {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(Held::default());
+        let made = self.make_commit(changes, author, message);
+        // Written whether or not the commit was made (unreferenced objects
+        // are harmless), so the hold always ends here.
+        let flushed = self.flush_objects();
+        let (commit, files) = made?;
+        flushed?;
+        self.finish_commit(changes, author, message, commit, files)
+    }
+
+    /// The objects of a commit (held, see [`Repo::flush_objects`]).
+    fn make_commit(
+        &self,
+        changes: &[Change],
+        author: &Signature,
+        message: &str,
+    ) -> Result<(Oid, BTreeMap<String, Oid>), GitError> {
         let mut files = self.files.clone();
         for c in changes {
             match c {
@@ -436,11 +526,24 @@ impl Repo {
             message.trim_end()
         ));
         let commit = self.write_object("commit", body.as_bytes())?;
+        Ok((commit, files))
+    }
+
+    /// Work tree, sync, ref, reflog and index of a commit whose objects
+    /// are written.
+    fn finish_commit(
+        &mut self,
+        changes: &[Change],
+        author: &Signature,
+        message: &str,
+        commit: Oid,
+        files: BTreeMap<String, Oid>,
+    ) -> Result<Oid, GitError> {
         // Work tree files: harmless if we crash after them (HEAD still old;
         // start-up rewrites the work tree from HEAD).
         for c in changes {
             match c {
-                Change::Write(path, bytes) => write_atomic(&self.root.join(path), bytes, false)?,
+                Change::Write(path, bytes) => write_work_file(&self.root.join(path), bytes)?,
                 Change::Delete(path) => {
                     let p = self.root.join(path);
                     match fs::remove_file(&p) {
@@ -451,13 +554,8 @@ impl Repo {
                 }
             }
         }
-        // Everything written so far must be on disk before the ref names
-        // it: one syncfs instead of an fsync per object.
-        if self.durable {
-            let r = fs::File::open(&self.git)
-                .and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from));
-            r.map_err(io("syncing", &self.git))?;
-        }
+        // Every object written must be on disk before the ref names it.
+        self.sync_fresh()?;
         // The commit point.
         let refpath = self.git.join("refs/heads").join(BRANCH);
         write_atomic(
@@ -601,6 +699,69 @@ pub enum PackError {
     Entry { index: usize, why: String },
     #[error("pack refused: {0}")]
     TooLarge(String),
+}
+
+/// A pack (as [`write_pack`]) and its version 2 index for `objects`
+/// (id, kind, body), ids given: what `git index-pack` would write.
+fn write_pack_indexed(objects: &[(Oid, String, Vec<u8>)]) -> (Vec<u8>, Vec<u8>) {
+    let mut pack = Vec::new();
+    pack.extend_from_slice(b"PACK");
+    pack.extend_from_slice(&2u32.to_be_bytes());
+    pack.extend_from_slice(&(objects.len() as u32).to_be_bytes());
+    // (id, offset, crc32 of the entry's bytes)
+    let mut entries: Vec<(Oid, u64, u32)> = Vec::with_capacity(objects.len());
+    for (oid, kind, body) in objects {
+        let start = pack.len();
+        let t = pack_type(kind).expect("known object kinds only");
+        let mut size = body.len();
+        let mut byte = (t << 4) | (size & 0x0f) as u8;
+        size >>= 4;
+        while size > 0 {
+            pack.push(byte | 0x80);
+            byte = (size & 0x7f) as u8;
+            size >>= 7;
+        }
+        pack.push(byte);
+        let mut z = ZlibEncoder::new(&mut pack, flate2::Compression::fast());
+        z.write_all(body).expect("writing to memory");
+        z.finish().expect("writing to memory");
+        let mut crc = flate2::Crc::new();
+        crc.update(&pack[start..]);
+        entries.push((*oid, start as u64, crc.sum()));
+    }
+    let sum: [u8; 20] = Sha1::digest(&pack).into();
+    pack.extend_from_slice(&sum);
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut idx = b"\xfftOc\0\0\0\x02".to_vec();
+    let mut at = 0;
+    for b in 0..256usize {
+        while at < entries.len() && entries[at].0[0] as usize <= b {
+            at += 1;
+        }
+        idx.extend_from_slice(&(at as u32).to_be_bytes());
+    }
+    for (id, _, _) in &entries {
+        idx.extend_from_slice(id);
+    }
+    for (_, _, crc) in &entries {
+        idx.extend_from_slice(&crc.to_be_bytes());
+    }
+    let mut large: Vec<u64> = Vec::new();
+    for (_, off, _) in &entries {
+        if *off < 0x8000_0000 {
+            idx.extend_from_slice(&(*off as u32).to_be_bytes());
+        } else {
+            idx.extend_from_slice(&(0x8000_0000 | large.len() as u32).to_be_bytes());
+            large.push(*off);
+        }
+    }
+    for off in large {
+        idx.extend_from_slice(&off.to_be_bytes());
+    }
+    idx.extend_from_slice(&sum);
+    let isum: [u8; 20] = Sha1::digest(&idx).into();
+    idx.extend_from_slice(&isum);
+    (pack, idx)
 }
 
 /// Encodes `objects` (kind, body) as a git pack, version 2, without deltas
@@ -811,8 +972,61 @@ impl Repo {
         self.write_object(kind, body)
     }
 
+    /// Makes the loose objects written since the last sync durable, with
+    /// their directory entries: a few are `fdatasync`ed in parallel (the
+    /// journal commits them together), many by one `syncfs`.
+    fn sync_fresh(&self) -> Result<(), GitError> {
+        let files = std::mem::take(&mut *self.fresh.lock().unwrap_or_else(|e| e.into_inner()));
+        if !self.durable || files.is_empty() {
+            return Ok(());
+        }
+        if files.len() > FSYNC_EACH_MAX {
+            return self.sync_objects();
+        }
+        // The fan-out directories (their new entries) and `objects/` (a
+        // fan-out directory may be new).
+        let mut dirs: Vec<PathBuf> = files
+            .iter()
+            .filter_map(|f| f.parent().map(Path::to_path_buf))
+            .collect();
+        dirs.push(self.git.join("objects"));
+        dirs.sort();
+        dirs.dedup();
+        let sync = |p: &PathBuf, data_only: bool| -> Result<(), GitError> {
+            let f = fs::File::open(p).map_err(io("opening", p))?;
+            if data_only {
+                f.sync_data()
+            } else {
+                f.sync_all()
+            }
+            .map_err(io("syncing", p))
+        };
+        // Files first (their data), then the entries naming them.
+        std::thread::scope(|s| -> Result<(), GitError> {
+            let handles: Vec<_> = files
+                .iter()
+                .map(|f| s.spawn(move || sync(f, true)))
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(GitError::Missing("a sync thread panicked".into())))
+            })
+        })?;
+        std::thread::scope(|s| -> Result<(), GitError> {
+            let handles: Vec<_> = dirs
+                .iter()
+                .map(|d| s.spawn(move || sync(d, false)))
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(GitError::Missing("a sync thread panicked".into())))
+            })
+        })
+    }
+
     /// Syncs the file system the objects live on (before a ref names them).
     pub fn sync_objects(&self) -> Result<(), GitError> {
+        self.fresh.lock().unwrap_or_else(|e| e.into_inner()).clear();
         if self.durable {
             let r = fs::File::open(&self.git)
                 .and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from));
@@ -1108,6 +1322,20 @@ fn parse_oid(s: &str) -> Result<Oid, GitError> {
         why: format!("not an object id: {e}"),
     })?;
     Ok(oid)
+}
+
+/// Writes a work tree file. The work tree is a view of HEAD, not the
+/// truth: start-up rewrites every file that differs from HEAD
+/// ([`Repo::checkout_head`]), so an existing file is overwritten in place
+/// (a bulk edit of thousands of systems then allocates no inode per file,
+/// which dominated its time on a busy ext4); a new one goes through a
+/// temporary file and a rename.
+fn write_work_file(path: &Path, bytes: &[u8]) -> Result<(), GitError> {
+    match fs::OpenOptions::new().write(true).truncate(true).open(path) {
+        Ok(mut f) => f.write_all(bytes).map_err(io("writing", path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_atomic(path, bytes, false),
+        Err(e) => Err(io("opening", path)(e)),
+    }
 }
 
 /// Writes `bytes` to `path` via a temporary file in the same directory and a

@@ -153,6 +153,13 @@ impl PackSet {
         Ok(c.1.clone())
     }
 
+    /// Forgets the scan, so the next look-up lists the pack directory
+    /// again (after we wrote a pack: its mtime may not have moved within
+    /// the file system's clock tick).
+    pub fn rescan(&self) {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).0 = None;
+    }
+
     /// Whether a pack holds `oid`.
     pub fn contains(&self, oid: &Oid) -> bool {
         self.packs()

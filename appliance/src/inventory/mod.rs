@@ -21,6 +21,7 @@ pub mod blend;
 pub mod boot;
 pub mod git;
 pub mod gitpack;
+pub mod group;
 pub mod import;
 pub mod model;
 pub mod profile_report;
@@ -115,6 +116,9 @@ pub enum InvError {
     },
     #[error("storing the change: {0}")]
     Storage(#[from] git::GitError),
+    /// The group commit this change rode in failed: nothing of it is stored.
+    #[error("storing the change: {0}")]
+    NotDurable(String),
 }
 
 impl InvError {
@@ -126,7 +130,7 @@ impl InvError {
             InvError::Invalid(..) => "invalid_object",
             InvError::Conflict(_) => "conflict",
             InvError::InUse { .. } => "in_use",
-            InvError::Storage(_) => "storage_failed",
+            InvError::Storage(_) | InvError::NotDurable(_) => "storage_failed",
         }
     }
 }
@@ -170,6 +174,17 @@ pub struct Inventory {
     /// When set, a system's clear BMC password is sealed before it is
     /// stored ([`crate::secrets`]).
     sealer: Option<std::sync::Arc<crate::secrets::Sealer>>,
+    /// While a group commit is open ([`Inventory::begin_group`]): the
+    /// changes applied to memory and not yet committed.
+    group: Option<PendingGroup>,
+}
+
+/// Changes of a group commit, in the order they were applied.
+#[derive(Default)]
+struct PendingGroup {
+    changes: Vec<Change>,
+    /// (author, message) of each change, for the commit message.
+    parts: Vec<(Author, String)>,
 }
 
 /// What merging another node's head did.
@@ -286,6 +301,71 @@ impl Inventory {
         &self.repo
     }
 
+    /// Commits `changes` now, or, while a group is open, queues them for
+    /// the group's one commit (memory is updated by the caller either way).
+    fn record(
+        &mut self,
+        changes: Vec<Change>,
+        author: &Author,
+        message: &str,
+    ) -> Result<(), InvError> {
+        match &mut self.group {
+            Some(g) => {
+                g.changes.extend(changes);
+                g.parts.push((author.clone(), message.to_owned()));
+            }
+            None => {
+                self.commit(changes, &author.signature(), message)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens a group commit: later changes apply to memory at once and are
+    /// committed together by [`Inventory::commit_group`] (one commit, one
+    /// sync). Hold the write lock from here to `commit_group`, so no
+    /// reader sees a change before it is durable.
+    pub fn begin_group(&mut self) {
+        if self.group.take().is_some() {
+            // A group left open (its leader panicked): drop what it applied.
+            if let Err(e) = self.reload() {
+                tracing::error!(error = %e, "reloading the inventory after an unfinished group");
+            }
+        }
+        self.group = Some(PendingGroup::default());
+    }
+
+    /// Commits every change since [`Inventory::begin_group`] as one commit
+    /// (a later write of the same path wins). On failure memory is reloaded
+    /// from HEAD, so nothing of the group stays visible. `None`: nothing
+    /// changed, no commit.
+    pub fn commit_group(&mut self) -> Result<Option<git::Oid>, InvError> {
+        let Some(g) = self.group.take() else {
+            return Ok(None);
+        };
+        if g.changes.is_empty() {
+            return Ok(None);
+        }
+        let mut last: BTreeMap<String, Change> = BTreeMap::new();
+        for c in g.changes {
+            let path = match &c {
+                Change::Write(p, _) | Change::Delete(p) => p.clone(),
+            };
+            last.insert(path, c);
+        }
+        let changes: Vec<Change> = last.into_values().collect();
+        let (sig, message) = group_message(&g.parts);
+        match self.commit(changes, &sig, &message) {
+            Ok(oid) => Ok(Some(oid)),
+            Err(e) => {
+                if let Err(r) = self.reload() {
+                    tracing::error!(error = %r, "reloading the inventory after a failed group commit");
+                }
+                Err(e)
+            }
+        }
+    }
+
     fn commit(
         &mut self,
         changes: Vec<Change>,
@@ -382,6 +462,7 @@ impl Inventory {
             load_errors: Vec::new(),
             hlc,
             sealer: None,
+            group: None,
         };
         for (path, bytes) in &files {
             if path == "settings.json" {
@@ -464,9 +545,9 @@ impl Inventory {
         }
         let mut text = serde_json::to_string_pretty(&settings).expect("settings serialise");
         text.push('\n');
-        self.commit(
+        self.record(
             vec![Change::Write("settings.json".into(), text.into_bytes())],
-            &author.signature(),
+            author,
             "Edit settings",
         )?;
         self.settings = settings;
@@ -752,7 +833,7 @@ impl Inventory {
                 None => Change::Delete(k.file(n)),
             })
             .collect();
-        self.commit(git_changes, &author.signature(), message)?;
+        self.record(git_changes, author, message)?;
         for (k, n, o) in changes {
             if let Some(old) = self.objects.get_mut(&k).expect("all kinds").remove(&n) {
                 self.unindex(&old);
@@ -824,6 +905,119 @@ impl Inventory {
         let obj = Object::from_json(kind, v).map_err(inv(kind))?;
         self.update(obj, author)?;
         Ok(self.get(kind, name).cloned().expect("just updated"))
+    }
+
+    /// Merges `patch` (RFC 7386) into every system `filter` selects, in
+    /// one commit: all of them or none (the first system the patch makes
+    /// invalid or conflicting refuses the whole edit, named). Returns
+    /// (matched, changed); systems the patch leaves as they were are not
+    /// rewritten, and nothing changed makes no commit.
+    pub fn patch_systems(
+        &mut self,
+        filter: &SystemFilter,
+        patch: &serde_json::Value,
+        author: &Author,
+    ) -> Result<(usize, usize), InvError> {
+        if !patch.is_object() {
+            return Err(InvError::Conflict(
+                "a bulk edit takes a JSON object (a merge patch)".into(),
+            ));
+        }
+        if patch.get("name").is_some() {
+            return Err(InvError::Conflict(
+                "a bulk edit cannot change names; use rename".into(),
+            ));
+        }
+        for (field, what) in [("profile", "profile"), ("image", "image")] {
+            if let Some(n) = filter_value(filter, field) {
+                let kind = if what == "profile" {
+                    Kind::Profile
+                } else {
+                    Kind::Image
+                };
+                if self.get(kind, n).is_none() {
+                    return Err(InvError::NotFound {
+                        kind,
+                        name: n.to_owned(),
+                    });
+                }
+            }
+        }
+        let matched: Vec<model::System> = self
+            .list(Kind::System)
+            .filter_map(|o| match o {
+                Object::System(s) if filter.matches(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut changes = Vec::new();
+        let mut batch: HashMap<(&str, String), String> = HashMap::new();
+        for old in &matched {
+            let old_obj = Object::System(old.clone());
+            let mut v = old_obj.to_json();
+            merge_patch(&mut v, patch);
+            if let Some(m) = v.as_object_mut() {
+                m.insert("name".into(), old.name.clone().into());
+            }
+            let mut obj = Object::from_json(Kind::System, v).map_err(|e| {
+                InvError::Invalid(
+                    Invalid {
+                        field: e.field,
+                        message: format!("system {:?}: {}", old.name, e.message),
+                    },
+                    Kind::System,
+                )
+            })?;
+            obj.normalize_and_check().map_err(|e| {
+                InvError::Invalid(
+                    Invalid {
+                        field: e.field,
+                        message: format!("system {:?}: {}", old.name, e.message),
+                    },
+                    Kind::System,
+                )
+            })?;
+            if obj == old_obj {
+                continue;
+            }
+            self.check(&obj, &[])?;
+            if let Object::System(s) = &obj {
+                // Unique across the edited systems too (memory does not
+                // hold the earlier ones' new values yet).
+                let mut keys = vec![];
+                for i in &s.interfaces {
+                    keys.push(("MAC", i.mac.clone()));
+                    keys.push(("IP address", i.ip.clone()));
+                    keys.push(("host name", i.hostname.to_ascii_lowercase()));
+                }
+                keys.push(("host name", s.hostname.to_ascii_lowercase()));
+                for (what, key) in keys {
+                    if key.is_empty() {
+                        continue;
+                    }
+                    match batch.insert((what, key.clone()), s.name.clone()) {
+                        Some(other) if other != s.name => {
+                            return Err(InvError::Conflict(format!(
+                                "the edit gives {what} {key} to both system {other:?} and {:?}",
+                                s.name
+                            )))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            changes.push((Kind::System, old.name.clone(), Some(obj)));
+        }
+        let changed = changes.len();
+        if changed > 0 {
+            let message = format!(
+                "Bulk edit of {changed} systems ({})\n\n{}",
+                filter.describe(),
+                serde_json::to_string(patch).unwrap_or_default()
+            );
+            self.apply(changes, author, &message)?;
+        }
+        Ok((matched.len(), changed))
     }
 
     /// Removes an object; refused while others use it unless `recursive`,
@@ -1044,6 +1238,112 @@ impl Inventory {
         let n = changes.len();
         self.apply(changes, author, message)?;
         Ok(n)
+    }
+}
+
+/// The author and message of a group commit: one part keeps its own;
+/// several list each change with its author (the author is theirs when
+/// they all share one, else `appliance`).
+fn group_message(parts: &[(Author, String)]) -> (Signature, String) {
+    if let [(a, m)] = parts {
+        return (a.signature(), m.clone());
+    }
+    let first = &parts[0].0;
+    let author = if parts.iter().all(|(a, _)| a.name == first.name) {
+        first.clone()
+    } else {
+        Author::new("appliance")
+    };
+    let mut msg = format!("Group commit of {} changes\n\n", parts.len());
+    for (a, m) in parts {
+        let subject = m.lines().next().unwrap_or("");
+        msg.push_str(&format!("{subject} (by {})\n", a.name));
+    }
+    (author.signature(), msg)
+}
+
+/// Which systems a bulk edit touches: every given field must match, and
+/// `all` must be said outright to select every system.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SystemFilter {
+    /// Systems of this profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// Systems of this image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Systems whose name starts with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Systems whose netboot flag is this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netboot: Option<bool>,
+    /// Select every system (needed when no other field is given).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+}
+
+fn filter_value<'a>(f: &'a SystemFilter, field: &str) -> Option<&'a str> {
+    match field {
+        "profile" => f.profile.as_deref(),
+        "image" => f.image.as_deref(),
+        _ => None,
+    }
+}
+
+impl SystemFilter {
+    /// Refuses a filter that names nothing (use `all=true`) or says both.
+    pub fn check(&self) -> Result<(), String> {
+        let narrows = self.profile.is_some()
+            || self.image.is_some()
+            || self.prefix.is_some()
+            || self.netboot.is_some();
+        match (narrows, self.all) {
+            (false, false) => Err(
+                "a bulk edit needs a filter (profile, image, prefix, netboot) or all=true".into(),
+            ),
+            (true, true) => {
+                Err("all=true selects every system; give it without other filters".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn matches(&self, s: &model::System) -> bool {
+        self.profile
+            .as_ref()
+            .is_none_or(|p| s.profile.as_ref() == Some(p))
+            && self
+                .image
+                .as_ref()
+                .is_none_or(|i| s.image.as_ref() == Some(i))
+            && self
+                .prefix
+                .as_ref()
+                .is_none_or(|p| s.name.starts_with(p.as_str()))
+            && self.netboot.is_none_or(|n| s.netboot == n)
+    }
+
+    /// The filter as a query string (`profile=p&netboot=true`).
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(p) = &self.profile {
+            parts.push(format!("profile={p}"));
+        }
+        if let Some(i) = &self.image {
+            parts.push(format!("image={i}"));
+        }
+        if let Some(p) = &self.prefix {
+            parts.push(format!("prefix={p}"));
+        }
+        if let Some(n) = self.netboot {
+            parts.push(format!("netboot={n}"));
+        }
+        if self.all {
+            parts.push("all=true".into());
+        }
+        parts.join("&")
     }
 }
 

@@ -794,6 +794,7 @@ fn api() -> Api {
         public_reads: true,
         blobs: dir.path().join("blobs/sha256"),
         events: crate::events::Events::new(),
+        committer: Default::default(),
     });
     Api {
         app: router(state.clone()),
@@ -1087,6 +1088,7 @@ async fn api_private_reads_need_a_token() {
         public_reads: false,
         blobs: dir.path().join("blobs"),
         events: crate::events::Events::new(),
+        committer: Default::default(),
     });
     let a = Api {
         app: router(state.clone()),
@@ -2202,4 +2204,211 @@ async fn inventory_lists_page_by_name_and_bad_limits_are_400_naming_the_paramete
     assert!(schema["properties"]["items"].is_object(), "{schema}");
     assert!(schema["properties"]["next"].is_object(), "{schema}");
     assert!(get["parameters"].to_string().contains("\"after\""), "{get}");
+}
+
+// ---- Group commit and bulk edit ----
+
+#[test]
+fn concurrent_writers_share_commits_and_all_writes_survive_a_reload() {
+    use super::group::Committer;
+    let dir = tempfile::tempdir().unwrap();
+    let lock = Arc::new(RwLock::new(sample(dir.path())));
+    let before: usize = git(dir.path(), &["rev-list", "--count", "HEAD"])
+        .trim()
+        .parse()
+        .unwrap();
+    let committer = Arc::new(Committer::new());
+    let threads: Vec<_> = (0..6usize)
+        .map(|t| {
+            let (lock, committer) = (lock.clone(), committer.clone());
+            std::thread::spawn(move || {
+                for k in 0..20usize {
+                    let i = t * 100 + k;
+                    let obj = system(
+                        &format!("g{i:03}"),
+                        "web",
+                        &format!("02:00:00:00:{:02x}:{:02x}", i >> 8, i & 0xff),
+                        &format!("10.9.{}.{}", i >> 8, i & 0xff),
+                    );
+                    let who = Author::new(&format!("w{t}"));
+                    committer
+                        .run(&lock, move |inv| inv.create(obj, &who))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // A refused write in a group gets its own error and changes nothing.
+    let dup = system("g000", "web", "02:00:00:00:ff:ff", "10.9.255.255");
+    let err = committer
+        .run(&lock, move |inv| inv.create(dup, &who()))
+        .unwrap_err();
+    assert_eq!(err.code(), "already_exists");
+    let after: usize = git(dir.path(), &["rev-list", "--count", "HEAD"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        after - before <= 120,
+        "{} commits for 120 writes",
+        after - before
+    );
+    git(dir.path(), &["fsck", "--strict", "--no-dangling"]);
+    assert_eq!(git(dir.path(), &["status", "--porcelain"]), "");
+    let inv = Inventory::open_volatile(dir.path()).unwrap();
+    assert_eq!(inv.count(Kind::System), 121);
+    // A shared commit names every change and its author.
+    if after - before < 120 {
+        let log = git(dir.path(), &["log", "--format=%B"]);
+        assert!(log.contains("Group commit of"), "{log}");
+        // (g000 itself may have had a commit of its own.)
+        assert!(log.contains(") (by w") || log.contains(" (by w"), "{log}");
+    }
+}
+
+#[tokio::test]
+async fn bulk_edit_changes_every_system_of_a_profile_in_one_commit() {
+    let a = api();
+    for i in 2..40 {
+        let (st, body) = a
+            .call(
+                "POST",
+                "/api/v1/systems",
+                Some(json!({"name": format!("web{i}"), "profile": "web",
+                    "interfaces": [{"mac": format!("aa:bb:cc:00:01:{i:02x}")}]})),
+                true,
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{body}");
+    }
+    let (st, body) = a
+        .call(
+            "POST",
+            "/api/v1/systems",
+            Some(json!({"name": "db1", "profile": "base", "interfaces": [{"mac": "aa:bb:cc:00:02:01"}]})),
+            true,
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let dir = a.state.inventory.read().unwrap().repo().root().to_owned();
+    let head = |d: &Path| git(d, &["rev-parse", "HEAD"]);
+    let before = head(&dir);
+
+    // No filter, unknown filter, a token-less caller: refused, nothing read.
+    let (st, body) = a
+        .call(
+            "PATCH",
+            "/api/v1/systems",
+            Some(json!({"kernel_options": "x"})),
+            true,
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("all=true"), "{body}");
+    let (st, body) = a
+        .call("PATCH", "/api/v1/systems?colour=red", Some(json!({})), true)
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("colour"), "{body}");
+    let (st, _) = a
+        .call(
+            "PATCH",
+            "/api/v1/systems?profile=web",
+            Some(json!({"kernel_options": "x"})),
+            false,
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, body) = a
+        .call(
+            "PATCH",
+            "/api/v1/profiles?profile=web",
+            Some(json!({})),
+            true,
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    let (st, body) = a
+        .call(
+            "PATCH",
+            "/api/v1/systems?profile=nope",
+            Some(json!({"kernel_options": "x"})),
+            true,
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{body}");
+    // One IP for all of them would collide: refused whole, naming both.
+    let (st, body) = a
+        .call(
+            "PATCH",
+            "/api/v1/systems?profile=web",
+            Some(json!({"interfaces": [{"mac": "aa:bb:cc:00:09:09"}]})),
+            true,
+        )
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("aa:bb:cc:00:09:09"), "{body}");
+    assert_eq!(head(&dir), before, "a refused bulk edit committed");
+
+    let (st, body) = a
+        .call(
+            "PATCH",
+            "/api/v1/systems?profile=web",
+            Some(json!({"kernel_options": "console=ttyS0 bulk=1"})),
+            true,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v, json!({"matched": 39, "changed": 39}));
+    // One commit, every boot script of the profile has it, db1 not.
+    assert_eq!(
+        git(
+            &dir,
+            &["rev-list", "--count", &format!("{}..HEAD", before.trim())]
+        )
+        .trim(),
+        "1"
+    );
+    for i in 2..40 {
+        let (st, script) = a
+            .call(
+                "GET",
+                &format!("/api/v1/boot/aa:bb:cc:00:01:{i:02x}"),
+                None,
+                false,
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        assert!(script.contains("bulk=1"), "{script}");
+    }
+    let (_, script) = a
+        .call("GET", "/api/v1/boot/aa:bb:cc:00:02:01", None, false)
+        .await;
+    assert!(!script.contains("bulk=1"), "{script}");
+    git(&dir, &["fsck", "--strict", "--no-dangling"]);
+    assert_eq!(git(&dir, &["status", "--porcelain"]), "");
+    // The same edit again changes nothing and makes no commit.
+    let mid = head(&dir);
+    let (st, body) = a
+        .call(
+            "PATCH",
+            "/api/v1/systems?prefix=web",
+            Some(json!({"kernel_options": "console=ttyS0 bulk=1"})),
+            true,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(body.contains("\"changed\":0"), "{body}");
+    assert_eq!(head(&dir), mid);
+    // A reload from disk (the commit is the truth) sees the edit.
+    let inv = Inventory::open_volatile(&dir).unwrap();
+    assert!(inv
+        .system("web7")
+        .unwrap()
+        .kernel_options
+        .contains("bulk=1"));
 }

@@ -441,6 +441,7 @@ mod tests {
             public_reads: true,
             blobs: dir.path().join("blobs/sha256"),
             events: crate::events::Events::new(),
+            committer: Default::default(),
         });
         let auth = crate::http::Auth::new(Some(tokens), true);
         Up {
