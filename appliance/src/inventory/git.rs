@@ -731,7 +731,7 @@ fn write_pack_indexed(objects: &[(Oid, String, Vec<u8>)]) -> (Vec<u8>, Vec<u8>) 
     }
     let sum: [u8; 20] = Sha1::digest(&pack).into();
     pack.extend_from_slice(&sum);
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    entries.sort_by_key(|a| a.0);
     let mut idx = b"\xfftOc\0\0\0\x02".to_vec();
     let mut at = 0;
     for b in 0..256usize {
