@@ -36,5 +36,11 @@ if [ -n "$have" ]; then
   fi
   pkgs=$(printf '%s\n' "$pkgs" | sed "s/^qemu-utils\$/qemu-utils=$want/; s/^qemu-system-x86\$/qemu-system-x86=$want/")
 fi
+# Node.js from another source (e.g. NodeSource) bundles its own npm and
+# Conflicts with Debian's npm package: keep the npm that is there.
+if command -v npm >/dev/null 2>&1 && ! dpkg-query -W -f '${Status}' npm 2>/dev/null | grep -q 'ok installed'; then
+  echo "install-deps: using the npm already on PATH ($(command -v npm)), not Debian's npm package" >&2
+  pkgs=$(printf '%s\n' "$pkgs" | sed '/^npm$/d')
+fi
 # shellcheck disable=SC2086  # one package per word
 apt-get install -y -q --no-install-recommends $extra $pkgs
