@@ -129,7 +129,7 @@ fn start(k: usize, m: &Machine, work: &Path, faults: Faults) -> Result<Vm, Strin
     if k == 0 {
         cmd.arg("-drive")
             .arg(format!(
-                "if=none,id=d0,format=raw,file={},snapshot=on",
+                "if=none,id=d0,format=qcow2,file={}",
                 m.disk.display()
             ))
             .args(["-device", "virtio-blk-pci,drive=d0,bootindex=1"])
@@ -264,7 +264,7 @@ pub fn run(
         .map(|k| Machine {
             dir: work.join(format!("m{k}")),
             disk: if k == 0 {
-                image.to_owned()
+                work.join("m0/disk.qcow2")
             } else {
                 work.join(format!("m{k}/disk.img"))
             },
@@ -275,6 +275,23 @@ pub fn run(
         .collect();
     for m in &machines {
         std::fs::create_dir_all(&m.dir).map_err(|e| e.to_string())?;
+    }
+    // Machine 0 boots the image on a disk the size of a child's (a copy-on-
+    // write overlay: the image stays untouched), as a flashed stick is
+    // bigger than the image: its data partition grows on first boot and
+    // holds the rebuild (image and ISO) it serves installs from.
+    let o = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(image)
+        .arg(&machines[0].disk)
+        .arg(CHILD_DISK.to_string())
+        .output()
+        .map_err(|e| format!("qemu-img: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "qemu-img create: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
     }
     let mut vms: Vec<Vm> = Vec::new();
     let mut gens = Vec::new();
