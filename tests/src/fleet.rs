@@ -129,7 +129,7 @@ fn start(k: usize, m: &Machine, work: &Path, faults: Faults) -> Result<Vm, Strin
     if k == 0 {
         cmd.arg("-drive")
             .arg(format!(
-                "if=none,id=d0,format=qcow2,file={}",
+                "if=none,id=d0,format=raw,file={}",
                 m.disk.display()
             ))
             .args(["-device", "virtio-blk-pci,drive=d0,bootindex=1"])
@@ -264,7 +264,7 @@ pub fn run(
         .map(|k| Machine {
             dir: work.join(format!("m{k}")),
             disk: if k == 0 {
-                work.join("m0/disk.qcow2")
+                work.join("m0/disk.img")
             } else {
                 work.join(format!("m{k}/disk.img"))
             },
@@ -276,20 +276,27 @@ pub fn run(
     for m in &machines {
         std::fs::create_dir_all(&m.dir).map_err(|e| e.to_string())?;
     }
-    // Machine 0 boots the image on a disk the size of a child's (a copy-on-
-    // write overlay: the image stays untouched), as a flashed stick is
-    // bigger than the image: its data partition grows on first boot and
-    // holds the rebuild (image and ISO) it serves installs from.
-    let o = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(image)
+    // Machine 0 boots the image flashed onto a disk the size of a child's,
+    // as a user's stick is bigger than the image: the writer grows the GPT,
+    // init grows the data filesystem, and it holds the rebuild (image and
+    // ISO) the parent serves installs from.
+    std::fs::File::create(&machines[0].disk)
+        .and_then(|f| f.set_len(CHILD_DISK))
+        .map_err(|e| format!("creating {}: {e}", machines[0].disk.display()))?;
+    let o = std::process::Command::new(crate::mirror::appliance_bin())
+        .arg("flash")
         .arg(&machines[0].disk)
-        .arg(CHILD_DISK.to_string())
+        .arg("--image")
+        .arg(image)
+        .arg("--data")
+        .arg(&machines[0].dir)
+        .args(["--yes", "--keep-holes"])
         .output()
-        .map_err(|e| format!("qemu-img: {e}"))?;
+        .map_err(|e| format!("appliance flash: {e}"))?;
     if !o.status.success() {
         return Err(format!(
-            "qemu-img create: {}",
+            "appliance flash: {}{}",
+            String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         ));
     }
