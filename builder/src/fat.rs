@@ -259,19 +259,8 @@ fn dos_datetime(unix: i64) -> (u16, u16, u8) {
     const MIN: i64 = 315_532_800; // 1980-01-01T00:00:00Z
     const MAX: i64 = 4_354_819_199; // 2107-12-31T23:59:59Z
     let t = unix.clamp(MIN, MAX);
-    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day, h, m, s) = crate::civil::civil(t);
     let date = ((year - 1980) << 9) | (month << 5) | day;
-    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
     let time = (h << 11) | (m << 5) | (s / 2);
     (date as u16, time as u16, ((s % 2) * 100) as u8)
 }

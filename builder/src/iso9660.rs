@@ -258,25 +258,9 @@ pub fn plan_lengths(
     })
 }
 
-/// A Unix time as (year, month, day, hour, minute, second), UTC.
-fn civil(unix: i64) -> (i64, i64, i64, i64, i64, i64) {
-    let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day, secs / 3600, secs / 60 % 60, secs % 60)
-}
-
 /// The 7-byte date of a directory record.
 fn record_date(epoch: i64) -> [u8; 7] {
-    let (y, mo, d, h, mi, s) = civil(epoch);
+    let (y, mo, d, h, mi, s) = crate::civil::civil(epoch);
     [
         (y - 1900).clamp(0, 255) as u8,
         mo as u8,
@@ -290,7 +274,7 @@ fn record_date(epoch: i64) -> [u8; 7] {
 
 /// The 17-byte date of a volume descriptor.
 fn descriptor_date(epoch: i64) -> [u8; 17] {
-    let (y, mo, d, h, mi, s) = civil(epoch);
+    let (y, mo, d, h, mi, s) = crate::civil::civil(epoch);
     let text = format!("{:04}{mo:02}{d:02}{h:02}{mi:02}{s:02}00", y.clamp(0, 9999));
     let mut out = [0u8; 17];
     out[..16].copy_from_slice(text.as_bytes());
@@ -540,7 +524,7 @@ mod tests {
     fn dates_are_the_epoch_in_utc() {
         assert_eq!(&descriptor_date(1_767_225_600)[..16], b"2026010100000000");
         assert_eq!(record_date(1_767_225_600), [126, 1, 1, 0, 0, 0, 0]);
-        assert_eq!(civil(951_782_400), (2000, 2, 29, 0, 0, 0));
+        assert_eq!(crate::civil::civil(951_782_400), (2000, 2, 29, 0, 0, 0));
     }
 
     #[test]

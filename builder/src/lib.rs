@@ -2,6 +2,7 @@
 //! into a GPT disk image, a UKI, an initramfs and PXE artifacts, with no root,
 //! no loop devices and no external programs. Same inputs, same bytes.
 
+mod civil;
 pub mod cpio;
 pub mod definition;
 pub mod digest;
